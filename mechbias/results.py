@@ -1,0 +1,218 @@
+"""Result objects: typed, labelled, saved atomically.
+
+Every analysis returns a dataclass deriving from :class:`Result`. Tensor fields
+are written to ``tensors.safetensors``, everything else to ``result.json``
+together with metadata (model, contexts, seed, config, package versions, git
+commit). Each file is written to a temporary name and renamed, and
+``result.json`` is written last, so a folder with a ``result.json`` is complete
+(this is what resumable runs check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+_RESULT_TYPES: dict[str, type["Result"]] = {}
+
+
+# ----------------------------------------------------------------------------
+# seeds
+# ----------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch. Same seed, same result (on the same machine)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng(seed: int) -> np.random.Generator:
+    """A NumPy generator for one purpose; never touches global state."""
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    return _atomic(Path(path), write)
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return _atomic(Path(path), write)
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(clean, tmp))
+
+
+def atomic_savefig(fig, path: str | Path, **kw) -> Path:
+    path = Path(path)
+    kw.setdefault("dpi", 150)
+    kw.setdefault("bbox_inches", "tight")
+    return _atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw))
+
+
+# ----------------------------------------------------------------------------
+# metadata
+# ----------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mechbias", "torch", "transformer-lens", "transformers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def make_meta(model=None, **extra) -> dict:
+    """Standard metadata block for a result."""
+    from .models import model_label
+
+    meta = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "git_commit": _git_commit(),
+    }
+    if model is not None:
+        meta["model"] = model_label(model)
+        meta["model_config"] = {
+            k: getattr(model.cfg, k, None) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
+        }
+    meta.update(extra)
+    return meta
+
+
+# ----------------------------------------------------------------------------
+# base class
+# ----------------------------------------------------------------------------
+
+class Result:
+    """Base for result dataclasses. Subclasses are ``@dataclass`` with a ``meta: dict`` field."""
+
+    result_type: ClassVar[str] = "result"
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _RESULT_TYPES[cls.result_type] = cls
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result to folder ``path`` (tensors + JSON), atomically per file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors, plain = {}, {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                tensors[f.name] = v
+            else:
+                plain[f.name] = v
+        if tensors:
+            atomic_save_tensors(tensors, path / "tensors.safetensors")
+        atomic_write_json({"result_type": self.result_type, **plain}, path / "result.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Result":
+        """Load a result saved with :meth:`save` (any subclass, chosen by ``result_type``)."""
+        path = Path(path)
+        meta_path = path / "result.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path} holds no complete result (missing result.json)")
+        d = json.loads(meta_path.read_text())
+        rtype = d.pop("result_type", cls.result_type)
+        klass = _RESULT_TYPES.get(rtype, cls)
+        if (path / "tensors.safetensors").exists():
+            from safetensors.torch import load_file
+
+            d.update(load_file(str(path / "tensors.safetensors")))
+        names = {f.name for f in dataclasses.fields(klass)}  # type: ignore[arg-type]
+        obj = klass(**{k: v for k, v in d.items() if k in names})
+        post = getattr(obj, "_after_load", None)
+        if post:
+            post()
+        return obj
+
+    # subclasses override
+    def to_dataframe(self):
+        raise NotImplementedError
+
+    def plot(self, **kw):
+        raise NotImplementedError
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a fully written result (used to resume long runs)."""
+    return (Path(path) / "result.json").exists()

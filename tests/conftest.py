@@ -1,0 +1,35 @@
+"""Shared fixtures. Tiny models are session-scoped (building one takes ~0.1 s, but
+importing TransformerLens takes seconds); the embedded real model is loaded
+once for the tests marked ``real``."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests must never reach the network
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A 2-layer random Llama (Hugging Face backed: KV cache, same adapter as the real model)."""
+    from mechbias.models import tiny_model
+
+    return tiny_model(arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_native():
+    """A 2-layer TransformerLens-native model built with TransformerBridge.boot_native."""
+    from mechbias.models import tiny_model
+
+    return tiny_model(arch="native", seed=0)
+
+
+@pytest.fixture(scope="session")
+def real():
+    """The embedded SmolLM2-135M-Instruct."""
+    from mechbias.models import load_model
+
+    return load_model()

@@ -1,0 +1,125 @@
+import pytest
+
+from mechbias.contexts import (AlignmentError, ContextError, BUILTIN_CONTEXTS, fill, list_contexts,
+                               load_axis, load_context, make_pairs, parse_context, single_token)
+
+
+def test_builtin_contexts_load_and_are_well_formed():
+    assert set(BUILTIN_CONTEXTS) <= set(list_contexts())
+    for name in BUILTIN_CONTEXTS:
+        c = load_context(name)
+        assert len(c.templates) >= 8
+        assert len(set(c.templates)) == len(c.templates)
+        assert set(c.axes) == {"race", "gender"}
+        assert c.numeric_templates and c.demographic_templates["race"] and c.demographic_templates["gender"]
+
+
+def test_axes_are_balanced_on_the_other_attribute():
+    race, gender = load_axis("race"), load_axis("gender")
+    for ax in (race, gender):
+        for g in (0, 1):
+            members = ax.members(g)
+            other = [p.get(ax.other_attribute) for p in members]
+            assert len(members) == 32
+            assert other.count(other[0]) == 16  # half of each other-attribute value
+
+
+def test_splits_are_deterministic_disjoint_and_balanced():
+    ax = load_axis("race")
+    sel, held = ax.split_people("selection"), ax.split_people("heldout")
+    assert sel == ax.split_people("selection")
+    assert not set(sel) & set(held) and len(sel) + len(held) == 64
+    for cell_race in ("White", "Black"):
+        for cell_gender in ("male", "female"):
+            assert sum(p.race == cell_race and p.gender == cell_gender for p in sel) == 8
+    assert ax.split_people("selection", seed=1) != sel  # another seed, another split
+    c = load_context("finance")
+    ts, th = c.template_split("selection"), c.template_split("heldout")
+    assert sorted(ts + th) == list(range(len(c.templates))) and not set(ts) & set(th)
+
+
+def test_prompt_grid_and_groups():
+    c = load_context("commerce")
+    ps = c.prompts("gender", templates=[0, 1], names="selection")
+    assert len(ps) == 2 * 32
+    mat, t_ids, names, col_group = ps.grid(ps.groups.double())
+    assert mat.shape == (2, 32) and t_ids == [0, 1]
+    assert set(col_group.tolist()) == {0, 1}
+    assert all(p.person.name in p.text for p in ps)
+
+
+def test_pronoun_slots_follow_the_name():
+    ax = load_axis("gender")
+    she = next(p for p in ax.members("female"))
+    he = next(p for p in ax.members("male"))
+    assert fill("{name} said {pronoun} was {possessive} own", she).endswith("she was her own")
+    assert fill("{Pronoun} met {object}", he) == "He met him"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("", "is empty"),
+    ("# just a comment\n", "(root)"),
+    ("name: x\n", "templates"),
+    ("name: x\ntemplates: ['{name} a', 'b {name}']\n", "answers"),
+    ("name: x\ntemplates: ['no slot here', 'b {name}']\nanswers: {positive: ' Yes', negative: ' No'}\n",
+     "templates[0]"),
+    ("name: x\ntemplates: ['{name} {colour}', 'b {name}']\nanswers: {positive: ' Yes', negative: ' No'}\n",
+     "templates[0]"),
+    ("name: x\ntemplates: ['{name} a', 'b {name}']\nanswers: {positive: ' Yes', negative: ' Yes'}\n",
+     "answers"),
+    ("name: x\ntemplates: ['{name} a', 'b {name}']\nanswers: {positive: ' Yes', negative: ' No'}\naxes: [age]\n",
+     "axes"),
+])
+def test_malformed_context_files_name_the_file_and_field(tmp_path, text, field):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ContextError) as e:
+        load_context(path)
+    assert str(path) in str(e.value) and field in str(e.value)
+
+
+def test_unknown_context_and_axis():
+    with pytest.raises(ValueError, match="Unknown context"):
+        load_context("astrology")
+    with pytest.raises(ValueError, match="Unknown axis"):
+        load_axis("age")
+
+
+def test_user_context_by_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ntemplates: ['Is {name} nice? Answer:', 'Should we call {name}? Answer:']\n"
+                    "answers: {positive: ' Yes', negative: ' No'}\naxes: [race]\n")
+    c = load_context(path)
+    assert c.name == "mine" and c.prompts("race").texts[0].startswith("Is ")
+    with pytest.raises(ValueError, match="not crossed"):
+        c.prompts("gender")
+
+
+def test_multi_token_target_is_refused(tiny):
+    assert single_token(tiny, " Yes") >= 0
+    with pytest.raises(ValueError, match="not a single token"):
+        single_token(tiny, " D'Andre")
+
+
+def test_pairs_align_token_by_token(tiny):
+    pairs = make_pairs(tiny, "finance", "race", templates=[0, 1])
+    assert len(pairs) > 0
+    for i in range(len(pairs)):
+        a, b = pairs.clean_tokens[i], pairs.corrupt_tokens[i]
+        assert a.shape == b.shape
+        assert pairs.clean[i].person.gender == pairs.corrupt[i].person.gender
+        assert pairs.clean[i].template == pairs.corrupt[i].template
+        assert 1 <= len(pairs.diff_positions(i)) <= 2 * 3  # only the name span(s) differ
+
+
+def test_pairs_raise_when_alignment_is_impossible(tiny, tmp_path):
+    # a context whose only names differ in token count cannot be paired:
+    # restrict the axis to the 3-token name D'Andre against 1-token names
+    from dataclasses import replace
+
+    ax = load_axis("race")
+    dandre = [p for p in ax.people if p.name == "D'Andre"]
+    whites = [p for p in ax.people if p.race == "White"]
+    narrow = replace(ax, people=tuple(dandre + whites))
+    with pytest.raises(AlignmentError, match="same length"):
+        make_pairs(tiny, "finance", narrow, templates=[0])

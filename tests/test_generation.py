@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from mechbias.contexts import load_context
+from mechbias.generation import generation_bias, inlier_ratio, parse_number, sample_completions, chat_prompt
+from mechbias.hooks import NeuronIntervention
+
+
+@pytest.mark.parametrize("text, value", [
+    ("$1,200", 1200), ("1.5k", 1500), ("$500-$700", 600), ("500 to 700 dollars", 600),
+    ("I'd offer 300 dollars, maybe 400", 300), ("12%", 12), ("about $15,000.50 total", 15000.5),
+    ("3 million", 3e6), (".5", 0.5), ("2 to 4 thousand", 3000),
+])
+def test_parse_number(text, value):
+    assert parse_number(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["", "no idea", "I cannot answer that"])
+def test_parse_failures_are_nan(text):
+    assert math.isnan(parse_number(text))
+
+
+def test_sampling_is_seeded_per_sample(tiny):
+    ids = chat_prompt(tiny, "A landlord is renting a house to Emily .", "$")
+    a = sample_completions(tiny, ids, n_samples=6, seed=3, max_new_tokens=4, temperature=1.0)
+    b = sample_completions(tiny, ids, n_samples=6, seed=3, max_new_tokens=4, temperature=1.0)
+    c = sample_completions(tiny, ids, n_samples=4, seed=3, max_new_tokens=4, temperature=1.0)
+    d = sample_completions(tiny, ids, n_samples=6, seed=4, max_new_tokens=4, temperature=1.0)
+    assert a == b and a[:4] == c  # sample i does not depend on how many samples are drawn
+    assert a != d
+
+
+def test_kv_and_full_sequence_sampling_agree(tiny):
+    from mechbias import models
+
+    ids = chat_prompt(tiny, "I want to buy a car from Jamal .", "$")
+    a = sample_completions(tiny, ids, n_samples=5, seed=1, max_new_tokens=5, temperature=1.0)
+    object.__setattr__(tiny, "_mechbias_kv_ok", False)
+    try:
+        b = sample_completions(tiny, ids, n_samples=5, seed=1, max_new_tokens=5, temperature=1.0)
+    finally:
+        object.__setattr__(tiny, "_mechbias_kv_ok", None)
+    assert a == b
+    assert models.supports_kv_cache(tiny)
+
+
+def test_generation_bias_summary(tiny):
+    ps = load_context("commerce").numeric_prompts("race", names="heldout", templates=[0])
+    ref = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0)
+    assert ref.values.shape == (len(ps), 4)
+    s = ref.summary
+    assert 0 <= s["parse_failure"] <= 1 and s["group_a"] == "White"
+    same = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0, reference=ref)
+    finite = torch.isfinite(ref.values)
+    if finite.any():
+        assert same.summary["inlier_ratio"] == pytest.approx(inlier_ratio(ref.values, ref.values))
+    changed = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0, reference=ref,
+                              intervention=NeuronIntervention({0: list(range(128)), 1: list(range(128))}))
+    assert changed.texts != ref.texts
+    assert len(ref.to_dataframe()) == len(ps) * 4
+
+
+def test_inlier_ratio():
+    ref = torch.tensor([[float(i) for i in range(101)]])
+    assert inlier_ratio(torch.tensor([[50.0, 50.0, 1.0, 99.0]]), ref) == 0.5

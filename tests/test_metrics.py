@@ -1,0 +1,132 @@
+"""Metrics against brute-force references: plain Hugging Face forwards, one prompt at a time."""
+
+import numpy as np
+import pytest
+import torch
+
+from mechbias.contexts import load_context
+from mechbias.metrics import (contrast_scores, demographic_gap, measure_bias, neutral_texts, perplexity,
+                              token_nll)
+from mechbias.stats import group_gap, paired_reduction
+
+
+def _brute_logprobs(model, text: str, continuation: list[int]) -> float:
+    """Sum of log P(continuation tokens) after ``text`` with the plain HF model, one prompt alone."""
+    hf = model.original_model
+    ids = model.to_tokens(text)[0].tolist()
+    total = 0.0
+    with torch.no_grad():
+        for tok in continuation:
+            lp = hf(torch.tensor([ids])).logits[0, -1].double().log_softmax(-1)
+            total += float(lp[tok])
+            ids.append(tok)
+    return total
+
+
+def test_contrast_scores_match_plain_transformers(tiny):
+    ps = load_context("finance").prompts("race", templates=[0, 3], names="heldout")
+    fast = contrast_scores(tiny, ps)
+    pos, neg = tiny.to_tokens(ps.positive, prepend_bos=False)[0].tolist(), tiny.to_tokens(ps.negative, prepend_bos=False)[0].tolist()
+    ref = torch.tensor([_brute_logprobs(tiny, t, pos) - _brute_logprobs(tiny, t, neg) for t in ps.texts])
+    assert (fast - ref).abs().max() < 1e-4
+    assert fast.std() > 0  # scores differ across prompts: the comparison is not vacuous
+
+
+def test_multi_token_answers_use_teacher_forcing(tiny):
+    texts = ["A bank is reviewing a loan from Jamal . Answer :", "Should the bank agree ? Answer :"]
+    positive, negative = " approve the loan", " No"
+    fast = contrast_scores(tiny, texts, positive, negative)
+    pos = tiny.to_tokens(positive, prepend_bos=False)[0].tolist()
+    neg = tiny.to_tokens(negative, prepend_bos=False)[0].tolist()
+    assert len(pos) == 3
+    ref = torch.tensor([_brute_logprobs(tiny, t, pos) - _brute_logprobs(tiny, t, neg) for t in texts])
+    assert (fast - ref).abs().max() < 1e-4
+
+
+def test_prefix_sharing_is_exact(tiny):
+    ps = load_context("hiring").prompts("gender", templates=[1, 2, 5], names="selection")
+    shared = contrast_scores(tiny, ps, share_prefix=True)
+    plain = contrast_scores(tiny, ps, share_prefix=False)
+    assert (shared - plain).abs().max() < 1e-5
+
+
+def test_native_model_scores_match_single_prompt_forwards(tiny_native):
+    ps = load_context("housing").prompts("race", templates=[0], names="heldout")
+    fast = contrast_scores(tiny_native, ps)
+    p, n = (int(tiny_native.to_tokens(w, prepend_bos=False)[0, 0]) for w in (ps.positive, ps.negative))
+    ref = []
+    with torch.no_grad():
+        for t in ps.texts:
+            lp = tiny_native(tiny_native.to_tokens(t))[0, -1].double().log_softmax(-1)
+            ref.append(float(lp[p] - lp[n]))
+    assert (fast - torch.tensor(ref)).abs().max() < 1e-4
+
+
+def test_demographic_gap_matches_softmax(tiny):
+    texts = ["The bank approved the loan application . The applicant ' s race was"]
+    got = demographic_gap(tiny, texts, " White", " Black")
+    with torch.no_grad():
+        lp = tiny.original_model(tiny.to_tokens(texts[0])).logits[0, -1].double().softmax(-1)
+    w, b = (int(tiny.to_tokens(x, prepend_bos=False)[0, 0]) for x in (" White", " Black"))
+    assert abs(float(got[0]) - float(lp[w] - lp[b])) < 1e-6
+
+
+def test_group_gap_ci_covers_a_planted_difference():
+    rng = np.random.default_rng(0)
+    col_group = torch.tensor([0] * 30 + [1] * 30)
+    name_effect = rng.normal(0, 1, 60) + np.where(col_group.numpy() == 0, 1.5, 0.0)
+    mat = rng.normal(0, 0.5, (10, 1)) + name_effect[None, :] + rng.normal(0, 0.3, (10, 60))
+    g = group_gap(mat, col_group, n_boot=2000)
+    assert g.ci_low < g.gap < g.ci_high
+    assert g.ci_low > 0  # 1.5 SD with 30 + 30 names is detectable
+    null = group_gap(rng.normal(0, 1, (10, 60)), col_group, n_boot=2000)
+    assert null.ci_low < 0 < null.ci_high
+
+
+def test_paired_reduction():
+    col_group = torch.tensor([0] * 20 + [1] * 20)
+    rng = np.random.default_rng(1)
+    before = rng.normal(0, 0.2, (6, 40)) + np.where(col_group.numpy() == 0, 1.0, 0.0)
+    after = before.copy()
+    after[:, col_group.numpy() == 0] -= 0.5  # half of the gap removed
+    r = paired_reduction(before, after, col_group)
+    assert abs(r.reduction - 0.5) < 0.1 and r.ci_low < 0.5 < r.ci_high
+
+
+def test_measure_bias_result_roundtrip(tiny, tmp_path):
+    res = measure_bias(tiny, ["finance"], ["race", "gender"], templates="selection", n_boot=200)
+    assert [r["axis"] for r in res.rows] == ["race", "gender"]
+    row = res.get("finance", "race")
+    assert row["ci_low"] <= row["gap"] <= row["ci_high"]
+    assert row["n_prompts"] == len(load_context("finance").template_split("selection")) * 64
+    res.save(tmp_path / "r")
+    back = type(res).load(tmp_path / "r")
+    assert back.rows[0]["gap"] == pytest.approx(row["gap"])
+    assert torch.equal(back.scores, res.scores)
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]  # no temp files left
+    fig = res.plot()
+    assert fig.axes
+
+
+def test_perplexity_matches_brute_force(tiny):
+    texts = neutral_texts(3)
+    nll, n = token_nll(tiny, texts, max_tokens=64)  # forces several batches with padding
+    ref_nll, ref_n = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tiny.to_tokens(t)
+            lp = tiny.original_model(ids).logits[0, :-1].double().log_softmax(-1)
+            ref_nll -= float(lp.gather(-1, ids[0, 1:, None])[:, 0].sum())
+            ref_n += ids.shape[1] - 1
+    assert n == ref_n and abs(nll - ref_nll) / ref_nll < 1e-5
+    assert perplexity(tiny, texts) == pytest.approx(np.exp(ref_nll / ref_n), rel=1e-5)
+
+
+@pytest.mark.real
+def test_real_model_contrast_scores_match_plain_transformers(real):
+    ps = load_context("finance").prompts("race", templates=[0, 6], names="heldout")
+    ps = ps.subset(range(0, len(ps), 4))
+    fast = contrast_scores(real, ps)
+    pos, neg = (real.to_tokens(w, prepend_bos=False)[0].tolist() for w in (ps.positive, ps.negative))
+    ref = torch.tensor([_brute_logprobs(real, t, pos) - _brute_logprobs(real, t, neg) for t in ps.texts])
+    assert (fast - ref).abs().max() < 1e-4

