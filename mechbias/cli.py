@@ -67,6 +67,51 @@ def _print_table(df) -> None:
         print(df.to_string(index=False))
 
 
+def cmd_ig2(args) -> int:
+    from .ig2 import ig2_experiment
+    from .results import atomic_savefig
+
+    model, _ = _setup(args)
+    positions = "last" if args.positions == "last" else "all"
+    exp = ig2_experiment(model, args.context, args.axis, mode=args.mode, pairs_per_template=args.pairs,
+                         steps=args.steps, rule=args.rule, kind=args.kind, positions=positions,
+                         n_random=args.random, seed=args.seed, progress=True)
+    exp.save(args.out)
+    atomic_savefig(exp.attributions.plot(exp.selection), args.out / "figures" / f"ig2_{exp.context}_{exp.axis}.png")
+    atomic_savefig(exp.verification.plot(), args.out / "figures" / f"ig2_verification_{exp.context}_{exp.axis}.png")
+    s = exp.summary()
+    print(f"favoured group: {s['favoured_group']}; {s['n_units']} units; median completeness error "
+          f"{s['completeness_error_median']:.3f}; {s['n_selected']} neurons selected")
+    _print_table(exp.verification.to_dataframe().drop(columns=["random_draws"], errors="ignore"))
+    print(f"[mechbias] wrote {args.out / 'ig2.json'}; BNS intervention in {args.out / 'intervention'}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from .patching import patching_experiment
+    from .results import atomic_savefig
+
+    model, _ = _setup(args)
+    exp = patching_experiment(model, args.context, args.axis, direction=args.direction,
+                              components=args.components, max_pairs=args.pairs, top_k_heads=args.top_heads,
+                              seed=args.seed, progress=True)
+    exp.save(args.out)
+    for c, r in exp.sweeps.items():
+        atomic_savefig(r.plot(), args.out / "figures" / f"patch_{exp.context}_{exp.axis}_{c}.png")
+    s = exp.summary()
+    print(f"{s['n_pairs']} pairs; clean ({s['clean_group']}) LD {s['ld_clean_mean']:+.3f}, "
+          f"corrupted LD {s['ld_corrupt_mean']:+.3f} ({args.direction})")
+    import pandas as pd
+
+    _print_table(pd.DataFrame(exp.agreement))
+    for row in exp.set_patching:
+        print(f"{row['set']} patched together ({row['direction']}): effect {row['effect']:+.3f} "
+              f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}], normalized {row['normalized']:.2f}")
+    print(f"[mechbias] wrote {args.out / 'patch.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import run_study
 
@@ -84,6 +129,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default="all", choices=["all", "selection", "heldout"])
     p.add_argument("--names", default="all", choices=["all", "selection", "heldout"])
     p.set_defaults(func=cmd_bias)
+
+    p = sub.add_parser("ig2", help="IG2 neuron attribution, selection, and the BNS verification experiment")
+    _common(p)
+    p.add_argument("--context", required=True, help="context name or YAML path")
+    p.add_argument("--axis", default="race")
+    p.add_argument("--mode", default="contrast", choices=["contrast", "demographic", "demographic-single"])
+    p.add_argument("--pairs", type=int, default=6, help="name pairs per template (contrast mode)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rule", default="left", choices=["left", "right", "middle", "trapezoid"])
+    p.add_argument("--kind", default="prob", choices=["prob", "abs_prob", "logprob", "logit"])
+    p.add_argument("--positions", default="all", choices=["all", "last"],
+                   help="where BNS suppresses the neurons: every position or the prediction position")
+    p.add_argument("--random", type=int, default=5, help="random-neuron control draws")
+    p.set_defaults(func=cmd_ig2)
+
+    p = sub.add_parser("patch", help="activation patching sweeps, attribution patching and set patching")
+    _common(p)
+    p.add_argument("--context", required=True)
+    p.add_argument("--axis", default="race")
+    p.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    p.add_argument("--components", nargs="+", default=["resid_pre", "attn_out", "mlp_out", "heads", "k_heads", "v_heads"],
+                   choices=["resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads"])
+    p.add_argument("--pairs", type=int, default=8, help="maximum number of equal-length name pairs")
+    p.add_argument("--top-heads", type=int, default=5, help="heads patched together in the set-patching check")
+    p.set_defaults(func=cmd_patch)
 
     p = sub.add_parser("study", help="the full study: every method across contexts, a report and figures")
     _common(p)

@@ -216,3 +216,19 @@ class Result:
 def is_complete(path: str | Path) -> bool:
     """Whether ``path`` holds a fully written result (used to resume long runs)."""
     return (Path(path) / "result.json").exists()
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub-flavoured Markdown table from a list of dicts (no extra dependency)."""
+    if not rows:
+        return ""
+    cols = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests must never reach the network
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

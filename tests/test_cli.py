@@ -23,3 +23,29 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
     empty.write_text("")
     rc = main(["bias", "--model", "tiny", "--contexts", str(empty), "--out", str(tmp_path)])
     assert rc == 2 and "empty" in capsys.readouterr().err
+
+
+def test_ig2_command(tmp_path):
+    rc = main(["ig2", "--model", "tiny", "--context", "finance", "--axis", "race", "--pairs", "1",
+               "--steps", "4", "--random", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "ig2.json").read_text())
+    assert len(data["completeness_error_per_layer"]) == 2
+    assert {r["operation"] for r in data["verification"]} == {"suppress", "amplify"}
+    assert (tmp_path / "intervention" / "intervention.json").exists()
+    assert (tmp_path / "figures" / "ig2_finance_race.png").exists()
+    from mechbias.hooks import load_intervention
+
+    iv = load_intervention(tmp_path / "intervention")
+    assert iv.n_components == len(data["selected_neurons"])
+
+
+def test_patch_command(tmp_path):
+    rc = main(["patch", "--model", "tiny", "--context", "finance", "--axis", "gender", "--pairs", "3",
+               "--components", "resid_pre", "heads", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "patch.json").read_text())
+    assert data["direction"] == "denoise" and set(data["top"]) == {"resid_pre", "heads"}
+    assert {a["component"] for a in data["atp_agreement"]} == {"resid_pre", "heads"}
+    assert {s["direction"] for s in data["set_patching"]} == {"denoise", "noise"}
+    assert (tmp_path / "figures" / "patch_finance_gender_resid_pre.png").exists()

@@ -1,0 +1,135 @@
+"""IG²: fast path vs. the plain loop, completeness, selection logic, BNS."""
+
+import pytest
+import torch
+
+from mechbias.ig2 import (IG2Result, NeuronSelection, Unit, contrast_units, demographic_units, ig2_prompt,
+                          integration_points, random_like, run_ig2, select_neurons, verify)
+
+TEXT = "The bank approved the loan application . Was the applicant White or Black ? The applicant was"
+
+
+def _ids(m):
+    return m.to_tokens(TEXT)[0], m.to_single_token(" White"), m.to_single_token(" Black")
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_native"])
+@pytest.mark.parametrize("rule", ["left", "middle", "trapezoid"])
+def test_fast_path_matches_the_plain_loop(fixture, rule, request):
+    m = request.getfixturevalue(fixture)
+    toks, d1, d2 = _ids(m)
+    for kind in ("prob", "logit"):
+        ref = ig2_prompt(m, toks, d1, d2, rule=rule, kind=kind, method="reference")
+        for cap in (None, 7):
+            fast = ig2_prompt(m, toks, d1, d2, rule=rule, kind=kind, method="fast", internal_batch_size=cap)
+            rel = (fast.attr - ref.attr).abs().max() / ref.attr.abs().max()
+            assert rel < 1e-5, (kind, cap, float(rel))
+            assert torch.allclose(fast.g0, ref.g0, rtol=1e-4, atol=1e-6)
+            assert fast.g1 == pytest.approx(ref.g1, rel=1e-5)
+        assert ref.attr.abs().max() > 0
+
+
+def test_completeness_error_shrinks_with_steps(tiny):
+    toks, d1, d2 = _ids(tiny)
+    errs = []
+    for m in (4, 32, 256):
+        r = ig2_prompt(tiny, toks, d1, d2, steps=m, kind="logit")
+        delta = r.g1 - r.g0
+        errs.append(float(((r.attr.sum(1) - delta).abs() / delta.abs()).max()))
+    assert errs[0] > errs[1] > errs[2]
+    assert errs[2] < 0.01
+
+
+def test_integration_rules_weights_sum_to_one():
+    for rule in ("left", "right", "middle", "trapezoid"):
+        a, w = integration_points(10, rule)
+        assert float(w.sum()) == pytest.approx(1.0) and len(a) == 10
+    a, _ = integration_points(20, "left")
+    assert a[0] == 0 and a[-1] == pytest.approx(0.95)  # the authors' left Riemann sum
+    with pytest.raises(ValueError):
+        integration_points(5, "simpson")
+
+
+def test_units_and_run_ig2(tiny, tmp_path):
+    units = contrast_units("finance", "race", favoured=0, pairs_per_template=2)
+    assert all(u.weights == [1.0, -1.0] and u.d1 == " Yes" for u in units)
+    res = run_ig2(tiny, units, steps=8)
+    assert res.attributions.shape == (len(units), tiny.cfg.n_layers, tiny.cfg.d_mlp)
+    # a pair's attribution is the difference of its two prompts' attributions
+    toks = [tiny.to_tokens(t)[0] for t in units[0].texts]
+    y, n = tiny.to_single_token(" Yes"), tiny.to_single_token(" No")
+    a = ig2_prompt(tiny, toks[0], y, n, steps=8).attr - ig2_prompt(tiny, toks[1], y, n, steps=8).attr
+    assert torch.allclose(res.attributions[0].double(), a, atol=1e-6)
+    res.save(tmp_path / "ig2")
+    back = IG2Result.load(tmp_path / "ig2")
+    assert torch.equal(back.attributions, res.attributions) and back.units[0]["bag"] == units[0].bag
+    assert res.completeness_error().shape == (tiny.cfg.n_layers,)
+    fig = res.plot(select_neurons(res))
+    assert len(fig.axes) >= 2
+
+
+def test_demographic_units_pairing_and_splits():
+    sel = demographic_units("finance", "race", favoured=0, outcomes="selection")
+    held = demographic_units("finance", "race", favoured=0, outcomes="heldout")
+    assert {u.bag for u in sel}.isdisjoint({u.bag for u in held})
+    assert all(u.weights == [1.0, -1.0] and u.d1 == " White" for u in sel)
+    single = demographic_units("finance", "gender", favoured=1, paired=False, outcomes="all")
+    assert {u.d1 for u in single} == {" she"} and {tuple(u.weights) for u in single} == {(1.0,), (-1.0,)}
+
+
+def _fake_result(attrs, bags):
+    units = [{"bag": b, "texts": [], "weights": []} for b in bags]
+    return IG2Result(torch.tensor(attrs, dtype=torch.float32), torch.zeros(len(bags), 1, 2), units)
+
+
+def test_selection_follows_the_three_thresholds():
+    # 1 layer x 6 neurons; bags A (3 prompts) and B (3 prompts)
+    attrs = [
+        [[10, 3, 1, 0, 0, 0]],   # A: {0, 1}   (>= 0.2 * 10)
+        [[10, 0, 5, 0, 0, 0]],   # A: {0, 2}
+        [[10, 4, 0, 0, 0, -50]], # A: {0, 1}; a large negative value never counts
+        [[0, 0, 0, 8, 2, 0]],    # B: {3, 4}
+        [[0, 0, 0, 8, 0, 0]],    # B: {3}
+        [[1, 0, 0, 8, 0, 0]],    # B: {3}
+    ]
+    res = _fake_result(attrs, ["A"] * 3 + ["B"] * 3)
+    sel = select_neurons(res, per_bag=0.6, per_relation=0.5, adapt=False)
+    # bag A keeps neurons in >= 2 of 3 prompts: {0, 1}; bag B: {3}; relation: in >= 1 of 2 bags
+    assert sel.as_pairs() == [(0, 0), (0, 1), (0, 3)]
+    strict = select_neurons(res, per_bag=0.6, per_relation=1.0, adapt=False)
+    assert strict.as_pairs() == []  # no neuron is in both bags
+    # adaptation raises the bag threshold when bags hold too many neurons
+    adapted = select_neurons(res, per_bag=0.3, target_per_bag=(1, 1.5), per_relation=0.5)
+    assert adapted.thresholds["per_bag_final"] > 0.3
+
+
+def test_bns_intervention_and_random_control(tiny):
+    sel = NeuronSelection([[0, 3], [1, 7], [1, 9]], n_layers=2, d_mlp=tiny.cfg.d_mlp)
+    iv = sel.intervention(factor=0.0, positions="last")
+    assert iv.n_components == 3 and iv.positions == "last"
+    rnd = random_like(sel, tiny.cfg.d_mlp, seed=1)
+    assert sorted(l for l, _ in rnd) == [0, 1, 1] and not set(rnd) & set(sel.as_pairs())
+
+
+def test_verification_runs_and_random_control_is_near_zero(tiny):
+    units = contrast_units("finance", "race", favoured=0, pairs_per_template=2)
+    res = run_ig2(tiny, units, steps=8, kind="logit")
+    sel = select_neurons(res)
+    held = contrast_units("finance", "race", favoured=0, templates="heldout", names="heldout", pairs_per_template=2)
+    v = verify(tiny, sel, held, kind="logit", n_random=2)
+    ops = {(r["neurons"].split(" ")[0], r["operation"]) for r in v.rows}
+    assert ("IG2", "suppress") in ops and ("random", "amplify") in ops
+    assert len(v.to_dataframe()) == len(v.rows)
+
+
+@pytest.mark.real
+def test_fast_path_matches_the_plain_loop_on_the_embedded_model(real):
+    toks = real.to_tokens("The bank approved the loan application. Was the applicant White or Black? "
+                          "The applicant was")[0]
+    d1, d2 = real.to_single_token(" White"), real.to_single_token(" Black")
+    layers = [3, 29]
+    ref = ig2_prompt(real, toks, d1, d2, layers=layers, method="reference")
+    fast = ig2_prompt(real, toks, d1, d2, layers=layers, method="fast")
+    for l in layers:
+        rel = (fast.attr[l] - ref.attr[l]).abs().max() / ref.attr[l].abs().max()
+        assert rel < 1e-5, (l, float(rel))
