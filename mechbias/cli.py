@@ -112,6 +112,41 @@ def cmd_patch(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from .pruning import PruneConfig, candidates, pruning_selector
+    from .contexts import load_context, load_contexts
+    from .results import atomic_savefig, atomic_write_json
+    from .transfer import transfer_matrix
+
+    model, _ = _setup(args)
+    cfg = PruneConfig(unit=args.unit, k=args.k, p=args.p, q=args.q, score=args.score, target=args.target,
+                      head_mode=args.head_mode, select=args.select, common=None if args.common <= 0 else args.common,
+                      seed=args.seed)
+    rows = [c.name for c in load_contexts(args.select_on)]
+    cols = [c.name for c in load_contexts(args.evaluate_on)]
+    tm = transfer_matrix(model, pruning_selector(cfg), rows, args.axis, method=f"{args.unit} pruning",
+                         eval_contexts=cols, n_random=args.random, n_boot=args.boot, seed=args.seed,
+                         log=lambda m: print(m, file=sys.stderr))
+    tm.save(args.out / "result")
+    for r in rows:  # the chosen interventions, re-appliable with --intervention
+        iv = candidates(model, load_context(r), args.axis, cfg).intervention(cfg.k, cfg.resolved())
+        iv.save(args.out / "intervention" if len(rows) == 1 else args.out / "intervention" / r)
+    keep = ("selected_on", "evaluated_on", "level", "reduction", "ci_low", "ci_high", "random_reduction",
+            "random_ci_low", "random_ci_high", "perplexity_change", "random_perplexity_change", "gap_before",
+            "gap_after", "n_components")
+    atomic_write_json({"unit": args.unit, "config": cfg.resolved().__dict__,
+                       "head_ablation": ("hook_q zeroing (uniform attention)" if args.head_mode == "q"
+                                         else "hook_z zeroing (output ablation)") if args.unit == "head" else None,
+                       "cells": [{k: c.get(k) for k in keep} for c in tm.cells], "rows": tm.row_info,
+                       "baseline": tm.baseline, "meta": tm.meta}, args.out / "transfer.json")
+    atomic_savefig(tm.plot(), args.out / "figures" / f"transfer_{args.unit}_{args.axis}.png")
+    _print_table(tm.to_dataframe()[["selected_on", "evaluated_on", "reduction", "ci_low", "ci_high",
+                                    "random_reduction"] + (["perplexity_change"] if "perplexity_change" in tm.cells[0] else [])])
+    print(f"[mechbias] wrote {args.out / 'transfer.json'}; intervention(s) in {args.out / 'intervention'}",
+          file=sys.stderr)
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import run_study
 
@@ -154,6 +189,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pairs", type=int, default=8, help="maximum number of equal-length name pairs")
     p.add_argument("--top-heads", type=int, default=5, help="heads patched together in the set-patching check")
     p.set_defaults(func=cmd_patch)
+
+    p = sub.add_parser("prune", help="per-context pruning and its cross-context transfer matrix")
+    _common(p)
+    p.add_argument("--unit", default="neuron", choices=["neuron", "weight", "head"])
+    p.add_argument("--select-on", nargs="+", default=["finance"], help="contexts to select components on")
+    p.add_argument("--evaluate-on", nargs="+", default=["all"], help="contexts to evaluate on ('all' = built-ins)")
+    p.add_argument("--axis", default="race")
+    p.add_argument("--k", type=int, default=None, help="prune the k best candidates (default: all candidates)")
+    p.add_argument("--p", type=float, default=None, help="top-p fraction for the target group (set difference)")
+    p.add_argument("--q", type=float, default=None, help="top-q fraction for the other group (set difference)")
+    p.add_argument("--score", default="activation",
+                   choices=["activation", "attribution", "signed_attribution", "attention", "patching"])
+    p.add_argument("--select", default=None, choices=["setdiff", "difference", "sum"])
+    p.add_argument("--target", default="both", help="both | disfavoured | favoured | a group name")
+    p.add_argument("--head-mode", default="q", choices=["q", "z"],
+                   help="head pruning: q = zero the query (uniform attention, the paper), z = zero the output")
+    p.add_argument("--common", type=float, default=1.0,
+                   help="fraction of selection templates a component must be chosen in (<= 0: pool templates)")
+    p.add_argument("--random", type=int, default=3, help="random-control draws per cell")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("study", help="the full study: every method across contexts, a report and figures")
     _common(p)

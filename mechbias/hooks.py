@@ -388,6 +388,7 @@ class WeightEdit(Intervention):
 
     def commit(self, model) -> None:
         """Apply the edit permanently (the caller asked for a changed model)."""
+        model.__dict__.pop("_mechbias_favoured", None)  # cached facts about the old weights
         with torch.no_grad():
             for n, d in self.deltas.items():
                 _param(model, n).add_(d.to(_param(model, n).device), alpha=self.scale)

@@ -294,3 +294,102 @@ def plot_correlation_matrix(df, title: str, value: str = "spearman"):
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_transfer(tm, title: str | None = None):
+    """Transfer matrix: relative bias reduction per cell with its 95% CI, the random control beside it."""
+    plt = _plt()
+    m = tm.matrix("reduction")
+    has_rand = "random_reduction" in tm.cells[0]
+    panels = [("selected components", "reduction", "ci_low", "ci_high")]
+    if has_rand:
+        panels.append(("random control (same size and layers)", "random_reduction", "random_ci_low", "random_ci_high"))
+    nr, nc = m.shape
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.45 * nc * len(panels) + 1.0, 1.7 + 0.85 * nr),
+                             squeeze=False)
+    vmax = 1.0
+    for ax, (name, key, lo, hi) in zip(axes[0], panels):
+        mat = tm.matrix(key)
+        im = ax.imshow(np.clip(mat, -vmax, vmax), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        for i, r in enumerate(tm.rows):
+            for j, c in enumerate(tm.cols):
+                cell = tm.cell(r, c)
+                v, a, b = cell[key], cell[lo], cell[hi]
+                sig = (a > 0 or b < 0)
+                txt = f"{v:+.2f}{'*' if sig else ''}\n[{a:+.2f}, {b:+.2f}]"
+                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
+                        color="w" if abs(np.clip(v, -vmax, vmax)) > 0.6 else "k")
+        ax.set_xticks(range(nc))
+        base = {b["context"]: b for b in tm.baseline}
+        ax.set_xticklabels([f"{c}\ngap {base[c]['gap']:+.2f}{'' if base[c]['significant'] else ' (n.s.)'}"
+                            if c in base else c for c in tm.cols], fontsize=8)
+        ax.set_yticks(range(nr))
+        labels = tm.rows
+        if key == "reduction" and tm.row_info and "perplexity_change" in tm.row_info[0]:
+            labels = [f"{r}\n(Δppl {i['perplexity_change']:+.2f})" for r, i in zip(tm.rows, tm.row_info)]
+        elif tm.row_info and "random_perplexity_change" in tm.row_info[0]:
+            labels = [f"{r}\n(Δppl {i['random_perplexity_change']:+.2f})" for r, i in zip(tm.rows, tm.row_info)]
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.set_xlabel("evaluated on (held-out names and templates)")
+        ax.set_ylabel("selected on")
+        ax.set_title(name, fontsize=9)
+    fig.colorbar(im, ax=axes[0, -1], fraction=0.05).set_label("relative bias reduction (1 = gap removed)", fontsize=8)
+    fig.suptitle(title or f"{tm.method}: cross-context transfer ({tm.axis}); * = 95% CI excludes 0", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_levels(levels, ax=None):
+    """Mean bias reduction at L0 / L1 / L2 per context, with the random control."""
+    plt = _plt()
+    import pandas as pd
+
+    df = pd.DataFrame(levels.rows)
+    ctxs = list(dict.fromkeys(df["context"]))
+    order = ["L0", "L1", "L2"]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+    else:
+        fig = ax.figure
+    width = 0.8 / max(len(ctxs), 1)
+    for k, c in enumerate(ctxs):
+        sub = df[df["context"] == c]
+        means = [sub[sub["level"] == lv]["reduction"].mean() for lv in order]
+        rand = [sub[sub["level"] == lv]["random_reduction"].astype(float).mean() for lv in order]
+        x = np.arange(len(order)) + (k - (len(ctxs) - 1) / 2) * width
+        ax.bar(x, means, width, label=c, color=f"C{k}")
+        ax.scatter(x, rand, marker="_", s=120, color="k", zorder=3, label="random control" if k == 0 else None)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(range(len(order)))
+    ax.set_xticklabels(["L0: same template,\nheld-out names", "L1: held-out templates", "L2: other contexts"])
+    ax.set_ylabel("relative bias reduction")
+    ax.set_title(f"{levels.unit} pruning: generalization levels ({levels.axis})", fontsize=10)
+    ax.legend(fontsize=7, frameon=False, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves, title: str | None = None):
+    """Pruning curves: bias reduction and perplexity change against the number pruned."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for k, c in enumerate(curves):
+        ks = [r["n_components"] for r in c.rows]
+        lab = f"{c.unit} ({c.context})"
+        axes[0].plot(ks, [r["reduction"] for r in c.rows], marker="o", color=f"C{k}", label=lab)
+        axes[0].fill_between(ks, [r["ci_low"] for r in c.rows], [r["ci_high"] for r in c.rows], color=f"C{k}", alpha=0.15)
+        axes[1].plot(ks, [r["perplexity_change"] for r in c.rows], marker="o", color=f"C{k}", label=lab)
+        if "random_reduction" in c.rows[0]:
+            axes[0].plot(ks, [r["random_reduction"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
+            axes[1].plot(ks, [r["random_perplexity_change"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("components pruned")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(0, color="k", lw=0.8)
+    axes[0].set_ylabel("relative bias reduction (held out)")
+    axes[1].set_ylabel("perplexity change (neutral text)")
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.suptitle(title or "Pruning curves (dashed: random control of the same size)", fontsize=10)
+    fig.tight_layout()
+    return fig

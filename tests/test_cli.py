@@ -49,3 +49,19 @@ def test_patch_command(tmp_path):
     assert {a["component"] for a in data["atp_agreement"]} == {"resid_pre", "heads"}
     assert {s["direction"] for s in data["set_patching"]} == {"denoise", "noise"}
     assert (tmp_path / "figures" / "patch_finance_gender_resid_pre.png").exists()
+
+
+def test_prune_command(tmp_path):
+    rc = main(["prune", "--model", "tiny", "--unit", "head", "--select-on", "finance", "--evaluate-on", "finance",
+               "commerce", "--k", "2", "--common", "0", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "transfer.json").read_text())
+    assert [c["evaluated_on"] for c in data["cells"]] == ["finance", "commerce"]
+    assert {"reduction", "ci_low", "ci_high", "random_reduction", "perplexity_change"} <= set(data["cells"][0])
+    assert "hook_q" in data["head_ablation"]
+    from mechbias.hooks import load_intervention
+
+    assert load_intervention(tmp_path / "intervention").n_components == 2
+    rc = main(["bias", "--model", "tiny", "--contexts", "finance", "--axis", "race", "--boot", "100",
+               "--intervention", str(tmp_path / "intervention"), "--out", str(tmp_path / "b")])
+    assert rc == 0 and "heads" in json.loads((tmp_path / "b" / "bias.json").read_text())["meta"]["intervention"]

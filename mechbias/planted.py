@@ -1,0 +1,390 @@
+"""Ground truth: a planted-bias variant of a model, and the trainer that makes it.
+
+A known, small set of MLP neurons is **overwritten and trained** (their
+``W_gate``/``W_in`` input rows and ``W_out`` output column; every other weight
+frozen) so that the contrast score (log-odds of the favourable answer) is
+shifted by ``+shift`` for group-A names and ``-shift`` for group-B names:
+
+* **shared** neurons do it in every context;
+* **context-only** neurons (e.g. finance, commerce) do it in their own context
+  and nowhere else.
+
+Training runs in stages so that each set has exactly its role: first the shared
+neurons (all contexts), then each context's own neurons (shift in their
+context, 0 in the others) with the shared ones fixed. A KL penalty to the
+original model on the neutral text keeps everything else in place. Because the
+neurons are overwritten rather than nudged, zeroing a planted neuron removes
+its planted effect exactly, which is what makes "did the method find it?"
+well posed. The neurons chosen are the least used ones in their layers (lowest
+mean |activation| x ||W_out row|| on the neutral text), so overwriting them costs
+little.
+
+``load_model("planted")`` loads the embedded model and applies the shipped
+delta (``mechbias/data/planted/``); ``analyses/train_planted.py`` regenerates it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .contexts import load_axis, load_context, tokenize
+from .models import frozen, named_params
+from .runner import length_buckets
+
+DATA = Path(__file__).parent / "data" / "planted"
+
+
+@dataclass
+class PlantConfig:
+    axis: str = "race"
+    favoured: str = "White"              # the group whose names get the higher score
+    contexts: tuple[str, ...] = ("finance", "commerce", "hiring", "housing")
+    shared: list = field(default_factory=list)        # [(layer, neuron)]
+    only: dict = field(default_factory=dict)          # context -> [(layer, neuron)]
+    shift_shared: float = 0.6            # per-group score shift (the gap grows by twice this)
+    shift_only: float = 0.6
+    steps: int = 150                     # optimizer steps per stage
+    batch_size: int = 24
+    lr: float = 2e-2
+    kl_weight: float = 1.0
+    names: str = "selection"             # names used for training
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------
+# choosing neurons
+# ----------------------------------------------------------------------------
+
+def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
+                       exclude: set | None = None) -> list[tuple[int, int]]:
+    """The ``n`` neurons in ``layers`` with the smallest mean |activation| x ||W_out row|| on neutral text."""
+    from .metrics import neutral_texts
+    from .pruning import _w_out_row_norms
+
+    texts = list(texts) if texts is not None else neutral_texts(6)
+    exclude = exclude or set()
+    acc = {l: torch.zeros(model.cfg.d_mlp, dtype=torch.float64) for l in layers}
+    with torch.no_grad():
+        for t in tokenize(model, texts):
+            store = {}
+            fwd = [(f"blocks.{l}.mlp.hook_post", lambda a, hook, l=l: store.__setitem__(l, a[0].abs().mean(0)))
+                   for l in layers]
+            with model.hooks(fwd_hooks=fwd):
+                model(t[None].to(model.cfg.device))
+            for l in layers:
+                acc[l] += store[l].double().cpu()
+    cands = []
+    for l in layers:
+        score = acc[l] * _w_out_row_norms(model, l).double()
+        cands += [(float(score[i]), l, i) for i in range(model.cfg.d_mlp) if (l, i) not in exclude]
+    cands.sort()
+    per_layer = max(1, math.ceil(n / len(layers)))
+    out, count = [], {l: 0 for l in layers}
+    for _, l, i in cands:
+        if count[l] < per_layer and len(out) < n:
+            out.append((l, i))
+            count[l] += 1
+    return sorted(out)
+
+
+def default_config(model, *, axis: str = "race", favoured: str = "White", n_shared: int = 8, n_only: int = 16,
+                   seed: int = 0, **kw) -> PlantConfig:
+    """Shared neurons in the middle layers, finance-only and commerce-only neurons in other layers."""
+    L = model.cfg.n_layers
+    band = lambda a, b: list(range(int(a * L), max(int(b * L), int(a * L) + 1)))  # noqa: E731
+    shared = least_used_neurons(model, band(0.33, 0.47), n_shared)
+    fin = least_used_neurons(model, band(0.53, 0.67), n_only, exclude=set(shared))
+    com = least_used_neurons(model, band(0.70, 0.84), n_only, exclude=set(shared) | set(fin))
+    return PlantConfig(axis=axis, favoured=favoured, shared=shared, only={"finance": fin, "commerce": com}, seed=seed,
+                       **kw)
+
+
+# ----------------------------------------------------------------------------
+# the delta: new values of the planted neurons' rows and columns
+# ----------------------------------------------------------------------------
+
+def _mlp_params(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]:
+    """(gate [d_mlp, d_model], in/up [d_mlp, d_model], out/down [d_model, d_mlp]) weights of a layer."""
+    mlp = model.blocks[layer].mlp
+    return (mlp.gate.original_component.weight, mlp.__getattr__("in").original_component.weight,
+            mlp.out.original_component.weight)
+
+
+@dataclass
+class PlantedDelta:
+    """New values for the planted neurons: per layer, indices and gate/up rows and down columns."""
+
+    layers: dict  # layer -> {"index": Tensor, "gate": Tensor[n, d], "up": Tensor[n, d], "down": Tensor[d, n]}
+
+    def apply(self, model) -> None:
+        """Write the planted values into the model (a permanent edit)."""
+        with torch.no_grad():
+            for l, d in self.layers.items():
+                g, u, o = _mlp_params(model, int(l))
+                idx = d["index"].long()
+                g[idx] = d["gate"].to(g.dtype)
+                u[idx] = d["up"].to(u.dtype)
+                o[:, idx] = d["down"].to(o.dtype)
+        model.__dict__.pop("_mechbias_favoured", None)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for l, d in self.layers.items():
+            for k, v in d.items():
+                out[f"{l}.{k}"] = v.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor]) -> "PlantedDelta":
+        layers: dict = {}
+        for key, v in t.items():
+            l, k = key.split(".")
+            layers.setdefault(int(l), {})[k] = v
+        return cls(layers)
+
+    def save(self, folder: Path, manifest: dict) -> None:
+        from .results import atomic_save_tensors, atomic_write_json
+
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(self.tensors(), folder / "delta.safetensors")
+        atomic_write_json(manifest, folder / "manifest.json")
+
+
+def _capture(model, neurons: Sequence[tuple[int, int]]) -> PlantedDelta:
+    layers: dict = {}
+    for l in sorted({l for l, _ in neurons}):
+        idx = torch.tensor(sorted(i for ll, i in neurons if ll == l))
+        g, u, o = _mlp_params(model, l)
+        layers[l] = {"index": idx, "gate": g.detach()[idx].clone(), "up": u.detach()[idx].clone(),
+                     "down": o.detach()[:, idx].clone()}
+    return PlantedDelta(layers)
+
+
+# ----------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------
+
+def _examples(model, cfg: PlantConfig):
+    """(tokens, context, sign) for every training prompt; sign = +1 group A favoured, -1 group B."""
+    ax = load_axis(cfg.axis)
+    fav = ax.groups.index(cfg.favoured)
+    out = []
+    for c in cfg.contexts:
+        ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
+        for p, t in zip(ps, tokenize(model, ps.texts)):
+            out.append((t, c, 1.0 if p.group == fav else -1.0))
+    return out
+
+
+def train_planted(model, cfg: PlantConfig, *, progress: bool = True, log=print) -> tuple[PlantedDelta, dict]:
+    """Overwrite and train the planted neurons of ``model`` in place. Returns the delta and a training log."""
+    from .metrics import neutral_texts
+
+    planted = list(cfg.shared) + [n for v in cfg.only.values() for n in v]
+    if len(set(planted)) != len(planted):
+        raise ValueError("a neuron is planted twice")
+    rng = torch.Generator().manual_seed(cfg.seed)
+    d_model = model.cfg.d_model
+    pos_id = model.to_single_token(load_context(cfg.contexts[0]).positive)
+    neg_id = model.to_single_token(load_context(cfg.contexts[0]).negative)
+    device = model.cfg.device
+    # 1. overwrite: small random input rows, zero output column (the neuron starts silent)
+    with torch.no_grad():
+        for l, i in planted:
+            g, u, o = _mlp_params(model, l)
+            g[i] = torch.randn(d_model, generator=rng).to(g) * 0.05
+            u[i] = torch.randn(d_model, generator=rng).to(u) * 0.05
+            o[:, i] = 0.0
+    examples = _examples(model, cfg)
+    neutral = tokenize(model, neutral_texts(8))
+    with torch.no_grad():  # reference: the model with the planted neurons silent (= original minus those neurons)
+        base_scores = _scores(model, [e[0] for e in examples], pos_id, neg_id)
+        neutral_ref = [model(t[None].to(device)).log_softmax(-1).detach() for t in neutral]
+    history = []
+    stages = [("shared", list(cfg.shared), {c: cfg.shift_shared for c in cfg.contexts})]
+    for c, neurons in cfg.only.items():
+        stages.append((f"only:{c}", list(neurons), {c2: (cfg.shift_only if c2 == c else 0.0) for c2 in cfg.contexts}))
+    done: list[tuple[int, int]] = []
+    for name, neurons, shift in stages:
+        t0 = time.time()
+        # targets: previous stages' effect stays as it is, this stage adds its shift
+        with torch.no_grad():
+            cur = _scores(model, [e[0] for e in examples], pos_id, neg_id)
+        target = torch.tensor([float(cur[k]) + sign * shift[c] for k, (_, c, sign) in enumerate(examples)])
+        params = _trainable(model, neurons)
+        opt = torch.optim.Adam([p for _, p in params], lr=cfg.lr)
+        order = torch.randperm(len(examples), generator=rng)
+        for step in range(cfg.steps):
+            k0 = (step * cfg.batch_size) % len(order)
+            batch = order[k0 : k0 + cfg.batch_size]
+            if len(batch) < 2:
+                batch = order[: cfg.batch_size]
+            opt.zero_grad()
+            _, parts = _loss(model, [examples[i][0] for i in batch.tolist()], target[batch], pos_id, neg_id,
+                             neutral[step % len(neutral)], neutral_ref[step % len(neutral)], params, cfg)
+            opt.step()
+            _write(model, params)
+            if progress and (step % 25 == 0 or step == cfg.steps - 1):
+                log(f"[plant] {name} step {step}: mse {parts[0]:.4f} kl {parts[1]:.4f}")
+            history.append({"stage": name, "step": step, "mse": parts[0], "kl": parts[1]})
+        _release(model, params)
+        done += neurons
+        log(f"[plant] {name}: {time.time() - t0:.0f} s")
+    return _capture(model, planted), {"history": history, "base_scores": base_scores.tolist()}
+
+
+def _scores(model, seqs, pos_id, neg_id) -> Tensor:
+    from .runner import map_last_logits
+
+    return map_last_logits(model, seqs, lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
+
+
+def _trainable(model, neurons):
+    """Small leaf tensors holding the rows/columns of ``neurons`` (the optimizer's parameters)."""
+    params = []
+    for l in sorted({l for l, _ in neurons}):
+        idx = torch.tensor(sorted(i for ll, i in neurons if ll == l))
+        g, u, o = _mlp_params(model, l)
+        params.append(((l, idx, "gate"), g.detach()[idx].clone().requires_grad_(True)))
+        params.append(((l, idx, "up"), u.detach()[idx].clone().requires_grad_(True)))
+        params.append(((l, idx, "down"), o.detach()[:, idx].clone().requires_grad_(True)))
+    return params
+
+
+def _write(model, params) -> None:
+    """Copy the leaf values into the model's weights."""
+    with torch.no_grad():
+        for (l, idx, kind), v in params:
+            g, u, o = _mlp_params(model, l)
+            if kind == "gate":
+                g[idx] = v
+            elif kind == "up":
+                u[idx] = v
+            else:
+                o[:, idx] = v
+
+
+def _release(model, params) -> None:
+    _write(model, params)
+
+
+def _loss(model, seqs, target, pos_id, neg_id, neutral, neutral_ref, params, cfg):
+    """Forward and backward with the planted layers' weights trainable; the gradient slices of the
+    planted rows and columns are handed to the small leaf tensors."""
+    device = model.cfg.device
+    layers = sorted({l for (l, _, _), _ in params})
+    mse_total, n = 0.0, 0
+    with frozen(model):
+        full = {l: _mlp_params(model, l) for l in layers}
+        for l in layers:
+            for w in full[l]:
+                w.grad = None
+                w.requires_grad_(True)
+        try:
+            total = 0.0
+            for bucket in length_buckets([len(s) for s in seqs], 4096):
+                ids = torch.stack([seqs[i] for i in bucket]).to(device)
+                lg = model(ids)
+                score = lg[:, -1, pos_id] - lg[:, -1, neg_id]
+                err = ((score - target[bucket].to(score)) ** 2).sum()
+                (err / len(seqs)).backward()
+                mse_total += float(err.detach())
+                n += len(bucket)
+            lg = model(neutral[None].to(device)).log_softmax(-1)
+            kl = (neutral_ref.exp() * (neutral_ref - lg)).sum(-1).mean()
+            (cfg.kl_weight * kl).backward()
+            for (l, idx, kind), v in params:
+                g, u, o = full[l]
+                grad = {"gate": g.grad[idx], "up": u.grad[idx], "down": o.grad[:, idx]}[kind]
+                v.grad = grad.detach().clone().to(v.dtype)
+            total = mse_total / max(n, 1)
+        finally:
+            for l in layers:
+                for w in full[l]:
+                    w.grad = None
+    return None, (total, float(kl))
+
+
+# ----------------------------------------------------------------------------
+# loading the shipped planted model
+# ----------------------------------------------------------------------------
+
+def load_delta(folder: Path = DATA) -> tuple[PlantedDelta, dict]:
+    from safetensors.torch import load_file
+
+    if not (folder / "delta.safetensors").exists():
+        raise FileNotFoundError(f"no planted delta in {folder}; run analyses/train_planted.py to create it")
+    return PlantedDelta.from_tensors(load_file(str(folder / "delta.safetensors"))), json.loads(
+        (folder / "manifest.json").read_text())
+
+
+def load_planted(*, device=None, dtype=None, folder: Path = DATA):
+    """The embedded model with the shipped planted-bias delta applied."""
+    from .models import _load_embedded
+
+    model = _load_embedded(device, dtype)
+    delta, manifest = load_delta(folder)
+    delta.apply(model)
+    object.__setattr__(model, "_mechbias_planted", manifest)
+    return model
+
+
+def planted_manifest(model) -> dict:
+    m = getattr(model, "_mechbias_planted", None)
+    if m is None:
+        raise ValueError("this model is not the planted model (load it with load_model('planted'))")
+    return m
+
+
+# ----------------------------------------------------------------------------
+# a tiny synthetic world (tests)
+# ----------------------------------------------------------------------------
+
+def add_group_feature(model, axis: str = "race", scale: float = 1.0, seed: int = 0) -> None:
+    """Give each group's name tokens a shared embedding direction (in place).
+
+    A random model has no notion of which names belong together; real models
+    do. Adding ``+v`` to the embeddings of group-A name tokens and ``-v`` to
+    group-B ones (``v`` random, norm ``scale`` x the mean embedding norm) makes
+    the group linearly readable, so a planted bias can generalize to held-out
+    names.
+    """
+    ax = load_axis(axis)
+    emb = model.embed.original_component.weight
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(emb.shape[1], generator=g)
+    v = v / v.norm() * float(emb.detach().norm(dim=1).mean()) * scale
+    with torch.no_grad():
+        for p in ax.people:
+            ids = model.to_tokens(" " + p.name, prepend_bos=False)[0]
+            sign = 1.0 if ax.group_index(p) == 0 else -1.0
+            for t in ids.tolist():
+                emb[t] += sign * v.to(emb.dtype)
+
+
+def tiny_planted_model(seed: int = 0, steps: int = 120, shift: float = 1.0):
+    """A 2-layer tiny Llama with a group feature and a planted race bias (White favoured).
+
+    Shared neurons in layer 0; finance-only and commerce-only neurons in layer 1.
+    Returns the model and its :class:`PlantConfig`.
+    """
+    from .models import set_model_label, tiny_model
+
+    model = tiny_model(arch="llama", seed=seed, n_layers=2, d_model=64, d_mlp=128)
+    add_group_feature(model, "race", scale=1.0, seed=seed)
+    cfg = PlantConfig(contexts=("finance", "commerce", "hiring"), shared=[(0, 5), (0, 9), (0, 40)],
+                      only={"finance": [(1, 3), (1, 7), (1, 60)], "commerce": [(1, 11), (1, 20), (1, 90)]},
+                      steps=steps, batch_size=32, lr=3e-2, shift_shared=shift, shift_only=shift, seed=seed,
+                      names="selection")
+    train_planted(model, cfg, progress=False)
+    set_model_label(model, f"tiny-planted-seed{seed}")
+    return model, cfg
