@@ -147,6 +147,44 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_gradiend(args) -> int:
+    from .contexts import load_contexts
+    from .gradiend import GradiendConfig, choose_edit, evaluate_feature, train_gradiend
+    from .plotting import plot_gradiend_grid
+    from .results import atomic_savefig, atomic_write_json
+    from .transfer import transfer_matrix
+
+    model, _ = _setup(args)
+    cfg = GradiendConfig(params=args.params, steps=args.steps, batch_texts=args.batch, lr=args.lr,
+                         seeds=tuple(range(args.seeds)), seed=args.seed)
+    res = train_gradiend(model, args.train_on, args.axis, cfg, log=lambda m: print(m, file=sys.stderr))
+    ev = evaluate_feature(model, res)
+    hs = [float(x) for x in args.h] if args.h else (-1.0, 0.0, 1.0)
+    alphas = [float(x) for x in args.alpha] if args.alpha else (-1e-1, -1e-2, -1e-3, 1e-3, 1e-2, 1e-1)
+    ch = choose_edit(model, res, hs=hs, alphas=alphas, max_ppl_increase=args.max_ppl_increase)
+    res.save(args.out / "gradiend")
+    atomic_savefig(res.plot(), args.out / "figures" / f"gradiend_feature_{res.context}_{res.axis}.png")
+    atomic_savefig(plot_gradiend_grid(res), args.out / "figures" / f"gradiend_grid_{res.context}_{res.axis}.png")
+    summary = {"context": res.context, "axis": res.axis, "config": res.config, "seeds": res.seeds,
+               "feature": {k: v for k, v in ev.items() if k != "values"}, "chosen_edit": ch["chosen"],
+               "gap_before": ch["gap_before"], "perplexity_before": ch["perplexity_before"], "transfer": None}
+    if ch["chosen"] is not None:
+        edit = res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
+        edit.save(args.out / "intervention")
+        cols = [c.name for c in load_contexts(args.evaluate_on)]
+        tm = transfer_matrix(model, lambda m, c, a: edit, [res.context], args.axis, method="GRADIEND",
+                             eval_contexts=cols, n_random=args.random, n_boot=args.boot, seed=args.seed,
+                             log=lambda m: print(m, file=sys.stderr))
+        tm.save(args.out / "transfer")
+        atomic_savefig(tm.plot(), args.out / "figures" / f"transfer_gradiend_{res.axis}.png")
+        summary["transfer"] = tm.cells
+    atomic_write_json(summary, args.out / "gradiend.json")
+    print(f"feature on held-out data: sign accuracy {ev['sign_accuracy']:.2f}, Pearson {ev['pearson']:+.2f}; "
+          f"chosen edit {ch['chosen']}")
+    print(f"[mechbias] wrote {args.out / 'gradiend.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import run_study
 
@@ -209,6 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of selection templates a component must be chosen in (<= 0: pool templates)")
     p.add_argument("--random", type=int, default=3, help="random-control draws per cell")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("gradiend", help="GRADIEND: train a one-neuron bias feature, edit weights, measure transfer")
+    _common(p)
+    p.add_argument("--train-on", required=True, help="context to train on")
+    p.add_argument("--axis", default="gender")
+    p.add_argument("--evaluate-on", nargs="+", default=["all"])
+    p.add_argument("--params", default="mlp", choices=["mlp", "down", "attn", "mlp+attn"])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--batch", type=int, default=16, help="texts averaged per gradient")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--h", nargs="+", default=None, help="feature values of the edit grid")
+    p.add_argument("--alpha", nargs="+", default=None, help="learning rates of the edit grid")
+    p.add_argument("--max-ppl-increase", type=float, default=0.05)
+    p.add_argument("--random", type=int, default=3, help="random-direction controls per cell")
+    p.set_defaults(func=cmd_gradiend)
 
     p = sub.add_parser("study", help="the full study: every method across contexts, a report and figures")
     _common(p)

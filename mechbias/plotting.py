@@ -393,3 +393,64 @@ def plot_curves(curves, title: str | None = None):
     fig.suptitle(title or "Pruning curves (dashed: random control of the same size)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_gradiend_feature(res):
+    """Histogram of GRADIEND encoder values for group A, group B and neutral texts (held out)."""
+    plt = _plt()
+    ev = res.evaluation
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    if not ev:
+        ax.text(0.5, 0.5, "feature not evaluated", ha="center")
+        return fig
+    groups = list(dict.fromkeys(v["group"] for v in ev["values"]))
+    bins = np.linspace(-1, 1, 41)
+    colors = {"neutral": "#7f7f7f"}
+    for k, g in enumerate(groups):
+        hs = [v["h"] for v in ev["values"] if v["group"] == g]
+        st = ev["stats"][g]
+        ax.hist(hs, bins=bins, alpha=0.6, color=colors.get(g, f"C{k}"),
+                label=f"{g}: {st['mean']:+.2f} ± {st['sd']:.2f} (n={st['n']})")
+    ax.axvline(0, color="k", lw=0.7)
+    ax.set_xlabel("encoder value h (held-out names and templates; batches of texts)")
+    ax.set_ylabel("batches")
+    ax.set_title(f"GRADIEND feature, {res.context}/{res.axis}: sign accuracy {ev['sign_accuracy']:.2f}, "
+                 f"Pearson {ev['pearson']:+.2f}", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gradiend_grid(res):
+    """The (h, alpha) grid of a GRADIEND edit: bias gap and perplexity, the chosen point circled."""
+    plt = _plt()
+    e = res.edit
+    hs = sorted({p["h"] for p in e["grid"]})
+    als = sorted({p["alpha"] for p in e["grid"]})
+    gap = np.full((len(hs), len(als)), np.nan)
+    ppl = np.full_like(gap, np.nan)
+    for p in e["grid"]:
+        gap[hs.index(p["h"]), als.index(p["alpha"])] = p["gap"]
+        ppl[hs.index(p["h"]), als.index(p["alpha"])] = p["perplexity"] / e["perplexity_before"] - 1
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.9 + 0.45 * len(hs) + 1.2))
+    lim = max(abs(np.nanmin(gap)), abs(np.nanmax(gap)), abs(e["gap_before"]))
+    for ax, mat, title, cmap, kw in ((axes[0], gap, f"bias gap (before: {e['gap_before']:+.3f})", "RdBu_r",
+                                      dict(vmin=-lim, vmax=lim)),
+                                     (axes[1], 100 * ppl, "perplexity change (%)", "viridis",
+                                      dict(vmin=0, vmax=max(1.0, min(100.0, float(np.nanmax(100 * ppl))))))):
+        im = ax.imshow(mat, cmap=cmap, aspect="auto", **kw)
+        ax.set_xticks(range(len(als)))
+        ax.set_xticklabels([f"{a:g}" for a in als], rotation=60, fontsize=7)
+        ax.set_yticks(range(len(hs)))
+        ax.set_yticklabels([f"{h:g}" for h in hs], fontsize=7)
+        ax.set_xlabel("alpha (learning rate of the edit)")
+        ax.set_ylabel("h (feature value)")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.04)
+        if e.get("chosen"):
+            c = e["chosen"]
+            ax.scatter([als.index(c["alpha"])], [hs.index(c["h"])], s=160, facecolors="none", edgecolors="k", lw=2)
+    fig.suptitle(f"GRADIEND edit grid, {res.context}/{res.axis} (circle: chosen, ppl rise <= "
+                 f"{100 * e['max_ppl_increase']:.0f}%)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -65,3 +65,15 @@ def test_prune_command(tmp_path):
     rc = main(["bias", "--model", "tiny", "--contexts", "finance", "--axis", "race", "--boot", "100",
                "--intervention", str(tmp_path / "intervention"), "--out", str(tmp_path / "b")])
     assert rc == 0 and "heads" in json.loads((tmp_path / "b" / "bias.json").read_text())["meta"]["intervention"]
+
+
+def test_gradiend_command(tmp_path):
+    rc = main(["gradiend", "--model", "tiny", "--train-on", "finance", "--axis", "gender", "--evaluate-on", "finance",
+               "hiring", "--steps", "6", "--batch", "6", "--seeds", "1", "--lr", "1e-3", "--h", "-1", "1",
+               "--alpha", "0.01", "--max-ppl-increase", "10", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "gradiend.json").read_text())
+    assert {"sign_accuracy", "pearson"} <= set(data["feature"])
+    assert data["chosen_edit"] is not None and len(data["transfer"]) == 2
+    assert (tmp_path / "gradiend" / "tensors.safetensors").exists()
+    assert (tmp_path / "figures" / "gradiend_grid_finance_gender.png").exists()
