@@ -185,6 +185,27 @@ def cmd_gradiend(args) -> int:
     return 0
 
 
+def cmd_crows(args) -> int:
+    from .crows import crows_score
+    from .results import atomic_savefig, atomic_write_json
+
+    model, intervention = _setup(args)
+    res = crows_score(model, args.csv, n_boot=args.boot, seed=args.seed)
+    out = {"unmodified": res.summary()}
+    if intervention is not None:
+        after = crows_score(model, args.csv, intervention=intervention, n_boot=args.boot, seed=args.seed)
+        out["intervention"] = after.summary()
+        atomic_savefig(after.plot(), args.out / "figures" / "crows_intervention.png")
+        print(f"CrowS-Pairs score under the intervention: {after.score:.1f} [{after.ci_low:.1f}, {after.ci_high:.1f}]")
+    # the top level holds the unmodified model's score (or the intervention's, when one is given)
+    main = out.get("intervention", out["unmodified"])
+    atomic_write_json({**{k: main[k] for k in ("score", "ci_low", "ci_high", "n", "bias_type")}, **out},
+                      args.out / "crows.json")
+    atomic_savefig(res.plot(), args.out / "figures" / "crows.png")
+    print(f"CrowS-Pairs score (unmodified): {res.score:.1f} [{res.ci_low:.1f}, {res.ci_high:.1f}] over {res.n} pairs")
+    return 0
+
+
 def cmd_study(args) -> int:
     from .study import run_study
 
@@ -264,10 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", type=int, default=3, help="random-direction controls per cell")
     p.set_defaults(func=cmd_gradiend)
 
+    p = sub.add_parser("crows", help="score a CrowS-Pairs CSV (before and under an intervention)")
+    _common(p)
+    p.add_argument("--csv", required=True, type=Path, help="CrowS-Pairs CSV (sent_more, sent_less, "
+                                                           "stereo_antistereo, bias_type)")
+    p.set_defaults(func=cmd_crows)
+
     p = sub.add_parser("study", help="the full study: every method across contexts, a report and figures")
     _common(p)
     p.add_argument("--contexts", nargs="+", default=["all"])
     p.add_argument("--figures", type=Path, default=None, help="also copy the figures into this folder")
+    p.add_argument("--axis", default="gender", help="axis of the method steps and transfer matrices")
+    p.add_argument("--skip", nargs="*", default=[], help="step names to skip")
     p.add_argument("--quick", action="store_true", help="a small configuration (for tests and smoke runs)")
     p.add_argument("--fresh", action="store_true", help="ignore finished steps in --out and recompute")
     p.set_defaults(func=cmd_study)

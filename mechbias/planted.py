@@ -54,7 +54,7 @@ class PlantConfig:
     shift_only: float = 0.6
     steps: int = 150                     # optimizer steps per stage
     batch_size: int = 24
-    lr: float = 2e-2
+    lr: float = 3e-2
     kl_weight: float = 1.0
     names: str = "selection"             # names used for training
     seed: int = 0
@@ -311,7 +311,7 @@ def _loss(model, seqs, target, pos_id, neg_id, neutral, neutral_ref, params, cfg
             for l in layers:
                 for w in full[l]:
                     w.grad = None
-    return None, (total, float(kl))
+    return None, (total, float(kl.detach()))
 
 
 # ----------------------------------------------------------------------------

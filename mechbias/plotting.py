@@ -454,3 +454,77 @@ def plot_gradiend_grid(res):
                  f"{100 * e['max_ppl_increase']:.0f}%)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_ground_truth(gt):
+    """Recovery of planted neurons (precision@k per method and context, random baseline dashed) and
+    measured vs oracle transfer."""
+    plt = _plt()
+    import pandas as pd
+
+    df = pd.DataFrame([r for r in gt.rows if "precision" in r])
+    has_tr = bool(gt.transfer)
+    fig, axes = plt.subplots(1, 2 if has_tr else 1, figsize=(11 if has_tr else 6.5, 3.8), squeeze=False)
+    ax = axes[0, 0]
+    methods = list(dict.fromkeys(df["method"]))
+    ctxs = list(dict.fromkeys(df["context"]))
+    width = 0.8 / max(len(ctxs), 1)
+    for k, c in enumerate(ctxs):
+        vals = [float(df[(df["method"] == m) & (df["context"] == c)]["precision"].mean()) for m in methods]
+        ax.bar(np.arange(len(methods)) + (k - (len(ctxs) - 1) / 2) * width, vals, width, label=c, color=f"C{k}")
+    base = float(df["random_precision"].max()) if "random_precision" in df else 0.0
+    ax.axhline(base, color="k", ls="--", lw=1, label=f"random ({base:.4f})")
+    ax.set_xticks(range(len(methods)))
+    ax.set_xticklabels(methods, rotation=15, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("precision@k of planted neurons")
+    ax.set_title("Recovery of the planted neurons (k = planted neurons of the context)", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    if has_tr:
+        ax = axes[0, 1]
+        tr = pd.DataFrame(gt.transfer)
+        for k, (name, sub) in enumerate(tr.groupby("method", sort=False)):
+            ax.scatter(sub["oracle_reduction"], sub["reduction"], label=name, color=f"C{k}", s=30)
+            for _, r in sub.iterrows():
+                ax.annotate(f"{r['selected_on'][:3]}->{r['evaluated_on'][:3]}", (r["oracle_reduction"], r["reduction"]),
+                            fontsize=6, xytext=(3, 2), textcoords="offset points")
+        lim = [min(-0.1, float(tr[["oracle_reduction", "reduction"]].min().min())), 1.1]
+        ax.plot(lim, lim, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("expected (oracle: zero exactly the planted neurons)")
+        ax.set_ylabel("measured reduction")
+        ax.set_title("Transfer: measured vs expected from the manifest", fontsize=9)
+        ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_methods_summary(rows, axis: str = ""):
+    """Methods side by side: mean reduction on and off the diagonal (random control as markers) and Δppl."""
+    plt = _plt()
+    names = [r["method"] for r in rows]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    ax = axes[0]
+    ax.bar(x - 0.2, [r["diagonal"] for r in rows], 0.4, label="same context (L1, held out)", color="#1f77b4")
+    ax.bar(x + 0.2, [r["off-diagonal"] for r in rows], 0.4, label="other contexts (L2)", color="#ff7f0e")
+    ax.scatter(x - 0.2, [r["random (diag)"] for r in rows], marker="_", s=300, color="k", zorder=3,
+               label="random control")
+    ax.scatter(x + 0.2, [r["random (off)"] for r in rows], marker="_", s=300, color="k", zorder=3)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("mean relative bias reduction")
+    ax.set_title(f"Bias reduction by method ({axis})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    ax = axes[1]
+    ax.barh(x, [r["Δppl"] for r in rows], color="#2ca02c", label="selected")
+    ax.scatter([r["Δppl random"] for r in rows], x, marker="|", s=200, color="k", zorder=3, label="random control")
+    ax.set_yticks(x)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("perplexity change (neutral text)")
+    ax.set_title("Capability cost", fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

@@ -77,3 +77,46 @@ def test_gradiend_command(tmp_path):
     assert data["chosen_edit"] is not None and len(data["transfer"]) == 2
     assert (tmp_path / "gradiend" / "tensors.safetensors").exists()
     assert (tmp_path / "figures" / "gradiend_grid_finance_gender.png").exists()
+
+
+def test_crows_command_before_and_under_an_intervention(tmp_path):
+    from pathlib import Path
+
+    from mechbias.hooks import NeuronIntervention
+
+    csv = Path(__file__).parent / "data" / "crows_small.csv"
+    iv = tmp_path / "iv"
+    NeuronIntervention({0: list(range(64)), 1: list(range(64))}).save(iv)
+    rc = main(["crows", "--model", "tiny", "--csv", str(csv), "--intervention", str(iv), "--boot", "200",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    data = json.loads((tmp_path / "out" / "crows.json").read_text())
+    assert {"score", "ci_low", "ci_high", "n", "bias_type"} <= set(data) and data["n"] == 6
+    assert set(data["bias_type"]) == {"gender", "socioeconomic", "age"}
+    assert 0 <= data["unmodified"]["score"] <= 100 and "intervention" in data
+
+
+def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
+    from pathlib import Path
+
+    from mechbias.crows import crows_score, sentence_logprob
+
+    csv = Path(__file__).parent / "data" / "crows_small.csv"
+    res = crows_score(tiny, csv, n_boot=100)
+    # brute force: the stereotypical sentence of row 2 (antistereo) is sent_less
+    lp = sentence_logprob(tiny, ["My neighbour bakes bread every evening after work.",
+                                 "My neighbour bakes bread every morning before work."])
+    with_hf = []
+    for t in ["My neighbour bakes bread every evening after work.",
+              "My neighbour bakes bread every morning before work."]:
+        ids = tiny.to_tokens(t)
+        l = tiny.original_model(ids).logits[0, :-1].double().log_softmax(-1)
+        with_hf.append(float(l.gather(-1, ids[0, 1:, None]).sum()))
+    assert abs(float(lp[0]) - with_hf[0]) < 1e-3 and abs(float(lp[1]) - with_hf[1]) < 1e-3
+    assert res.per_pair[2]["stereotypical"].endswith("evening after work.")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sent_more,sent_less\na,b\n")
+    import pytest as _pytest
+
+    with _pytest.raises(ValueError, match="missing columns"):
+        crows_score(tiny, bad)
