@@ -33,3 +33,11 @@ def real():
     from mechbias.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def planted_tiny():
+    """A tiny Llama with a planted race bias (shared / finance-only / commerce-only neurons)."""
+    from mechbias.planted import tiny_planted_model
+
+    return tiny_planted_model(seed=0)

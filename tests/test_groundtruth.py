@@ -8,13 +8,6 @@ from mechbias.groundtruth import (oracle_transfer, precision_recall, score_atp, 
 from mechbias.pruning import PruneConfig
 
 
-@pytest.fixture(scope="module")
-def planted():
-    from mechbias.planted import tiny_planted_model
-
-    return tiny_planted_model(seed=0)
-
-
 def test_truth_sets_and_precision():
     cfg = {"shared": [[0, 1]], "only": {"finance": [[1, 2]]}, "contexts": ["finance", "hiring"]}
     t = truth_sets(cfg)
@@ -23,8 +16,8 @@ def test_truth_sets_and_precision():
                                                                        "recall": 0.5}
 
 
-def test_ig2_and_atp_find_planted_neurons(planted):
-    model, cfg = planted
+def test_ig2_and_atp_find_planted_neurons(planted_tiny):
+    model, cfg = planted_tiny
     n = model.cfg.n_layers * model.cfg.d_mlp
     for row in score_ig2(model, cfg, ["finance", "hiring"], "race", pairs_per_template=2, steps=8):
         # well above chance (random precision is k / 256 here); hiring's truth is only the 3 shared neurons
@@ -34,8 +27,8 @@ def test_ig2_and_atp_find_planted_neurons(planted):
     assert n == 256
 
 
-def test_pruning_candidates_and_oracle_transfer(planted):
-    model, cfg = planted
+def test_pruning_candidates_and_oracle_transfer(planted_tiny):
+    model, cfg = planted_tiny
     rows = score_pruning(model, cfg, ["finance"], "race",
                          PruneConfig(unit="neuron", k=None, score="signed_attribution", select="difference"))
     assert rows[0]["precision"] >= 0.5
@@ -45,10 +38,10 @@ def test_pruning_candidates_and_oracle_transfer(planted):
     assert cell[("finance", "finance")] > cell[("finance", "commerce")] > 0.2
 
 
-def test_gradiend_decoder_concentrates_on_planted_neurons(planted):
+def test_gradiend_decoder_concentrates_on_planted_neurons(planted_tiny):
     from mechbias.gradiend import GradiendConfig, evaluate_feature, train_gradiend
 
-    model, cfg = planted
+    model, cfg = planted_tiny
     res = train_gradiend(model, "finance", "race", GradiendConfig(params="mlp", steps=20, batch_texts=8, seeds=(0,),
                                                                   lr=1e-3, val_batches=4), progress=False)
     evaluate_feature(model, res, batch_texts=6, n_batches=3, n_neutral=2)

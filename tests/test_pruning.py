@@ -10,13 +10,6 @@ from mechbias.pruning import (PruneConfig, candidates, generalization_levels, he
 from mechbias.transfer import random_control, transfer_matrix
 
 
-@pytest.fixture(scope="module")
-def planted_tiny():
-    from mechbias.planted import tiny_planted_model
-
-    return tiny_planted_model(seed=0)
-
-
 def test_set_difference_logic():
     a = torch.tensor([9.0, 8.0, 7.0, 1.0, 0.0])
     b = torch.tensor([9.0, 0.0, 0.0, 8.0, 7.0])
