@@ -456,18 +456,21 @@ def run_study(args) -> int:
     model, _ = _setup(args)
     shared: dict = {}
     timings = {}
+    ran_any = False
     for st in STEPS:
         if st.name in skip:
             continue
         step_dir = out / "steps" / st.name
         done = step_dir / "summary.json"
-        if done.exists() and not args.fresh:
+        stale = st.name == "summary" and ran_any  # the comparison must include steps rerun now
+        if done.exists() and not args.fresh and not stale:
             print(f"[study] {st.name}: finished earlier, skipped", file=sys.stderr)
             timings[st.name] = json.loads(done.read_text()).get("seconds")
             continue
         print(f"[study] {st.name}: {st.title} ...", file=sys.stderr)
         t = time.time()
         summary = st.run(model, cfg, step_dir, shared)
+        ran_any = True
         summary["seconds"] = round(time.time() - t, 1)
         timings[st.name] = summary["seconds"]
         atomic_write_json(summary, done)

@@ -24,5 +24,5 @@ def test_study_writes_report_and_resumes(tmp_path):
     assert main(["study", "--model", "tiny", "--quick", "--out", str(out)]) == 0
     assert (out / "steps" / "gradiend" / "summary.json").exists()
     for name, ns in stamps.items():
-        if name != "summary":
-            assert (out / "steps" / name / "summary.json").stat().st_mtime_ns == ns, name
+        changed = (out / "steps" / name / "summary.json").stat().st_mtime_ns != ns
+        assert changed == (name == "summary"), name  # only the comparison of the methods is redone
