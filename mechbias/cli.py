@@ -113,8 +113,8 @@ def cmd_patch(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .pruning import PruneConfig, candidates, pruning_selector
-    from .contexts import load_context, load_contexts
+    from .contexts import load_contexts
+    from .pruning import PruneConfig, pruning_selector
     from .results import atomic_savefig, atomic_write_json
     from .transfer import transfer_matrix
 
@@ -124,12 +124,19 @@ def cmd_prune(args) -> int:
                       seed=args.seed)
     rows = [c.name for c in load_contexts(args.select_on)]
     cols = [c.name for c in load_contexts(args.evaluate_on)]
-    tm = transfer_matrix(model, pruning_selector(cfg), rows, args.axis, method=f"{args.unit} pruning",
+    chosen = {}
+    select = pruning_selector(cfg)
+
+    def selector(m, ctx, axis):  # keep what was chosen, to save it
+        chosen[ctx.name] = select(m, ctx, axis)
+        return chosen[ctx.name]
+
+    gen = {"n_samples": args.generation, "n_names": 8} if args.generation else None
+    tm = transfer_matrix(model, selector, rows, args.axis, method=f"{args.unit} pruning",
                          eval_contexts=cols, n_random=args.random, n_boot=args.boot, seed=args.seed,
-                         log=lambda m: print(m, file=sys.stderr))
+                         generation=gen, log=lambda m: print(m, file=sys.stderr))
     tm.save(args.out / "result")
-    for r in rows:  # the chosen interventions, re-appliable with --intervention
-        iv = candidates(model, load_context(r), args.axis, cfg).intervention(cfg.k, cfg.resolved())
+    for r, iv in chosen.items():  # the chosen interventions, re-appliable with --intervention
         iv.save(args.out / "intervention" if len(rows) == 1 else args.out / "intervention" / r)
     keep = ("selected_on", "evaluated_on", "level", "reduction", "ci_low", "ci_high", "random_reduction",
             "random_ci_low", "random_ci_high", "perplexity_change", "random_perplexity_change", "gap_before",
@@ -267,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--common", type=float, default=1.0,
                    help="fraction of selection templates a component must be chosen in (<= 0: pool templates)")
     p.add_argument("--random", type=int, default=3, help="random-control draws per cell")
+    p.add_argument("--generation", type=int, default=0,
+                   help="also sample N numeric answers per prompt: parse failures and inlier ratio (0 = off)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("gradiend", help="GRADIEND: train a one-neuron bias feature, edit weights, measure transfer")

@@ -109,12 +109,13 @@ def _eval_sets(model, cfg: StudyConfig, shared: dict) -> dict:
     return shared["eval_sets"]
 
 
-def _transfer(model, cfg, shared, out: Path, selector, method: str, rows=None, fig_name: str = "transfer.png"):
+def _transfer(model, cfg, shared, out: Path, selector, method: str, rows=None, fig_name: str = "transfer.png",
+              generation: dict | None = None):
     from .transfer import transfer_matrix
 
     tm = transfer_matrix(model, selector, rows or cfg.contexts, cfg.axis, method=method, eval_contexts=cfg.contexts,
                          n_random=cfg.n_random, n_boot=cfg.n_boot, seed=cfg.seed, eval_sets=_eval_sets(model, cfg, shared),
-                         log=lambda m: print(f"[study]   {m}", file=sys.stderr))
+                         generation=generation, log=lambda m: print(f"[study]   {m}", file=sys.stderr))
     tm.save(out / "transfer")
     atomic_savefig(tm.plot(), out / "figures" / fig_name)
     return tm
@@ -301,6 +302,14 @@ def _prune_report_for(name):
             lines += ["Generalization levels (L0: selected on one selection template, evaluated on it with "
                       "held-out names):", "", markdown_table(summary["levels"]), ""]
         lines.append(_transfer_md(summary, fig, f"transfer_{name}.png"))
+        if summary.get("generation"):
+            from .results import markdown_table
+
+            lines += ["", "Sampled numeric answers (held-out names; per row's context; inlier ratio = share "
+                      "inside the unmodified model's 5-95% band for the same prompt):", "",
+                      markdown_table([{k: r[k] for k in ("context", "parse_failure_before", "parse_failure_after",
+                                                        "inlier_ratio", "smd_before", "smd_after")}
+                                      for r in summary["generation"]])]
         if summary.get("curve_figure"):
             lines += ["", f"![pruning curves]({fig(summary['curve_figure'])})"]
         return "\n".join(lines)
@@ -315,9 +324,16 @@ def _make_prune_step(name, title, description, kw):
         from .pruning import PruneConfig, generalization_levels, pruning_curve, pruning_selector
 
         pc = PruneConfig(seed=cfg.seed, **kw)
-        tm = _transfer(model, cfg, shared, out, pruning_selector(pc), title, fig_name=f"transfer_{name}.png")
+        gen = None
+        if name == "prune_neuron_attr":  # the paper's "anomalous behaviour": sampled numeric answers
+            gen = {"n_samples": 2 if cfg.quick else 6, "max_new_tokens": 3 if cfg.quick else 6,
+                   "n_names": 2 if cfg.quick else 6}
+        tm = _transfer(model, cfg, shared, out, pruning_selector(pc), title, fig_name=f"transfer_{name}.png",
+                       generation=gen)
         summary = {"title": description, "config": _asdict(pc.resolved()), "transfer": _short(tm),
                    "figures": [f"transfer_{name}.png"]}
+        if gen:
+            summary["generation"] = [{"context": r["context"], **r["generation"]} for r in tm.row_info]
         if name == "prune_neuron_attr":
             lv = generalization_levels(model, cfg.contexts, cfg.axis, pc, n_random=1,
                                        max_l0_templates=1 if cfg.quick else 2, n_boot=min(cfg.n_boot, 1000))

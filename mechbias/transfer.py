@@ -168,6 +168,7 @@ def transfer_matrix(
     n_boot: int = DEFAULT_BOOT,
     seed: int = 0,
     eval_sets: dict[str, EvalSet] | None = None,
+    generation: dict | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> TransferMatrix:
@@ -175,7 +176,10 @@ def transfer_matrix(
 
     ``selector(model, context, axis)`` returns the intervention chosen on the
     context's selection split. ``eval_sets`` lets several methods share the
-    baseline evaluation.
+    baseline evaluation. ``generation`` (e.g. ``{"n_samples": 8, "n_names": 8}``)
+    adds, per row, the generation metric on the row context's numeric questions
+    (held-out names): parse-failure rate, inlier ratio against the unmodified
+    model's 5-95% band, and the SMD before and after.
     """
     rows = load_contexts(contexts)
     cols = load_contexts(eval_contexts) if eval_contexts is not None else rows
@@ -202,6 +206,8 @@ def transfer_matrix(
             pr = [perplexity(model, texts, intervention=c) for c in controls]
             info.update(perplexity=p, perplexity_base=ppl0, perplexity_change=p - ppl0,
                         random_perplexity_change=float(np.mean(pr)) - ppl0 if pr else float("nan"))
+        if generation:
+            info["generation"] = _generation_cost(model, r, axis, iv, generation, seed)
         row_info.append(info)
         for c in cols:
             es = eval_sets[c.name]
@@ -225,7 +231,25 @@ def transfer_matrix(
             say(f"  {r.name} -> {c.name}: reduction {cell['reduction']:+.2f} [{cell['ci_low']:+.2f}, "
                 f"{cell['ci_high']:+.2f}]" + (f", random {cell['random_reduction']:+.2f}" if controls else ""))
     config = {"n_random": n_random, "capability": capability, "neutral_max_texts": neutral_max_texts,
-              "n_boot": n_boot, "seed": seed, "templates": "heldout", "names": "heldout"}
+              "n_boot": n_boot, "seed": seed, "templates": "heldout", "names": "heldout", "generation": generation}
     meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows])
     return TransferMatrix(method, axis, [r.name for r in rows], [c.name for c in cols], cells, row_info, baseline,
                           config, meta)
+
+
+def _generation_cost(model, ctx: Context, axis: str, iv: Intervention, spec: dict, seed: int) -> dict:
+    """Generation metric of an intervention on a context's numeric questions (held-out names)."""
+    from .generation import generation_bias
+
+    ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)
+    n_names = spec.get("n_names")
+    if n_names:
+        keep = set(ps.names[:: max(1, len(ps.names) // n_names)])
+        ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
+    kw = dict(n_samples=spec.get("n_samples", 8), max_new_tokens=spec.get("max_new_tokens", 8),
+              temperature=spec.get("temperature", 0.6), seed=seed)
+    ref = generation_bias(model, ps, **kw)
+    after = generation_bias(model, ps, intervention=iv, reference=ref, **kw)
+    return {"parse_failure_before": ref.summary["parse_failure"], "parse_failure_after": after.summary["parse_failure"],
+            "inlier_ratio": after.summary.get("inlier_ratio"), "smd_before": ref.summary["smd"],
+            "smd_after": after.summary["smd"], "n_prompts": len(ps), **kw}

@@ -96,3 +96,11 @@ def test_levels_and_curves(planted_tiny):
     red = [r["reduction"] for r in curve.rows]
     assert red[-1] > red[0]  # more planted neurons pruned, more bias removed
     assert lv.plot().axes and curve.plot().axes
+
+
+def test_transfer_reports_generation_metrics_when_requested(tiny):
+    tm = transfer_matrix(tiny, pruning_selector(PruneConfig(unit="head", k=2, common=None)), ["commerce"], "race",
+                         n_random=1, n_boot=100, generation={"n_samples": 3, "max_new_tokens": 3, "n_names": 4})
+    g = tm.row_info[0]["generation"]
+    assert {"parse_failure_before", "parse_failure_after", "inlier_ratio", "smd_before", "smd_after"} <= set(g)
+    assert 0 <= g["parse_failure_after"] <= 1
