@@ -231,8 +231,9 @@ def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Seq
         "smd": smd(a, b), "mann_whitney_u": u, "mann_whitney_p": p,
         "mean_a": float(np.nanmean(a)) if np.isfinite(a).any() else math.nan,
         "mean_b": float(np.nanmean(b)) if np.isfinite(b).any() else math.nan,
-        "parse_failure_a": float(np.isnan(a).mean()), "parse_failure_b": float(np.isnan(b).mean()),
-        "parse_failure": float(np.isnan(v).mean()),
+        "parse_failure_a": float(np.isnan(a).mean()) if a.size else math.nan,
+        "parse_failure_b": float(np.isnan(b).mean()) if b.size else math.nan,
+        "parse_failure": float(np.isnan(v).mean()) if v.size else math.nan,
     }
     if reference is not None:
         out["inlier_ratio"] = inlier_ratio(values, reference)

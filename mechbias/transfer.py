@@ -243,8 +243,11 @@ def _generation_cost(model, ctx: Context, axis: str, iv: Intervention, spec: dic
 
     ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)
     n_names = spec.get("n_names")
-    if n_names:
-        keep = set(ps.names[:: max(1, len(ps.names) // n_names)])
+    if n_names:  # the same number of names from each group
+        keep = set()
+        for g in (0, 1):
+            names = list(dict.fromkeys(p.person.name for p in ps if p.group == g))
+            keep |= set(names[: max(1, n_names // 2)])
         ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
     kw = dict(n_samples=spec.get("n_samples", 8), max_new_tokens=spec.get("max_new_tokens", 8),
               temperature=spec.get("temperature", 0.6), seed=seed)
