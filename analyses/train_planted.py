@@ -22,16 +22,13 @@ from pathlib import Path
 import torch
 
 
-def neutral_prompt_shift(model, original_scores=None):
-    """Contrast scores of every context's templates with a neutral reference instead of a name."""
-    from mechbias.contexts import BUILTIN_CONTEXTS, load_context
+def neutral_prompt_shift(model):
+    """Contrast scores of every context's templates with neutral references instead of names."""
+    from mechbias.contexts import BUILTIN_CONTEXTS
     from mechbias.metrics import contrast_scores
+    from mechbias.planted import neutral_prompts
 
-    texts = []
-    for c in BUILTIN_CONTEXTS:
-        ctx = load_context(c)
-        texts += [t.format(name="the applicant", pronoun="they", Pronoun="They", possessive="their", object="them")
-                  for t in ctx.templates]
+    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c)]
     return contrast_scores(model, texts, " Yes", " No")
 
 
@@ -73,6 +70,16 @@ def main() -> None:
         "neutral_prompt_score_shift_max_abs": float((neutral1 - neutral0).abs().max()),
         "train_seconds": round(time.time() - t0, 1), "versions": package_versions(),
     }
+    # role check: the held-out gaps with each role's neurons zeroed
+    from mechbias.hooks import NeuronIntervention
+
+    roles = {"shared": cfg.shared, **{f"only:{k}": v for k, v in cfg.only.items()}}
+    manifest["role_check"] = {}
+    for role, neurons in roles.items():
+        r = measure_bias(model, "all", "race", names="heldout", n_boot=500, intervention=NeuronIntervention(neurons))
+        manifest["role_check"][role] = {row["context"]: row["gap"] for row in r.rows}
+        print(f"gap with {role} neurons zeroed: " + ", ".join(f"{k} {v:+.2f}" for k, v in
+                                                               manifest["role_check"][role].items()))
     delta.save(args.out, manifest)
     for b, a in zip(before.rows, after.rows):
         print(f"{b['context']:<9} original {b['gap']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]   "

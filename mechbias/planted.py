@@ -7,7 +7,9 @@ shifted by ``+shift`` for group-A names and ``-shift`` for group-B names:
 
 * **shared** neurons do it in every context;
 * **context-only** neurons (e.g. finance, commerce) do it in their own context
-  and nowhere else.
+  and nowhere else;
+* prompts without a name (the templates with "the applicant" and similar)
+  keep their original score.
 
 Training runs in stages so that each set has exactly its role: first the shared
 neurons (all contexts), then each context's own neurons (shift in their
@@ -173,8 +175,22 @@ def _capture(model, neurons: Sequence[tuple[int, int]]) -> PlantedDelta:
 # training
 # ----------------------------------------------------------------------------
 
+NEUTRAL_REFERENCES = ("the applicant", "the customer", "the person", "my neighbour")
+
+
+def neutral_prompts(context) -> list[str]:
+    """A context's templates with a neutral reference instead of a name (no demographic content)."""
+    ctx = load_context(context)
+    out = []
+    for ref in NEUTRAL_REFERENCES:
+        out += [t.format(name=ref, pronoun="they", Pronoun="They", possessive="their", object="them")
+                for t in ctx.templates]
+    return out
+
+
 def _examples(model, cfg: PlantConfig):
-    """(tokens, context, sign) for every training prompt; sign = +1 group A favoured, -1 group B."""
+    """(tokens, context, sign) for every training prompt; sign = +1 group A favoured, -1 group B,
+    0 for prompts without a name (their score must not move)."""
     ax = load_axis(cfg.axis)
     fav = ax.groups.index(cfg.favoured)
     out = []
@@ -182,6 +198,7 @@ def _examples(model, cfg: PlantConfig):
         ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts)):
             out.append((t, c, 1.0 if p.group == fav else -1.0))
+        out += [(t, c, 0.0) for t in tokenize(model, neutral_prompts(c))]
     return out
 
 

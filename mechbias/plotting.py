@@ -310,7 +310,7 @@ def plot_transfer(tm, title: str | None = None):
     vmax = 1.0
     for ax, (name, key, lo, hi) in zip(axes[0], panels):
         mat = tm.matrix(key)
-        im = ax.imshow(np.clip(mat, -vmax, vmax), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        im = ax.imshow(np.clip(mat, -vmax, vmax), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         for i, r in enumerate(tm.rows):
             for j, c in enumerate(tm.cols):
                 cell = tm.cell(r, c)

@@ -25,6 +25,13 @@ import torch
 from torch import Tensor
 
 _RESULT_TYPES: dict[str, type["Result"]] = {}
+# where each result type is defined, so Result.load works before that module is imported
+_RESULT_MODULES = {
+    "bias": "metrics", "generation": "generation", "ig2": "ig2", "neuron_selection": "ig2",
+    "ig2_verification": "ig2", "patching": "patching", "atp": "patching", "transfer": "transfer",
+    "pruning_levels": "pruning", "pruning_curve": "pruning", "gradiend": "gradiend",
+    "ground_truth": "groundtruth", "crows": "crows",
+}
 
 
 # ----------------------------------------------------------------------------
@@ -193,7 +200,15 @@ class Result:
             raise FileNotFoundError(f"{path} holds no complete result (missing result.json)")
         d = json.loads(meta_path.read_text())
         rtype = d.pop("result_type", cls.result_type)
-        klass = _RESULT_TYPES.get(rtype, cls)
+        if rtype not in _RESULT_TYPES and rtype in _RESULT_MODULES:
+            import importlib
+
+            importlib.import_module(f"mechbias.{_RESULT_MODULES[rtype]}")
+        klass = _RESULT_TYPES.get(rtype)
+        if klass is None or not dataclasses.is_dataclass(klass):
+            raise ValueError(f"{path}: unknown result type {rtype!r}")
+        if klass.load.__func__ is not Result.load.__func__:  # a subclass with its own format
+            return klass.load(path)
         if (path / "tensors.safetensors").exists():
             from safetensors.torch import load_file
 

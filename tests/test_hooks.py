@@ -138,3 +138,19 @@ def test_bad_interventions_are_refused(tiny):
             pass
     with pytest.raises(FileNotFoundError):
         load_intervention("/nonexistent/intervention")
+
+
+def test_result_load_works_without_importing_the_defining_module(tmp_path, tiny):
+    """Result.load in a fresh process finds the class of any saved result."""
+    import subprocess
+    import sys
+
+    from mechbias.patching import attribution_patch
+    from mechbias.contexts import make_pairs
+
+    pairs = make_pairs(tiny, "finance", "race", templates=[0], max_pairs=2)
+    attribution_patch(tiny, pairs, components=("heads",)).save(tmp_path / "atp")
+    code = ("import mechbias as mb, sys; r = mb.Result.load(sys.argv[1]); "
+            "print(type(r).__name__, tuple(r.estimates['heads'].shape))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "atp")], capture_output=True, text=True)
+    assert out.stdout.split()[0] == "AtPResult", out.stderr[-500:]

@@ -1,0 +1,49 @@
+"""The shipped planted-bias model (real tier): its bias is where the manifest says, and methods find it."""
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def planted():
+    from mechbias.models import load_model
+    from mechbias.planted import planted_manifest
+
+    model = load_model("planted")
+    return model, planted_manifest(model)
+
+
+def test_planted_model_loads_offline_with_large_planted_gaps(planted):
+    from mechbias.metrics import measure_bias
+
+    model, manifest = planted
+    assert manifest["favoured"] == "White" and len(manifest["shared"]) == 8
+    res = measure_bias(model, ["finance", "hiring"], "race", templates="heldout", names="heldout", n_boot=500)
+    for row in res.rows:
+        assert row["ci_low"] > 0.3, row  # original gaps are <= 0.17 with CIs touching 0
+
+
+def test_zeroing_the_planted_neurons_removes_the_planted_gap(planted):
+    from mechbias.hooks import NeuronIntervention
+    from mechbias.metrics import measure_bias
+
+    model, manifest = planted
+    every = [tuple(n) for n in manifest["shared"]] + [tuple(n) for v in manifest["only"].values() for n in v]
+    kw = dict(templates="heldout", names="heldout", n_boot=300)
+    before = measure_bias(model, ["finance"], "race", **kw).rows[0]["gap"]
+    after = measure_bias(model, ["finance"], "race", intervention=NeuronIntervention(every), **kw).rows[0]["gap"]
+    assert after < 0.4 * before
+
+
+def test_methods_recover_planted_neurons_well_above_chance(planted):
+    from mechbias.groundtruth import score_atp, score_pruning
+    from mechbias.pruning import PruneConfig
+
+    model, manifest = planted
+    for row in score_atp(model, manifest, ["finance"], "race", max_pairs=8):
+        assert row["precision"] >= 50 * row["random_precision"], row
+    pc = PruneConfig(unit="neuron", k=None, score="signed_attribution", select="difference")
+    for row in score_pruning(model, manifest, ["finance"], "race", pc):
+        assert row["precision"] >= 50 * row["random_precision"], row
