@@ -186,7 +186,8 @@ def cmd_gradiend(args) -> int:
         atomic_savefig(tm.plot(), args.out / "figures" / f"transfer_gradiend_{res.axis}.png")
         summary["transfer"] = tm.cells
     atomic_write_json(summary, args.out / "gradiend.json")
-    print(f"feature on held-out data: sign accuracy {ev['sign_accuracy']:.2f}, Pearson {ev['pearson']:+.2f}; "
+    print(f"feature on held-out data: AUC {ev['auc']:.2f}, sign accuracy {ev['sign_accuracy']:.2f}, "
+          f"Pearson {ev['pearson']:+.2f}; "
           f"chosen edit {ch['chosen']}")
     print(f"[mechbias] wrote {args.out / 'gradiend.json'}", file=sys.stderr)
     return 0

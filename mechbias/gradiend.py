@@ -529,8 +529,14 @@ def evaluate_feature(model, res: GradiendResult, *, batch_texts: int = 8, n_batc
     hv = np.array([v["h"] for v in values if v["label"] != 0])
     acc = float((np.sign(hv) == lab).mean())
     pear = float(np.corrcoef(hv, lab)[0, 1]) if hv.std() > 0 else 0.0
-    out = {"values": values, "stats": stats, "sign_accuracy": acc, "pearson": pear,
-           "separates": bool(acc > 0.5 and pear > 0)}
+    # threshold-free: how often a group-A batch encodes above a group-B batch (ties count half).
+    # Sign accuracy also needs the encoder's offset to sit between the groups, which a short
+    # training run often does not reach (both groups saturate on one side of tanh).
+    ha, hb = hv[lab == 1], hv[lab == -1]
+    diff = ha[:, None] - hb[None, :]
+    auc = float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / max(diff.size, 1))
+    out = {"values": values, "stats": stats, "sign_accuracy": acc, "pearson": pear, "auc": auc,
+           "separates": bool(auc > 0.5 and pear > 0)}
     res.evaluation = out
     return out
 

@@ -168,4 +168,5 @@ def score_gradiend(model, cfg, res) -> dict:
             "share_of_parameters": share["share_of_parameters"],
             "enrichment": share["share"] / max(share["share_of_parameters"], 1e-12),
             "feature_sign_accuracy": res.evaluation.get("sign_accuracy"),
+            "feature_auc": res.evaluation.get("auc"),
             "feature_pearson": res.evaluation.get("pearson")}

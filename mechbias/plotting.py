@@ -414,7 +414,8 @@ def plot_gradiend_feature(res):
     ax.axvline(0, color="k", lw=0.7)
     ax.set_xlabel("encoder value h (held-out names and templates; batches of texts)")
     ax.set_ylabel("batches")
-    ax.set_title(f"GRADIEND feature, {res.context}/{res.axis}: sign accuracy {ev['sign_accuracy']:.2f}, "
+    ax.set_title(f"GRADIEND feature, {res.context}/{res.axis}: AUC {ev.get('auc', float('nan')):.2f}, "
+                 f"sign acc. {ev['sign_accuracy']:.2f}, "
                  f"Pearson {ev['pearson']:+.2f}", fontsize=9)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()

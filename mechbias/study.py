@@ -368,7 +368,8 @@ def _gradiend_report(summary: dict, fig) -> str:
     from .results import markdown_table
 
     rows = [{"trained on": r["context"], "val Pearson (best seed)": r["val_pearson"],
-             "held-out sign accuracy": r["sign_accuracy"], "held-out Pearson": r["pearson"],
+             "held-out AUC": r.get("auc"), "held-out sign accuracy": r["sign_accuracy"],
+             "held-out Pearson": r["pearson"],
              "chosen h": (r["chosen"] or {}).get("h"), "chosen alpha": (r["chosen"] or {}).get("alpha")}
             for r in summary["features"]]
     return "\n".join([f"GRADIEND on {summary['params']} ({summary['n_params']:,} parameters), {summary['steps']} steps "
@@ -401,7 +402,7 @@ def _gradiend(model, cfg: StudyConfig, out: Path, shared: dict) -> dict:
             atomic_savefig(res.plot(), out / "figures" / "gradiend_feature.png")
             atomic_savefig(plot_gradiend_grid(res), out / "figures" / "gradiend_grid.png")
         feats.append({"context": c, "val_pearson": max(s["val_pearson"] for s in res.seeds),
-                      "sign_accuracy": ev["sign_accuracy"], "pearson": ev["pearson"], "stats": ev["stats"],
+                      "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"], "pearson": ev["pearson"], "stats": ev["stats"],
                       "chosen": res.edit.get("chosen"), "gap_before": res.edit.get("gap_before")})
     return {"params": gcfg.params, "n_params": param_set(model, gcfg.params).numel, "steps": gcfg.steps,
             "batch": gcfg.batch_texts, "lr": gcfg.lr, "features": feats, "transfer": _short(tm),

@@ -47,4 +47,7 @@ def test_gradiend_decoder_concentrates_on_planted_neurons(planted_tiny):
     evaluate_feature(model, res, batch_texts=6, n_batches=3, n_neutral=2)
     s = score_gradiend(model, cfg, res)
     assert s["share"] > s["share_of_parameters"]  # enriched on the planted rows and columns
-    assert s["feature_sign_accuracy"] >= 0.8
+    # the held-out group-A batches encode above the group-B batches (threshold-free; the paper's
+    # Pearson is reported as well). Sign accuracy is not asserted: 20 steps leave the tanh offset
+    # on one side of both groups on this model.
+    assert s["feature_auc"] >= 0.9 and s["feature_pearson"] > 0.5
