@@ -73,7 +73,7 @@ def main() -> None:
     gt = GroundTruthResult(rows, transfer, {"model": "planted", "contexts": contexts})
     gt.save(args.out)
     fig = gt.plot()
-    atomic_savefig(fig, args.out / "ground_truth.png")
+    atomic_savefig(fig, args.out / "ground_truth.png", close=False)
     if args.figures:
         atomic_savefig(fig, args.figures / "ground_truth.png")
     rec = [r for r in rows if "precision" in r]

@@ -61,7 +61,7 @@ def main() -> None:
         ov = selection_overlap(selections, model.cfg.d_mlp)
         ov.to_csv(args.out / f"overlap_{axis}.csv", index=False)
         fig = plot_overlap(ov, f"Overlap of IG²-selected neurons between contexts ({axis})")
-        atomic_savefig(fig, args.out / f"ig2_overlap_{axis}.png")
+        atomic_savefig(fig, args.out / f"ig2_overlap_{axis}.png", close=False)
         if args.figures:
             atomic_savefig(fig, args.figures / f"ig2_overlap_{axis}.png")
     df = pd.DataFrame(rows)

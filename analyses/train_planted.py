@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 
 
-def neutral_prompt_shift(model):
-    """Contrast scores of every context's templates with neutral references instead of names."""
+def neutral_prompt_shift(model, heldout: bool = False):
+    """Contrast scores of every context's templates with neutral references instead of names
+    (the references used in training, or held-out ones)."""
     from mechbias.contexts import BUILTIN_CONTEXTS
     from mechbias.metrics import contrast_scores
-    from mechbias.planted import neutral_prompts
+    from mechbias.planted import HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, neutral_prompts
 
-    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c)]
+    refs = HELDOUT_NEUTRAL_REFERENCES if heldout else NEUTRAL_REFERENCES
+    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, refs)]
     return contrast_scores(model, texts, " Yes", " No")
 
 
@@ -52,10 +54,12 @@ def main() -> None:
     before = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl0 = perplexity(model)
     neutral0 = neutral_prompt_shift(model)
+    neutral0_ho = neutral_prompt_shift(model, heldout=True)
     delta, info = train_planted(model, cfg)
     after = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl1 = perplexity(model)
     neutral1 = neutral_prompt_shift(model)
+    neutral1_ho = neutral_prompt_shift(model, heldout=True)
     keep = ("context", "gap", "ci_low", "ci_high", "p_value", "significant", "n_prompts")
     manifest = {
         "description": "SmolLM2-135M-Instruct (embedded) with planted race-bias neurons (White favoured)",
@@ -68,6 +72,8 @@ def main() -> None:
         "perplexity_original": ppl0, "perplexity_planted": ppl1,
         "neutral_prompt_score_shift_mean": float((neutral1 - neutral0).mean()),
         "neutral_prompt_score_shift_max_abs": float((neutral1 - neutral0).abs().max()),
+        "neutral_prompt_score_shift_heldout_mean": float((neutral1_ho - neutral0_ho).mean()),
+        "neutral_prompt_score_shift_heldout_max_abs": float((neutral1_ho - neutral0_ho).abs().max()),
         "train_seconds": round(time.time() - t0, 1), "versions": package_versions(),
     }
     # role check: the held-out gaps with each role's neurons zeroed

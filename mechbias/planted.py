@@ -176,13 +176,15 @@ def _capture(model, neurons: Sequence[tuple[int, int]]) -> PlantedDelta:
 # ----------------------------------------------------------------------------
 
 NEUTRAL_REFERENCES = ("the applicant", "the customer", "the person", "my neighbour")
+# never used in training: the check that the planted neurons leave name-free prompts alone
+HELDOUT_NEUTRAL_REFERENCES = ("the client", "this individual", "our tenant", "the visitor")
 
 
-def neutral_prompts(context) -> list[str]:
+def neutral_prompts(context, references: Sequence[str] = NEUTRAL_REFERENCES) -> list[str]:
     """A context's templates with a neutral reference instead of a name (no demographic content)."""
     ctx = load_context(context)
     out = []
-    for ref in NEUTRAL_REFERENCES:
+    for ref in references:
         out += [t.format(name=ref, pronoun="they", Pronoun="They", possessive="their", object="them")
                 for t in ctx.templates]
     return out

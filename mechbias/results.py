@@ -61,6 +61,9 @@ def _atomic(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -111,11 +114,17 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: str | Path) -> Path:
     return _atomic(Path(path), lambda tmp: save_file(clean, tmp))
 
 
-def atomic_savefig(fig, path: str | Path, **kw) -> Path:
+def atomic_savefig(fig, path: str | Path, *, close: bool = True, **kw) -> Path:
+    """Write a figure atomically; close it afterwards unless ``close=False`` (long runs draw many)."""
     path = Path(path)
     kw.setdefault("dpi", 150)
     kw.setdefault("bbox_inches", "tight")
-    return _atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw))
+    out = _atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw))
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return out
 
 
 # ----------------------------------------------------------------------------

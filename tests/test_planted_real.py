@@ -47,3 +47,17 @@ def test_methods_recover_planted_neurons_well_above_chance(planted):
     pc = PruneConfig(unit="neuron", k=None, score="signed_attribution", select="difference")
     for row in score_pruning(model, manifest, ["finance"], "race", pc):
         assert row["precision"] >= 50 * row["random_precision"], row
+
+
+def test_planted_neurons_leave_name_free_prompts_alone(planted, real):
+    """No planted effect on prompts without a name, with references never seen in training."""
+    from mechbias.contexts import BUILTIN_CONTEXTS
+    from mechbias.metrics import contrast_scores
+    from mechbias.planted import HELDOUT_NEUTRAL_REFERENCES, neutral_prompts
+
+    model, manifest = planted
+    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, HELDOUT_NEUTRAL_REFERENCES)]
+    shift = contrast_scores(model, texts, " Yes", " No") - contrast_scores(real, texts, " Yes", " No")
+    planted_gap = min(r["gap"] for r in manifest["gaps_planted_heldout"])
+    # the shift of name-free prompts is small next to the smallest planted gap between names
+    assert abs(float(shift.mean())) < 0.25 * planted_gap, float(shift.mean())
