@@ -4,7 +4,7 @@
 
 IG² (contrast pairs), attribution patching over all neurons, neuron-pruning
 candidates: precision@k and recall@k of the planted neurons per context, with
-the random baseline. Pruning transfer (selected on finance and on commerce,
+the random baseline; IG² also with its all-positions extension (finance). Pruning transfer (selected on finance and on commerce,
 evaluated on finance, commerce and hiring) against the oracle matrix from the
 manifest. GRADIEND trained on finance: feature separation on held-out names and
 the decoder's concentration on the planted neurons.
@@ -43,6 +43,8 @@ def main() -> None:
     rows, transfer = [], []
     t = time.time()
     rows += score_ig2(model, cfg, contexts, "race", pairs_per_template=2 if args.quick else 4, progress=True)
+    # the all-positions extension: costs ~sequence-length times more, so finance with one pair per template
+    rows += score_ig2(model, cfg, ["finance"], "race", pairs_per_template=1, position="all", internal_batch_size=64)
     print(f"IG2 done ({time.time() - t:.0f} s)", flush=True)
     rows += score_atp(model, cfg, contexts, "race")
     print(f"AtP done ({time.time() - t:.0f} s)", flush=True)

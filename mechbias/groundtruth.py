@@ -100,8 +100,11 @@ def _ctx(name):
 
 
 def score_ig2(model, cfg, contexts: Sequence[str], axis: str, *, pairs_per_template: int = 4, steps: int = 20,
-              kind: str = "logit", seed: int = 0, progress: bool = False) -> list[dict]:
-    """IG² (contrast units on each context's selection split): precision/recall@k of the planted neurons."""
+              kind: str = "logit", seed: int = 0, progress: bool = False, position: str = "last",
+              internal_batch_size: int | None = None) -> list[dict]:
+    """IG² (contrast units on each context's selection split): precision/recall@k of the planted neurons.
+
+    ``position="all"`` uses the all-positions extension of IG² (see :func:`mechbias.ig2.ig2_prompt`)."""
     from .ig2 import contrast_units, run_ig2
 
     truth = truth_sets(cfg)
@@ -109,14 +112,15 @@ def score_ig2(model, cfg, contexts: Sequence[str], axis: str, *, pairs_per_templ
     rows = []
     for c in contexts:
         units = contrast_units(c, axis, favoured=fav, pairs_per_template=pairs_per_template, seed=seed)
-        res = run_ig2(model, units, steps=steps, kind=kind, progress=progress)
+        res = run_ig2(model, units, steps=steps, kind=kind, progress=progress, position=position,
+                      internal_batch_size=internal_batch_size)
         ranked = ranked_neurons(res.aggregate())
         pr = precision_recall(ranked, truth[c])
         own = {tuple(n) for n in (cfg["only"] if isinstance(cfg, dict) else cfg.only).get(c, [])}
         others = set().union(*[{tuple(n) for n in v} for k, v in (cfg["only"] if isinstance(cfg, dict)
                                                                       else cfg.only).items() if k != c])
         top = set(ranked[: pr["k"]])
-        rows.append({"method": "IG2", "context": c, **pr, "own_context_hits": len(top & own),
+        rows.append({"method": "IG2" if position == "last" else "IG2 (all positions)", "context": c, **pr, "own_context_hits": len(top & own),
                      "other_context_hits": len(top & others),
                      **{f"random_{k}": v for k, v in random_baseline(pr["k"], len(truth[c]),
                                                                     model.cfg.n_layers * model.cfg.d_mlp).items()}})

@@ -156,6 +156,7 @@ def ig2_prompt(
     layers: Sequence[int] | None = None,
     method: str = "fast",
     internal_batch_size: int | None = None,
+    position: str = "last",
 ) -> PromptIG:
     """IG² of every neuron at the last position of one prompt (see module docstring).
 
@@ -164,7 +165,14 @@ def ig2_prompt(
         d1, d2: token ids of the two predictions.
         internal_batch_size: maximum rows per forward pass of the fast path
             (like captum's knob); ``None`` puts all layers and steps in one pass.
+        position: ``"last"`` (the paper: the prediction position only) or ``"all"``
+            (an extension: each layer's activations at every position are scaled
+            together, and a neuron's attribution is summed over positions; it sees
+            neurons that act where the name is, which ``"last"`` cannot). Completeness
+            holds for either path. ``"all"`` costs about sequence-length times more.
     """
+    if position not in ("last", "all"):
+        raise ValueError(f"position must be 'last' or 'all', not {position!r}")
     layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
     alphas, weights = integration_points(steps, rule)
     if rule != "left":  # add an unweighted α = 0 point so completeness is known
@@ -174,14 +182,15 @@ def ig2_prompt(
     gap = _gap_fn(d1, d2, kind)
     with frozen(model):
         if method == "reference":
-            return _reference(model, tokens, gap, layers, alphas, weights, zero_idx)
+            return _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position)
         if method == "fast":
-            return _fast(model, tokens, gap, layers, alphas, weights, zero_idx, internal_batch_size)
+            return _fast(model, tokens, gap, layers, alphas, weights, zero_idx, internal_batch_size, position)
     raise ValueError(f"method must be 'fast' or 'reference', not {method!r}")
 
 
-def _reference(model, tokens, gap, layers, alphas, weights, zero_idx) -> PromptIG:
+def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="last") -> PromptIG:
     """Plain loop: one full forward and backward per (layer, step)."""
+    sl = slice(-1, None) if position == "last" else slice(None)
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     ids = tokens.to(model.cfg.device)[None]
     attr = torch.zeros(L, d_mlp, dtype=torch.float64)
@@ -190,13 +199,14 @@ def _reference(model, tokens, gap, layers, alphas, weights, zero_idx) -> PromptI
         logits, cache = model.run_with_cache(ids, names_filter=[neuron_hook(l) for l in layers])
         g1 = float(gap(logits[0, -1].float()))
     for l in layers:
-        base = cache[neuron_hook(l)][0, -1].detach().float()
-        total = torch.zeros(d_mlp, dtype=torch.float64)
+        base = cache[neuron_hook(l)][0, sl].detach().float()  # [positions scaled, d_mlp]
+        total = torch.zeros(base.shape, dtype=torch.float64)
         for a, c in zip(alphas.tolist(), weights.tolist()):
             leaf = (a * base).clone().requires_grad_(True)
 
             def put(act, hook, leaf=leaf):
-                return torch.cat([act[:, :-1], leaf[None, None].to(act.dtype)], dim=1)
+                keep = act[:, : act.shape[1] - leaf.shape[0]]
+                return torch.cat([keep, leaf[None].to(act.dtype)], dim=1)
 
             with model.hooks(fwd_hooks=[(neuron_hook(l), put)]):
                 out = model(ids)
@@ -205,7 +215,7 @@ def _reference(model, tokens, gap, layers, alphas, weights, zero_idx) -> PromptI
             total += c * grad.double()
             if a == 0.0:
                 g0[l] = float(g.detach())
-        attr[l] = base.double() * total
+        attr[l] = (base.double() * total).sum(0)
     return PromptIG(attr, g1, g0)
 
 
@@ -228,12 +238,14 @@ def _chunks(layers, m: int, cap: int | None) -> list[list[tuple[int, int, int]]]
     return [sorted(ch) for ch in chunks]
 
 
-def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap) -> PromptIG:
+def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="last") -> PromptIG:
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     device = model.cfg.device
     ids = tokens.to(device)[None]
     total = ids.shape[1]
-    use_kv = supports_kv_cache(model) and total > 1
+    # all positions: every position changes, so no prefix can be shared
+    use_kv = supports_kv_cache(model) and total > 1 and position == "last"
+    n_pos = 1 if position == "last" else total
     cache = None
     if use_kv:
         with forward_window(0, total):
@@ -242,7 +254,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap) -> PromptI
     else:
         inp, start = ids, 0
     al = alphas.float().to(device)
-    grad_sum = torch.zeros(L, d_mlp, dtype=torch.float64)
+    grad_sum = torch.zeros(L, n_pos, d_mlp, dtype=torch.float64)
     bases: dict[int, Tensor] = {}
     g0 = torch.full((L,), float("nan"), dtype=torch.float64)
     g1 = None
@@ -259,11 +271,11 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap) -> PromptI
                 return torch.cat([x, x[:1].detach().expand(n_new, *x.shape[1:])], dim=0)
 
             def scale(act, hook, l=l, a0=a0, a1=a1, n_new=n_new):
-                base = act[0, -1].detach()
+                base = act[0, -n_pos:].detach()  # [n_pos, d_mlp]
                 bases[l] = base.double().cpu()
-                leaf = (al[a0:a1, None] * base[None]).requires_grad_(True)
+                leaf = (al[a0:a1, None, None] * base[None]).requires_grad_(True)
                 leaves[l] = leaf
-                new = torch.cat([act[-n_new:, :-1], leaf[:, None, :].to(act.dtype)], dim=1)
+                new = torch.cat([act[-n_new:, : act.shape[1] - n_pos], leaf.to(act.dtype)], dim=1)
                 return torch.cat([act[:-n_new], new], dim=0)
 
             hooks += [(f"blocks.{l}.hook_resid_pre", grow), (neuron_hook(l), scale)]
@@ -278,13 +290,13 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap) -> PromptI
         row = 1
         for (l, a0, a1), gr in zip(chunk, grads):
             c = weights[a0:a1]
-            grad_sum[l] += (gr.double().cpu() * c[:, None]).sum(0)
+            grad_sum[l] += (gr.double().cpu() * c[:, None, None]).sum(0)
             if a0 <= zero_idx < a1:
                 g0[l] = float(g[row + zero_idx - a0].detach())
             row += a1 - a0
     attr = torch.zeros(L, d_mlp, dtype=torch.float64)
     for l in layers:
-        attr[l] = bases[l] * grad_sum[l]
+        attr[l] = (bases[l] * grad_sum[l]).sum(0)
     return PromptIG(attr, float(g1), g0)
 
 
@@ -470,9 +482,12 @@ def run_ig2(
     layers: Sequence[int] | None = None,
     method: str = "fast",
     internal_batch_size: int | None = None,
+    position: str = "last",
     progress: bool = False,
 ) -> IG2Result:
-    """IG² for every unit; prompts shared between units are attributed once."""
+    """IG² for every unit; prompts shared between units are attributed once.
+
+    ``position="all"`` scales neurons at every position (see :func:`ig2_prompt`)."""
     if not units:
         raise ValueError("run_ig2 got no units")
     L, d = model.cfg.n_layers, model.cfg.d_mlp
@@ -493,7 +508,8 @@ def run_ig2(
         d2 = single_token(model, w2, "IG2 target d2")
         toks = tokenize(model, [t])[0]
         memo[(t, w1, w2)] = ig2_prompt(model, toks, d1, d2, kind=kind, steps=steps, rule=rule, layers=layers,
-                                       method=method, internal_batch_size=internal_batch_size)
+                                       method=method, internal_batch_size=internal_batch_size,
+                                       position=position)
     attrs = torch.zeros(len(units), L, d, dtype=torch.float32)
     comp = torch.zeros(len(units), L, 2, dtype=torch.float64)
     for k, u in enumerate(units):
@@ -503,7 +519,7 @@ def run_ig2(
             comp[k, :, 0] += w * r.attr.sum(1)
             comp[k, :, 1] += w * (r.g1 - r.g0)
     config = {"kind": kind, "steps": steps, "rule": rule, "method": method,
-              "layers": list(layers) if layers is not None else None, "position": "last"}
+              "layers": list(layers) if layers is not None else None, "position": position}
     meta = make_meta(model, n_prompts=len(todo))
     return IG2Result(attrs, comp, [{"texts": u.texts, "weights": u.weights, "d1": u.d1, "d2": u.d2, "bag": u.bag,
                                     **u.info} for u in units], config, meta)

@@ -382,13 +382,23 @@ def plot_curves(curves, title: str | None = None):
         if "random_reduction" in c.rows[0]:
             axes[0].plot(ks, [r["random_reduction"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
             axes[1].plot(ks, [r["random_perplexity_change"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    all_k = sorted({r["n_components"] for c in curves for r in c.rows})
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(all_k)  # label exactly the sizes that were measured
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("components pruned")
         ax.grid(alpha=0.3)
     axes[0].axhline(0, color="k", lw=0.8)
-    axes[0].set_ylabel("relative bias reduction (held out)")
+    axes[0].axhline(1, color="k", lw=0.6, ls=":")
+    axes[0].set_ylabel("relative bias reduction (held out)\n1 = gap removed, >1 = reversed")
     axes[1].set_ylabel("perplexity change (neutral text)")
+    ppl = [r.get(k) for c in curves for r in c.rows for k in ("perplexity_change", "random_perplexity_change")]
+    if min(v for v in ppl if v is not None) > 0:
+        axes[1].set_yscale("log")
     axes[0].legend(fontsize=7, frameon=False)
     fig.suptitle(title or "Pruning curves (dashed: random control of the same size)", fontsize=10)
     fig.tight_layout()
@@ -476,7 +486,8 @@ def plot_ground_truth(gt):
     base = float(df["random_precision"].max()) if "random_precision" in df else 0.0
     ax.axhline(base, color="k", ls="--", lw=1, label=f"random ({base:.4f})")
     ax.set_xticks(range(len(methods)))
-    ax.set_xticklabels(methods, rotation=15, fontsize=8)
+    # one word group per line: "pruning (signed_attribution, difference)" -> "pruning\n(signed attribution,\ndifference)"
+    ax.set_xticklabels([m.replace("_", " ").replace(" (", "\n(").replace(", ", ",\n") for m in methods], fontsize=7.5)
     ax.set_ylim(0, 1)
     ax.set_ylabel("precision@k of planted neurons")
     ax.set_title("Recovery of the planted neurons (k = planted neurons of the context)", fontsize=9)

@@ -29,6 +29,24 @@ def test_fast_path_matches_the_plain_loop(fixture, rule, request):
         assert ref.attr.abs().max() > 0
 
 
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_native"])
+def test_all_positions_variant_matches_its_plain_loop_and_is_complete(fixture, request):
+    m = request.getfixturevalue(fixture)
+    toks, d1, d2 = _ids(m)
+    ref = ig2_prompt(m, toks, d1, d2, kind="logit", method="reference", position="all")
+    for cap in (None, 7):
+        fast = ig2_prompt(m, toks, d1, d2, kind="logit", method="fast", internal_batch_size=cap, position="all")
+        assert float((fast.attr - ref.attr).abs().max() / ref.attr.abs().max()) < 1e-5
+        assert torch.allclose(fast.g0, ref.g0, rtol=1e-4, atol=1e-6)
+    last = ig2_prompt(m, toks, d1, d2, kind="logit")
+    assert not torch.allclose(ref.attr, last.attr)  # it attributes something the last position does not
+    fine = ig2_prompt(m, toks, d1, d2, kind="logit", steps=256, position="all")
+    delta = fine.g1 - fine.g0
+    assert float(((fine.attr.sum(1) - delta).abs() / delta.abs()).max()) < 0.01
+    with pytest.raises(ValueError, match="position"):
+        ig2_prompt(m, toks, d1, d2, position="first")
+
+
 def test_completeness_error_shrinks_with_steps(tiny):
     toks, d1, d2 = _ids(tiny)
     errs = []
