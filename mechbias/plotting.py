@@ -512,10 +512,14 @@ def plot_ground_truth(gt):
 
 def plot_methods_summary(rows, axis: str = ""):
     """Methods side by side: mean reduction on and off the diagonal (random control as markers) and Δppl."""
+    import textwrap
+
     plt = _plt()
-    names = [r["method"] for r in rows]
+    short = {"IG² neuron attribution and Bias Neuron Suppression": "IG² + BNS",
+             "Activation patching and attribution patching": "patching (top heads)"}
+    names = [textwrap.fill(short.get(r["method"], r["method"]), 16) for r in rows]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
     ax.bar(x - 0.2, [r["diagonal"] for r in rows], 0.4, label="same context (L1, held out)", color="#1f77b4")
     ax.bar(x + 0.2, [r["off-diagonal"] for r in rows], 0.4, label="other contexts (L2)", color="#ff7f0e")
@@ -524,8 +528,8 @@ def plot_methods_summary(rows, axis: str = ""):
     ax.scatter(x + 0.2, [r["random (off)"] for r in rows], marker="_", s=300, color="k", zorder=3)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x)
-    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
-    ax.set_ylabel("mean relative bias reduction")
+    ax.set_xticklabels(names, fontsize=7.5)
+    ax.set_ylabel("mean relative bias reduction\n(1 = gap removed)")
     ax.set_title(f"Bias reduction by method ({axis})", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     ax = axes[1]
@@ -535,7 +539,8 @@ def plot_methods_summary(rows, axis: str = ""):
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("perplexity change (neutral text)")
+    ax.set_xscale("symlog", linthresh=1.0)  # costs span 0.01 to 100
+    ax.set_xlabel("perplexity change (neutral text; symlog)")
     ax.set_title("Capability cost", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()

@@ -367,7 +367,7 @@ for _name, (_title, _desc, _kw) in PRUNING_VARIANTS.items():
 def _gradiend_report(summary: dict, fig) -> str:
     from .results import markdown_table
 
-    rows = [{"trained on": r["context"], "val Pearson (best seed)": r["val_pearson"],
+    rows = [{"trained on": r["context"], "val |Pearson| (best seed)": r["val_pearson"],
              "held-out AUC": r.get("auc"), "held-out sign accuracy": r["sign_accuracy"],
              "held-out Pearson": r["pearson"],
              "chosen h": (r["chosen"] or {}).get("h"), "chosen alpha": (r["chosen"] or {}).get("alpha")}
@@ -401,7 +401,7 @@ def _gradiend(model, cfg: StudyConfig, out: Path, shared: dict) -> dict:
         if c == rows[0]:
             atomic_savefig(res.plot(), out / "figures" / "gradiend_feature.png")
             atomic_savefig(plot_gradiend_grid(res), out / "figures" / "gradiend_grid.png")
-        feats.append({"context": c, "val_pearson": max(s["val_pearson"] for s in res.seeds),
+        feats.append({"context": c, "val_pearson": max(abs(s["val_pearson"]) for s in res.seeds),
                       "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"], "pearson": ev["pearson"], "stats": ev["stats"],
                       "chosen": res.edit.get("chosen"), "gap_before": res.edit.get("gap_before")})
     return {"params": gcfg.params, "n_params": param_set(model, gcfg.params).numel, "steps": gcfg.steps,
