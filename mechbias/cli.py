@@ -156,7 +156,7 @@ def cmd_prune(args) -> int:
 
 def cmd_gradiend(args) -> int:
     from .contexts import load_contexts
-    from .gradiend import GradiendConfig, choose_edit, evaluate_feature, train_gradiend
+    from .gradiend import DEFAULT_ALPHAS, GradiendConfig, choose_edit, evaluate_feature, train_gradiend
     from .plotting import plot_gradiend_grid
     from .results import atomic_savefig, atomic_write_json
     from .transfer import transfer_matrix
@@ -167,7 +167,7 @@ def cmd_gradiend(args) -> int:
     res = train_gradiend(model, args.train_on, args.axis, cfg, log=lambda m: print(m, file=sys.stderr))
     ev = evaluate_feature(model, res)
     hs = [float(x) for x in args.h] if args.h else (-1.0, 0.0, 1.0)
-    alphas = [float(x) for x in args.alpha] if args.alpha else (-1e-1, -1e-2, -1e-3, 1e-3, 1e-2, 1e-1)
+    alphas = [float(x) for x in args.alpha] if args.alpha else DEFAULT_ALPHAS
     ch = choose_edit(model, res, hs=hs, alphas=alphas, max_ppl_increase=args.max_ppl_increase)
     res.save(args.out / "gradiend")
     atomic_savefig(res.plot(), args.out / "figures" / f"gradiend_feature_{res.context}_{res.axis}.png")

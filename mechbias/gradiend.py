@@ -40,6 +40,7 @@ perplexity rises by at most ``max_ppl_increase``. The edit is a
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -549,8 +550,15 @@ H_GRID = (-10, -2, -1, -0.8, -0.6, -0.4, -0.2, 0, 0.2, 0.4, 0.6, 0.8, 1, 2, 10)
 ALPHA_GRID = tuple(s * a for a in (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5) for s in (-1, 1))
 
 
+# The decoder's output has the scale of the captured gradients; on the embedded model its norm over
+# all MLP weights is ~0.8, so the paper's alphas (<= 0.5) barely move the model. Measured on the
+# embedded model: alpha 10 cut the commerce gender gap by ~80% at +0.8% perplexity; alpha 100
+# destroyed it (perplexity x80). The default grid therefore spans four decades.
+DEFAULT_ALPHAS = (-10.0, -1.0, -0.1, 0.1, 1.0, 10.0)
+
+
 def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
-                alphas: Sequence[float] = (-1e-1, -1e-2, -1e-3, 1e-3, 1e-2, 1e-1), max_ppl_increase: float = 0.05,
+                alphas: Sequence[float] = DEFAULT_ALPHAS, max_ppl_increase: float = 0.05,
                 neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> dict:
     """Score every (h, α) on the training context's selection prompts (bias gap) and the neutral set
     (perplexity); choose the smallest |gap| whose perplexity rises by at most ``max_ppl_increase``
@@ -585,11 +593,19 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
 
 
 def gradiend_selector(cfg: GradiendConfig | None = None, *, edit_kw: dict | None = None, cache: dict | None = None,
-                      log=print):
-    """Transfer-engine selector: train on a context, choose (h, α) there, return the weight edit."""
+                      trained: dict | None = None, log=print):
+    """Transfer-engine selector: train on a context, choose (h, α) there, return the weight edit.
+
+    ``trained``: already trained features by context name (e.g. loaded from an interrupted run);
+    one is reused only if its axis and training config match."""
 
     def select(model, ctx: Context, axis: str):
-        res = train_gradiend(model, ctx, axis, cfg, log=log)
+        res = (trained or {}).get(ctx.name)
+        same = res is not None and json.loads(json.dumps(res.config)) == json.loads(json.dumps(asdict(cfg or GradiendConfig())))
+        if res is None or res.axis != axis or not same:
+            res = train_gradiend(model, ctx, axis, cfg, log=log)
+        else:
+            log(f"[gradiend] {ctx.name}: reusing the feature trained earlier with the same settings")
         ch = choose_edit(model, res, **(edit_kw or {}))
         if cache is not None:
             cache[ctx.name] = res

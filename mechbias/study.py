@@ -389,8 +389,12 @@ def _gradiend(model, cfg: StudyConfig, out: Path, shared: dict) -> dict:
                           seeds=(0,) if cfg.quick else (0, 1), val_batches=4 if cfg.quick else 6, seed=cfg.seed)
     cache: dict = {}
     rows = cfg.contexts[: cfg.gradiend_contexts]
+    # features saved by an interrupted run of this step are reused when their settings match
+    from .results import Result
+
+    trained = {c: Result.load(out / f"gradiend_{c}") for c in rows if (out / f"gradiend_{c}" / "result.json").exists()}
     sel = gradiend_selector(gcfg, edit_kw=dict(n_names=8 if cfg.quick else 16, neutral_max_texts=4 if cfg.quick else 6),
-                            cache=cache, log=lambda m: print(f"[study]   {m}", file=sys.stderr))
+                            cache=cache, trained=trained, log=lambda m: print(f"[study]   {m}", file=sys.stderr))
     tm = _transfer(model, cfg, shared, out, sel, "GRADIEND", rows=rows, fig_name="transfer_gradiend.png")
     feats = []
     for c in rows:
