@@ -551,6 +551,13 @@ class NeuronSelection(Result):
         """BNS: suppress (factor 0) or amplify (factor 2) the selected neurons."""
         return NeuronIntervention(self.as_pairs(), factor=factor, positions=positions, label=label or "IG2 neurons")
 
+    def without(self, neurons: Sequence[tuple[int, int]], reason: str = "excluded") -> "NeuronSelection":
+        """A copy without the given neurons (recorded in ``thresholds``)."""
+        drop = {(int(l), int(i)) for l, i in neurons}
+        kept = [[l, i] for l, i in self.as_pairs() if (l, i) not in drop]
+        th = {**self.thresholds, reason: sorted([list(n) for n in drop & set(self.as_pairs())])}
+        return NeuronSelection(kept, dict(self.per_bag), th, self.n_layers, self.d_mlp, dict(self.meta))
+
     def layer_histogram(self) -> np.ndarray:
         h = np.zeros(self.n_layers, dtype=int)
         for l, _ in self.neurons:
@@ -575,6 +582,29 @@ def _prompt_sets(attrs: Tensor, frac: float) -> list[set[int]]:
         mx = float(flat.max())
         out.append(set((flat >= frac * mx).nonzero().flatten().tolist()) if mx > 0 else set())
     return out
+
+
+def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]", *,
+                 texts: Sequence[str] | None = None, max_texts: int | None = 12) -> dict[tuple[int, int], float]:
+    """Perplexity change on the neutral texts when each neuron alone is zeroed (all positions).
+
+    IG² can select "hub" neurons that matter for everything (on the embedded model one neuron,
+    (28, 1095), is selected in every context and costs +4.7 perplexity alone); use with
+    :func:`capability_guard` to drop them before suppression."""
+    from .metrics import neutral_texts, perplexity
+
+    pairs = selection.as_pairs() if isinstance(selection, NeuronSelection) else [tuple(n) for n in selection]
+    texts = list(texts) if texts is not None else neutral_texts(max_texts)
+    base = perplexity(model, texts)
+    return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}
+
+
+def capability_guard(model, selection: "NeuronSelection", max_ppl_increase: float = 0.5, **kw) -> "NeuronSelection":
+    """Drop selected neurons whose own ablation raises neutral-text perplexity by more than
+    ``max_ppl_increase`` (absolute). Not in the IG² paper; a cheap guard (one forward set per neuron)."""
+    costs = neuron_costs(model, selection, **kw)
+    return selection.without([n for n, c in costs.items() if c > max_ppl_increase],
+                             reason=f"capability_guard>{max_ppl_increase}")
 
 
 def select_neurons(

@@ -151,3 +151,17 @@ def test_fast_path_matches_the_plain_loop_on_the_embedded_model(real):
     for l in layers:
         rel = (fast.attr[l] - ref.attr[l]).abs().max() / ref.attr[l].abs().max()
         assert rel < 1e-5, (l, float(rel))
+
+
+def test_capability_guard_drops_costly_neurons(tiny):
+    from mechbias.ig2 import capability_guard, neuron_costs
+
+    sel = NeuronSelection([[0, 1], [1, 2], [1, 3]], n_layers=tiny.cfg.n_layers, d_mlp=tiny.cfg.d_mlp)
+    texts = ["the bank opened early today and the staff were ready"]
+    costs = neuron_costs(tiny, sel, texts=texts)
+    assert set(costs) == {(0, 1), (1, 2), (1, 3)}
+    worst = max(costs, key=costs.get)
+    cut = sorted(costs.values())[-1] - 1e-9  # only the most costly neuron is above the cut
+    kept = capability_guard(tiny, sel, max_ppl_increase=cut, texts=texts)
+    assert worst not in kept.as_pairs() and len(kept) == 2
+    assert any(k.startswith("capability_guard") for k in kept.thresholds)
