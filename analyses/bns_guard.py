@@ -36,11 +36,10 @@ def main() -> None:
     model = load_model()
     contexts = ["finance", "commerce", "hiring", "housing"]
     sels = {c: Result.load(args.study / "steps" / "ig2" / f"selection_{c}") for c in contexts}
-    costs = {}
-    for c, sel in sels.items():
-        for n, v in neuron_costs(model, sel).items():
-            costs[n] = v
-    guarded = {c: capability_guard(model, s, args.max_ppl) for c, s in sels.items()}
+    # each neuron's cost is measured once, even when several contexts selected it
+    every = sorted({n for s in sels.values() for n in s.as_pairs()})
+    costs = neuron_costs(model, every)
+    guarded = {c: capability_guard(model, s, args.max_ppl, costs=costs) for c, s in sels.items()}
     for c in contexts:
         print(f"{c}: {len(sels[c])} -> {len(guarded[c])} neurons; dropped "
               f"{sorted(set(sels[c].as_pairs()) - set(guarded[c].as_pairs()))}")

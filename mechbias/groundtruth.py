@@ -62,11 +62,6 @@ class GroundTruthResult(Result):
     meta: dict = field(default_factory=dict)
     result_type = "ground_truth"
 
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def plot(self):
         from .plotting import plot_ground_truth
 

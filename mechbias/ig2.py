@@ -599,10 +599,12 @@ def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]"
     return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}
 
 
-def capability_guard(model, selection: "NeuronSelection", max_ppl_increase: float = 0.5, **kw) -> "NeuronSelection":
+def capability_guard(model, selection: "NeuronSelection", max_ppl_increase: float = 0.5, *,
+                     costs: dict[tuple[int, int], float] | None = None, **kw) -> "NeuronSelection":
     """Drop selected neurons whose own ablation raises neutral-text perplexity by more than
-    ``max_ppl_increase`` (absolute). Not in the IG² paper; a cheap guard (one forward set per neuron)."""
-    costs = neuron_costs(model, selection, **kw)
+    ``max_ppl_increase`` (absolute). Not in the IG² paper; a cheap guard (one forward set per neuron).
+    ``costs``: from :func:`neuron_costs`, if already measured (must cover the selection)."""
+    costs = costs if costs is not None else neuron_costs(model, selection, **kw)
     return selection.without([n for n, c in costs.items() if c > max_ppl_increase],
                              reason=f"capability_guard>{max_ppl_increase}")
 
@@ -719,11 +721,6 @@ class VerificationResult(Result):
     rows: list[dict]
     meta: dict = field(default_factory=dict)
     result_type = "ig2_verification"
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
 
     def plot(self, ax=None):
         from .plotting import plot_verification

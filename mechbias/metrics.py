@@ -141,11 +141,6 @@ class BiasResult(Result):
     meta: dict = field(default_factory=dict)
     result_type = "bias"
 
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def prompt_dataframe(self):
         import pandas as pd
 

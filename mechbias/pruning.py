@@ -528,11 +528,6 @@ class LevelsResult(Result):
     meta: dict = field(default_factory=dict)
     result_type = "pruning_levels"
 
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
-
     def plot(self, ax=None):
         from .plotting import plot_levels
 
@@ -596,11 +591,6 @@ class PruningCurve(Result):
     rows: list[dict]
     meta: dict = field(default_factory=dict)
     result_type = "pruning_curve"
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame(self.rows)
 
     def plot(self, ax=None):
         from .plotting import plot_curves

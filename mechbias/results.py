@@ -231,7 +231,12 @@ class Result:
 
     # subclasses override
     def to_dataframe(self):
-        raise NotImplementedError
+        """One row per entry of ``self.rows`` for results that keep rows; others override this."""
+        if not hasattr(self, "rows"):
+            raise NotImplementedError(f"{type(self).__name__} has no tabular form")
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
 
     def plot(self, **kw):
         raise NotImplementedError
