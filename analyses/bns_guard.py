@@ -28,10 +28,10 @@ def main() -> None:
     ap.add_argument("--axis", default="gender")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.ig2 import capability_guard, neuron_costs
-    from mechbias.models import load_model
-    from mechbias.results import Result, atomic_savefig, atomic_write_json
-    from mechbias.transfer import transfer_matrix
+    from mechbias.methods.ig2 import capability_guard, neuron_costs
+    from mechbias.core.models import load_model
+    from mechbias.core.results import Result, atomic_savefig, atomic_write_json
+    from mechbias.eval.transfer import transfer_matrix
 
     model = load_model()
     contexts = ["finance", "commerce", "hiring", "housing"]
@@ -55,7 +55,7 @@ def main() -> None:
     if args.figures:
         atomic_savefig(tm.plot(), args.figures / "transfer_bns_guard.png")
     atomic_write_json({"costs": [{"layer": l, "neuron": i, "ppl_change": v} for (l, i), v in sorted(costs.items())],
-                       "guarded": {c: g.as_pairs() for c, g in guarded.items()}, "cells": tm.cells},
+                       "guarded": {c: g.as_pairs() for c, g in guarded.items()}, "cells": tm.records()},
                       args.out / "bns_guard.json")
     print(json.dumps([{k: c[k] for k in ("selected_on", "evaluated_on", "reduction", "ci_low", "ci_high",
                                          "random_reduction", "perplexity_change")} for c in tm.cells], indent=0))

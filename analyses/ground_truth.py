@@ -28,14 +28,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.gradiend import GradiendConfig, evaluate_feature, train_gradiend
-    from mechbias.groundtruth import (GroundTruthResult, oracle_transfer, score_atp, score_gradiend, score_ig2,
+    from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, train_gradiend
+    from mechbias.groundtruth.scoring import (GroundTruthResult, oracle_transfer, score_atp, score_gradiend, score_ig2,
                                       score_pruning)
-    from mechbias.models import load_model
-    from mechbias.planted import planted_manifest
-    from mechbias.pruning import PruneConfig, pruning_selector
-    from mechbias.results import atomic_savefig, atomic_write_json, markdown_table
-    from mechbias.transfer import transfer_matrix
+    from mechbias.core.models import load_model
+    from mechbias.core.models import planted_manifest
+    from mechbias.methods.pruning import PruneConfig, pruning_selector
+    from mechbias.core.results import atomic_savefig, markdown_table
+    from mechbias.eval.transfer import transfer_matrix
 
     model = load_model("planted")
     cfg = planted_manifest(model)

@@ -13,7 +13,6 @@ whose ``ig2.json`` exists is skipped.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -33,31 +32,28 @@ def main() -> None:
 
     import pandas as pd
 
-    from mechbias.ig2 import NeuronSelection, ig2_experiment, selection_overlap
-    from mechbias.models import load_model
-    from mechbias.plotting import plot_overlap
-    from mechbias.results import atomic_savefig, atomic_write_text, markdown_table
+    from mechbias.methods.ig2 import IG2, IG2Config, selection_overlap
+    from mechbias.core.models import load_model
+    from mechbias.viz.plotting import plot_overlap
+    from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 
     model = load_model()
     rows = []
     for axis in args.axes:
-        selections = {}
+        method = IG2(IG2Config(pairs=args.pairs))
         for ctx in args.contexts:
-            d = args.out / f"{ctx}_{axis}"
-            if not (d / "ig2.json").exists():
-                t = time.time()
-                exp = ig2_experiment(model, ctx, axis, pairs_per_template=args.pairs, progress=True)
-                exp.save(d)
-                atomic_savefig(exp.attributions.plot(exp.selection), d / "figures" / f"ig2_{ctx}_{axis}.png")
-                atomic_savefig(exp.verification.plot(), d / "figures" / f"ig2_verification_{ctx}_{axis}.png")
-                print(f"{ctx}/{axis}: {time.time() - t:.0f} s", flush=True)
-            summary = json.loads((d / "ig2.json").read_text())
-            selections[ctx] = NeuronSelection.load(d / "selection")
-            for r in summary["verification"]:
-                rows.append({"context": ctx, "axis": axis, "favoured": summary["favoured_group"],
-                             "completeness_error_median": summary["completeness_error_median"],
-                             "completeness_error_layer0": summary["completeness_error_per_layer"][0],
-                             **{k: v for k, v in r.items() if k != "random_draws"}})
+            t = time.time()
+            method(model, ctx, axis)
+            method.selections[ctx].save(args.out / f"{ctx}_{axis}")
+            print(f"{ctx}/{axis}: {time.time() - t:.0f} s", flush=True)
+        analysis = method.analyze(model, axis, args.out / axis)
+        atomic_write_json(analysis, args.out / axis / "analysis.json")
+        for r in analysis["verification"]:
+            s = method.selections[r["context"]].summary
+            rows.append({"axis": axis, "favoured": s["favoured_group"],
+                         "completeness_error_median": s["completeness_error_median"],
+                         "completeness_error_layer0": s["completeness_error_per_layer"][0], **r})
+        selections = {c: s.artifacts["selection"] for c, s in method.selections.items()}
         ov = selection_overlap(selections, model.cfg.d_mlp)
         ov.to_csv(args.out / f"overlap_{axis}.csv", index=False)
         fig = plot_overlap(ov, f"Overlap of IG²-selected neurons between contexts ({axis})")

@@ -25,9 +25,9 @@ import torch
 def neutral_prompt_shift(model, heldout: bool = False):
     """Contrast scores of every context's templates with neutral references instead of names
     (the references used in training, or held-out ones)."""
-    from mechbias.contexts import BUILTIN_CONTEXTS
-    from mechbias.metrics import contrast_scores
-    from mechbias.planted import HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, neutral_prompts
+    from mechbias.data.contexts import BUILTIN_CONTEXTS
+    from mechbias.eval.metrics import contrast_scores
+    from mechbias.groundtruth.planted import HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, neutral_prompts
 
     refs = HELDOUT_NEUTRAL_REFERENCES if heldout else NEUTRAL_REFERENCES
     texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, refs)]
@@ -42,10 +42,10 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=0.6)
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.metrics import measure_bias, perplexity
-    from mechbias.models import load_model
-    from mechbias.planted import default_config, train_planted
-    from mechbias.results import package_versions
+    from mechbias.eval.metrics import measure_bias, perplexity
+    from mechbias.core.models import load_model
+    from mechbias.groundtruth.planted import default_config, save_delta, train_planted
+    from mechbias.core.results import package_versions
 
     model = load_model()
     t0 = time.time()
@@ -77,7 +77,7 @@ def main() -> None:
         "train_seconds": round(time.time() - t0, 1), "versions": package_versions(),
     }
     # role check: the held-out gaps with each role's neurons zeroed
-    from mechbias.hooks import NeuronIntervention
+    from mechbias.interventions.units import NeuronIntervention
 
     roles = {"shared": cfg.shared, **{f"only:{k}": v for k, v in cfg.only.items()}}
     manifest["role_check"] = {}
@@ -86,7 +86,7 @@ def main() -> None:
         manifest["role_check"][role] = {row["context"]: row["gap"] for row in r.rows}
         print(f"gap with {role} neurons zeroed: " + ", ".join(f"{k} {v:+.2f}" for k, v in
                                                                manifest["role_check"][role].items()))
-    delta.save(args.out, manifest)
+    save_delta(delta, args.out, manifest)
     for b, a in zip(before.rows, after.rows):
         print(f"{b['context']:<9} original {b['gap']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]   "
               f"planted {a['gap']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]")

@@ -35,8 +35,8 @@ def run_mechbias(texts: int, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.gradiend import GradiendConfig, batch_gradient, feature_texts, param_set, train_gradiend
-    from mechbias.models import load_model
+    from mechbias.methods.gradiend import GradiendConfig, batch_gradient, feature_texts, param_set, train_gradiend
+    from mechbias.core.models import load_model
 
     model = load_model()
     ps = param_set(model, "mlp")
@@ -60,8 +60,8 @@ def run_gradiend_package(texts: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.gradiend import feature_texts, param_set
-    from mechbias.models import ensure_embedded_cache, load_model
+    from mechbias.methods.gradiend import feature_texts, param_set
+    from mechbias.core.models import ensure_embedded_cache, load_model
 
     folder = str(ensure_embedded_cache())
     ours = load_model()

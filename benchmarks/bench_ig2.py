@@ -30,10 +30,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from mechbias.contexts import load_context
-    from mechbias.ig2 import ig2_prompt
-    from mechbias.metrics import gap_from_logits
-    from mechbias.models import frozen, load_model
+    from mechbias.data.contexts import load_context
+    from mechbias.methods.ig2 import ig2_prompt
+    from mechbias.eval.metrics import gap_from_logits
+    from mechbias.core.models import load_model
+    from mechbias.core.weights import frozen
 
     model = load_model()
     L = model.cfg.n_layers

@@ -29,9 +29,9 @@ def main() -> None:
 
     from transformer_lens import patching as tlp
 
-    from mechbias.contexts import PromptPairs, make_pairs
-    from mechbias.models import load_model
-    from mechbias.patching import patch_sweep
+    from mechbias.data.contexts import PromptPairs, make_pairs
+    from mechbias.core.models import load_model
+    from mechbias.methods.patching import patch_sweep
 
     model = load_model()
     pairs = make_pairs(model, args.context, "race")

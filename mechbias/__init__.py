@@ -4,6 +4,11 @@ measure whether the fix transfers across contexts.
 Everything runs on TransformerLens 4 ``TransformerBridge`` hook points. The
 default model is the embedded SmolLM2-135M-Instruct (offline).
 
+The package is layered; each layer imports only the layers before it
+(see docs/architecture.md)::
+
+    core -> viz -> data -> interventions -> eval -> methods -> groundtruth -> apps
+
 Quick start::
 
     import mechbias as mb
@@ -12,21 +17,32 @@ Quick start::
     res.to_dataframe(); res.plot()
 """
 
-from .contexts import (AlignmentError, Axis, Context, ContextError, Person, PromptSet, list_contexts,
-                       load_axis, load_context, load_contexts, make_pairs)
-from .hooks import (Compose, HeadIntervention, Identity, Intervention, NeuronIntervention, WeightEdit,
-                    WeightMask, hooked, load_intervention)
-from .metrics import (BiasResult, contrast_scores, demographic_gap, measure_bias, neutral_texts,
-                      perplexity)
-from .models import EMBEDDED, ModelLoadError, load_model, tiny_model
-from .results import Result, set_seed
+from .core.hooks import HookNameError, hooked, n_active_hooks
+from .core.models import EMBEDDED, ModelLoadError, load_model, tiny_model
+from .core.results import Result, set_seed
+from .core.sites import Site
+from .data.contexts import (AlignmentError, Axis, Context, ContextError, Person, PromptSet, list_contexts, load_axis,
+                            load_context, load_contexts, make_pairs)
+from .data.texts import neutral_texts
+from .interventions.base import Compose, Identity, Intervention, load_intervention, register_intervention
+from .interventions.units import HeadIntervention, NeuronIntervention
+from .interventions.weights import WeightEdit, WeightMask
+from .eval.metrics import BiasResult, contrast_scores, demographic_gap, favoured_group, measure_bias, perplexity
+from .eval.transfer import Cell, EvalSet, TransferConfig, TransferMatrix, evaluate, transfer_matrix
+from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
+from . import methods as _methods  # noqa: F401,E402  (registers every method)
+from . import groundtruth as _groundtruth  # noqa: F401
+from .groundtruth import planted as _planted, scoring as _scoring  # noqa: F401  (result types)
+from .apps.study import StudyConfig, run_study
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "AlignmentError", "Axis", "BiasResult", "Compose", "Context", "ContextError", "EMBEDDED",
-    "HeadIntervention", "Identity", "Intervention", "ModelLoadError", "NeuronIntervention", "Person",
-    "PromptSet", "Result", "WeightEdit", "WeightMask", "contrast_scores", "demographic_gap", "hooked",
-    "list_contexts", "load_axis", "load_context", "load_contexts", "load_intervention", "load_model",
-    "make_pairs", "measure_bias", "neutral_texts", "perplexity", "set_seed", "tiny_model",
+    "AlignmentError", "Axis", "BiasResult", "Cell", "Compose", "Context", "ContextError", "EMBEDDED", "EvalSet",
+    "HeadIntervention", "HookNameError", "Identity", "Intervention", "Method", "MethodConfig", "ModelLoadError",
+    "NeuronIntervention", "Person", "PromptSet", "Result", "Selection", "Site", "StudyConfig", "TransferConfig",
+    "TransferMatrix", "WeightEdit", "WeightMask", "contrast_scores", "demographic_gap", "evaluate", "favoured_group",
+    "get_method", "hooked", "list_contexts", "load_axis", "load_context", "load_contexts", "load_intervention",
+    "load_model", "make_pairs", "measure_bias", "n_active_hooks", "registered_methods", "neutral_texts", "perplexity",
+    "register_intervention", "register_method", "run_study", "set_seed", "tiny_model", "transfer_matrix",
 ]

@@ -1,6 +1,8 @@
 import json
 
-from mechbias.cli import main
+import pytest
+
+from mechbias.apps.cli import main
 
 
 def test_bias_command_writes_json_and_figure(tmp_path, capsys):
@@ -27,39 +29,46 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
 
 def test_ig2_command(tmp_path):
     rc = main(["ig2", "--model", "tiny", "--context", "finance", "--axis", "race", "--pairs", "1",
-               "--steps", "4", "--random", "1", "--out", str(tmp_path)])
+               "--steps", "4", "--verify-random", "1", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "ig2.json").read_text())
-    assert len(data["completeness_error_per_layer"]) == 2
-    assert {r["operation"] for r in data["verification"]} == {"suppress", "amplify"}
+    sel = data["selections"]["finance"]
+    assert len(sel["completeness_error_per_layer"]) == 2
+    assert {r["operation"] for r in data["analysis"]["verification"]} == {"suppress", "amplify"}
     assert (tmp_path / "intervention" / "intervention.json").exists()
-    assert (tmp_path / "figures" / "ig2_finance_race.png").exists()
-    from mechbias.hooks import load_intervention
+    assert (tmp_path / "figures" / "ig2_attributions.png").exists()
+    assert (tmp_path / "figures" / "transfer_ig2_race.png").exists()
+    from mechbias.interventions.base import load_intervention
 
     iv = load_intervention(tmp_path / "intervention")
-    assert iv.n_components == len(data["selected_neurons"])
+    assert iv.n_components == len(sel["selected_neurons"])
 
 
 def test_patch_command(tmp_path):
     rc = main(["patch", "--model", "tiny", "--context", "finance", "--axis", "gender", "--pairs", "3",
-               "--components", "resid_pre", "heads", "--out", str(tmp_path)])
+               "--components", "resid_pre", "heads", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "patch.json").read_text())
-    assert data["direction"] == "denoise" and set(data["top"]) == {"resid_pre", "heads"}
-    assert {a["component"] for a in data["atp_agreement"]} == {"resid_pre", "heads"}
-    assert {s["direction"] for s in data["set_patching"]} == {"denoise", "noise"}
-    assert (tmp_path / "figures" / "patch_finance_gender_resid_pre.png").exists()
+    sel = data["selections"]["finance"]
+    assert sel["direction"] == "denoise" and set(sel["top"]) == {"resid_pre", "heads"}
+    assert {a["component"] for a in sel["atp_agreement"]} == {"resid_pre", "heads"}
+    assert {s["direction"] for s in sel["set_patching"]} == {"denoise", "noise"}
+    assert (tmp_path / "figures" / "patch_resid.png").exists()
+    assert sel["n_components"] == 5
 
 
 def test_prune_command(tmp_path):
     rc = main(["prune", "--model", "tiny", "--unit", "head", "--select-on", "finance", "--evaluate-on", "finance",
-               "commerce", "--k", "2", "--common", "0", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
+               "commerce", "--axis", "race", "--k", "2", "--common", "none", "--random", "1", "--boot", "100",
+               "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "transfer.json").read_text())
     assert [c["evaluated_on"] for c in data["cells"]] == ["finance", "commerce"]
-    assert {"reduction", "ci_low", "ci_high", "random_reduction", "perplexity_change"} <= set(data["cells"][0])
-    assert "hook_q" in data["head_ablation"]
-    from mechbias.hooks import load_intervention
+    assert {"gap_change", "gap_change_ci_low", "gap_change_ci_high", "reduction", "ci_low", "ci_high",
+            "random_reduction", "perplexity_change", "controls"} <= set(data["cells"][0])
+    assert "hook_q" in json.loads((tmp_path / "prune.json").read_text())["selections"]["finance"]["head_ablation"]
+    assert data["config"]["common"] is None and data["config"]["k"] == 2
+    from mechbias.interventions.base import load_intervention
 
     assert load_intervention(tmp_path / "intervention").n_components == 2
     rc = main(["bias", "--model", "tiny", "--contexts", "finance", "--axis", "race", "--boot", "100",
@@ -67,22 +76,57 @@ def test_prune_command(tmp_path):
     assert rc == 0 and "heads" in json.loads((tmp_path / "b" / "bias.json").read_text())["meta"]["intervention"]
 
 
+def test_method_commands_refuse_flags_they_do_not_use(tmp_path, capsys):
+    """--intervention was accepted by prune/ig2/patch/gradiend and silently ignored; now it is refused."""
+    for cmd in ("prune", "ig2", "patch", "gradiend"):
+        with pytest.raises(SystemExit) as err:
+            main([cmd, "--model", "tiny", "--select-on", "finance", "--intervention", str(tmp_path),
+                  "--out", str(tmp_path)])
+        assert err.value.code == 2
+        assert "unrecognized arguments: --intervention" in capsys.readouterr().err
+
+
+def test_no_random_control_is_allowed(tmp_path):
+    """--random 0 raised KeyError (the cells had no random keys); now the cells say there is no control."""
+    rc = main(["prune", "--model", "tiny", "--unit", "head", "--select-on", "finance", "--axis", "race", "--k", "2",
+               "--random", "0", "--boot", "50", "--no-capability", "--out", str(tmp_path)])
+    assert rc == 0
+    cell = json.loads((tmp_path / "transfer.json").read_text())["cells"][0]
+    assert cell["controls"] == {} and "random_reduction" not in cell and cell["perplexity_change"] is None
+
+
+def test_bad_settings_are_refused_before_a_model_loads(tmp_path, capsys, monkeypatch):
+    from mechbias.apps import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    cases = [(["prune", "--select-on", "astrology"], "Unknown context"),
+             (["prune", "--select-on", "finance", "--axis", "height"], "Unknown axis"),
+             (["prune", "--select-on", "finance", "--common", "0"], "common is a fraction"),
+             (["prune", "--select-on", "finance", "--unit", "weight", "--score", "attention"], "does not apply"),
+             (["ig2", "--select-on", "finance", "--steps", "0"], "steps"),
+             (["bias", "--intervention", str(tmp_path / "none")], "no saved intervention")]
+    for argv, msg in cases:
+        assert main(argv + ["--model", "tiny", "--out", str(tmp_path)]) == 2, argv
+        assert msg in capsys.readouterr().err, argv
+
+
 def test_gradiend_command(tmp_path):
     rc = main(["gradiend", "--model", "tiny", "--train-on", "finance", "--axis", "gender", "--evaluate-on", "finance",
-               "hiring", "--steps", "6", "--batch", "6", "--seeds", "1", "--lr", "1e-3", "--h", "-1", "1",
+               "hiring", "--steps", "6", "--batch", "6", "--seeds", "0", "--lr", "1e-3", "--h", "-1", "1",
                "--alpha", "0.01", "--max-ppl-increase", "10", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "gradiend.json").read_text())
-    assert {"sign_accuracy", "pearson"} <= set(data["feature"])
-    assert data["chosen_edit"] is not None and len(data["transfer"]) == 2
-    assert (tmp_path / "gradiend" / "tensors.safetensors").exists()
-    assert (tmp_path / "figures" / "gradiend_grid_finance_gender.png").exists()
+    feat = data["analysis"]["features"][0]
+    assert {"sign_accuracy", "pearson", "auc"} <= set(feat)
+    assert data["selections"]["finance"]["chosen_edit"] is not None and len(data["transfer"]) == 2
+    assert (tmp_path / "selections" / "finance" / "gradiend" / "tensors.safetensors").exists()
+    assert (tmp_path / "figures" / "gradiend_grid.png").exists()
 
 
 def test_crows_command_before_and_under_an_intervention(tmp_path):
     from pathlib import Path
 
-    from mechbias.hooks import NeuronIntervention
+    from mechbias.interventions.units import NeuronIntervention
 
     csv = Path(__file__).parent / "data" / "crows_small.csv"
     iv = tmp_path / "iv"
@@ -99,7 +143,7 @@ def test_crows_command_before_and_under_an_intervention(tmp_path):
 def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
     from pathlib import Path
 
-    from mechbias.crows import crows_score, sentence_logprob
+    from mechbias.eval.crows import crows_score, sentence_logprob
 
     csv = Path(__file__).parent / "data" / "crows_small.csv"
     res = crows_score(tiny, csv, n_boot=100)
@@ -116,7 +160,5 @@ def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
     assert res.per_pair[2]["stereotypical"].endswith("evening after work.")
     bad = tmp_path / "bad.csv"
     bad.write_text("sent_more,sent_less\na,b\n")
-    import pytest as _pytest
-
-    with _pytest.raises(ValueError, match="missing columns"):
+    with pytest.raises(ValueError, match="missing columns"):
         crows_score(tiny, bad)

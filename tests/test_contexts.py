@@ -1,7 +1,7 @@
 import pytest
 
-from mechbias.contexts import (AlignmentError, ContextError, BUILTIN_CONTEXTS, fill, list_contexts,
-                               load_axis, load_context, make_pairs, parse_context, single_token)
+from mechbias.data.contexts import (AlignmentError, ContextError, BUILTIN_CONTEXTS, fill, list_contexts,
+                               load_axis, load_context, make_pairs, single_token)
 
 
 def test_builtin_contexts_load_and_are_well_formed():

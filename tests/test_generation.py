@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from mechbias.contexts import load_context
-from mechbias.generation import generation_bias, inlier_ratio, parse_number, sample_completions, chat_prompt
-from mechbias.hooks import NeuronIntervention
+from mechbias.data.contexts import load_context
+from mechbias.eval.generation import generation_bias, inlier_ratio, parse_number, sample_completions, chat_prompt
+from mechbias.interventions.units import NeuronIntervention
 
 
 @pytest.mark.parametrize("text, value", [
@@ -33,7 +33,7 @@ def test_sampling_is_seeded_per_sample(tiny):
 
 
 def test_kv_and_full_sequence_sampling_agree(tiny):
-    from mechbias import models
+    from mechbias.core import models
 
     ids = chat_prompt(tiny, "I want to buy a car from Jamal .", "$")
     a = sample_completions(tiny, ids, n_samples=5, seed=1, max_new_tokens=5, temperature=1.0)

@@ -1,16 +1,14 @@
 """GRADIEND: gradient capture against plain autograd, the closed-form optimizer against torch's AdamW,
 exact weight restoration, and a feature that separates the groups on held-out data."""
 
-import math
 
-import numpy as np
 import pytest
 import torch
 
-from mechbias.gradiend import (GradiendConfig, GradiendModel, GradiendResult, _AdamW, batch_gradient,
+from mechbias.methods.gradiend import (GradiendConfig, GradiendModel, GradiendResult, _AdamW, batch_gradient,
                                batch_gradient_pair, choose_edit, evaluate_feature, feature_texts, param_set,
                                train_gradiend)
-from mechbias.models import named_params
+from mechbias.core.weights import named_params
 
 
 def _plain_grad(model, ps, texts, targets):

@@ -1,11 +1,9 @@
 """Every method recovers the planted bias of the tiny planted model well above chance."""
 
-import pytest
-import torch
 
-from mechbias.groundtruth import (oracle_transfer, precision_recall, score_atp, score_gradiend, score_ig2,
+from mechbias.groundtruth.scoring import (oracle_transfer, precision_recall, score_atp, score_gradiend, score_ig2,
                                   score_pruning, truth_sets)
-from mechbias.pruning import PruneConfig
+from mechbias.methods.pruning import PruneConfig
 
 
 def test_truth_sets_and_precision():
@@ -39,7 +37,7 @@ def test_pruning_candidates_and_oracle_transfer(planted_tiny):
 
 
 def test_gradiend_decoder_concentrates_on_planted_neurons(planted_tiny):
-    from mechbias.gradiend import GradiendConfig, evaluate_feature, train_gradiend
+    from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, train_gradiend
 
     model, cfg = planted_tiny
     res = train_gradiend(model, "finance", "race", GradiendConfig(params="mlp", steps=20, batch_texts=8, seeds=(0,),

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from mechbias.contexts import load_context
-from mechbias.hooks import (Compose, HeadIntervention, NeuronIntervention, WeightEdit, WeightMask, hooked,
-                            load_intervention, n_active_hooks)
-from mechbias.metrics import contrast_scores
-from mechbias.models import named_params
+from mechbias.data.contexts import load_context
+from mechbias.core.hooks import hooked, n_active_hooks
+from mechbias.interventions.base import Compose, load_intervention
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.interventions.weights import WeightEdit, WeightMask
+from mechbias.eval.metrics import contrast_scores
+from mechbias.core.weights import named_params
 
 TEXT = "A bank is reviewing a car loan application from Jamal . Should the bank approve the loan ? Answer :"
 
@@ -145,8 +147,8 @@ def test_result_load_works_without_importing_the_defining_module(tmp_path, tiny)
     import subprocess
     import sys
 
-    from mechbias.patching import attribution_patch
-    from mechbias.contexts import make_pairs
+    from mechbias.methods.patching import attribution_patch
+    from mechbias.data.contexts import make_pairs
 
     pairs = make_pairs(tiny, "finance", "race", templates=[0], max_pairs=2)
     attribution_patch(tiny, pairs, components=("heads",)).save(tmp_path / "atp")
@@ -154,3 +156,24 @@ def test_result_load_works_without_importing_the_defining_module(tmp_path, tiny)
             "print(type(r).__name__, tuple(r.estimates['heads'].shape))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "atp")], capture_output=True, text=True)
     assert out.stdout.split()[0] == "AtPResult", out.stderr[-500:]
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_native"])
+def test_a_misspelled_hook_raises_and_names_the_closest(fixture, request):
+    """TransformerLens 4's bridge skips unknown hook names silently; hooked() refuses them."""
+    from mechbias.core.hooks import HookNameError, run_with_cache
+    from mechbias.core.sites import Site
+
+    m = request.getfixturevalue(fixture)
+    n0 = n_active_hooks(m)
+    with pytest.raises(HookNameError, match=r"blocks\.0\.mlp\.hook_post"):
+        with hooked(m, [("blocks.0.mlp.hook_pots", lambda a, hook: a)]):
+            pass
+    with pytest.raises(HookNameError, match="no hook point"):
+        run_with_cache(m, m.to_tokens(TEXT), ["blocks.7.hook_resid_pre"])
+    with pytest.raises(HookNameError):  # a layer the model does not have, through an intervention
+        with NeuronIntervention({0: [1]}).apply(m), hooked(m, [(Site(5, "post"), lambda a, hook: a)]):
+            pass
+    assert n_active_hooks(m) == n0
+    with pytest.raises(ValueError, match="unknown site point"):
+        Site(0, "mlp_post")

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mechbias.ig2 import (IG2Result, NeuronSelection, Unit, contrast_units, demographic_units, ig2_prompt,
-                          integration_points, random_like, run_ig2, select_neurons, verify)
+from mechbias.methods.ig2 import (IG2Result, NeuronSelection, contrast_units, demographic_units, ig2_prompt,
+                                  integration_points, run_ig2, select_neurons, verify)
 
 TEXT = "The bank approved the loan application . Was the applicant White or Black ? The applicant was"
 
@@ -125,7 +125,7 @@ def test_bns_intervention_and_random_control(tiny):
     sel = NeuronSelection([[0, 3], [1, 7], [1, 9]], n_layers=2, d_mlp=tiny.cfg.d_mlp)
     iv = sel.intervention(factor=0.0, positions="last")
     assert iv.n_components == 3 and iv.positions == "last"
-    rnd = random_like(sel, tiny.cfg.d_mlp, seed=1)
+    rnd = iv.random_like(tiny, seed=1).as_pairs()
     assert sorted(l for l, _ in rnd) == [0, 1, 1] and not set(rnd) & set(sel.as_pairs())
 
 
@@ -154,7 +154,7 @@ def test_fast_path_matches_the_plain_loop_on_the_embedded_model(real):
 
 
 def test_capability_guard_drops_costly_neurons(tiny):
-    from mechbias.ig2 import capability_guard, neuron_costs
+    from mechbias.methods.ig2 import capability_guard, neuron_costs
 
     sel = NeuronSelection([[0, 1], [1, 2], [1, 3]], n_layers=tiny.cfg.n_layers, d_mlp=tiny.cfg.d_mlp)
     texts = ["the bank opened early today and the staff were ready"]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from mechbias.contexts import load_context
-from mechbias.metrics import (contrast_scores, demographic_gap, measure_bias, neutral_texts, perplexity,
-                              token_nll)
-from mechbias.stats import group_gap, paired_reduction
+from mechbias.data.contexts import load_context
+from mechbias.data.texts import neutral_texts
+from mechbias.eval.metrics import contrast_scores, demographic_gap, measure_bias, perplexity, token_nll
+from mechbias.eval.stats import group_gap, paired_reduction
 
 
 def _brute_logprobs(model, text: str, continuation: list[int]) -> float:
@@ -130,3 +130,42 @@ def test_real_model_contrast_scores_match_plain_transformers(real):
     pos, neg = (real.to_tokens(w, prepend_bos=False)[0].tolist() for w in (ps.positive, ps.negative))
     ref = torch.tensor([_brute_logprobs(real, t, pos) - _brute_logprobs(real, t, neg) for t in ps.texts])
     assert (fast - ref).abs().max() < 1e-4
+
+
+def test_position_specific_interventions_have_a_capability_cost(tiny):
+    """With positions="last" the perplexity change used to be exactly 0 (the hook hit the batch's padded last
+    column, whose logits are dropped). Each next token is now predicted with the intervention at the predicting
+    position; the value equals a brute-force loop over prefixes."""
+    from mechbias.interventions.units import NeuronIntervention
+
+    texts = ["The bank opened early today and the staff were ready for the customers .",
+             "A short one ."]
+    iv = NeuronIntervention({0: list(range(0, 128, 3)), 1: list(range(1, 128, 4))}, positions="last")
+    nll, n = token_nll(tiny, texts, intervention=iv)
+    ref, count = 0.0, 0
+    for t in texts:
+        ids = tiny.to_tokens(t)[0]
+        for k in range(1, len(ids)):  # predict token k from the prefix [:k], the intervention at position k - 1
+            with iv.apply(tiny), torch.no_grad():
+                lp = tiny(ids[None, :k])[0, -1].float().log_softmax(-1)
+            ref -= float(lp[ids[k]])
+            count += 1
+    assert n == count and nll == pytest.approx(ref, rel=1e-5)
+    base, _ = token_nll(tiny, texts)
+    assert abs(nll - base) > 1e-3  # the cost is not zero
+    assert perplexity(tiny, texts, intervention=iv) != pytest.approx(perplexity(tiny, texts), abs=1e-6)
+
+
+def test_position_specific_capability_cost_without_kv_cache(tiny_native):
+    from mechbias.interventions.units import NeuronIntervention
+
+    texts = ["The bank opened early today .", "A short one ."]
+    iv = NeuronIntervention({1: [1, 2, 3, 4, 5]}, positions="last")
+    nll, n = token_nll(tiny_native, texts, intervention=iv)
+    ref = 0.0
+    for t in texts:
+        ids = tiny_native.to_tokens(t)[0]
+        for k in range(1, len(ids)):
+            with iv.apply(tiny_native), torch.no_grad():
+                ref -= float(tiny_native(ids[None, :k])[0, -1].float().log_softmax(-1)[ids[k]])
+    assert nll == pytest.approx(ref, rel=1e-5)

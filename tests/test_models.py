@@ -4,7 +4,8 @@ import socket
 import pytest
 import torch
 
-from mechbias.models import (ModelLoadError, load_model, model_label, named_params, supports_kv_cache,
+from mechbias.core.weights import named_params
+from mechbias.core.models import (ModelLoadError, load_model, model_label, supports_kv_cache,
                              tiny_model)
 
 
@@ -71,7 +72,7 @@ def test_embedded_model_loads_offline_without_network(monkeypatch):
 def test_embedded_bridge_matches_plain_transformers(real):
     from transformers import AutoModelForCausalLM
 
-    from mechbias.models import ensure_embedded_cache
+    from mechbias.core.models import ensure_embedded_cache
 
     hf = AutoModelForCausalLM.from_pretrained(ensure_embedded_cache(), local_files_only=True,
                                               attn_implementation="eager")

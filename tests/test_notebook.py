@@ -1,6 +1,5 @@
 """The quickstart notebook runs top to bottom (on a tiny model, offline)."""
 
-import os
 from pathlib import Path
 
 import nbformat

@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from mechbias.contexts import AlignmentError, PromptPairs, make_pairs
-from mechbias.patching import (Patch, PatchResult, atp_agreement, attribution_patch, patch_set, patch_sweep,
-                               prefilter_and_verify, run_variants)
+from mechbias.data.contexts import AlignmentError, PromptPairs, make_pairs
+from mechbias.core.sites import Site
+from mechbias.methods.patching import (PatchResult, atp_agreement, attribution_patch, patch_set, patch_sweep,
+                                       prefilter_and_verify, run_variants)
 
 TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
       "mlp_out": tlp.get_act_patch_mlp_out, "heads": tlp.get_act_patch_attn_head_out_all_pos,
@@ -49,7 +50,7 @@ def test_sweeps_equal_transformer_lens_helpers(fixture, component, request):
 
 def test_patching_the_whole_residual_restores_or_breaks_exactly(tiny):
     pairs = _equal_length_pairs(tiny)
-    every = [Patch(0, "resid_pre", None)]
+    every = [Site(0, "resid_pre")]
     d = patch_set(tiny, pairs, every, direction="denoise")
     assert np.allclose(d["values"], d["ld_clean"], atol=1e-5) and d["normalized"] == pytest.approx(1.0, abs=1e-4)
     n = patch_set(tiny, pairs, every, direction="noise")
@@ -58,7 +59,7 @@ def test_patching_the_whole_residual_restores_or_breaks_exactly(tiny):
 
 def test_set_patching_equals_a_plain_hooked_forward(tiny):
     pairs = _equal_length_pairs(tiny, n=2)
-    patches = [Patch(0, "z", None, (1,)), Patch(1, "post", None, (3, 7, 50)), Patch(1, "resid_pre", (5,))]
+    patches = [Site(0, "z", (1,)), Site(1, "post", (3, 7, 50)), Site(1, "resid_pre", positions=(5,))]
     res = patch_set(tiny, pairs, patches)
     y, n = tiny.to_single_token(" Yes"), tiny.to_single_token(" No")
     for i in range(len(pairs)):
@@ -84,7 +85,7 @@ def test_unequal_lengths_are_refused(tiny):
     a = tiny.to_tokens("Should the bank approve the loan ? Answer :")[0]
     b = tiny.to_tokens("Should the bank approve the loan for Jamal ? Answer :")[0]
     with pytest.raises(AlignmentError, match="same token length"):
-        run_variants(tiny, a, b, [(Patch(0, "resid_pre", (1,)),)], lambda lg: lg[:, 0])
+        run_variants(tiny, a, b, [(Site(0, "resid_pre", positions=(1,)),)], lambda lg: lg[:, 0])
 
 
 def test_atp_matches_a_finite_difference_and_ranks_like_exact_patching(tiny):

@@ -1,22 +1,21 @@
 """The shipped planted-bias model (real tier): its bias is where the manifest says, and methods find it."""
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
 def planted():
-    from mechbias.models import load_model
-    from mechbias.planted import planted_manifest
+    from mechbias.core.models import load_model
+    from mechbias.groundtruth.planted import planted_manifest
 
     model = load_model("planted")
     return model, planted_manifest(model)
 
 
 def test_planted_model_loads_offline_with_large_planted_gaps(planted):
-    from mechbias.metrics import measure_bias
+    from mechbias.eval.metrics import measure_bias
 
     model, manifest = planted
     assert manifest["favoured"] == "White" and len(manifest["shared"]) == 8
@@ -26,8 +25,8 @@ def test_planted_model_loads_offline_with_large_planted_gaps(planted):
 
 
 def test_zeroing_the_planted_neurons_removes_the_planted_gap(planted):
-    from mechbias.hooks import NeuronIntervention
-    from mechbias.metrics import measure_bias
+    from mechbias.interventions.units import NeuronIntervention
+    from mechbias.eval.metrics import measure_bias
 
     model, manifest = planted
     every = [tuple(n) for n in manifest["shared"]] + [tuple(n) for v in manifest["only"].values() for n in v]
@@ -38,8 +37,8 @@ def test_zeroing_the_planted_neurons_removes_the_planted_gap(planted):
 
 
 def test_methods_recover_planted_neurons_well_above_chance(planted):
-    from mechbias.groundtruth import score_atp, score_pruning
-    from mechbias.pruning import PruneConfig
+    from mechbias.groundtruth.scoring import score_atp, score_pruning
+    from mechbias.methods.pruning import PruneConfig
 
     model, manifest = planted
     for row in score_atp(model, manifest, ["finance"], "race", max_pairs=8):
@@ -51,9 +50,9 @@ def test_methods_recover_planted_neurons_well_above_chance(planted):
 
 def test_planted_neurons_leave_name_free_prompts_alone(planted, real):
     """No planted effect on prompts without a name, with references never seen in training."""
-    from mechbias.contexts import BUILTIN_CONTEXTS
-    from mechbias.metrics import contrast_scores
-    from mechbias.planted import HELDOUT_NEUTRAL_REFERENCES, neutral_prompts
+    from mechbias.data.contexts import BUILTIN_CONTEXTS
+    from mechbias.eval.metrics import contrast_scores
+    from mechbias.groundtruth.planted import HELDOUT_NEUTRAL_REFERENCES, neutral_prompts
 
     model, manifest = planted
     texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, HELDOUT_NEUTRAL_REFERENCES)]

@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from mechbias.contexts import load_context
-from mechbias.models import named_params
-from mechbias.pruning import (PruneConfig, candidates, generalization_levels, head_scores, input_norms, linear_layers,
-                              name_positions, neuron_scores, pruning_curve, pruning_selector, set_difference)
-from mechbias.transfer import random_control, transfer_matrix
+from mechbias.data.contexts import load_context
+from mechbias.core.weights import named_params
+from mechbias.core.weights import linear_layers
+from mechbias.eval.transfer import transfer_matrix
+from mechbias.methods.pruning import (PruneConfig, candidates, generalization_levels, head_scores, input_norms,
+                                      name_positions, neuron_scores, pruning_curve, pruning_selector, set_difference)
 
 
 def test_set_difference_logic():
@@ -44,7 +45,7 @@ def test_wanda_norms_use_each_layers_true_inputs(tiny):
 
 def test_weight_pruning_restores_weights_exactly(tiny):
     cfg = PruneConfig(unit="weight", k=500, common=None)
-    iv = candidates(tiny, load_context("finance"), "race", cfg).intervention(cfg.k, cfg.resolved())
+    iv = candidates(tiny, load_context("finance"), "race", cfg).intervention(cfg.k, cfg)
     assert iv.n_components == 500
     before = {n: p.detach().clone() for n, p in named_params(tiny).items()}
     with iv.apply(tiny):
@@ -70,7 +71,7 @@ def test_head_selection_and_random_control(tiny):
     cfg = PruneConfig(unit="head", k=3, common=None, head_mode="z")
     iv = pruning_selector(cfg)(tiny, load_context("finance"), "race")
     assert iv.n_components == 3 and iv.mode == "z"
-    rnd = random_control(iv, tiny, seed=1)
+    rnd = iv.random_like(tiny, seed=1)
     assert sorted(len(v) for v in rnd.heads.values()) == sorted(len(v) for v in iv.heads.values())
 
 
@@ -100,7 +101,7 @@ def test_levels_and_curves(planted_tiny):
 
 def test_transfer_reports_generation_metrics_when_requested(tiny):
     tm = transfer_matrix(tiny, pruning_selector(PruneConfig(unit="head", k=2, common=None)), ["commerce"], "race",
-                         n_random=1, n_boot=100, generation={"n_samples": 3, "max_new_tokens": 3, "n_names": 4})
+                         n_random=1, n_boot=100, generation=3, generation_tokens=3, generation_names=4)
     g = tm.row_info[0]["generation"]
     assert {"parse_failure_before", "parse_failure_after", "inlier_ratio", "smd_before", "smd_after"} <= set(g)
     assert 0 <= g["parse_failure_after"] <= 1

@@ -1,0 +1,1 @@
+"""Applications: the command line and the study, built on the method registry."""

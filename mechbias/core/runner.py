@@ -1,0 +1,279 @@
+"""Running many prompts through a bridge quickly and exactly.
+
+Three ideas, used by every method:
+
+* **Length buckets, no padding.** Prompts are grouped by token length and each
+  group runs as one batch, so no padding token ever enters a forward pass and
+  batched results equal single-prompt results.
+* **Shared prefixes.** Prompts built from one template share every token
+  before the name. The prefix runs once; its keys and values are kept in a
+  Hugging Face KV cache that is *frozen* (broadcast to the batch, never
+  extended), and only the suffixes run in batch. Exact, because a causal model's
+  prefix does not depend on what follows. Used when the model supports a KV
+  cache (Hugging Face-backed bridges); TransformerLens-native models fall back
+  to full sequences.
+* **Forward windows.** A forward pass may cover only part of a sequence (the
+  prefix, or the suffix after a cached prefix). :func:`forward_window` records
+  which absolute positions the current call covers, and
+  :func:`local_positions` turns an intervention's absolute positions
+  (``"all"``, ``"last"``, or indices) into indices of the current call. This is
+  what keeps position-specific interventions correct under prefix sharing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import defaultdict
+from contextvars import ContextVar
+from typing import Callable, Iterable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .hooks import hooked
+from .models import supports_kv_cache
+from .sites import hook_name
+
+_WINDOW: ContextVar[tuple[int, int] | None] = ContextVar("mechbias_forward_window", default=None)
+
+#: Rows x tokens per forward pass; bounds memory, tuned for a 2-core CPU.
+DEFAULT_TOKENS_PER_BATCH = 4096
+
+
+@contextlib.contextmanager
+def forward_window(start: int, total: int):
+    """Declare that forwards inside the block cover positions ``start..`` of sequences of length ``total``."""
+    token = _WINDOW.set((int(start), int(total)))
+    try:
+        yield
+    finally:
+        _WINDOW.reset(token)
+
+
+def local_positions(positions, seq_len: int) -> slice | list[int]:
+    """Indices, within the current forward call, of the absolute ``positions``.
+
+    ``positions`` is ``"all"``, ``"last"``, or a sequence of absolute indices
+    (negative ones count from the end of the whole sequence). Outside a
+    :func:`forward_window` the call is taken to cover the whole sequence.
+    """
+    if isinstance(positions, str) and positions == "all":
+        return slice(None)
+    window = _WINDOW.get()
+    start, total = window if window is not None else (0, seq_len)
+    if isinstance(positions, str):
+        if positions != "last":
+            raise ValueError(f"positions must be 'all', 'last' or a list of indices, not {positions!r}")
+        wanted = [total - 1]
+    else:
+        wanted = [p if p >= 0 else total + p for p in positions]
+    return [p - start for p in wanted if start <= p < start + seq_len]
+
+
+# ----------------------------------------------------------------------------
+# KV-cache helpers
+# ----------------------------------------------------------------------------
+
+def _frozen_layer_class(base: type) -> type:
+    class FrozenPrefixLayer(base):  # type: ignore[misc, valid-type]
+        """A cache layer holding a batch-1 prefix; ``update`` broadcasts it and stores nothing."""
+
+        _mechbias_frozen = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            b = key_states.shape[0]
+            keys = torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2)
+            values = torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2)
+            return keys, values
+
+    return FrozenPrefixLayer
+
+
+_FROZEN: dict[type, type] = {}
+
+
+def freeze_cache(cache):
+    """Make every layer of a Hugging Face KV cache frozen (in place): it broadcasts its batch-1
+    keys and values to any batch and stores nothing new. Returns the cache."""
+    for layer in cache.layers:
+        cls = type(layer)
+        base = cls.__mro__[1] if getattr(cls, "_mechbias_frozen", False) else cls
+        if base not in _FROZEN:
+            _FROZEN[base] = _frozen_layer_class(base)
+        layer.__class__ = _FROZEN[base]
+    return cache
+
+
+def slice_cache(cache, s: int):
+    """A frozen copy of a KV cache holding its first ``s`` positions (the original is untouched)."""
+    new = copy.copy(cache)
+    new.layers = []
+    for layer in cache.layers:
+        lay = copy.copy(layer)
+        lay.keys = layer.keys[..., :s, :]
+        lay.values = layer.values[..., :s, :]
+        new.layers.append(lay)
+    return freeze_cache(new)
+
+
+def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
+    """Run ``prefix`` (batch 1) and return a frozen KV cache usable by any batch size.
+
+    Hooks active in the caller's context fire during this prefix pass, inside a
+    forward window covering positions ``0..p`` (the caller sets ``total``).
+    """
+    with torch.no_grad(), last_position_unembed(model, 1):
+        _, cache = model(prefix, return_type="logits_and_cache", use_cache=True)
+    return freeze_cache(cache)
+
+
+@contextlib.contextmanager
+def last_position_unembed(model, n_last: int):
+    """Unembed only the last ``n_last`` positions (the rest of the logits are never used)."""
+
+    def keep_last(x, hook):
+        return x[:, -n_last:]
+
+    with hooked(model, [(hook_name("unembed_in"), keep_last)]):
+        yield
+
+
+# ----------------------------------------------------------------------------
+# batching
+# ----------------------------------------------------------------------------
+
+def length_buckets(lengths: Sequence[int], max_tokens: int = DEFAULT_TOKENS_PER_BATCH) -> list[list[int]]:
+    """Indices grouped by equal length, each group cut to at most ``max_tokens`` tokens."""
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for i, n in enumerate(lengths):
+        by_len[int(n)].append(i)
+    out = []
+    for n in sorted(by_len):
+        idx = by_len[n]
+        rows = max(1, max_tokens // max(n, 1))
+        out.extend(idx[k : k + rows] for k in range(0, len(idx), rows))
+    return out
+
+
+def common_prefix_len(seqs: Sequence[Tensor]) -> int:
+    """Length of the longest token prefix shared by every sequence."""
+    if not seqs:
+        return 0
+    n = min(len(s) for s in seqs)
+    first = seqs[0][:n]
+    same = torch.ones(n, dtype=torch.bool)
+    for s in seqs[1:]:
+        same &= s[:n] == first
+    bad = (~same).nonzero()
+    return int(bad[0]) if len(bad) else n
+
+
+def map_last_logits(
+    model,
+    seqs: Sequence[Int[Tensor, " p"]],
+    readout: Callable[[Float[Tensor, "b k v"]], Tensor],
+    *,
+    n_last: int = 1,
+    prefix_groups: Iterable[Sequence[int]] | None = None,
+    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+    progress: bool = False,
+) -> Tensor:
+    """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
+
+    Args:
+        seqs: 1-D token tensors (BOS included), any lengths.
+        readout: maps logits ``[batch, n_last, vocab]`` to a tensor ``[batch, ...]``;
+            it runs under ``torch.no_grad``.
+        prefix_groups: groups of sequence indices whose members share a prefix
+            (e.g. one template filled with different names). Each group's prefix
+            runs once when the model supports a KV cache.
+    Returns:
+        ``readout`` results stacked in the order of ``seqs``.
+    """
+    n = len(seqs)
+    results: list[Tensor | None] = [None] * n
+    use_prefix = prefix_groups is not None and supports_kv_cache(model)
+    groups = [list(g) for g in prefix_groups] if use_prefix else [list(range(n))]
+    done = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="forward", leave=False, disable=None)
+    device = model.cfg.device
+    with torch.no_grad():
+        for group in groups:
+            if not group:
+                continue
+            p = 0
+            if use_prefix and len(group) > 1:
+                p = common_prefix_len([seqs[i] for i in group])
+                # every suffix must keep at least n_last tokens
+                p = min(p, min(len(seqs[i]) for i in group) - n_last)
+                p = max(p, 0)
+            cache_by_total: dict[int, object] = {}
+            for bucket in length_buckets([len(seqs[i]) for i in group], max_tokens):
+                rows = [group[j] for j in bucket]
+                total = len(seqs[rows[0]])
+                batch = torch.stack([seqs[i] for i in rows]).to(device)
+                if p > 0:
+                    # the prefix is identical for all totals, but position-aware
+                    # hooks need to know the total length, so cache per total
+                    if total not in cache_by_total:
+                        with forward_window(0, total):
+                            cache_by_total[total] = prefix_cache(model, batch[:1, :p])
+                    with forward_window(p, total), last_position_unembed(model, n_last):
+                        logits = model(batch[:, p:], past_key_values=cache_by_total[total])
+                else:
+                    with forward_window(0, total), last_position_unembed(model, n_last):
+                        logits = model(batch)
+                out = readout(logits[:, -n_last:].float())
+                for k, i in enumerate(rows):
+                    results[i] = out[k].detach().cpu()
+                done += len(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return torch.stack(results)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------
+# activation capture
+# ----------------------------------------------------------------------------
+
+def capture(
+    model,
+    seqs: Sequence[Int[Tensor, " p"]],
+    names: Sequence[str],
+    *,
+    position: str = "last",
+    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+) -> dict[str, Tensor]:
+    """Activations at hook points ``names`` for every sequence, with no intervention and no gradient.
+
+    ``position``: ``"last"`` (the prediction position: ``[n, ...]``) or ``"mean"``
+    (mean over positions: ``[n, ...]``). Sequences run in length buckets (no
+    padding), so each row equals a single-sequence forward. The forward stops
+    after the deepest requested layer's activations are read only where the
+    model allows; values are returned in float32 on the CPU.
+    """
+    if position not in ("last", "mean"):
+        raise ValueError(f"capture position must be 'last' or 'mean', not {position!r}")
+    out: dict[str, list] = {n: [None] * len(seqs) for n in names}
+    device = model.cfg.device
+    with torch.no_grad():
+        for bucket in length_buckets([len(s) for s in seqs], max_tokens):
+            ids = torch.stack([seqs[i] for i in bucket]).to(device)
+            seen: dict[str, Tensor] = {}
+            fwd = [(n, (lambda a, hook, n=n: seen.__setitem__(n, a[:, -1] if position == "last" else a.mean(1))))
+                   for n in names]
+            with hooked(model, fwd), last_position_unembed(model, 1):
+                model(ids)
+            for n in names:
+                vals = seen[n].float().cpu()
+                for k, i in enumerate(bucket):
+                    out[n][i] = vals[k]
+    return {n: torch.stack(v) for n, v in out.items()}

@@ -1,0 +1,135 @@
+"""Parameters of a bridge: clean names, MLP matrices, linear layers, and weight deltas.
+
+Weight layouts differ between families (GPT-2's ``Conv1D`` stores ``[in, out]``,
+``nn.Linear`` stores ``[out, in]``); every function here says which layout it
+returns, so Wanda scores, neuron norms and weight masks index the same entries
+whatever the family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .sites import LINEAR_COMPONENTS, hook_name
+
+
+def named_params(model) -> dict[str, torch.nn.Parameter]:
+    """The model's live parameters under clean names (wrapper segments removed).
+
+    For Hugging Face models these are the HF names, e.g.
+    ``model.layers.3.mlp.down_proj.weight``.
+    """
+    return {n.replace("._original_component", ""): p for n, p in model.named_parameters()}
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """Set ``requires_grad=False`` on every parameter; restore the flags on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _component(model, layer: int, path: str):
+    mod = model.blocks[layer]
+    for part in path.split("."):
+        mod = getattr(mod, part, None)
+        if mod is None:
+            return None
+    return mod
+
+
+def is_transposed(module) -> bool:
+    """Whether a linear module stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def linear_layers(model) -> list[tuple[str, str, int, bool]]:
+    """(parameter name, input hook name, layer, transposed) for every linear layer in every block."""
+    ids = {id(p): n for n, p in named_params(model).items()}
+    out = []
+    for l in range(model.cfg.n_layers):
+        for comp in LINEAR_COMPONENTS:
+            mod = _component(model, l, comp)
+            if mod is None or getattr(mod, "original_component", None) is None:
+                continue
+            w = mod.original_component.weight
+            out.append((ids[id(w)], hook_name(f"in:{comp}", l), l, is_transposed(mod.original_component)))
+    return out
+
+
+def linear_weight_name(model, layer: int, component: str) -> str:
+    """The parameter name of a block's linear layer (``attn.q``, ``mlp.out``, ...)."""
+    mod = _component(model, layer, component)
+    if mod is None or getattr(mod, "original_component", None) is None:
+        raise ValueError(f"layer {layer} has no linear component {component!r}")
+    ids = {id(p): n for n, p in named_params(model).items()}
+    return ids[id(mod.original_component.weight)]
+
+
+def mlp_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]:
+    """(gate ``[d_mlp, d_model]``, in/up ``[d_mlp, d_model]``, out/down ``[d_model, d_mlp]``) of a gated MLP."""
+    mlp = model.blocks[layer].mlp
+    return (mlp.gate.original_component.weight, mlp.__getattr__("in").original_component.weight,
+            mlp.out.original_component.weight)
+
+
+def w_out_row_norms(model, layer: int) -> Tensor:
+    """``||W_out[neuron]||`` for every MLP neuron of a layer (layout-independent), on the CPU."""
+    mod = model.blocks[layer].mlp.out.original_component
+    w = mod.weight
+    if is_transposed(mod):  # Conv1D layout [d_mlp, d_model]
+        return w.detach().norm(dim=1).cpu()
+    return w.detach().norm(dim=0).cpu()
+
+
+@dataclass
+class PlantedDelta:
+    """New values for a set of MLP neurons: per layer, indices and gate/up rows and down columns."""
+
+    layers: dict  # layer -> {"index": Tensor, "gate": Tensor[n, d], "up": Tensor[n, d], "down": Tensor[d, n]}
+
+    def apply(self, model) -> None:
+        """Write the values into the model (a permanent edit)."""
+        with torch.no_grad():
+            for l, d in self.layers.items():
+                g, u, o = mlp_weights(model, int(l))
+                idx = d["index"].long()
+                g[idx] = d["gate"].to(g.dtype)
+                u[idx] = d["up"].to(u.dtype)
+                o[:, idx] = d["down"].to(o.dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for l, d in self.layers.items():
+            for k, v in d.items():
+                out[f"{l}.{k}"] = v.contiguous()
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor]) -> "PlantedDelta":
+        layers: dict = {}
+        for key, v in t.items():
+            l, k = key.split(".")
+            layers.setdefault(int(l), {})[k] = v
+        return cls(layers)
+
+    @classmethod
+    def capture(cls, model, neurons) -> "PlantedDelta":
+        """The current values of the given ``(layer, neuron)`` pairs."""
+        layers: dict = {}
+        for l in sorted({l for l, _ in neurons}):
+            idx = torch.tensor(sorted(i for ll, i in neurons if ll == l))
+            g, u, o = mlp_weights(model, l)
+            layers[l] = {"index": idx, "gate": g.detach()[idx].clone(), "up": u.detach()[idx].clone(),
+                         "down": o.detach()[:, idx].clone()}
+        return cls(layers)

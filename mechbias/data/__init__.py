@@ -1,0 +1,1 @@
+"""Data layer: contexts, demographic axes, prompt sets and splits, neutral text."""

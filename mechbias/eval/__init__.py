@@ -1,0 +1,1 @@
+"""Evaluation layer: bias metrics, statistics, the transfer engine, external benchmarks."""

@@ -1,0 +1,107 @@
+"""CrowS-Pairs scoring for causal models (an external benchmark).
+
+The CSV has the public CrowS-Pairs columns ``sent_more``, ``sent_less``,
+``stereo_antistereo`` and ``bias_type``. For a ``stereo`` row the
+stereotypical sentence is ``sent_more``; for an ``antistereo`` row it is
+``sent_less`` (as in the original metric code). The score is the share of
+pairs where the model gives the stereotypical sentence the higher
+log-likelihood (sum of token log-probabilities after BOS), in percent: 50 is
+unbiased. The 95% CI is a bootstrap over pairs. The CSV is not shipped; pass
+its path.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..core.results import Result, make_meta
+from ..core.runner import length_buckets
+from ..data.contexts import tokenize
+from ..interventions.base import Intervention, maybe_apply
+from ..viz.plotting import plot_crows
+from .stats import bootstrap_mean
+
+REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"CrowS-Pairs CSV {path} does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing} (a CrowS-Pairs CSV has {list(REQUIRED)})")
+        rows = [r for r in reader]
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows")
+    for i, r in enumerate(rows):
+        if r["stereo_antistereo"] not in ("stereo", "antistereo"):
+            raise ValueError(f"{path}: row {i + 2}: stereo_antistereo must be 'stereo' or 'antistereo', "
+                             f"not {r['stereo_antistereo']!r}")
+    return rows
+
+
+def sentence_logprob(model, texts: Sequence[str], max_tokens: int = 4096) -> torch.Tensor:
+    """Sum of log P(token_t | tokens_<t) over each text (after BOS)."""
+    seqs = tokenize(model, texts)
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    with torch.no_grad():
+        for bucket in length_buckets([len(s) for s in seqs], max_tokens):
+            ids = torch.stack([seqs[i] for i in bucket]).to(model.cfg.device)
+            lp = model(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+            out[bucket] = lp.sum(1).double().cpu()
+    return out
+
+
+@dataclass
+class CrowsResult(Result):
+    score: float
+    ci_low: float
+    ci_high: float
+    n: int
+    by_type: dict
+    per_pair: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    result_type = "crows"
+
+    def summary(self) -> dict:
+        return {"score": self.score, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
+                "bias_type": self.by_type, "meta": self.meta}
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.per_pair)
+
+    def plot(self):
+        return plot_crows(self)
+
+
+def crows_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
+                seed: int = 0) -> CrowsResult:
+    """Score a CrowS-Pairs CSV with ``model`` (optionally under an intervention)."""
+    rows = read_pairs(path)
+    stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
+    anti = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
+    with maybe_apply(intervention, model):
+        lp_s = sentence_logprob(model, stereo)
+        lp_a = sentence_logprob(model, anti)
+    win = (lp_s > lp_a).double().numpy() * 100
+    mean, lo, hi = bootstrap_mean(win, n_boot=n_boot, seed=seed)
+    by_type = {}
+    types = [r["bias_type"] for r in rows]
+    for t in sorted(set(types)):
+        idx = [i for i, x in enumerate(types) if x == t]
+        m, a, b = bootstrap_mean(win[idx], n_boot=n_boot, seed=seed)
+        by_type[t] = {"score": m, "ci_low": a, "ci_high": b, "n": len(idx)}
+    per_pair = [{"bias_type": t, "stereotypical": s, "other": o, "logprob_stereo": float(x), "logprob_other": float(y)}
+                for t, s, o, x, y in zip(types, stereo, anti, lp_s, lp_a)]
+    meta = make_meta(model, csv=str(path), intervention=intervention.describe() if intervention else None)
+    return CrowsResult(mean, lo, hi, len(rows), by_type, per_pair, meta)

@@ -1,0 +1,312 @@
+"""Bias metrics.
+
+* :func:`contrast_scores` — the workhorse: ``log P(positive) - log P(negative)``
+  after each prompt (multi-token answers by teacher forcing). Differentiable
+  versions live with the methods that need gradients.
+* :func:`measure_bias` — mean score of group A minus group B per context and
+  axis, with a crossed bootstrap CI over names and templates
+  (:class:`BiasResult`).
+* :func:`demographic_gap` — IG²-style ``P(d1) - P(d2)`` at the prediction position.
+* :func:`perplexity` — capability on the shipped neutral text set.
+
+The generation metric of Breaking Down Bias is in :mod:`mechbias.generation`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..core.models import supports_kv_cache
+from ..core.results import Result, make_meta
+from ..core.runner import (DEFAULT_TOKENS_PER_BATCH, forward_window, last_position_unembed, map_last_logits,
+                           slice_cache)
+from ..data.contexts import Context, PromptSet, answer_tokens, load_axis, load_context, load_contexts, single_token, tokenize
+from ..data.texts import neutral_texts
+from ..interventions.base import Intervention, maybe_apply
+from ..viz.plotting import plot_bias
+from .stats import DEFAULT_BOOT, group_gap
+
+GAP_KINDS = ("prob", "abs_prob", "logprob", "logit")
+
+
+# ----------------------------------------------------------------------------
+# per-prompt scores
+# ----------------------------------------------------------------------------
+
+def contrast_scores(
+    model,
+    prompts: PromptSet | Sequence[str],
+    positive: str | None = None,
+    negative: str | None = None,
+    *,
+    intervention: Intervention | None = None,
+    share_prefix: bool = True,
+    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+    progress: bool = False,
+) -> Float[Tensor, " n"]:
+    """``log P(positive | prompt) - log P(negative | prompt)`` for every prompt.
+
+    Multi-token answers are scored by teacher forcing (sum of the answer
+    tokens' log-probabilities). With single-token answers this equals the
+    logit difference. Prompts of one template share their prefix computation.
+    """
+    if isinstance(prompts, PromptSet):
+        positive = positive if positive is not None else prompts.positive
+        negative = negative if negative is not None else prompts.negative
+        groups = prompts.by_template() if share_prefix else None
+        texts = prompts.texts
+    else:
+        texts = list(prompts)
+        groups = None
+    if positive is None or negative is None:
+        raise ValueError("contrast_scores needs the positive and negative answers")
+    if not texts:
+        raise ValueError("contrast_scores got no prompts")
+    seqs = tokenize(model, texts)
+    pos, neg = answer_tokens(model, positive), answer_tokens(model, negative)
+    with maybe_apply(intervention, model):
+        if len(pos) == 1 and len(neg) == 1:
+            p, n = int(pos[0]), int(neg[0])
+            return map_last_logits(model, seqs, lambda lg: lg[:, -1, p] - lg[:, -1, n], prefix_groups=groups,
+                                   max_tokens=max_tokens, progress=progress).double()
+        return (_teacher_forced_logprob(model, seqs, pos, groups, max_tokens, progress)
+                - _teacher_forced_logprob(model, seqs, neg, groups, max_tokens, progress)).double()
+
+
+def _teacher_forced_logprob(model, seqs, answer: Tensor, groups, max_tokens, progress) -> Tensor:
+    k = len(answer)
+    ext = [torch.cat([s, answer[:-1]]) for s in seqs]
+    ans = answer.clone()
+
+    def readout(lg):  # [b, k, v]
+        lp = lg.log_softmax(-1)
+        return lp.gather(-1, ans.to(lp.device)[None, :, None].expand(lg.shape[0], k, 1))[..., 0].sum(-1)
+
+    return map_last_logits(model, ext, readout, n_last=k, prefix_groups=groups, max_tokens=max_tokens,
+                           progress=progress)
+
+
+def gap_from_logits(logits: Float[Tensor, "b v"], d1: int, d2: int, kind: str = "prob") -> Float[Tensor, " b"]:
+    """The IG² gap between two target tokens from last-position logits.
+
+    ``prob``: P(d1) - P(d2) (signed, the authors' code); ``abs_prob``:
+    |P(d1) - P(d2)| (the poster's formula); ``logprob``: log P(d1) - log P(d2);
+    ``logit``: logit(d1) - logit(d2) (equal to ``logprob`` for a full softmax).
+    """
+    if kind == "logit":
+        return logits[..., d1] - logits[..., d2]
+    lp = logits.log_softmax(-1)
+    if kind == "logprob":
+        return lp[..., d1] - lp[..., d2]
+    diff = lp[..., d1].exp() - lp[..., d2].exp()
+    if kind == "prob":
+        return diff
+    if kind == "abs_prob":
+        return diff.abs()
+    raise ValueError(f"unknown gap kind {kind!r}; choose from {GAP_KINDS}")
+
+
+def demographic_gap(model, texts: Sequence[str], d1: str, d2: str, *, kind: str = "prob",
+                    intervention: Intervention | None = None) -> Float[Tensor, " n"]:
+    """IG²-style gap ``P(d1) - P(d2)`` (or a variant, see :func:`gap_from_logits`) after each text."""
+    t1, t2 = single_token(model, d1, "demographic word d1"), single_token(model, d2, "demographic word d2")
+    seqs = tokenize(model, texts)
+    with maybe_apply(intervention, model):
+        return map_last_logits(model, seqs, lambda lg: gap_from_logits(lg[:, -1], t1, t2, kind)).double()
+
+
+def favoured_group(model, context: Context | str, axis, *, templates="selection", names="selection",
+                   seed: int = 0) -> int:
+    """Index (0 = group A, 1 = group B) of the group the model favours on the contrast metric."""
+    ctx = load_context(context)
+    ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
+    scores = contrast_scores(model, ps)
+    g = ps.groups
+    return 0 if float(scores[g == 0].mean() - scores[g == 1].mean()) >= 0 else 1
+
+
+# ----------------------------------------------------------------------------
+# bias per context and axis
+# ----------------------------------------------------------------------------
+
+@dataclass
+class BiasResult(Result):
+    """Baseline (or intervened) bias per context and axis.
+
+    ``rows``: one dict per (context, axis) with ``gap`` (mean score of group A
+    minus group B, in log-odds units of the contrast answers), ``ci_low``,
+    ``ci_high`` (95% crossed bootstrap over names and templates), ``p_value``,
+    ``effect_size`` (gap over the pooled SD of per-name mean scores),
+    ``n_prompts`` and the group labels. ``scores``: every prompt's score, in
+    the order of ``prompts``.
+    """
+
+    rows: list[dict]
+    prompts: list[dict] = field(default_factory=list)
+    scores: Tensor = field(default_factory=lambda: torch.zeros(0))
+    meta: dict = field(default_factory=dict)
+    result_type = "bias"
+
+    def prompt_dataframe(self):
+        import pandas as pd
+
+        df = pd.DataFrame(self.prompts)
+        df["score"] = self.scores.numpy()
+        return df
+
+    def get(self, context: str, axis: str) -> dict:
+        for r in self.rows:
+            if r["context"] == context and r["axis"] == axis:
+                return r
+        raise KeyError(f"no row for context={context!r}, axis={axis!r}")
+
+    def plot(self, ax=None):
+        return plot_bias(self, ax=ax)
+
+
+def measure_bias(
+    model,
+    contexts: Sequence[str | Context] | str | None = None,
+    axes: Sequence[str] | str = ("race", "gender"),
+    *,
+    templates: str | Sequence[int] = "all",
+    names: str = "all",
+    intervention: Intervention | None = None,
+    n_boot: int = DEFAULT_BOOT,
+    seed: int = 0,
+    progress: bool = False,
+) -> BiasResult:
+    """Bias of ``model`` in each context and axis (see :class:`BiasResult`)."""
+    ctxs = load_contexts(contexts) if not (isinstance(contexts, list) and contexts and isinstance(contexts[0], Context)) \
+        else list(contexts)
+    axes = [axes] if isinstance(axes, str) else list(axes)
+    rows, prompt_rows, all_scores = [], [], []
+    for ctx in ctxs:
+        memo: dict[str, float] = {}  # both axes use the same names: score each prompt once
+        for ax_name in axes:
+            ax = load_axis(ax_name)
+            if ax.name not in ctx.axes:
+                continue
+            ps = ctx.prompts(ax, templates=templates, names=names, seed=seed)
+            todo = [i for i, p in enumerate(ps) if p.text not in memo]
+            if todo:
+                fresh = contrast_scores(model, ps.subset(todo), intervention=intervention, progress=progress)
+                memo.update({ps.items[i].text: float(v) for i, v in zip(todo, fresh)})
+            scores = torch.tensor([memo[p.text] for p in ps], dtype=torch.float64)
+            rows.append(bias_row(ps, scores, n_boot=n_boot, seed=seed))
+            for p in ps:
+                prompt_rows.append({"context": ctx.name, "axis": ax.name, "template": p.template,
+                                    "name": p.person.name, "group": ax.groups[p.group]})
+            all_scores.append(scores)
+    if not rows:
+        raise ValueError(f"no context in {[c.name for c in ctxs]} is crossed with axes {axes}")
+    meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot,
+                     templates=templates if isinstance(templates, str) else list(templates), names=names,
+                     intervention=intervention.describe() if intervention else None)
+    return BiasResult(rows, prompt_rows, torch.cat(all_scores), meta)
+
+
+def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict:
+    mat, t_ids, names, col_group = ps.grid(scores)
+    g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)
+    return {"context": ps.context, "axis": ps.axis.name, "group_a": ps.axis.groups[0],
+            "group_b": ps.axis.groups[1], **g.as_dict(), "templates": t_ids}
+
+
+# ----------------------------------------------------------------------------
+# capability: perplexity on neutral text
+# ----------------------------------------------------------------------------
+
+def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None = None,
+              max_tokens: int = DEFAULT_TOKENS_PER_BATCH) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and token count over ``texts``.
+
+    An intervention that acts at every position is applied to whole sequences. One
+    that acts at particular positions (``"last"``, the prediction position, or a
+    list) is applied the way a prompt meets it: each next token is predicted with
+    the intervention in place at the predicting position (see
+    :func:`_nll_each_prediction`), so its capability cost is not hidden by where
+    a batch happens to end.
+    """
+    seqs = tokenize(model, texts)
+    if intervention is not None and str(intervention.positions) != "all":
+        with maybe_apply(intervention, model), torch.no_grad():
+            return _nll_each_prediction(model, seqs)
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    total, count = 0.0, 0
+    device = model.cfg.device
+    batches: list[list[int]] = []
+    for k in order:  # ascending length: the last row of a batch is its longest
+        if batches and (len(batches[-1]) + 1) * len(seqs[k]) <= max_tokens:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    with maybe_apply(intervention, model), torch.no_grad():
+        for rows in batches:
+            longest = len(seqs[rows[-1]])
+            batch = torch.zeros(len(rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+            for r, k in enumerate(rows):
+                batch[r, : len(seqs[k])] = seqs[k]
+                mask[r, : len(seqs[k])] = True
+            logits = model(batch.to(device)).float()  # right padding never affects earlier positions
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, batch[:, 1:, None].to(logits.device))[..., 0]
+            m = mask[:, 1:].to(lp.device)
+            total += float(-(lp * m).sum())
+            count += int(m.sum())
+    return total, count
+
+
+def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
+    """NLL where the prediction of token ``t + 1`` runs with the hooks' "last" position at ``t``.
+
+    Exact for a causal model: the clean-of-position-hooks prefix is computed once
+    (positions ``< t`` with every all-position hook active) into a KV cache, and
+    each position ``t`` then runs as one token on the cache sliced to ``t``
+    inside a forward window ``(t, t + 1)``. Models without KV-cache support run
+    every prefix ``[:t + 1]`` in full (same values, quadratic cost).
+    """
+    device = model.cfg.device
+    n, longest = len(seqs), max(len(s) for s in seqs)
+    batch = torch.zeros(n, longest, dtype=torch.long)
+    mask = torch.zeros(n, longest, dtype=torch.bool)
+    for r, s in enumerate(seqs):
+        batch[r, : len(s)] = s
+        mask[r, : len(s)] = True
+    batch = batch.to(device)
+    total, count = 0.0, 0
+    use_kv = supports_kv_cache(model)
+    cache = None
+    if use_kv and longest > 2:
+        with forward_window(0, longest), last_position_unembed(model, 1):  # right padding affects no earlier position
+            _, cache = model(batch[:, :-1], return_type="logits_and_cache", use_cache=True)
+    for t in range(longest - 1):
+        valid = mask[:, t + 1].to(device)
+        if not bool(valid.any()):
+            continue
+        if use_kv and t > 0 and cache is not None:
+            with forward_window(t, t + 1):
+                logits = model(batch[:, t:t + 1], past_key_values=slice_cache(cache, t))
+        else:
+            with forward_window(0, t + 1):
+                logits = model(batch[:, : t + 1])
+        lp = logits[:, -1].float().log_softmax(-1).gather(-1, batch[:, t + 1, None])[:, 0]
+        total += float(-(lp * valid).sum())
+        count += int(valid.sum())
+    return total, count
+
+
+def perplexity(model, texts: Sequence[str] | None = None, *, intervention: Intervention | None = None,
+               max_texts: int | None = None) -> float:
+    """Perplexity on ``texts`` (default: the neutral set)."""
+    texts = list(texts) if texts is not None else neutral_texts(max_texts)
+    if not texts:
+        raise ValueError("perplexity needs at least one text")
+    nll, n = token_nll(model, texts, intervention=intervention)
+    return float(np.exp(nll / max(n, 1)))

@@ -1,0 +1,242 @@
+"""Interventions: reversible, serialisable changes to a model, each owning its control.
+
+An :class:`Intervention` is a small value object describing a change to the
+model: zero or scale MLP neurons, ablate attention heads, zero individual
+weights, add a weight delta, steer along a direction. ``intervention.apply(model)``
+is a context manager; on exit the model is exactly as before (hooks removed,
+weights restored from saved copies, bit for bit).
+
+Every type also knows how to draw its own **random control**
+(:meth:`Intervention.random_like`): an intervention of the same kind and size
+with randomly chosen components, so evaluation code never has to ask what kind
+of intervention it holds.
+
+Types register with :func:`register_intervention`; interventions save to a
+folder (``intervention.json`` plus ``tensors.safetensors``) and load back with
+:func:`load_intervention`, so any method's output can be re-applied later, by the
+CLI or by another tool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator
+
+import torch
+from torch import Tensor
+
+from ..core.hooks import hooked
+from ..core.results import atomic_save_tensors, atomic_write_json
+from ..core.weights import named_params
+
+_REGISTRY: dict[str, type["Intervention"]] = {}
+
+
+def register_intervention(cls: type["Intervention"]) -> type["Intervention"]:
+    """Class decorator: make an intervention type loadable by its ``kind``."""
+    if not cls.kind or cls.kind == "intervention":
+        raise ValueError(f"{cls.__name__} needs a class attribute 'kind'")
+    if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
+        raise ValueError(f"intervention kind {cls.kind!r} is registered twice "
+                         f"({_REGISTRY[cls.kind].__name__} and {cls.__name__})")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def intervention_types() -> dict[str, type["Intervention"]]:
+    return dict(_REGISTRY)
+
+
+class Intervention:
+    """Base class: a reversible change to a model, serialisable to a folder."""
+
+    kind: ClassVar[str] = "intervention"
+
+    # -- behaviour --
+    def hooks(self, model) -> list[tuple[Any, Callable]]:
+        """Forward hooks implementing the intervention (none for weight edits)."""
+        return []
+
+    @contextlib.contextmanager
+    def apply(self, model) -> Iterator[Any]:
+        """Context manager: the model carries the intervention inside the block."""
+        with hooked(model, self.hooks(model)):
+            yield model
+
+    def validate(self, model) -> None:
+        """Raise ``ValueError`` if the intervention does not fit the model."""
+
+    def random_like(self, model, seed: int) -> "Intervention":
+        """A random control: the same kind and size, components drawn at random (seeded)."""
+        raise NotImplementedError(f"{type(self).__name__} defines no random control")
+
+    @property
+    def positions(self) -> Any:
+        """Where in the sequence the intervention acts: ``"all"`` unless a subclass says otherwise."""
+        return "all"
+
+    @property
+    def n_components(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return f"{self.kind} ({self.n_components} components)"
+
+    # -- serialisation --
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    @classmethod
+    def from_dict(cls, d: dict, tensors: dict[str, Tensor]) -> "Intervention":
+        raise NotImplementedError
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = self.tensors()
+        if tensors:
+            atomic_save_tensors(tensors, path / "tensors.safetensors")
+        atomic_write_json({"kind": self.kind, **self.to_dict()}, path / "intervention.json")
+        return path
+
+
+def intervention_from_dict(d: dict, tensors: dict[str, Tensor]) -> Intervention:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown intervention kind {kind!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[kind].from_dict(d, tensors)
+
+
+def load_intervention(path: str | Path) -> Intervention:
+    """Load an intervention saved with :meth:`Intervention.save`."""
+    path = Path(path)
+    meta = path / "intervention.json"
+    if not meta.exists():
+        raise FileNotFoundError(f"{path} holds no saved intervention (missing intervention.json)")
+    d = json.loads(meta.read_text())
+    tensors = {}
+    if (path / "tensors.safetensors").exists():
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / "tensors.safetensors"))
+    try:
+        return intervention_from_dict(d, tensors)
+    except ValueError as err:
+        raise ValueError(f"{meta}: {err}") from err
+
+
+@contextlib.contextmanager
+def maybe_apply(intervention: Intervention | None, model):
+    """``intervention.apply(model)``, or nothing when ``intervention`` is None."""
+    if intervention is None:
+        yield model
+    else:
+        with intervention.apply(model):
+            yield model
+
+
+def as_layer_dict(items) -> dict[int, list[int]]:
+    """Accept ``{layer: [idx...]}`` or ``[(layer, idx), ...]``; return a sorted dict."""
+    out: dict[int, set[int]] = {}
+    if isinstance(items, dict):
+        pairs = [(int(l), int(i)) for l, idx in items.items() for i in idx]
+    else:
+        pairs = [(int(l), int(i)) for l, i in items]
+    for l, i in pairs:
+        out.setdefault(l, set()).add(i)
+    return {l: sorted(v) for l, v in sorted(out.items())}
+
+
+def param(model, name: str) -> torch.nn.Parameter:
+    params = named_params(model)
+    if name not in params:
+        raise ValueError(f"model has no parameter named {name!r}")
+    return params[name]
+
+
+@contextlib.contextmanager
+def restoring(params: dict[str, torch.nn.Parameter]):
+    """Save copies of parameters and restore them bit for bit on exit."""
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
+
+
+@register_intervention
+@dataclass
+class Identity(Intervention):
+    """No change (the unmodified model)."""
+
+    kind: ClassVar[str] = "identity"
+
+    def to_dict(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        return cls()
+
+    def random_like(self, model, seed: int) -> "Identity":
+        return Identity()
+
+    def describe(self) -> str:
+        return "no intervention"
+
+
+@register_intervention
+@dataclass
+class Compose(Intervention):
+    """Several interventions applied together."""
+
+    parts: list[Intervention] = field(default_factory=list)
+    kind: ClassVar[str] = "compose"
+
+    @property
+    def n_components(self) -> int:
+        return sum(p.n_components for p in self.parts)
+
+    @property
+    def positions(self) -> Any:
+        pos = {str(p.positions) for p in self.parts}
+        return self.parts[0].positions if len(pos) == 1 and self.parts else "all"
+
+    @contextlib.contextmanager
+    def apply(self, model):
+        with contextlib.ExitStack() as stack:
+            for p in self.parts:
+                stack.enter_context(p.apply(model))
+            yield model
+
+    def random_like(self, model, seed: int) -> "Compose":
+        return Compose([p.random_like(model, seed + 7919 * i) for i, p in enumerate(self.parts)])
+
+    def describe(self) -> str:
+        return " + ".join(p.describe() for p in self.parts) or "no intervention"
+
+    def to_dict(self):
+        return {"parts": [{"kind": p.kind, **p.to_dict()} for p in self.parts]}
+
+    def tensors(self):
+        out = {}
+        for i, p in enumerate(self.parts):
+            out.update({f"{i}/{k}": v for k, v in p.tensors().items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        parts = []
+        for i, pd in enumerate(d["parts"]):
+            sub = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")}
+            parts.append(intervention_from_dict(pd, sub))
+        return cls(parts=parts)

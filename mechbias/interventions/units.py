@@ -1,0 +1,170 @@
+"""Interventions on model units: MLP neurons and attention heads, by hook."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.runner import local_positions
+from ..core.sites import Site
+from .base import Intervention, as_layer_dict, register_intervention
+
+
+def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
+    """Hook multiplying ``act[:, pos, index]`` (``act[:, pos, head, :]`` for heads) by ``factor``."""
+
+    def hook(act, hook):
+        pos = local_positions(positions, act.shape[1])
+        if isinstance(pos, list):
+            if not pos:
+                return None
+            pos = torch.tensor(pos, dtype=torch.long, device=act.device)[:, None]
+        idx = index.to(act.device)
+        sel = (slice(None), pos, idx[None, :] if not isinstance(pos, slice) else idx)
+        out = act.clone()
+        out[sel] = act[sel] * factor if factor != 0 else 0.0
+        return out
+
+    return hook
+
+
+def _check(items: dict[int, list[int]], n_layers: int, size: int, what: str) -> None:
+    for l, idx in items.items():
+        if not 0 <= l < n_layers:
+            raise ValueError(f"{what} layer {l} is outside 0..{n_layers - 1}")
+        if idx and not (0 <= min(idx) and max(idx) < size):
+            raise ValueError(f"{what} index out of range 0..{size - 1} in layer {l}")
+
+
+def random_per_layer(items: dict[int, list[int]], size: int, rng: np.random.Generator,
+                      exclude_selected: bool = True) -> dict[int, list[int]]:
+    """The same number of units per layer, drawn uniformly (excluding the selected ones when possible)."""
+    out = {}
+    for l, idx in items.items():
+        pool = np.setdiff1d(np.arange(size), idx) if exclude_selected else np.arange(size)
+        if len(pool) < len(idx):
+            pool = np.arange(size)
+        out[l] = sorted(int(i) for i in rng.choice(pool, size=len(idx), replace=False))
+    return out
+
+
+@register_intervention
+@dataclass
+class NeuronIntervention(Intervention):
+    """Zero or scale MLP neurons (the ``post`` site, ``blocks.{l}.mlp.hook_post``).
+
+    ``factor=0`` suppresses (BNS / neuron pruning), ``factor=2`` amplifies.
+    ``positions`` is ``"all"``, ``"last"`` (the prediction position) or a list
+    of absolute positions.
+    """
+
+    neurons: dict[int, list[int]]
+    factor: float = 0.0
+    positions: Any = "all"
+    label: str = ""
+    kind: ClassVar[str] = "neurons"
+
+    def __post_init__(self):
+        self.neurons = as_layer_dict(self.neurons)
+
+    @property
+    def n_components(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+    @property
+    def sites(self) -> list[Site]:
+        return [Site(l, "post", tuple(idx), self.positions) for l, idx in self.neurons.items()]
+
+    def validate(self, model) -> None:
+        _check(self.neurons, model.cfg.n_layers, model.cfg.d_mlp, "neuron")
+
+    def hooks(self, model):
+        self.validate(model)
+        return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=False))
+                for s in self.sites]
+
+    def random_like(self, model, seed: int) -> "NeuronIntervention":
+        """The same number of neurons in each layer, drawn uniformly from the unselected ones."""
+        out = random_per_layer(self.neurons, model.cfg.d_mlp, np.random.default_rng(seed))
+        return NeuronIntervention(out, self.factor, self.positions, label="random neurons")
+
+    def describe(self) -> str:
+        op = "zero" if self.factor == 0 else f"x{self.factor:g}"
+        return f"{op} {self.n_components} MLP neurons at {self.positions} positions"
+
+    def to_dict(self):
+        return {"neurons": {str(k): v for k, v in self.neurons.items()}, "factor": self.factor,
+                "positions": self.positions, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        return cls(neurons={int(k): v for k, v in d["neurons"].items()}, factor=d.get("factor", 0.0),
+                   positions=d.get("positions", "all"), label=d.get("label", ""))
+
+    def as_pairs(self) -> list[tuple[int, int]]:
+        return [(l, i) for l, idx in self.neurons.items() for i in idx]
+
+
+@register_intervention
+@dataclass
+class HeadIntervention(Intervention):
+    """Ablate attention heads.
+
+    ``mode="z"``: zero the head's output at ``hook_z`` (true output ablation).
+    ``mode="q"``: zero its query at ``hook_q``; the attention logits become 0, so
+    attention over the causal prefix is uniform and the head outputs the mean of
+    its values (the Breaking Down Bias code's "head pruning").
+    """
+
+    heads: dict[int, list[int]]
+    mode: str = "z"
+    factor: float = 0.0
+    positions: Any = "all"
+    label: str = ""
+    kind: ClassVar[str] = "heads"
+
+    def __post_init__(self):
+        self.heads = as_layer_dict(self.heads)
+        if self.mode not in ("z", "q"):
+            raise ValueError(f"head ablation mode must be 'z' or 'q', not {self.mode!r}")
+
+    @property
+    def n_components(self) -> int:
+        return sum(len(v) for v in self.heads.values())
+
+    @property
+    def sites(self) -> list[Site]:
+        return [Site(l, self.mode, tuple(idx), self.positions) for l, idx in self.heads.items()]
+
+    def validate(self, model) -> None:
+        _check(self.heads, model.cfg.n_layers, model.cfg.n_heads, "head")
+
+    def hooks(self, model):
+        self.validate(model)
+        return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=True))
+                for s in self.sites]
+
+    def random_like(self, model, seed: int) -> "HeadIntervention":
+        """The same number of heads in each layer, drawn uniformly from the unselected ones."""
+        out = random_per_layer(self.heads, model.cfg.n_heads, np.random.default_rng(seed))
+        return HeadIntervention(out, self.mode, self.factor, self.positions, label="random heads")
+
+    def describe(self) -> str:
+        what = "output (hook_z)" if self.mode == "z" else "query (hook_q, uniform attention)"
+        return f"ablate {self.n_components} attention heads by zeroing their {what}"
+
+    def to_dict(self):
+        return {"heads": {str(k): v for k, v in self.heads.items()}, "mode": self.mode,
+                "factor": self.factor, "positions": self.positions, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        return cls(heads={int(k): v for k, v in d["heads"].items()}, mode=d.get("mode", "z"),
+                   factor=d.get("factor", 0.0), positions=d.get("positions", "all"), label=d.get("label", ""))
+
+    def as_pairs(self) -> list[tuple[int, int]]:
+        return [(l, h) for l, idx in self.heads.items() for h in idx]

@@ -1,0 +1,117 @@
+"""Interventions on weights: masks (unstructured pruning) and additive edits. Restored bit for bit."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.weights import named_params
+from .base import Intervention, param, register_intervention, restoring
+
+
+@register_intervention
+@dataclass
+class WeightMask(Intervention):
+    """Zero individual weight entries (unstructured / Wanda pruning).
+
+    ``masks`` maps a parameter name (see :func:`mechbias.core.weights.named_params`)
+    to a flat index tensor of entries to zero. Weights are restored exactly.
+    """
+
+    masks: dict[str, Tensor]
+    label: str = ""
+    kind: ClassVar[str] = "weight_mask"
+
+    @property
+    def n_components(self) -> int:
+        return int(sum(m.numel() for m in self.masks.values()))
+
+    @contextlib.contextmanager
+    def apply(self, model):
+        params = {n: param(model, n) for n in self.masks}
+        with restoring(params), torch.no_grad():
+            for n, p in params.items():
+                p.view(-1)[self.masks[n].to(p.device).long()] = 0.0
+            yield model
+
+    def random_like(self, model, seed: int) -> "WeightMask":
+        """The same number of entries in each matrix, drawn uniformly."""
+        rng = np.random.default_rng(seed)
+        params = named_params(model)
+        masks = {n: torch.from_numpy(rng.choice(params[n].numel(), size=len(idx), replace=False)).long()
+                 for n, idx in self.masks.items()}
+        return WeightMask(masks, label="random weights")
+
+    def describe(self) -> str:
+        return f"zero {self.n_components} weights in {len(self.masks)} matrices"
+
+    def to_dict(self):
+        return {"params": sorted(self.masks), "label": self.label}
+
+    def tensors(self):
+        return {n: m.long().contiguous() for n, m in self.masks.items()}
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        return cls(masks={n: tensors[n] for n in d["params"]}, label=d.get("label", ""))
+
+
+@register_intervention
+@dataclass
+class WeightEdit(Intervention):
+    """Add ``scale * delta`` to parameters (a GRADIEND edit); restored exactly."""
+
+    deltas: dict[str, Tensor]
+    scale: float = 1.0
+    label: str = ""
+    kind: ClassVar[str] = "weight_edit"
+
+    @property
+    def n_components(self) -> int:
+        return int(sum(d.numel() for d in self.deltas.values()))
+
+    @contextlib.contextmanager
+    def apply(self, model):
+        params = {n: param(model, n) for n in self.deltas}
+        for n, p in params.items():
+            if p.shape != self.deltas[n].shape:
+                raise ValueError(f"delta for {n} has shape {tuple(self.deltas[n].shape)}, parameter {tuple(p.shape)}")
+        with restoring(params), torch.no_grad():
+            for n, p in params.items():
+                p.add_(self.deltas[n].to(p.device, p.dtype), alpha=self.scale)
+            yield model
+
+    def random_like(self, model, seed: int) -> "WeightEdit":
+        """A random direction with the same norm in each matrix."""
+        g = torch.Generator().manual_seed(int(seed))
+        deltas = {}
+        for n, d in self.deltas.items():
+            r = torch.randn(d.shape, generator=g, dtype=torch.float32)
+            deltas[n] = (r * (d.float().norm() / r.norm().clamp_min(1e-12))).to(d.dtype)
+        return WeightEdit(deltas, self.scale, label="random direction, same norm")
+
+    def commit(self, model) -> None:
+        """Apply the edit permanently (the caller asked for a changed model)."""
+        with torch.no_grad():
+            for n, d in self.deltas.items():
+                p = param(model, n)
+                p.add_(d.to(p.device), alpha=self.scale)
+
+    def describe(self) -> str:
+        norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in self.deltas.values()))) * abs(self.scale)
+        return f"weight edit on {len(self.deltas)} matrices (norm {norm:.3g})"
+
+    def to_dict(self):
+        return {"params": sorted(self.deltas), "scale": self.scale, "label": self.label}
+
+    def tensors(self):
+        return {n: d.contiguous() for n, d in self.deltas.items()}
+
+    @classmethod
+    def from_dict(cls, d, tensors):
+        return cls(deltas={n: tensors[n] for n in d["params"]}, scale=d.get("scale", 1.0), label=d.get("label", ""))

@@ -1,0 +1,149 @@
+"""The method interface and registry.
+
+A method finds, on one context's selection split, an intervention that should
+remove a bias. It is a class with
+
+* ``name`` (the registry key and the CLI command), ``title`` and ``summary``;
+* ``Config``: a dataclass of its settings, validated in ``__post_init__``; every
+  field becomes a command-line flag (its ``metadata["help"]`` is the help text);
+* ``select(model, context, axis) -> Selection``: the intervention plus whatever
+  the method wants to keep (attributions, a trained feature, ...), using only
+  the context's selection split;
+* optionally ``analyze(...)`` (extra analyses after all contexts are selected,
+  e.g. the IG² paper's verification) and ``report(...)`` (its Markdown for the
+  study report), and ``study_configs(quick)`` (the variants the study runs).
+
+Registering (``@register_method``) is all it takes to appear in the CLI, the
+study and the transfer matrices. A method instance is also a transfer-engine
+selector: calling it returns the intervention and keeps the selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from ..core.results import Result, atomic_write_json
+from ..data.contexts import Context, load_context
+from ..interventions.base import Intervention
+
+_METHODS: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class MethodConfig:
+    """Base of method configurations; subclasses add fields and override :meth:`validate`."""
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` with a clear message for settings that cannot work."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    """What a method chose on one context: the intervention and the results behind it."""
+
+    context: str
+    axis: str
+    intervention: Intervention
+    artifacts: dict[str, Result] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        self.intervention.save(path / "intervention")
+        for name, res in self.artifacts.items():
+            res.save(path / name)
+        atomic_write_json({"context": self.context, "axis": self.axis, "intervention": self.intervention.describe(),
+                           "n_components": self.intervention.n_components, **self.summary},
+                          path / "selection.json")
+        return path
+
+
+class Method:
+    """Base class of the registered methods (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def __init__(self, config: MethodConfig | None = None, *, seed: int = 0,
+                 log: Callable[[str], None] | None = None):
+        self.config = config if config is not None else self.Config()
+        if not isinstance(self.config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.config).__name__}")
+        self.seed = seed
+        self.log = log or (lambda s: None)
+        self.selections: dict[str, Selection] = {}
+
+    # -- the interface --
+    def select(self, model, context: Context, axis: str) -> Selection:
+        raise NotImplementedError
+
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, transfer=None,
+                eval_sets: dict | None = None, n_boot: int = 1000, **extras) -> dict:
+        """Extra analyses over the selections made so far; returns a JSON-able summary (may write figures
+        under ``out / "figures"`` and list them in ``summary["figures"]``). ``transfer`` is the method's
+        transfer matrix when one was computed; ``extras`` come from :meth:`study_extras`."""
+        return {}
+
+    def report(self, summary: dict, fig: Callable[[str], str]) -> str:
+        """Markdown describing :meth:`analyze`'s summary in the study report."""
+        return ""
+
+    @classmethod
+    def study_configs(cls, quick: bool = False) -> dict[str, MethodConfig]:
+        """The variants the study runs: step name -> config."""
+        return {cls.name: cls.Config()}
+
+    @classmethod
+    def study_extras(cls, step: str, quick: bool = False) -> dict:
+        """Per study variant: ``title``, keyword arguments for :meth:`analyze` and transfer-config overrides."""
+        return {"title": cls.title, "analyze": {}, "transfer": {}}
+
+    # -- the selector protocol of the transfer engine --
+    def __call__(self, model, context: Context | str, axis: str) -> Intervention:
+        ctx = load_context(context)
+        sel = self.select(model, ctx, axis)
+        self.selections[ctx.name] = sel
+        return sel.intervention
+
+    def describe(self) -> str:
+        return f"{self.title}: {self.summary}" if self.summary else self.title
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry (the CLI and the study read it)."""
+    if not cls.name or not cls.name.replace("_", "").isalnum():
+        raise ValueError(f"{cls.__name__} needs a name of letters, digits and underscores")
+    if cls.name in _METHODS and _METHODS[cls.name] is not cls:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def registered_methods() -> dict[str, type[Method]]:
+    """The registered methods, in registration order."""
+    return dict(_METHODS)
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(_METHODS)}")
+    return _METHODS[name]
+
+
+def config_from_dict(cls: type[MethodConfig], d: dict[str, Any]) -> MethodConfig:
+    """A config from a dict, refusing keys the config does not have (no silently ignored settings)."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no settings {unknown}; known: {sorted(known)}")
+    return cls(**d)

@@ -1,0 +1,77 @@
+"""GRADIEND as a registered method: train the one-neuron feature on a context's selection split,
+choose the edit (h, α) there, and apply it as a weight edit."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ...core.results import atomic_savefig, markdown_table
+from ...data.contexts import Context
+from ...interventions.base import Identity
+from ...viz.plotting import plot_gradiend_grid
+from ..base import Method, Selection, register_method
+from .edit import choose_edit
+from .gradients import param_set
+from .train import GradiendConfig, evaluate_feature, train_gradiend
+
+
+@register_method
+class Gradiend(Method):
+    name = "gradiend"
+    title = "GRADIEND"
+    summary = ("A one-neuron encoder-decoder trained on gradients of factual vs counterfactual group words on the "
+               "context's selection split; the weight edit θ + α·dec(h) with the smallest |gap| on selection "
+               "prompts within the perplexity limit.")
+    Config = GradiendConfig
+    config: GradiendConfig
+
+    def select(self, model, context: Context, axis: str) -> Selection:
+        cfg = dataclasses.replace(self.config, seed=self.seed)
+        res = train_gradiend(model, context, axis, cfg, log=self.log)
+        ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
+                         neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)
+        iv = Identity() if ch["chosen"] is None else res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
+        summary = {"seeds": res.seeds, "chosen_edit": ch["chosen"], "gap_before": ch["gap_before"],
+                   "perplexity_before": ch["perplexity_before"], "n_params": res.param_set.numel}
+        return Selection(context.name, axis, iv, {"gradiend": res}, summary)
+
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+        """The feature on held-out names and templates (group A, group B, neutral texts)."""
+        cfg = self.config
+        feats, figures = [], []
+        for name, s in self.selections.items():
+            res = s.artifacts["gradiend"]
+            ev = evaluate_feature(model, res, batch_texts=cfg.batch_texts, n_batches=2 if quick else 5,
+                                  n_neutral=2 if quick else 4, split_seed=self.seed)
+            res.save(out / f"gradiend_{name}")
+            if not figures:
+                atomic_savefig(res.plot(), out / "figures" / "gradiend_feature.png")
+                atomic_savefig(plot_gradiend_grid(res), out / "figures" / "gradiend_grid.png")
+                figures += ["gradiend_feature.png", "gradiend_grid.png"]
+            feats.append({"context": name, "val_pearson": max(abs(x["val_pearson"]) for x in res.seeds),
+                          "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"], "pearson": ev["pearson"],
+                          "stats": ev["stats"], "chosen": res.edit.get("chosen"), "gap_before": res.edit.get("gap_before")})
+        return {"params": cfg.params, "n_params": param_set(model, cfg.params, cfg.layers).numel, "steps": cfg.steps,
+                "batch": cfg.batch_texts, "lr": cfg.lr, "features": feats, "figures": figures}
+
+    def report(self, summary: dict, fig) -> str:
+        rows = [{"trained on": r["context"], "val |Pearson| (best seed)": r["val_pearson"],
+                 "held-out AUC": r.get("auc"), "held-out sign accuracy": r["sign_accuracy"],
+                 "held-out Pearson": r["pearson"], "chosen h": (r["chosen"] or {}).get("h"),
+                 "chosen alpha": (r["chosen"] or {}).get("alpha")} for r in summary.get("features", [])]
+        return "\n".join([f"GRADIEND on {summary.get('params')} ({summary.get('n_params', 0):,} parameters), "
+                          f"{summary.get('steps')} steps of batches of {summary.get('batch')} texts, lr "
+                          f"{summary.get('lr')}.", "", markdown_table(rows), ""]
+                         + [f"![{f}]({fig(f)})" for f in summary.get("figures", [])])
+
+    @classmethod
+    def study_configs(cls, quick: bool = False) -> dict[str, GradiendConfig]:
+        return {"gradiend": GradiendConfig(params="mlp", steps=4 if quick else 30, batch_texts=4 if quick else 8,
+                                           lr=1e-4, seeds=(0,) if quick else (0, 1), val_batches=4 if quick else 6,
+                                           edit_names=8 if quick else 16, edit_texts=4 if quick else 6)}
+
+    @classmethod
+    def study_extras(cls, step: str, quick: bool = False) -> dict:
+        return {"title": "GRADIEND feature and weight edit", "analyze": {}, "transfer": {},
+                "rows": 1 if quick else 2}

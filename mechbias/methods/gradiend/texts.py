@@ -1,0 +1,65 @@
+"""GRADIEND texts: factual / counterfactual feature texts for a context and axis, and neutral texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ...data.contexts import Context, fill, load_axis, load_context, single_token
+from ...data.texts import neutral_texts
+
+FEATURE_SUFFIX = {
+    "gender": (" Afterwards, {name} said that", None),
+    "race": (" Is {name} White or Black? {name} is", " Is {name} Black or White? {name} is"),
+}
+
+
+# ----------------------------------------------------------------------------
+# texts
+# ----------------------------------------------------------------------------
+
+@dataclass
+class FeatureText:
+    text: str
+    group: int          # 0 = group A, 1 = group B, -1 = neutral
+    factual: int        # token id of the factual next token
+    counterfactual: int  # token id of the other group's word (= factual for neutral texts)
+    template: int = -1
+    name: str = ""
+
+
+def feature_texts(model, context: Context | str, axis: str, *, templates: str | Sequence[int] = "selection",
+                  names: str = "selection", seed: int = 0) -> list[FeatureText]:
+    """Factual/counterfactual texts for one context and axis (see the module docstring)."""
+    ctx = load_context(context)
+    ax = load_axis(axis)
+    if ax.name not in FEATURE_SUFFIX:
+        raise ValueError(f"no GRADIEND feature prompt for axis {ax.name!r}")
+    words = [single_token(model, ax.words[g], f"{ax.name} word") for g in ax.groups]
+    t_idx = ctx.template_split(templates, seed) if isinstance(templates, str) else list(templates)
+    out = []
+    for t in t_idx:
+        question = ctx.templates[t].rsplit(" Answer:", 1)[0]
+        suffix = FEATURE_SUFFIX[ax.name][t % 2] or FEATURE_SUFFIX[ax.name][0]
+        for p in ax.split_people(names, seed):
+            g = ax.group_index(p)
+            out.append(FeatureText(fill(question + suffix, p), g, words[g], words[1 - g], t, p.name))
+    return out
+
+
+def neutral_feature_texts(model, n: int = 24, length: int = 18) -> list[FeatureText]:
+    """Prefixes of the neutral paragraphs; the target is the real next token."""
+    out = []
+    for para in neutral_texts():
+        ids = model.to_tokens(para)[0]
+        for start in range(length, len(ids) - 1, 2 * length):
+            prefix = model.to_string(ids[1:start]) if hasattr(model, "to_string") else None
+            if prefix is None:
+                continue
+            nxt = int(ids[start])
+            out.append(FeatureText(prefix, -1, nxt, nxt))
+            if len(out) >= n:
+                return out
+    return out
+
+

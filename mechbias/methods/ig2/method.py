@@ -1,0 +1,144 @@
+"""IG² + BNS as a registered method: attribute on a context's selection split, select neurons with
+the paper's rule, suppress them (BNS); the paper's verification runs on held-out units."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ...core.results import atomic_savefig, markdown_table
+from ...data.contexts import Context, load_axis
+from ...eval.metrics import favoured_group
+from ...viz.plotting import plot_overlap
+from ..base import Method, MethodConfig, Selection, register_method
+from .attribution import RULES, run_ig2
+from .selection import select_neurons, selection_overlap
+from .units import contrast_units, demographic_units
+from .verify import verify
+
+MODES = ("contrast", "demographic", "demographic-single")
+KINDS = ("prob", "abs_prob", "logprob", "logit")
+
+
+@dataclass
+class IG2Config(MethodConfig):
+    mode: str = field(default="contrast", metadata={
+        "help": "units: contrast (name pairs on the context's templates), demographic (outcome-paired "
+                "demographic-prediction prompts) or demographic-single (the paper's single prompts)",
+        "choices": MODES})
+    pairs: int = field(default=6, metadata={"help": "name pairs per template (contrast mode)"})
+    steps: int = field(default=20, metadata={"help": "integration steps m"})
+    rule: str = field(default="left", metadata={"help": "integration rule", "choices": RULES})
+    kind: str = field(default="prob", metadata={"help": "gap G: prob = P(d1) - P(d2) (the authors' code)",
+                                                "choices": KINDS})
+    positions: str = field(default="all", metadata={
+        "help": "where BNS suppresses the neurons: every position or the prediction position",
+        "choices": ("all", "last")})
+    verify_random: int = field(default=5, metadata={"help": "random-neuron draws in the paper's verification"})
+    plain_ig: bool = field(default=True, metadata={"help": "also select with plain IG (for the verification)"})
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, not {self.rule!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        if self.positions not in ("all", "last"):
+            raise ValueError(f"positions must be 'all' or 'last', not {self.positions!r}")
+        if self.steps < 1 or self.pairs < 1 or self.verify_random < 0:
+            raise ValueError("steps and pairs must be >= 1 and verify_random >= 0")
+
+
+@register_method
+class IG2(Method):
+    name = "ig2"
+    title = "IG² + BNS"
+    summary = ("IG² attributions of MLP neurons on name pairs of the context's selection templates, the paper's "
+               "selection (per prompt >= 0.2 max, per bag >= 70% adapted, per relation >= 10%), suppressed (x0).")
+    Config = IG2Config
+    config: IG2Config
+
+    def _units(self, ctx: Context, axis: str, fav: int, split: str):
+        c = self.config
+        if c.mode == "contrast":
+            return contrast_units(ctx, axis, favoured=fav, templates=split, names=split,
+                                  pairs_per_template=c.pairs, seed=self.seed)
+        return demographic_units(ctx, axis, favoured=fav, outcomes=split, paired=c.mode == "demographic",
+                                 seed=self.seed)
+
+    def select(self, model, context: Context, axis: str) -> Selection:
+        c = self.config
+        ax = load_axis(axis)
+        fav = favoured_group(model, context, ax, seed=self.seed)
+        units = self._units(context, ax.name, fav, "selection")
+        res = run_ig2(model, units, kind=c.kind, steps=c.steps, rule=c.rule, progress=True)
+        sel = select_neurons(res)
+        artifacts = {"attributions": res, "selection": sel}
+        if c.plain_ig:
+            plain = run_ig2(model, units, kind="target_prob", steps=c.steps, rule=c.rule, progress=True)
+            artifacts["selection_plain_ig"] = select_neurons(plain)
+        for r in artifacts.values():
+            r.meta.update(context=context.name, axis=ax.name, **c.to_dict())
+        err = res.completeness_error()
+        summary = {"favoured_group": ax.groups[fav], "n_units": len(units),
+                   "completeness_error_per_layer": [float(x) for x in err],
+                   "completeness_error_median": float(err.median()), "selected_neurons": sel.neurons,
+                   "n_selected": len(sel), "selection_thresholds": sel.thresholds}
+        iv = sel.intervention(0.0, c.positions, f"BNS {context.name}/{ax.name}")
+        return Selection(context.name, ax.name, iv, artifacts, summary)
+
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+        """The paper's verification on held-out units, per context; overlap of selections between contexts."""
+        c = self.config
+        rows, comp, comp0, figures = [], [], [], []
+        for name, s in self.selections.items():
+            fav = load_axis(axis).groups.index(s.summary["favoured_group"])
+            sel = s.artifacts["selection"]
+            plain = s.artifacts.get("selection_plain_ig")
+            err = np.asarray(s.summary["completeness_error_per_layer"])
+            comp.append(float(np.median(err)))
+            comp0.append(float(err[0]))
+            if len(sel):
+                held = self._units(name, axis, fav, "heldout")
+                v = verify(model, sel, held, ig_selection=plain, kind=c.kind, positions=c.positions,
+                           n_random=c.verify_random, seed=self.seed)
+                v.save(out / f"verification_{name}")
+                rows += [{"context": name, **{k: r[k] for k in r if k != "random_draws"}} for r in v.rows]
+            if not figures:
+                atomic_savefig(s.artifacts["attributions"].plot(sel), out / "figures" / "ig2_attributions.png")
+                figures.append("ig2_attributions.png")
+        summary = {"verification": rows, "completeness_median": float(np.median(comp)) if comp else None,
+                   "completeness_layer0": float(np.median(comp0)) if comp0 else None,
+                   "n_selected": {k: len(s.artifacts["selection"]) for k, s in self.selections.items()}}
+        if len(self.selections) > 1:
+            ov = selection_overlap({k: s.artifacts["selection"] for k, s in self.selections.items()},
+                                   model.cfg.d_mlp, seed=self.seed)
+            atomic_savefig(plot_overlap(ov, f"Overlap of IG²-selected neurons between contexts ({axis})"),
+                           out / "figures" / "ig2_overlap.png")
+            figures.append("ig2_overlap.png")
+            summary["overlap"] = ov.to_dict(orient="records")
+        summary["figures"] = figures
+        return summary
+
+    def report(self, summary: dict, fig) -> str:
+        parts = [f"{self.summary} Verification on held-out names and templates: change of the attributed gap "
+                 "when the selected neurons are suppressed (x0) or amplified (x2), against random neurons from "
+                 "the same layers.", ""]
+        if summary.get("verification"):
+            parts += [markdown_table([{k: r[k] for k in ("context", "neurons", "operation", "n_neurons",
+                                                         "relative_change", "ci_low", "ci_high")}
+                                      for r in summary["verification"]]), ""]
+        if summary.get("completeness_median") is not None:
+            parts += [f"Median per-layer completeness error of IG² (m = {self.config.steps}, {self.config.rule} "
+                      f"rule): {summary['completeness_median']:.3f}; layer 0: {summary['completeness_layer0']:.2f}.",
+                      ""]
+        parts += [f"![{f}]({fig(f)})" for f in summary.get("figures", [])]
+        return "\n".join(parts)
+
+    @classmethod
+    def study_configs(cls, quick: bool = False) -> dict[str, IG2Config]:
+        return {"ig2": IG2Config(pairs=1 if quick else 4, steps=4 if quick else 20, plain_ig=False,
+                                 verify_random=1 if quick else 2)}

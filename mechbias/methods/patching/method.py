@@ -1,0 +1,121 @@
+"""Activation patching as a registered method: the heads whose denoising patch moves the contrast
+score most on a context's selection pairs are ablated (``hook_z``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...core.results import atomic_savefig, markdown_table
+from ...core.sites import Site
+from ...data.contexts import Context, make_pairs
+from ...interventions.units import HeadIntervention
+from ...viz.plotting import plot_correlation_matrix, plot_layer_profiles
+from ..base import Method, MethodConfig, Selection, register_method
+from .atp import attribution_patch, atp_agreement
+from .engine import SWEEPS, compare_contexts, patch_set, patch_sweep
+
+DIRECTIONS = ("denoise", "noise")
+
+
+@dataclass
+class PatchingConfig(MethodConfig):
+    pairs: int = field(default=6, metadata={"help": "equal-token-length name pairs of the selection split"})
+    top_heads: int = field(default=5, metadata={"help": "heads ablated: the top-k by |patching effect|"})
+    direction: str = field(default="denoise", metadata={"help": "patching direction of the head sweep",
+                                                        "choices": DIRECTIONS})
+    components: tuple[str, ...] = field(default=("resid_pre", "heads"), metadata={
+        "help": "sweeps to run and save (heads is always run: it selects the heads)", "choices": SWEEPS})
+    atp: bool = field(default=True, metadata={"help": "attribution patching and its agreement with exact patching"})
+
+    def validate(self) -> None:
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
+        bad = [c for c in self.components if c not in SWEEPS]
+        if bad:
+            raise ValueError(f"unknown sweep components {bad}; choose from {SWEEPS}")
+        if self.pairs < 1 or self.top_heads < 1:
+            raise ValueError("pairs and top_heads must be >= 1")
+
+
+@register_method
+class Patching(Method):
+    name = "patch"
+    title = "Patching-selected heads"
+    summary = ("Exact activation patching of every head (hook_z) on equal-length name pairs of the context's "
+               "selection split; the top heads by |effect| are zeroed (hook_z).")
+    Config = PatchingConfig
+    config: PatchingConfig
+
+    def select(self, model, context: Context, axis: str) -> Selection:
+        c = self.config
+        pairs = make_pairs(model, context, axis, templates="selection", names="selection", max_pairs=c.pairs,
+                           seed=self.seed)
+        comps = list(dict.fromkeys(["heads", *c.components]))
+        sweeps = {k: patch_sweep(model, pairs, k, direction=c.direction, progress=True) for k in comps}
+        top = sweeps["heads"].top(c.top_heads)
+        heads = [(t["layer"], t["head"]) for t in top]
+        artifacts = {f"sweep_{k}": r for k, r in sweeps.items()}
+        summary = {"n_pairs": len(pairs), "clean_group": pairs.axis.groups[0], "direction": c.direction,
+                   "ld_clean_mean": float(sweeps["heads"].ld_clean.mean()),
+                   "ld_corrupt_mean": float(sweeps["heads"].ld_corrupt.mean()),
+                   "top": {k: r.top(10) for k, r in sweeps.items()}, "top_heads": top,
+                   "layer_profile": {k: [float(x) for x in r.layer_profile()] for k, r in sweeps.items()}}
+        if c.atp:
+            atp_comps = [k for k in ("resid_pre", "attn_out", "mlp_out", "heads") if k in sweeps]
+            atp = attribution_patch(model, pairs, direction=c.direction, components=tuple(atp_comps))
+            artifacts["atp"] = atp
+            summary["atp_agreement"] = [atp_agreement(atp, sweeps[k], k) for k in atp_comps]
+        sets = []
+        for d in DIRECTIONS:  # the chosen heads patched together, both directions
+            r = patch_set(model, pairs, [Site(l, "z", (h,)) for l, h in heads], direction=d)
+            sets.append({"set": f"top {c.top_heads} heads of the {c.direction} sweep", "heads": [list(h) for h in heads],
+                         **{k: v for k, v in r.items() if k not in ("values", "ld_clean", "ld_corrupt")}})
+        summary["set_patching"] = sets
+        iv = HeadIntervention(heads, mode="z", label=f"patching-selected heads {context.name}/{axis}")
+        return Selection(context.name, axis, iv, artifacts, summary)
+
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+        figures, rows = [], []
+        first = next(iter(self.selections.values()), None)
+        if first is not None and "sweep_resid_pre" in first.artifacts:
+            atomic_savefig(first.artifacts["sweep_resid_pre"].plot(), out / "figures" / "patch_resid.png")
+            figures.append("patch_resid.png")
+        heads = {k: s.artifacts["sweep_heads"] for k, s in self.selections.items()}
+        profiles = {k: s.summary["layer_profile"]["heads"] for k, s in self.selections.items()}
+        if heads:
+            atomic_savefig(plot_layer_profiles(profiles, f"Strongest head per layer ({self.config.direction}, {axis})"),
+                           out / "figures" / "patch_layer_profiles.png")
+            figures.append("patch_layer_profiles.png")
+        summary: dict = {}
+        if len(heads) > 1:
+            corr = compare_contexts(heads)
+            atomic_savefig(plot_correlation_matrix(corr, "Rank correlation of head effects between contexts"),
+                           out / "figures" / "patch_head_correlation.png")
+            figures.append("patch_head_correlation.png")
+            summary["head_correlation"] = corr.to_dict(orient="records")
+        for k, s in self.selections.items():
+            for a in s.summary.get("atp_agreement", []):
+                rows.append({"context": k, "component": a["component"], "AtP Spearman": a["spearman"],
+                             **{x: a[x] for x in a if x.startswith("recall")}})
+        summary.update(agreement=rows, figures=figures,
+                       set_patching=[{"context": k, **{x: r[x] for x in ("direction", "effect", "ci_low", "ci_high",
+                                                                         "normalized")}}
+                                     for k, s in self.selections.items() for r in s.summary["set_patching"]])
+        return summary
+
+    def report(self, summary: dict, fig) -> str:
+        parts = [f"{self.summary} Clean = group A's name, corrupted = the other group's name of the same token "
+                 "length; effect on logit(positive) - logit(negative).", ""]
+        parts += [f"![{f}]({fig(f)})" for f in summary.get("figures", [])]
+        if summary.get("agreement"):
+            parts += ["", "Attribution patching against exact patching (Spearman over cells, recall of the exact "
+                      "top-k):", "", markdown_table(summary["agreement"])]
+        if summary.get("set_patching"):
+            parts += ["", "The chosen heads patched together:", "", markdown_table(summary["set_patching"])]
+        return "\n".join(parts)
+
+    @classmethod
+    def study_configs(cls, quick: bool = False) -> dict[str, PatchingConfig]:
+        return {"patching": PatchingConfig(pairs=2 if quick else 6,
+                                           components=("heads",) if quick else ("resid_pre", "heads"))}

@@ -1,0 +1,252 @@
+"""Pruning selection (Breaking Down Bias): set differences of per-group scores, the
+common-across-templates rule, and the ranked candidates a pruning intervention is cut from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...core.weights import linear_layers, named_params
+from ...data.contexts import Context, load_axis, make_pairs
+from ...eval.metrics import favoured_group
+from ...interventions.base import Intervention
+from ...interventions.units import HeadIntervention, NeuronIntervention
+from ...interventions.weights import WeightMask
+from ..base import MethodConfig
+from ..patching.engine import patch_sweep
+from .scores import head_stats, input_stats, neuron_stats, set_difference, split_norms
+
+UNITS = ("neuron", "weight", "head")
+SCORES = ("activation", "attribution", "signed_attribution", "attention", "patching")
+SELECTS = ("setdiff", "difference", "sum")
+#: the paper's (p, q) per unit (neurons: the reproduction of its appendix)
+DEFAULT_PQ = {"neuron": (0.40, 0.35), "weight": (0.15, 0.15), "head": (0.30, 0.10)}
+
+
+def _target_index(model, ctx: Context, axis: str, target: str, seed: int) -> int:
+    ax = load_axis(axis)
+    if target == "both":
+        return 0
+    if target in ax.groups:
+        return ax.groups.index(target)
+    if target not in ("disfavoured", "favoured"):
+        raise ValueError(f"target must be 'both', 'disfavoured', 'favoured' or a group of axis {axis}, not {target!r}")
+    fav = favoured_group(model, ctx, ax, seed=seed)
+    return 1 - fav if target == "disfavoured" else fav
+
+
+# ----------------------------------------------------------------------------
+# selection
+# ----------------------------------------------------------------------------
+
+@dataclass
+class PruneConfig(MethodConfig):
+    """How components are scored and chosen (see :mod:`mechbias.methods.pruning`).
+
+    ``p``, ``q``, ``score`` and ``select`` left at ``None`` take the unit's
+    defaults when the config is made, so a config always says what runs.
+    """
+
+    unit: str = field(default="neuron", metadata={"help": "what is pruned", "choices": UNITS})
+    k: int | None = field(default=100, metadata={"help": "prune the k best candidates (none: every candidate)"})
+    p: float | None = field(default=None, metadata={"help": "top-p fraction for the target group (set difference); "
+                                                            "default per unit"})
+    q: float | None = field(default=None, metadata={"help": "top-q fraction for the other group; default per unit"})
+    score: str | None = field(default=None, metadata={
+        "help": "neuron: activation | attribution | signed_attribution; head: attention | patching",
+        "choices": SCORES})
+    target: str = field(default="both", metadata={"help": "both | disfavoured | favoured | a group name"})
+    head_mode: str = field(default="q", metadata={
+        "help": "head pruning: q = zero the query (uniform attention, the paper's code), z = zero the output",
+        "choices": ("q", "z")})
+    select: str | None = field(default=None, metadata={
+        "help": "setdiff (paper) | difference (rank |S_A - S_B|) | sum (heads, the paper's code)", "choices": SELECTS})
+    common: float | None = field(default=1.0, metadata={
+        "help": "fraction of selection templates a component must be chosen in (none: pool the templates)"})
+    seed: int = field(default=0, metadata={"help": "seed of the template and name splits"})
+
+    def validate(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, not {self.unit!r}")
+        p, q = DEFAULT_PQ[self.unit]
+        self.p = p if self.p is None else self.p
+        self.q = q if self.q is None else self.q
+        if self.score is None:
+            self.score = "attention" if self.unit == "head" else "activation"
+        if self.unit == "head" and self.score == "activation":
+            self.score = "attention"
+        if self.select is None:
+            self.select = "sum" if self.unit == "head" else "setdiff"
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {SELECTS}, not {self.select!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, not {self.score!r}")
+        ok = {"neuron": ("activation", "attribution", "signed_attribution"), "head": ("attention", "patching"),
+              "weight": ("activation",)}[self.unit]
+        if self.score not in ok:
+            raise ValueError(f"score {self.score!r} does not apply to unit {self.unit!r}; choose from {ok}")
+        if not (0 <= self.p <= 1 and 0 <= self.q <= 1):
+            raise ValueError(f"p and q are fractions in [0, 1], got p={self.p}, q={self.q}")
+        if self.common is not None and not 0 < self.common <= 1:
+            raise ValueError(f"common is a fraction in (0, 1] or None (pool the templates), not {self.common}")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1 or None, not {self.k}")
+        if self.head_mode not in ("q", "z"):
+            raise ValueError(f"head_mode must be 'q' or 'z', not {self.head_mode!r}")
+
+
+@dataclass
+class Candidates:
+    """Ranked candidate components of one selection (best first) and the target group."""
+
+    unit: str
+    items: list  # (layer, index) for neurons/heads; (param, flat index) for weights
+    priority: list[float]
+    target_group: str
+    info: dict = field(default_factory=dict)
+
+    def intervention(self, k: int | None, cfg: PruneConfig) -> Intervention:
+        items = self.items if k is None else self.items[:k]
+        label = f"{self.unit} pruning ({self.info.get('where', '')})"
+        if self.unit == "neuron":
+            return NeuronIntervention(items, factor=0.0, positions="all", label=label)
+        if self.unit == "head":
+            return HeadIntervention(items, mode=cfg.head_mode, label=label)
+        masks: dict[str, list[int]] = {}
+        for n, i in items:
+            masks.setdefault(n, []).append(int(i))
+        return WeightMask({n: torch.tensor(sorted(v), dtype=torch.long) for n, v in masks.items()}, label=label)
+
+
+def _rank(mask: Tensor, diff: Tensor) -> list[tuple[int, int]]:
+    idx = mask.nonzero()
+    if len(idx) == 0:
+        return []
+    vals = diff[mask]
+    order = vals.argsort(descending=True)
+    return [(int(idx[o, 0]), int(idx[o, 1])) for o in order]
+
+
+def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: Sequence[int] | str = "selection",
+               names: str = "selection") -> Candidates:
+    """Score on the given templates and names, apply the set difference (and the common-across-templates
+    rule for several templates), and rank candidates."""
+    ax = load_axis(axis)
+    t_idx = ctx.template_split(templates, cfg.seed) if isinstance(templates, str) else list(templates)
+    tgt = _target_index(model, ctx, axis, cfg.target, cfg.seed)
+    oth = 1 - tgt
+    info = {"where": f"{ctx.name}, templates {t_idx}", "target_group": ax.groups[tgt], "config": asdict(cfg)}
+    per_template = cfg.common is not None and len(t_idx) > 1
+
+    ps = ctx.prompts(ax, templates=t_idx, names=names, seed=cfg.seed)
+    if cfg.unit == "neuron":
+        stats = neuron_stats(model, ps, method=cfg.score)
+    elif cfg.unit == "head" and cfg.score != "patching":
+        stats = head_stats(model, ps)
+    elif cfg.unit == "weight":
+        stats = input_stats(model, ps)
+    else:
+        stats = None
+
+    def score(ts):
+        if stats is None:  # heads by patching effect
+            return _head_patching_scores(model, ctx, ax, ts, names, cfg.seed)
+        m = stats.mean(ts)
+        if cfg.unit == "weight":
+            return [split_norms(model, m[g]) for g in (0, 1)]
+        return m.float()
+
+    both = cfg.target == "both"
+    if cfg.unit in ("neuron", "head"):
+        pooled = score(t_idx)
+        diff = pooled[tgt] - pooled[oth]
+        if cfg.select == "difference":
+            mag = diff.abs() if cfg.target == "both" else diff
+            items = _rank(torch.ones_like(mag, dtype=torch.bool), mag)
+            pr = [float(mag[l, i]) for l, i in items]
+            return Candidates(cfg.unit, items, pr, "both" if cfg.target == "both" else ax.groups[tgt], info)
+        if cfg.unit == "head" and cfg.select == "sum":
+            total = pooled[0] + pooled[1]
+            mask = torch.ones_like(total, dtype=torch.bool)
+            if per_template:
+                votes = torch.zeros_like(total)
+                for t in t_idx:
+                    s = score([t])
+                    votes += set_difference(s[0] + s[1], torch.zeros_like(total), cfg.p, 0.0).float()
+                mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+            items = _rank(mask, total)
+            pr = [float(total[l, i]) for l, i in items]
+        else:
+            if both:
+                diff = diff.abs()
+
+            def sd(sc):
+                m = set_difference(sc[tgt], sc[oth], cfg.p, cfg.q)
+                return m | set_difference(sc[oth], sc[tgt], cfg.p, cfg.q) if both else m
+
+            mask = sd(pooled)
+            if per_template:
+                votes = torch.zeros_like(diff)
+                for t in t_idx:
+                    votes += sd(score([t])).float()
+                mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+            items = _rank(mask, diff)
+            pr = [float(diff[l, i]) for l, i in items]
+        return Candidates(cfg.unit, items, pr, "both" if (both and cfg.select != "sum") else ax.groups[tgt], info)
+
+    # weights (Wanda)
+    norms = score(t_idx)
+    params = named_params(model)
+    per_t = [score([t]) for t in t_idx] if per_template else None
+    items, pr = [], []
+    for name, _, _, transposed in linear_layers(model):
+        w = params[name].detach().abs().cpu()
+
+        def s_of(nrm, g):
+            n = nrm[g][name]
+            return w * (n[:, None] if transposed else n[None, :])
+
+        def sd(a, b):
+            m = set_difference(a, b, cfg.p, cfg.q)
+            return m | set_difference(b, a, cfg.p, cfg.q) if both else m
+
+        st, so = s_of(norms, tgt), s_of(norms, oth)
+        mask = sd(st, so)
+        if per_t is not None:
+            votes = torch.zeros_like(st)
+            for nt in per_t:
+                votes += sd(s_of(nt, tgt), s_of(nt, oth)).float()
+            mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+        flat = mask.flatten().nonzero().flatten()
+        if len(flat):
+            d = ((st - so) / st.mean().clamp_min(1e-12)).flatten()[flat]  # scale-free priority
+            d = d.abs() if both else d
+            items += [(name, int(i)) for i in flat.tolist()]
+            pr += d.tolist()
+    order = np.argsort(-np.asarray(pr)) if pr else []
+    return Candidates("weight", [items[i] for i in order], [pr[i] for i in order],
+                      "both" if cfg.target == "both" else ax.groups[tgt], info)
+
+
+def _head_patching_scores(model, ctx, ax, templates, names, seed) -> Tensor:
+    pairs = make_pairs(model, ctx, ax, templates=templates, names=names, seed=seed, max_pairs=12)
+    eff = patch_sweep(model, pairs, "heads").mean_effect().abs().float()
+    return torch.stack([eff, torch.zeros_like(eff)])
+
+
+def pruning_selector(cfg: PruneConfig):
+    """A transfer-engine selector: prune on a context's selection split (L1 selection)."""
+
+    def select(model, ctx: Context, axis: str):
+        c = candidates(model, ctx, axis, cfg)
+        return c.intervention(cfg.k, cfg)
+
+    return select
+
+
+# ----------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Figures (matplotlib): every function takes a result and returns a figure."""
