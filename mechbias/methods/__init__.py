@@ -10,3 +10,4 @@ from . import ig2  # noqa: F401
 from . import patching  # noqa: F401
 from . import pruning  # noqa: F401
 from . import gradiend  # noqa: F401
+from . import steering  # noqa: F401
