@@ -1,12 +1,12 @@
 # mechbias build helper. Two entry points (see README.md):
 #   make study   install everything, run the study on the embedded model
-#   make test    install everything, run the fast and the real-model tests
+#   make test    install everything, lint and type-check, run the fast and the real-model tests
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechbias-installed
 
-.PHONY: setup study test test-fast bench clean
+.PHONY: setup study test test-fast lint bench clean
 
 # torch first and pinned: on the project machines `pip install torch==2.13.0`
 # takes a local CPU build, while an open torch requirement would pull GBs of
@@ -24,8 +24,12 @@ setup: $(STAMP)
 study: setup
 	$(BIN)/mechbias study --out results/study --figures figures
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check mechbias tests analyses benchmarks
+	$(BIN)/mypy
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not real"

@@ -159,8 +159,9 @@ def ensure_embedded_cache() -> Path:
             )
         # the weights are plain fp32 after loading, but the model still carries
         # the gguf quantizer, which refuses to serialise
-        if getattr(hf, "hf_quantizer", None) is not None:
-            hf.hf_quantizer.remove_quantization_config(hf)
+        quantizer: Any = getattr(hf, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(hf)
         hf.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "mechbias.json").write_text(
@@ -419,7 +420,7 @@ def tiny_model(
             vocab_size=vocab, hidden_size=d_model, intermediate_size=d_mlp,
             num_hidden_layers=n_layers, num_attention_heads=n_heads,
             num_key_value_heads=n_kv_heads, max_position_embeddings=256,
-            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,  # type: ignore[call-arg]
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id, initializer_range=init_range,
         )
@@ -429,13 +430,13 @@ def tiny_model(
         hf.eval()
         model = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok, device="cpu")
     elif arch == "native":
-        cfg = dict(
+        native_cfg = dict(
             d_model=d_model, d_head=d_model // n_heads, n_heads=n_heads,
             n_key_value_heads=n_kv_heads, n_layers=n_layers, n_ctx=256, d_mlp=d_mlp,
             d_vocab=vocab, act_fn="silu", normalization_type="RMS",
             positional_embedding_type="rotary", gated_mlp=True, seed=seed,
         )
-        model = TransformerBridge.boot_native(cfg, tokenizer=tok, device="cpu")
+        model = TransformerBridge.boot_native(native_cfg, tokenizer=tok, device="cpu")
     else:
         raise ValueError(f"Unknown tiny-model arch {arch!r}; use 'llama' or 'native'.")
     model.eval()

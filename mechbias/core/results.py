@@ -190,7 +190,8 @@ class Result:
         """Write the result to folder ``path`` (tensors + JSON), atomically per file."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors, plain = {}, {}
+        tensors: dict[str, Tensor] = {}
+        plain: dict[str, Any] = {}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             v = getattr(self, f.name)
             if f.name in self._not_saved:
@@ -248,7 +249,6 @@ class Result:
             post()
         return obj
 
-    # subclasses override
     def to_dataframe(self):
         """One row per entry of ``self.rows`` for results that keep rows; others override this."""
         if not hasattr(self, "rows"):
@@ -256,9 +256,6 @@ class Result:
         import pandas as pd
 
         return pd.DataFrame(self.rows)
-
-    def plot(self, **kw):
-        raise NotImplementedError
 
 
 def is_complete(path: str | Path) -> bool:

@@ -149,7 +149,7 @@ def length_buckets(lengths: Sequence[int], max_tokens: int = DEFAULT_TOKENS_PER_
     by_len: dict[int, list[int]] = defaultdict(list)
     for i, n in enumerate(lengths):
         by_len[int(n)].append(i)
-    out = []
+    out: list[list[int]] = []
     for n in sorted(by_len):
         idx = by_len[n]
         rows = max(1, max_tokens // max(n, 1))

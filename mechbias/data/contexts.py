@@ -130,7 +130,7 @@ def _names_file(path: str = str(DATA / "names.yaml")) -> dict:
 
 def people() -> tuple[Person, ...]:
     data = _names_file()
-    out = []
+    out: list[Person] = []
     for race, by_gender in data["people"].items():
         for gender, names in by_gender.items():
             out.extend(Person(str(n), race, gender) for n in names)
@@ -292,7 +292,7 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
              and ans["positive"].strip() != "" and ans["negative"].strip() != "",
              source, "answers", "must be two different non-empty strings")
     axes = data.get("axes", ["race", "gender"])
-    _require(isinstance(axes, list) and axes, source, "axes", "must be a non-empty list")
+    _require(isinstance(axes, list) and bool(axes), source, "axes", "must be a non-empty list")
     known = list_axes()
     for a in axes:
         _require(a in known, source, "axes", f"names unknown axis {a!r} (known: {known})")
@@ -337,7 +337,7 @@ def _context_dirs() -> list[Path]:
 
 def list_contexts() -> list[str]:
     """Names of the built-in contexts (and those in ``$MECHBIAS_CONTEXTS`` folders)."""
-    names = []
+    names: list[str] = []
     for d in _context_dirs():
         if d.is_dir():
             names.extend(p.stem for p in sorted(d.glob("*.yaml")))
@@ -375,7 +375,7 @@ def load_context(name_or_path: str | Path | Context) -> Context:
     return parse_context(data, str(path))
 
 
-def load_contexts(names: Iterable[str] | str | None = None) -> list[Context]:
+def load_contexts(names: Iterable[str | Context] | str | None = None) -> list[Context]:
     """Several contexts; ``None`` or ``"all"`` means the built-in ones."""
     if names is None or names == "all" or names == ["all"]:
         names = list(BUILTIN_CONTEXTS)

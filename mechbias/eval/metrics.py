@@ -183,8 +183,7 @@ def measure_bias(
     progress: bool = False,
 ) -> BiasResult:
     """Bias of ``model`` in each context and axis (see :class:`BiasResult`)."""
-    ctxs = load_contexts(contexts) if not (isinstance(contexts, list) and contexts and isinstance(contexts[0], Context)) \
-        else list(contexts)
+    ctxs = load_contexts(contexts)
     axes = [axes] if isinstance(axes, str) else list(axes)
     rows, prompt_rows, all_scores = [], [], []
     for ctx in ctxs:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ class TransferMatrix(Result):
 
     @classmethod
     def load(cls, path) -> "TransferMatrix":
-        tm = cls._load_fields(Path(path))
+        tm = cast(TransferMatrix, cls._load_fields(Path(path)))
         folder = Path(path) / "interventions"
         if folder.is_dir():
             tm.interventions = {p.name: load_intervention(p) for p in sorted(folder.iterdir())
@@ -375,7 +375,8 @@ def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_sampl
         names = list(dict.fromkeys(p.person.name for p in ps if p.group == g))
         keep |= set(names[: max(1, n_names // 2)])
     ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
-    kw = dict(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
+    kw: dict[str, Any] = dict(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed)
     ref = generation_bias(model, ps, **kw)
     after = generation_bias(model, ps, intervention=iv, reference=ref, **kw)
     return {"parse_failure_before": ref.summary["parse_failure"], "parse_failure_after": after.summary["parse_failure"],

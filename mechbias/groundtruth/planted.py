@@ -80,7 +80,7 @@ def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[
     acc = {l: torch.zeros(model.cfg.d_mlp, dtype=torch.float64) for l in layers}
     with torch.no_grad():
         for t in tokenize(model, texts):
-            store = {}
+            store: dict[int, Tensor] = {}
             fwd = [(hook_name("post", l), lambda a, hook, l=l: store.__setitem__(l, a[0].abs().mean(0)))
                    for l in layers]
             with hooked(model, fwd):
@@ -93,7 +93,8 @@ def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[
         cands += [(float(score[i]), l, i) for i in range(model.cfg.d_mlp) if (l, i) not in exclude]
     cands.sort()
     per_layer = max(1, math.ceil(n / len(layers)))
-    out, count = [], {l: 0 for l in layers}
+    out: list[tuple[int, int]] = []
+    count = {l: 0 for l in layers}
     for _, l, i in cands:
         if count[l] < per_layer and len(out) < n:
             out.append((l, i))

@@ -62,7 +62,7 @@ class NeuronIntervention(Intervention):
     of absolute positions.
     """
 
-    neurons: dict[int, list[int]]
+    neurons: Any  # {layer: [index, ...]} or [(layer, index), ...]; normalised to the dict form
     factor: float = 0.0
     positions: Any = "all"
     label: str = ""
@@ -120,7 +120,7 @@ class HeadIntervention(Intervention):
     its values (the Breaking Down Bias code's "head pruning").
     """
 
-    heads: dict[int, list[int]]
+    heads: Any  # {layer: [head, ...]} or [(layer, head), ...]; normalised to the dict form
     mode: str = "z"
     factor: float = 0.0
     positions: Any = "all"

@@ -103,7 +103,7 @@ class WeightEdit(Intervention):
                 p.add_(d.to(p.device), alpha=self.scale)
 
     def describe(self) -> str:
-        norm = float(torch.sqrt(sum((d.float() ** 2).sum() for d in self.deltas.values()))) * abs(self.scale)
+        norm = float(sum(float((d.float() ** 2).sum()) for d in self.deltas.values())) ** 0.5 * abs(self.scale)
         return f"weight edit on {len(self.deltas)} matrices (norm {norm:.3g})"
 
     def to_dict(self):

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
-from ..core.results import Result, atomic_write_json
+from ..core.results import atomic_write_json
 from ..data.contexts import Context, load_context
 from ..interventions.base import Intervention
 
@@ -52,7 +52,7 @@ class Selection:
     context: str
     axis: str
     intervention: Intervention
-    artifacts: dict[str, Result] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # name -> Result
     summary: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
@@ -99,7 +99,7 @@ class Method:
         return ""
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, MethodConfig]:
+    def study_configs(cls, quick: bool = False) -> Mapping[str, MethodConfig]:
         """The variants the study runs: step name -> config."""
         return {cls.name: cls.Config()}
 

@@ -39,7 +39,8 @@ class Gradiend(Method):
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
         """The feature on held-out names and templates (group A, group B, neutral texts)."""
         cfg = self.config
-        feats, figures = [], []
+        feats: list[dict] = []
+        figures: list[str] = []
         for name, s in self.selections.items():
             res = s.artifacts["gradiend"]
             ev = evaluate_feature(model, res, batch_texts=cfg.batch_texts, n_batches=2 if quick else 5,

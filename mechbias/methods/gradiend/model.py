@@ -56,7 +56,8 @@ class _AdamW:
 
     def __init__(self, model: GradiendModel, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999),
                  eps: float = 1e-8, chunk: int = 1 << 20, moment_dtype: torch.dtype = torch.bfloat16):
-        self.m, self.lr, self.wd, self.b1, self.b2, self.eps, self.chunk = model, lr, weight_decay, *betas, eps, chunk
+        self.m, self.lr, self.wd, self.eps, self.chunk = model, float(lr), float(weight_decay), float(eps), int(chunk)
+        self.b1, self.b2 = float(betas[0]), float(betas[1])
         n = model.n
         self.dtype = moment_dtype
         self.state = {k: (torch.zeros(n, dtype=moment_dtype), torch.zeros(n, dtype=moment_dtype))

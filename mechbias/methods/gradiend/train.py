@@ -110,8 +110,8 @@ def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: Gra
     ctx = load_context(context)
     ax = load_axis(axis)
     ps = param_set(model, cfg.params, cfg.layers)
-    train = feature_texts(model, ctx, ax, templates="selection", names="selection", seed=cfg.seed)
-    val = feature_texts(model, ctx, ax, templates="selection", names="heldout", seed=cfg.seed)
+    train = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=cfg.seed)
+    val = feature_texts(model, ctx, ax.name, templates="selection", names="heldout", seed=cfg.seed)
     by_group = {g: [t for t in train if t.group == g] for g in (0, 1)}
     rng = np.random.default_rng(cfg.seed)
 

@@ -263,7 +263,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
     g1 = None
     for chunk in _chunks(layers, len(alphas), cap):
         leaves: dict[int, Tensor] = {}
-        hooks = []
+        hooks: list = []
         for l, a0, a1 in chunk:
             n_new = a1 - a0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -61,7 +62,7 @@ class IG2(Method):
     Config = IG2Config
     config: IG2Config
 
-    def _units(self, ctx: Context, axis: str, fav: int, split: str):
+    def _units(self, ctx: Context | str, axis: str, fav: int, split: str):
         c = self.config
         if c.mode == "contrast":
             return contrast_units(ctx, axis, favoured=fav, templates=split, names=split,
@@ -76,7 +77,7 @@ class IG2(Method):
         units = self._units(context, ax.name, fav, "selection")
         res = run_ig2(model, units, kind=c.kind, steps=c.steps, rule=c.rule, progress=True)
         sel = select_neurons(res)
-        artifacts = {"attributions": res, "selection": sel}
+        artifacts: dict[str, Any] = {"attributions": res, "selection": sel}
         if c.plain_ig:
             plain = run_ig2(model, units, kind="target_prob", steps=c.steps, rule=c.rule, progress=True)
             artifacts["selection_plain_ig"] = select_neurons(plain)
@@ -93,7 +94,10 @@ class IG2(Method):
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
         """The paper's verification on held-out units, per context; overlap of selections between contexts."""
         c = self.config
-        rows, comp, comp0, figures = [], [], [], []
+        rows: list[dict] = []
+        comp: list[float] = []
+        comp0: list[float] = []
+        figures: list[str] = []
         for name, s in self.selections.items():
             fav = load_axis(axis).groups.index(s.summary["favoured_group"])
             sel = s.artifacts["selection"]

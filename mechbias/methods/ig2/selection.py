@@ -81,7 +81,7 @@ def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]"
     IG² can select "hub" neurons that matter for everything (on the embedded model one neuron,
     (28, 1095), is selected in every context and costs +4.7 perplexity alone); use with
     :func:`capability_guard` to drop them before suppression."""
-    pairs = selection.as_pairs() if isinstance(selection, NeuronSelection) else [tuple(n) for n in selection]
+    pairs = selection.as_pairs() if isinstance(selection, NeuronSelection) else [(int(l), int(i)) for l, i in selection]
     texts = list(texts) if texts is not None else neutral_texts(max_texts)
     base = perplexity(model, texts)
     return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}

@@ -144,7 +144,7 @@ def _run_chunk(model, inp, cache, s, variants, src, metric) -> Tensor:
     for r, v in enumerate(variants, start=1):
         for p in v:
             by_hook.setdefault(p.hook_name, []).append((r, p))
-    hook_fns = {}
+    hook_fns: dict[str, list] = {}
     for l, n in rows_at.items():
         name = hook_name("resid_pre", l)
         hook_fns.setdefault(name, []).append(("grow", n))
@@ -187,7 +187,7 @@ def _run_chunk(model, inp, cache, s, variants, src, metric) -> Tensor:
 # ----------------------------------------------------------------------------
 
 def sweep_variants(model, component: str, seq_len: int, neurons: Sequence[tuple[int, int]] | None = None
-                   ) -> tuple[list[Variant], tuple[int, ...], list[str]]:
+                   ) -> tuple[list, tuple, list[str]]:
     """Variants of a sweep, the grid shape they fill, and the axis names."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
     KV = getattr(model.cfg, "n_key_value_heads", None) or H
@@ -352,12 +352,12 @@ def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: 
             vals.append(float(v[0]))
             base_vals.append(b)
             other_vals.append(o)
-    v, b, o = np.array(vals), np.array(base_vals), np.array(other_vals)
-    clean_ld, corr_ld = (o, b) if direction == "denoise" else (b, o)
-    eff, lo, hi = bootstrap_mean(v - b)
+    va, ba, oa = np.array(vals), np.array(base_vals), np.array(other_vals)
+    clean_ld, corr_ld = (oa, ba) if direction == "denoise" else (ba, oa)
+    eff, lo, hi = bootstrap_mean(va - ba)
     return {"direction": direction, "n_patches": len(patches), "n_pairs": len(pairs), "effect": eff, "ci_low": lo,
-            "ci_high": hi, "normalized": float((v.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())),
-            "values": v.tolist(), "ld_clean": clean_ld.tolist(), "ld_corrupt": corr_ld.tolist()}
+            "ci_high": hi, "normalized": float((va.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())),
+            "values": va.tolist(), "ld_clean": clean_ld.tolist(), "ld_corrupt": corr_ld.tolist()}
 
 
 # ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...core.results import atomic_savefig, markdown_table
 from ...core.sites import Site
@@ -55,7 +56,7 @@ class Patching(Method):
         sweeps = {k: patch_sweep(model, pairs, k, direction=c.direction, progress=True) for k in comps}
         top = sweeps["heads"].top(c.top_heads)
         heads = [(t["layer"], t["head"]) for t in top]
-        artifacts = {f"sweep_{k}": r for k, r in sweeps.items()}
+        artifacts: dict[str, Any] = {f"sweep_{k}": r for k, r in sweeps.items()}
         summary = {"n_pairs": len(pairs), "clean_group": pairs.axis.groups[0], "direction": c.direction,
                    "ld_clean_mean": float(sweeps["heads"].ld_clean.mean()),
                    "ld_corrupt_mean": float(sweeps["heads"].ld_corrupt.mean()),
@@ -76,7 +77,8 @@ class Patching(Method):
         return Selection(context.name, axis, iv, artifacts, summary)
 
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
-        figures, rows = [], []
+        figures: list[str] = []
+        rows: list[dict] = []
         first = next(iter(self.selections.values()), None)
         if first is not None and "sweep_resid_pre" in first.artifacts:
             atomic_savefig(first.artifacts["sweep_resid_pre"].plot(), out / "figures" / "patch_resid.png")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from typing import ClassVar
+
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
 from ...viz.plotting import plot_curves
@@ -23,7 +25,7 @@ class Pruning(Method):
     config: PruneConfig
 
     #: study variants: step name -> (title, config overrides, extras)
-    VARIANTS = {
+    VARIANTS: ClassVar[dict[str, tuple[str, dict, dict]]] = {
         "prune_neuron_paper": ("Neuron pruning (paper scoring)", dict(unit="neuron", k=None, score="activation"), {}),
         "prune_neuron_attr": ("Neuron pruning (signed attribution)",
                               dict(unit="neuron", k=50, score="signed_attribution", select="difference", common=None),

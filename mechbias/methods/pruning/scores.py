@@ -188,7 +188,7 @@ def head_stats(model, prompts: PromptSet) -> GroupStats:
     ctx = load_context(prompts.context)
     name_pos = {p.text: name_positions(model, p, ctx.templates[p.template]) for p in prompts}
     texts = prompts.texts
-    state = {}
+    state: dict[str, list[int]] = {}
 
     def per_row(ids):
         att = {}

@@ -203,7 +203,8 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
     norms = score(t_idx)
     params = named_params(model)
     per_t = [score([t]) for t in t_idx] if per_template else None
-    items, pr = [], []
+    witems: list[tuple[str, int]] = []
+    wpr: list[float] = []
     for name, _, _, transposed in linear_layers(model):
         w = params[name].detach().abs().cpu()
 
@@ -211,25 +212,25 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
             n = nrm[g][name]
             return w * (n[:, None] if transposed else n[None, :])
 
-        def sd(a, b):
+        def sd_weights(a, b):
             m = set_difference(a, b, cfg.p, cfg.q)
             return m | set_difference(b, a, cfg.p, cfg.q) if both else m
 
         st, so = s_of(norms, tgt), s_of(norms, oth)
-        mask = sd(st, so)
+        mask = sd_weights(st, so)
         if per_t is not None:
             votes = torch.zeros_like(st)
             for nt in per_t:
-                votes += sd(s_of(nt, tgt), s_of(nt, oth)).float()
+                votes += sd_weights(s_of(nt, tgt), s_of(nt, oth)).float()
             mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
         flat = mask.flatten().nonzero().flatten()
         if len(flat):
             d = ((st - so) / st.mean().clamp_min(1e-12)).flatten()[flat]  # scale-free priority
             d = d.abs() if both else d
-            items += [(name, int(i)) for i in flat.tolist()]
-            pr += d.tolist()
-    order = np.argsort(-np.asarray(pr)) if pr else []
-    return Candidates("weight", [items[i] for i in order], [pr[i] for i in order],
+            witems += [(name, int(i)) for i in flat.tolist()]
+            wpr += d.tolist()
+    order = np.argsort(-np.asarray(wpr)) if wpr else np.zeros(0, dtype=int)
+    return Candidates("weight", [witems[i] for i in order], [wpr[i] for i in order],
                       "both" if cfg.target == "both" else ax.groups[tgt], info)
 
 

@@ -1,0 +1,143 @@
+"""The package's layering holds: no import cycle, no upward import, no hidden imports, hook names in one place."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "mechbias"
+#: each layer may import only itself and the layers before it
+LAYERS = ["core", "viz", "data", "interventions", "eval", "methods", "groundtruth", "apps"]
+
+
+def _modules():
+    out = {}
+    for f in sorted(ROOT.rglob("*.py")):
+        rel = f.relative_to(ROOT.parent).with_suffix("")
+        parts = list(rel.parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts = parts[:-1]
+        out[".".join(parts)] = (f, is_pkg)
+    return out
+
+
+def _resolve(mod: str, is_pkg: bool, node: ast.ImportFrom) -> str:
+    if node.level == 0:
+        return node.module or ""
+    base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+    if node.level > 1:
+        base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _imports():
+    """(importing module, imported module, imported names, inside a function?) for every internal import."""
+    mods = _modules()
+    rows = []
+    for m, (f, is_pkg) in mods.items():
+        tree = ast.parse(f.read_text(), str(f))
+        inside = {id(n) for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(fn) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(m, is_pkg, node)
+                for a in node.names:
+                    target = f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base
+                    if target in mods and target != m:
+                        rows.append((m, target, a.name, id(node) in inside))
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in mods:
+                        rows.append((m, a.name, a.name, id(node) in inside))
+    return rows
+
+
+def _layer(mod: str) -> int | None:
+    parts = mod.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] in LAYERS else None
+
+
+def test_every_module_belongs_to_a_layer():
+    stray = [m for m in _modules() if m != "mechbias" and _layer(m) is None]
+    assert not stray, f"modules outside the layers {LAYERS}: {stray}"
+
+
+def test_no_upward_imports_and_no_imports_inside_functions():
+    bad, hidden = [], []
+    for src, dst, _, in_function in _imports():
+        if in_function:
+            hidden.append(f"{src} -> {dst}")
+        if src == "mechbias":
+            continue  # the top-level package re-exports everything
+        ls, ld = _layer(src), _layer(dst)
+        if ld is None or ls is None or ld > ls:
+            bad.append(f"{src} ({LAYERS[ls] if ls is not None else '?'}) -> {dst}")
+    assert not hidden, f"imports of mechbias modules inside functions: {hidden}"
+    assert not bad, f"imports from a higher layer: {bad}"
+
+
+def test_no_import_cycles():
+    edges: dict[str, set[str]] = {}
+    for src, dst, _, _ in _imports():
+        edges.setdefault(src, set()).add(dst)
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(v):
+        state[v] = 1
+        path.append(v)
+        for w in edges.get(v, ()):
+            if state.get(w) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(w):] + [w]))
+            if w not in state:
+                visit(w)
+        path.pop()
+        state[v] = 2
+
+    for v in list(edges):
+        if v not in state:
+            visit(v)
+
+
+def test_no_private_names_imported_across_packages():
+    bad = [f"{src} imports {name} from {dst}" for src, dst, name, _ in _imports()
+           if name.startswith("_") and src.split(".")[:3] != dst.split(".")[:3]]
+    assert not bad, bad
+
+
+def _code_strings(tree):
+    """String constants and f-string heads that are not docstrings."""
+    docs = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docs.add(id(first.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node.value
+        elif isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+            yield str(node.values[0].value)
+
+
+def test_hook_names_are_spelled_only_in_sites_and_installed_only_through_hooked():
+    spelled, raw_hooks = [], []
+    for f in ROOT.rglob("*.py"):
+        rel = str(f.relative_to(ROOT))
+        text = f.read_text()
+        if rel != "core/sites.py":
+            for s in _code_strings(ast.parse(text)):
+                if s.startswith("blocks.") or s in ("hook_embed", "unembed.hook_in"):
+                    spelled.append(f"{rel}: {s!r}")
+        if rel != "core/hooks.py" and ("model.hooks(" in text or "names_filter=" in text):
+            raw_hooks.append(rel)
+    assert not spelled, f"hook names spelled outside core/sites.py: {spelled}"
+    assert not raw_hooks, f"hooks installed or caches read without core.hooks: {raw_hooks}"
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/architecture.md"])
+def test_architecture_is_documented(path):
+    text = (ROOT.parent / path).read_text()
+    for layer in LAYERS:
+        assert f"`{layer}`" in text or f"{layer}/" in text, (path, layer)
