@@ -14,7 +14,7 @@ torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", min(2, os.cpu_count
 @pytest.fixture(scope="session")
 def tiny():
     """A 2-layer random Llama (Hugging Face backed: KV cache, same adapter as the real model)."""
-    from mechbias.models import tiny_model
+    from mechbias.core.models import tiny_model
 
     return tiny_model(arch="llama", seed=0)
 
@@ -22,7 +22,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_native():
     """A 2-layer TransformerLens-native model built with TransformerBridge.boot_native."""
-    from mechbias.models import tiny_model
+    from mechbias.core.models import tiny_model
 
     return tiny_model(arch="native", seed=0)
 
@@ -30,7 +30,7 @@ def tiny_native():
 @pytest.fixture(scope="session")
 def real():
     """The embedded SmolLM2-135M-Instruct."""
-    from mechbias.models import load_model
+    from mechbias.core.models import load_model
 
     return load_model()
 
@@ -38,6 +38,6 @@ def real():
 @pytest.fixture(scope="session")
 def planted_tiny():
     """A tiny Llama with a planted race bias (shared / finance-only / commerce-only neurons)."""
-    from mechbias.planted import tiny_planted_model
+    from mechbias.groundtruth.planted import tiny_planted_model
 
     return tiny_planted_model(seed=0)

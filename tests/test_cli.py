@@ -64,8 +64,10 @@ def test_prune_command(tmp_path):
     assert rc == 0
     data = json.loads((tmp_path / "transfer.json").read_text())
     assert [c["evaluated_on"] for c in data["cells"]] == ["finance", "commerce"]
-    assert {"gap_change", "gap_change_ci_low", "gap_change_ci_high", "reduction", "ci_low", "ci_high",
+    assert {"gap_change", "ci_low", "ci_high", "p_value", "p_adjusted", "min_detectable", "reduction",
             "random_reduction", "perplexity_change", "controls"} <= set(data["cells"][0])
+    assert {"gap_change", "perplexity_change"} <= set(data["cells"][0]["controls"]["random"])
+    assert {"diagonal_minus_offdiagonal", "ci_low", "ci_high", "min_detectable"} <= set(data["transfer_test"])
     assert "hook_q" in json.loads((tmp_path / "prune.json").read_text())["selections"]["finance"]["head_ablation"]
     assert data["config"]["common"] is None and data["config"]["k"] == 2
     from mechbias.interventions.base import load_intervention

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,17 +50,47 @@ def test_kv_and_full_sequence_sampling_agree(tiny):
 def test_generation_bias_summary(tiny):
     ps = load_context("commerce").numeric_prompts("race", names="heldout", templates=[0])
     ref = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0)
-    assert ref.values.shape == (len(ps), 4)
-    s = ref.summary
-    assert 0 <= s["parse_failure"] <= 1 and s["group_a"] == "White"
+    assert ref.values.shape == (len(ps), 4) and ref.summary["group_a"] == "White"
+    v = ref.values.numpy()
+    assert ref.summary["parse_failure"] == pytest.approx(float(np.isnan(v).mean()))
     same = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0, reference=ref)
-    finite = torch.isfinite(ref.values)
-    if finite.any():
-        assert same.summary["inlier_ratio"] == pytest.approx(inlier_ratio(ref.values, ref.values))
+    assert torch.equal(torch.nan_to_num(same.values, nan=-1.0), torch.nan_to_num(ref.values, nan=-1.0))  # seeded
+    inside = total = 0  # brute force: each prompt's samples inside its own 5-95% band
+    for row in v:
+        row = row[np.isfinite(row)]
+        if len(row):
+            lo, hi = np.percentile(row, [5, 95])
+            inside += int(((row >= lo) & (row <= hi)).sum())
+            total += len(row)
+    expected = inside / total if total else float("nan")
+    assert same.summary["inlier_ratio"] == pytest.approx(expected, nan_ok=True)
     changed = generation_bias(tiny, ps, n_samples=4, max_new_tokens=3, temperature=1.0, reference=ref,
                               intervention=NeuronIntervention({0: list(range(128)), 1: list(range(128))}))
     assert changed.texts != ref.texts
     assert len(ref.to_dataframe()) == len(ps) * 4
+
+
+def test_generation_summary_values_by_hand():
+    """SMD per question then averaged (the paper), the pooled SMD, and a permutation p-value over names."""
+    from mechbias.eval.generation import summarize_generation
+
+    vals = torch.tensor([[10.0, 12.0], [11.0, 13.0], [20.0, 22.0], [21.0, 23.0],   # question 0: A, A, B, B
+                         [1.0, 2.0], [2.0, 3.0], [1.0, 1.0], [2.0, 2.0]])          # question 1
+    groups = ["A", "A", "B", "B"] * 2
+    templates = [0, 0, 0, 0, 1, 1, 1, 1]
+    names = ["n1", "n2", "n3", "n4"] * 2
+
+    def smd(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return (a.mean() - b.mean()) / np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
+
+    s = summarize_generation(vals, groups, ("A", "B"), templates=templates, names=names, n_perm=500)
+    q0 = smd([10, 12, 11, 13], [20, 22, 21, 23])
+    q1 = smd([1, 2, 2, 3], [1, 1, 2, 2])
+    assert s["smd_per_question"] == pytest.approx([q0, q1]) and s["smd"] == pytest.approx((q0 + q1) / 2)
+    assert s["smd_pooled"] == pytest.approx(smd([10, 12, 11, 13, 1, 2, 2, 3], [20, 22, 21, 23, 1, 1, 2, 2]))
+    # 4 names, 2 per group: 6 labellings, the observed one and its mirror are the most extreme -> p = 1/3
+    assert s["p_value_names"] == pytest.approx(1 / 3, abs=0.06)
 
 
 def test_inlier_ratio():

@@ -114,7 +114,22 @@ def test_edit_is_theta_plus_alpha_dec_h_and_restores_exactly(tiny, trained, tmp_
 
 
 def test_choose_edit_grid(tiny, trained):
-    ch = choose_edit(tiny, trained, hs=(-1.0, 1.0), alphas=(-0.01, 0.01), neutral_max_texts=2, n_names=8)
-    assert len(ch["grid"]) == 4 and {"gap", "perplexity"} <= set(ch["grid"][0])
-    if ch["chosen"] is not None:
-        assert ch["chosen"]["perplexity"] <= ch["perplexity_before"] * (1 + ch["max_ppl_increase"])
+    from mechbias.data.contexts import load_context
+    from mechbias.eval.metrics import contrast_scores
+
+    ch = choose_edit(tiny, trained, hs=(-1.0, 1.0), alphas=(-0.01, 0.01, 3.0), neutral_max_texts=2, n_names=8,
+                     max_ppl_increase=0.02)
+    assert len(ch["grid"]) == 6 and {"gap", "perplexity"} <= set(ch["grid"][0])
+    ok = [p for p in ch["grid"] if p["perplexity"] <= ch["perplexity_before"] * 1.02]
+    assert ok  # alpha 0.01 moves the model little: within the limit
+    assert ch["chosen"] == min(ok, key=lambda p: abs(p["gap"]))  # the smallest |gap| among the allowed points
+    none = choose_edit(tiny, trained, hs=(1.0,), alphas=(0.01,), neutral_max_texts=2, n_names=8, max_ppl_increase=-1.0)
+    assert none["chosen"] is None  # no point can lower perplexity to 0: nothing is chosen
+    # each grid point's gap is the selection prompts' gap under that edit (brute force for one point)
+    ps = load_context("finance").prompts("gender", templates="selection", names="selection")
+    keep = set(ps.names[:: max(1, len(ps.names) // 8)])
+    ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
+    pt = ch["grid"][1]
+    sc = contrast_scores(tiny, ps, intervention=trained.edit_for(pt["h"], pt["alpha"]))
+    g = ps.groups
+    assert pt["gap"] == pytest.approx(float(sc[g == 0].mean() - sc[g == 1].mean()), abs=1e-9)

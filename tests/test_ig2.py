@@ -129,15 +129,29 @@ def test_bns_intervention_and_random_control(tiny):
     assert sorted(l for l, _ in rnd) == [0, 1, 1] and not set(rnd) & set(sel.as_pairs())
 
 
-def test_verification_runs_and_random_control_is_near_zero(tiny):
+def test_verification_values_equal_a_brute_force_recomputation(tiny):
+    """Every verification row (selected, and the random control's mean over draws) equals the relative change
+    of the mean unit value recomputed by hand with the same interventions."""
+    from mechbias.interventions.units import NeuronIntervention
+    from mechbias.methods.ig2 import unit_values
+
     units = contrast_units("finance", "race", favoured=0, pairs_per_template=2)
     res = run_ig2(tiny, units, steps=8, kind="logit")
     sel = select_neurons(res)
+    assert len(sel) > 0
     held = contrast_units("finance", "race", favoured=0, templates="heldout", names="heldout", pairs_per_template=2)
-    v = verify(tiny, sel, held, kind="logit", n_random=2)
-    ops = {(r["neurons"].split(" ")[0], r["operation"]) for r in v.rows}
-    assert ("IG2", "suppress") in ops and ("random", "amplify") in ops
-    assert len(v.to_dataframe()) == len(v.rows)
+    v = verify(tiny, sel, held, kind="logit", n_random=2, seed=0)
+    base = unit_values(tiny, held, kind="logit").mean()
+    for op, factor in (("suppress", 0.0), ("amplify", 2.0)):
+        mine = unit_values(tiny, held, kind="logit", intervention=NeuronIntervention(sel.as_pairs(), factor)).mean()
+        row = next(r for r in v.rows if r["neurons"] == "IG2" and r["operation"] == op)
+        assert row["relative_change"] == pytest.approx(float((mine - base) / abs(base)), rel=1e-9)
+        assert row["ci_low"] <= row["relative_change"] <= row["ci_high"]
+        draws = [sel.intervention().random_like(tiny, 1000 + r).as_pairs() for r in range(2)]
+        rnd = torch.stack([unit_values(tiny, held, kind="logit", intervention=NeuronIntervention(d, factor))
+                           for d in draws]).mean(0).mean()
+        rrow = next(r for r in v.rows if r["neurons"].startswith("random") and r["operation"] == op)
+        assert rrow["relative_change"] == pytest.approx(float((rnd - base) / abs(base)), rel=1e-9)
 
 
 @pytest.mark.real

@@ -7,7 +7,6 @@ import torch
 from mechbias.data.contexts import load_context
 from mechbias.data.texts import neutral_texts
 from mechbias.eval.metrics import contrast_scores, demographic_gap, measure_bias, perplexity, token_nll
-from mechbias.eval.stats import group_gap, paired_reduction
 
 
 def _brute_logprobs(model, text: str, continuation: list[int]) -> float:
@@ -71,28 +70,6 @@ def test_demographic_gap_matches_softmax(tiny):
     assert abs(float(got[0]) - float(lp[w] - lp[b])) < 1e-6
 
 
-def test_group_gap_ci_covers_a_planted_difference():
-    rng = np.random.default_rng(0)
-    col_group = torch.tensor([0] * 30 + [1] * 30)
-    name_effect = rng.normal(0, 1, 60) + np.where(col_group.numpy() == 0, 1.5, 0.0)
-    mat = rng.normal(0, 0.5, (10, 1)) + name_effect[None, :] + rng.normal(0, 0.3, (10, 60))
-    g = group_gap(mat, col_group, n_boot=2000)
-    assert g.ci_low < g.gap < g.ci_high
-    assert g.ci_low > 0  # 1.5 SD with 30 + 30 names is detectable
-    null = group_gap(rng.normal(0, 1, (10, 60)), col_group, n_boot=2000)
-    assert null.ci_low < 0 < null.ci_high
-
-
-def test_paired_reduction():
-    col_group = torch.tensor([0] * 20 + [1] * 20)
-    rng = np.random.default_rng(1)
-    before = rng.normal(0, 0.2, (6, 40)) + np.where(col_group.numpy() == 0, 1.0, 0.0)
-    after = before.copy()
-    after[:, col_group.numpy() == 0] -= 0.5  # half of the gap removed
-    r = paired_reduction(before, after, col_group)
-    assert abs(r.reduction - 0.5) < 0.1 and r.ci_low < 0.5 < r.ci_high
-
-
 def test_measure_bias_result_roundtrip(tiny, tmp_path):
     res = measure_bias(tiny, ["finance"], ["race", "gender"], templates="selection", n_boot=200)
     assert [r["axis"] for r in res.rows] == ["race", "gender"]
@@ -109,7 +86,7 @@ def test_measure_bias_result_roundtrip(tiny, tmp_path):
 
 
 def test_perplexity_matches_brute_force(tiny):
-    texts = neutral_texts(3)
+    texts = neutral_texts(3, split="reporting")
     nll, n = token_nll(tiny, texts, max_tokens=64)  # forces several batches with padding
     ref_nll, ref_n = 0.0, 0
     with torch.no_grad():

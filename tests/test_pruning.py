@@ -83,25 +83,72 @@ def test_selected_pruning_beats_random_on_a_planted_model(planted_tiny):
     assert len(set(cand.items[:6]) & truth) >= 3
     tm = transfer_matrix(model, pruning_selector(pc), ["finance", "hiring"], "race", n_random=3, n_boot=300)
     for c in tm.cells:
-        assert c["ci_low"] > 0.3, c  # the planted gap is largely removed everywhere (shared neurons)
+        assert c["reduction_ci_low"] > 0.3, c  # the planted gap is largely removed everywhere (shared neurons)
         assert abs(c["random_reduction"]) < 0.15, c
     assert tm.matrix().shape == (2, 2) and tm.plot().axes
 
 
 def test_levels_and_curves(planted_tiny):
-    model, _ = planted_tiny
+    model, cfg = planted_tiny
     pc = PruneConfig(unit="neuron", k=6, score="signed_attribution", select="difference")
-    lv = generalization_levels(model, ["finance"], "race", pc, n_random=1, max_l0_templates=2, n_boot=200)
-    assert {r["level"] for r in lv.rows} == {"L0"} and len(lv.rows) == 2
+    lv = generalization_levels(model, ["finance", "commerce"], "race", pc, n_random=1, max_l0_templates=2, n_boot=200)
+    # every level is evaluated on the same prompts: each L0 template with held-out names
+    assert {(r["context"], r["level"]) for r in lv.rows} == {(c, lvl) for c in ("finance", "commerce")
+                                                             for lvl in ("L0", "L1", "L2")}
+    by = {(r["context"], r["level"], r["template"]): r for r in lv.rows}
+    for (c, lvl, t), r in by.items():
+        assert r["gap_before"] == by[(c, "L0", t)]["gap_before"]  # same prompts, same baseline
+    assert {t["comparison"] for t in lv.tests} == {"L0 - L1 (bias removed)", "L0 - L2 (bias removed)",
+                                                   "L1 - L2 (bias removed)"}
+    for t in lv.tests:
+        assert t["ci_low"] <= t["estimate"] <= t["ci_high"] and t["min_detectable"] > 0 and "p_adjusted" in t
     curve = pruning_curve(model, "finance", "race", pc, [1, 3, 6], n_boot=200)
-    red = [r["reduction"] for r in curve.rows]
-    assert red[-1] > red[0]  # more planted neurons pruned, more bias removed
+    removed = [r["gap_removed"] for r in curve.rows]
+    assert removed[-1] > removed[0] + 0.3  # more planted neurons pruned, more of the planted gap removed
     assert lv.plot().axes and curve.plot().axes
 
 
-def test_transfer_reports_generation_metrics_when_requested(tiny):
-    tm = transfer_matrix(tiny, pruning_selector(PruneConfig(unit="head", k=2, common=None)), ["commerce"], "race",
-                         n_random=1, n_boot=100, generation=3, generation_tokens=3, generation_names=4)
-    g = tm.row_info[0]["generation"]
-    assert {"parse_failure_before", "parse_failure_after", "inlier_ratio", "smd_before", "smd_after"} <= set(g)
-    assert 0 <= g["parse_failure_after"] <= 1
+def test_set_difference_union_and_common_voting_on_hand_made_scores(tiny, monkeypatch):
+    """target="both" prunes Top_p(A) minus Top_q(B) together with Top_p(B) minus Top_q(A), ranked by |S_A - S_B|;
+    with common=1.0 a unit must be chosen in every selection template. Scores are given by hand."""
+    from mechbias.methods.pruning import selection as sel_mod
+    from mechbias.methods.pruning.scores import GroupStats
+
+    ctx = load_context("finance")
+    t_sel = ctx.template_split("selection")
+    d = 10
+    # per template: group A and group B scores of 10 "neurons" in one layer
+    a = {t: torch.zeros(1, d, dtype=torch.float64) for t in t_sel}
+    b = {t: torch.zeros(1, d, dtype=torch.float64) for t in t_sel}
+    for t in t_sel:
+        # distinct values (no ties for top-k): neurons 0, 1 score high for A, 2 and 9 for B
+        a[t][0] = torch.tensor([9, 8, .11, .12, .13, .14, .15, .16, .17, .18], dtype=torch.float64)
+        b[t][0] = torch.tensor([.1, .2, 9, .3, .4, .5, .6, .7, .8, 5], dtype=torch.float64)
+    a[t_sel[0]][0, 1] = 0.105  # neuron 1 is A-specific in every template but the first
+    stats = GroupStats()
+    for t in t_sel:
+        stats.add((t, 0), a[t], 1.0)
+        stats.add((t, 1), b[t], 1.0)
+    monkeypatch.setattr(sel_mod, "neuron_stats", lambda model, ps, method="activation": stats)
+    monkeypatch.setattr(sel_mod, "_target_index", lambda *args: 0)
+
+    both = candidates(tiny, ctx, "race", PruneConfig(unit="neuron", k=None, p=0.2, q=0.2, common=None))
+    pooled_a = sum(a.values())[0] / len(t_sel)
+    pooled_b = sum(b.values())[0] / len(t_sel)
+    top_a = set(pooled_a.topk(2).indices.tolist())
+    top_b = set(pooled_b.topk(2).indices.tolist())
+    expected = (top_a - top_b) | (top_b - top_a)
+    assert {i for _, i in both.items} == expected
+    diffs = [abs(float(pooled_a[i] - pooled_b[i])) for _, i in both.items]
+    assert diffs == sorted(diffs, reverse=True)
+
+    voted = candidates(tiny, ctx, "race", PruneConfig(unit="neuron", k=None, p=0.2, q=0.2, common=1.0))
+    per_template = []
+    for t in t_sel:  # brute force: the two-sided set difference in each template, then the intersection
+        ta, tb = set(a[t][0].topk(2).indices.tolist()), set(b[t][0].topk(2).indices.tolist())
+        per_template.append((ta - tb) | (tb - ta))
+    assert {i for _, i in voted.items} == set.intersection(*per_template)
+    assert 1 in expected and 1 not in set.intersection(*per_template)  # the vote removed a pooled candidate
+    one_sided = candidates(tiny, ctx, "race", PruneConfig(unit="neuron", k=None, p=0.2, q=0.2, common=None,
+                                                        target="White"))
+    assert {i for _, i in one_sided.items} == top_a - top_b

@@ -129,8 +129,8 @@ def _method_command(cls: type[Method]):
         import pandas as pd
 
         df = pd.DataFrame(summary["transfer"])
-        cols_shown = [c for c in ("selected_on", "evaluated_on", "gap_before", "gap_change", "gap_change_ci_low",
-                                  "gap_change_ci_high", "reduction", "random_gap_change", "perplexity_change")
+        cols_shown = [c for c in ("selected_on", "evaluated_on", "gap_before", "gap_change", "ci_low", "ci_high",
+                                  "p_adjusted", "reduction", "random_gap_change", "perplexity_change")
                       if c in df and df[c].notna().any()]
         _print_table(df[cols_shown])
         _say(f"wrote {args.out / 'transfer.json'} and {args.out / (cls.name + '.json')}; intervention(s) in "

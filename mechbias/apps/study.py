@@ -29,6 +29,7 @@ from ..eval.metrics import measure_bias
 from ..eval.transfer import EvalSet, TransferConfig
 from ..methods.base import registered_methods
 from ..viz.plotting import plot_methods_summary
+from ..interventions.profile import unit_profile
 from .workflow import run_method
 
 
@@ -102,7 +103,7 @@ def _baseline(model, cfg: StudyConfig, out: Path, shared: dict, log) -> dict:
 def _transfer_md(cells: list[dict], fig: Callable[[str], str], name: str) -> str:
     rows = [{"selected on": c["selected_on"], "evaluated on": c["evaluated_on"], "gap before": c["gap_before"],
              "gap change": c["gap_change"],
-             "95% CI": f"[{c['gap_change_ci_low']:+.3f}, {c['gap_change_ci_high']:+.3f}]",
+             "95% CI": f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", "p (BH)": c.get("p_adjusted"),
              "random control": c.get("random_gap_change"), "reduction": c["reduction"],
              "Δppl": c.get("perplexity_change"), "components": c["n_components"]} for c in cells]
     return "\n".join([markdown_table(rows), "", f"![{name}]({fig(name)})"])
@@ -115,7 +116,7 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
         rows = list(cfg.contexts)[: extras.get("rows")] if extras.get("rows") else list(cfg.contexts)
         summary = run_method(model, method, rows, list(cfg.contexts), cfg.axis, tcfg, out, quick=cfg.quick,
                              eval_sets=_eval_sets(model, cfg, shared), analyze_kw=extras.get("analyze"), log=log,
-                             fig_name=f"transfer_{name}.png")
+                             fig_name=f"transfer_{name}.png", profile=_profile(model, shared))
         summary["title"] = extras.get("title", cls.title)
         return summary
 
@@ -128,6 +129,13 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
                           "draw of the same size):", "", _transfer_md(summary["transfer"], fig, summary["figures"][0])])
 
     return Step(name, extras.get("title", cls.title), run, report)
+
+
+def _profile(model, shared: dict):
+    """Unit sizes and ablation costs for matched controls, measured once (selection neutral texts)."""
+    if "profile" not in shared:
+        shared["profile"] = unit_profile(model)
+    return shared["profile"]
 
 
 def _eval_sets(model, cfg: StudyConfig, shared: dict) -> dict:
@@ -174,7 +182,7 @@ def _summary(steps: list[Step]):
                          "random (off)": mean(off, "random_gap_change"), "gap before (diag)": mean(diag, "gap_before"),
                          "Δppl": mean(cells, "perplexity_change"), "Δppl random": mean(cells, "random_perplexity_change"),
                          "diagonal cells with CI excluding 0":
-                             f"{sum((c['gap_change_ci_high'] < 0) or (c['gap_change_ci_low'] > 0) for c in diag)}/{len(diag)}"})
+                             f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}"})
         atomic_savefig(plot_methods_summary(rows, cfg.axis), out / "figures" / "methods_summary.png")
         return {"rows": rows, "figures": ["methods_summary.png"]}
 

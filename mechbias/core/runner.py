@@ -277,3 +277,34 @@ def capture(
                 for k, i in enumerate(bucket):
                     out[n][i] = vals[k]
     return {n: torch.stack(v) for n, v in out.items()}
+
+
+def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = DEFAULT_TOKENS_PER_BATCH
+                 ) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and token count over whole sequences (right-padded
+    batches; padding never affects earlier positions of a causal model). Hooks active in the caller's
+    context apply to every position."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches: list[list[int]] = []
+    for k in order:  # ascending length: the last row of a batch is its longest
+        if batches and (len(batches[-1]) + 1) * len(seqs[k]) <= max_tokens:
+            batches[-1].append(k)
+        else:
+            batches.append([k])
+    total, count = 0.0, 0
+    device = model.cfg.device
+    with torch.no_grad():
+        for rows in batches:
+            longest = len(seqs[rows[-1]])
+            batch = torch.zeros(len(rows), longest, dtype=torch.long)
+            mask = torch.zeros(len(rows), longest, dtype=torch.bool)
+            for r, k in enumerate(rows):
+                batch[r, : len(seqs[k])] = seqs[k]
+                mask[r, : len(seqs[k])] = True
+            with forward_window(0, longest):
+                logits = model(batch.to(device)).float()
+            lp = logits[:, :-1].log_softmax(-1).gather(-1, batch[:, 1:, None].to(logits.device))[..., 0]
+            m = mask[:, 1:].to(lp.device)
+            total += float(-(lp * m).sum())
+            count += int(m.sum())
+    return total, count

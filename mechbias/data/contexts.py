@@ -33,6 +33,7 @@ import yaml
 from torch import Tensor
 
 from ..core.models import DATA_FILES
+from .texts import check_not_reporting
 
 DATA = DATA_FILES
 SLOTS = {"name", "pronoun", "Pronoun", "possessive", "object"}
@@ -87,6 +88,7 @@ class Axis:
 
     def split_people(self, split: str = "selection", seed: int = 0) -> list[Person]:
         """Names of the ``selection``, ``heldout`` or ``all`` split (balanced per cell)."""
+        check_not_reporting("names", split)
         if split == "all":
             return list(self.people)
         if split not in ("selection", "heldout"):
@@ -185,6 +187,7 @@ class Context:
     # -- splits --
     def template_split(self, split: str = "selection", seed: int = 0) -> list[int]:
         """Template indices of the ``selection``, ``heldout`` or ``all`` split."""
+        check_not_reporting("templates", split)
         idx = list(range(len(self.templates)))
         if split == "all":
             return idx

@@ -32,7 +32,7 @@ from ..core.results import Result, make_meta
 from ..data.contexts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
-from .stats import mann_whitney, smd
+from .stats import smd
 
 _NUM = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _SUFFIX = r"\s*(k|K|thousand|m|M|million|mil|bn|billion)?\b"
@@ -196,7 +196,9 @@ def generation_bias(
                          "group": prompts.axis.groups[p.group]})
     vals = torch.tensor(values, dtype=torch.float64)
     summary = summarize_generation(vals, [prompts.axis.groups[p.group] for p in prompts], prompts.axis.groups,
-                                   reference.values if reference is not None else None)
+                                   reference.values if reference is not None else None,
+                                   templates=[p.template for p in prompts], names=[p.person.name for p in prompts],
+                                   seed=seed)
     meta = make_meta(model, context=prompts.context, axis=prompts.axis.name, n_samples=n_samples,
                      temperature=temperature, max_new_tokens=max_new_tokens, seed=seed,
                      intervention=intervention.describe() if intervention else None)
@@ -204,15 +206,27 @@ def generation_bias(
 
 
 def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Sequence[str],
-                         reference: Tensor | None = None) -> dict:
-    """SMD, Mann-Whitney, parse failures (and inlier ratio against ``reference``)."""
+                         reference: Tensor | None = None, *, templates: Sequence[int] | None = None,
+                         names: Sequence[str] | None = None, n_perm: int = 2000, seed: int = 0) -> dict:
+    """SMD per numeric question, averaged (the paper), a permutation p-value over names, parse failures
+    (and the inlier ratio against ``reference``).
+
+    The samples of one prompt share their random numbers with every other prompt (common random numbers,
+    so before/after comparisons are paired), so they are not independent observations: the p-value
+    permutes the group labels of **names** (each name's samples averaged per question), the unit that is
+    exchangeable under "no group difference". ``smd_pooled`` keeps the earlier pooled SMD for reference.
+    """
     v = values.numpy()
     ga = np.array([g == group_names[0] for g in groups])
     a, b = v[ga].ravel(), v[~ga].ravel()
-    u, p = mann_whitney(a, b)
+    tpl = np.zeros(len(groups), dtype=int) if templates is None else np.asarray(templates)
+    nm = np.asarray([str(i) for i in range(len(groups))] if names is None else list(names))
+    per_q = [smd(v[(tpl == t) & ga].ravel(), v[(tpl == t) & ~ga].ravel()) for t in sorted(set(tpl.tolist()))]
+    per_q = [x for x in per_q if np.isfinite(x)]
     out = {
         "group_a": group_names[0], "group_b": group_names[1],
-        "smd": smd(a, b), "mann_whitney_u": u, "mann_whitney_p": p,
+        "smd": float(np.mean(per_q)) if per_q else math.nan, "smd_per_question": per_q, "smd_pooled": smd(a, b),
+        "p_value_names": _name_permutation_p(v, tpl, nm, ga, n_perm, seed),
         "mean_a": float(np.nanmean(a)) if np.isfinite(a).any() else math.nan,
         "mean_b": float(np.nanmean(b)) if np.isfinite(b).any() else math.nan,
         "parse_failure_a": float(np.isnan(a).mean()) if a.size else math.nan,
@@ -222,6 +236,37 @@ def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Seq
     if reference is not None:
         out["inlier_ratio"] = inlier_ratio(values, reference)
     return out
+
+
+def _name_permutation_p(v: np.ndarray, tpl: np.ndarray, names: np.ndarray, ga: np.ndarray, n_perm: int,
+                        seed: int) -> float:
+    """Two-sided permutation p-value of the mean per-question difference of name means, permuting names."""
+    uniq = sorted(set(names.tolist()))
+    qs = sorted(set(tpl.tolist()))
+    means = np.full((len(qs), len(uniq)), np.nan)
+    for qi, q in enumerate(qs):
+        for ni, n in enumerate(uniq):
+            rows = (tpl == q) & (names == n)
+            vals = v[rows].ravel()
+            vals = vals[np.isfinite(vals)]
+            if len(vals):
+                means[qi, ni] = vals.mean()
+    lab = np.array([bool(ga[names == n][0]) for n in uniq])
+    if lab.all() or not lab.any():
+        return math.nan
+
+    def stat(is_a):
+        with np.errstate(invalid="ignore"):
+            d = np.nanmean(means[:, is_a], 1) - np.nanmean(means[:, ~is_a], 1)
+        return float(np.nanmean(d)) if np.isfinite(d).any() else math.nan
+
+    obs = stat(lab)
+    if not np.isfinite(obs):
+        return math.nan
+    rng = np.random.default_rng(seed)
+    perm = np.array([stat(rng.permutation(lab)) for _ in range(n_perm)])
+    perm = perm[np.isfinite(perm)]
+    return float((1 + (np.abs(perm) >= abs(obs) - 1e-12).sum()) / (1 + len(perm)))
 
 
 def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 95) -> float:

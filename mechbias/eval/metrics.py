@@ -25,7 +25,7 @@ from torch import Tensor
 from ..core.models import supports_kv_cache
 from ..core.results import Result, make_meta
 from ..core.runner import (DEFAULT_TOKENS_PER_BATCH, forward_window, last_position_unembed, map_last_logits,
-                           slice_cache)
+                           sequence_nll, slice_cache)
 from ..data.contexts import Context, PromptSet, answer_tokens, load_axis, load_context, load_contexts, single_token, tokenize
 from ..data.texts import neutral_texts
 from ..interventions.base import Intervention, maybe_apply
@@ -237,29 +237,8 @@ def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None 
     if intervention is not None and str(intervention.positions) != "all":
         with maybe_apply(intervention, model), torch.no_grad():
             return _nll_each_prediction(model, seqs)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    total, count = 0.0, 0
-    device = model.cfg.device
-    batches: list[list[int]] = []
-    for k in order:  # ascending length: the last row of a batch is its longest
-        if batches and (len(batches[-1]) + 1) * len(seqs[k]) <= max_tokens:
-            batches[-1].append(k)
-        else:
-            batches.append([k])
-    with maybe_apply(intervention, model), torch.no_grad():
-        for rows in batches:
-            longest = len(seqs[rows[-1]])
-            batch = torch.zeros(len(rows), longest, dtype=torch.long)
-            mask = torch.zeros(len(rows), longest, dtype=torch.bool)
-            for r, k in enumerate(rows):
-                batch[r, : len(seqs[k])] = seqs[k]
-                mask[r, : len(seqs[k])] = True
-            logits = model(batch.to(device)).float()  # right padding never affects earlier positions
-            lp = logits[:, :-1].log_softmax(-1).gather(-1, batch[:, 1:, None].to(logits.device))[..., 0]
-            m = mask[:, 1:].to(lp.device)
-            total += float(-(lp * m).sum())
-            count += int(m.sum())
-    return total, count
+    with maybe_apply(intervention, model):
+        return sequence_nll(model, seqs, max_tokens=max_tokens)
 
 
 def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
@@ -304,7 +283,7 @@ def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
 def perplexity(model, texts: Sequence[str] | None = None, *, intervention: Intervention | None = None,
                max_texts: int | None = None) -> float:
     """Perplexity on ``texts`` (default: the neutral set)."""
-    texts = list(texts) if texts is not None else neutral_texts(max_texts)
+    texts = list(texts) if texts is not None else neutral_texts(max_texts, split="reporting")
     if not texts:
         raise ValueError("perplexity needs at least one text")
     nll, n = token_nll(model, texts, intervention=intervention)

@@ -1,27 +1,155 @@
-"""Statistics: crossed bootstrap over templates and names, paired reductions, effect sizes.
+"""Statistics: intervals that respect a templates x names design, paired changes, multiplicity.
 
 Bias is a difference of means between two groups of names, measured over a
 grid of templates x names. Both the names and the templates are samples from
-larger populations, so the bootstrap resamples both: templates with
-replacement, and names with replacement *within* each group. A 95% interval
-from this crossed bootstrap is wider (more honest) than one over prompts.
+larger populations. :func:`crossed_estimate` measures the variance each factor
+contributes with a bootstrap over that factor alone (templates with
+replacement; names with replacement *within* each group, the same draw for
+every grid that shares the names), corrects each for its number of clusters
+(a bootstrap over k clusters underestimates a variance by (k - 1) / k), and
+makes a t interval with Welch-Satterthwaite degrees of freedom. With five
+held-out templates a plain percentile bootstrap under-covers (about 0.89-0.93
+for a nominal 0.95 in simulation); this interval's coverage is tested over
+simulated data sets (``tests/test_stats.py``).
+
+The same function gives the CI of a gap, of a paired change (after - before on
+one grid), and of a contrast across grids that share names, e.g. the mean
+within-context minus the mean cross-context effect of a transfer matrix.
+:func:`benjamini_hochberg` adjusts a family of p-values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy.stats import mannwhitneyu, spearmanr
+from scipy.stats import t as student_t
 from torch import Tensor
 
 DEFAULT_BOOT = 2000
+#: power for which minimal detectable differences are stated
+POWER = 0.80
 
 
 def _weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """Bootstrap resampling counts ``[n_boot, n]`` (multinomial, each row sums to n)."""
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+@dataclass
+class Estimate:
+    """A linear statistic of templates x names grids with a design-respecting t interval.
+
+    ``se`` combines the template and name variance components (each from a
+    one-factor bootstrap, corrected by k / (k - 1) for its k clusters); ``df``
+    is their Welch-Satterthwaite degrees of freedom; ``min_detectable`` is the
+    true value a two-sided test at ``alpha`` detects with power 0.8.
+    """
+
+    estimate: float
+    se: float
+    df: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    min_detectable: float
+    var_templates: float
+    var_names: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _t_interval(est: float, var_t: float, var_n: float, df_t: float, df_n: float, level: float = 0.95) -> Estimate:
+    var = var_t + var_n
+    se = float(np.sqrt(max(var, 0.0)))
+    denom = (var_t ** 2 / df_t if df_t > 0 else 0.0) + (var_n ** 2 / df_n if df_n > 0 else 0.0)
+    df = float(var ** 2 / denom) if denom > 0 else float("inf")
+    df = max(df, 1.0)
+    q = float(student_t.ppf(0.5 + level / 2, df))
+    if se > 0:
+        p = float(2 * student_t.sf(abs(est) / se, df))
+    else:
+        p = 0.0 if est != 0 else 1.0
+    mdd = (q + float(student_t.ppf(POWER, df))) * se
+    return Estimate(float(est), se, df, float(est - q * se), float(est + q * se), p, float(mdd), float(var_t),
+                    float(var_n))
+
+
+def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_boot: int = DEFAULT_BOOT,
+                     seed: int = 0, level: float = 0.95) -> Estimate:
+    """The sum over grids of mean(group A columns) - mean(group B columns), with a t interval.
+
+    ``grids``: ``{key: [templates_k, names]}`` (e.g. one per evaluation
+    context); every grid has the same name columns (``col_group``: 0 for group
+    A, 1 for group B), and its own templates (a single template contributes no template variance: the
+    interval is then conditional on it). For a paired change, pass
+    ``after - before``; for a contrast of cells, the signed sum of their change
+    grids per evaluation context. Templates are resampled independently per
+    grid, names jointly (they are the same people in every grid).
+    """
+    g = np.asarray(col_group)
+    a_cols, b_cols = np.flatnonzero(g == 0), np.flatnonzero(g == 1)
+    if len(a_cols) < 2 or len(b_cols) < 2:
+        raise ValueError(f"each group needs at least 2 names, got {len(a_cols)} and {len(b_cols)}")
+    mats = {k: np.asarray(m, dtype=np.float64) for k, m in grids.items()}
+    if not mats:
+        raise ValueError("crossed_estimate needs at least one grid")
+    for k, m in mats.items():
+        if m.ndim != 2 or m.shape[1] != len(g):
+            raise ValueError(f"grid {k!r} has shape {m.shape}; expected [templates, {len(g)}]")
+        if m.shape[0] < 1:
+            raise ValueError(f"grid {k!r} has no templates")
+    rng = np.random.default_rng(seed)
+
+    def gap_of(m, wt=None, wa=None, wb=None):
+        ca = m[:, a_cols].mean(0) if wt is None else (wt @ m[:, a_cols]) / wt.sum(1, keepdims=True)  # per name
+        cb = m[:, b_cols].mean(0) if wt is None else (wt @ m[:, b_cols]) / wt.sum(1, keepdims=True)
+        if wa is None:
+            return ca.mean(-1) - cb.mean(-1)
+        return (ca * wa).sum(-1) / wa.sum(-1) - (cb * wb).sum(-1) / wb.sum(-1)
+
+    est = float(sum(gap_of(m) for m in mats.values()))
+    # names alone: one draw of names shared by every grid (templates fixed)
+    wa, wb = _weights(rng, len(a_cols), n_boot), _weights(rng, len(b_cols), n_boot)
+    reps_n = sum(gap_of(m, None, wa, wb) for m in mats.values())
+    na, nb = len(a_cols), len(b_cols)
+    var_n = float(np.var(reps_n, ddof=1))
+    # the bootstrap variance of a mean of k draws is (k - 1) / k of the unbiased one; the two groups
+    # contribute about equally, so correct by the harmonic-mean group size
+    k_n = 2.0 / (1.0 / na + 1.0 / nb)
+    var_n *= k_n / (k_n - 1.0)
+    df_n = float(na + nb - 2)
+    # templates alone, independently per grid (names fixed)
+    var_t, denom_t = 0.0, 0.0
+    for m in mats.values():
+        T = m.shape[0]
+        if T < 2:  # one template: inference is conditional on it (it is not a sample of templates)
+            continue
+        wt = _weights(rng, T, n_boot)
+        v = float(np.var(gap_of(m, wt), ddof=1)) * T / (T - 1.0)
+        var_t += v
+        denom_t += v ** 2 / (T - 1.0)
+    df_t = var_t ** 2 / denom_t if denom_t > 0 else 0.0
+    return _t_interval(est, var_t, var_n, df_t, df_n, level)
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (step-up; NaN stays NaN and is not counted)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    ok = np.flatnonzero(np.isfinite(p))
+    out = np.full(len(p), np.nan)
+    if len(ok) == 0:
+        return out.tolist()
+    order = ok[np.argsort(p[ok])]
+    m = len(ok)
+    adj = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(adj[::-1])[::-1]
+    out[order] = np.clip(adj, 0, 1)
+    return out.tolist()
 
 
 @dataclass
@@ -38,6 +166,9 @@ class Gap:
     n_templates: int
     n_names_a: int
     n_names_b: int
+    se: float = float("nan")
+    df: float = float("nan")
+    min_detectable: float = float("nan")
 
     @property
     def significant(self) -> bool:
@@ -87,26 +218,31 @@ def _p_two_sided(boots: np.ndarray) -> float:
 
 
 def group_gap(mat: Tensor | np.ndarray, col_group: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Gap:
-    """Mean(group A) - mean(group B) over a ``[templates, names]`` score matrix, with a crossed bootstrap CI."""
+    """Mean(group A) - mean(group B) over a ``[templates, names]`` score matrix, with the design-respecting
+    t interval of :func:`crossed_estimate`."""
     m = np.asarray(mat, dtype=np.float64)
     g = np.asarray(col_group)
-    boot = CrossedBootstrap(m.shape[0], torch.as_tensor(g), n_boot, seed)
+    est = crossed_estimate({"grid": m}, g, n_boot=n_boot, seed=seed)
     a, b = m[:, g == 0], m[:, g == 1]
-    gap = a.mean() - b.mean()
-    reps = boot.gaps(m)
-    lo, hi = percentile_ci(reps)
     name_means = m.mean(0)
     pooled = np.sqrt((name_means[g == 0].var(ddof=1) + name_means[g == 1].var(ddof=1)) / 2) if min(
         (g == 0).sum(), (g == 1).sum()) > 1 else float("nan")
-    return Gap(float(gap), lo, hi, _p_two_sided(reps), float(a.mean()), float(b.mean()),
-               float(gap / pooled) if pooled and np.isfinite(pooled) and pooled > 0 else float("nan"),
-               m.shape[0], int((g == 0).sum()), int((g == 1).sum()))
+    return Gap(est.estimate, est.ci_low, est.ci_high, est.p_value, float(a.mean()), float(b.mean()),
+               float(est.estimate / pooled) if pooled and np.isfinite(pooled) and pooled > 0 else float("nan"),
+               m.shape[0], int((g == 0).sum()), int((g == 1).sum()), est.se, est.df, est.min_detectable)
 
 
 @dataclass
 class Reduction:
-    """A paired change of the group gap: absolute (after - before) and relative
-    (1 - gap_after / gap_before), each with a paired bootstrap CI."""
+    """A paired change of the group gap on one grid.
+
+    Absolute first: ``gap_change`` = gap after - gap before, with the t interval
+    of :func:`crossed_estimate` on ``after - before`` (``gap_change_ci``,
+    ``gap_change_p``, ``min_detectable``). Relative second: ``reduction`` =
+    1 - gap_after / gap_before with a percentile crossed bootstrap (the same
+    draws before and after); a ratio is only meaningful when the gap before is
+    clearly away from 0, which ``estimable`` says (its CI excludes 0).
+    """
 
     reduction: float
     ci_low: float
@@ -117,6 +253,14 @@ class Reduction:
     gap_after_ci: tuple[float, float]
     gap_change: float = float("nan")
     gap_change_ci: tuple[float, float] = (float("nan"), float("nan"))
+    gap_change_p: float = float("nan")
+    gap_change_se: float = float("nan")
+    min_detectable: float = float("nan")
+
+    @property
+    def estimable(self) -> bool:
+        lo, hi = self.gap_before_ci
+        return bool(lo > 0 or hi < 0)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -124,12 +268,7 @@ class Reduction:
 
 def paired_reduction(before: Tensor | np.ndarray, after: Tensor | np.ndarray, col_group: Tensor, *,
                      n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Reduction:
-    """Relative reduction of the group gap between two score matrices on the same grid.
-
-    The same bootstrap draws are applied to both matrices. A reduction of 1
-    means the gap vanished, 0 no change, negative values a larger gap; when
-    the gap before is close to 0 the ratio is unstable and the CI says so.
-    """
+    """Absolute and relative change of the group gap between two score matrices on the same grid."""
     mb, ma = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
     if mb.shape != ma.shape:
         raise ValueError(f"before {mb.shape} and after {ma.shape} grids differ")
@@ -141,8 +280,12 @@ def paired_reduction(before: Tensor | np.ndarray, after: Tensor | np.ndarray, co
     with np.errstate(divide="ignore", invalid="ignore"):
         reps = 1.0 - ra / rb
     lo, hi = percentile_ci(reps)
+    before_e = crossed_estimate({"grid": mb}, g, n_boot=n_boot, seed=seed)
+    after_e = crossed_estimate({"grid": ma}, g, n_boot=n_boot, seed=seed)
+    change = crossed_estimate({"grid": ma - mb}, g, n_boot=n_boot, seed=seed)
     return Reduction(float(1 - ga / gb) if gb != 0 else float("nan"), lo, hi, float(gb), float(ga),
-                     percentile_ci(rb), percentile_ci(ra), float(ga - gb), percentile_ci(ra - rb))
+                     (before_e.ci_low, before_e.ci_high), (after_e.ci_low, after_e.ci_high), change.estimate,
+                     (change.ci_low, change.ci_high), change.p_value, change.se, change.min_detectable)
 
 
 def relative_mean_change(before, after, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> tuple[float, float, float]:

@@ -33,12 +33,13 @@ from torch import Tensor
 
 from ..core.results import Result, make_meta
 from ..data.contexts import Context, PromptSet, load_axis, load_contexts
-from ..data.texts import neutral_texts
+from ..data.texts import neutral_texts, selection_phase
 from ..interventions.base import Intervention, load_intervention
+from ..interventions.profile import UnitProfile, unit_profile
 from ..viz.plotting import plot_transfer
 from .generation import generation_bias
 from .metrics import contrast_scores, perplexity
-from .stats import DEFAULT_BOOT, group_gap, paired_reduction
+from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
 
 Selector = Callable[[Any, Context, str], Intervention]
 
@@ -51,10 +52,14 @@ Selector = Callable[[Any, Context, str], Intervention]
 class TransferConfig:
     """How a transfer matrix is evaluated (every field is a command-line flag of every method command)."""
 
-    n_random: int = field(default=3, metadata={"flag": "--random", "help": "random-control draws per cell (0: none)"})
+    n_random: int = field(default=3, metadata={"flag": "--random", "help": "draws per control and cell (0: no controls)"})
+    controls: tuple[str, ...] = field(default=("random", "matched"), metadata={
+        "help": "controls: random (same count per layer/matrix), matched (same size: neuron magnitude, head "
+                "output norm, weight score quantiles), matched_cost (neurons: same single-unit ablation cost)",
+        "choices": ("random", "matched", "matched_cost")})
     capability: bool = field(default=True, metadata={"help": "measure the perplexity change on neutral text"})
-    neutral_max_texts: int = field(default=12, metadata={"flag": "--neutral-texts",
-                                                         "help": "neutral paragraphs for the perplexity change"})
+    neutral_max_texts: int | None = field(default=None, metadata={
+        "flag": "--neutral-texts", "help": "reporting-half neutral paragraphs for the perplexity change (none: all 14)"})
     n_boot: int = field(default=DEFAULT_BOOT, metadata={"flag": "--boot", "help": "bootstrap replicates"})
     seed: int = field(default=0, metadata={"help": "seed for splits, bootstrap and sampling"})
     generation: int = field(default=0, metadata={"help": "also sample N numeric answers per prompt of each row "
@@ -63,11 +68,14 @@ class TransferConfig:
     generation_tokens: int = field(default=8, metadata={"help": "tokens sampled per answer (generation metric)"})
 
     def __post_init__(self):
+        bad = [c for c in self.controls if c not in ("random", "matched", "matched_cost")]
+        if bad:
+            raise ValueError(f"unknown controls {bad}; choose from random, matched, matched_cost")
         if self.n_random < 0:
             raise ValueError(f"n_random must be >= 0, not {self.n_random}")
         if self.n_boot < 10:
             raise ValueError(f"n_boot must be >= 10, not {self.n_boot}")
-        if self.neutral_max_texts < 1:
+        if self.neutral_max_texts is not None and self.neutral_max_texts < 1:
             raise ValueError(f"neutral_max_texts must be >= 1, not {self.neutral_max_texts}")
         if self.generation < 0 or self.generation_names < 2:
             raise ValueError("generation must be >= 0 and generation_names >= 2")
@@ -122,21 +130,43 @@ class Capability:
 
 @dataclass
 class Effect:
-    """The effect of one intervention (or of the mean over a control's draws) on one evaluation set."""
+    """The effect of one intervention (or of the mean over a control's draws) on one evaluation set.
+
+    Absolute first: ``gap_change`` = gap after - gap before (log-odds units), its
+    95% CI (``ci_low``, ``ci_high``: a t interval whose variance respects the
+    templates x names design), ``p_value`` (and ``p_adjusted``, Benjamini-Hochberg
+    over the matrix's cells) and ``min_detectable`` (the change detected with
+    power 0.8). ``gap_removed`` = ``-sign(gap_before) * gap_change``: positive when
+    the bias shrank, whatever its direction. ``reduction`` = 1 - after / before
+    only when the gap before is clearly away from 0 (its CI excludes 0);
+    otherwise None (not estimable).
+    """
 
     gap_before: float
     gap_after: float
     gap_change: float
-    gap_change_ci_low: float
-    gap_change_ci_high: float
-    reduction: float
     ci_low: float
     ci_high: float
+    p_value: float
+    min_detectable: float
+    gap_removed: float
+    reduction: float | None
+    reduction_ci_low: float | None
+    reduction_ci_high: float | None
+    gap_before_ci: list = field(default_factory=list)
     gap_after_ci: list = field(default_factory=list)
+    p_adjusted: float | None = None
     perplexity_change: float | None = None
     n_draws: int = 1
-    draws: list = field(default_factory=list)  # per-draw reduction (controls)
+    draws: list = field(default_factory=list)  # per-draw gap change (controls)
     draws_perplexity_change: list = field(default_factory=list)
+
+    @property
+    def estimable(self) -> bool:
+        return self.reduction is not None
+
+
+_FLAT_SKIP = ("n_draws", "draws", "draws_perplexity_change")
 
 
 @dataclass
@@ -155,7 +185,7 @@ class Cell:
         if name in ("effect", "controls"):
             raise AttributeError(name)
         eff = self.__dict__.get("effect")
-        if eff is not None and name in {f.name for f in fields(Effect)}:
+        if eff is not None and (name in {f.name for f in fields(Effect)} or name == "estimable"):
             return getattr(eff, name)
         raise AttributeError(f"Cell has no attribute {name!r}")
 
@@ -163,13 +193,12 @@ class Cell:
         """A flat dict: the effect's fields, ``random_*`` for the random control, and every control."""
         d = {"selected_on": self.selected_on, "evaluated_on": self.evaluated_on, "level": self.level,
              "n_components": self.n_components}
-        d.update({k: v for k, v in asdict(self.effect).items() if k not in ("n_draws", "draws",
-                                                                             "draws_perplexity_change")})
+        d.update({k: v for k, v in asdict(self.effect).items() if k not in _FLAT_SKIP})
         rnd = self.controls.get("random")
         if rnd is not None:
-            d.update(random_reduction=rnd.reduction, random_ci_low=rnd.ci_low, random_ci_high=rnd.ci_high,
-                     random_gap_change=rnd.gap_change, random_draws=rnd.draws,
-                     random_perplexity_change=rnd.perplexity_change)
+            d.update(random_gap_change=rnd.gap_change, random_ci_low=rnd.ci_low, random_ci_high=rnd.ci_high,
+                     random_gap_removed=rnd.gap_removed, random_reduction=rnd.reduction,
+                     random_draws=rnd.draws, random_perplexity_change=rnd.perplexity_change)
         d["controls"] = {k: asdict(v) for k, v in self.controls.items()}
         return d
 
@@ -190,36 +219,49 @@ class Cell:
 
 def _effect(es: EvalSet, after: Tensor, cfg: TransferConfig, ppl: float | None) -> Effect:
     red = paired_reduction(es.before, after, es.col_group, n_boot=cfg.n_boot, seed=cfg.seed)
+    sign = float(np.sign(red.gap_before)) or 1.0
+    est = red.estimable
     return Effect(red.gap_before, red.gap_after, red.gap_change, red.gap_change_ci[0], red.gap_change_ci[1],
-                  red.reduction, red.ci_low, red.ci_high, list(red.gap_after_ci), ppl)
+                  red.gap_change_p, red.min_detectable, -sign * red.gap_change,
+                  red.reduction if est else None, red.ci_low if est else None, red.ci_high if est else None,
+                  list(red.gap_before_ci), list(red.gap_after_ci), None, ppl)
 
 
 def evaluate(model, intervention: Intervention, eval_set: EvalSet,
              controls: Mapping[str, Sequence[Intervention]] | None = None,
              config: TransferConfig | None = None, *, capability: Capability | None = None,
-             selected_on: str = "") -> Cell:
+             selected_on: str = "", keep: dict | None = None) -> Cell:
     """Measure ``intervention`` on ``eval_set``, and each group of ``controls`` (name -> draws) beside it.
 
     A control with several draws is evaluated on the mean score over its draws
-    (its per-draw reductions are kept). ``capability`` adds perplexity changes.
+    (each draw's gap change is kept). ``capability`` adds perplexity changes.
+    ``keep``, if given, receives the score grids (``"after"`` and
+    ``"control/<name>"``) for statistics across cells.
     """
     cfg = config or TransferConfig()
     es = eval_set
     ppl = capability.change(intervention) if capability is not None else None
+    after = es.scores(model, intervention)
     cell = Cell(selected_on, es.context, "L1" if selected_on == es.context else "L2", intervention.n_components,
-                _effect(es, es.scores(model, intervention), cfg, ppl))
+                _effect(es, after, cfg, ppl))
+    if keep is not None:
+        keep["after"] = after
     for name, draws in (controls or {}).items():
         draws = list(draws)
         if not draws:
             continue
         scores = [es.scores(model, d) for d in draws]
         pc = [capability.change(d) for d in draws] if capability is not None else []
-        eff = _effect(es, torch.stack(scores).mean(0), cfg, float(np.mean(pc)) if pc else None)
+        mean = torch.stack(scores).mean(0)
+        eff = _effect(es, mean, cfg, float(np.mean(pc)) if pc else None)
         eff.n_draws = len(draws)
-        eff.draws = [paired_reduction(es.before, x, es.col_group, n_boot=50, seed=cfg.seed).reduction
+        g = np.asarray(es.col_group)
+        eff.draws = [float((x.numpy()[:, g == 0].mean() - x.numpy()[:, g == 1].mean()) - eff.gap_before)
                      for x in scores]
         eff.draws_perplexity_change = pc
         cell.controls[name] = eff
+        if keep is not None:
+            keep[f"control/{name}"] = mean
     return cell
 
 
@@ -245,12 +287,47 @@ class TransferMatrix(Result):
     baseline: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    transfer_test: dict = field(default_factory=dict)
+    grids: dict = field(default_factory=dict)  # score grids: before/<col>, after/<row>/<col>, control/<name>/<row>/<col>
     interventions: dict = field(default_factory=dict)  # row context -> Intervention (saved beside the result)
     result_type = "transfer"
     _not_saved = ("interventions",)
 
     def _after_load(self) -> None:
         self.cells = [c if isinstance(c, Cell) else Cell.from_dict(c) for c in self.cells]
+
+    def _removed(self, which: str, r: str, c: str) -> float:
+        cell = self.cell(r, c)
+        return cell.gap_removed if which == "after" else cell.controls[which.split("/", 1)[1]].gap_removed
+
+    def test_transfer(self, which: str = "after", *, n_boot: int | None = None, seed: int | None = None) -> dict:
+        """Within-context minus cross-context effect: mean ``gap_removed`` on the diagonal minus its mean off
+        the diagonal, with a t interval from one resampling of the whole matrix (names shared by every
+        evaluation context, templates per context) and the minimal detectable difference (power 0.8).
+
+        ``which``: ``"after"`` for the selected interventions, ``"control/<name>"`` for a control."""
+        diag = [(r, r) for r in self.rows if r in self.cols]
+        off = [(r, c) for r in self.rows for c in self.cols if r != c]
+        out: dict = {"statistic": "mean gap_removed on the diagonal - mean off the diagonal", "which": which,
+                     "n_diagonal": len(diag), "n_offdiagonal": len(off)}
+        if not diag or not off or "col_group" not in self.grids:
+            return {**out, "diagonal_minus_offdiagonal": None, "ci_low": None, "ci_high": None, "p_value": None,
+                    "min_detectable": None, "note": "needs diagonal and off-diagonal cells"}
+        g = np.asarray(self.grids["col_group"])
+        combined: dict[str, np.ndarray] = {}
+        for cells, coef in ((diag, 1.0 / len(diag)), (off, -1.0 / len(off))):
+            for r, c in cells:
+                before = np.asarray(self.grids[f"before/{c}"], dtype=np.float64)
+                after = np.asarray(self.grids[f"{which}/{r}/{c}"], dtype=np.float64)
+                sign = float(np.sign(before[:, g == 0].mean() - before[:, g == 1].mean())) or 1.0
+                combined[c] = combined.get(c, 0.0) + coef * (-sign) * (after - before)
+        cfg = self.config
+        est = crossed_estimate(combined, g, n_boot=n_boot or int(cfg.get("n_boot", DEFAULT_BOOT)),
+                               seed=int(cfg.get("seed", 0)) if seed is None else seed)
+        return {**out, "diagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in diag])),
+                "offdiagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in off])),
+                "diagonal_minus_offdiagonal": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                "p_value": est.p_value, "se": est.se, "df": est.df, "min_detectable": est.min_detectable}
 
     def save(self, path) -> Path:
         path = super().save(path)
@@ -310,6 +387,7 @@ def transfer_matrix(
     eval_contexts: Sequence[str | Context] | None = None,
     config: TransferConfig | None = None,
     eval_sets: dict[str, EvalSet] | None = None,
+    profile: UnitProfile | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
     **overrides,
@@ -319,7 +397,10 @@ def transfer_matrix(
     ``selector(model, context, axis)`` returns the intervention chosen on the
     context's selection split. ``config`` (or keyword overrides of its fields,
     e.g. ``n_random=0``) sets the controls, bootstrap and capability texts;
-    ``eval_sets`` lets several methods share the baseline evaluation.
+    ``eval_sets`` lets several methods share the baseline evaluation, ``profile`` the unit sizes and
+    ablation costs matched controls are drawn from (measured on the selection neutral texts when needed).
+    A selector that keeps its selections (a :class:`~mechbias.methods.base.Method`) may add controls of
+    its own (``Selection.controls``, e.g. GRADIEND's h = 0 edit).
     """
     cfg = config if config is not None else TransferConfig(**overrides)
     if config is not None and overrides:
@@ -336,14 +417,24 @@ def transfer_matrix(
     for c in cols:
         g = group_gap(eval_sets[c.name].before, eval_sets[c.name].col_group, n_boot=cfg.n_boot, seed=cfg.seed)
         baseline.append({"context": c.name, **g.as_dict()})
-    cap = Capability(model, neutral_texts(cfg.neutral_max_texts)) if cfg.capability else None
+    cap = Capability(model, neutral_texts(cfg.neutral_max_texts, split="reporting")) if cfg.capability else None
+    if profile is None and cfg.n_random > 0 and any(k != "random" for k in cfg.controls):
+        profile = unit_profile(model)
     cells, row_info, chosen = [], [], {}
+    grids: dict[str, Tensor] = {"col_group": next(iter(eval_sets.values())).col_group.clone()}
+    for c in cols:
+        grids[f"before/{c.name}"] = eval_sets[c.name].before
     for r in rows:
         say(f"select on {r.name}")
-        iv = selector(model, r, axis)
+        with selection_phase(f"selection on {r.name}"):
+            iv = selector(model, r, axis)
         chosen[r.name] = iv
-        controls = random_controls(iv, model, cfg.n_random, cfg.seed)
-        info = {"context": r.name, "intervention": iv.describe(), "n_components": iv.n_components}
+        controls = iv.controls(model, cfg.n_random, cfg.seed, profile=profile, kinds=cfg.controls)
+        own = getattr(getattr(selector, "selections", {}).get(r.name), "controls", None)
+        if own and cfg.n_random > 0:
+            controls.update(own)
+        info = {"context": r.name, "intervention": iv.describe(), "n_components": iv.n_components,
+                "controls": {k: v[0].describe() for k, v in controls.items()}}
         if cap is not None:
             info.update(perplexity_base=cap.base, perplexity_change=cap.change(iv))
             for name, draws in controls.items():
@@ -354,16 +445,36 @@ def transfer_matrix(
                                                  max_new_tokens=cfg.generation_tokens, seed=cfg.seed)
         row_info.append(info)
         for c in cols:
-            cell = evaluate(model, iv, eval_sets[c.name], controls, cfg, capability=cap, selected_on=r.name)
+            kept: dict[str, Tensor] = {}
+            cell = evaluate(model, iv, eval_sets[c.name], controls, cfg, capability=cap, selected_on=r.name,
+                            keep=kept)
+            for k, v in kept.items():
+                grids[f"{k}/{r.name}/{c.name}"] = v
             cells.append(cell)
             rnd = cell.controls.get("random")
-            say(f"  {r.name} -> {c.name}: gap change {cell.gap_change:+.3f} [{cell.gap_change_ci_low:+.3f}, "
-                f"{cell.gap_change_ci_high:+.3f}], reduction {cell.reduction:+.2f}"
+            say(f"  {r.name} -> {c.name}: gap change {cell.gap_change:+.3f} [{cell.ci_low:+.3f}, {cell.ci_high:+.3f}]"
                 + (f"; random {rnd.gap_change:+.3f}" if rnd else ""))
+    _adjust(cells, baseline)
     config_d = {**asdict(cfg), "templates": "heldout", "names": "heldout"}
     meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows])
-    return TransferMatrix(method, axis, [r.name for r in rows], [c.name for c in cols], cells, row_info, baseline,
-                          config_d, meta, interventions=chosen)
+    tm = TransferMatrix(method, axis, [r.name for r in rows], [c.name for c in cols], cells, row_info, baseline,
+                        config_d, meta, grids=grids, interventions=chosen)
+    tm.transfer_test = tm.test_transfer()
+    for name in (cells[0].controls if cells else {}):
+        tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
+    return tm
+
+
+def _adjust(cells: list[Cell], baseline: list[dict]) -> None:
+    """Benjamini-Hochberg within each family: the matrix's cells, each control's cells, the baselines."""
+    for adj, c in zip(benjamini_hochberg([c.p_value for c in cells]), cells):
+        c.effect.p_adjusted = adj
+    for name in (cells[0].controls if cells else {}):
+        effs = [c.controls[name] for c in cells if name in c.controls]
+        for adj, e in zip(benjamini_hochberg([e.p_value for e in effs]), effs):
+            e.p_adjusted = adj
+    for adj, b in zip(benjamini_hochberg([b["p_value"] for b in baseline]), baseline):
+        b["p_adjusted"] = adj
 
 
 def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,

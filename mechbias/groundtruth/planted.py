@@ -75,7 +75,7 @@ class PlantConfig:
 def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
                        exclude: set | None = None) -> list[tuple[int, int]]:
     """The ``n`` neurons in ``layers`` with the smallest mean |activation| x ||W_out row|| on neutral text."""
-    texts = list(texts) if texts is not None else neutral_texts(6)
+    texts = list(texts) if texts is not None else neutral_texts(6, split="selection")
     exclude = exclude or set()
     acc = {l: torch.zeros(model.cfg.d_mlp, dtype=torch.float64) for l in layers}
     with torch.no_grad():
@@ -165,7 +165,7 @@ def train_planted(model, cfg: PlantConfig, *, progress: bool = True, log=print) 
             u[i] = torch.randn(d_model, generator=rng).to(u) * 0.05
             o[:, i] = 0.0
     examples = _examples(model, cfg)
-    neutral = tokenize(model, neutral_texts(8))
+    neutral = tokenize(model, neutral_texts(8, split="selection"))
     with torch.no_grad():  # reference: the model with the planted neurons silent (= original minus those neurons)
         base_scores = _scores(model, [e[0] for e in examples], pos_id, neg_id)
         neutral_ref = [model(t[None].to(device)).log_softmax(-1).detach() for t in neutral]

@@ -86,9 +86,9 @@ def oracle_transfer(model, cfg, contexts: Sequence[str], axis: str, *, eval_sets
                 eval_sets[c] = EvalSet.build(model, load_context(c), axis, seed=seed)
             cell = evaluate(model, iv, eval_sets[c], None, tc, selected_on=r)
             out.append({"selected_on": r, "evaluated_on": c, "oracle_reduction": cell.reduction,
-                        "oracle_ci_low": cell.ci_low, "oracle_ci_high": cell.ci_high,
-                        "oracle_gap_change": cell.gap_change, "oracle_gap_change_ci_low": cell.gap_change_ci_low,
-                        "oracle_gap_change_ci_high": cell.gap_change_ci_high})
+                        "oracle_ci_low": cell.reduction_ci_low, "oracle_ci_high": cell.reduction_ci_high,
+                        "oracle_gap_change": cell.gap_change, "oracle_gap_change_ci_low": cell.ci_low,
+                        "oracle_gap_change_ci_high": cell.ci_high})
     return out
 
 

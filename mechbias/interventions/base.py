@@ -73,6 +73,19 @@ class Intervention:
         """A random control: the same kind and size, components drawn at random (seeded)."""
         raise NotImplementedError(f"{type(self).__name__} defines no random control")
 
+    def controls(self, model, n: int, seed: int, *, profile=None,
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list["Intervention"]]:
+        """The controls this intervention compares against: ``kind -> draws``.
+
+        ``random``: ``n`` draws of :meth:`random_like`. Types that can match their
+        components on size (``matched``) or cost (``matched_cost``) override this;
+        ``profile`` (a :class:`~mechbias.interventions.profile.UnitProfile`) holds
+        what they match on. Kinds a type cannot draw are left out."""
+        out: dict[str, list[Intervention]] = {}
+        if "random" in kinds and n > 0:
+            out["random"] = [self.random_like(model, seed + 101 * (k + 1)) for k in range(n)]
+        return out
+
     @property
     def positions(self) -> Any:
         """Where in the sequence the intervention acts: ``"all"`` unless a subclass says otherwise."""
@@ -220,6 +233,14 @@ class Compose(Intervention):
 
     def random_like(self, model, seed: int) -> "Compose":
         return Compose([p.random_like(model, seed + 7919 * i) for i, p in enumerate(self.parts)])
+
+    def controls(self, model, n: int, seed: int, *, profile=None,
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
+        """Each kind that every part can draw, composed part by part."""
+        per_part = [p.controls(model, n, seed + 7919 * i, profile=profile, kinds=kinds) for i, p in enumerate(self.parts)]
+        common = [k for k in kinds if per_part and all(k in c for c in per_part)]
+        return {k: [Compose([c[k][d] for c in per_part]) for d in range(min(len(c[k]) for c in per_part))]
+                for k in common}
 
     def describe(self) -> str:
         return " + ".join(p.describe() for p in self.parts) or "no intervention"

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..core.runner import local_positions
 from ..core.sites import Site
 from .base import Intervention, as_layer_dict, register_intervention
+from .profile import NoMatchedControl, UnitProfile, nearest_unselected
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -92,6 +93,46 @@ class NeuronIntervention(Intervention):
         out = random_per_layer(self.neurons, model.cfg.d_mlp, np.random.default_rng(seed))
         return NeuronIntervention(out, self.factor, self.positions, label="random neurons")
 
+    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
+        """``random`` (uniform per layer), ``matched`` (per layer, among the 5 unselected neurons closest in
+        mean |activation| x ||W_out row||) and ``matched_cost`` (per layer, of the 8 closest in magnitude
+        the one whose own ablation cost is closest; one draw, the costs are measured on the selection
+        neutral texts)."""
+        out = super().controls(model, n, seed, profile=profile, kinds=kinds)
+        if profile is None:
+            return out
+        if "matched" in kinds and n > 0:
+            draws: list[Intervention] = []
+            try:
+                for k in range(n):
+                    rng = np.random.default_rng(seed + 211 * (k + 1))
+                    drawn = {l: nearest_unselected(profile.neuron_magnitude[l], idx, rng)
+                             for l, idx in self.neurons.items()}
+                    draws.append(NeuronIntervention(drawn, self.factor, self.positions,
+                                                    label="neurons matched on magnitude"))
+                out["matched"] = draws
+            except NoMatchedControl:
+                pass  # a layer is (almost) entirely selected: no matched draw exists
+        if "matched_cost" in kinds:
+            drawn = {}
+            for l, idx in self.neurons.items():
+                mag = np.log(np.clip(profile.neuron_magnitude[l].double().numpy(), 1e-12, None))
+                taken = set(idx)
+                chosen = []
+                for i in idx:
+                    target = profile.neuron_cost(model, l, i)
+                    pool = [int(j) for j in np.argsort(np.abs(mag - mag[i])) if int(j) not in taken][:8]
+                    if not pool:
+                        return out
+                    j = min(pool, key=lambda c: abs(profile.neuron_cost(model, l, c) - target))
+                    chosen.append(j)
+                    taken.add(j)
+                drawn[l] = chosen
+            out["matched_cost"] = [NeuronIntervention(drawn, self.factor, self.positions,
+                                                      label="neurons matched on ablation cost")]
+        return out
+
     def describe(self) -> str:
         op = "zero" if self.factor == 0 else f"x{self.factor:g}"
         return f"{op} {self.n_components} MLP neurons at {self.positions} positions"
@@ -152,6 +193,25 @@ class HeadIntervention(Intervention):
         """The same number of heads in each layer, drawn uniformly from the unselected ones."""
         out = random_per_layer(self.heads, model.cfg.n_heads, np.random.default_rng(seed))
         return HeadIntervention(out, self.mode, self.factor, self.positions, label="random heads")
+
+    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
+        """``random`` (uniform per layer) and ``matched`` (per layer, unselected heads closest in mean output
+        norm ||z_h W_O,h||)."""
+        out = super().controls(model, n, seed, profile=profile, kinds=kinds)
+        if profile is not None and "matched" in kinds and n > 0:
+            draws: list[Intervention] = []
+            try:
+                for k in range(n):
+                    rng = np.random.default_rng(seed + 211 * (k + 1))
+                    drawn = {l: nearest_unselected(profile.head_norm[l], idx, rng, k=2)
+                             for l, idx in self.heads.items()}
+                    draws.append(HeadIntervention(drawn, self.mode, self.factor, self.positions,
+                                                  label="heads matched on output norm"))
+                out["matched"] = draws
+            except NoMatchedControl:
+                pass  # a layer has fewer unselected heads than selected ones: no matched draw exists
+        return out
 
     def describe(self) -> str:
         what = "output (hook_z)" if self.mode == "z" else "query (hook_q, uniform attention)"

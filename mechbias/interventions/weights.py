@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..core.weights import named_params
 from .base import Intervention, param, register_intervention, restoring
+from .profile import UnitProfile
 
 
 @register_intervention
@@ -46,6 +47,37 @@ class WeightMask(Intervention):
         masks = {n: torch.from_numpy(rng.choice(params[n].numel(), size=len(idx), replace=False)).long()
                  for n, idx in self.masks.items()}
         return WeightMask(masks, label="random weights")
+
+    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
+        """``random`` (uniform per matrix) and ``matched`` (per matrix, the same number of unselected entries
+        in each of 20 quantile bins of the Wanda score |W_ij| ||X_j||, ||X|| from the selection neutral texts)."""
+        out = super().controls(model, n, seed, profile=profile, kinds=kinds)
+        if profile is None or "matched" not in kinds or n <= 0:
+            return out
+        params = named_params(model)
+        draws: list[Intervention] = []
+        for k in range(n):
+            rng = np.random.default_rng(seed + 211 * (k + 1))
+            masks = {}
+            for name, idx in self.masks.items():
+                w = params[name].detach().abs().float().cpu()
+                norms = profile.input_norms.get(name)
+                if norms is None:
+                    raise ValueError(f"the profile has no input norms for {name}")
+                score = (w * (norms[None, :] if w.shape[1] == len(norms) else norms[:, None])).flatten().numpy()
+                edges = np.quantile(score, np.linspace(0, 1, 21)[1:-1])
+                bins = np.searchsorted(edges, score)
+                sel = np.zeros(len(score), dtype=bool)
+                sel[idx.long().numpy()] = True
+                picked = []
+                for b, count in zip(*np.unique(bins[sel], return_counts=True)):
+                    pool = np.flatnonzero((bins == b) & ~sel)
+                    picked.append(rng.choice(pool, size=min(int(count), len(pool)), replace=False))
+                masks[name] = torch.from_numpy(np.sort(np.concatenate(picked))).long()
+            draws.append(WeightMask(masks, label="weights matched on Wanda score quantiles"))
+        out["matched"] = draws
+        return out
 
     def describe(self) -> str:
         return f"zero {self.n_components} weights in {len(self.masks)} matrices"

@@ -26,6 +26,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from ..core.results import atomic_write_json
 from ..data.contexts import Context, load_context
+from ..data.texts import selection_phase
 from ..interventions.base import Intervention
 
 _METHODS: dict[str, type["Method"]] = {}
@@ -54,6 +55,7 @@ class Selection:
     intervention: Intervention
     artifacts: dict[str, Any] = field(default_factory=dict)  # name -> Result
     summary: dict = field(default_factory=dict)
+    controls: dict[str, list[Intervention]] = field(default_factory=dict)  # method-specific controls
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -111,7 +113,8 @@ class Method:
     # -- the selector protocol of the transfer engine --
     def __call__(self, model, context: Context | str, axis: str) -> Intervention:
         ctx = load_context(context)
-        sel = self.select(model, ctx, axis)
+        with selection_phase(f"{self.name}.select"):
+            sel = self.select(model, ctx, axis)
         self.selections[ctx.name] = sel
         return sel.intervention
 

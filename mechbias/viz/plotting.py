@@ -297,50 +297,59 @@ def plot_correlation_matrix(df, title: str, value: str = "spearman"):
 
 
 def plot_transfer(tm, title: str | None = None):
-    """Transfer matrix: relative bias reduction per cell with its 95% CI, the random control beside it."""
+    """Transfer matrix: the change of the gap per cell with its 95% CI, each control beside it.
+
+    Colour: the bias removed (``gap_removed``: positive = the gap moved toward 0), in log-odds units;
+    text: the gap change (after - before) and its CI; * = the CI excludes 0 after Benjamini-Hochberg
+    (p_adjusted < 0.05) over the matrix's cells. Row labels carry the capability cost."""
     plt = _plt()
-    m = tm.matrix("reduction")
-    has_rand = tm.cells[0].get("random_reduction") is not None
-    panels = [("selected components", "reduction", "ci_low", "ci_high")]
-    if has_rand:
-        panels.append(("random control (same size and layers)", "random_reduction", "random_ci_low", "random_ci_high"))
-    nr, nc = m.shape
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.0 + 1.45 * nc * len(panels) + 1.0, 1.7 + 0.85 * nr),
+    panels = [("selected", None)] + [(f"control: {k}", k) for k in (tm.cells[0].controls if tm.cells else {})]
+    nr, nc = len(tm.rows), len(tm.cols)
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.55 * nc * len(panels) + 1.0, 1.8 + 0.85 * nr),
                              squeeze=False)
-    vmax = 1.0
-    for ax, (name, key, lo, hi) in zip(axes[0], panels):
-        mat = tm.matrix(key)
-        im = ax.imshow(np.clip(mat, -vmax, vmax), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    base = {b["context"]: b for b in tm.baseline}
+    vmax = max([abs(b["gap"]) for b in tm.baseline] + [1e-3])
+    im = None
+    for ax, (name, ctl) in zip(axes[0], panels):
+        mat = np.full((nr, nc), np.nan)
         for i, r in enumerate(tm.rows):
             for j, c in enumerate(tm.cols):
                 cell = tm.cell(r, c)
-                v, a, b = cell[key], cell[lo], cell[hi]
-                sig = (a > 0 or b < 0)
-                txt = f"{v:+.2f}{'*' if sig else ''}\n[{a:+.2f}, {b:+.2f}]"
-                ax.text(j, i, txt, ha="center", va="center", fontsize=7,
-                        color="w" if abs(np.clip(v, -vmax, vmax)) > 0.6 else "k")
+                e = cell.effect if ctl is None else cell.controls.get(ctl)
+                if e is None:
+                    continue
+                mat[i, j] = e.gap_removed
+                padj = e.p_adjusted if e.p_adjusted is not None else e.p_value
+                star = "*" if padj is not None and padj < 0.05 else ""
+                ax.text(j, i, f"{e.gap_change:+.3f}{star}\n[{e.ci_low:+.3f}, {e.ci_high:+.3f}]", ha="center",
+                        va="center", fontsize=7, color="w" if abs(e.gap_removed) > 0.6 * vmax else "k")
+        im = ax.imshow(np.clip(mat, -vmax, vmax), cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto")
         ax.set_xticks(range(nc))
-        base = {b["context"]: b for b in tm.baseline}
         ax.set_xticklabels([f"{c}\ngap {base[c]['gap']:+.2f}{'' if base[c]['significant'] else ' (n.s.)'}"
                             if c in base else c for c in tm.cols], fontsize=8)
         ax.set_yticks(range(nr))
-        labels = tm.rows
-        if key == "reduction" and tm.row_info and "perplexity_change" in tm.row_info[0]:
-            labels = [f"{r}\n(Δppl {i['perplexity_change']:+.2f})" for r, i in zip(tm.rows, tm.row_info)]
-        elif tm.row_info and "random_perplexity_change" in tm.row_info[0]:
-            labels = [f"{r}\n(Δppl {i['random_perplexity_change']:+.2f})" for r, i in zip(tm.rows, tm.row_info)]
-        ax.set_yticklabels(labels, fontsize=8)
+        key = "perplexity_change" if ctl is None else f"{ctl}_perplexity_change"
+        labels = [f"{r}\n(Δppl {i[key]:+.2f})" if i.get(key) is not None else r for r, i in zip(tm.rows, tm.row_info)]
+        ax.set_yticklabels(labels if len(labels) == nr else tm.rows, fontsize=8)
         ax.set_xlabel("evaluated on (held-out names and templates)")
         ax.set_ylabel("selected on")
         ax.set_title(name, fontsize=9)
-    fig.colorbar(im, ax=axes[0, -1], fraction=0.05).set_label("relative bias reduction (1 = gap removed)", fontsize=8)
-    fig.suptitle(title or f"{tm.method}: cross-context transfer ({tm.axis}); * = 95% CI excludes 0", fontsize=10)
+    if im is not None:
+        fig.colorbar(im, ax=axes[0, -1], fraction=0.05).set_label("bias removed (log-odds; + = gap toward 0)",
+                                                                  fontsize=8)
+    t = tm.transfer_test or {}
+    sub = ""
+    if t.get("diagonal_minus_offdiagonal") is not None:
+        sub = (f"\nwithin - cross context: {t['diagonal_minus_offdiagonal']:+.3f} [{t['ci_low']:+.3f}, "
+               f"{t['ci_high']:+.3f}], detectable at 80% power: {t['min_detectable']:.3f}")
+    fig.suptitle((title or f"{tm.method}: cross-context transfer ({tm.axis})") + "; cell: gap change [95% CI], "
+                 "* = BH-adjusted p < 0.05" + sub, fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def plot_levels(levels, ax=None):
-    """Mean bias reduction at L0 / L1 / L2 per context, with the random control."""
+    """Mean bias removed (log-odds, + = gap toward 0) at L0 / L1 / L2 per context, on the same prompts."""
     plt = _plt()
     import pandas as pd
 
@@ -354,15 +363,16 @@ def plot_levels(levels, ax=None):
     width = 0.8 / max(len(ctxs), 1)
     for k, c in enumerate(ctxs):
         sub = df[df["context"] == c]
-        means = [sub[sub["level"] == lv]["reduction"].mean() for lv in order]
-        rand = [sub[sub["level"] == lv]["random_reduction"].astype(float).mean() for lv in order]
+        means = [sub[sub["level"] == lv]["gap_removed"].mean() for lv in order]
+        rand = [sub[sub["level"] == lv]["random_gap_removed"].astype(float).mean() for lv in order]
         x = np.arange(len(order)) + (k - (len(ctxs) - 1) / 2) * width
         ax.bar(x, means, width, label=c, color=f"C{k}")
         ax.scatter(x, rand, marker="_", s=120, color="k", zorder=3, label="random control" if k == 0 else None)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(order)))
-    ax.set_xticklabels(["L0: same template,\nheld-out names", "L1: held-out templates", "L2: other contexts"])
-    ax.set_ylabel("relative bias reduction")
+    ax.set_xticklabels(["L0: selected on\nthis template", "L1: selected on\nall its templates",
+                        "L2: selected on\nanother context"])
+    ax.set_ylabel("bias removed (log-odds)\nsame prompts: each template, held-out names")
     ax.set_title(f"{levels.unit} pruning: generalization levels ({levels.axis})", fontsize=10)
     ax.legend(fontsize=7, frameon=False, ncol=2)
     fig.tight_layout()
@@ -370,17 +380,18 @@ def plot_levels(levels, ax=None):
 
 
 def plot_curves(curves, title: str | None = None):
-    """Pruning curves: bias reduction and perplexity change against the number pruned."""
+    """Pruning curves: the change of the gap (with its CI) and the perplexity change against the number pruned."""
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for k, c in enumerate(curves):
         ks = [r["n_components"] for r in c.rows]
         lab = f"{c.unit} ({c.context})"
-        axes[0].plot(ks, [r["reduction"] for r in c.rows], marker="o", color=f"C{k}", label=lab)
+        axes[0].plot(ks, [r["gap_change"] for r in c.rows], marker="o", color=f"C{k}", label=lab)
         axes[0].fill_between(ks, [r["ci_low"] for r in c.rows], [r["ci_high"] for r in c.rows], color=f"C{k}", alpha=0.15)
+        axes[0].axhline(-c.rows[0]["gap_before"], color=f"C{k}", lw=0.6, ls=":")
         axes[1].plot(ks, [r["perplexity_change"] for r in c.rows], marker="o", color=f"C{k}", label=lab)
-        if "random_reduction" in c.rows[0]:
-            axes[0].plot(ks, [r["random_reduction"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
+        if c.rows[0].get("random_gap_change") is not None:
+            axes[0].plot(ks, [r["random_gap_change"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
             axes[1].plot(ks, [r["random_perplexity_change"] for r in c.rows], ls="--", color=f"C{k}", alpha=0.7)
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
@@ -393,8 +404,7 @@ def plot_curves(curves, title: str | None = None):
         ax.set_xlabel("components pruned")
         ax.grid(alpha=0.3)
     axes[0].axhline(0, color="k", lw=0.8)
-    axes[0].axhline(1, color="k", lw=0.6, ls=":")
-    axes[0].set_ylabel("relative bias reduction (held out)\n1 = gap removed, >1 = reversed")
+    axes[0].set_ylabel("gap change (held out, log-odds)\ndotted: the change that removes the gap")
     axes[1].set_ylabel("perplexity change (neutral text)")
     ppl = [r.get(k) for c in curves for r in c.rows for k in ("perplexity_change", "random_perplexity_change")]
     if min(v for v in ppl if v is not None) > 0:

@@ -38,7 +38,7 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
         prompts = prompts.subset([i for i, p in enumerate(prompts) if p.person.name in keep])
     before, _, _, col_group = prompts.grid(contrast_scores(model, prompts))
     es = EvalSet(ctx.name, prompts, before, col_group)
-    cap = Capability(model, neutral_texts(neutral_max_texts))
+    cap = Capability(model, neutral_texts(neutral_max_texts, split="selection"))
     tc = TransferConfig(n_random=0, n_boot=100, seed=seed)
     grid = []
     for h in hs:

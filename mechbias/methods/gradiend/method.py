@@ -34,7 +34,17 @@ class Gradiend(Method):
         iv = Identity() if ch["chosen"] is None else res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
         summary = {"seeds": res.seeds, "chosen_edit": ch["chosen"], "gap_before": ch["gap_before"],
                    "perplexity_before": ch["perplexity_before"], "n_params": res.param_set.numel}
-        return Selection(context.name, axis, iv, {"gradiend": res}, summary)
+        artifacts = {"gradiend": res}
+        controls: dict = {}
+        if ch["chosen"] is not None:
+            h, alpha = ch["chosen"]["h"], ch["chosen"]["alpha"]
+            # the decoder bias alone: what the edit does without the learned feature value
+            controls["h0_decoder_bias"] = [res.edit_for(0.0, alpha, label="GRADIEND h=0 (decoder bias alone)")]
+            if cfg.shuffled_control:
+                shuffled = train_gradiend(model, context, axis, cfg, log=self.log, shuffle_labels=True)
+                artifacts["gradiend_shuffled"] = shuffled
+                controls["shuffled_labels"] = [shuffled.edit_for(h, alpha, label="GRADIEND trained on shuffled labels")]
+        return Selection(context.name, axis, iv, artifacts, summary, controls)
 
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
         """The feature on held-out names and templates (group A, group B, neutral texts)."""
@@ -70,7 +80,8 @@ class Gradiend(Method):
     def study_configs(cls, quick: bool = False) -> dict[str, GradiendConfig]:
         return {"gradiend": GradiendConfig(params="mlp", steps=4 if quick else 30, batch_texts=4 if quick else 8,
                                            lr=1e-4, seeds=(0,) if quick else (0, 1), val_batches=4 if quick else 6,
-                                           edit_names=8 if quick else 16, edit_texts=4 if quick else 6)}
+                                           edit_names=8 if quick else 16, edit_texts=4 if quick else 6,
+                                           shuffled_control=not quick)}
 
     @classmethod
     def study_extras(cls, step: str, quick: bool = False) -> dict:

@@ -47,10 +47,10 @@ def feature_texts(model, context: Context | str, axis: str, *, templates: str | 
     return out
 
 
-def neutral_feature_texts(model, n: int = 24, length: int = 18) -> list[FeatureText]:
+def neutral_feature_texts(model, n: int = 24, length: int = 18, *, split: str = "reporting") -> list[FeatureText]:
     """Prefixes of the neutral paragraphs; the target is the real next token."""
     out = []
-    for para in neutral_texts():
+    for para in neutral_texts(split=split):
         ids = model.to_tokens(para)[0]
         for start in range(length, len(ids) - 1, 2 * length):
             prefix = model.to_string(ids[1:start]) if hasattr(model, "to_string") else None

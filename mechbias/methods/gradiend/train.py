@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 
 from ...core.results import Result, make_meta
-from ...data.contexts import Context, load_axis, load_context
+from ...data.contexts import Context, load_axis, load_context, stable_hash
 from ...interventions.weights import WeightEdit
 from ...viz.plotting import plot_gradiend_feature
 from ..base import MethodConfig
 from .gradients import ParamSet, batch_gradient, batch_gradient_pair, param_set, trim_memory
 from .model import GradiendModel, _AdamW
-from .texts import feature_texts, neutral_feature_texts
+from .texts import FeatureText, feature_texts, neutral_feature_texts
 
 # ----------------------------------------------------------------------------
 # training
@@ -49,6 +49,8 @@ class GradiendConfig(MethodConfig):
     edit_names: int | None = field(default=None, metadata={"help": "names used to choose the edit (none: all "
                                                                    "selection names)"})
     edit_texts: int = field(default=6, metadata={"help": "neutral paragraphs used to choose the edit"})
+    shuffled_control: bool = field(default=True, metadata={
+        "help": "also train a feature on shuffled group labels; its edit (same h, alpha) is a control"})
     seed: int = field(default=0, metadata={"help": "seed of the splits and batches"})
 
     def validate(self) -> None:
@@ -103,15 +105,50 @@ class GradiendResult(Result):
         return plot_gradiend_feature(self)
 
 
+def _validation_names(ax, seed: int) -> set[str]:
+    """Half of the selection names of every race x gender cell (deterministic)."""
+    cells: dict[tuple[str, str], list] = {}
+    for p in ax.split_people("selection", seed):
+        cells.setdefault((p.race, p.gender), []).append(p)
+    out = set()
+    for key in sorted(cells):
+        ordered = sorted(cells[key], key=lambda p: stable_hash(seed, f"gradiend-val:{p.name}"))
+        out |= {p.name for p in ordered[: len(ordered) // 2]}
+    return out
+
+
+def shuffle_group_labels(texts: list[FeatureText], seed: int) -> list[FeatureText]:
+    """The same texts with each name's group label drawn at random (half per group); where a label changes,
+    factual and counterfactual targets swap. A feature trained on these is a control: it has seen the same
+    texts and the same amount of training, but no relation between names and groups."""
+    names = sorted({t.name for t in texts})
+    rng = np.random.default_rng(seed + 977)
+    new = {n: int(g) for n, g in zip(names, rng.permutation([0] * (len(names) // 2) + [1] * (len(names) - len(names) // 2)))}
+    out = []
+    for t in texts:
+        g = new[t.name]
+        f, c = (t.factual, t.counterfactual) if g == t.group else (t.counterfactual, t.factual)
+        out.append(FeatureText(t.text, g, f, c, t.template, t.name))
+    return out
+
+
 def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: GradiendConfig | None = None, *,
-                   progress: bool = True, log=print) -> GradiendResult:
-    """Train GRADIEND on a context's selection split; pick the best seed on held-out names."""
+                   progress: bool = True, log=print, shuffle_labels: bool = False) -> GradiendResult:
+    """Train GRADIEND on a context's selection split; pick the best seed on a validation part of it.
+
+    The selection names are split in two by a hash (per race x gender cell): the
+    training half and the validation half, which chooses the seed. Held-out names
+    and templates are left for :func:`evaluate_feature`."""
     cfg = cfg or GradiendConfig()
     ctx = load_context(context)
     ax = load_axis(axis)
     ps = param_set(model, cfg.params, cfg.layers)
-    train = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=cfg.seed)
-    val = feature_texts(model, ctx, ax.name, templates="selection", names="heldout", seed=cfg.seed)
+    texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=cfg.seed)
+    if shuffle_labels:
+        texts = shuffle_group_labels(texts, cfg.seed)
+    val_names = _validation_names(ax, cfg.seed)
+    train = [t for t in texts if t.name not in val_names]
+    val = [t for t in texts if t.name in val_names]
     by_group = {g: [t for t in train if t.group == g] for g in (0, 1)}
     rng = np.random.default_rng(cfg.seed)
 

@@ -143,6 +143,11 @@ class IG2(Method):
         return "\n".join(parts)
 
     @classmethod
+    def study_extras(cls, step: str, quick: bool = False) -> dict:
+        # IG² selects few neurons, so their controls can be matched on single-unit ablation cost too
+        return {"title": cls.title, "analyze": {}, "transfer": {"controls": ("random", "matched", "matched_cost")}}
+
+    @classmethod
     def study_configs(cls, quick: bool = False) -> dict[str, IG2Config]:
         return {"ig2": IG2Config(pairs=1 if quick else 4, steps=4 if quick else 20, plain_ig=False,
                                  verify_random=1 if quick else 2)}

@@ -75,14 +75,14 @@ def _prompt_sets(attrs: Tensor, frac: float) -> list[set[int]]:
 
 
 def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]", *,
-                 texts: Sequence[str] | None = None, max_texts: int | None = 12) -> dict[tuple[int, int], float]:
+                 texts: Sequence[str] | None = None, max_texts: int | None = None) -> dict[tuple[int, int], float]:
     """Perplexity change on the neutral texts when each neuron alone is zeroed (all positions).
 
     IG² can select "hub" neurons that matter for everything (on the embedded model one neuron,
     (28, 1095), is selected in every context and costs +4.7 perplexity alone); use with
     :func:`capability_guard` to drop them before suppression."""
     pairs = selection.as_pairs() if isinstance(selection, NeuronSelection) else [(int(l), int(i)) for l, i in selection]
-    texts = list(texts) if texts is not None else neutral_texts(max_texts)
+    texts = list(texts) if texts is not None else neutral_texts(max_texts, split="selection")
     base = perplexity(model, texts)
     return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}
 

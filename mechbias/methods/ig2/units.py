@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...data.contexts import Context, fill, load_axis, load_context, stable_hash
+from ...data.texts import check_not_reporting
 
 # ----------------------------------------------------------------------------
 # units: what gets attributed
@@ -40,6 +41,7 @@ def demographic_units(context: Context | str, axis, *, favoured: int = 0, outcom
     ``outcomes`` keeps half of the outcome words (or pairs): ``selection``,
     ``heldout`` or ``all``, deterministically.
     """
+    check_not_reporting("outcome words", outcomes)
     ctx = load_context(context)
     ax = load_axis(axis)
     fav, other = ax.words[ax.groups[favoured]], ax.words[ax.groups[1 - favoured]]

@@ -56,9 +56,8 @@ class Pruning(Method):
             lv = generalization_levels(model, contexts, axis, cfg, n_random=1, max_l0_templates=1 if quick else 2,
                                        n_boot=n_boot, transfer=transfer)
             lv.save(out / "levels")
-            summary["levels"] = [{k: r[k] for k in ("context", "level", "template", "gap_change", "gap_change_ci_low",
-                                                     "gap_change_ci_high", "reduction", "ci_low", "ci_high",
-                                                     "random_reduction")} for r in lv.rows]
+            summary["levels"] = [{k: r[k] for k in ("context", "level", "template", "gap_before", "gap_change",
+                                                     "ci_low", "ci_high", "reduction", "random_gap_change")} for r in lv.rows]
         if curve and contexts and not quick:
             ks = [k for k in curve if cfg.k is None or k <= cfg.k] or list(curve)
             cv = pruning_curve(model, contexts[0], axis, cfg, ks, n_boot=n_boot,

@@ -1,0 +1,112 @@
+"""Matched controls: the profile they match on equals brute-force measurements, and each draw matches what it
+says it matches (size per layer, ablation cost, score quantiles), unlike a uniform draw."""
+
+import numpy as np
+import pytest
+import torch
+
+from mechbias.core.weights import linear_layers, named_params, w_out_row_norms
+from mechbias.interventions.profile import unit_profile
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.interventions.weights import WeightMask
+
+TEXTS = ["The bank opened early today and the staff were ready for the morning .",
+         "A short note about the weather , the river and the market ."]
+
+
+@pytest.fixture(scope="module")
+def profile(tiny):
+    return unit_profile(tiny, TEXTS)
+
+
+def test_profile_equals_brute_force(tiny, profile):
+    L, H = tiny.cfg.n_layers, tiny.cfg.n_heads
+    act = torch.zeros(L, tiny.cfg.d_mlp, dtype=torch.float64)
+    heads = torch.zeros(L, H, dtype=torch.float64)
+    sq = {}
+    n = 0
+    params = named_params(tiny)
+    for t in TEXTS:  # one text at a time, from the plain cache
+        ids = tiny.to_tokens(t)
+        _, cache = tiny.run_with_cache(ids)
+        n += ids.shape[1]
+        for l in range(L):
+            act[l] += cache[f"blocks.{l}.mlp.hook_post"][0].abs().sum(0).double()
+            z = cache[f"blocks.{l}.attn.hook_z"][0]  # [pos, H, d_head]
+            w_o = params[f"model.layers.{l}.self_attn.o_proj.weight"]  # [d_model, H * d_head]
+            for h in range(H):
+                out = z[:, h] @ w_o[:, h * tiny.cfg.d_head:(h + 1) * tiny.cfg.d_head].T
+                heads[l, h] += out.norm(dim=-1).sum().double()
+        for name, hook, _, _ in linear_layers(tiny):
+            x = cache[hook][0].reshape(ids.shape[1], -1).double()
+            sq[name] = sq.get(name, 0) + (x ** 2).sum(0)
+    mag = act / n * torch.stack([w_out_row_norms(tiny, l).double() for l in range(L)])
+    assert torch.allclose(profile.neuron_magnitude.double(), mag, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(profile.head_norm.double(), heads / n, rtol=1e-4, atol=1e-7)
+    for name, v in sq.items():
+        assert torch.allclose(profile.input_norms[name].double(), (v / n).sqrt(), rtol=1e-4, atol=1e-7)
+
+
+def test_neuron_controls_match_magnitude_and_cost(tiny, profile):
+    mag = profile.neuron_magnitude
+    top = {l: [int(i) for i in mag[l].argsort(descending=True)[:4]] for l in range(tiny.cfg.n_layers)}
+    iv = NeuronIntervention(top)  # the largest neurons of each layer: what a uniform draw cannot match
+    ctl = iv.controls(tiny, 3, seed=0, profile=profile, kinds=("random", "matched", "matched_cost"))
+    assert set(ctl) == {"random", "matched", "matched_cost"} and len(ctl["matched"]) == 3
+    logm = np.log(mag.double().numpy())
+
+    def gap(draw):  # mean |log magnitude difference| to the selection, per layer
+        return np.mean([abs(logm[l, sorted(draw.neurons[l])] - logm[l, sorted(top[l])]).mean()
+                        for l in top])
+
+    for d in ctl["matched"]:
+        assert {l: len(v) for l, v in d.neurons.items()} == {l: 4 for l in top}
+        for l, idx in d.neurons.items():
+            assert not set(idx) & set(top[l])
+            for j in idx:  # among the 5 nearest unselected to a selected neuron, once up to 3 earlier draws are out
+                near = [set([int(x) for x in np.argsort(np.abs(logm[l] - logm[l, i])) if int(x) not in top[l]][:8])
+                        for i in top[l]]
+                assert any(j in s for s in near)
+    assert max(gap(d) for d in ctl["matched"]) < min(gap(d) for d in ctl["random"])
+    cost = ctl["matched_cost"][0]
+    for l, idx in cost.neurons.items():  # brute force: the closest-cost candidate among the 8 nearest in size
+        taken, expected = set(top[l]), set()
+        for i in sorted(top[l]):
+            pool = [int(x) for x in np.argsort(np.abs(logm[l] - logm[l, i])) if int(x) not in taken][:8]
+            target = profile.neuron_cost(tiny, l, i)
+            best = min(pool, key=lambda c: abs(profile.neuron_cost(tiny, l, c) - target))
+            expected.add(best)
+            taken.add(best)
+        assert set(idx) == expected
+
+
+def test_neuron_cost_is_a_perplexity_change(tiny, profile):
+    from mechbias.eval.metrics import perplexity
+
+    got = profile.neuron_cost(tiny, 1, 7)
+    ref = perplexity(tiny, TEXTS, intervention=NeuronIntervention({1: [7]})) - perplexity(tiny, TEXTS)
+    assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
+
+
+def test_head_and_weight_controls_match_their_sizes(tiny, profile):
+    hn = profile.head_norm
+    iv = HeadIntervention({0: [int(hn[0].argmax())], 1: [int(hn[1].argmin())]}, mode="z")
+    for d in iv.controls(tiny, 2, seed=1, profile=profile, kinds=("matched",))["matched"]:
+        for l, idx in d.heads.items():
+            order = [int(x) for x in np.argsort(np.abs(hn[l].numpy() - hn[l, iv.heads[l][0]].item()))
+                     if int(x) != iv.heads[l][0]]
+            assert idx[0] in order[:2]
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = named_params(tiny)[name].detach().abs()
+    score = (w * profile.input_norms[name][None, :]).flatten()
+    sel = score.argsort(descending=True)[:50]  # the 50 highest-scoring weights
+    mask = WeightMask({name: sel})
+    drawn = mask.controls(tiny, 1, seed=2, profile=profile, kinds=("random", "matched"))
+    edges = np.quantile(score.numpy(), np.linspace(0, 1, 21)[1:-1])
+
+    def bins(idx):
+        return sorted(np.searchsorted(edges, score.numpy()[idx.numpy()]).tolist())
+
+    assert bins(drawn["matched"][0].masks[name]) == bins(sel)
+    assert bins(drawn["random"][0].masks[name]) != bins(sel)
+    assert not set(drawn["matched"][0].masks[name].tolist()) & set(sel.tolist())

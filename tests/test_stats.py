@@ -1,0 +1,126 @@
+"""Statistics: interval coverage over many simulated data sets, Benjamini-Hochberg, the transfer test."""
+
+import numpy as np
+import pytest
+import torch
+
+from mechbias.eval.stats import benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
+from mechbias.eval.transfer import Cell, Effect, TransferMatrix
+
+
+def _grid(rng, T=5, n=16, gap=0.15, sd_tg=0.15, sd_n=0.3, sd_t=0.5, sd_e=0.2, names=None):
+    """Scores of T templates x 2n names: template, template x group, name and residual effects."""
+    g = np.r_[np.zeros(n), np.ones(n)].astype(int)
+    b = rng.normal(0, sd_n, 2 * n) if names is None else names
+    return (np.where(g == 0, gap, 0.0)[None, :] + rng.normal(0, sd_t, T)[:, None]
+            + rng.normal(0, sd_tg, (T, 2))[:, g] + b[None, :] + rng.normal(0, sd_e, (T, 2 * n))), g
+
+
+@pytest.mark.parametrize("sd_tg", [0.05, 0.3])
+def test_gap_interval_covers_at_the_nominal_rate(sd_tg):
+    """600 simulated data sets with 5 templates (the held-out split): coverage of the true gap must lie in
+    [0.925, 0.975]. A percentile crossed bootstrap gives about 0.89 at sd_tg = 0.3, so this can fail."""
+    rng = np.random.default_rng(7)
+    hits = 0
+    for i in range(600):
+        m, g = _grid(rng, sd_tg=sd_tg)
+        e = crossed_estimate({"c": m}, g, n_boot=400, seed=i)
+        hits += e.ci_low <= 0.15 <= e.ci_high
+    assert 0.925 <= hits / 600 <= 0.975, hits / 600
+
+
+def test_paired_change_and_shared_names_contrast_cover():
+    """A paired change on one grid and a contrast of two grids that share their names (the transfer test's
+    shape): both cover the true value at the nominal rate over 500 data sets."""
+    rng = np.random.default_rng(11)
+    hit_change = hit_contrast = 0
+    for i in range(500):
+        before, g = _grid(rng)
+        after = before + np.where(g == 0, -0.1, 0.0)[None, :] + rng.normal(0, 0.1, (1, 32)) \
+            + rng.normal(0, 0.08, (5, 2))[:, g]  # true change -0.1, with name and template x group noise
+        e = crossed_estimate({"c": after - before}, g, n_boot=400, seed=i)
+        hit_change += e.ci_low <= -0.1 <= e.ci_high
+        names = rng.normal(0, 0.3, 32)  # the same people in both contexts
+        a, _ = _grid(rng, gap=0.3, names=names)
+        b, _ = _grid(rng, gap=0.1, names=names)
+        c = crossed_estimate({"A": a, "B": -b}, g, n_boot=400, seed=i)  # gap(A) - gap(B), true 0.2
+        hit_contrast += c.ci_low <= 0.2 <= c.ci_high
+    assert 0.925 <= hit_change / 500 <= 0.975, hit_change / 500
+    assert 0.925 <= hit_contrast / 500 <= 0.98, hit_contrast / 500
+
+
+def test_minimal_detectable_difference_has_its_power():
+    """A true effect equal to the stated minimal detectable difference is detected about 80% of the time."""
+    rng = np.random.default_rng(3)
+    m0, g = _grid(rng, gap=0.0)
+    mdd = crossed_estimate({"c": m0}, g, n_boot=400, seed=0).min_detectable
+    detected = 0
+    for i in range(300):
+        m, _ = _grid(rng, gap=mdd)
+        detected += crossed_estimate({"c": m}, g, n_boot=400, seed=i).p_value < 0.05
+    assert 0.65 <= detected / 300 <= 0.93, (mdd, detected / 300)
+
+
+def test_group_gap_and_paired_reduction_values():
+    col_group = torch.tensor([0] * 20 + [1] * 20)
+    rng = np.random.default_rng(1)
+    before = rng.normal(0, 0.2, (6, 40)) + np.where(col_group.numpy() == 0, 1.0, 0.0)
+    after = before.copy()
+    after[:, col_group.numpy() == 0] -= 0.5  # every group-A prompt moves by exactly -0.5
+    gb = before[:, :20].mean() - before[:, 20:].mean()
+    r = paired_reduction(before, after, col_group)
+    assert r.gap_change == pytest.approx(-0.5, abs=1e-12)
+    assert r.gap_change_ci[0] == pytest.approx(-0.5, abs=1e-9) and r.gap_change_ci[1] == pytest.approx(-0.5, abs=1e-9)
+    assert r.reduction == pytest.approx(0.5 / gb, abs=1e-12) and r.estimable
+    g = group_gap(before, col_group)
+    assert g.gap == pytest.approx(gb, abs=1e-12) and g.ci_low < gb < g.ci_high and g.p_value < 1e-6
+    null = paired_reduction(rng.normal(0, 1, (6, 40)), rng.normal(0, 1, (6, 40)), col_group)
+    assert not null.estimable  # no clear gap before: the ratio is not reported
+
+
+def test_benjamini_hochberg_matches_its_definition():
+    p = [0.01, 0.04, 0.03, 0.20, float("nan"), 0.005]
+    adj = benjamini_hochberg(p)
+    finite = [(x, i) for i, x in enumerate(p) if np.isfinite(x)]
+    m = len(finite)
+    ranked = sorted(finite)
+    for r, (x, i) in enumerate(ranked, start=1):  # adj_(r) = min over j >= r of p_(j) m / j
+        expected = min(1.0, min(ranked[j - 1][0] * m / j for j in range(r, m + 1)))
+        assert adj[i] == pytest.approx(expected)
+    assert np.isnan(adj[4])
+    assert adj == pytest.approx([0.025, 0.05, 0.05, 0.2, float("nan"), 0.025], nan_ok=True)
+
+
+def _matrix(rng, diag_effect: float, off_effect: float, ctxs=("a", "b", "c")) -> TransferMatrix:
+    """A transfer matrix from simulated grids: selecting on a context removes ``diag_effect`` of its gap and
+    ``off_effect`` of the others'."""
+    names = rng.normal(0, 0.3, 32)
+    g = np.r_[np.zeros(16), np.ones(16)].astype(int)
+    grids: dict = {"col_group": torch.tensor(g)}
+    cells = []
+    for c in ctxs:
+        before, _ = _grid(rng, gap=0.4, names=names)
+        grids[f"before/{c}"] = torch.tensor(before)
+        for r in ctxs:
+            eff = diag_effect if r == c else off_effect
+            after = before - np.where(g == 0, eff, 0.0)[None, :] + rng.normal(0, 0.05, (5, 2))[:, g]
+            grids[f"after/{r}/{c}"] = torch.tensor(after)
+            red = paired_reduction(before, after, torch.tensor(g), n_boot=200)
+            cells.append(Cell(r, c, "L1" if r == c else "L2", 1,
+                              Effect(red.gap_before, red.gap_after, red.gap_change, red.gap_change_ci[0],
+                                     red.gap_change_ci[1], red.gap_change_p, red.min_detectable, -red.gap_change,
+                                     None, None, None)))
+    return TransferMatrix("sim", "race", list(ctxs), list(ctxs), cells, config={"n_boot": 400, "seed": 0},
+                          grids=grids)
+
+
+def test_transfer_test_detects_a_difference_and_covers_under_the_null():
+    rng = np.random.default_rng(5)
+    t = _matrix(rng, 0.3, 0.05).test_transfer()
+    assert t["diagonal_minus_offdiagonal"] == pytest.approx(0.25, abs=0.08) and t["ci_low"] > 0
+    assert t["min_detectable"] > 0
+    hits = 0
+    for i in range(200):  # no difference between within- and cross-context effects
+        t = _matrix(rng, 0.2, 0.2).test_transfer(seed=i)
+        hits += t["ci_low"] <= 0 <= t["ci_high"]
+    assert 0.91 <= hits / 200 <= 0.99, hits / 200
