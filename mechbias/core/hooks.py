@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Sequence, Union
 
 from .sites import Site
@@ -33,10 +34,25 @@ def closest_hook_names(model, name: str, n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list(model.hook_dict), n=n, cutoff=0.5)
 
 
+# the bridge rebuilds hook_dict on every access (milliseconds on a 30-layer model, and hooks are installed
+# several times per forward pass), so the names are kept per model and re-read once before a name is refused
+_NAMES: "weakref.WeakKeyDictionary[Any, frozenset[str]]" = weakref.WeakKeyDictionary()
+
+
+def _hook_names(model, refresh: bool = False) -> frozenset[str]:
+    names = None if refresh else _NAMES.get(model)
+    if names is None:
+        names = frozenset(model.hook_dict)
+        _NAMES[model] = names
+    return names
+
+
 def check_hook_names(model, names: Iterable[HookTarget]) -> list[str]:
     """The names as strings; raises :class:`HookNameError` for any the model lacks."""
     out = [_name(t) for t in names]
-    have = model.hook_dict
+    have = _hook_names(model)
+    if any(n not in have for n in out):
+        have = _hook_names(model, refresh=True)
     for n in out:
         if n not in have:
             near = closest_hook_names(model, n)
