@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -256,7 +257,8 @@ def _name_permutation_p(v: np.ndarray, tpl: np.ndarray, names: np.ndarray, ga: n
         return math.nan
 
     def stat(is_a):
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():  # a question with no parsed answer in a group is skipped, not warned
+            warnings.simplefilter("ignore", RuntimeWarning)
             d = np.nanmean(means[:, is_a], 1) - np.nanmean(means[:, ~is_a], 1)
         return float(np.nanmean(d)) if np.isfinite(d).any() else math.nan
 
