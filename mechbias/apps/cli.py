@@ -147,7 +147,9 @@ def cmd_study(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechbias", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="mechbias", description="Find where a language model carries a social "
+                                     "bias, remove it, and measure whether the fix transfers across contexts. "
+                                     "'mechbias COMMAND --help' lists a command's flags.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")

@@ -71,9 +71,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Se
                                help=f"{helptext} (default: {shown})")
             continue
         kw: dict[str, Any] = {"dest": dest, "default": default, "type": _parser_of(tp, optional),
-                              "help": f"{helptext} (default: {shown})"}
+                              "help": f"{helptext} (default: {shown})", "metavar": f.name.upper()}
         if f.metadata.get("choices"):
             kw["choices"] = list(f.metadata["choices"])
+            kw.pop("metavar")
         if seq:
             kw["nargs"] = "+"
         group.add_argument(flag_name(f), **kw)
