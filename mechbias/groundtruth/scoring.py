@@ -1,15 +1,17 @@
 """Scoring methods against a planted bias whose location is known.
 
-For a planted model (:mod:`mechbias.planted`) the truth per context is the set
-of planted neurons that carry its bias: the shared ones plus the context's own.
-Each method is scored by
+For a planted model (:mod:`mechbias.groundtruth.planted`) the truth per context
+is the set of planted units that carry its bias: the shared ones plus the
+context's own, by kind (name-position neurons, prediction-position neurons,
+heads: :func:`truth_units`). Each method is scored by
 
-* **precision@k / recall@k** of the planted neurons among its top-k neurons
-  (k = number of planted neurons for that context), against the random
-  baseline (k / number of neurons);
-* for selection methods, the **transfer matrix** it produces against the
-  **oracle** matrix: the reduction obtained by zeroing exactly the truth set
-  of the row's context (what a perfect method would achieve);
+* **unit recovery** (:func:`rank_recovery`): precision and recall at k of the
+  planted units among its top-k, overall and per kind, against chance;
+* **transfer-matrix recovery** (:func:`matrix_recovery`): its transfer matrix
+  against the **oracle** matrix (:func:`oracle_matrix`: zero exactly the truth
+  units of the row's context, what a perfect method would achieve): Pearson r
+  and mean absolute error of the cells' ``gap_removed`` with CIs, and whether
+  its diagonal - off-diagonal test detects the planted difference;
 * for GRADIEND, the share of the decoder update's norm on the planted neurons
   against the share those entries have of all parameters.
 """
@@ -19,25 +21,137 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from ..core.results import Result
 from ..data.contexts import load_context, make_pairs
-from ..eval.transfer import EvalSet, TransferConfig, evaluate
-from ..interventions.units import NeuronIntervention
+from ..eval.stats import percentile_ci
+from ..eval.transfer import EvalSet, TransferConfig, TransferMatrix, evaluate, transfer_matrix
+from ..interventions.base import Compose, Intervention
+from ..interventions.units import HeadIntervention, NeuronIntervention
 from ..methods.gradiend import decoder_share
 from ..methods.ig2 import contrast_units, run_ig2
 from ..methods.patching import attribution_patch
 from ..methods.pruning import candidates
 from ..viz.plotting import plot_ground_truth
+from .planted import planted_units
+
+
+KINDS = ("neuron@name", "neuron@last", "head@last")
+
+
+def truth_units(cfg) -> dict[str, dict[str, set[tuple[int, int]]]]:
+    """Per context and kind (``neuron@name``, ``neuron@last``, ``head@last``): the planted units carrying its
+    bias (shared ones and its own). From a :class:`~mechbias.groundtruth.planted.PlantConfig` or a manifest."""
+    contexts = cfg["contexts"] if isinstance(cfg, dict) else cfg.contexts
+    out: dict[str, dict[str, set]] = {c: {k: set() for k in KINDS} for c in contexts}
+    for u in planted_units(cfg):
+        kind = f"{u['kind']}@{u['position']}"
+        for c in (contexts if u["role"] == "shared" else [u["role"]]):
+            out[c][kind].add((u["layer"], u["index"]))
+    return out
 
 
 def truth_sets(cfg) -> dict[str, set[tuple[int, int]]]:
-    """Per context: the planted neurons carrying its bias (shared + its own)."""
-    shared = {tuple(n) for n in cfg["shared"]} if isinstance(cfg, dict) else set(map(tuple, cfg.shared))
-    only = cfg["only"] if isinstance(cfg, dict) else cfg.only
-    contexts = cfg["contexts"] if isinstance(cfg, dict) else cfg.contexts
-    return {c: shared | {tuple(n) for n in only.get(c, [])} for c in contexts}
+    """Per context: the planted neurons carrying its bias (shared + its own, at any position)."""
+    return {c: kinds["neuron@name"] | kinds["neuron@last"] for c, kinds in truth_units(cfg).items()}
+
+
+def oracle_intervention(cfg, context: str) -> Intervention:
+    """Zero exactly the units that carry ``context``'s planted bias (the ideal selection), at every position."""
+    t = truth_units(cfg)[context]
+    neurons = sorted(t["neuron@name"] | t["neuron@last"])
+    parts: list[Intervention] = [NeuronIntervention(neurons, label=f"oracle {context}")] if neurons else []
+    if t["head@last"]:
+        parts.append(HeadIntervention(sorted(t["head@last"]), label=f"oracle heads {context}"))
+    return parts[0] if len(parts) == 1 else Compose(parts)
+
+
+def oracle_matrix(model, cfg, contexts: Sequence[str], axis: str, *, eval_contexts: Sequence[str] | None = None,
+                  eval_sets=None, n_boot: int = 1000, seed: int = 0) -> TransferMatrix:
+    """The transfer matrix of the oracle selection (what a perfect method would achieve), no controls."""
+    return transfer_matrix(model, lambda m, c, a: oracle_intervention(cfg, c if isinstance(c, str) else c.name), list(contexts),
+                           axis, method="oracle (planted units)", eval_contexts=eval_contexts, eval_sets=eval_sets,
+                           config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=n_boot, seed=seed))
+
+
+def _multinomial(rng, n: int, n_boot: int) -> np.ndarray:
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
+
+
+def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """How well a method's transfer matrix recovers the oracle's.
+
+    Per cell the statistic is ``gap_removed`` (absolute, log-odds). Returns the
+    Pearson correlation and the mean absolute error between the method's and the
+    oracle's cells, each with a percentile CI from one bootstrap of the shared
+    evaluation design (names resampled jointly across evaluation contexts,
+    templates per context, the same draws for both matrices), and the method's
+    diagonal - off-diagonal test with whether it detects the oracle's difference
+    (its CI lies above 0).
+    """
+    cells = [(r, c) for r in method.rows for c in method.cols]
+    g = np.asarray(method.grids["col_group"])
+    a, b = np.flatnonzero(g == 0), np.flatnonzero(g == 1)
+    rng = np.random.default_rng(seed)
+    wa, wb = _multinomial(rng, len(a), n_boot), _multinomial(rng, len(b), n_boot)
+    wt = {c: _multinomial(rng, np.asarray(method.grids[f"before/{c}"]).shape[0], n_boot) for c in method.cols}
+
+    def gaps(mat, c):  # [n_boot] replicates and the point estimate of mean(A) - mean(B)
+        m = np.asarray(mat, dtype=np.float64)
+        ra = np.einsum("bt,tn,bn->b", wt[c], m[:, a], wa) / (wt[c].sum(1) * wa.sum(1))
+        rb = np.einsum("bt,tn,bn->b", wt[c], m[:, b], wb) / (wt[c].sum(1) * wb.sum(1))
+        return ra - rb, float(m[:, a].mean() - m[:, b].mean())
+
+    def removed(tm):
+        reps, point = [], []
+        for r, c in cells:
+            before_r, before = gaps(tm.grids[f"before/{c}"], c)
+            after_r, after = gaps(tm.grids[f"after/{r}/{c}"], c)
+            sign = np.sign(before) or 1.0
+            reps.append(-sign * (after_r - before_r))
+            point.append(-sign * (after - before))
+        return np.stack(reps, 1), np.array(point)
+
+    m_reps, m_pt = removed(method)
+    o_reps, o_pt = removed(oracle)
+
+    def pearson(x, y):
+        x = x - x.mean(-1, keepdims=True)
+        y = y - y.mean(-1, keepdims=True)
+        return (x * y).sum(-1) / np.sqrt((x * x).sum(-1) * (y * y).sum(-1))
+
+    r_reps, mae_reps = pearson(m_reps, o_reps), np.abs(m_reps - o_reps).mean(1)
+    test = method.transfer_test or method.test_transfer()
+    lo = test.get("ci_low")
+    return {"method": method.method, "cells": len(cells),
+            "pearson": float(pearson(m_pt, o_pt)), "pearson_ci": list(percentile_ci(r_reps)),
+            "mae": float(np.abs(m_pt - o_pt).mean()), "mae_ci": list(percentile_ci(mae_reps)),
+            "oracle_mean_removed": float(np.abs(o_pt).mean()),
+            "diagonal_minus_offdiagonal": test.get("diagonal_minus_offdiagonal"),
+            "ci_low": lo, "ci_high": test.get("ci_high"), "min_detectable": test.get("min_detectable"),
+            "detects": bool(lo is not None and lo > 0)}
+
+
+def rank_recovery(ranked: Sequence[tuple[int, int]], truth: dict[str, set], n_units: int, *,
+                  k: int | None = None) -> dict:
+    """Precision/recall at ``k`` (default: the number of true units) of a ranking, overall and per kind, with
+    Clopper-Pearson intervals (binomial over the top ``k`` given the ranking), and the chance level k / n."""
+    every = set().union(*truth.values())
+    k = k or len(every)
+    top = {tuple(x) for x in list(ranked)[:k]}
+    hits = len(top & every)
+    ci = binomtest(hits, k).proportion_ci() if k else None
+    out = {"k": k, "hits": hits, "precision": hits / max(k, 1), "recall": hits / max(len(every), 1),
+           "precision_ci": [float(ci.low), float(ci.high)] if ci else None, "chance_precision": len(every) / n_units}
+    for kind, units in truth.items():
+        if units:
+            out[f"recall {kind}"] = len(top & units) / len(units)
+    rank = {tuple(x): i for i, x in enumerate(ranked)}
+    out["median_rank"] = float(np.median([rank.get(u, len(ranked)) for u in every])) if every else None
+    return out
 
 
 def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | None = None) -> dict:
@@ -52,8 +166,8 @@ def random_baseline(k: int, truth_size: int, n_neurons: int) -> dict:
     return {"precision": p, "recall": k / n_neurons}
 
 
-def ranked_neurons(scores: torch.Tensor) -> list[tuple[int, int]]:
-    """Neurons of a ``[layers, d_mlp]`` score tensor, best first."""
+def ranked_units(scores: torch.Tensor) -> list[tuple[int, int]]:
+    """Units of a ``[layers, units]`` score tensor (neurons or heads), best first."""
     d = scores.shape[1]
     order = scores.flatten().argsort(descending=True)
     return [(int(i) // d, int(i) % d) for i in order[: 5000]]
@@ -65,7 +179,7 @@ class GroundTruthResult(Result):
 
     rows: list[dict]
     transfer: list[dict] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # v3: "matrices" (matrix_recovery per method), "oracle_test"
     result_type = "ground_truth"
 
     def plot(self):
@@ -105,7 +219,7 @@ def score_ig2(model, cfg, contexts: Sequence[str], axis: str, *, pairs_per_templ
         units = contrast_units(c, axis, favoured=fav, pairs_per_template=pairs_per_template, seed=seed)
         res = run_ig2(model, units, steps=steps, kind=kind, progress=progress, position=position,
                       internal_batch_size=internal_batch_size)
-        ranked = ranked_neurons(res.aggregate())
+        ranked = ranked_units(res.aggregate())
         pr = precision_recall(ranked, truth[c])
         own = {tuple(n) for n in (cfg["only"] if isinstance(cfg, dict) else cfg.only).get(c, [])}
         others = set().union(*[{tuple(n) for n in v} for k, v in (cfg["only"] if isinstance(cfg, dict)
@@ -126,7 +240,7 @@ def score_atp(model, cfg, contexts: Sequence[str], axis: str, *, max_pairs: int 
         pairs = make_pairs(model, c, axis, templates="selection", names="selection", max_pairs=max_pairs, seed=seed)
         atp = attribution_patch(model, pairs, components=("neurons",))
         est = torch.nanmean(atp.estimates["neurons"], 0)
-        ranked = ranked_neurons(est.abs())
+        ranked = ranked_units(est.abs())
         pr = precision_recall(ranked, truth[c])
         rows.append({"method": "AtP (neurons)", "context": c, **pr,
                      **{f"random_{k}": v for k, v in random_baseline(pr["k"], len(truth[c]),

@@ -6,6 +6,8 @@ reader can interpret it without the code.
 
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -478,44 +480,59 @@ def plot_gradiend_grid(res):
 
 
 def plot_ground_truth(gt):
-    """Recovery of planted neurons (precision@k per method and context, random baseline dashed) and
-    measured vs oracle transfer."""
+    """Left: precision@k of the planted units per method and context (95% CIs; chance as a black tick).
+    Right: each method's transfer cells against the oracle's (gap removed, log-odds; filled = same context)."""
     plt = _plt()
     import pandas as pd
 
     df = pd.DataFrame([r for r in gt.rows if "precision" in r])
     has_tr = bool(gt.transfer)
-    fig, axes = plt.subplots(1, 2 if has_tr else 1, figsize=(11 if has_tr else 6.5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if has_tr else 1, figsize=(13 if has_tr else 6.5, 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.5, 1]} if has_tr else None)
     ax = axes[0, 0]
-    methods = list(dict.fromkeys(df["method"]))
+    if "units" not in df:
+        df["units"] = "neurons"
+    df["label"] = [f"{m} [{u}]" if u == "heads" else m for m, u in zip(df["method"], df["units"])]
+    labels = list(dict.fromkeys(df["label"]))
     ctxs = list(dict.fromkeys(df["context"]))
     width = 0.8 / max(len(ctxs), 1)
+    chance_key = "chance_precision" if "chance_precision" in df else "random_precision"
     for k, c in enumerate(ctxs):
-        vals = [float(df[(df["method"] == m) & (df["context"] == c)]["precision"].mean()) for m in methods]
-        ax.bar(np.arange(len(methods)) + (k - (len(ctxs) - 1) / 2) * width, vals, width, label=c, color=f"C{k}")
-    base = float(df["random_precision"].max()) if "random_precision" in df else 0.0
-    ax.axhline(base, color="k", ls="--", lw=1, label=f"random ({base:.4f})")
-    ax.set_xticks(range(len(methods)))
-    # one word group per line: "pruning (signed_attribution, difference)" -> "pruning\n(signed attribution,\ndifference)"
-    ax.set_xticklabels([m.replace("_", " ").replace(" (", "\n(").replace(", ", ",\n") for m in methods], fontsize=7.5)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("precision@k of planted neurons")
-    ax.set_title("Recovery of the planted neurons (k = planted neurons of the context)", fontsize=9)
+        sub = [df[(df["label"] == m) & (df["context"] == c)] for m in labels]
+        x = np.arange(len(labels)) + (k - (len(ctxs) - 1) / 2) * width
+        vals = np.array([float(s["precision"].iloc[0]) if len(s) else np.nan for s in sub])
+        ax.bar(x, vals, width, label=c, color=f"C{k}")
+        if "precision_ci" in df:
+            ci = np.array([s["precision_ci"].iloc[0] if len(s) else [np.nan, np.nan] for s in sub], dtype=float)
+            ax.errorbar(x, vals, yerr=[vals - ci[:, 0], ci[:, 1] - vals], fmt="none", color="k", lw=0.8)
+        chance = [float(s[chance_key].iloc[0]) if len(s) else np.nan for s in sub]
+        ax.scatter(x, chance, marker="_", s=120, color="k", zorder=3, label="chance" if k == 0 else None)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels([textwrap.fill(m, 18) for m in labels], fontsize=7, rotation=0)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("precision@k of planted units")
+    ax.set_title("Unit recovery (k = planted units of that type in the context)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     if has_tr:
         ax = axes[0, 1]
         tr = pd.DataFrame(gt.transfer)
-        for k, (name, sub) in enumerate(tr.groupby("method", sort=False)):
-            ax.scatter(sub["oracle_reduction"], sub["reduction"], label=name, color=f"C{k}", s=30)
-            for _, r in sub.iterrows():
-                ax.annotate(f"{r['selected_on'][:3]}->{r['evaluated_on'][:3]}", (r["oracle_reduction"], r["reduction"]),
-                            fontsize=6, xytext=(3, 2), textcoords="offset points")
-        lim = [min(-0.1, float(tr[["oracle_reduction", "reduction"]].min().min())), 1.1]
+        xk, yk = ("oracle_gap_removed", "gap_removed") if "oracle_gap_removed" in tr else ("oracle_reduction",
+                                                                                          "reduction")
+        stats = {m["method"]: m for m in gt.meta.get("matrices", [])}
+        for k, (name, sub) in enumerate(tr[tr["method"] != "oracle"].groupby("method", sort=False)):
+            st = stats.get(name)
+            lab = f"{name} (r {st['pearson']:+.2f}, MAE {st['mae']:.2f})" if st else name
+            diag = sub["selected_on"] == sub["evaluated_on"]
+            ax.scatter(sub[xk][diag], sub[yk][diag], color=f"C{k}", s=30, label=lab)
+            ax.scatter(sub[xk][~diag], sub[yk][~diag], facecolors="none", edgecolors=f"C{k}", s=30)
+        vals = tr[[xk, yk]].to_numpy(dtype=float)
+        lim = [min(-0.1, float(np.nanmin(vals))) - 0.05, float(np.nanmax(vals)) + 0.1]
         ax.plot(lim, lim, color="k", lw=0.8, ls="--")
-        ax.set_xlabel("expected (oracle: zero exactly the planted neurons)")
-        ax.set_ylabel("measured reduction")
-        ax.set_title("Transfer: measured vs expected from the manifest", fontsize=9)
-        ax.legend(fontsize=7, frameon=False)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xlabel("oracle: gap removed by zeroing the row context's planted units")
+        ax.set_ylabel("method: gap removed")
+        ax.set_title("Transfer cells vs oracle (filled: same context, hollow: other context)", fontsize=9)
+        ax.legend(fontsize=6.5, frameon=False, loc="upper left")
     fig.tight_layout()
     return fig
 
