@@ -122,7 +122,10 @@ def test_gradiend_command(tmp_path):
     assert {"sign_accuracy", "pearson", "auc"} <= set(feat)
     assert data["selections"]["finance"]["chosen_edit"] is not None and len(data["transfer"]) == 2
     assert (tmp_path / "selections" / "finance" / "gradiend" / "tensors.safetensors").exists()
-    assert (tmp_path / "figures" / "gradiend_grid.png").exists()
+    assert (tmp_path / "figures" / "gradiend_grid_finance.png").exists()
+    assert (tmp_path / "figures" / "gradiend_training_finance.png").exists()
+    # the training curve's endpoints and held-out encoder statistics are in gradiend.json
+    assert feat["steps_run"] == 6 and feat["loss_first"] > 0 and {"male", "female", "neutral"} <= set(feat["stats"])
 
 
 def test_crows_command_before_and_under_an_intervention(tmp_path):

@@ -47,7 +47,7 @@ def test_every_registered_method_selects_on_selection_data_only(tiny, name):
     cls = registered_methods()[name]
     small = {"ig2": dict(pairs=1, steps=2, plain_ig=False), "patch": dict(pairs=2, components=("heads",), atp=False),
              "prune": dict(unit="head", k=2, common=None), "steer": dict(layer=1),
-             "gradiend": dict(steps=2, batch_texts=2, seeds=(0,), val_batches=2, h=(1.0,), alpha=(0.01,),
+             "gradiend": dict(steps=2, seeds=(0,), h=(1.0,), alpha=(0.01,),
                               max_ppl_increase=10.0, edit_names=4, edit_texts=1, shuffled_control=False)}
     cfg = cls.Config(**small.get(name, {}))
     method = cls(cfg)

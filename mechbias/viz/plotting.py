@@ -444,6 +444,39 @@ def plot_gradiend_feature(res):
     return fig
 
 
+def plot_gradiend_training(res):
+    """GRADIEND learning curves per seed: training MSE per step, validation Pearson(h, group) and MSE per
+    evaluation; the kept checkpoint of each seed marked."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.3))
+    curve = res.meta.get("curve", [])
+    chosen = res.meta.get("chosen_seed")
+    for k, info in enumerate(res.seeds):
+        s = info["seed"]
+        lw = 1.8 if s == chosen else 0.9
+        h = [x for x in res.history if x["seed"] == s]
+        c = [x for x in curve if x["seed"] == s]
+        axes[0].plot([x["step"] for x in h], [x["loss"] for x in h], color=f"C{k}", lw=lw, label=f"seed {s}")
+        axes[1].plot([x["step"] for x in c], [abs(x["val_pearson"]) for x in c], "o-", ms=3, color=f"C{k}", lw=lw)
+        axes[2].plot([x["step"] for x in c], [x["val_mse"] for x in c], "o-", ms=3, color=f"C{k}", lw=lw)
+        for ax, key in ((axes[1], "val_pearson"), (axes[2], "val_mse")):
+            v = abs(info[key]) if key == "val_pearson" else info[key]
+            ax.scatter([info["best_step"]], [v], s=90, facecolors="none", edgecolors="k", zorder=5)
+    axes[0].set_yscale("log")
+    axes[0].set_title("training MSE (normalised coordinates)", fontsize=9)
+    axes[1].set_title("validation |Pearson(h, group)|", fontsize=9)
+    axes[1].set_ylim(0, 1.02)
+    axes[2].set_yscale("log")
+    axes[2].set_title("validation MSE", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[0].legend(fontsize=8, frameon=False)
+    fig.suptitle(f"GRADIEND training, {res.context}/{res.axis} (circle: kept checkpoint; thick: chosen seed)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_gradiend_grid(res):
     """The (h, alpha) grid of a GRADIEND edit: bias gap and perplexity, the chosen point circled."""
     plt = _plt()

@@ -18,11 +18,10 @@ H_GRID = (-10, -2, -1, -0.8, -0.6, -0.4, -0.2, 0, 0.2, 0.4, 0.6, 0.8, 1, 2, 10)
 ALPHA_GRID = tuple(s * a for a in (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5) for s in (-1, 1))
 
 
-# The decoder's output has the scale of the captured gradients; on the embedded model its norm over
-# all MLP weights is ~0.8, so the paper's alphas (<= 0.5) barely move the model. Measured on the
-# embedded model: alpha 10 cut the commerce gender gap by ~80% at +0.8% perplexity; alpha 100
-# destroyed it (perplexity x80). The default grid therefore spans four decades.
-DEFAULT_ALPHAS = (-10.0, -1.0, -0.1, 0.1, 1.0, 10.0)
+# The decoder writes raw gradient-space updates (its training coordinates are folded back), so alpha has
+# the paper's meaning: the edit is alpha times a gradient-sized step. The default grid spans the upper
+# part of the paper's alpha grid in both signs (GradiendConfig.alpha).
+DEFAULT_ALPHAS = (-1.0, -0.3, -0.1, -0.03, 0.03, 0.1, 0.3, 1.0)
 
 
 def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
@@ -79,3 +78,61 @@ def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model
         count += sub.numel()
     return {"share": hit / total if total else float("nan"), "share_of_parameters": count / max(n_all, 1),
             "n_entries": count}
+
+
+# ----------------------------------------------------------------------------
+# does h set the direction of the edit?
+# ----------------------------------------------------------------------------
+
+H_ALPHAS = (0.003, 0.01, 0.03, 0.1, 0.3)
+
+
+def _selection_gap(model, prompts, intervention=None) -> float:
+    sc = contrast_scores(model, prompts, intervention=intervention)
+    g = prompts.groups
+    return float(sc[g == 0].mean() - sc[g == 1].mean())
+
+
+def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHAS, n_boot: int = 1000,
+                neutral_max_texts: int | None = 6, max_ppl_increase: float = 0.05, seed: int = 0) -> dict:
+    """The edits h = +1, h = -1 and h = 0 (the decoder bias alone) at one alpha, on held-out prompts.
+
+    alpha is chosen on the training context's selection prompts and selection neutral texts: among the
+    ``alphas`` whose h = +1 and h = -1 edits raise selection perplexity by at most ``max_ppl_increase``
+    (relative; the smallest alpha if none does), those where h = +1 and
+    h = -1 move the selection gap in opposite directions, the one whose smaller |change| is largest (the
+    edit is still in its linear range there); if none, the one with the largest |change(+1) - change(-1)|.
+    Then each of the three edits is measured on the held-out names and templates with the design's
+    bootstrap CI, and its perplexity change on the reporting neutral texts."""
+    ctx = load_context(res.context)
+    sel = ctx.prompts(res.axis, templates="selection", names="selection", seed=seed)
+    g0 = _selection_gap(model, sel)
+    sel_cap = Capability(model, neutral_texts(neutral_max_texts, split="selection")) if neutral_max_texts else None
+    scan = []
+    for a in alphas:
+        eds = {h: res.edit_for(h, a) for h in (1.0, -1.0)}
+        d = {h: _selection_gap(model, sel, e) - g0 for h, e in eds.items()}
+        worst = max(sel_cap.change(e) for e in eds.values()) / sel_cap.base if sel_cap else 0.0
+        scan.append({"alpha": a, "change_h+1": d[1.0], "change_h-1": d[-1.0], "selection_ppl_rise": worst})
+    allowed = [s for s in scan if s["selection_ppl_rise"] <= max_ppl_increase] or scan[:1]
+    opposite = [s for s in allowed if s["change_h+1"] * s["change_h-1"] < 0]
+    if opposite:
+        pick = max(opposite, key=lambda s: min(abs(s["change_h+1"]), abs(s["change_h-1"])))
+    else:
+        pick = max(allowed, key=lambda s: abs(s["change_h+1"] - s["change_h-1"]))
+    a = pick["alpha"]
+    ho = ctx.prompts(res.axis, templates="heldout", names="heldout", seed=seed)
+    before, _, _, col_group = ho.grid(contrast_scores(model, ho))
+    es = EvalSet(ctx.name, ho, before, col_group)
+    cap = Capability(model, neutral_texts(neutral_max_texts, split="reporting")) if neutral_max_texts else None
+    tc = TransferConfig(n_random=0, n_boot=n_boot, seed=seed)
+    cells = {}
+    for h in (1.0, -1.0, 0.0):
+        c = evaluate(model, res.edit_for(h, a), es, None, tc, capability=cap, selected_on=ctx.name)
+        cells[f"{h:+g}"] = {"gap_change": c.gap_change, "ci_low": c.ci_low, "ci_high": c.ci_high,
+                            "perplexity_change": c.perplexity_change}
+    up, down = cells["+1"], cells["-1"]
+    return {"alpha": a, "selection_scan": scan, "gap_before_heldout": float(before[:, col_group == 0].mean()
+                                                                           - before[:, col_group == 1].mean()),
+            "heldout": cells, "opposite_signs": bool(up["gap_change"] * down["gap_change"] < 0),
+            "both_exclude_zero": bool(up["ci_low"] * up["ci_high"] > 0 and down["ci_low"] * down["ci_high"] > 0)}

@@ -41,8 +41,9 @@ class ParamSet:
 
 
 def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
-    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices), ``down`` (W_out only), ``attn``
-    (q, k, v, o), ``mlp+attn``, or an explicit list of names; optionally restricted to ``layers``."""
+    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices), ``down`` (W_out only), ``down-late``
+    (W_out of the last quarter of the layers, unless ``layers`` says otherwise), ``attn`` (q, k, v, o),
+    ``mlp+attn``, or an explicit list of names; optionally restricted to ``layers``."""
     params = named_params(model)
     if not isinstance(which, str):
         names = list(which)
@@ -50,11 +51,14 @@ def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] |
         if missing:
             raise ValueError(f"unknown parameters {missing[:3]}")
     else:
-        comps = {"mlp": ["mlp.gate", "mlp.in", "mlp.out"], "down": ["mlp.out"],
+        comps = {"mlp": ["mlp.gate", "mlp.in", "mlp.out"], "down": ["mlp.out"], "down-late": ["mlp.out"],
                  "attn": ["attn.q", "attn.k", "attn.v", "attn.o"],
                  "mlp+attn": ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.in", "mlp.out"]}
         if which not in comps:
             raise ValueError(f"parameter set must be one of {sorted(comps)} or a list of names, not {which!r}")
+        if which == "down-late" and layers is None:
+            L = model.cfg.n_layers
+            layers = list(range(L - max(1, math.ceil(L / 4)), L))
         names = [linear_weight_name(model, l, comp)
                  for l in (range(model.cfg.n_layers) if layers is None else layers) for comp in comps[which]]
     return ParamSet(names, [tuple(params[n].shape) for n in names])

@@ -13,6 +13,7 @@ from ...viz.plotting import plot_gradiend_grid
 from ..base import Method, Selection, register_method
 from .edit import choose_edit
 from .gradients import param_set
+from .pool import gradient_pool
 from .train import GradiendConfig, evaluate_feature, train_gradiend
 
 
@@ -28,7 +29,9 @@ class Gradiend(Method):
 
     def select(self, model, context: Context, axis: str) -> Selection:
         cfg = dataclasses.replace(self.config, seed=self.seed)
-        res = train_gradiend(model, context, axis, cfg, log=self.log)
+        pool = gradient_pool(model, context, axis, param_set(model, cfg.params, cfg.layers), seed=cfg.seed,
+                             max_gib=cfg.max_pool_gib, log=self.log)
+        res = train_gradiend(model, context, axis, cfg, log=self.log, pool=pool)
         ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
                          neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)
         iv = Identity() if ch["chosen"] is None else res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
@@ -41,9 +44,11 @@ class Gradiend(Method):
             # the decoder bias alone: what the edit does without the learned feature value
             controls["h0_decoder_bias"] = [res.edit_for(0.0, alpha, label="GRADIEND h=0 (decoder bias alone)")]
             if cfg.shuffled_control:
-                shuffled = train_gradiend(model, context, axis, cfg, log=self.log, shuffle_labels=True)
+                shuffled = train_gradiend(model, context, axis, cfg, log=self.log, shuffle_labels=True, pool=pool,
+                                          progress=False)
                 artifacts["gradiend_shuffled"] = shuffled
                 controls["shuffled_labels"] = [shuffled.edit_for(h, alpha, label="GRADIEND trained on shuffled labels")]
+        del pool  # the per-name gradients are not kept with the selection
         return Selection(context.name, axis, iv, artifacts, summary, controls)
 
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
@@ -53,21 +58,32 @@ class Gradiend(Method):
         figures: list[str] = []
         for name, s in self.selections.items():
             res = s.artifacts["gradiend"]
-            ev = evaluate_feature(model, res, batch_texts=cfg.batch_texts, n_batches=2 if quick else 5,
-                                  n_neutral=2 if quick else 4, split_seed=self.seed)
+            ev = evaluate_feature(model, res, n_names=8 if quick else None, n_neutral=2 if quick else 8,
+                                  split_seed=self.seed)
             res.save(out / f"gradiend_{name}")
-            if not figures:
-                atomic_savefig(res.plot(), out / "figures" / "gradiend_feature.png")
-                atomic_savefig(plot_gradiend_grid(res), out / "figures" / "gradiend_grid.png")
-                figures += ["gradiend_feature.png", "gradiend_grid.png"]
-            feats.append({"context": name, "val_pearson": max(abs(x["val_pearson"]) for x in res.seeds),
-                          "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"], "pearson": ev["pearson"],
-                          "stats": ev["stats"], "chosen": res.edit.get("chosen"), "gap_before": res.edit.get("gap_before")})
+            atomic_savefig(res.plot(), out / "figures" / f"gradiend_feature_{name}.png")
+            atomic_savefig(res.plot_training(), out / "figures" / f"gradiend_training_{name}.png")
+            atomic_savefig(plot_gradiend_grid(res), out / "figures" / f"gradiend_grid_{name}.png")
+            figures += [f"gradiend_training_{name}.png", f"gradiend_feature_{name}.png", f"gradiend_grid_{name}.png"]
+            chosen = next(x for x in res.seeds if x["seed"] == res.meta.get("chosen_seed"))
+            curve = [c for c in res.meta.get("curve", []) if c["seed"] == chosen["seed"]]
+            feats.append({"context": name, "chosen_seed": chosen["seed"],
+                          "val_pearson_start": abs(curve[0]["val_pearson"]) if curve else None,
+                          "val_pearson": abs(chosen["val_pearson"]), "best_step": chosen["best_step"],
+                          "steps_run": chosen["steps_run"], "loss_first": chosen["loss_first"],
+                          "loss_last": chosen["loss_last"], "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"],
+                          "pearson": ev["pearson"], "stats": ev["stats"], "chosen": res.edit.get("chosen"),
+                          "gap_before": res.edit.get("gap_before"), "pool_seconds": res.meta.get("pool_seconds"),
+                          "train_seconds": res.meta.get("train_seconds"), "pool_gib": res.meta.get("pool_gib")})
         return {"params": cfg.params, "n_params": param_set(model, cfg.params, cfg.layers).numel, "steps": cfg.steps,
-                "batch": cfg.batch_texts, "lr": cfg.lr, "features": feats, "figures": figures}
+                "batch": cfg.batch_texts, "lr": cfg.lr, "normalize": cfg.normalize, "features": feats,
+                "figures": figures}
 
     def report(self, summary: dict, fig) -> str:
-        rows = [{"trained on": r["context"], "val |Pearson| (best seed)": r["val_pearson"],
+        rows = [{"trained on": r["context"], "val |Pearson| start -> kept": f"{r.get('val_pearson_start') or 0:.2f} -> "
+                 f"{r['val_pearson']:.2f}", "kept step / run": f"{r.get('best_step')}/{r.get('steps_run')}",
+                 "group A h": r["stats"][list(r["stats"])[0]]["mean"], "group B h": r["stats"][list(r["stats"])[1]]["mean"],
+                 "neutral h": r["stats"].get("neutral", {}).get("mean"),
                  "held-out AUC": r.get("auc"), "held-out sign accuracy": r["sign_accuracy"],
                  "held-out Pearson": r["pearson"], "chosen h": (r["chosen"] or {}).get("h"),
                  "chosen alpha": (r["chosen"] or {}).get("alpha")} for r in summary.get("features", [])]
@@ -78,8 +94,7 @@ class Gradiend(Method):
 
     @classmethod
     def study_configs(cls, quick: bool = False) -> dict[str, GradiendConfig]:
-        return {"gradiend": GradiendConfig(params="mlp", steps=4 if quick else 30, batch_texts=4 if quick else 8,
-                                           lr=1e-4, seeds=(0,) if quick else (0, 1), val_batches=4 if quick else 6,
+        return {"gradiend": GradiendConfig(steps=20 if quick else 400, seeds=(0,) if quick else (0, 1, 2),
                                            edit_names=8 if quick else 16, edit_texts=4 if quick else 6,
                                            shuffled_control=not quick)}
 

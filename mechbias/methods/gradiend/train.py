@@ -2,48 +2,58 @@
 
 from __future__ import annotations
 
-import tempfile
+import dataclasses
+import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
+from scipy.stats import t as t_dist
 import torch
 from torch import Tensor
 
 from ...core.results import Result, make_meta
 from ...data.contexts import Context, load_axis, load_context, stable_hash
 from ...interventions.weights import WeightEdit
-from ...viz.plotting import plot_gradiend_feature
+from ...viz.plotting import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig
-from .gradients import ParamSet, batch_gradient, batch_gradient_pair, param_set, trim_memory
+from .gradients import ParamSet, batch_gradient, param_set
 from .model import GradiendModel, _AdamW
-from .texts import FeatureText, feature_texts, neutral_feature_texts
+from .pool import GradientPool, Normalizer, gradient_pool
+from .texts import feature_texts, neutral_feature_texts
 
 # ----------------------------------------------------------------------------
 # training
 # ----------------------------------------------------------------------------
 
-PARAM_SETS = ("mlp", "down", "attn", "mlp+attn")
+PARAM_SETS = ("down-late", "down", "mlp", "attn", "mlp+attn")
 
 
 @dataclass
 class GradiendConfig(MethodConfig):
     """Training settings of GRADIEND, and the edit grid chosen on the training context's selection split."""
 
-    params: str = field(default="mlp", metadata={"help": "trained parameters", "choices": PARAM_SETS})
-    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "restrict to these layers (none: all)"})
-    steps: int = field(default=60, metadata={"help": "optimizer steps (each: one factual and one counterfactual "
-                                                     "batch gradient)"})
-    batch_texts: int = field(default=16, metadata={"flag": "--batch", "help": "texts averaged per gradient "
+    params: str = field(default="down-late", metadata={
+        "help": "trained parameters: down-late = down-projections of the last quarter of layers (default: "
+                "CPU speed), down, mlp (all MLP matrices, the paper's closest), attn, mlp+attn",
+        "choices": PARAM_SETS})
+    layers: tuple[int, ...] | None = field(default=None, metadata={"help": "restrict to these layers (none: all, "
+                                                                          "or the last quarter for down-late)"})
+    steps: int = field(default=400, metadata={"help": "most optimizer steps (training stops earlier when the "
+                                                      "validation criterion stops improving)"})
+    batch_texts: int = field(default=32, metadata={"flag": "--batch", "help": "texts averaged per gradient "
                                                                             "(the paper: 32)"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (in the normalised coordinates)"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "initialisation seeds (best kept)"})
-    val_batches: int = field(default=8, metadata={"help": "validation batches (held-out names) for seed selection"})
+    eval_every: int = field(default=10, metadata={"help": "steps between validation evaluations"})
+    patience: int = field(default=5, metadata={"help": "evaluations without improvement before stopping"})
+    normalize: bool = field(default=True, metadata={"help": "train in normalised coordinates (centred, per-matrix "
+                                                            "scaled inputs and targets), folded back exactly"})
+    max_pool_gib: float = field(default=12.0, metadata={"help": "memory limit of the per-name gradient pool"})
     h: tuple[float, ...] = field(default=(-1.0, 0.0, 1.0), metadata={"help": "feature values of the edit grid"})
-    alpha: tuple[float, ...] = field(default=(-10.0, -1.0, -0.1, 0.1, 1.0, 10.0), metadata={
-        "help": "learning rates of the edit grid"})
+    alpha: tuple[float, ...] = field(default=(-1.0, -0.3, -0.1, -0.03, 0.03, 0.1, 0.3, 1.0), metadata={
+        "help": "learning rates of the edit grid (raw gradient units, as the paper)"})
     max_ppl_increase: float = field(default=0.05, metadata={"help": "largest relative perplexity increase of the "
                                                                     "chosen edit"})
     edit_names: int | None = field(default=None, metadata={"help": "names used to choose the edit (none: all "
@@ -56,15 +66,16 @@ class GradiendConfig(MethodConfig):
     def validate(self) -> None:
         if self.params not in PARAM_SETS:
             raise ValueError(f"params must be one of {PARAM_SETS}, not {self.params!r}")
-        if self.steps < 1 or self.batch_texts < 1 or self.val_batches < 2 or not self.seeds:
-            raise ValueError("steps and batch_texts must be >= 1, val_batches >= 2, and seeds non-empty")
+        if self.steps < 1 or self.batch_texts < 1 or not self.seeds or self.eval_every < 1 or self.patience < 1:
+            raise ValueError("steps, batch_texts, eval_every and patience must be >= 1, and seeds non-empty")
         if not self.h or not self.alpha:
             raise ValueError("the edit grid needs at least one h and one alpha")
 
 
 @dataclass
 class GradiendResult(Result):
-    """A trained GRADIEND feature: the encoder/decoder, its training log and feature evaluation."""
+    """A trained GRADIEND feature in raw coordinates (it reads raw gradients and its decoder writes raw
+    gradient-space updates), its training curves and feature evaluation."""
 
     context: str
     axis: str
@@ -104,134 +115,174 @@ class GradiendResult(Result):
     def plot(self):
         return plot_gradiend_feature(self)
 
-
-def _validation_names(ax, seed: int) -> set[str]:
-    """Half of the selection names of every race x gender cell (deterministic)."""
-    cells: dict[tuple[str, str], list] = {}
-    for p in ax.split_people("selection", seed):
-        cells.setdefault((p.race, p.gender), []).append(p)
-    out = set()
-    for key in sorted(cells):
-        ordered = sorted(cells[key], key=lambda p: stable_hash(seed, f"gradiend-val:{p.name}"))
-        out |= {p.name for p in ordered[: len(ordered) // 2]}
-    return out
+    def plot_training(self):
+        return plot_gradiend_training(self)
 
 
-def shuffle_group_labels(texts: list[FeatureText], seed: int) -> list[FeatureText]:
-    """The same texts with each name's group label drawn at random (half per group); where a label changes,
-    factual and counterfactual targets swap. A feature trained on these is a control: it has seen the same
-    texts and the same amount of training, but no relation between names and groups."""
-    names = sorted({t.name for t in texts})
-    rng = np.random.default_rng(seed + 977)
-    new = {n: int(g) for n, g in zip(names, rng.permutation([0] * (len(names) // 2) + [1] * (len(names) - len(names) // 2)))}
-    out = []
-    for t in texts:
-        g = new[t.name]
-        f, c = (t.factual, t.counterfactual) if g == t.group else (t.counterfactual, t.factual)
-        out.append(FeatureText(t.text, g, f, c, t.template, t.name))
-    return out
+def _mean_rows(X: Tensor, idx) -> Tensor:
+    """Mean of rows ``idx``, accumulated in place (no copy of the selected rows)."""
+    idx = [int(i) for i in np.asarray(idx).reshape(-1)]
+    out = X[idx[0]].float().clone()
+    for i in idx[1:]:
+        out.add_(X[i])
+    return out.div_(len(idx))
+
+
+def _snapshot(gm: GradiendModel) -> dict:
+    return {"w_e": gm.w_e.clone(), "b_e": torch.tensor([gm.b_e]), "w_d": gm.w_d.clone(), "b_d": gm.b_d.clone()}
+
+
+def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=print, progress: bool = True,
+                  normalizer: Normalizer | None = None) -> tuple[GradiendModel, dict, list, list]:
+    """Train one seed on the pool's training names; validate every ``eval_every`` steps on its validation
+    names (batches of two names of one group). The checkpoint kept is the best by validation Pearson(h, group)
+    (the paper's criterion), ties within 0.001 broken by the lower validation MSE; training stops after
+    ``patience`` evaluations without improvement. Returns the model in the coordinates it was trained in."""
+    n = pool.param_set.numel
+    nz = normalizer
+    prep_x = nz.inputs if nz is not None else (lambda g: g.float())
+    prep_y = nz.targets if nz is not None else (lambda t: t.float())
+    train = {g: np.where((pool.groups == g) & ~pool.validation)[0] for g in (0, 1)}
+    val_batches = []
+    for g in (0, 1):
+        idx = np.where((pool.groups == g) & pool.validation)[0]
+        val_batches += [(g, idx[k:k + 2]) for k in range(0, len(idx) - 1, 2)]
+    vx = [prep_x(_mean_rows(pool.F, i)) for _, i in val_batches]
+    vy = [prep_y(_mean_rows(pool.T, i)) for _, i in val_batches]
+    labels = np.array([1.0 if g == 0 else -1.0 for g, _ in val_batches])
+    per_batch = max(1, round(cfg.batch_texts / pool.texts_per_name))
+    rng = np.random.default_rng(stable_int(cfg.seed, f"gradiend-batches:{seed}"))
+    gm = GradiendModel(n, seed=seed)
+    opt = _AdamW(gm, cfg.lr, cfg.weight_decay, moment_dtype=torch.float32 if n <= 30_000_000 else torch.bfloat16)
+
+    def validate():
+        hs = np.array([gm.encode(x) for x in vx])
+        mse = float(np.mean([float((gm.decode(h) - y).pow(2).mean()) for h, y in zip(hs, vy)]))
+        r = float(np.corrcoef(hs, labels)[0, 1]) if hs.std() > 0 else 0.0
+        return r, mse, hs
+
+    r0, mse0, _ = validate()
+    curve = [{"seed": seed, "step": 0, "val_pearson": r0, "val_mse": mse0}]
+    history: list = []
+    best = (r0, mse0, 0, _snapshot(gm))
+    since = 0
+    for step in range(1, cfg.steps + 1):
+        g = (step - 1) % 2
+        pick = rng.choice(train[g], size=min(per_batch, len(train[g])), replace=False)
+        loss = opt.step(prep_x(_mean_rows(pool.F, pick)), prep_y(_mean_rows(pool.T, pick)))
+        history.append({"seed": seed, "step": step, "loss": loss})
+        if step % cfg.eval_every and step != cfg.steps:
+            continue
+        r, mse, hs = validate()
+        curve.append({"seed": seed, "step": step, "val_pearson": r, "val_mse": mse})
+        if progress:
+            log(f"[gradiend] seed {seed} step {step}: loss {loss:.3e}, validation Pearson {r:+.3f}, MSE {mse:.3e}")
+        better = abs(r) > abs(best[0]) + 1e-3 or (abs(r) >= abs(best[0]) - 1e-3 and mse < best[1] * (1 - 1e-3))
+        if better:
+            best, since = (r, mse, step, _snapshot(gm)), 0
+        else:
+            since += 1
+            if since >= cfg.patience:
+                break
+    r, mse, step, state = best
+    out = GradiendModel.from_state(state)
+    return out, {"seed": seed, "val_pearson": r, "val_mse": mse, "best_step": step, "steps_run": history[-1]["step"],
+                 "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}, history, curve
+
+
+def stable_int(seed: int, key: str) -> int:
+    return int(stable_hash(seed, key)[:8], 16)
 
 
 def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: GradiendConfig | None = None, *,
-                   progress: bool = True, log=print, shuffle_labels: bool = False) -> GradiendResult:
-    """Train GRADIEND on a context's selection split; pick the best seed on a validation part of it.
+                   progress: bool = True, log=print, shuffle_labels: bool = False,
+                   pool: GradientPool | None = None) -> GradiendResult:
+    """Train GRADIEND on a context's selection split; choose the checkpoint and the seed on its validation
+    names (half of the selection names). Held-out names and templates are left for :func:`evaluate_feature`.
 
-    The selection names are split in two by a hash (per race x gender cell): the
-    training half and the validation half, which chooses the seed. Held-out names
-    and templates are left for :func:`evaluate_feature`."""
+    ``pool`` reuses per-name gradients already computed (e.g. for the shuffled-label control)."""
     cfg = cfg or GradiendConfig()
+    cfg.validate()
     ctx = load_context(context)
     ax = load_axis(axis)
     ps = param_set(model, cfg.params, cfg.layers)
-    texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=cfg.seed)
+    t0 = time.time()
+    if pool is None:
+        pool = gradient_pool(model, ctx, ax.name, ps, seed=cfg.seed, max_gib=cfg.max_pool_gib,
+                             log=log if progress else (lambda s: None))
+    elif pool.param_set.names != ps.names:
+        raise ValueError("the gradient pool was computed for other parameters")
     if shuffle_labels:
-        texts = shuffle_group_labels(texts, cfg.seed)
-    val_names = _validation_names(ax, cfg.seed)
-    train = [t for t in texts if t.name not in val_names]
-    val = [t for t in texts if t.name in val_names]
-    by_group = {g: [t for t in train if t.group == g] for g in (0, 1)}
-    rng = np.random.default_rng(cfg.seed)
-
-    def batch(pool):
-        idx = rng.choice(len(pool), size=min(cfg.batch_texts, len(pool)), replace=False)
-        return [pool[i] for i in idx]
-
-    # a fixed validation set of class batches, kept on disk in float16 (one gradient in memory at a time)
-    val_by = {g: [t for t in val if t.group == g] for g in (0, 1)}
-    val_dir = tempfile.TemporaryDirectory(prefix="mechbias-gradiend-")
-    buf = torch.empty(ps.numel, dtype=torch.float32)
-    buf2 = torch.empty(ps.numel, dtype=torch.float32)
-    val_labels = []
-    for k in range(cfg.val_batches):
-        g = k % 2
-        b = [val_by[g][i] for i in rng.choice(len(val_by[g]), size=min(cfg.batch_texts, len(val_by[g])), replace=False)]
-        torch.save(batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b], out=buf).half(),
-                   Path(val_dir.name) / f"{k}.pt")
-        # (half of the buffer's size on disk; read back one at a time)
-        val_labels.append(g)
-
-    trim_memory()
-
-    def val_encodings(gm):
-        return np.array([gm.encode(torch.load(Path(val_dir.name) / f"{k}.pt")) for k in range(len(val_labels))])
-
-    best, seeds_info, history = None, [], []
+        pool = pool.shuffled(cfg.seed)
+    train_rows = np.where(~pool.validation)[0]
+    nz = Normalizer.fit(pool.F[train_rows], pool.T[train_rows], [math.prod(s) for s in ps.shapes]) \
+        if cfg.normalize else None
+    train_pool, train_nz = pool, nz
+    if nz is not None and pool.nbytes <= 4 * 1024 ** 3:
+        # small enough to hold a normalised copy: each step is then a mean of rows, nothing more
+        X = torch.stack([nz.inputs(r) for r in pool.F])
+        Y = torch.stack([nz.targets(r) for r in pool.T])
+        train_pool, train_nz = dataclasses.replace(pool, F=X, T=Y), None
+    best, seeds_info, history, curve = None, [], [], []
     for seed in cfg.seeds:
-        t0 = time.time()
-        gm = GradiendModel(ps.numel, seed=seed)
-        opt = _AdamW(gm, cfg.lr, cfg.weight_decay)
-        for step in range(cfg.steps):
-            g = step % 2
-            b = batch(by_group[g])
-            gf, target = batch_gradient_pair(model, ps, [t.text for t in b], [t.factual for t in b],
-                                             [t.counterfactual for t in b], out_f=buf, out_t=buf2)
-            trim_memory()
-            loss = opt.step(gf, target)
-            history.append({"seed": seed, "step": step, "loss": loss})
-            if progress and (step % 10 == 0 or step == cfg.steps - 1):
-                log(f"[gradiend] seed {seed} step {step}: mse {loss:.3e}")
-        del opt  # free the optimizer state before anything else is allocated
-        trim_memory()
-        hs = val_encodings(gm)
-        labels = np.array([1.0 if g == 0 else -1.0 for g in val_labels])
-        corr = float(np.corrcoef(hs, labels)[0, 1]) if np.std(hs) > 0 else 0.0
-        seeds_info.append({"seed": seed, "val_pearson": corr, "seconds": round(time.time() - t0, 1)})
-        log(f"[gradiend] seed {seed}: validation Pearson(h, group A) = {corr:+.3f} ({time.time() - t0:.0f} s)")
-        if best is None or abs(corr) > abs(best[1]):
-            best = (gm, corr, seed)
-    val_dir.cleanup()
-    del buf, buf2
-    gm, corr, seed = best
-    if corr < 0:
+        t1 = time.time()
+        gm, info, hist, cur = train_on_pool(train_pool, cfg, seed=seed, log=log, progress=progress,
+                                            normalizer=train_nz)
+        info["seconds"] = round(time.time() - t1, 1)
+        seeds_info.append(info)
+        history += hist
+        curve += cur
+        log(f"[gradiend] seed {seed}: validation Pearson {info['val_pearson']:+.3f} at step {info['best_step']} "
+            f"(loss {info['loss_first']:.3e} -> {info['loss_last']:.3e}, {info['seconds']:.0f} s)")
+        key = (round(abs(info["val_pearson"]), 3), -info["val_mse"])
+        if best is None or key > best[0]:
+            best = (key, gm, info)
+    _, gm, info = best
+    del train_pool
+    if nz is not None:
+        gm = nz.fold(gm)
+    if info["val_pearson"] < 0:
         gm.flip()
-    res = GradiendResult(ctx.name, ax.name, ps.names, [list(s) for s in ps.shapes], gm.w_e, torch.tensor([gm.b_e]),
-                         gm.w_d, gm.b_d, asdict(cfg), history, seeds_info,
-                         meta=make_meta(model, context=ctx.name, axis=ax.name, chosen_seed=seed,
-                                        group_a=ax.groups[0]))
-    return res
+    meta = make_meta(model, context=ctx.name, axis=ax.name, chosen_seed=info["seed"], group_a=ax.groups[0],
+                     shuffled_labels=shuffle_labels, pool_seconds=round(pool.seconds, 1),
+                     pool_gib=round(pool.nbytes / 1024 ** 3, 3), pool_dtype=str(pool.F.dtype),
+                     train_seconds=round(time.time() - t0, 1), texts_per_name=pool.texts_per_name,
+                     names_train=int((~pool.validation).sum()), names_validation=int(pool.validation.sum()),
+                     normalizer=nz.summary(ps) if nz is not None else None)
+    return GradiendResult(ctx.name, ax.name, ps.names, [list(s) for s in ps.shapes], gm.w_e, torch.tensor([gm.b_e]),
+                          gm.w_d, gm.b_d, asdict(cfg), history, seeds_info, meta={**meta, "curve": curve})
 
 
 # ----------------------------------------------------------------------------
 # evaluation of the feature
 # ----------------------------------------------------------------------------
 
-def evaluate_feature(model, res: GradiendResult, *, batch_texts: int = 8, n_batches: int = 6,
-                     n_neutral: int = 6, seed: int = 1, split_seed: int = 0) -> dict:
-    """Encoder values on held-out names and templates (group A, group B) and neutral texts."""
+def evaluate_feature(model, res: GradiendResult, *, n_names: int | None = None, n_neutral: int = 8,
+                     neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1) -> dict:
+    """Encoder values on held-out names and templates: one value per held-out name (the mean gradient over
+    its held-out templates, the unit GRADIEND trained on), and neutral batches (prefixes of the reporting
+    neutral texts with their real next token, no names) of the same size."""
     ps = res.param_set
     gm = res.model
+    ax = load_axis(res.axis)
     texts = feature_texts(model, res.context, res.axis, templates="heldout", names="heldout", seed=split_seed)
-    rng = np.random.default_rng(seed)
+    names = list(dict.fromkeys(t.name for t in texts))
+    if n_names is not None:
+        rng = np.random.default_rng(seed)
+        by = {g: [nm for nm in names if next(t.group for t in texts if t.name == nm) == g] for g in (0, 1)}
+        names = [nm for g in (0, 1) for nm in sorted(rng.choice(by[g], size=min(n_names // 2, len(by[g])),
+                                                                replace=False))]
     values = []
-    for g in (0, 1):
-        pool = [t for t in texts if t.group == g]
-        for _ in range(n_batches):
-            b = [pool[i] for i in rng.choice(len(pool), size=min(batch_texts, len(pool)), replace=False)]
-            h = gm.encode(batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b]))
-            values.append({"group": load_axis(res.axis).groups[g], "label": 1 if g == 0 else -1, "h": h})
-    neutral = neutral_feature_texts(model, n=n_neutral * batch_texts)
-    for k in range(n_neutral):
-        b = neutral[k * batch_texts:(k + 1) * batch_texts]
+    per = 1
+    for nm in names:
+        b = [t for t in texts if t.name == nm]
+        per = len(b)
+        h = gm.encode(batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b]))
+        values.append({"group": ax.groups[b[0].group], "label": 1 if b[0].group == 0 else -1, "h": h, "name": nm})
+    k = neutral_batch or per
+    neutral = neutral_feature_texts(model, n=n_neutral * k)
+    for j in range(n_neutral):
+        b = neutral[j * k:(j + 1) * k]
         if not b:
             break
         h = gm.encode(batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b]))
@@ -239,7 +290,10 @@ def evaluate_feature(model, res: GradiendResult, *, batch_texts: int = 8, n_batc
     stats = {}
     for name in dict.fromkeys(v["group"] for v in values):
         hs = np.array([v["h"] for v in values if v["group"] == name])
-        stats[name] = {"mean": float(hs.mean()), "sd": float(hs.std(ddof=1)) if len(hs) > 1 else 0.0, "n": len(hs)}
+        sd = float(hs.std(ddof=1)) if len(hs) > 1 else 0.0
+        half = float(t_dist.ppf(0.975, len(hs) - 1)) * sd / np.sqrt(len(hs)) if len(hs) > 1 else float("nan")
+        stats[name] = {"mean": float(hs.mean()), "sd": sd, "n": len(hs), "ci_low": float(hs.mean()) - half,
+                       "ci_high": float(hs.mean()) + half}
     lab = np.array([v["label"] for v in values if v["label"] != 0])
     hv = np.array([v["h"] for v in values if v["label"] != 0])
     acc = float((np.sign(hv) == lab).mean())

@@ -1,0 +1,177 @@
+"""GRADIEND's training data as a pool of per-name gradients, and the coordinates it trains in.
+
+The base model does not change while GRADIEND trains, so every gradient it will see is fixed: one
+factual gradient and one target (factual - counterfactual) per name, averaged over that name's
+templates, computed once. A training batch is the mean of several names' gradients of one group
+(the paper's batch of 32 texts = about 6-7 names x 5 templates); a shuffled-label control is the same
+pool with some names' labels swapped (factual <-> counterfactual: F' = F - T, T' = -T), so it needs no
+second pass through the model.
+
+:class:`Normalizer` is the change of coordinates that lets the optimiser move (issue: the raw
+gradients have entries ~1e-3, the target's per-entry RMS ~5e-3, and AdamW moves each coordinate by
+about ``lr`` per step, so the decoder never reached its target and the loss fell 2% in 30 steps):
+
+* inputs are centred on the training mean and divided per parameter matrix by the RMS of the centred
+  entries, then scaled to unit expected L2 norm (``/ sqrt(n)``): the encoder's dot product starts O(1/sqrt(n))
+  and every matrix contributes in proportion to its size, not to its gradient scale;
+* targets are divided per parameter matrix by their RMS and multiplied by ``target_scale`` (0.1), so a
+  decoder entry reaches its target in ~``target_scale / lr`` AdamW steps.
+
+Both maps are affine, so a model trained in these coordinates is folded back exactly into one that
+reads raw gradients and writes raw gradient-space updates (:meth:`Normalizer.fold`): the edit
+``theta + alpha * dec(h)`` is then the paper's formula in the paper's units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ...data.contexts import Context, load_axis, load_context, stable_hash
+from .gradients import ParamSet, batch_gradient_pair, trim_memory
+from .model import GradiendModel
+from .texts import feature_texts
+
+TARGET_SCALE = 0.1
+
+
+@dataclass
+class Normalizer:
+    """Affine coordinates of GRADIEND training: ``x = (g - mean) * a``, ``y = t * b``, with ``a`` and ``b``
+    constant within each parameter matrix (``sizes``)."""
+
+    mean: Tensor            # (n,) training mean of the raw inputs
+    in_scale: Tensor        # (groups,) multiplier a of each matrix's inputs
+    out_scale: Tensor       # (groups,) multiplier b of each matrix's targets
+    sizes: list[int] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, inputs: Tensor, targets: Tensor, sizes: list[int], target_scale: float = TARGET_SCALE) -> "Normalizer":
+        """From training inputs and targets (rows: one gradient each)."""
+        n = inputs.shape[1]
+        mean = inputs.float().mean(0)
+        a, b = [], []
+        lo = 0
+        for k in sizes:
+            x = inputs[:, lo:lo + k].float() - mean[lo:lo + k]
+            rms_in = float(x.pow(2).mean().sqrt())
+            rms_out = float(targets[:, lo:lo + k].float().pow(2).mean().sqrt())
+            a.append(1.0 / (rms_in * math.sqrt(n)) if rms_in > 0 else 0.0)
+            b.append(target_scale / rms_out if rms_out > 0 else 0.0)
+            lo += k
+        return cls(mean, torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), list(sizes))
+
+    def _per_entry(self, scales: Tensor) -> Tensor:
+        return torch.repeat_interleave(scales.float(), torch.tensor(self.sizes))
+
+    def inputs(self, g: Tensor) -> Tensor:
+        return (g.float() - self.mean) * self._per_entry(self.in_scale)
+
+    def targets(self, t: Tensor) -> Tensor:
+        return t.float() * self._per_entry(self.out_scale)
+
+    def fold(self, gm: GradiendModel) -> GradiendModel:
+        """The same model in raw coordinates: ``encode_raw(g) = encode(inputs(g))`` and
+        ``decode_raw(h) = decode(h) / b``."""
+        a = self._per_entry(self.in_scale)
+        inv_b = self._per_entry(torch.where(self.out_scale > 0, 1.0 / self.out_scale, torch.zeros_like(self.out_scale)))
+        w_e = gm.w_e * a
+        b_e = float(gm.b_e - torch.dot(w_e.double(), self.mean.double()))
+        return GradiendModel.from_state({"w_e": w_e, "b_e": torch.tensor([b_e]), "w_d": gm.w_d * inv_b,
+                                         "b_d": gm.b_d * inv_b})
+
+    def summary(self, ps: ParamSet) -> list[dict]:
+        return [{"param": nme, "input_rms": 1.0 / (float(a) * math.sqrt(self.mean.numel())) if a else 0.0,
+                 "target_rms": TARGET_SCALE / float(b) if b else 0.0}
+                for nme, a, b in zip(ps.names, self.in_scale, self.out_scale)]
+
+
+def validation_names(ax, seed: int) -> set[str]:
+    """Half of the selection names of every race x gender cell (deterministic): GRADIEND's validation
+    names (checkpoint and seed choice); the other half trains."""
+    cells: dict[tuple[str, str], list] = {}
+    for p in ax.split_people("selection", seed):
+        cells.setdefault((p.race, p.gender), []).append(p)
+    out = set()
+    for key in sorted(cells):
+        ordered = sorted(cells[key], key=lambda p: stable_hash(seed, f"gradiend-val:{p.name}"))
+        out |= {p.name for p in ordered[: len(ordered) // 2]}
+    return out
+
+
+@dataclass
+class GradientPool:
+    """One factual gradient ``F[i]`` and target ``T[i]`` per name (the mean over its selection templates)."""
+
+    param_set: ParamSet
+    names: list[str]
+    groups: np.ndarray      # 0 = group A, 1 = group B
+    validation: np.ndarray  # bool: a validation name
+    F: Tensor               # (names, n)
+    T: Tensor               # (names, n)
+    texts_per_name: int
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return self.F.numel() * self.F.element_size() + self.T.numel() * self.T.element_size()
+
+    def shuffled(self, seed: int) -> "GradientPool":
+        """Group labels drawn at random per name (half per group, within training and within validation);
+        where a label changes, factual and counterfactual swap: F' = F - T, T' = -T. Exact: the same
+        gradients the model would give for the swapped targets."""
+        rng = np.random.default_rng(seed + 977)
+        new = self.groups.copy()
+        for part in (False, True):
+            idx = np.where(self.validation == part)[0]
+            lab = np.array([0] * (len(idx) // 2) + [1] * (len(idx) - len(idx) // 2))
+            new[idx] = rng.permutation(lab)
+        flip = torch.from_numpy(new != self.groups)
+        F, T = self.F.clone(), self.T.clone()
+        F[flip] = (self.F[flip].float() - self.T[flip].float()).to(F.dtype)
+        T[flip] = -self.T[flip]
+        return GradientPool(self.param_set, self.names, new, self.validation, F, T, self.texts_per_name, self.seconds)
+
+
+def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
+    return 2 * n_names * ps.numel * torch.empty(0, dtype=dtype).element_size()
+
+
+def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
+                  max_gib: float = 12.0, max_tokens: int = 400, log=print) -> GradientPool:
+    """Per-name gradients on the context's selection templates and names. Stored in float32 when that fits
+    in ``max_gib``, else bfloat16; refused (before any forward pass) when even bfloat16 does not fit."""
+    import time
+
+    ctx = load_context(context)
+    ax = load_axis(axis)
+    texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=seed)
+    names = list(dict.fromkeys(t.name for t in texts))
+    budget = max_gib * 1024 ** 3
+    dtype = torch.float32 if pool_bytes(ps, len(names), torch.float32) <= budget else torch.bfloat16
+    if pool_bytes(ps, len(names), dtype) > budget:
+        raise ValueError(f"the GRADIEND gradient pool needs {pool_bytes(ps, len(names), dtype) / 1024 ** 3:.1f} GiB "
+                         f"({len(names)} names x 2 x {ps.numel:,} parameters in bfloat16), over max_pool_gib = "
+                         f"{max_gib}; train fewer parameters (e.g. --params down-late) or raise the limit")
+    val = validation_names(ax, seed)
+    t0 = time.time()
+    F = torch.empty(len(names), ps.numel, dtype=dtype)
+    T = torch.empty(len(names), ps.numel, dtype=dtype)
+    bf, bt = torch.empty(ps.numel), torch.empty(ps.numel)
+    per_name = []
+    for i, nm in enumerate(names):
+        b = [t for t in texts if t.name == nm]
+        batch_gradient_pair(model, ps, [t.text for t in b], [t.factual for t in b], [t.counterfactual for t in b],
+                            out_f=bf, out_t=bt, max_tokens=max_tokens)
+        F[i], T[i] = bf, bt
+        per_name.append(len(b))
+    trim_memory()
+    groups = np.array([next(t.group for t in texts if t.name == nm) for nm in names])
+    log(f"[gradiend] gradient pool: {len(names)} names x {per_name[0]} texts, {ps.numel:,} parameters, "
+        f"{dtype}, {time.time() - t0:.0f} s")
+    return GradientPool(ps, names, groups, np.array([nm in val for nm in names]), F, T, per_name[0],
+                        time.time() - t0)
