@@ -143,6 +143,10 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
     prep_x = nz.inputs if nz is not None else (lambda g: g.float())
     prep_y = nz.targets if nz is not None else (lambda t: t.float())
     train = {g: np.where((pool.groups == g) & ~pool.validation)[0] for g in (0, 1)}
+    short = [g for g in (0, 1) if len(train[g]) == 0 or ((pool.groups == g) & pool.validation).sum() < 2]
+    if short:
+        raise ValueError(f"GRADIEND needs training names and at least two validation names in each group; "
+                         f"group(s) {short} have too few (names per group: {np.bincount(pool.groups, minlength=2)})")
     val_batches = []
     for g in (0, 1):
         idx = np.where((pool.groups == g) & pool.validation)[0]
