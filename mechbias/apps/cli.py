@@ -143,7 +143,8 @@ def _method_command(cls: type[Method]):
 def cmd_study(args) -> int:
     cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
     model = _load(args)
-    return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say)
+    return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say,
+                     model_spec={"name": args.model or ""})
 
 
 def build_parser() -> argparse.ArgumentParser:

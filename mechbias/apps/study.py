@@ -1,19 +1,26 @@
 """The study: the baseline, every registered method across the contexts, and one report.
 
-The study is a list of steps: ``baseline``, one step per registered method and
-study variant (:meth:`mechbias.methods.base.Method.study_configs`), and
-``summary``. Each step writes its results to ``OUT/steps/<step>/`` and finishes
-by writing ``summary.json``; a step whose ``summary.json`` exists is skipped on
-the next run, so an interrupted study resumes from the last finished step
-(``fresh=True`` recomputes everything). At the end ``OUT/report.md`` is written
-from all step summaries, with the figures in ``OUT/figures/``.
+The study is a set of content-addressed jobs (:mod:`mechbias.apps.study_jobs`)
+run by :func:`mechbias.apps.jobs.run_planners` on a local Ray runtime (one
+worker per core), an existing Ray cluster (``--address``) or in-process
+(``--workers 1``). Every finished job is kept in the job store (``OUT/jobs`` or
+``--store``) and never computed twice: an interrupted study resumes job by job,
+a second study reuses what it shares with the first, and a rerun with nothing
+changed only reassembles the report. Each step writes ``OUT/steps/<step>/``
+(``summary.json`` last); ``OUT/report.md`` is written from all of them.
+
+The default answers the project's question quickly: finance vs. commerce, the
+four methods at their default-study settings (``Method.study_configs(quick,
+full=False)``); ``--full`` runs every context, variant and control.
 
 A newly registered method appears here with no edit to this file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,31 +32,49 @@ import numpy as np
 from ..core.models import model_label
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from ..data.contexts import load_axis, load_contexts
-from ..data.texts import selection_phase
-from ..eval.metrics import measure_bias
-from ..eval.transfer import EvalSet, TransferConfig
+from ..eval.transfer import TransferConfig
 from ..methods.base import registered_methods
 from ..viz.plotting import plot_methods_summary
-from ..interventions.profile import unit_profile
-from .workflow import run_method
+from .jobs import (InProcess, JobStore, RayExecutor, RunReport, critical_path, data_fingerprint, default_workers,
+                   model_fingerprint, run_planners)
+from .study_jobs import choose_axis  # noqa: F401 - part of this module's interface
+from .study_jobs import Shared, axis_planner, baseline_planner, method_planner, model_meta
+from .workflow import write_method_outputs
+
+DEFAULT_CONTEXTS = ("finance", "commerce")
 
 
 @dataclass
 class StudyConfig:
-    contexts: tuple[str, ...] = field(default=("all",), metadata={"help": "contexts ('all' = the built-ins)"})
+    contexts: tuple[str, ...] | None = field(default=None, metadata={
+        "help": "contexts ('all' = the built-ins; none: finance and commerce, or all with --full)"})
     axes: tuple[str, ...] = field(default=("race", "gender"), metadata={"help": "axes of the baseline"})
     axis: str = field(default="auto", metadata={
         "help": "axis of the method steps and transfer matrices; auto: chosen on the selection split (the axis "
                 "with the most contexts whose selection-split gap is significant, then the larger mean |t|)"})
     seed: int = field(default=0, metadata={"help": "seed of splits, bootstrap and sampling"})
     n_boot: int = field(default=2000, metadata={"flag": "--boot", "help": "bootstrap replicates"})
-    n_random: int = field(default=2, metadata={"flag": "--random", "help": "random-control draws per cell"})
+    n_random: int = field(default=2, metadata={"flag": "--random", "help": "draws per control and cell"})
+    full: bool = field(default=False, metadata={
+        "help": "every context, method variant and control (the complete study); default: finance vs. commerce, "
+                "one variant per method"})
     quick: bool = field(default=False, metadata={"help": "a small configuration (tests and smoke runs)"})
     methods: tuple[str, ...] | None = field(default=None, metadata={"help": "run only these methods (none: all "
                                                                             "registered)"})
     skip: tuple[str, ...] = field(default=(), metadata={"help": "step names to skip"})
+    workers: int | None = field(default=None, metadata={
+        "help": "parallel workers (none: one per core); 1 runs in-process without Ray"})
+    address: str | None = field(default=None, metadata={
+        "help": "an existing Ray cluster to run on ('auto' or host:port; default: $RAY_ADDRESS, else a local "
+                "runtime)"})
+    threads: int | None = field(default=None, metadata={
+        "flag": "--job-threads", "help": "torch threads per job (none: cores / workers); results are bit-identical for equal threads"})
+    store: str | None = field(default=None, metadata={
+        "help": "job store folder (none: OUT/jobs); studies sharing a store reuse each other's jobs"})
 
     def __post_init__(self):
+        if self.contexts is None:
+            self.contexts = ("all",) if self.full else DEFAULT_CONTEXTS
         self.contexts = tuple(c.name for c in load_contexts(list(self.contexts)))
         for a in (*self.axes, *([] if self.axis == "auto" else [self.axis])):
             load_axis(a)
@@ -61,13 +86,30 @@ class StudyConfig:
             self.n_boot = 300
         if self.quick and self.n_random == 2:
             self.n_random = 1
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, not {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, not {self.threads}")
+        if self.address is None:
+            self.address = os.environ.get("RAY_ADDRESS") or None
+        if self.address and self.workers == 1:
+            raise ValueError("--address runs on a Ray cluster; --workers 1 runs in-process: choose one")
+
+    @property
+    def n_workers(self) -> int:
+        return self.workers if self.workers is not None else default_workers()
+
+    @property
+    def job_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.n_workers)
 
 
 @dataclass
 class Step:
     name: str
     title: str
-    run: Callable  # (model, cfg, step_dir, shared) -> summary dict
+    plan: Callable  # (shared, cfg, model_meta) -> planner
+    write: Callable  # (value, step_dir) -> summary dict
     report: Callable  # (summary, rel_fig) -> markdown
 
 
@@ -92,11 +134,20 @@ def _baseline_report(summary: dict, fig: Callable[[str], str]) -> str:
     return "\n".join(lines)
 
 
-def _baseline(model, cfg: StudyConfig, out: Path, shared: dict, log) -> dict:
-    res = measure_bias(model, list(cfg.contexts), list(cfg.axes), n_boot=cfg.n_boot, seed=cfg.seed, progress=True)
-    res.save(out / "result")
-    atomic_savefig(res.plot(), out / "figures" / "baseline_bias.png")
-    return {"rows": res.rows, "figures": ["baseline_bias.png"]}
+def _baseline_step() -> Step:
+    def plan(shared: Shared, cfg: StudyConfig, meta: dict):
+        return baseline_planner(shared.salt, list(cfg.contexts), list(cfg.axes), cfg.seed, cfg.n_boot)
+
+    def write(value: dict, out: Path) -> dict:
+        _copy_tree(value["files"], out)
+        return {"rows": value["rows"], "figures": value["figures"]}
+
+    return Step("baseline", "Baseline bias per context and axis", plan, write, _baseline_report)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
 # ----------------------------------------------------------------------------
@@ -113,14 +164,20 @@ def _transfer_md(cells: list[dict], fig: Callable[[str], str], name: str) -> str
 
 
 def _method_step(name: str, cls, config, extras: dict) -> Step:
-    def run(model, cfg: StudyConfig, out: Path, shared: dict, log) -> dict:
-        method = cls(config, seed=cfg.seed, log=log)
+    title = extras.get("title", cls.title)
+
+    def plan(shared: Shared, cfg: StudyConfig, meta: dict):
         tcfg = TransferConfig(n_random=cfg.n_random, n_boot=cfg.n_boot, seed=cfg.seed, **extras.get("transfer", {}))
         rows = list(cfg.contexts)[: extras.get("rows")] if extras.get("rows") else list(cfg.contexts)
-        summary = run_method(model, method, rows, list(cfg.contexts), cfg.axis, tcfg, out, quick=cfg.quick,
-                             eval_sets=_eval_sets(model, cfg, shared), analyze_kw=extras.get("analyze"), log=log,
-                             fig_name=f"transfer_{name}.png", profile=_profile(model, shared))
-        summary["title"] = extras.get("title", cls.title)
+        return method_planner(shared, name, cls, config, tcfg, rows, list(cfg.contexts), quick=cfg.quick,
+                              analyze_kw=extras.get("analyze") or {}, model_meta=meta)
+
+    def write(value: dict, out: Path) -> dict:
+        _copy_tree(value["files"], out)
+        summary = write_method_outputs(cls.name, cls.title, cls.summary, config.to_dict(), value["seed"],
+                                       value["transfer"], value["selections"], value["analysis"], out,
+                                       f"transfer_{name}.png")
+        summary["title"] = title
         return summary
 
     def report(summary: dict, fig) -> str:
@@ -131,22 +188,7 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
                           "before, 95% paired crossed-bootstrap CI; random control: the intervention's own random "
                           "draw of the same size):", "", _transfer_md(summary["transfer"], fig, summary["figures"][0])])
 
-    return Step(name, extras.get("title", cls.title), run, report)
-
-
-def _profile(model, shared: dict):
-    """Unit sizes and ablation costs for matched controls, measured once (selection neutral texts)."""
-    if "profile" not in shared:
-        shared["profile"] = unit_profile(model)
-    return shared["profile"]
-
-
-def _eval_sets(model, cfg: StudyConfig, shared: dict) -> dict:
-    """Held-out evaluation sets (and their unmodified scores), built once and shared by every method."""
-    if "eval_sets" not in shared:
-        shared["eval_sets"] = {c.name: EvalSet.build(model, c, cfg.axis, seed=cfg.seed)
-                               for c in load_contexts(list(cfg.contexts))}
-    return shared["eval_sets"]
+    return Step(name, title, plan, write, report)
 
 
 # ----------------------------------------------------------------------------
@@ -161,127 +203,171 @@ def _summary_report(summary: dict, fig) -> str:
                       markdown_table(summary["rows"]), "", f"![methods]({fig('methods_summary.png')})"])
 
 
-def _summary(steps: list[Step]):
-    def run(model, cfg: StudyConfig, out: Path, shared: dict, log) -> dict:
-        root = out.parent
-        rows = []
-        for st in steps:
-            f = root / st.name / "summary.json"
-            if not f.exists():
-                continue
-            s = json.loads(f.read_text())
-            cells = s.get("transfer")
-            if not cells:
-                continue
-            diag = [c for c in cells if c["selected_on"] == c["evaluated_on"]]
-            off = [c for c in cells if c["selected_on"] != c["evaluated_on"]]
+def summary_rows(out: Path, steps: list[Step]) -> list[dict]:
+    """One row per finished method step: mean gap change on and off the diagonal, controls, capability."""
+    rows = []
+    for st in steps:
+        f = out / "steps" / st.name / "summary.json"
+        if not f.exists():
+            continue
+        s = json.loads(f.read_text())
+        cells = s.get("transfer")
+        if not cells:
+            continue
+        diag = [c for c in cells if c["selected_on"] == c["evaluated_on"]]
+        off = [c for c in cells if c["selected_on"] != c["evaluated_on"]]
 
-            def mean(xs, k):
-                v = [x[k] for x in xs if x.get(k) is not None]
-                return float(np.mean(v)) if v else float("nan")
+        def mean(xs, k):
+            v = [x[k] for x in xs if x.get(k) is not None]
+            return float(np.mean(v)) if v else float("nan")
 
-            rows.append({"method": s.get("title", st.title), "diagonal": mean(diag, "gap_change"),
-                         "off-diagonal": mean(off, "gap_change"), "random (diag)": mean(diag, "random_gap_change"),
-                         "random (off)": mean(off, "random_gap_change"), "gap before (diag)": mean(diag, "gap_before"),
-                         "Δppl": mean(cells, "perplexity_change"), "Δppl random": mean(cells, "random_perplexity_change"),
-                         "diagonal cells with CI excluding 0":
-                             f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}"})
-        atomic_savefig(plot_methods_summary(rows, cfg.axis), out / "figures" / "methods_summary.png")
-        return {"rows": rows, "figures": ["methods_summary.png"]}
-
-    return run
+        rows.append({"method": s.get("title", st.title), "diagonal": mean(diag, "gap_change"),
+                     "off-diagonal": mean(off, "gap_change"), "random (diag)": mean(diag, "random_gap_change"),
+                     "random (off)": mean(off, "random_gap_change"), "gap before (diag)": mean(diag, "gap_before"),
+                     "Δppl": mean(cells, "perplexity_change"), "Δppl random": mean(cells, "random_perplexity_change"),
+                     "diagonal cells with CI excluding 0":
+                         f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}"})
+    return rows
 
 
 def study_steps(cfg: StudyConfig) -> list[Step]:
-    """The study's steps for this configuration, in order."""
-    steps = [Step("baseline", "Baseline bias per context and axis", _baseline, _baseline_report)]
+    """The study's method steps and the baseline, in order (the summary is written after them)."""
+    steps = [_baseline_step()]
     for mname, cls in registered_methods().items():
         if cfg.methods is not None and mname not in cfg.methods:
             continue
-        for step_name, config in cls.study_configs(cfg.quick).items():
+        if not cfg.full and cfg.methods is None and not cls.in_default_study:
+            continue
+        for step_name, config in cls.study_configs(cfg.quick, full=cfg.full).items():
             steps.append(_method_step(step_name, cls, config, cls.study_extras(step_name, cfg.quick)))
-    steps.append(Step("summary", "The methods side by side", _summary(steps[1:]), _summary_report))
     return [s for s in steps if s.name not in cfg.skip]
 
+
+SUMMARY_TITLE = "The methods side by side"
 
 # ----------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------
 
-def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> dict:
-    """The axis with the most contexts whose gap on the **selection** split (selection templates x selection
-    names) has a 95% CI excluding 0; ties broken by the larger mean |gap / se|. No held-out prompt is read."""
-    rows = []
-    with selection_phase("axis choice"):
-        for a in axes:
-            res = measure_bias(model, list(contexts), a, templates="selection", names="selection", n_boot=n_boot,
-                               seed=seed)
-            sig = sum(1 for r in res.rows if r["ci_low"] > 0 or r["ci_high"] < 0)
-            t = float(np.mean([abs(r["gap"]) / max((r["ci_high"] - r["ci_low"]) / 3.92, 1e-12) for r in res.rows]))
-            rows.append({"axis": a, "significant_contexts": sig, "mean_abs_t": t,
-                         "gaps": {r["context"]: [r["gap"], r["ci_low"], r["ci_high"]] for r in res.rows}})
-    best = max(rows, key=lambda r: (r["significant_contexts"], r["mean_abs_t"]))
-    return {"axis": best["axis"], "rule": "most contexts with a significant selection-split gap, then mean |t|",
-            "candidates": rows}
+
+def make_executor(model, cfg: StudyConfig, model_spec: dict | None, log=None):
+    """In-process for one worker, else Ray (local runtime, or the cluster at ``cfg.address``)."""
+    spec = model_spec or {"name": model_label(model)}
+    if cfg.n_workers == 1 and not cfg.address:
+        return InProcess(model, spec, threads=cfg.job_threads, log=log)
+    gpus = 1.0 if next(model.parameters()).is_cuda else 0.0
+    return RayExecutor(spec, cfg.n_workers, threads=cfg.job_threads, address=cfg.address, gpus_per_worker=gpus,
+                       log=log)
 
 
-def resolve_axis(model, cfg: StudyConfig, out: Path, say: Callable[[str], None]) -> str:
-    """``--axis auto``: choose on the selection split once and keep the choice (``axis_choice.json``) for
-    resumed runs."""
-    path = out / "axis_choice.json"
-    if path.exists():
-        choice = json.loads(path.read_text())
-    else:
-        choice = choose_axis(model, cfg.contexts, cfg.axes, seed=cfg.seed, n_boot=min(cfg.n_boot, 1000))
-        atomic_write_json(choice, path)
-    say(f"axis chosen on the selection split: {choice['axis']} "
-        + ", ".join(f"{r['axis']}: {r['significant_contexts']} significant" for r in choice["candidates"]))
-    return choice["axis"]
+def study_salt(model, cfg: StudyConfig) -> str:
+    """What every job depends on besides its parameters: the model's weights and the data files."""
+    return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint()}".encode()).hexdigest()
 
 
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
-              log: Callable[[str], None] | None = None) -> int:
+              log: Callable[[str], None] | None = None, model_spec: dict | None = None, executor=None,
+              progress: bool = True) -> int:
+    """Run (or resume) the study; returns 0, or 1 when some jobs failed (listed in ``OUT/failed.json``).
+
+    ``model_spec`` (``{"name": ..., "kwargs": {...}}``) is how Ray workers load the model; by default the
+    model's label, which is a :func:`~mechbias.core.models.load_model` name for built-in models."""
     say = log or (lambda s: None)
     out = Path(out)
     t0 = time.time()
-    shared: dict = {}
-    timings: dict = {}
-    ran_any = False
-    if cfg.axis == "auto":
-        cfg.axis = resolve_axis(model, cfg, out, say)
-    steps = study_steps(cfg)
-    atomic_write_json(asdict(cfg), out / "study_config.json")
+    store_root = Path(cfg.store) if cfg.store else out / "jobs"
+    if fresh:
+        for p in (out / "steps", out / "axis_choice.json", *([store_root] if not cfg.store else [])):
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    store = JobStore(store_root)
+    salt = study_salt(model, cfg)
+    own_executor = executor is None
+    ex = executor or make_executor(model, cfg, model_spec, log=say)
+    runs: list[RunReport] = []
+    try:
+        if cfg.axis == "auto":
+            path = out / "axis_choice.json"
+            if path.exists():
+                choice = json.loads(path.read_text())
+            else:
+                rep = run_planners({"axis": axis_planner(salt, list(cfg.contexts), list(cfg.axes), cfg.seed,
+                                                         min(cfg.n_boot, 1000))}, store, ex, progress=progress, log=say)
+                runs.append(rep)
+                if not rep.ok:
+                    return _failed(out, [rep], say)
+                choice = rep.values["axis"]
+                atomic_write_json(choice, path)
+            cfg.axis = choice["axis"]
+            say(f"axis chosen on the selection split: {choice['axis']} "
+                + ", ".join(f"{r['axis']}: {r['significant_contexts']} significant" for r in choice["candidates"]))
+        steps = study_steps(cfg)
+        atomic_write_json(asdict(cfg), out / "study_config.json")
+        shared = Shared(salt, list(cfg.contexts), cfg.axis, cfg.seed)
+        meta = model_meta(model)
+        say(f"{len(steps)} steps on {ex.workers} worker(s), {cfg.job_threads} torch thread(s) per job; "
+            f"job store {store.root}")
+        rep = run_planners({st.name: st.plan(shared, cfg, meta) for st in steps}, store, ex, progress=progress,
+                           log=say)
+        runs.append(rep)
+    finally:
+        if own_executor:
+            ex.close()
     for st in steps:
-        step_dir = out / "steps" / st.name
-        done = step_dir / "summary.json"
-        stale = st.name == "summary" and ran_any  # the comparison must include steps rerun now
-        if done.exists() and not fresh and not stale:
-            say(f"{st.name}: finished earlier, skipped")
-            timings[st.name] = json.loads(done.read_text()).get("seconds")
+        if st.name not in rep.values:
             continue
-        say(f"{st.name}: {st.title} ...")
-        t = time.time()
-        summary = st.run(model, cfg, step_dir, shared, say)
-        ran_any = True
-        summary["seconds"] = round(time.time() - t, 1)
-        timings[st.name] = summary["seconds"]
-        atomic_write_json(summary, done)
-        say(f"{st.name}: done in {summary['seconds']:.1f} s")
-    write_report(out, cfg, steps, timings, figures=figures, total=time.time() - t0, model=model_label(model))
-    say(f"report: {out / 'report.md'} (total {time.time() - t0:.0f} s)")
+        value = rep.values[st.name]
+        value.setdefault("seed", cfg.seed)
+        step_dir = out / "steps" / st.name
+        summary = st.write(value, step_dir)
+        jobs = value.get("jobs", [])
+        summary["jobs"] = len(jobs)
+        atomic_write_json(summary, step_dir / "summary.json")
+    rows = summary_rows(out, steps)
+    atomic_savefig(plot_methods_summary(rows, cfg.axis), out / "steps" / "summary" / "figures" / "methods_summary.png")
+    atomic_write_json({"rows": rows, "figures": ["methods_summary.png"]}, out / "steps" / "summary" / "summary.json")
+    work = {"computed_now": rep.computed, "reused": rep.reused, "seconds_by_kind_now": rep.job_seconds,
+            "workers": ex.workers, "threads_per_job": cfg.job_threads, "wall_seconds": round(time.time() - t0, 1),
+            **critical_path(store, rep)}
+    atomic_write_json(work, out / "work.json")
+    write_report(out, cfg, steps, work, figures=figures, model=model_label(model))
+    say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} "
+        f"(total {time.time() - t0:.0f} s)")
+    if not rep.ok:
+        return _failed(out, runs, say)
+    failed = out / "failed.json"
+    if failed.exists():
+        failed.unlink()
     return 0
 
 
-def write_report(out: Path, cfg: StudyConfig, steps: list[Step], timings: dict, figures: Path | None = None,
-                 total: float = 0, model: str = "smollm2-135m-instruct") -> Path:
+def _failed(out: Path, runs: list[RunReport], say) -> int:
+    failed = {k: v for r in runs for k, v in r.failed.items()}
+    atomic_write_json(failed, out / "failed.json")
+    for step, jobs in failed.items():
+        for j in jobs:
+            last = (j["error"] or "").strip().splitlines()[-1:] or [""]
+            say(f"FAILED {step}: {j['label']}: {last[0]}")
+    say(f"{sum(len(v) for v in failed.values())} job(s) failed in {len(failed)} step(s); the others are saved. "
+        f"Details: {out / 'failed.json'} and the job store's _errors/")
+    return 1
+
+
+def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, figures: Path | None = None,
+                 model: str = "smollm2-135m-instruct") -> Path:
     """Assemble ``report.md`` from the finished steps; copy figures next to it (and to ``figures``)."""
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# mechbias study report", "",
              f"Model: {model}. Contexts: {', '.join(cfg.contexts)}. Baseline axes: {', '.join(cfg.axes)}; methods and "
              f"transfer matrices on the {cfg.axis} axis. Seed {cfg.seed}, {cfg.n_boot} bootstrap replicates, "
-             f"{cfg.n_random} random-control draws per cell{' (quick configuration)' if cfg.quick else ''}.", ""]
-    for st in steps:
+             f"{cfg.n_random} draws per control and cell"
+             f"{' (full study)' if cfg.full else ' (default study; --full for every context and variant)'}"
+             f"{' (quick configuration)' if cfg.quick else ''}.", ""]
+    summary_step = Step("summary", SUMMARY_TITLE, lambda *a: None, lambda *a: {}, _summary_report)
+    for st in [*steps, summary_step]:
         done = out / "steps" / st.name / "summary.json"
         if not done.exists():
             continue
@@ -294,7 +380,13 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], timings: dict, 
                     Path(figures).mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(src, Path(figures) / f)
         parts += [f"## {summary.get('title', st.title)}", "", st.report(summary, lambda f: f"figures/{f}"), ""]
-    parts += ["## Step times", "", "| step | seconds |", "|---|---|"]
-    parts += [f"| {k} | {v} |" for k, v in timings.items()]
-    parts += [f"| total (this run, incl. loading) | {total:.0f} |", ""]
+    parts += ["## Work", "",
+              f"{work['computed_now']} jobs computed in this run, {work['reused']} reused from the job store; "
+              f"{work['workers']} worker(s), {work['threads_per_job']} torch thread(s) per job; wall time of this run "
+              f"{work['wall_seconds']:.0f} s (including model loading). Total work of the study "
+              f"{work['total_work_seconds']:.0f} s; critical path {work['critical_path_seconds']:.0f} s "
+              "(the least wall time on unlimited workers).", "",
+              "| job kind | jobs | seconds (sum) | seconds (longest) |", "|---|---|---|---|"]
+    parts += [f"| {k} | {v['jobs']} | {v['seconds']} | {v['max']} |" for k, v in work["by_kind"].items()]
+    parts += [""]
     return atomic_write_text("\n".join(parts), out / "report.md")

@@ -32,24 +32,37 @@ def run_method(model, method: Method, select_on: Sequence[str], evaluate_on: Seq
     say = log or (lambda s: None)
     tm = transfer_matrix(model, method, list(select_on), axis, method=method.title, eval_contexts=list(evaluate_on),
                          config=tcfg, eval_sets=eval_sets, profile=profile, log=say)
-    tm.save(out / "transfer_result")
-    for name, sel in method.selections.items():
-        sel.save(out / "selections" / name)
-        sel.intervention.save(out / "intervention" if len(method.selections) == 1 else out / "intervention" / name)
-    atomic_write_json({"method": method.name, "title": method.title, "axis": axis, "config": method.config.to_dict(),
-                       "transfer_config": tm.config, "cells": tm.records(), "transfer_test": tm.transfer_test,
-                       "rows": tm.row_info,
-                       "baseline": tm.baseline, "meta": tm.meta}, out / "transfer.json")
     fig = fig_name or f"transfer_{method.name}_{axis}.png"
-    atomic_savefig(tm.plot(title=f"{method.title}: cross-context transfer ({axis})"), out / "figures" / fig)
-    analysis = method.analyze(model, axis, out, quick=quick, transfer=tm, eval_sets=eval_sets,
-                              n_boot=min(tcfg.n_boot, 1000), **(analyze_kw or {}))
-    summary = {"method": method.name, "title": method.title, "description": method.summary, "axis": axis,
-               "config": method.config.to_dict(), "seed": method.seed,
+    return write_method_outputs(method.name, method.title, method.summary, method.config.to_dict(), method.seed,
+                                tm, method.selections, None, out, fig,
+                                analyze=lambda: method.analyze(model, axis, out, quick=quick, transfer=tm,
+                                                               eval_sets=eval_sets, n_boot=min(tcfg.n_boot, 1000),
+                                                               **(analyze_kw or {})))
+
+
+def write_method_outputs(name: str, title: str, description: str, config: dict, seed: int, tm: TransferMatrix,
+                         selections: dict, analysis: dict | None, out: Path, fig: str, *,
+                         analyze: Callable[[], dict] | None = None) -> dict:
+    """Write a method's transfer matrix, selections, interventions, figure and summary under ``out``
+    (``analyze``, if given, is called after the transfer results are on disk and gives the analysis)."""
+    out = Path(out)
+    tm.save(out / "transfer_result")
+    for ctx, sel in selections.items():
+        sel.save(out / "selections" / ctx)
+        sel.intervention.save(out / "intervention" if len(selections) == 1 else out / "intervention" / ctx)
+    atomic_write_json({"method": name, "title": title, "axis": tm.axis, "config": config,
+                       "transfer_config": tm.config, "cells": tm.records(), "transfer_test": tm.transfer_test,
+                       "rows": tm.row_info, "baseline": tm.baseline, "meta": tm.meta}, out / "transfer.json")
+    atomic_savefig(tm.plot(title=f"{title}: cross-context transfer ({tm.axis})"), out / "figures" / fig)
+    if analyze is not None:
+        analysis = analyze()
+    analysis = analysis or {}
+    summary = {"method": name, "title": title, "description": description, "axis": tm.axis,
+               "config": config, "seed": seed,
                "selections": {k: {"intervention": s.intervention.describe(), "n_components": s.intervention.n_components,
-                                  **s.summary} for k, s in method.selections.items()},
+                                  **s.summary} for k, s in selections.items()},
                "analysis": analysis, "transfer": short_cells(tm), "transfer_test": tm.transfer_test,
                "rows": tm.row_info,
                "figures": [fig] + list(analysis.get("figures", []))}
-    atomic_write_json(summary, out / f"{method.name}.json")
+    atomic_write_json(summary, out / f"{name}.json")
     return summary

@@ -242,23 +242,41 @@ def evaluate(model, intervention: Intervention, eval_set: EvalSet,
     es = eval_set
     ppl = capability.change(intervention) if capability is not None else None
     after = es.scores(model, intervention)
-    cell = Cell(selected_on, es.context, "L1" if selected_on == es.context else "L2", intervention.n_components,
-                _effect(es, after, cfg, ppl))
-    if keep is not None:
-        keep["after"] = after
+    grids: dict[str, list[Tensor]] = {}
+    ppls: dict[str, list[float]] = {}
     for name, draws in (controls or {}).items():
         draws = list(draws)
         if not draws:
             continue
-        scores = [es.scores(model, d) for d in draws]
-        pc = [capability.change(d) for d in draws] if capability is not None else []
+        grids[name] = [es.scores(model, d) for d in draws]
+        ppls[name] = [capability.change(d) for d in draws] if capability is not None else []
+    return cell_from_grids(es, after, intervention.n_components, cfg, selected_on=selected_on, ppl=ppl,
+                           control_grids=grids, control_ppl=ppls, keep=keep)
+
+
+def cell_from_grids(es: EvalSet, after: Tensor, n_components: int, config: TransferConfig, *, selected_on: str = "",
+                    ppl: float | None = None, control_grids: Mapping[str, Sequence[Tensor]] | None = None,
+                    control_ppl: Mapping[str, Sequence[float]] | None = None, keep: dict | None = None) -> Cell:
+    """The statistics of one cell from its score grids (what :func:`evaluate` measures; the study's jobs
+    compute the grids on workers and call this in the driver). A control with several draws is evaluated
+    on the mean score over its draws; each draw's gap change is kept."""
+    cfg = config
+    cell = Cell(selected_on, es.context, "L1" if selected_on == es.context else "L2", n_components,
+                _effect(es, after, cfg, ppl))
+    if keep is not None:
+        keep["after"] = after
+    for name, scores in (control_grids or {}).items():
+        scores = list(scores)
+        if not scores:
+            continue
+        pc = list((control_ppl or {}).get(name, []))
         mean = torch.stack(scores).mean(0)
         eff = _effect(es, mean, cfg, float(np.mean(pc)) if pc else None)
-        eff.n_draws = len(draws)
+        eff.n_draws = len(scores)
         g = np.asarray(es.col_group)
         eff.draws = [float((x.numpy()[:, g == 0].mean() - x.numpy()[:, g == 1].mean()) - eff.gap_before)
                      for x in scores]
-        eff.draws_perplexity_change = pc
+        eff.draws_perplexity_change = [float(x) for x in pc]
         cell.controls[name] = eff
         if keep is not None:
             keep[f"control/{name}"] = mean
@@ -413,17 +431,12 @@ def transfer_matrix(
     for c in cols:
         if c.name not in eval_sets:
             eval_sets[c.name] = EvalSet.build(model, c, axis, seed=cfg.seed, progress=progress)
-    baseline = []
-    for c in cols:
-        g = group_gap(eval_sets[c.name].before, eval_sets[c.name].col_group, n_boot=cfg.n_boot, seed=cfg.seed)
-        baseline.append({"context": c.name, **g.as_dict()})
+    baseline = baseline_rows(eval_sets, [c.name for c in cols], cfg)
     cap = Capability(model, neutral_texts(cfg.neutral_max_texts, split="reporting")) if cfg.capability else None
     if profile is None and cfg.n_random > 0 and any(k != "random" for k in cfg.controls):
         profile = unit_profile(model)
     cells, row_info, chosen = [], [], {}
-    grids: dict[str, Tensor] = {"col_group": next(iter(eval_sets.values())).col_group.clone()}
-    for c in cols:
-        grids[f"before/{c.name}"] = eval_sets[c.name].before
+    grids: dict[str, Tensor] = {}
     for r in rows:
         say(f"select on {r.name}")
         with selection_phase(f"selection on {r.name}"):
@@ -433,17 +446,12 @@ def transfer_matrix(
         own = getattr(getattr(selector, "selections", {}).get(r.name), "controls", None)
         if own and cfg.n_random > 0:
             controls.update(own)
-        info = {"context": r.name, "intervention": iv.describe(), "n_components": iv.n_components,
-                "controls": {k: v[0].describe() for k, v in controls.items()}}
-        if cap is not None:
-            info.update(perplexity_base=cap.base, perplexity_change=cap.change(iv))
-            for name, draws in controls.items():
-                info[f"{name}_perplexity_change"] = float(np.mean([cap.change(d) for d in draws]))
-        if cfg.generation:
-            info["generation"] = generation_cost(model, r, axis, iv, n_samples=cfg.generation,
-                                                 n_names=cfg.generation_names,
-                                                 max_new_tokens=cfg.generation_tokens, seed=cfg.seed)
-        row_info.append(info)
+        gen = (generation_cost(model, r, axis, iv, n_samples=cfg.generation, n_names=cfg.generation_names,
+                               max_new_tokens=cfg.generation_tokens, seed=cfg.seed) if cfg.generation else None)
+        row_info.append(make_row_info(r.name, iv, controls, cap.base if cap else None,
+                                      cap.change(iv) if cap else None,
+                                      {k: [cap.change(d) for d in v] for k, v in controls.items()} if cap else None,
+                                      gen))
         for c in cols:
             kept: dict[str, Tensor] = {}
             cell = evaluate(model, iv, eval_sets[c.name], controls, cfg, capability=cap, selected_on=r.name,
@@ -454,11 +462,46 @@ def transfer_matrix(
             rnd = cell.controls.get("random")
             say(f"  {r.name} -> {c.name}: gap change {cell.gap_change:+.3f} [{cell.ci_low:+.3f}, {cell.ci_high:+.3f}]"
                 + (f"; random {rnd.gap_change:+.3f}" if rnd else ""))
+    meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows])
+    return finish_matrix(method, axis, [r.name for r in rows], [c.name for c in cols], eval_sets, cells, row_info,
+                         baseline, cfg, meta, grids, chosen)
+
+
+def baseline_rows(eval_sets: Mapping[str, EvalSet], cols: Sequence[str], cfg: TransferConfig) -> list[dict]:
+    """The unmodified gap of each evaluation context (held-out prompts) with its CI."""
+    out = []
+    for c in cols:
+        g = group_gap(eval_sets[c].before, eval_sets[c].col_group, n_boot=cfg.n_boot, seed=cfg.seed)
+        out.append({"context": c, **g.as_dict()})
+    return out
+
+
+def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequence[Intervention]],
+                  perplexity_base: float | None, perplexity_change: float | None,
+                  control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> dict:
+    """What a transfer matrix records about one row's intervention and its controls."""
+    info: dict[str, Any] = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
+                            "controls": {k: v[0].describe() for k, v in controls.items() if len(v)}}
+    if perplexity_base is not None:
+        info.update(perplexity_base=perplexity_base, perplexity_change=perplexity_change)
+        for name, pc in (control_ppl or {}).items():
+            if len(pc):
+                info[f"{name}_perplexity_change"] = float(np.mean(pc))
+    if generation is not None:
+        info["generation"] = generation
+    return info
+
+
+def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval_sets: Mapping[str, EvalSet],
+                  cells: list[Cell], row_info: list[dict], baseline: list[dict], cfg: TransferConfig, meta: dict,
+                  grids: dict[str, Tensor], chosen: dict[str, Intervention]) -> TransferMatrix:
+    """Benjamini-Hochberg over the cells, the within- vs cross-context tests, and the result object."""
+    grids = {"col_group": next(iter(eval_sets.values())).col_group.clone(),
+             **{f"before/{c}": eval_sets[c].before for c in cols}, **grids}
     _adjust(cells, baseline)
     config_d = {**asdict(cfg), "templates": "heldout", "names": "heldout"}
-    meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows])
-    tm = TransferMatrix(method, axis, [r.name for r in rows], [c.name for c in cols], cells, row_info, baseline,
-                        config_d, meta, grids=grids, interventions=chosen)
+    tm = TransferMatrix(method, axis, rows, cols, cells, row_info, baseline, config_d, meta, grids=grids,
+                        interventions=dict(chosen))
     tm.transfer_test = tm.test_transfer()
     for name in (cells[0].controls if cells else {}):
         tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")

@@ -75,6 +75,8 @@ class Method:
     title: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: whether the default (fast) study runs this method; ``--full`` and ``--methods`` run it regardless
+    in_default_study: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None, *, seed: int = 0,
                  log: Callable[[str], None] | None = None):
@@ -101,8 +103,9 @@ class Method:
         return ""
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> Mapping[str, MethodConfig]:
-        """The variants the study runs: step name -> config."""
+    def study_configs(cls, quick: bool = False, full: bool = True) -> Mapping[str, MethodConfig]:
+        """The variants the study runs: step name -> config (``full=False``: the default study's variant,
+        at settings that keep it within its time budget)."""
         return {cls.name: cls.Config()}
 
     @classmethod

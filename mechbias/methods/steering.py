@@ -165,6 +165,8 @@ class Steering(Method):
         return Selection(context.name, axis, iv, {}, {"layer": layer, "direction_norm": float(d.norm()),
                                                       "n_prompts": len(ps), "position": c.position})
 
+    in_default_study = False  # not one of the four methods of the default study; --full runs it
+
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, SteeringConfig]:
+    def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, SteeringConfig]:
         return {"steering": SteeringConfig()}

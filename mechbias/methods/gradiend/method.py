@@ -93,8 +93,10 @@ class Gradiend(Method):
                          + [f"![{f}]({fig(f)})" for f in summary.get("figures", [])])
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, GradiendConfig]:
-        return {"gradiend": GradiendConfig(steps=20 if quick else 400, seeds=(0,) if quick else (0, 1, 2),
+    def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, GradiendConfig]:
+        # the default study trains one seed (early stopping on the validation names keeps its best checkpoint);
+        # --full trains three and keeps the best on validation
+        return {"gradiend": GradiendConfig(steps=20 if quick else 400, seeds=(0, 1, 2) if full and not quick else (0,),
                                            edit_names=8 if quick else 16, edit_texts=4 if quick else 6,
                                            shuffled_control=not quick)}
 

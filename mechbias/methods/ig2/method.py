@@ -148,6 +148,6 @@ class IG2(Method):
         return {"title": cls.title, "analyze": {}, "transfer": {"controls": ("random", "matched", "matched_cost")}}
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, IG2Config]:
+    def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, IG2Config]:
         return {"ig2": IG2Config(pairs=1 if quick else 4, steps=4 if quick else 20, plain_ig=False,
                                  verify_random=1 if quick else 2)}

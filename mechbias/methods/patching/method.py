@@ -118,6 +118,6 @@ class Patching(Method):
         return "\n".join(parts)
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, PatchingConfig]:
+    def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, PatchingConfig]:
         return {"patching": PatchingConfig(pairs=2 if quick else 6,
                                            components=("heads",) if quick else ("resid_pre", "heads"))}

@@ -78,8 +78,10 @@ class Pruning(Method):
         return "\n".join(lines)
 
     @classmethod
-    def study_configs(cls, quick: bool = False) -> dict[str, PruneConfig]:
-        return {name: PruneConfig(**kw) for name, (_, kw, _) in cls.VARIANTS.items()}
+    def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, PruneConfig]:
+        # the default study runs the paper's per-context neuron pruning; --full runs every variant
+        names = list(cls.VARIANTS) if full else ["prune_neuron_paper"]
+        return {name: PruneConfig(**cls.VARIANTS[name][1]) for name in names}
 
     @classmethod
     def study_extras(cls, step: str, quick: bool = False) -> dict:

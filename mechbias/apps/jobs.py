@@ -1,0 +1,550 @@
+"""Content-addressed jobs, a store that never computes a job twice, and the executors that run them.
+
+A :class:`Job` is one piece of model work (a selection on a context, the scores
+of one intervention on one evaluation set, a perplexity, ...). Its **key** is a
+SHA-256 of everything its result depends on: the job kind and that kind's code
+version, the mechbias version, a *salt* that names the model (a fingerprint of
+its weights) and the data files, its JSON parameters, and the keys of the jobs
+it reads. :class:`JobStore` keeps each finished job under ``ROOT/<kind>/<key>/``
+(written to a temporary folder and renamed: a job is either complete or
+absent), so a run that is interrupted resumes at job granularity and a second
+study that shares jobs with the first reuses them.
+
+A job's result is a dict of named *parts* (each pickled on its own, so a job
+that needs one part of another reads only that part) and the files the job
+wrote in its scratch folder (figures). Workers return results to the driver,
+which alone writes the store: a cluster needs no shared file system.
+
+Work is described by *planners*: generators that yield a list of jobs, receive
+their results (:class:`Results`) and yield the next list, and finally return a
+value. :func:`run_planners` advances many planners at once, so every job whose
+inputs are ready runs in parallel, whichever planner it belongs to. Executors:
+
+* :class:`InProcess`: the driver's own model, one job at a time (``--workers 1``,
+  for debugging: plain tracebacks, no Ray);
+* :class:`RayExecutor`: one Ray actor per worker, each loading the model once;
+  a local Ray runtime by default, an existing cluster with ``address``. Actors
+  are restarted and their job retried when a worker process dies.
+
+Each job runs with a fixed number of torch threads and fixed global seeds, so a
+result does not depend on which worker ran it, in what order, or whether the
+run was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable
+
+import numpy as np
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from importlib.metadata import version as _pkg_version
+from ..core.models import DATA_FILES, load_model, model_label
+from ..core.results import atomic_write_json, set_seed
+
+_MECHBIAS_VERSION = _pkg_version("mechbias")
+JobFn = Callable[["WorkerContext", dict, dict], dict]
+
+
+@dataclass(frozen=True)
+class JobKind:
+    name: str
+    fn: JobFn
+    version: int
+
+
+_KINDS: dict[str, JobKind] = {}
+
+
+def job_kind(name: str, version: int = 1) -> Callable[[JobFn], JobFn]:
+    """Register a job function ``fn(ctx, params, deps) -> {part: value}`` under ``name``.
+
+    Bump ``version`` whenever a change to the function changes its results: the
+    version is part of every key, so old results are not reused."""
+    def deco(fn: JobFn) -> JobFn:
+        if name in _KINDS and _KINDS[name].fn.__qualname__ != fn.__qualname__:
+            raise ValueError(f"job kind {name!r} is registered twice")
+        _KINDS[name] = JobKind(name, fn, version)
+        return fn
+    return deco
+
+
+def job_kinds() -> dict[str, JobKind]:
+    return dict(_KINDS)
+
+
+def _canonical(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _canonical(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (list, tuple)):
+        return [_canonical(v) for v in x]
+    if isinstance(x, float):
+        return repr(x)  # exact
+    if isinstance(x, (str, int, bool)) or x is None:
+        return x
+    raise TypeError(f"job parameters must be JSON-like; got {type(x).__name__}: {x!r}")
+
+
+@dataclass(eq=False)
+class Job:
+    """One piece of work. ``deps``: name -> (job, part) read by the job; ``inputs``: values passed as they are,
+    which must be determined by ``deps`` (they are not part of the key)."""
+
+    kind: str
+    params: dict
+    deps: dict[str, tuple["Job", str]] = field(default_factory=dict)
+    label: str = ""
+    inputs: dict = field(default_factory=dict)
+    salt: str = ""
+    key: str = field(init=False, default="")
+
+    def __post_init__(self):
+        if self.kind not in _KINDS:
+            raise ValueError(f"unknown job kind {self.kind!r}; registered: {sorted(_KINDS)}")
+        spec = {"kind": self.kind, "version": _KINDS[self.kind].version, "mechbias": _MECHBIAS_VERSION, "salt": self.salt,
+                "params": _canonical(self.params),
+                "deps": {n: [j.key, part] for n, (j, part) in sorted(self.deps.items())}}
+        self.key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        self.label = self.label or f"{self.kind}:{self.key[:8]}"
+
+    def __repr__(self) -> str:
+        return f"Job({self.label}, {self.key[:12]})"
+
+
+# ----------------------------------------------------------------------------
+# fingerprints
+# ----------------------------------------------------------------------------
+
+def model_fingerprint(model) -> str:
+    """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and its label."""
+    h = hashlib.sha256(model_label(model).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def data_fingerprint(extra: Iterable[str | Path] = ()) -> str:
+    """SHA-256 of the packaged data files (contexts, names, texts) and of any extra files."""
+    h = hashlib.sha256()
+    files = sorted(p for p in Path(DATA_FILES).rglob("*") if p.is_file() and "planted" not in p.parts)
+    for p in [*files, *(Path(e) for e in extra)]:
+        h.update(str(p.relative_to(DATA_FILES) if p.is_relative_to(DATA_FILES) else p.name).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# the store
+# ----------------------------------------------------------------------------
+
+@dataclass
+class JobOutput:
+    parts: dict[str, bytes]
+    files: dict[str, bytes]
+    meta: dict
+    error: str | None = None
+
+
+class JobStore:
+    """Finished jobs on disk: ``ROOT/<kind>/<key>/{parts/*.pkl, files/..., job.json}``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, job: Job) -> Path:
+        return self.root / job.kind / job.key
+
+    def done(self, job: Job) -> bool:
+        return (self.path(job) / "job.json").exists()
+
+    def write(self, job: Job, out: JobOutput) -> Path:
+        final = self.path(job)
+        if (final / "job.json").exists():
+            return final
+        tmp = final.parent / f".tmp-{job.key[:16]}-{uuid.uuid4().hex[:8]}"
+        (tmp / "parts").mkdir(parents=True)
+        for name, blob in out.parts.items():
+            (tmp / "parts" / f"{_safe(name)}.pkl").write_bytes(blob)
+        for rel, blob in out.files.items():
+            p = tmp / "files" / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(blob)
+        (tmp / "job.json").write_text(json.dumps({"kind": job.kind, "label": job.label, "params": job.params,
+                                                  "deps": {n: [j.key, part] for n, (j, part) in job.deps.items()},
+                                                  "parts": sorted(out.parts), **out.meta}, indent=1, default=str))
+        if final.exists():  # an incomplete folder (no job.json) from a crash
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        err = self.root / "_errors" / job.key
+        if err.exists():
+            err.unlink()
+        return final
+
+    def write_error(self, job: Job, message: str) -> None:
+        atomic_write_json({"label": job.label, "kind": job.kind, "params": job.params, "error": message},
+                          self.root / "_errors" / job.key)
+
+    def load(self, job: Job, part: str = "value") -> Any:
+        p = self.path(job) / "parts" / f"{_safe(part)}.pkl"
+        if not p.exists():
+            have = json.loads((self.path(job) / "job.json").read_text())["parts"] if self.done(job) else []
+            raise KeyError(f"{job.label} has no part {part!r} (parts: {have})")
+        return pickle.loads(p.read_bytes())
+
+    def meta(self, job: Job) -> dict:
+        return json.loads((self.path(job) / "job.json").read_text())
+
+    def files(self, job: Job) -> Path:
+        return self.path(job) / "files"
+
+
+def _safe(name: str) -> str:
+    return name.replace("/", "__")
+
+
+# ----------------------------------------------------------------------------
+# running one job (in a worker or in the driver)
+# ----------------------------------------------------------------------------
+
+@dataclass
+class WorkerContext:
+    """What a job function sees: the model (loaded once per worker), a scratch folder for files, a logger."""
+
+    model_spec: dict
+    threads: int
+    _model: Any = None
+    out: Path | None = None
+    log: Callable[[str], None] = lambda s: None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = load_model(self.model_spec["name"], **self.model_spec.get("kwargs", {}))
+        return self._model
+
+
+def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dict) -> JobOutput:
+    """Run one job with fixed threads and seeds; errors are returned, not raised."""
+    torch.set_num_threads(ctx.threads)
+    set_seed(0)
+    t0 = time.time()
+    meta = {"threads": ctx.threads, "host": socket.gethostname(), "pid": os.getpid(),
+            "node": _node_id()}
+    with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
+        ctx.out = Path(tmp)
+        try:
+            parts = _KINDS[kind].fn(ctx, params, {**deps, **inputs})
+        except Exception:  # noqa: BLE001 - recorded and reported by the driver
+            return JobOutput({}, {}, meta, traceback.format_exc())
+        files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
+    meta["seconds"] = round(time.time() - t0, 3)
+    return JobOutput({k: pickle.dumps(v, protocol=5) for k, v in parts.items()}, files, meta)
+
+
+def _node_id() -> str | None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+# ----------------------------------------------------------------------------
+# executors
+# ----------------------------------------------------------------------------
+
+class InProcess:
+    """Runs jobs one at a time in the driver, on the driver's model (no Ray)."""
+
+    workers = 1
+
+    def __init__(self, model, model_spec: dict, threads: int | None = None, log=None):
+        self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model, log=log or (lambda s: None))
+        self._done: list[tuple[Job, JobOutput]] = []
+
+    def submit(self, job: Job, deps: dict) -> None:
+        self._done.append((job, execute(self.ctx, job.kind, job.params, deps, job.inputs)))
+
+    def wait(self) -> list[tuple[Job, JobOutput]]:
+        out, self._done = self._done, []
+        return out
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._done else 1
+
+    def close(self) -> None:
+        pass
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class _Worker:
+    def __init__(self, model_spec: dict, threads: int, pause: dict | None = None):
+        self.ctx = WorkerContext(model_spec, threads)
+        self.pause = pause or {}
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, kind: str, params: dict, deps: dict, inputs: dict) -> JobOutput:
+        if self.pause.get("kind") == kind:  # a test aid: hold the job so that a test can kill this process in it
+            Path(self.pause["marker_dir"], f"{os.getpid()}").write_text(kind)
+            time.sleep(self.pause["seconds"])
+        return execute(self.ctx, kind, params, deps, inputs)
+
+
+class RayExecutor:
+    """One Ray actor per worker; the model is loaded once per actor.
+
+    ``address``: an existing cluster (``"auto"`` or ``ray://...``); ``None`` starts
+    a local runtime with ``workers`` CPUs. Workers ask for one GPU each
+    (``gpus_per_worker``) when the model runs on CUDA. Killed workers are
+    restarted by Ray and their job retried."""
+
+    def __init__(self, model_spec: dict, workers: int, *, threads: int = 1, address: str | None = None,
+                 gpus_per_worker: float = 0.0, pause: dict | None = None, log=None):
+        self.started = False
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                         object_store_memory=min(2 * 1024**3, 256 * 1024**2 * max(workers, 2)))
+            self.started = True
+        opts: dict = {"num_cpus": 1, "num_gpus": gpus_per_worker, "scheduling_strategy": "SPREAD"}
+        self.actors = [_Worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]  # type: ignore[attr-defined]
+        self.free = list(self.actors)
+        self.running: dict[Any, tuple[Job, Any]] = {}
+        self.workers = workers
+
+    def pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
+
+    def submit(self, job: Job, deps: dict) -> None:
+        actor = self.free.pop()
+        ref = actor.run.remote(job.kind, job.params, deps, job.inputs)
+        self.running[ref] = (job, actor)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.free)
+
+    def wait(self) -> list[tuple[Job, JobOutput]]:
+        if not self.running:
+            return []
+        ready, _ = ray.wait(list(self.running), num_returns=1)
+        out = []
+        for ref in ready:
+            job, actor = self.running.pop(ref)
+            self.free.append(actor)
+            try:
+                out.append((job, ray.get(ref)))
+            except Exception:  # noqa: BLE001 - a worker that cannot run at all (e.g. the model fails to load)
+                out.append((job, JobOutput({}, {}, {}, traceback.format_exc())))
+        return out
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        if self.started:
+            ray.shutdown()
+
+
+# ----------------------------------------------------------------------------
+# planners and the driver loop
+# ----------------------------------------------------------------------------
+
+class Results:
+    """What a planner receives for the jobs it yielded: parts loaded from the store on demand."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    def __call__(self, job: Job, part: str = "value") -> Any:
+        return self.store.load(job, part)
+
+    def files(self, job: Job) -> Path:
+        return self.store.files(job)
+
+
+Planner = Generator[list[Job], Results, Any]
+
+
+@dataclass
+class RunReport:
+    values: dict[str, Any]  # planner name -> returned value (absent when it failed)
+    failed: dict[str, list[dict]]  # planner name -> failed jobs (label, key, error)
+    computed: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+    job_seconds: dict[str, float] = field(default_factory=dict)  # kind -> total seconds computed now
+    graph: dict[str, dict] = field(default_factory=dict)  # key -> {"job": Job, "preds": keys it waited for}
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, progress: bool = True,
+                 log: Callable[[str], None] | None = None) -> RunReport:
+    """Advance every planner until it returns; run each job at most once (reusing the store).
+
+    A job that raises is recorded in ``ROOT/_errors/<key>`` and its planner stops
+    (the others go on); :class:`RunReport` lists the failures."""
+    say = log or (lambda s: None)
+    t0 = time.time()
+    results = Results(store)
+    report = RunReport({}, {})
+    waiting: dict[str, tuple[list[Job], set[str]]] = {}  # planner -> (its batch, keys not yet finished)
+    owners: dict[str, list[str]] = {}  # job key -> planners waiting for it
+    queued: list[Job] = []
+    in_flight: set[str] = set()
+    by_key: dict[str, Job] = {}
+    bar = tqdm(total=0, desc="jobs", unit="job", disable=not progress, dynamic_ncols=True, smoothing=0.05)
+    prev_batch: dict[str, set[str]] = {}  # planner -> keys of its previous batch (what a new batch waited for)
+
+    def advance(name: str, gen: Planner, send: Any) -> None:
+        while True:
+            try:
+                batch = gen.send(send) if send is not None else next(gen)
+            except StopIteration as stop:
+                report.values[name] = stop.value
+                return
+            except Exception:  # noqa: BLE001 - a planner's own error (e.g. assembling) ends that planner only
+                report.failed.setdefault(name, []).append({"label": f"{name} (planner)", "key": "",
+                                                           "error": traceback.format_exc()})
+                return
+            pending = set()
+            for job in batch:
+                node = report.graph.setdefault(job.key, {"job": job, "preds": set()})
+                node["preds"] |= {d.key for d, _ in job.deps.values()} | prev_batch.get(name, set())
+            prev_batch[name] = {j.key for j in batch}
+            for job in batch:
+                if store.done(job):
+                    if job.key not in by_key:
+                        by_key[job.key] = job
+                        report.reused += 1
+                        bar.total += 1
+                        bar.update(1)
+                    continue
+                pending.add(job.key)
+                owners.setdefault(job.key, []).append(name)
+                if job.key not in by_key:
+                    by_key[job.key] = job
+                    queued.append(job)
+                    bar.total += 1
+                    bar.refresh()
+            if pending:
+                waiting[name] = (batch, pending)
+                return
+            send = results
+
+    gens = dict(planners)
+    for name, gen in gens.items():
+        advance(name, gen, None)
+    try:
+        while queued or in_flight:
+            # submit every job whose dependencies are finished, while workers are free
+            progressed = True
+            while executor.capacity and progressed:
+                progressed = False
+                for job in list(queued):
+                    if not executor.capacity:
+                        break
+                    deps = [j for j, _ in job.deps.values()]
+                    if any(d.key in report_failed_keys(report) for d in deps):
+                        queued.remove(job)
+                        _fail(job, "a job it depends on failed", store, report, owners, waiting, bar)
+                        progressed = True
+                        continue
+                    if all(store.done(d) for d in deps):
+                        queued.remove(job)
+                        in_flight.add(job.key)
+                        executor.submit(job, {n: store.load(j, part) for n, (j, part) in job.deps.items()})
+                        progressed = True
+            if not in_flight:
+                if queued:  # nothing can run: dependencies that no planner yielded
+                    for job in list(queued):
+                        queued.remove(job)
+                        _fail(job, "its dependencies were never scheduled", store, report, owners, waiting, bar)
+                break
+            for job, out in executor.wait():
+                in_flight.discard(job.key)
+                if out.error:
+                    say(f"job failed: {job.label}: {out.error.strip().splitlines()[-1]}")
+                    store.write_error(job, out.error)
+                    _fail(job, out.error, store, report, owners, waiting, bar)
+                    continue
+                store.write(job, out)
+                report.computed += 1
+                report.job_seconds[job.kind] = report.job_seconds.get(job.kind, 0.0) + out.meta.get("seconds", 0)
+                bar.update(1)
+                for name in owners.pop(job.key, []):
+                    if name not in waiting:
+                        continue
+                    batch, pending = waiting[name]
+                    pending.discard(job.key)
+                    if not pending:
+                        del waiting[name]
+                        advance(name, gens[name], results)
+    finally:
+        bar.close()
+    for name in gens:
+        if name not in report.values and name not in report.failed:
+            report.failed[name] = [{"label": name, "key": "", "error": "did not finish"}]
+    report.seconds = time.time() - t0
+    return report
+
+
+def report_failed_keys(report: RunReport) -> set[str]:
+    return {f["key"] for fs in report.failed.values() for f in fs if f["key"]}
+
+
+def _fail(job: Job, error: str, store, report: RunReport, owners, waiting, bar) -> None:
+    for name in owners.pop(job.key, [job.label]):
+        report.failed.setdefault(name, []).append({"label": job.label, "key": job.key, "error": error})
+        waiting.pop(name, None)
+    bar.update(1)
+
+
+def critical_path(store: JobStore, report: RunReport) -> dict:
+    """Total work and critical path (seconds as measured when each job was computed) of the jobs a run
+    touched, with each planner's stages as dependencies: the wall time on 1 worker is about the total,
+    on unlimited workers about the critical path."""
+    secs = {k: float(store.meta(n["job"]).get("seconds", 0.0)) if store.done(n["job"]) else 0.0
+            for k, n in report.graph.items()}
+    finish: dict[str, float] = {}
+
+    def done_at(k: str, depth: int = 0) -> float:
+        if k not in finish:
+            preds = [p for p in report.graph[k]["preds"] if p in report.graph and p != k]
+            finish[k] = secs[k] + max((done_at(p, depth + 1) for p in preds), default=0.0)
+        return finish[k]
+
+    for k in report.graph:
+        done_at(k)
+    by_kind: dict[str, list[float]] = {}
+    for k, n in report.graph.items():
+        by_kind.setdefault(n["job"].kind, []).append(secs[k])
+    return {"total_work_seconds": round(sum(secs.values()), 1),
+            "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
+            "jobs": len(secs),
+            "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1)}
+                        for k, v in sorted(by_kind.items())}}
+
+
+def default_workers() -> int:
+    return max(1, os.cpu_count() or 1)

@@ -1,0 +1,261 @@
+"""The study's work as content-addressed jobs (see :mod:`mechbias.apps.jobs`).
+
+Job kinds (each a function of the model, its JSON parameters and the parts of
+the jobs it reads):
+
+=============  =====================================================  ==========================
+kind           computes                                               shared by
+=============  =====================================================  ==========================
+axis_choice    the axis, chosen on the selection split                the study
+baseline       gaps per context and axis (all prompts), its figure    the study
+evalset        a context's held-out prompts and unmodified scores     every method
+perplexity     perplexity of the reporting neutral texts (with or     every method (the base)
+               without an intervention)
+profile        unit sizes and ablation costs (matched controls)       every method
+select         one method's selection on one context                  --
+controls       the control draws of a selection                       --
+scores         the score grid of one intervention on one context      --
+generation     the generation metric of a selection                   --
+analyze        a method's own analyses over its selections            --
+=============  =====================================================  ==========================
+
+A method step is a planner: selections (and the shared jobs) -> controls ->
+scores, perplexities and generation -> the transfer matrix, assembled in the
+driver by :func:`mechbias.eval.transfer.cell_from_grids` (the same statistics
+as :func:`~mechbias.eval.transfer.transfer_matrix`) -> the method's analyses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..core.results import make_meta
+from ..data.contexts import load_context
+from ..data.texts import neutral_texts, selection_phase
+from ..eval.metrics import measure_bias, perplexity
+from ..eval.transfer import (EvalSet, TransferConfig, baseline_rows, cell_from_grids, finish_matrix,
+                             generation_cost, make_row_info)
+from ..interventions.profile import unit_profile
+from ..methods.base import Method, MethodConfig, Selection, get_method
+from .jobs import Job, Planner, Results, WorkerContext, job_kind
+
+
+# ----------------------------------------------------------------------------
+# job kinds
+# ----------------------------------------------------------------------------
+
+@job_kind("axis_choice")
+def _axis_choice(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    return {"value": choose_axis(ctx.model, p["contexts"], p["axes"], seed=p["seed"], n_boot=p["n_boot"])}
+
+
+@job_kind("baseline")
+def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    res = measure_bias(ctx.model, list(p["contexts"]), list(p["axes"]), n_boot=p["n_boot"], seed=p["seed"])
+    res.save(ctx.out / "result")
+    fig = res.plot()
+    (ctx.out / "figures").mkdir()
+    fig.savefig(ctx.out / "figures" / "baseline_bias.png", dpi=110, bbox_inches="tight")
+    return {"value": res.rows}
+
+
+@job_kind("evalset")
+def _evalset(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"])}
+
+
+@job_kind("perplexity")
+def _perplexity(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    texts = neutral_texts(p["max_texts"], split="reporting")
+    return {"value": float(perplexity(ctx.model, texts, intervention=d.get("iv")))}
+
+
+@job_kind("profile")
+def _profile(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    return {"value": unit_profile(ctx.model)}
+
+
+@job_kind("select")
+def _select(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    method = get_method(p["method"])(d["config"], seed=p["seed"])
+    iv = method(ctx.model, p["context"], p["axis"])
+    sel = method.selections[load_context(p["context"]).name]
+    return {"selection": sel, "intervention": iv, "own_controls": dict(sel.controls)}
+
+
+@job_kind("controls")
+def _controls(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    iv = d["iv"]
+    controls = iv.controls(ctx.model, p["n_random"], p["seed"], profile=d.get("profile"), kinds=tuple(p["kinds"]))
+    if p["n_random"] > 0:
+        controls.update(d["own"] or {})
+    parts: dict[str, Any] = {"names": {k: len(v) for k, v in controls.items() if len(v)}}
+    for k, draws in controls.items():
+        for i, draw in enumerate(draws):
+            parts[f"{k}/{i}"] = draw
+    return parts
+
+
+@job_kind("scores")
+def _scores(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    return {"value": d["evalset"].scores(ctx.model, d["iv"])}
+
+
+@job_kind("generation")
+def _generation(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    return {"value": generation_cost(ctx.model, load_context(p["context"]), p["axis"], d["iv"],
+                                     n_samples=p["n_samples"], n_names=p["n_names"],
+                                     max_new_tokens=p["max_new_tokens"], seed=p["seed"])}
+
+
+@job_kind("analyze")
+def _analyze(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    method = get_method(p["method"])(d["config"], seed=p["seed"])
+    method.selections = {r: d[f"selection/{r}"] for r in p["rows"]}
+    eval_sets = {c: d[f"evalset/{c}"] for c in p["cols"]}
+    analysis = method.analyze(ctx.model, p["axis"], ctx.out, quick=p["quick"], transfer=d["transfer"],
+                              eval_sets=eval_sets, n_boot=p["n_boot"], **d["analyze_kw"])
+    return {"value": analysis}
+
+
+def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> dict:
+    """The axis with the most contexts whose gap on the **selection** split (selection templates x selection
+    names) has a 95% CI excluding 0; ties broken by the larger mean |gap / se|. No held-out prompt is read."""
+    rows = []
+    with selection_phase("axis choice"):
+        for a in axes:
+            res = measure_bias(model, list(contexts), a, templates="selection", names="selection", n_boot=n_boot,
+                               seed=seed)
+            sig = sum(1 for r in res.rows if r["ci_low"] > 0 or r["ci_high"] < 0)
+            t = float(np.mean([abs(r["gap"]) / max((r["ci_high"] - r["ci_low"]) / 3.92, 1e-12) for r in res.rows]))
+            rows.append({"axis": a, "significant_contexts": sig, "mean_abs_t": t,
+                         "gaps": {r["context"]: [r["gap"], r["ci_low"], r["ci_high"]] for r in res.rows}})
+    best = max(rows, key=lambda r: (r["significant_contexts"], r["mean_abs_t"]))
+    return {"axis": best["axis"], "rule": "most contexts with a significant selection-split gap, then mean |t|",
+            "candidates": rows}
+
+
+# ----------------------------------------------------------------------------
+# planners
+# ----------------------------------------------------------------------------
+
+class Shared:
+    """The jobs every method step reads (one per study, so they are computed once)."""
+
+    def __init__(self, salt: str, contexts: list[str], axis: str, seed: int):
+        self.salt, self.axis, self.seed = salt, axis, seed
+        self.evalsets = {c: Job("evalset", {"context": c, "axis": axis, "seed": seed}, salt=salt,
+                                label=f"evalset {c}") for c in contexts}
+        self._ppl: dict[Any, Job] = {}
+        self.profile = Job("profile", {}, salt=salt, label="profile")
+
+    def perplexity(self, max_texts: int | None, iv: tuple[Job, str] | None = None, label: str = "") -> Job:
+        key = (max_texts, iv[0].key if iv else None, iv[1] if iv else None)
+        if key not in self._ppl:
+            self._ppl[key] = Job("perplexity", {"max_texts": max_texts}, deps={"iv": iv} if iv else {},
+                                 salt=self.salt, label=label or "perplexity base")
+        return self._ppl[key]
+
+
+def axis_planner(salt: str, contexts: list[str], axes: list[str], seed: int, n_boot: int) -> Planner:
+    job = Job("axis_choice", {"contexts": contexts, "axes": axes, "seed": seed, "n_boot": n_boot}, salt=salt,
+              label="axis choice")
+    res = yield [job]
+    return res(job)
+
+
+def baseline_planner(salt: str, contexts: list[str], axes: list[str], seed: int, n_boot: int) -> Planner:
+    job = Job("baseline", {"contexts": contexts, "axes": axes, "seed": seed, "n_boot": n_boot}, salt=salt,
+              label="baseline")
+    res = yield [job]
+    return {"rows": res(job), "files": res.files(job), "figures": ["baseline_bias.png"]}
+
+
+def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodConfig, tcfg: TransferConfig,
+                   rows: list[str], cols: list[str], *, quick: bool, analyze_kw: dict, model_meta: dict) -> Planner:
+    """One method step: select on each row, draw controls, score every intervention on every column, assemble
+    the transfer matrix, run the method's analyses. Returns what :func:`write_method_step` writes."""
+    salt, axis, seed = shared.salt, shared.axis, shared.seed
+    cfg_d = config.to_dict()
+    sel = {r: Job("select", {"method": cls.name, "config": cfg_d, "context": r, "axis": axis, "seed": seed},
+                  inputs={"config": config}, salt=salt, label=f"{step}: select on {r}") for r in rows}
+    needs_profile = tcfg.n_random > 0 and any(k != "random" for k in tcfg.controls)
+    base = shared.perplexity(tcfg.neutral_max_texts) if tcfg.capability else None
+    first = [*sel.values(), *(shared.evalsets[c] for c in cols), *([base] if base else []),
+             *([shared.profile] if needs_profile else [])]
+    res: Results = yield first
+
+    ctl = {r: Job("controls", {"n_random": tcfg.n_random, "seed": seed, "kinds": list(tcfg.controls)},
+                  deps={"iv": (sel[r], "intervention"), "own": (sel[r], "own_controls"),
+                        **({"profile": (shared.profile, "value")} if needs_profile else {})},
+                  salt=salt, label=f"{step}: controls of {r}") for r in rows}
+    res = yield list(ctl.values())
+
+    draws = {r: res(ctl[r], "names") for r in rows}
+    ivs: dict[str, dict[str, tuple[Job, str]]] = {}  # row -> which -> (job, part)
+    for r in rows:
+        ivs[r] = {"after": (sel[r], "intervention")}
+        for name, n in draws[r].items():
+            for i in range(n):
+                ivs[r][f"{name}/{i}"] = (ctl[r], f"{name}/{i}")
+    score = {(r, which, c): Job("scores", {}, deps={"iv": src, "evalset": (shared.evalsets[c], "value")}, salt=salt,
+                                label=f"{step}: {which} of {r} on {c}")
+             for r in rows for which, src in ivs[r].items() for c in cols}
+    ppl = ({(r, which): shared.perplexity(tcfg.neutral_max_texts, src, label=f"{step}: perplexity {which} of {r}")
+            for r in rows for which, src in ivs[r].items()} if tcfg.capability else {})
+    gen = ({r: Job("generation", {"context": r, "axis": axis, "n_samples": tcfg.generation,
+                                  "n_names": tcfg.generation_names, "max_new_tokens": tcfg.generation_tokens,
+                                  "seed": seed}, deps={"iv": (sel[r], "intervention")}, salt=salt,
+                   label=f"{step}: generation of {r}") for r in rows} if tcfg.generation else {})
+    res = yield [*score.values(), *ppl.values(), *gen.values()]
+
+    # the transfer matrix, from the grids (the same statistics as transfer_matrix)
+    eval_sets = {c: res(shared.evalsets[c]) for c in cols}
+    base_ppl = res(base) if base else None
+    chosen, cells, row_info, grids = {}, [], [], {}
+    for r in rows:
+        iv = res(sel[r], "intervention")
+        chosen[r] = iv
+        controls = {name: [res(ctl[r], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
+        pc = ({name: [res(ppl[(r, f"{name}/{i}")]) - base_ppl for i in range(n)] for name, n in draws[r].items()}
+              if base else None)
+        after_ppl = res(ppl[(r, "after")]) - base_ppl if base else None
+        row_info.append(make_row_info(r, iv, controls, base_ppl, after_ppl, pc, res(gen[r]) if gen else None))
+        for c in cols:
+            kept: dict = {}
+            cg = {name: [res(score[(r, f"{name}/{i}", c)]) for i in range(n)] for name, n in draws[r].items()}
+            cells.append(cell_from_grids(eval_sets[c], res(score[(r, "after", c)]), iv.n_components, tcfg,
+                                         selected_on=r, ppl=after_ppl, control_grids=cg,
+                                         control_ppl=pc, keep=kept))
+            for k, v in kept.items():
+                grids[f"{k}/{r}/{c}"] = v
+    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": rows}
+    tm = finish_matrix(cls.title, axis, rows, cols, eval_sets, cells, row_info,
+                       baseline_rows(eval_sets, cols, tcfg), tcfg, meta, grids, chosen)
+
+    n_boot = min(tcfg.n_boot, 1000)
+    an = Job("analyze", {"method": cls.name, "config": cfg_d, "seed": seed, "axis": axis, "rows": rows, "cols": cols,
+                         "quick": quick, "n_boot": n_boot, "analyze_kw": _jsonable_kw(analyze_kw),
+                         "transfer": sorted(j.key for j in [*score.values(), *ppl.values(), *gen.values()])},
+             deps={**{f"selection/{r}": (sel[r], "selection") for r in rows},
+                   **{f"evalset/{c}": (shared.evalsets[c], "value") for c in cols}},
+             inputs={"config": config, "transfer": tm, "analyze_kw": dict(analyze_kw)}, salt=salt,
+             label=f"{step}: analyses")
+    res = yield [an]
+    selections: dict[str, Selection] = {r: res(sel[r], "selection") for r in rows}
+    all_jobs = [*first, *ctl.values(), *score.values(), *ppl.values(), *gen.values(), an]
+    return {"transfer": tm, "selections": selections, "analysis": res(an), "files": res.files(an),
+            "jobs": all_jobs}
+
+
+def _jsonable_kw(kw: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+
+
+def model_meta(model) -> dict:
+    """Result metadata without the creation time (a study's results do not depend on when they ran)."""
+    meta = make_meta(model)
+    meta.pop("created", None)
+    return meta

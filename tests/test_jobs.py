@@ -1,0 +1,179 @@
+"""Content-addressed jobs: keys, the store, failures, and a study that gives the same results whatever runs it
+(1 worker in-process, 2 Ray workers with one killed in the middle of a job, an interrupted-then-resumed run,
+and a real two-node Ray cluster)."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from mechbias.apps.jobs import InProcess, Job, JobStore, RayExecutor, job_kind, run_planners
+from mechbias.apps.study import StudyConfig, run_study
+from mechbias.core.models import load_model
+
+calls: list[str] = []
+
+
+@job_kind("test_add")
+def _add(ctx, p, d):
+    calls.append(p["name"])
+    if p.get("fail"):
+        raise RuntimeError(f"planned failure of {p['name']}")
+    return {"value": p["x"] + sum(v for k, v in d.items() if k.startswith("in"))}
+
+
+def _chain(salt, fail=False):
+    a = Job("test_add", {"name": "a", "x": 1}, salt=salt)
+    b = Job("test_add", {"name": "b", "x": 10, "fail": fail}, deps={"in": (a, "value")}, salt=salt)
+    res = yield [a]
+    assert res(a) == 1
+    res = yield [b]
+    return res(b)
+
+
+def test_keys_depend_on_everything_and_only_on_it():
+    a = Job("test_add", {"name": "a", "x": 1}, salt="s")
+    assert Job("test_add", {"x": 1, "name": "a"}, salt="s").key == a.key  # parameter order does not matter
+    assert Job("test_add", {"name": "a", "x": 2}, salt="s").key != a.key
+    assert Job("test_add", {"name": "a", "x": 1.0}, salt="s").key != a.key  # 1 and 1.0 are different settings
+    assert Job("test_add", {"name": "a", "x": 1}, salt="t").key != a.key  # another model or data
+    b1 = Job("test_add", {"name": "b", "x": 1}, deps={"in": (a, "value")}, salt="s")
+    b2 = Job("test_add", {"name": "b", "x": 1}, deps={"in": (Job("test_add", {"name": "a", "x": 5}, salt="s"),
+                                                                "value")}, salt="s")
+    assert b1.key != b2.key  # a different input job
+    with pytest.raises(ValueError, match="unknown job kind"):
+        Job("no_such_kind", {})
+    with pytest.raises(TypeError, match="JSON-like"):
+        Job("test_add", {"x": object()})
+
+
+def test_store_runs_each_job_once_records_failures_and_resumes(tmp_path):
+    store = JobStore(tmp_path)
+    ex = InProcess(None, {"name": "none"}, threads=1)
+    calls.clear()
+    rep = run_planners({"ok": _chain("s1"), "bad": _chain("s1b", fail=True)}, store, ex, progress=False)
+    assert rep.values["ok"] == 11 and "bad" not in rep.values
+    assert [f["label"] for f in rep.failed["bad"]] == [Job("test_add", {"name": "b", "x": 10, "fail": True},
+                                                           deps={"in": (Job("test_add", {"name": "a", "x": 1},
+                                                                            salt="s1b"), "value")},
+                                                           salt="s1b").label]
+    assert "planned failure of b" in rep.failed["bad"][0]["error"]
+    assert len(list((tmp_path / "_errors").iterdir())) == 1
+    # a half-written job folder (no job.json) is not a result
+    (tmp_path / "test_add" / ("0" * 64)).mkdir()
+    calls.clear()
+    rep2 = run_planners({"ok": _chain("s1"), "bad": _chain("s1b", fail=False)}, store, ex, progress=False)
+    assert rep2.ok and rep2.values == {"ok": 11, "bad": 11}
+    assert calls == ["b"]  # only the job that failed runs again (with its fixed parameters: a new key)
+    assert rep2.computed == 1 and rep2.reused == 3
+
+
+def _strip(x):
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in ("created", "seconds", "wall_seconds")}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def _results(out: Path) -> dict[str, str]:
+    """Every JSON result of a study (not the work log), as canonical text without creation times."""
+    found = {}
+    for p in sorted((out / "steps").rglob("*.json")):
+        found[str(p.relative_to(out))] = json.dumps(_strip(json.loads(p.read_text())), sort_keys=True)
+    found["report"] = "\n".join(l for l in (out / "report.md").read_text().split("## Work")[0].splitlines())
+    return found
+
+
+CFG = dict(quick=True, contexts=("finance", "commerce"), axis="race", n_boot=50, methods=("patch", "prune"),
+           threads=1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny quick study on one worker, in-process."""
+    out = tmp_path_factory.mktemp("ref")
+    model = load_model("tiny")
+    assert run_study(model, StudyConfig(**CFG, workers=1), out, progress=False) == 0
+    return model, out, _results(out)
+
+
+def test_interrupted_study_resumes_with_identical_results(reference, tmp_path):
+    model, _, ref = reference
+
+    class Interrupting(InProcess):
+        n = 0
+
+        def submit(self, job, deps):
+            Interrupting.n += 1
+            if Interrupting.n == 6:
+                raise KeyboardInterrupt
+            super().submit(job, deps)
+
+    cfg = StudyConfig(**CFG, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(model, cfg, tmp_path, executor=Interrupting(model, {"name": "tiny"}, threads=1), progress=False)
+    done_before = sum(1 for _ in (tmp_path / "jobs").rglob("job.json"))
+    assert done_before == 5  # the five jobs that finished before the interruption were kept
+    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False) == 0
+    work = json.loads((tmp_path / "work.json").read_text())
+    assert work["reused"] == done_before  # nothing finished was computed again
+    assert _results(tmp_path) == ref
+    # a rerun with nothing changed computes nothing and writes the same results
+    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False) == 0
+    assert json.loads((tmp_path / "work.json").read_text())["computed_now"] == 0
+    assert _results(tmp_path) == ref
+
+
+def test_two_ray_workers_survive_a_killed_worker_with_identical_results(reference, tmp_path):
+    model, _, ref = reference
+    marker = tmp_path / "markers"
+    marker.mkdir()
+    killed: list[int] = []
+
+    def killer():  # kill the first worker that holds a scoring job, in the middle of it
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            for f in marker.iterdir():
+                pid = int(f.name)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                break
+            time.sleep(0.05)
+
+    ex = RayExecutor({"name": "tiny"}, 2, threads=1, pause={"kind": "scores", "seconds": 2.0,
+                                                            "marker_dir": str(marker)})
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        pids = ex.pids()
+        assert run_study(model, StudyConfig(**CFG, workers=2), tmp_path / "out", executor=ex, progress=False) == 0
+        assert killed and killed[0] in pids  # one of the study's workers died in a job ...
+        assert set(ex.pids()) != set(pids)  # ... and Ray restarted it
+    finally:
+        ex.close()
+    assert _results(tmp_path / "out") == ref
+
+
+def test_study_runs_across_a_two_node_ray_cluster(reference, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    _, _, ref = reference
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 200 * 1024**2})
+    cluster.add_node(num_cpus=1, object_store_memory=200 * 1024**2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        model = load_model("tiny")
+        cfg = StudyConfig(**CFG, workers=2, address=cluster.address)
+        assert run_study(model, cfg, tmp_path, progress=False) == 0
+        nodes = {json.loads(p.read_text())["node"] for p in (tmp_path / "jobs").rglob("job.json")}
+        assert len(nodes) == 2  # jobs ran on both nodes
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert _results(tmp_path) == ref
