@@ -32,6 +32,7 @@ def main() -> None:
     run("bench_patching.py")
     run("bench_pruning.py")
     run("bench_gradiend.py")
+    run("bench_study_workers.py")
     for folder in (Path("results/study"), Path("results/study_run1")):
         steps = folder / "steps"
         if steps.is_dir():

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import ray
 
-from mechbias.apps.jobs import InProcess, Job, JobStore, RayExecutor, job_kind, run_planners
+from mechbias.apps.executors import InProcess, RayExecutor
+from mechbias.apps.jobs import Job, JobStore, job_kind, run_planners
 from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
 

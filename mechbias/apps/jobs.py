@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
 import numpy as np
-import ray
+import ray  # the node id of a job that runs on a Ray worker
 import torch
 from tqdm.auto import tqdm
 
@@ -260,107 +260,6 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
 
 def _node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-# ----------------------------------------------------------------------------
-# executors
-# ----------------------------------------------------------------------------
-
-class InProcess:
-    """Runs jobs one at a time in the driver, on the driver's model (no Ray)."""
-
-    workers = 1
-
-    def __init__(self, model, model_spec: dict, threads: int | None = None, log=None):
-        self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model, log=log or (lambda s: None))
-        self._done: list[tuple[Job, JobOutput]] = []
-
-    def submit(self, job: Job, deps: dict) -> None:
-        self._done.append((job, execute(self.ctx, job.kind, job.params, deps, job.inputs)))
-
-    def wait(self) -> list[tuple[Job, JobOutput]]:
-        out, self._done = self._done, []
-        return out
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._done else 1
-
-    def close(self) -> None:
-        pass
-
-
-@ray.remote(max_restarts=-1, max_task_retries=-1)
-class _Worker:
-    def __init__(self, model_spec: dict, threads: int, pause: dict | None = None):
-        self.ctx = WorkerContext(model_spec, threads)
-        self.pause = pause or {}
-
-    def pid(self) -> int:
-        return os.getpid()
-
-    def run(self, kind: str, params: dict, deps: dict, inputs: dict) -> JobOutput:
-        if self.pause.get("kind") == kind:  # a test aid: hold the job so that a test can kill this process in it
-            Path(self.pause["marker_dir"], f"{os.getpid()}").write_text(kind)
-            time.sleep(self.pause["seconds"])
-        return execute(self.ctx, kind, params, deps, inputs)
-
-
-class RayExecutor:
-    """One Ray actor per worker; the model is loaded once per actor.
-
-    ``address``: an existing cluster (``"auto"`` or ``ray://...``); ``None`` starts
-    a local runtime with ``workers`` CPUs. Workers ask for one GPU each
-    (``gpus_per_worker``) when the model runs on CUDA. Killed workers are
-    restarted by Ray and their job retried."""
-
-    def __init__(self, model_spec: dict, workers: int, *, threads: int = 1, address: str | None = None,
-                 gpus_per_worker: float = 0.0, pause: dict | None = None, log=None):
-        self.started = False
-        if not ray.is_initialized():
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                         object_store_memory=min(2 * 1024**3, 256 * 1024**2 * max(workers, 2)))
-            self.started = True
-        opts: dict = {"num_cpus": 1, "num_gpus": gpus_per_worker, "scheduling_strategy": "SPREAD"}
-        self.actors = [_Worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]  # type: ignore[attr-defined]
-        self.free = list(self.actors)
-        self.running: dict[Any, tuple[Job, Any]] = {}
-        self.workers = workers
-
-    def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
-
-    def submit(self, job: Job, deps: dict) -> None:
-        actor = self.free.pop()
-        ref = actor.run.remote(job.kind, job.params, deps, job.inputs)
-        self.running[ref] = (job, actor)
-
-    @property
-    def capacity(self) -> int:
-        return len(self.free)
-
-    def wait(self) -> list[tuple[Job, JobOutput]]:
-        if not self.running:
-            return []
-        ready, _ = ray.wait(list(self.running), num_returns=1)
-        out = []
-        for ref in ready:
-            job, actor = self.running.pop(ref)
-            self.free.append(actor)
-            try:
-                out.append((job, ray.get(ref)))
-            except Exception:  # noqa: BLE001 - a worker that cannot run at all (e.g. the model fails to load)
-                out.append((job, JobOutput({}, {}, {}, traceback.format_exc())))
-        return out
-
-    def close(self) -> None:
-        for a in self.actors:
-            ray.kill(a)
-        if self.started:
-            ray.shutdown()
 
 
 # ----------------------------------------------------------------------------

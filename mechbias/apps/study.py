@@ -35,8 +35,9 @@ from ..data.contexts import load_axis, load_contexts
 from ..eval.transfer import TransferConfig
 from ..methods.base import registered_methods
 from ..viz.plotting import plot_methods_summary
-from .jobs import (InProcess, JobStore, RayExecutor, RunReport, critical_path, data_fingerprint, default_workers,
-                   model_fingerprint, run_planners)
+from .executors import InProcess, RayExecutor
+from .jobs import (JobStore, RunReport, critical_path, data_fingerprint, default_workers, model_fingerprint,
+                   run_planners)
 from .study_jobs import choose_axis  # noqa: F401 - part of this module's interface
 from .study_jobs import Shared, axis_planner, baseline_planner, method_planner, model_meta
 from .workflow import write_method_outputs
