@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 study: setup
-	$(BIN)/mechbias study --out results/study --figures figures
+	$(BIN)/mechbias study --out results/study --figures figures/study_default
 
 test: setup lint
 	$(BIN)/python -m pytest

@@ -121,4 +121,5 @@ def test_steer_command_and_study_row(tmp_path):
     assert isinstance(load_intervention(tmp_path / "intervention"), DirectionIntervention)
     cell = json.loads((tmp_path / "transfer.json").read_text())["cells"][0]
     assert cell["controls"]["random"]["n_draws"] == 1
-    assert "steering" in [s.name for s in study_steps(StudyConfig(quick=True))]
+    assert "steering" in [s.name for s in study_steps(StudyConfig(quick=True, full=True))]
+    assert "steering" not in [s.name for s in study_steps(StudyConfig(quick=True))]  # not one of the default four

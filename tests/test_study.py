@@ -52,3 +52,16 @@ def test_axis_choice_reads_only_the_selection_split_and_finds_the_planted_axis(p
                           n_boot=200)
     for row in direct.rows:
         assert race["gaps"][row["context"]][0] == row["gap"]  # the same prompts: the selection split
+
+
+def test_study_settings_are_checked_before_any_work():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown steps"):
+        StudyConfig(skip=("summary",))  # not a step: skipping it would silently do nothing
+    with pytest.raises(ValueError, match="choose one"):
+        StudyConfig(workers=1, address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="workers must be"):
+        StudyConfig(workers=0)
+    assert StudyConfig().contexts == ("finance", "commerce")
+    assert len(StudyConfig(full=True).contexts) > 2

@@ -93,6 +93,10 @@ class StudyConfig:
             raise ValueError(f"threads must be >= 1, not {self.threads}")
         if self.address is None:
             self.address = os.environ.get("RAY_ADDRESS") or None
+        names = {"baseline"} | {n for cls in known.values() for n in cls.study_configs(self.quick, full=True)}
+        bad = [n for n in self.skip if n not in names]
+        if bad:
+            raise ValueError(f"--skip: unknown steps {bad}; steps: {sorted(names)}")
         if self.address and self.workers == 1:
             raise ValueError("--address runs on a Ray cluster; --workers 1 runs in-process: choose one")
 
