@@ -74,6 +74,25 @@ def test_store_runs_each_job_once_records_failures_and_resumes(tmp_path):
     assert rep2.computed == 1 and rep2.reused == 3
 
 
+def test_critical_path_and_total_work_match_a_hand_computed_graph(tmp_path):
+    from mechbias.apps.jobs import JobOutput, RunReport, critical_path
+
+    store = JobStore(tmp_path)
+    a = Job("test_add", {"name": "a", "x": 1})
+    b = Job("test_add", {"name": "b", "x": 2}, deps={"in": (a, "value")})
+    c = Job("test_add", {"name": "c", "x": 3})
+    d = Job("test_add", {"name": "d", "x": 4})  # a later stage of the planner that yielded c: waits for c
+    secs = {a.key: 2.0, b.key: 5.0, c.key: 4.0, d.key: 1.5}
+    for j in (a, b, c, d):
+        store.write(j, JobOutput({}, {}, {"seconds": secs[j.key]}))
+    rep = RunReport({}, {}, graph={a.key: {"job": a, "preds": set()}, b.key: {"job": b, "preds": {a.key}},
+                                   c.key: {"job": c, "preds": set()}, d.key: {"job": d, "preds": {c.key}}})
+    cp = critical_path(store, rep)
+    assert cp["total_work_seconds"] == 12.5
+    assert cp["critical_path_seconds"] == 7.0  # a -> b (2 + 5) is longer than c -> d (4 + 1.5)
+    assert cp["by_kind"]["test_add"] == {"jobs": 4, "seconds": 12.5, "max": 5.0}
+
+
 def _strip(x):
     if isinstance(x, dict):
         return {k: _strip(v) for k, v in x.items() if k not in ("created", "seconds", "wall_seconds")}

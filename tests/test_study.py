@@ -28,7 +28,7 @@ def test_study_writes_report_and_resumes(tmp_path):
     assert len(summary["rows"]) == len(steps) - 1  # every method step
     work = json.loads((out / "work.json").read_text())
     assert work["computed_now"] == work["jobs"] > 0 and work["reused"] == 0
-    assert 0 < work["critical_path_seconds"] <= work["total_work_seconds"]
+    assert set(work["by_kind"]) >= {"select", "scores", "controls", "evalset", "baseline", "analyze"}
     # an interrupted study continues: remove one finished job; only it is computed again
     sel = sorted((out / "jobs" / "select").iterdir())[0]
     shutil.rmtree(sel)
