@@ -1,6 +1,6 @@
 """The same study on 1 and on 2 workers, each from an empty job store, in one run.
 
-    python benchmarks/bench_study_workers.py [--model NAME] [--full-size] [--threads-peer]
+    python benchmarks/bench_study_workers.py [--model NAME] [--full-size] [--threads-peer] [--methods M ...]
 
 Prints the wall time of each run, the ratio, the study's total work and critical path (from the job
 store), and the wall time predicted on N workers, max(critical path, total work / N). By default the
@@ -25,10 +25,10 @@ from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
 
 
-def one(model, spec, workers: int, threads: int, out: Path, quick: bool) -> dict:
+def one(model, spec, workers: int, threads: int, out: Path, quick: bool, methods) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    cfg = StudyConfig(quick=quick, workers=workers, threads=threads, axis="gender")
+    cfg = StudyConfig(quick=quick, workers=workers, threads=threads, axis="gender", methods=methods)
     t = time.time()
     rc = run_study(model, cfg, out, model_spec=spec, progress=False)
     wall = time.time() - t
@@ -46,18 +46,19 @@ def main() -> None:
     ap.add_argument("--model", default="")
     ap.add_argument("--full-size", action="store_true")
     ap.add_argument("--threads-peer", action="store_true")
+    ap.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all four)")
     args = ap.parse_args()
     model = load_model(args.model)
     spec = {"name": args.model}
     root = Path(tempfile.mkdtemp(prefix="bench-study-"))
     quick = not args.full_size
     runs = {}
-    runs["1 worker x 1 thread"] = one(model, spec, 1, 1, root / "w1", quick)
-    runs["2 workers x 1 thread"] = one(model, spec, 2, 1, root / "w2", quick)
+    runs["1 worker x 1 thread"] = one(model, spec, 1, 1, root / "w1", quick, args.methods)
+    runs["2 workers x 1 thread"] = one(model, spec, 2, 1, root / "w2", quick, args.methods)
     if args.threads_peer:
-        runs[f"1 worker x {os.cpu_count()} threads"] = one(model, spec, 1, os.cpu_count() or 1, root / "t", quick)
+        runs[f"1 worker x {os.cpu_count()} threads"] = one(model, spec, 1, os.cpu_count() or 1, root / "t", quick, args.methods)
     same = results(root / "w1") == results(root / "w2")
-    print(f"study: {'quick' if quick else 'default'} configuration, model {args.model or 'embedded'}, "
+    print(f"study: {'quick' if quick else 'default'} configuration, methods {args.methods or 'all'}, model {args.model or 'embedded'}, "
           f"{os.cpu_count()} cores; results of 1 and 2 workers identical: {same}")
     for name, r in runs.items():
         print(f"{name:<24} wall {r['wall']:7.1f} s  (rc {r['rc']}, {r['computed_now']} jobs)")

@@ -24,9 +24,10 @@ from ..data.contexts import ContextError, load_axis, load_contexts
 from ..eval.crows import crows_score, read_pairs
 from ..eval.metrics import measure_bias
 from ..eval.transfer import TransferConfig
-from ..interventions.base import load_intervention
+from ..interventions.base import NotFoldable, load_intervention
 from ..methods.base import Method, registered_methods
 from .configargs import add_config_arguments, config_from_arguments
+from .export import export_model
 from .study import StudyConfig, run_study
 from .workflow import run_method
 
@@ -111,6 +112,22 @@ def cmd_crows(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    intervention = load_intervention(args.intervention)  # a bad folder fails before the model loads
+    intervention.check_foldable()  # so does an intervention with no weight form
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    model = load_model(args.model)
+    summary = export_model(model, intervention, out)
+    _say(f"wrote {out}: {summary['architecture']} with {summary['intervention']} folded into the weights; "
+         f"largest |logit difference| from the hooked model on {len(summary['check_texts'])} texts: "
+         f"{summary['max_abs_logit_diff']:.2e}")
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 # ----------------------------------------------------------------------------
 # method commands (generated from the registry)
 # ----------------------------------------------------------------------------
@@ -174,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_crows)
 
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint with a saved intervention folded into the "
+                                      "weights (loadable by plain transformers)")
+    p.add_argument("--model", default=None, help="the model the intervention was found on (as for other commands)")
+    p.add_argument("--intervention", required=True, type=Path, help="folder of a saved intervention")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.set_defaults(func=cmd_export)
+
     for name, cls in registered_methods().items():
         p = sub.add_parser(name, help=f"{cls.title}: select per context, transfer matrix, the method's analyses",
                            description=cls.summary)
@@ -202,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if isinstance(err, (ContextError, ModelLoadError, FileNotFoundError)) or type(err) is ValueError:
+        if isinstance(err, (ContextError, ModelLoadError, FileNotFoundError, NotFoldable)) or type(err) is ValueError:
             print(f"mechbias: error: {err}", file=sys.stderr)
             return 2
         raise

@@ -76,6 +76,21 @@ def linear_weight_name(model, layer: int, component: str) -> str:
     return ids[id(mod.original_component.weight)]
 
 
+def linear_slot(model, layer: int, component: str) -> tuple[str, str | None, bool]:
+    """(weight name, bias name or None, transposed) of a block's linear layer (``attn.q``, ``mlp.out``, ...).
+
+    ``transposed`` is True for GPT-2's ``Conv1D`` (weight ``[in, out]``); ``nn.Linear`` is ``[out, in]``.
+    Raises ``ValueError`` where the family has no such separate layer (e.g. a fused q/k/v projection).
+    """
+    mod = _component(model, layer, component)
+    lin = getattr(mod, "original_component", None) if mod is not None else None
+    if lin is None or getattr(lin, "weight", None) is None:
+        raise ValueError(f"layer {layer} has no separate linear layer {component!r} in this model family")
+    ids = {id(p): n for n, p in named_params(model).items()}
+    bias = getattr(lin, "bias", None)
+    return ids[id(lin.weight)], (ids[id(bias)] if bias is not None else None), is_transposed(lin)
+
+
 def mlp_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]:
     """(gate ``[d_mlp, d_model]``, in/up ``[d_mlp, d_model]``, out/down ``[d_model, d_mlp]``) of a gated MLP."""
     mlp = model.blocks[layer].mlp

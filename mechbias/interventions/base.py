@@ -50,6 +50,10 @@ def intervention_types() -> dict[str, type["Intervention"]]:
     return dict(_REGISTRY)
 
 
+class NotFoldable(ValueError):
+    """An intervention that no change of the weights reproduces exactly (it is refused, never approximated)."""
+
+
 class Intervention:
     """Base class: a reversible change to a model, serialisable to a folder."""
 
@@ -85,6 +89,21 @@ class Intervention:
         if "random" in kinds and n > 0:
             out["random"] = [self.random_like(model, seed + 101 * (k + 1)) for k in range(n)]
         return out
+
+    def check_foldable(self) -> None:
+        """Raise :class:`NotFoldable` if no model could take this intervention as a weight change (checked before a
+        model is loaded; :meth:`fold` may still refuse a particular model family)."""
+        if type(self).fold is Intervention.fold:
+            raise NotFoldable(f"{self.describe()}: a {type(self).__name__} has no exact form as a weight change")
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        """Write the intervention into ``params`` (clean parameter names -> detached copies of the model's
+        weights), so that the model with these weights and no hooks computes what the hooked model computes.
+
+        Raises :class:`NotFoldable`, leaving ``params`` as they were, where no weight change does that exactly
+        (an intervention at some positions only, a change of the residual stream with no bias to hold it).
+        """
+        raise NotFoldable(f"{self.describe()}: a {type(self).__name__} has no exact form as a weight change")
 
     @property
     def positions(self) -> Any:
@@ -200,6 +219,9 @@ class Identity(Intervention):
     def from_dict(cls, d, tensors):
         return cls()
 
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        pass
+
     def random_like(self, model, seed: int) -> "Identity":
         return Identity()
 
@@ -230,6 +252,18 @@ class Compose(Intervention):
             for p in self.parts:
                 stack.enter_context(p.apply(model))
             yield model
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        """Each part in turn (all parts are checked before any is written)."""
+        self.check_foldable()
+        trial = {n: t.clone() for n, t in params.items()}
+        for p in self.parts:
+            p.fold(model, trial)
+        params.update(trial)
+
+    def check_foldable(self) -> None:
+        for p in self.parts:
+            p.check_foldable()
 
     def random_like(self, model, seed: int) -> "Compose":
         return Compose([p.random_like(model, seed + 7919 * i) for i, p in enumerate(self.parts)])

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..core.runner import local_positions
 from ..core.sites import Site
-from .base import Intervention, as_layer_dict, register_intervention
+from ..core.weights import linear_slot
+from .base import Intervention, NotFoldable, as_layer_dict, register_intervention
 from .profile import NoMatchedControl, UnitProfile, nearest_unselected
 
 
@@ -31,6 +32,26 @@ def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
         return out
 
     return hook
+
+
+def _fold_scale(model, params: dict[str, Tensor], layer: int, component: str, index: Tensor, factor: float,
+                side: str) -> None:
+    """Multiply the ``index`` inputs (``side="in"``) or outputs (``side="out"``, with the bias) of a linear layer
+    by ``factor``: a hook scaling that layer's input (or output) units at every position, written as weights."""
+    try:
+        w, b, transposed = linear_slot(model, layer, component)
+    except ValueError as err:
+        raise NotFoldable(str(err)) from err
+    dim = (0 if transposed else 1) if side == "in" else (1 if transposed else 0)
+    params[w].index_copy_(dim, index, params[w].index_select(dim, index) * factor)
+    if side == "out" and b is not None:
+        params[b][index] = params[b][index] * factor
+
+
+def _need_all_positions(iv: Intervention) -> None:
+    if str(iv.positions) != "all":
+        raise NotFoldable(f"{iv.describe()}: it acts at {iv.positions} positions only, and a weight change acts at "
+                          "every position")
 
 
 def _check(items: dict[int, list[int]], n_layers: int, size: int, what: str) -> None:
@@ -87,6 +108,16 @@ class NeuronIntervention(Intervention):
         self.validate(model)
         return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=False))
                 for s in self.sites]
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        """Scale (zero) the neurons' columns of the down-projection: ``W_out (f * a) = (f * W_out[:, i]) a``."""
+        self.validate(model)
+        self.check_foldable()
+        for l, idx in self.neurons.items():
+            _fold_scale(model, params, l, "mlp.out", torch.tensor(idx, dtype=torch.long), self.factor, "in")
+
+    def check_foldable(self) -> None:
+        _need_all_positions(self)
 
     def random_like(self, model, seed: int) -> "NeuronIntervention":
         """The same number of neurons in each layer, drawn uniformly from the unselected ones."""
@@ -188,6 +219,22 @@ class HeadIntervention(Intervention):
         self.validate(model)
         return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=True))
                 for s in self.sites]
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        """``z``: scale the head's input columns of the output projection; ``q``: scale its query rows and query
+        bias (the rotary embedding is linear, so a zero query stays zero)."""
+        self.validate(model)
+        self.check_foldable()
+        dh = model.cfg.d_head
+        for l, heads in self.heads.items():
+            idx = torch.tensor([h * dh + k for h in heads for k in range(dh)], dtype=torch.long)
+            if self.mode == "z":
+                _fold_scale(model, params, l, "attn.o", idx, self.factor, "in")
+            else:
+                _fold_scale(model, params, l, "attn.q", idx, self.factor, "out")
+
+    def check_foldable(self) -> None:
+        _need_all_positions(self)
 
     def random_like(self, model, seed: int) -> "HeadIntervention":
         """The same number of heads in each layer, drawn uniformly from the unselected ones."""

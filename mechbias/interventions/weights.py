@@ -40,6 +40,12 @@ class WeightMask(Intervention):
                 p.view(-1)[self.masks[n].to(p.device).long()] = 0.0
             yield model
 
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        for n, idx in self.masks.items():
+            if n not in params:
+                raise ValueError(f"model has no parameter named {n!r}")
+            params[n].view(-1)[idx.to(params[n].device).long()] = 0.0
+
     def random_like(self, model, seed: int) -> "WeightMask":
         """The same number of entries in each matrix, drawn uniformly."""
         rng = np.random.default_rng(seed)
@@ -117,6 +123,14 @@ class WeightEdit(Intervention):
             for n, p in params.items():
                 p.add_(self.deltas[n].to(p.device, p.dtype), alpha=self.scale)
             yield model
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        for n, d in self.deltas.items():
+            if n not in params:
+                raise ValueError(f"model has no parameter named {n!r}")
+            if params[n].shape != d.shape:
+                raise ValueError(f"delta for {n} has shape {tuple(d.shape)}, parameter {tuple(params[n].shape)}")
+            params[n].add_(d.to(params[n].device, params[n].dtype), alpha=self.scale)
 
     def random_like(self, model, seed: int) -> "WeightEdit":
         """A random direction with the same norm in each matrix."""

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..core.runner import capture, local_positions
 from ..core.sites import Site
 from ..data.contexts import Context, load_axis, tokenize
-from ..interventions.base import Intervention, register_intervention
+from ..interventions.base import Intervention, NotFoldable, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 
 MODES = ("ablate", "add")
@@ -85,6 +85,16 @@ class DirectionIntervention(Intervention):
             return out
 
         return [(self.site, steer)]
+
+    def fold(self, model, params: dict[str, Tensor]) -> None:
+        self.check_foldable()
+
+    def check_foldable(self) -> None:
+        why = ("projecting a direction out of the residual stream changes every later layer's input and the skip "
+               "connection; no weight of the block expresses it" if self.mode == "ablate" else
+               "adding a constant to the residual stream needs a bias on the preceding output, and this export "
+               "does not write biases into a model")
+        raise NotFoldable(f"{self.describe()}: {why}")
 
     def random_like(self, model, seed: int) -> "DirectionIntervention":
         """A random direction with the same norm, in the same layer, with the same mode and positions."""

@@ -1,0 +1,137 @@
+"""Export a fix: a Hugging Face checkpoint with the intervention written into its weights.
+
+``export_model(model, intervention, out)`` folds the intervention into a copy of
+the weights (:meth:`~mechbias.interventions.base.Intervention.fold`: zeroed or
+scaled neurons become down-projection columns, ``hook_z`` head ablations
+output-projection columns, ``hook_q`` ablations query rows and biases, weight
+masks and edits are written as they are), builds a fresh model of the same
+``transformers`` class from the same config, and saves it with
+``save_pretrained`` next to the tokenizer. The folder loads with plain
+``AutoModelForCausalLM.from_pretrained``; mechbias is not needed to use it.
+An intervention with no exact weight form (positions, residual-stream
+directions) is refused before anything is written; nothing is approximated.
+The live model is never changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from importlib.metadata import version as _pkg_version
+from typing import Sequence
+
+import torch
+
+from ..core.models import model_label
+from ..core.weights import named_params
+from ..data.contexts import tokenize
+from ..interventions.base import Identity, Intervention, maybe_apply
+
+CHECK_TEXTS = ("The bank approved the loan for Maria because her credit history was long.",
+               "After the meeting, the manager thanked everyone and went home early.")
+
+
+def folded_weights(model, intervention: Intervention | None) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's weights (clean names) with the intervention folded in."""
+    params = {n: p.detach().clone() for n, p in named_params(model).items()}
+    (intervention or Identity()).fold(model, params)
+    return params
+
+
+def _hf_state_dict(model, fresh, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of ``fresh`` (a new model of the same class) filled from the live model, with folded values.
+
+    Tensors are matched by name, then by storage (tied embedding and unembedding share one, so a change to one
+    is a change to both). A tensor the live model holds that the new model has no place for is an error unless
+    it is all zeros (TransformerLens adds a zero unembedding bias)."""
+    by_ptr = {p.data_ptr(): n for n, p in named_params(model).items()}
+    live = {k.replace("._original_component", ""): t for k, t in model.original_model.state_dict().items()}
+    out, used = {}, set()
+    for key in fresh.state_dict():
+        fused = _fused_qkv(key, params, live)
+        if fused is not None:
+            out[key] = fused
+            used.update(live[key.replace("c_attn", c)].data_ptr() for c in "qkv")
+            used.add(live[key].data_ptr())
+            continue
+        if key not in live:
+            raise RuntimeError(f"the live model has no tensor for {key!r}; it cannot be exported as {type(fresh).__name__}")
+        name = key if key in params else by_ptr.get(live[key].data_ptr())
+        out[key] = params[name] if name is not None else live[key].detach().clone()
+        used.add(live[key].data_ptr())
+    lost = [k for k, t in live.items() if t.data_ptr() not in used and bool(t.detach().abs().max() > 0)]
+    if lost:
+        raise RuntimeError(f"the export would lose the non-zero tensors {lost[:5]}")
+    return out
+
+
+def _fused_qkv(key: str, params: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """GPT-2's fused ``c_attn`` (``Conv1D``, weight ``[d_model, 3 d_model]``), rebuilt from the separate q, k, v
+    linear layers the bridge computes with (``nn.Linear``, ``[out, in]``), folded values included."""
+    if ".c_attn." not in key:
+        return None
+    parts = [key.replace("c_attn", c) for c in "qkv"]
+    if not all(p in live for p in parts):
+        return None
+    vals = [params.get(p, live[p]).detach() for p in parts]
+    return torch.cat([v.T for v in vals], dim=1) if key.endswith("weight") else torch.cat(vals)
+
+
+def export_model(model, intervention: Intervention | None, out: str | Path, *,
+                 check_texts: Sequence[str] = CHECK_TEXTS) -> dict:
+    """Write ``out`` as a ``transformers`` checkpoint of ``model`` with ``intervention`` folded in.
+
+    Returns a summary (including the largest |logit difference| between the
+    exported model and the hooked model on ``check_texts``), also written to
+    ``out/mechbias_export.json``. The folder is written atomically.
+    """
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    hf = getattr(model, "original_model", None)
+    if hf is None or not hasattr(hf, "save_pretrained"):
+        raise ValueError(f"{model_label(model)} is not a Hugging Face model under TransformerLens; only those can be "
+                         "exported as a transformers checkpoint")
+    params = folded_weights(model, intervention)  # raises NotFoldable before anything is written
+    dtype = next(iter(params.values())).dtype
+    fresh = type(hf)(hf.config).to(dtype)
+    fresh.load_state_dict(_hf_state_dict(model, fresh, params), strict=True)
+    fresh.config.dtype = dtype
+    fresh.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        if getattr(model, "tokenizer", None) is not None:
+            model.tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).eval()
+        diff = _max_logit_diff(model, reloaded, intervention, check_texts)
+        summary = {"source_model": model_label(model), "architecture": type(hf).__name__,
+                   "intervention": intervention.describe() if intervention else "none",
+                   "intervention_spec": ({"kind": intervention.kind, **intervention.to_dict()} if intervention
+                                         else None),
+                   "dtype": str(dtype).replace("torch.", ""), "check_texts": list(check_texts),
+                   "max_abs_logit_diff": diff, "mechbias_version": _pkg_version("mechbias")}
+        (tmp / "mechbias_export.json").write_text(json.dumps(summary, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return summary
+
+
+@torch.no_grad()
+def _max_logit_diff(model, hf_model, intervention, texts) -> float:
+    worst = 0.0
+    for ids in tokenize(model, list(texts)):
+        ids = ids[None].to(model.cfg.device)
+        with maybe_apply(intervention, model):
+            hooked = model(ids).float().cpu()
+        plain = hf_model(ids.to(hf_model.device)).logits.float().cpu()
+        worst = max(worst, float((hooked - plain).abs().max()))
+    return worst
