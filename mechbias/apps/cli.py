@@ -26,6 +26,7 @@ from ..eval.metrics import measure_bias
 from ..eval.transfer import TransferConfig
 from ..interventions.base import NotFoldable, load_intervention
 from ..methods.base import Method, registered_methods
+from .card import CardInputs, run_card
 from .configargs import add_config_arguments, config_from_arguments
 from .export import export_model
 from .study import StudyConfig, run_study
@@ -112,6 +113,19 @@ def cmd_crows(args) -> int:
     return 0
 
 
+def cmd_card(args) -> int:
+    inputs = CardInputs(crows=args.crows, stereoset=args.stereoset, bbq=args.bbq or [],
+                        winobias_pro=args.winobias_pro, winobias_anti=args.winobias_anti, tasks=args.tasks or [],
+                        include_path=args.include_path, limit=args.limit, perplexity=not args.no_perplexity)
+    inputs.check()  # every file and task name, before the model loads
+    intervention = _intervention(args)
+    model = _load(args)
+    card = run_card(model, intervention, inputs, args.out, n_boot=args.boot, seed=args.seed, log=_say)
+    print((args.out / "card.md").read_text().split("\n## ")[0])
+    _say(f"wrote {args.out / 'card.json'}, card.md and card.png ({len(card['benchmarks'])} benchmarks)")
+    return 0
+
+
 def cmd_export(args) -> int:
     intervention = load_intervention(args.intervention)  # a bad folder fails before the model loads
     intervention.check_foldable()  # so does an intervention with no weight form
@@ -190,6 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_crows)
+
+    p = sub.add_parser("card", help="bias report card: StereoSet, CrowS-Pairs, BBQ, WinoBias, perplexity and lm-eval "
+                                    "tasks, unmodified vs. under an intervention, with paired CIs")
+    _model_args(p)
+    p.add_argument("--intervention", type=Path, default=None, help="folder of a saved intervention (none: the "
+                                                                   "unmodified model only)")
+    p.add_argument("--stereoset", type=Path, default=None, help="StereoSet JSON (data.intrasentence is scored)")
+    p.add_argument("--crows", type=Path, default=None, help="CrowS-Pairs CSV")
+    p.add_argument("--bbq", type=Path, nargs="+", default=None, help="BBQ JSONL files (one per category)")
+    p.add_argument("--winobias-pro", type=Path, default=None, help="WinoBias pro-stereotyped file")
+    p.add_argument("--winobias-anti", type=Path, default=None, help="WinoBias anti-stereotyped file (aligned)")
+    p.add_argument("--tasks", nargs="+", default=None, help="lm-eval task names (needs mechbias[eval])")
+    p.add_argument("--include-path", type=Path, default=None, help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task")
+    p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the reporting neutral texts")
+    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("export", help="write a Hugging Face checkpoint with a saved intervention folded into the "
                                       "weights (loadable by plain transformers)")

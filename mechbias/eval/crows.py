@@ -15,15 +15,11 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
-
-import torch
 
 from ..core.results import Result, make_meta
-from ..core.runner import length_buckets
-from ..data.contexts import tokenize
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_crows
+from .scoring import sentence_logprob
 from .stats import bootstrap_mean
 
 REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
@@ -46,18 +42,6 @@ def read_pairs(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: row {i + 2}: stereo_antistereo must be 'stereo' or 'antistereo', "
                              f"not {r['stereo_antistereo']!r}")
     return rows
-
-
-def sentence_logprob(model, texts: Sequence[str], max_tokens: int = 4096) -> torch.Tensor:
-    """Sum of log P(token_t | tokens_<t) over each text (after BOS)."""
-    seqs = tokenize(model, texts)
-    out = torch.zeros(len(seqs), dtype=torch.float64)
-    with torch.no_grad():
-        for bucket in length_buckets([len(s) for s in seqs], max_tokens):
-            ids = torch.stack([seqs[i] for i in bucket]).to(model.cfg.device)
-            lp = model(ids).float().log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
-            out[bucket] = lp.sum(1).double().cpu()
-    return out
 
 
 @dataclass

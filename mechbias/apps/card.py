@@ -1,0 +1,166 @@
+"""The bias report card: standard benchmarks, perplexity and lm-eval tasks, unmodified vs. under an intervention.
+
+``mechbias card --intervention DIR --crows F --stereoset F --bbq F ... --winobias-pro F --winobias-anti F
+--tasks T ... --out DIR`` writes ``card.json`` (every metric, subset and interval), ``card.md`` (a headline
+table in the layout of bias-bench / GRADIEND tables: one row for the unmodified model, one under the
+intervention, one for the paired difference; then a table per benchmark) and ``card.png`` (the paired
+differences with their CIs). Every file is read and checked before the model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, make_meta
+from ..data.texts import neutral_texts
+from ..eval.bench import BenchResult, bbq_score, crows_bench, read_bbq, read_stereoset, read_winobias, \
+    stereoset_score, winobias_score
+from ..eval.bench.common import Outcomes, metric_rows, score
+from ..eval.crows import read_pairs
+from ..eval.metrics import token_nll
+from ..interventions.base import Intervention
+from ..viz.card import plot_card
+
+# (benchmark, metric, subset, column label) of the headline table, in bias-bench order
+HEADLINE = (("StereoSet", "SS", "all", "SS"), ("StereoSet", "LMS", "all", "LMS"), ("StereoSet", "ICAT", "all", "ICAT"),
+            ("CrowS-Pairs", "score", "all", "CrowS"),
+            ("BBQ", "accuracy", "ambig", "BBQ acc amb"), ("BBQ", "bias score", "ambig", "BBQ bias amb"),
+            ("BBQ", "accuracy", "disambig", "BBQ acc dis"), ("BBQ", "bias score", "disambig", "BBQ bias dis"),
+            ("WinoBias", "pro - anti", "all", "WinoBias pro-anti"), ("Perplexity", "perplexity", "all", "PPL"))
+
+
+@dataclass
+class CardInputs:
+    crows: Path | None = None
+    stereoset: Path | None = None
+    bbq: list[Path] = field(default_factory=list)
+    winobias_pro: Path | None = None
+    winobias_anti: Path | None = None
+    tasks: list[str] = field(default_factory=list)
+    include_path: Path | None = None
+    limit: int | None = None
+    perplexity: bool = True
+
+    def check(self) -> None:
+        """Read every file (format errors surface here, before a model loads)."""
+        if self.crows:
+            read_pairs(self.crows)
+        if self.stereoset:
+            read_stereoset(self.stereoset)
+        if self.bbq:
+            read_bbq(self.bbq)
+        if (self.winobias_pro is None) != (self.winobias_anti is None):
+            raise ValueError("WinoBias needs both --winobias-pro and --winobias-anti (aligned files)")
+        if self.winobias_pro:
+            read_winobias(self.winobias_pro, self.winobias_anti)
+        if self.tasks:
+            from .lm_eval_model import check_tasks
+
+            check_tasks(self.tasks, self.include_path)
+        if not (self.crows or self.stereoset or self.bbq or self.winobias_pro or self.tasks or self.perplexity):
+            raise ValueError("nothing to measure: pass at least one benchmark file, --tasks, or keep perplexity")
+
+
+def _ppl(o: Outcomes, idx: np.ndarray) -> float:
+    return float(np.exp(o["nll"][idx].sum() / o["n"][idx].sum()))
+
+
+def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, seed: int) -> BenchResult:
+    """Perplexity on the reporting neutral texts; intervals resample paragraphs."""
+    texts = neutral_texts(split="reporting")
+
+    def run(m) -> Outcomes:
+        per = [token_nll(m, [t]) for t in texts]
+        return {"nll": np.array([a for a, _ in per]), "n": np.array([b for _, b in per], dtype=float)}
+
+    base, after = score(model, intervention, run)
+    rows = metric_rows("Perplexity", {"perplexity": (_ppl, "ppl")}, base, after, np.arange(len(texts)),
+                       {"all": np.arange(len(texts))}, n_boot=n_boot, seed=seed)
+    return BenchResult("Perplexity", rows, [], {"texts": f"{len(texts)} reporting neutral paragraphs"})
+
+
+def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
+             seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    inputs.check()
+    results: list[BenchResult] = []
+    kw = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
+    steps: list[tuple[str, Callable[[], BenchResult]]] = []
+    if inputs.stereoset:
+        steps.append(("StereoSet", lambda: stereoset_score(model, inputs.stereoset, **kw)))
+    if inputs.crows:
+        steps.append(("CrowS-Pairs", lambda: crows_bench(model, inputs.crows, **kw)))
+    if inputs.bbq:
+        steps.append(("BBQ", lambda: bbq_score(model, inputs.bbq, **kw)))
+    if inputs.winobias_pro:
+        steps.append(("WinoBias", lambda: winobias_score(model, inputs.winobias_pro, inputs.winobias_anti, **kw)))
+    if inputs.perplexity:
+        steps.append(("Perplexity", lambda: perplexity_bench(model, intervention, n_boot=n_boot, seed=seed)))
+    if inputs.tasks:
+        from .lm_eval_model import task_bench
+
+        steps.append(("lm-eval", lambda: task_bench(model, intervention, inputs.tasks, inputs.include_path,
+                                                    limit=inputs.limit, n_boot=n_boot, seed=seed)))
+    for name, fn in steps:
+        log(f"card: {name}")
+        results.append(fn())
+    card = {"intervention": intervention.describe() if intervention else None,
+            "benchmarks": [r.as_dict() for r in results],
+            "meta": make_meta(model, n_boot=n_boot, seed=seed, intervention=intervention.describe()
+                              if intervention else None)}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(card, out / "card.json")
+    head = headline(results)
+    atomic_write_text(card_markdown(card, head, results), out / "card.md")
+    atomic_savefig(plot_card(head), out / "card.png")
+    return card
+
+
+def headline(results: list[BenchResult]) -> list[dict]:
+    """The headline cells present in ``results``, in table order (lm-eval task metrics last)."""
+    rows = []
+    for res in results:
+        for r in res.rows:
+            label = next((lab for b, m, s, lab in HEADLINE if (b, m, s) == (r.benchmark, r.metric, r.subset)), None)
+            if label is None and r.benchmark.startswith("lm-eval"):
+                label = f"{r.subset} {r.metric}"
+            if label is not None:
+                rows.append({"label": label, **r.as_dict()})
+    order = {lab: k for k, (*_, lab) in enumerate(HEADLINE)}
+    return sorted(rows, key=lambda r: order.get(r["label"], len(order)))
+
+
+def _fmt(v, ci=None) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    s = f"{v:.2f}"
+    if ci is not None and all(c is not None and np.isfinite(c) for c in ci):
+        s += f" [{ci[0]:.2f}, {ci[1]:.2f}]"
+    return s
+
+
+def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> str:
+    lines = ["# Bias report card", "",
+             f"Intervention: {card['intervention'] or 'none (unmodified model only)'}", "",
+             "Point estimates with 95% cluster-bootstrap intervals; the difference row is intervention - "
+             "unmodified, paired (the same resamples for both). SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
+             "0 mean no measured bias; LMS and ICAT: higher is better.", ""]
+    labels = [h["label"] for h in head]
+    lines.append("| model | " + " | ".join(labels) + " |")
+    lines.append("|---" * (len(labels) + 1) + "|")
+    lines.append("| unmodified | " + " | ".join(_fmt(h["unmodified"], h["unmodified_ci"]) for h in head) + " |")
+    if card["intervention"]:
+        lines.append("| intervention | " + " | ".join(_fmt(h["intervention"], h["intervention_ci"]) for h in head)
+                     + " |")
+        lines.append("| difference | " + " | ".join(_fmt(h["difference"], h["difference_ci"]) for h in head) + " |")
+    for res in results:
+        lines += ["", f"## {res.benchmark}", "", "| metric | subset | items (clusters) | unmodified | intervention "
+                  "| difference |", "|---|---|---|---|---|---|"]
+        for r in res.rows:
+            lines.append(f"| {r.metric} | {r.subset} | {r.n_items} ({r.n_clusters}) | "
+                         f"{_fmt(r.unmodified, r.unmodified_ci)} | {_fmt(r.intervention, r.intervention_ci)} | "
+                         f"{_fmt(r.difference, r.difference_ci)} |")
+    return "\n".join(lines) + "\n"

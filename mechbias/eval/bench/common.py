@@ -1,0 +1,125 @@
+"""What every external bias benchmark shares: items in clusters, metrics computed from per-item outcomes, and a
+paired cluster bootstrap of the unmodified model, the model under an intervention and their difference.
+
+A benchmark reads its public file format into items, scores each item under the
+model (:func:`score` runs the model once as it is and once under the
+intervention), and defines its metrics as functions of the per-item outcomes
+restricted to a set of item indices. Intervals resample **clusters** (items that
+share a template, a target term or a sentence pair), the same clusters for both
+models, so the difference is paired and the design is respected. Every metric is
+an aggregate over the resampled items (never a mean of per-cluster ratios).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ...interventions.base import Intervention, maybe_apply
+
+Outcomes = dict[str, np.ndarray]  # per-item arrays (scores, choices, flags), all of length n_items
+Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> value
+
+
+@dataclass
+class MetricRow:
+    benchmark: str
+    metric: str
+    subset: str  # "all" or a category / bias type / condition
+    unmodified: float
+    unmodified_ci: tuple[float, float]
+    intervention: float | None = None
+    intervention_ci: tuple[float, float] | None = None
+    difference: float | None = None  # intervention - unmodified, paired
+    difference_ci: tuple[float, float] | None = None
+    n_items: int = 0
+    n_clusters: int = 0
+    unit: str = ""
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class BenchResult:
+    benchmark: str
+    rows: list[MetricRow]
+    per_item: list[dict] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+    def row(self, metric: str, subset: str = "all") -> MetricRow:
+        for r in self.rows:
+            if r.metric == metric and r.subset == subset:
+                return r
+        raise KeyError(f"{self.benchmark} has no metric {metric!r} for {subset!r}")
+
+    def as_dict(self) -> dict:
+        return {"benchmark": self.benchmark, "rows": [r.as_dict() for r in self.rows], "meta": self.meta}
+
+
+def cluster_ids(keys: Sequence[Any]) -> np.ndarray:
+    """Integer cluster ids (in order of first appearance) for per-item cluster keys."""
+    seen: dict[Any, int] = {}
+    return np.array([seen.setdefault(k, len(seen)) for k in keys], dtype=np.int64)
+
+
+def _resampled_items(clusters: np.ndarray, subset: np.ndarray, rng: np.random.Generator, n_boot: int
+                     ) -> list[np.ndarray]:
+    """``n_boot`` resamples of ``subset``: its clusters drawn with replacement, each bringing all its items."""
+    members: dict[int, list[int]] = {}
+    for i in subset:
+        members.setdefault(int(clusters[i]), []).append(int(i))
+    groups = [np.array(v) for v in members.values()]
+    out = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(groups), size=len(groups))
+        out.append(np.concatenate([groups[k] for k in pick]))
+    return out
+
+
+def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    a = (1 - level) / 2
+    return (float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))
+
+
+def metric_rows(benchmark: str, metrics: dict[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
+                clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
+                ) -> list[MetricRow]:
+    """Each metric on each subset: unmodified, under the intervention, and the paired difference, with
+    percentile intervals from one cluster bootstrap per subset (the same resamples for all three)."""
+    rows = []
+    for sname, subset in subsets.items():
+        if len(subset) == 0:
+            continue
+        boots = _resampled_items(clusters, subset, np.random.default_rng(seed), n_boot)
+        for mname, (fn, unit) in metrics.items():
+            b0 = fn(base, subset)
+            bb = np.array([fn(base, idx) for idx in boots])
+            row = MetricRow(benchmark, mname, sname, b0, _ci(bb), n_items=len(subset),
+                            n_clusters=len(set(clusters[subset].tolist())), unit=unit)
+            if after is not None:
+                a0 = fn(after, subset)
+                ab = np.array([fn(after, idx) for idx in boots])
+                row.intervention, row.intervention_ci = a0, _ci(ab)
+                row.difference, row.difference_ci = a0 - b0, _ci(ab - bb)
+            rows.append(row)
+    return rows
+
+
+def score(model, intervention: Intervention | None, fn: Callable[[Any], Outcomes]) -> tuple[Outcomes, Outcomes | None]:
+    """``fn(model)`` as the model is, then under ``intervention`` (None when there is none)."""
+    base = fn(model)
+    if intervention is None:
+        return base, None
+    with maybe_apply(intervention, model):
+        return base, fn(model)
+
+
+def share(mask: np.ndarray, idx: np.ndarray) -> float:
+    """100 x the share of ``mask`` that is true over ``idx`` (percent)."""
+    return float(100.0 * mask[idx].mean()) if len(idx) else float("nan")

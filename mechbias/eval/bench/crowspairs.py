@@ -1,0 +1,35 @@
+"""CrowS-Pairs (Nangia et al., 2020) in the report card's form: the score of :mod:`mechbias.eval.crows` (share of
+pairs whose stereotypical sentence has the higher log-likelihood, %; 50 = unbiased), overall and per bias type,
+for the unmodified model and under an intervention, with paired intervals that resample pairs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ...interventions.base import Intervention
+from ..crows import read_pairs
+from ..scoring import sentence_logprob
+from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
+
+
+def _score(o: Outcomes, idx: np.ndarray) -> float:
+    return share(o["stereo"] > o["other"], idx)
+
+
+def crows_bench(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
+                seed: int = 0) -> BenchResult:
+    rows = read_pairs(path)
+    stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
+    other = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
+
+    def run(m) -> Outcomes:
+        return {"stereo": sentence_logprob(m, stereo).numpy(), "other": sentence_logprob(m, other).numpy()}
+
+    base, after = score(model, intervention, run)
+    types = np.array([r["bias_type"] for r in rows])
+    subsets = {"all": np.arange(len(rows)), **{t: np.flatnonzero(types == t) for t in sorted(set(types))}}
+    out = metric_rows("CrowS-Pairs", {"score": (_score, "%")}, base, after, cluster_ids(range(len(rows))), subsets,
+                      n_boot=n_boot, seed=seed)
+    return BenchResult("CrowS-Pairs", out, [], {"file": str(path), "n_pairs": len(rows)})
