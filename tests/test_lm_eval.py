@@ -168,3 +168,18 @@ def test_lm_eval_command_line_runs_the_mechbias_model_type(tmp_path):
     assert len(outs["base"]) == 6
     diffs = [abs(float(a["resps"][0][0][0]) - float(b["resps"][0][0][0])) for a, b in zip(outs["base"], outs["iv"])]
     assert max(diffs) > 1e-2
+
+
+def test_card_reports_lm_eval_tasks_paired(tiny, tmp_path):
+    from mechbias.apps.card import CardInputs, run_card
+
+    inc = write_tasks(tmp_path / "tasks")
+    iv = NeuronIntervention({0: list(range(0, 128, 2)), 1: list(range(0, 128, 3))})
+    card = run_card(tiny, iv, CardInputs(tasks=["mb_choice"], include_path=inc, perplexity=False), tmp_path / "c",
+                    n_boot=100, log=lambda m: None)
+    (row,) = card["benchmarks"][0]["rows"]
+    for lm, key in ((MechbiasLM(tiny), "unmodified"), (MechbiasLM(tiny, iv), "intervention")):
+        accs = [s["acc"] for s in run_tasks(lm, ["mb_choice"], inc)["samples"]["mb_choice"]]
+        assert row[key] == pytest.approx(100 * np.mean(accs))
+    assert row["difference"] == pytest.approx(row["intervention"] - row["unmodified"])
+    assert "mb_choice acc" in (tmp_path / "c" / "card.md").read_text()

@@ -124,12 +124,21 @@ class MechbiasLM(LM):
         return out
 
 
-def check_tasks(tasks: list[str], include_path: str | Path | None = None) -> None:
-    """A clear error for task names lm-eval does not know (checked before a model loads)."""
+def task_manager(tasks: list[str], include_path: str | Path | None = None):
+    """lm-eval's TaskManager: only the ``include_path`` tasks when they are all that is asked for (indexing the
+    built-in tasks takes seconds), else those and the built-in ones."""
     from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
-    known = set(tm.all_tasks)
+    if include_path:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=str(include_path) if include_path else None)
+
+
+def check_tasks(tasks: list[str], include_path: str | Path | None = None) -> None:
+    """A clear error for task names lm-eval does not know (checked before a model loads)."""
+    known = set(task_manager(tasks, include_path).all_tasks)
     bad = [t for t in tasks if t not in known]
     if bad:
         raise ValueError(f"lm-eval does not know the tasks {bad}" + (f" (include path {include_path})"
@@ -140,10 +149,8 @@ def run_tasks(lm: MechbiasLM, tasks: list[str], include_path: str | Path | None 
               limit: int | None = None) -> dict:
     """``lm_eval.simple_evaluate`` on ``lm`` with per-sample logs."""
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
-    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=True,
+    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(tasks, include_path), limit=limit, log_samples=True,
                            bootstrap_iters=0, verbosity="ERROR")
 
 
