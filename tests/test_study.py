@@ -29,6 +29,16 @@ def test_study_writes_report_and_resumes(tmp_path):
     work = json.loads((out / "work.json").read_text())
     assert work["computed_now"] == work["jobs"] > 0 and work["reused"] == 0
     assert set(work["by_kind"]) >= {"select", "scores", "controls", "evalset", "baseline", "analyze"}
+    # the interactive report: one matrix per method, every cell's hover text holds that cell's numbers, no network
+    page = (out / "report.html").read_text()
+    assert page.count("data-matrix=") == len(steps) - 1
+    assert "http://" not in page and "https://" not in page and "<script src" not in page
+    from mechbias.viz.html import cell_tip, esc
+
+    for st in steps[1:]:
+        for cell in json.loads((out / "steps" / st.name / "transfer.json").read_text())["cells"]:
+            assert f"data-tip='{esc(cell_tip(cell))}'" in page
+            assert f"gap change   {cell['gap_change']:+.3f}" in cell_tip(cell)
     # an interrupted study continues: remove one finished job; only it is computed again
     sel = sorted((out / "jobs" / "select").iterdir())[0]
     shutil.rmtree(sel)

@@ -7,7 +7,7 @@ worker per core), an existing Ray cluster (``--address``) or in-process
 ``--store``) and never computed twice: an interrupted study resumes job by job,
 a second study reuses what it shares with the first, and a rerun with nothing
 changed only reassembles the report. Each step writes ``OUT/steps/<step>/``
-(``summary.json`` last); ``OUT/report.md`` is written from all of them.
+(``summary.json`` last); ``OUT/report.md`` and the interactive ``OUT/report.html`` are written from all of them.
 
 The default answers the project's question quickly: finance vs. commerce, the
 four methods at their default-study settings (``Method.study_configs(quick,
@@ -34,6 +34,7 @@ from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text,
 from ..data.contexts import load_axis, load_contexts
 from ..eval.transfer import TransferConfig
 from ..methods.base import registered_methods
+from ..viz.html import study_html
 from ..viz.plotting import plot_methods_summary
 from .executors import InProcess, RayExecutor
 from .jobs import (JobStore, RunReport, critical_path, data_fingerprint, default_workers, model_fingerprint,
@@ -338,7 +339,8 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
             **critical_path(store, rep)}
     atomic_write_json(work, out / "work.json")
     write_report(out, cfg, steps, work, figures=figures, model=model_label(model))
-    say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} "
+    atomic_write_text(study_html(out), out / "report.html")
+    say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} and report.html "
         f"(total {time.time() - t0:.0f} s)")
     if not rep.ok:
         return _failed(out, runs, say)

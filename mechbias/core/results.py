@@ -11,6 +11,7 @@ commit). Each file is written to a temporary name and renamed, and
 from __future__ import annotations
 
 import dataclasses
+import html
 import datetime as _dt
 import json
 import os
@@ -248,6 +249,17 @@ class Result:
         if post:
             post()
         return obj
+
+    def _repr_html_(self) -> str:
+        """A rich table in Jupyter: the result's rows (its data frame), else its scalar fields."""
+        try:
+            df = self.to_dataframe()
+            return f"<b>{type(self).__name__}</b>" + df.head(40).to_html(float_format=lambda v: f"{v:.4g}")
+        except (NotImplementedError, TypeError, ValueError):
+            scalars = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                       if isinstance(getattr(self, f.name), (int, float, str, bool))}
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in scalars.items())
+            return f"<b>{type(self).__name__}</b><table>{rows}</table>"
 
     def to_dataframe(self):
         """One row per entry of ``self.rows`` for results that keep rows; others override this."""

@@ -36,6 +36,7 @@ from ..data.contexts import Context, PromptSet, load_axis, load_contexts
 from ..data.texts import neutral_texts, selection_phase
 from ..interventions.base import Intervention, load_intervention
 from ..interventions.profile import UnitProfile, unit_profile
+from ..viz.html import fmt, matrix_html
 from ..viz.plotting import plot_transfer
 from .generation import generation_bias
 from .metrics import contrast_scores, perplexity
@@ -377,6 +378,20 @@ class TransferMatrix(Result):
         off = np.array([_num(self.cell(r, c).get(key)) for r in self.rows for c in self.cols if r != c])
         return {"diagonal_mean": float(np.nanmean(diag)) if len(diag) else float("nan"),
                 "offdiagonal_mean": float(np.nanmean(off)) if len(off) else float("nan"), "n_cells": int(m.size)}
+
+    def _repr_html_(self) -> str:
+        """The matrix in Jupyter: cells coloured by bias removed, hover for CIs, tests, controls and costs."""
+        levels = list(dict.fromkeys(c.as_dict().get("level", "") for c in self.cells))
+        parts = [f"<b>{self.method}</b>, axis {self.axis}: bias removed on held-out prompts (hover a cell)"]
+        for lv in levels:
+            parts.append(matrix_html([c.as_dict() for c in self.cells if c.as_dict().get("level", "") == lv],
+                                     title=f"{self.method} {lv}"))
+        tt = self.transfer_test or {}
+        if "diagonal_minus_offdiagonal" in tt:
+            parts.append(f"<div>within - cross: {fmt(tt['diagonal_minus_offdiagonal'])} [{fmt(tt.get('ci_low'))}, "
+                         f"{fmt(tt.get('ci_high'))}], minimal detectable difference {fmt(tt.get('min_detectable'))}"
+                         "</div>")
+        return "".join(parts)
 
     def to_dataframe(self):
         import pandas as pd
