@@ -115,6 +115,8 @@ def test_winobias_parsing_and_metrics_by_hand(tiny):
                   "other": "construction worker", "pronoun": "she"}
     it = parse_line("2 The developer argued with [the designer] because [her] idea cannot be implemented.", "x")
     assert (it["referent"], it["other"], it["pronoun"]) == ("designer", "developer", "her")
+    it = parse_line("43 [The mover] offered to help the receptionist because [he] needed to prove [his] strength.", "x")
+    assert (it["referent"], it["other"], it["pronoun"]) == ("mover", "receptionist", "he")  # first pronoun asked
     with pytest.raises(ValueError, match="two bracketed"):
         parse_line("1 The developer argued with the designer.", "x")
     o = {"pro": np.array([1.0, 1.0, 0.0]), "anti": np.array([1.0, 0.0, 0.0])}
@@ -163,6 +165,15 @@ def test_cluster_bootstrap_resamples_clusters_and_pairs_the_difference():
     assert r.unmodified_ci[0] < 0.5 < r.unmodified_ci[1]
     # paired: the difference is 1 - x, so its interval mirrors the unmodified one around 0.5
     assert r.difference_ci[0] == pytest.approx(1 - r.unmodified_ci[1])
+    # p: twice the smaller bootstrap tail at 0; BH over a metric's subsets, by hand for two subsets
+    x = np.linspace(0, 1, 12)
+    shift = np.r_[np.full(6, 0.3), np.linspace(-0.5, 0.6, 6)]
+    rows = metric_rows("t", {"m": (mean, "")}, {"x": x}, {"x": x + shift}, np.arange(12),
+                       {"all": np.arange(12), "first half": np.arange(6)}, n_boot=1000)
+    p_all, p_half = rows[0].difference_p, rows[1].difference_p
+    assert p_half == 0.0 and 0.0 < p_all < 1.0  # every resample of the first half moves by +0.3
+    assert rows[1].difference_p_adjusted == 0.0
+    assert rows[0].difference_p_adjusted == pytest.approx(min(1.0, 2 * p_all / 2))  # rank 2 of 2: p x 2 / 2
 
 
 def test_card_command_writes_the_numbers_of_the_benchmarks(tmp_path, capsys, monkeypatch):

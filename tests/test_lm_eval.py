@@ -142,6 +142,13 @@ def test_generation_follows_greedy_argmax_under_the_intervention(tiny, tmp_path)
         assert s["resps"][0][0] == want
 
 
+def test_lm_evals_own_model_types_stay_available():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("mechbias") is MechbiasLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours must not hide lm-eval's (its registry is lazy)
+
+
 def test_unknown_tasks_and_args_are_refused(tiny, tmp_path):
     with pytest.raises(ValueError, match="does not know"):
         check_tasks(["mb_nope"], write_tasks(tmp_path / "tasks"))

@@ -24,6 +24,7 @@ from ..eval.crows import read_pairs
 from ..eval.metrics import token_nll
 from ..interventions.base import Intervention
 from ..viz.card import plot_card
+from .lm_eval_model import check_tasks, task_bench
 
 # (benchmark, metric, subset, column label) of the headline table, in bias-bench order
 HEADLINE = (("StereoSet", "SS", "all", "SS"), ("StereoSet", "LMS", "all", "LMS"), ("StereoSet", "ICAT", "all", "ICAT"),
@@ -58,8 +59,6 @@ class CardInputs:
         if self.winobias_pro:
             read_winobias(self.winobias_pro, self.winobias_anti)
         if self.tasks:
-            from .lm_eval_model import check_tasks
-
             check_tasks(self.tasks, self.include_path)
         if not (self.crows or self.stereoset or self.bbq or self.winobias_pro or self.tasks or self.perplexity):
             raise ValueError("nothing to measure: pass at least one benchmark file, --tasks, or keep perplexity")
@@ -100,8 +99,6 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
     if inputs.perplexity:
         steps.append(("Perplexity", lambda: perplexity_bench(model, intervention, n_boot=n_boot, seed=seed)))
     if inputs.tasks:
-        from .lm_eval_model import task_bench
-
         steps.append(("lm-eval", lambda: task_bench(model, intervention, inputs.tasks, inputs.include_path,
                                                     limit=inputs.limit, n_boot=n_boot, seed=seed)))
     for name, fn in steps:
@@ -146,7 +143,8 @@ def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> s
     lines = ["# Bias report card", "",
              f"Intervention: {card['intervention'] or 'none (unmodified model only)'}", "",
              "Point estimates with 95% cluster-bootstrap intervals; the difference row is intervention - "
-             "unmodified, paired (the same resamples for both). SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
+             "unmodified, paired (the same resamples for both); per-benchmark tables add its bootstrap p and the "
+             "Benjamini-Hochberg p over that metric's subsets. SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
              "0 mean no measured bias; LMS and ICAT: higher is better.", ""]
     labels = [h["label"] for h in head]
     lines.append("| model | " + " | ".join(labels) + " |")
@@ -158,9 +156,10 @@ def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> s
         lines.append("| difference | " + " | ".join(_fmt(h["difference"], h["difference_ci"]) for h in head) + " |")
     for res in results:
         lines += ["", f"## {res.benchmark}", "", "| metric | subset | items (clusters) | unmodified | intervention "
-                  "| difference |", "|---|---|---|---|---|---|"]
+                  "| difference | p (BH) |", "|---|---|---|---|---|---|---|"]
         for r in res.rows:
+            p = "-" if r.difference_p is None else f"{r.difference_p:.3f} ({r.difference_p_adjusted:.3f})"
             lines.append(f"| {r.metric} | {r.subset} | {r.n_items} ({r.n_clusters}) | "
                          f"{_fmt(r.unmodified, r.unmodified_ci)} | {_fmt(r.intervention, r.intervention_ci)} | "
-                         f"{_fmt(r.difference, r.difference_ci)} |")
+                         f"{_fmt(r.difference, r.difference_ci)} | {p} |")
     return "\n".join(lines) + "\n"

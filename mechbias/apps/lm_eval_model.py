@@ -29,11 +29,24 @@ from ..eval.scoring import continuation_logprob, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
 
 try:
+    import lm_eval.models  # noqa: F401 - lm-eval registers its own model types only while its registry is empty
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("the lm-eval model type needs the optional extra: pip install 'mechbias[eval]' "
-                      "(package lm-eval)") from err
+
+    HAVE_LM_EVAL = True
+except ImportError:  # the optional extra is not installed: the class exists, lm-eval's functions refuse
+    HAVE_LM_EVAL = False
+    LM = object  # type: ignore[misc, assignment]
+
+    def register_model(*names):  # type: ignore[no-redef]
+        return lambda cls: cls
+
+NEEDS_EXTRA = "lm-eval is not installed: pip install 'mechbias[eval]' (package lm-eval)"
+
+
+def _need_lm_eval() -> None:
+    if not HAVE_LM_EVAL:
+        raise ValueError(NEEDS_EXTRA)
 
 
 @register_model("mechbias")
@@ -50,6 +63,7 @@ class MechbiasLM(LM):
 
     def __init__(self, model: Any = None, intervention: Any = None, max_length: int | None = None,
                  max_gen_toks: int = 256, batch_size: Any = None, device: Any = None, **unused: Any) -> None:
+        _need_lm_eval()
         super().__init__()
         unknown = sorted(k for k in unused if k not in ("max_batch_size", "dtype", "trust_remote_code"))
         if unknown:
@@ -138,6 +152,7 @@ def task_manager(tasks: list[str], include_path: str | Path | None = None):
 
 def check_tasks(tasks: list[str], include_path: str | Path | None = None) -> None:
     """A clear error for task names lm-eval does not know (checked before a model loads)."""
+    _need_lm_eval()
     known = set(task_manager(tasks, include_path).all_tasks)
     bad = [t for t in tasks if t not in known]
     if bad:

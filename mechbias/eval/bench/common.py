@@ -1,6 +1,9 @@
 """What every external bias benchmark shares: items in clusters, metrics computed from per-item outcomes, and a
 paired cluster bootstrap of the unmodified model, the model under an intervention and their difference.
 
+Each difference also gets a two-sided bootstrap p-value, adjusted by Benjamini–Hochberg over the subsets of the
+same metric (overall, per category or bias type), the family a reader scans.
+
 A benchmark reads its public file format into items, scores each item under the
 model (:func:`score` runs the model once as it is and once under the
 intervention), and defines its metrics as functions of the per-item outcomes
@@ -18,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
+from ..stats import benjamini_hochberg
 
 Outcomes = dict[str, np.ndarray]  # per-item arrays (scores, choices, flags), all of length n_items
 Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> value
@@ -34,6 +38,8 @@ class MetricRow:
     intervention_ci: tuple[float, float] | None = None
     difference: float | None = None  # intervention - unmodified, paired
     difference_ci: tuple[float, float] | None = None
+    difference_p: float | None = None  # two-sided bootstrap p of the paired difference
+    difference_p_adjusted: float | None = None  # Benjamini-Hochberg over the subsets of this metric
     n_items: int = 0
     n_clusters: int = 0
     unit: str = ""
@@ -107,8 +113,23 @@ def metric_rows(benchmark: str, metrics: dict[str, tuple[Metric, str]], base: Ou
                 ab = np.array([fn(after, idx) for idx in boots])
                 row.intervention, row.intervention_ci = a0, _ci(ab)
                 row.difference, row.difference_ci = a0 - b0, _ci(ab - bb)
+                row.difference_p = _p_two_sided(ab - bb)
             rows.append(row)
+    for mname in metrics:  # one family per metric: its subsets
+        fam = [r for r in rows if r.metric == mname and r.difference_p is not None]
+        for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam])):
+            r.difference_p_adjusted = adj
     return rows
+
+
+def _p_two_sided(d: np.ndarray) -> float:
+    """Two-sided bootstrap p of a difference: twice the smaller tail share at 0 (capped at 1)."""
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return float("nan")
+    if np.all(d == 0):
+        return 1.0
+    return float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
 
 
 def score(model, intervention: Intervention | None, fn: Callable[[Any], Outcomes]) -> tuple[Outcomes, Outcomes | None]:

@@ -1,8 +1,8 @@
 """WinoBias (Zhao et al., 2018) from its public text files: a pro-stereotypical and an anti-stereotypical file
 whose lines are aligned (``pro_stereotyped_type1.txt.test`` and ``anti_stereotyped_type1.txt.test``, ...).
 
-A line is an optional index, then a sentence with two bracketed spans: the
-occupation the pronoun refers to, and the pronoun, e.g.
+A line is an optional index, then a sentence with bracketed spans: the
+occupation the pronouns refer to, then the pronoun(s) (the first one is asked about), e.g.
 ``1 [The developer] argued with the designer because [he] did not like the design.``
 The other occupation is the one of the 40 WinoBias occupations (below) that
 appears outside the brackets.
@@ -40,7 +40,7 @@ _BRACKET = re.compile(r"\[([^\]]+)\]")
 def parse_line(line: str, where: str, occupations=OCCUPATIONS) -> dict:
     text = re.sub(r"^\s*\d+\s+", "", line.strip())
     spans = _BRACKET.findall(text)
-    if len(spans) != 2:
+    if len(spans) < 2:
         raise ValueError(f"{where}: expected two bracketed spans (the occupation and the pronoun), found {spans}")
     referent = re.sub(r"^(the|a|an)\s+", "", spans[0].strip(), flags=re.I)
     pronoun = spans[1].strip()
