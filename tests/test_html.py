@@ -23,7 +23,8 @@ def test_matrix_cells_carry_their_numbers_and_colours():
     assert len(tds) == 2
     (c1, tip1, txt1), (c2, tip2, txt2) = tds
     assert txt1 == "+0.100*" and txt2 == "-0.050"  # * = BH-adjusted p < 0.05
-    assert c1 == "rgb(255,105,105)" and c2.endswith(",255)")  # the largest |value| is saturated red; negative blue
+    # full colour = the largest |gap before| (0.2): +0.1 removes half of it; negative is blue
+    assert c1 == "rgb(255,180,180)" and c2 == "rgb(217,217,255)"
     assert "gap change   +0.100 [+0.020, +0.180]" in tip1 and "control matched: gap change +0.010" in tip1
     assert "perplexity change +1.250" in tip1
     assert "not estimable" in tip2

@@ -36,7 +36,7 @@ from ..data.contexts import Context, PromptSet, load_axis, load_contexts
 from ..data.texts import neutral_texts, selection_phase
 from ..interventions.base import Intervention, load_intervention
 from ..interventions.profile import UnitProfile, unit_profile
-from ..viz.html import fmt, matrix_html
+from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .generation import generation_bias
 from .metrics import contrast_scores, perplexity
@@ -381,16 +381,14 @@ class TransferMatrix(Result):
 
     def _repr_html_(self) -> str:
         """The matrix in Jupyter: cells coloured by bias removed, hover for CIs, tests, controls and costs."""
-        levels = list(dict.fromkeys(c.as_dict().get("level", "") for c in self.cells))
         parts = [f"<b>{self.method}</b>, axis {self.axis}: bias removed on held-out prompts (hover a cell)"]
-        for lv in levels:
-            parts.append(matrix_html([c.as_dict() for c in self.cells if c.as_dict().get("level", "") == lv],
-                                     title=f"{self.method} {lv}"))
+        parts += [matrix_html(group, title=f"{self.method} {name}")
+                  for name, group in matrix_groups([c.as_dict() for c in self.cells])]
         tt = self.transfer_test or {}
         if "diagonal_minus_offdiagonal" in tt:
             parts.append(f"<div>within - cross: {fmt(tt['diagonal_minus_offdiagonal'])} [{fmt(tt.get('ci_low'))}, "
-                         f"{fmt(tt.get('ci_high'))}], minimal detectable difference {fmt(tt.get('min_detectable'))}"
-                         "</div>")
+                         f"{fmt(tt.get('ci_high'))}], minimal detectable difference "
+                         f"{fmt(tt.get('min_detectable'), signed=False)}</div>")
         return "".join(parts)
 
     def to_dataframe(self):

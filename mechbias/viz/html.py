@@ -41,10 +41,12 @@ def esc(x) -> str:
     return html.escape(str(x), quote=True)
 
 
-def fmt(v, digits: int = 3) -> str:
+def fmt(v, digits: int = 3, signed: bool = True) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
-    return f"{v:+.{digits}f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+    return str(v)
 
 
 def _ci(a, b, digits: int = 3) -> str:
@@ -68,8 +70,8 @@ def cell_tip(c: dict) -> str:
     lines = [f"selected on {c.get('selected_on')}  ->  evaluated on {c.get('evaluated_on')}",
              f"gap before   {fmt(c.get('gap_before'))} {_ci(*(c.get('gap_before_ci') or (None, None)))}",
              f"gap change   {fmt(c.get('gap_change'))} {_ci(c.get('ci_low'), c.get('ci_high'))}",
-             f"bias removed {fmt(c.get('gap_removed'))}   p {fmt(c.get('p_value'))}   "
-             f"p (BH) {fmt(c.get('p_adjusted'))}   MDD {fmt(c.get('min_detectable'))}",
+             f"bias removed {fmt(c.get('gap_removed'))}   p {fmt(c.get('p_value'), signed=False)}   "
+             f"p (BH) {fmt(c.get('p_adjusted'), signed=False)}   MDD {fmt(c.get('min_detectable'), signed=False)}",
              "reduction    " + (f"{fmt(c.get('reduction'))} {_ci(c.get('reduction_ci_low'), c.get('reduction_ci_high'))}"
                                 if c.get("reduction") is not None else "not estimable (baseline CI includes 0)"),
              f"perplexity change {fmt(c.get('perplexity_change'))}   components {c.get('n_components')}"]
@@ -82,12 +84,16 @@ def cell_tip(c: dict) -> str:
 
 
 def matrix_html(cells: Sequence[dict], *, value: str = "gap_removed", title: str = "") -> str:
-    """A transfer matrix (rows: selected on, columns: evaluated on) coloured by ``value``, with hover details."""
+    """A transfer matrix (rows: selected on, columns: evaluated on) coloured by ``value``, with hover details.
+
+    Full colour is the largest |gap before| among the cells: a cell is as red as the share of a baseline gap
+    it removes, so a tiny effect stays pale whatever the other cells do."""
     rows = list(dict.fromkeys(c["selected_on"] for c in cells))
     cols = list(dict.fromkeys(c["evaluated_on"] for c in cells))
     by = {(c["selected_on"], c["evaluated_on"]): c for c in cells}
-    vals = [abs(c.get(value)) for c in cells if isinstance(c.get(value), (int, float)) and np.isfinite(c.get(value))]
-    vmax = max(vals) if vals else 1.0
+    gaps = [abs(c["gap_before"]) for c in cells if isinstance(c.get("gap_before"), (int, float))
+            and np.isfinite(c["gap_before"])]
+    vmax = max(gaps) if gaps else 1.0
     out = [f"<table class='mb' data-matrix='{esc(title)}'><tr><th>selected on \\ evaluated on</th>"
            + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"]
     for r in rows:
@@ -104,6 +110,16 @@ def matrix_html(cells: Sequence[dict], *, value: str = "gap_removed", title: str
         out.append("</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def matrix_groups(cells: Sequence[dict]) -> list[tuple[str, list[dict]]]:
+    """One matrix when each (selected on, evaluated on) pair occurs once (L1 on the diagonal, L2 off it);
+    one per level when a pair occurs at several levels."""
+    pairs = [(c["selected_on"], c["evaluated_on"]) for c in cells]
+    levels = list(dict.fromkeys(c.get("level", "") for c in cells))
+    if len(set(pairs)) == len(pairs):
+        return [("Transfer matrix (diagonal: within context; off it: across contexts)", list(cells))]
+    return [(f"Transfer matrix {lv}", [c for c in cells if c.get("level", "") == lv]) for lv in levels]
 
 
 def svg_bars(values: Sequence[float], labels: Sequence[str], tips: Sequence[str], *, width: int = 900,
@@ -179,8 +195,9 @@ def records_html(rows: Sequence[dict], columns: Sequence[str] | None = None, max
     cols = list(columns or [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))])
     out = ["<table class='mb'><tr>" + "".join(f"<th>{esc(c)}</th>" for c in cols) + "</tr>"]
     for r in rows[:max_rows]:
-        out.append("<tr>" + "".join(f"<td>{esc(fmt(r.get(c)) if isinstance(r.get(c), float) else r.get(c, ''))}</td>"
-                                    for c in cols) + "</tr>")
+        out.append("<tr>" + "".join(
+            f"<td>{esc(fmt(r.get(c), signed=not (c.startswith('p') or 'detectable' in c)) if isinstance(r.get(c), float) else r.get(c, ''))}</td>"
+            for c in cols) + "</tr>")
     if len(rows) > max_rows:
         out.append(f"<tr><td colspan='{len(cols)}' class='note'>... {len(rows) - max_rows} more rows</td></tr>")
     return "".join(out) + "</table>"
@@ -215,12 +232,17 @@ def _ig2_section(step: Path, summary: dict) -> list[str]:
 def _patching_section(step: Path, summary: dict) -> list[str]:
     out = []
     for ctx in summary.get("selections", {}):
-        vals = _load_tensor(step / "selections" / ctx / "sweep_heads", "values")  # [pairs, layers, heads]
+        folder = step / "selections" / ctx / "sweep_heads"
+        vals = _load_tensor(folder, "values")  # [pairs, layers, heads]: the patched metric
         if vals is None:
             continue
-        mean, sd = vals.mean(0), vals.std(0, ddof=1) if vals.shape[0] > 1 else np.zeros(vals.shape[1:])
-        n = vals.shape[0]
-        out.append(f"<h3>Head patching, mean logit-difference effect over {n} pairs ({esc(ctx)})</h3>"
+        direction = json.loads((folder / "result.json").read_text()).get("direction", "denoise")
+        base = _load_tensor(folder, "ld_corrupt" if direction == "denoise" else "ld_clean")
+        eff = vals - base[:, None, None]  # patched minus unpatched, per pair
+        mean, sd = eff.mean(0), eff.std(0, ddof=1) if eff.shape[0] > 1 else np.zeros(eff.shape[1:])
+        n = eff.shape[0]
+        out.append(f"<h3>Head patching ({esc(direction)}): mean effect on the logit difference over {n} pairs "
+                   f"({esc(ctx)})</h3>"
                    + svg_heatmap(mean, "layer", "head",
                                  lambda i, j: f"layer {i}, head {j}\nmean effect {mean[i, j]:+.4f}\n"
                                               f"sd over pairs {sd[i, j]:.4f}"))
@@ -247,7 +269,8 @@ def study_html(out: str | Path) -> str:
     cfg = json.loads((out / "study_config.json").read_text()) if (out / "study_config.json").exists() else {}
     body = [f"<p class='note'>Study folder <code>{esc(out)}</code>. Hover a cell, bar or point for its numbers. "
             "Transfer cells show the bias removed (gap change toward 0) on held-out prompts with its 95% CI; "
-            "* marks cells whose Benjamini–Hochberg adjusted p &lt; 0.05. Red: bias removed; blue: bias added.</p>"]
+            "* marks cells whose Benjamini–Hochberg adjusted p &lt; 0.05. Red: bias removed, blue: bias added; full "
+            "colour = the largest baseline gap of the matrix removed.</p>"]
     if cfg:
         body.append("<p class='note'>" + esc(", ".join(f"{k}={v}" for k, v in cfg.items()
                                                         if not isinstance(v, (dict, list)))) + "</p>")
@@ -265,13 +288,12 @@ def study_html(out: str | Path) -> str:
         tfile = step / "transfer.json"
         if tfile.exists():  # the full cells carry every control
             cells = json.loads(tfile.read_text()).get("cells", cells)
-        for level in dict.fromkeys(c.get("level", "") for c in cells):
-            body.append(f"<h3>Transfer matrix {esc(level)}</h3>"
-                        + matrix_html([c for c in cells if c.get("level", "") == level], title=f"{step.name} {level}"))
+        body += [f"<h3>{esc(name)}</h3>" + matrix_html(group, title=f"{step.name} {name}")
+                 for name, group in matrix_groups(cells)]
         tt = s.get("transfer_test")
         if isinstance(tt, dict) and "diagonal_minus_offdiagonal" in tt:
             body.append(f"<p>Within minus cross-context bias removed: {fmt(tt['diagonal_minus_offdiagonal'])} "
-                        f"{_ci(tt.get('ci_low'), tt.get('ci_high'))}, p {fmt(tt.get('p_value'))}, minimal "
-                        f"detectable difference {fmt(tt.get('min_detectable'))}.</p>")
+                        f"{_ci(tt.get('ci_low'), tt.get('ci_high'))}, p {fmt(tt.get('p_value'), signed=False)}, "
+                        f"minimal detectable difference {fmt(tt.get('min_detectable'), signed=False)}.</p>")
         body += _ig2_section(step, s) + _patching_section(step, s) + _curve_section(s)
     return page("mechbias study report", body)
