@@ -9,6 +9,7 @@ differences with their CIs). Every file is read and checked before the model loa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,7 @@ from ..eval.bench import BenchResult, bbq_score, crows_bench, read_bbq, read_ste
 from ..eval.bench.common import Outcomes, metric_rows, score
 from ..eval.crows import read_pairs
 from ..eval.metrics import token_nll
+from ..eval.scoring import is_masked_lm
 from ..interventions.base import Intervention
 from ..viz.card import plot_card
 from .lm_eval_model import check_tasks, task_bench
@@ -85,6 +87,15 @@ def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, s
 def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
              seed: int = 0, log: Callable[[str], None] = print) -> dict:
     inputs.check()
+    if is_masked_lm(model):
+        causal_only = [n for n, on in (("BBQ", inputs.bbq), ("WinoBias", inputs.winobias_pro),
+                                       ("lm-eval tasks", inputs.tasks)) if on]
+        if causal_only:
+            raise ValueError(f"{', '.join(causal_only)}: scored for causal models only; this is a masked LM "
+                             "(StereoSet and CrowS-Pairs score masked LMs the papers' way)")
+        if inputs.perplexity:
+            log("card: perplexity skipped (not defined for a masked LM)")
+            inputs = dataclasses.replace(inputs, perplexity=False)
     results: list[BenchResult] = []
     kw = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
     steps: list[tuple[str, Callable[[], BenchResult]]] = []

@@ -25,7 +25,7 @@ import torch
 from ..core.models import load_model
 from ..data.contexts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
-from ..eval.scoring import continuation_logprob, token_logprobs
+from ..eval.scoring import continuation_logprob, is_masked_lm, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
 
 try:
@@ -73,6 +73,8 @@ class MechbiasLM(LM):
             intervention = load_intervention(intervention)
         self.intervention: Intervention | None = intervention or None
         self.model = load_model(model or None) if model is None or isinstance(model, str) else model
+        if is_masked_lm(self.model):
+            raise ValueError("the mechbias lm-eval model type scores causal models; this is a masked LM")
         self.max_length = int(max_length or getattr(self.model.cfg, "n_ctx", 2048))
         self.max_gen_toks = int(max_gen_toks)
 

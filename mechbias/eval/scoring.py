@@ -7,6 +7,7 @@ Every function runs the model as it is: wrap a call in ``intervention.apply(mode
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -84,3 +85,73 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
         k = len(cont)
         out.append(Continuation(float(lp[-k:].double().sum()), k, bool(g[-k:].all())))
     return out
+
+
+# ----------------------------------------------------------------------------
+# masked language models (BERT, RoBERTa): the benchmarks' masked-LM scores
+# ----------------------------------------------------------------------------
+
+def is_masked_lm(model) -> bool:
+    """Whether the model is a masked LM (a ``...ForMaskedLM`` under the bridge)."""
+    return type(getattr(model, "original_model", None)).__name__.endswith("ForMaskedLM")
+
+
+def _mask_id(model) -> int:
+    mid = getattr(model.tokenizer, "mask_token_id", None)
+    if mid is None:
+        raise ValueError("this masked LM's tokenizer has no mask token")
+    return int(mid)
+
+
+def _ids(model, text: str) -> Tensor:
+    """Token ids with the tokenizer's own special tokens ([CLS] ... [SEP] / <s> ... </s>)."""
+    return torch.tensor(model.tokenizer(text)["input_ids"], dtype=torch.long)
+
+
+@torch.no_grad()
+def _masked_logprobs(model, ids: Tensor, groups: Sequence[Sequence[int]]) -> list[Tensor]:
+    """For each group of positions: mask them all at once in ``ids`` and return log P(original token) at each."""
+    mask = _mask_id(model)
+    out = []
+    for k in range(0, len(groups), 32):
+        chunk = groups[k:k + 32]
+        batch = ids.repeat(len(chunk), 1)
+        for row, pos in enumerate(chunk):
+            batch[row, list(pos)] = mask
+        logp = model(batch.to(model.cfg.device)).float().log_softmax(-1).cpu()
+        out += [logp[row, list(pos), ids[list(pos)]] for row, pos in enumerate(chunk)]
+    return out
+
+
+def shared_token_pll(model, a: str, b: str) -> tuple[float, float]:
+    """CrowS-Pairs' masked-LM score (Nangia et al., 2020): for each sentence, the sum over the tokens it shares
+    with the other (aligned by longest matching blocks of token ids, special tokens excluded) of log P(token)
+    with that one token masked."""
+    ia, ib = _ids(model, a), _ids(model, b)
+    sm = difflib.SequenceMatcher(a=ia[1:-1].tolist(), b=ib[1:-1].tolist(), autojunk=False)
+    pa, pb = [], []
+    for blk in sm.get_matching_blocks():
+        pa += [1 + blk.a + j for j in range(blk.size)]
+        pb += [1 + blk.b + j for j in range(blk.size)]
+    sa = sum(float(x) for x in _masked_logprobs(model, ia, [[p] for p in pa]))
+    sb = sum(float(x) for x in _masked_logprobs(model, ib, [[p] for p in pb]))
+    return sa, sb
+
+
+def masked_fill_logprob(model, template: str, fill: str, blank: str = "BLANK") -> float:
+    """StereoSet's masked-LM score of a filling: the template with every token of ``fill`` masked at once, the
+    mean over those tokens of log P(token)."""
+    if template.count(blank) != 1:
+        raise ValueError(f"the context {template!r} must contain {blank} exactly once")
+    pre, post = template.split(blank)
+    whole, rest = _ids(model, pre + fill + post), _ids(model, pre + post)
+    p = 0  # the filling's tokens: what the filled text holds beyond the common prefix and suffix
+    while p < min(len(whole), len(rest)) and whole[p] == rest[p]:
+        p += 1
+    q = 0
+    while q < min(len(whole), len(rest)) - p and whole[-1 - q] == rest[-1 - q]:
+        q += 1
+    pos = list(range(p, len(whole) - q))
+    if not pos:
+        raise ValueError(f"cannot find the tokens of {fill!r} inside {template!r} for this tokenizer")
+    return float(_masked_logprobs(model, whole, [pos])[0].double().mean())

@@ -1,5 +1,6 @@
 """CrowS-Pairs (Nangia et al., 2020) in the report card's form: the score of :mod:`mechbias.eval.crows` (share of
-pairs whose stereotypical sentence has the higher log-likelihood, %; 50 = unbiased), overall and per bias type,
+pairs whose stereotypical sentence has the higher log-likelihood, %; 50 = unbiased; a masked LM scores the
+paper's way, by the pseudo-log-likelihood of the tokens the two sentences share), overall and per bias type,
 for the unmodified model and under an intervention, with paired intervals that resample pairs."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import numpy as np
 
 from ...interventions.base import Intervention
 from ..crows import read_pairs
-from ..scoring import sentence_logprob
+from ..scoring import is_masked_lm, sentence_logprob, shared_token_pll
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 
@@ -24,7 +25,12 @@ def crows_bench(model, path: str | Path, *, intervention: Intervention | None = 
     stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
     other = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
 
+    masked = is_masked_lm(model)
+
     def run(m) -> Outcomes:
+        if masked:  # the paper's score: pseudo-log-likelihood of the tokens the two sentences share
+            pairs = np.array([shared_token_pll(m, s, o) for s, o in zip(stereo, other)])
+            return {"stereo": pairs[:, 0], "other": pairs[:, 1]}
         return {"stereo": sentence_logprob(m, stereo).numpy(), "other": sentence_logprob(m, other).numpy()}
 
     base, after = score(model, intervention, run)
@@ -32,4 +38,6 @@ def crows_bench(model, path: str | Path, *, intervention: Intervention | None = 
     subsets = {"all": np.arange(len(rows)), **{t: np.flatnonzero(types == t) for t in sorted(set(types))}}
     out = metric_rows("CrowS-Pairs", {"score": (_score, "%")}, base, after, cluster_ids(range(len(rows))), subsets,
                       n_boot=n_boot, seed=seed)
-    return BenchResult("CrowS-Pairs", out, [], {"file": str(path), "n_pairs": len(rows)})
+    return BenchResult("CrowS-Pairs", out, [], {"file": str(path), "n_pairs": len(rows), "score": (
+        "masked LM: summed log P of the shared tokens, each masked in turn" if masked else
+        "causal LM: summed log P of the sentence after BOS")})

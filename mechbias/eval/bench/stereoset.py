@@ -11,6 +11,9 @@ filling by the mean log-probability of the tokens of the whole filled sentence
   comparisons the meaningful filling wins (100 = ideal);
 * ICAT = LMS x min(SS, 100 - SS) / 50.
 
+A masked LM scores a filling as the StereoSet code does for BERT: the words that replace BLANK are masked
+together in the context and their tokens' log-probabilities averaged.
+
 Counts are pooled over all examples (and per bias type). Intervals resample target terms (the examples of one
 target share it), paired between the unmodified model and the intervention.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ...interventions.base import Intervention
-from ..scoring import mean_token_logprob
+from ..scoring import is_masked_lm, masked_fill_logprob, mean_token_logprob
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
@@ -49,8 +52,21 @@ def read_stereoset(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: intrasentence example {k} ({ex.get('id', '?')}) lacks "
                              f"{missing or 'target/bias_type'}")
         out.append({"id": ex.get("id", str(k)), "target": ex["target"], "bias_type": ex["bias_type"],
-                    "context": ex.get("context", ""), **{lab: fill[lab] for lab in LABELS}})
+                    "context": ex.get("context", ""), **{lab: fill[lab] for lab in LABELS},
+                    **{f"{lab}_fill": _filling(ex.get("context", ""), fill[lab]) for lab in LABELS}})
     return out
+
+
+def _filling(context: str, sentence: str) -> str | None:
+    """The words that replace BLANK: what the sentence holds between the context's text before and after BLANK
+    (compared case-insensitively); None when the sentence does not fit the context."""
+    if context.count("BLANK") != 1:
+        return None
+    pre, post = context.split("BLANK")
+    low = sentence.lower()
+    if not (low.startswith(pre.lower()) and low.endswith(post.lower())) or len(pre) + len(post) > len(sentence):
+        return None
+    return sentence[len(pre):len(sentence) - len(post)]
 
 
 def _ss(o: Outcomes, idx: np.ndarray) -> float:
@@ -74,8 +90,14 @@ def stereoset_score(model, path: str | Path, *, intervention: Intervention | Non
                     seed: int = 0) -> BenchResult:
     examples = read_stereoset(path)
 
+    masked = is_masked_lm(model)
+
     def run(m) -> Outcomes:
-        cols = {lab: mean_token_logprob(m, [e[lab] for e in examples]).numpy() for lab in LABELS}
+        if masked:  # the filling's tokens masked in the context, mean log-probability (the StereoSet code's BERT score)
+            cols = {lab: np.array([masked_fill_logprob(m, e["context"], e[f"{lab}_fill"]) for e in examples])
+                    for lab in LABELS}
+        else:
+            cols = {lab: mean_token_logprob(m, [e[lab] for e in examples]).numpy() for lab in LABELS}
         return {"stereo": cols["stereotype"], "anti": cols["anti-stereotype"], "unrelated": cols["unrelated"]}
 
     base, after = score(model, intervention, run)
@@ -87,5 +109,6 @@ def stereoset_score(model, path: str | Path, *, intervention: Intervention | Non
                  **{f"{k}_unmodified": float(base[k][i]) for k in base},
                  **({f"{k}_intervention": float(after[k][i]) for k in after} if after else {})}
                 for i, e in enumerate(examples)]
-    return BenchResult("StereoSet", rows, per_item, {"file": str(path), "n_examples": len(examples),
-                                                    "score": "mean token log-probability of the filled sentence"})
+    return BenchResult("StereoSet", rows, per_item, {"file": str(path), "n_examples": len(examples), "score": (
+        "masked LM: mean log P of the filling's tokens, masked together in the context" if masked else
+        "causal LM: mean token log-probability of the filled sentence")})
