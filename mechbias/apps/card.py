@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
             log("card: perplexity skipped (not defined for a masked LM)")
             inputs = dataclasses.replace(inputs, perplexity=False)
     results: list[BenchResult] = []
-    kw = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
+    kw: dict[str, Any] = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
     steps: list[tuple[str, Callable[[], BenchResult]]] = []
     if inputs.stereoset:
         steps.append(("StereoSet", lambda: stereoset_score(model, inputs.stereoset, **kw)))

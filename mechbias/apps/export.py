@@ -49,7 +49,8 @@ def _hf_state_dict(model, fresh, params: dict[str, torch.Tensor]) -> dict[str, t
     it is all zeros (TransformerLens adds a zero unembedding bias)."""
     by_ptr = {p.data_ptr(): n for n, p in named_params(model).items()}
     live = {k.replace("._original_component", ""): t for k, t in model.original_model.state_dict().items()}
-    out, used = {}, set()
+    out: dict[str, torch.Tensor] = {}
+    used: set[int] = set()
     for key in fresh.state_dict():
         fused = _fused_qkv(key, params, live)
         if fused is not None:

@@ -80,7 +80,7 @@ class MechbiasLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MechbiasLM":
-        args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip()) if arg_string else {}
+        args: dict[str, Any] = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip()) if arg_string else {}
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**args, **extra)
 

@@ -16,7 +16,7 @@ an aggregate over the resampled items (never a mean of per-cluster ratios).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -93,7 +93,7 @@ def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return (float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))
 
 
-def metric_rows(benchmark: str, metrics: dict[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
+def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
                 clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
                 ) -> list[MetricRow]:
     """Each metric on each subset: unmodified, under the intervention, and the paired difference, with
