@@ -155,7 +155,7 @@ def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> s
              f"Intervention: {card['intervention'] or 'none (unmodified model only)'}", "",
              "Point estimates with 95% cluster-bootstrap intervals; the difference row is intervention - "
              "unmodified, paired (the same resamples for both); per-benchmark tables add its bootstrap p and the "
-             "Benjamini-Hochberg p over that metric's subsets. SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
+             "Benjamini-Hochberg p (headline subsets one family, breakdowns by category or type another). SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
              "0 mean no measured bias; LMS and ICAT: higher is better.", ""]
     labels = [h["label"] for h in head]
     lines.append("| model | " + " | ".join(labels) + " |")

@@ -143,7 +143,7 @@ def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot:
         subsets = {f"{c}": np.flatnonzero(cond == c),
                    **{f"{c}/{k}": np.flatnonzero((cond == c) & (cats == k)) for k in sorted(set(cats))}}
         result += metric_rows("BBQ", {"accuracy": (_accuracy, "%"), "bias score": (bias_fn, "x100")}, base, after,
-                              clusters, subsets, n_boot=n_boot, seed=seed)
+                              clusters, subsets, n_boot=n_boot, seed=seed, primary=(c,))
     per_item = [{"example_id": r.get("example_id"), "category": r["category"], "condition": r["context_condition"],
                  "label": r["label"], "target": r["target"], "choice_unmodified": int(base["choice"][i]),
                  **({"choice_intervention": int(after["choice"][i])} if after else {})}

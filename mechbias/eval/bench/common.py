@@ -1,8 +1,8 @@
 """What every external bias benchmark shares: items in clusters, metrics computed from per-item outcomes, and a
 paired cluster bootstrap of the unmodified model, the model under an intervention and their difference.
 
-Each difference also gets a two-sided bootstrap p-value, adjusted by Benjamini–Hochberg over the subsets of the
-same metric (overall, per category or bias type), the family a reader scans.
+Each difference also gets a two-sided bootstrap p-value, adjusted by Benjamini–Hochberg per metric within two
+families: the headline subsets (all items; a BBQ condition) and the breakdowns (categories, bias types).
 
 A benchmark reads its public file format into items, scores each item under the
 model (:func:`score` runs the model once as it is and once under the
@@ -94,10 +94,13 @@ def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
 
 
 def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
-                clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0
-                ) -> list[MetricRow]:
+                clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0,
+                primary: tuple[str, ...] = ("all",)) -> list[MetricRow]:
     """Each metric on each subset: unmodified, under the intervention, and the paired difference, with
-    percentile intervals from one cluster bootstrap per subset (the same resamples for all three)."""
+    percentile intervals from one cluster bootstrap per subset (the same resamples for all three).
+
+    p-values are adjusted by Benjamini-Hochberg per metric within two families: the ``primary`` subsets (the
+    headline: all items, or a BBQ condition) and the other subsets (categories, bias types)."""
     rows = []
     for sname, subset in subsets.items():
         if len(subset) == 0:
@@ -115,10 +118,12 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
                 row.difference, row.difference_ci = a0 - b0, _ci(ab - bb)
                 row.difference_p = _p_two_sided(ab - bb)
             rows.append(row)
-    for mname in metrics:  # one family per metric: its subsets
-        fam = [r for r in rows if r.metric == mname and r.difference_p is not None]
-        for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam])):
-            r.difference_p_adjusted = adj
+    for mname in metrics:
+        for head in (True, False):
+            fam = [r for r in rows if r.metric == mname and r.difference_p is not None
+                   and (r.subset in primary) == head]
+            for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam])):
+                r.difference_p_adjusted = adj
     return rows
 
 
