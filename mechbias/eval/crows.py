@@ -68,12 +68,19 @@ class CrowsResult(Result):
         return plot_crows(self)
 
 
+def stereo_and_other(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """The stereotypical and the other sentence of each pair (``sent_more`` is the stereotypical one of a
+    ``stereo`` row, ``sent_less`` of an ``antistereo`` row)."""
+    stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
+    other = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
+    return stereo, other
+
+
 def crows_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> CrowsResult:
     """Score a CrowS-Pairs CSV with ``model`` (optionally under an intervention)."""
     rows = read_pairs(path)
-    stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
-    anti = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
+    stereo, anti = stereo_and_other(rows)
     with maybe_apply(intervention, model):
         lp_s = sentence_logprob(model, stereo)
         lp_a = sentence_logprob(model, anti)

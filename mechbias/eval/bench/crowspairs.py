@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ...interventions.base import Intervention
-from ..crows import read_pairs
+from ..crows import read_pairs, stereo_and_other
 from ..scoring import is_masked_lm, sentence_logprob, shared_token_pll
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
@@ -22,8 +22,7 @@ def _score(o: Outcomes, idx: np.ndarray) -> float:
 def crows_bench(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> BenchResult:
     rows = read_pairs(path)
-    stereo = [r["sent_more"] if r["stereo_antistereo"] == "stereo" else r["sent_less"] for r in rows]
-    other = [r["sent_less"] if r["stereo_antistereo"] == "stereo" else r["sent_more"] for r in rows]
+    stereo, other = stereo_and_other(rows)
 
     masked = is_masked_lm(model)
 
