@@ -94,7 +94,8 @@ def test_feature_separates_groups_on_held_out_data(tiny, trained):
     ev = evaluate_feature(tiny, trained, n_neutral=4)
     assert ev["sign_accuracy"] >= 0.9 and ev["pearson"] > 0.8
     assert ev["stats"]["male"]["mean"] > 0 > ev["stats"]["female"]["mean"]  # normalized: group A positive
-    assert abs(ev["stats"]["neutral"]["mean"]) < 0.5 * ev["stats"]["male"]["mean"]
+    # trained with neutral batches (label 0, target 0): held-out neutral text (reporting paragraphs) near 0
+    assert abs(ev["stats"]["neutral"]["mean"]) < 0.15 and trained.meta["neutral_rows_train"] > 0
     assert trained.plot().axes
 
 
@@ -175,7 +176,7 @@ def test_normaliser_by_hand_and_fold_back_is_exact():
     assert float(nz.in_scale[1]) == pytest.approx(1 / (float(centred.pow(2).mean().sqrt()) * 100 ** 0.5), rel=1e-5)
     assert float(nz.out_scale[1]) == pytest.approx(TARGET_SCALE / float(pool.T[tr][:, 30:80].double().pow(2).mean().sqrt()),
                                                    rel=1e-5)
-    cfg = GradiendConfig(steps=60, seeds=(0,), eval_every=10, lr=1e-2)
+    cfg = GradiendConfig(steps=60, seeds=(0,), eval_every=10, lr=1e-2, neutral=0)
     gm, info, hist, curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
     raw = nz.fold(gm)
     for row in pool.F[:6]:
@@ -191,7 +192,7 @@ def test_normalised_training_is_invariant_to_each_matrix_gradient_scale():
     from mechbias.methods.gradiend import Normalizer
     from mechbias.methods.gradiend.train import train_on_pool
 
-    cfg = GradiendConfig(steps=40, seeds=(0,), eval_every=10, lr=1e-2)
+    cfg = GradiendConfig(steps=40, seeds=(0,), eval_every=10, lr=1e-2, neutral=0)
     out = []
     for scales in ((1.0, 1.0, 1.0), (1e3, 1.0, 1e-2)):
         pool, sizes, c = _synthetic_pool(scales)
@@ -214,7 +215,7 @@ def test_training_converges_on_the_pool():
     from mechbias.methods.gradiend.train import train_on_pool
 
     pool, sizes, _ = _synthetic_pool()
-    cfg = GradiendConfig(steps=200, seeds=(0,), eval_every=10, patience=50, lr=3e-3)
+    cfg = GradiendConfig(steps=200, seeds=(0,), eval_every=10, patience=50, lr=3e-3, neutral=0)
     tr = ~pool.validation
     nz = Normalizer.fit(pool.F[tr], pool.T[tr], sizes)
     _, info, hist, curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
@@ -223,16 +224,20 @@ def test_training_converges_on_the_pool():
 
 def test_pool_rows_and_shuffled_labels_equal_direct_gradients(tiny):
     """A pool row is the gradient pair of that name's selection texts; a shuffled (swapped) name's row is
-    the gradient pair with factual and counterfactual exchanged, computed directly."""
+    the gradient pair with factual and counterfactual exchanged, computed directly; a neutral row is the
+    plain gradient of its neutral prefixes' real next tokens, with target exactly 0, and keeps its label."""
     from mechbias.methods.gradiend import gradient_pool
+    from mechbias.methods.gradiend.pool import NEUTRAL
+    from mechbias.methods.gradiend.texts import neutral_training_rows
 
     ps = param_set(tiny, "down")
-    pool = gradient_pool(tiny, "finance", "gender", ps, log=lambda s: None)
+    pool = gradient_pool(tiny, "finance", "gender", ps, neutral=True, log=lambda s: None)
     texts = feature_texts(tiny, "finance", "gender")
+    n_names = len(dict.fromkeys(t.name for t in texts))
     sh = pool.shuffled(0)
     flipped = [i for i in range(len(pool.names)) if sh.groups[i] != pool.groups[i]]
-    kept = [i for i in range(len(pool.names)) if sh.groups[i] == pool.groups[i]]
-    assert flipped and kept and sh.groups.sum() == len(pool.names) // 2
+    kept = [i for i in range(n_names) if sh.groups[i] == pool.groups[i]]
+    assert flipped and kept and sh.groups[:n_names].sum() == n_names // 2 and max(flipped) < n_names
     for i in (flipped[0], kept[0]):
         b = [t for t in texts if t.name == pool.names[i]]
         f, c = [t.factual for t in b], [t.counterfactual for t in b]
@@ -243,6 +248,28 @@ def test_pool_rows_and_shuffled_labels_equal_direct_gradients(tiny):
         scale = float(gf.abs().max())
         assert float((sh.F[i] - gf).abs().max()) < 1e-5 * scale, (i in flipped, float((sh.F[i] - gf).abs().max()), scale)
         assert float((sh.T[i] - gt).abs().max()) < 1e-5 * scale
+    rows = neutral_training_rows(tiny, pool.texts_per_name, split="selection")
+    assert list(pool.groups[n_names:]) == [NEUTRAL] * len(rows) and len(rows) >= 8
+    # half of the neutral paragraphs validate, whole paragraphs on one side
+    para_val = {}
+    for (para, _), v in zip(rows, pool.validation[n_names:]):
+        assert para_val.setdefault(para, v) == v
+    assert sum(para_val.values()) == len(para_val) // 2
+    for j in (0, len(rows) - 1):
+        b = rows[j][1]
+        assert len(b) == pool.texts_per_name and all(t.factual == t.counterfactual for t in b)
+        g = batch_gradient(tiny, ps, [t.text for t in b], [t.factual for t in b])
+        assert float((pool.F[n_names + j] - g).abs().max()) < 1e-5 * float(g.abs().max())
+        assert float(pool.T[n_names + j].abs().max()) == 0.0
+        assert torch.equal(sh.F[n_names + j], pool.F[n_names + j]) and sh.groups[n_names + j] == NEUTRAL
+
+
+def test_batch_schedule_by_hand():
+    from mechbias.methods.gradiend.train import batch_schedule
+
+    assert batch_schedule(6, 0.0) == [0, 1, 0, 1, 0, 1]
+    assert batch_schedule(6, 0.5) == [0, 1, 2, 0, 1, 2]
+    assert batch_schedule(4, 1.0) == [0, 2, 1, 2]
 
 
 def test_pool_over_its_memory_limit_is_refused_before_any_forward(tiny, monkeypatch):

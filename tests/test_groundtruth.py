@@ -70,10 +70,10 @@ def test_gradiend_feature_separates_planted_groups_and_its_decoder_share_is_exac
     hd = h_direction(model, res, n_boot=500, neutral_max_texts=None)
     up, down = hd["heldout"]["+1"], hd["heldout"]["-1"]
     assert hd["opposite_signs"] and up["gap_change"] * down["gap_change"] < 0
-    # not yet met (README, issue 16): each CI excluding 0; today one of the two does (h = -1 at alpha 0.03:
-    # -0.24 [-0.46, -0.03]; h = +1: +0.22 [-0.02, +0.45])
-    assert (up["ci_low"] * up["ci_high"] > 0) or (down["ci_low"] * down["ci_high"] > 0)
+    assert up["ci_low"] > 0 and down["ci_high"] < 0 and hd["both_exclude_zero"]
     assert set(hd["heldout"]) == {"+1", "-1", "+0"}
+    # neutral text (trained with neutral batches) encodes near 0
+    assert abs(st["neutral"]["mean"]) < 0.15
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ class Gradiend(Method):
     def select(self, model, context: Context, axis: str) -> Selection:
         cfg = dataclasses.replace(self.config, seed=self.seed)
         pool = gradient_pool(model, context, axis, param_set(model, cfg.params, cfg.layers), seed=cfg.seed,
-                             max_gib=cfg.max_pool_gib, log=self.log)
+                             max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0, log=self.log)
         res = train_gradiend(model, context, axis, cfg, log=self.log, pool=pool)
         ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
                          neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)

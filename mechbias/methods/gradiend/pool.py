@@ -32,11 +32,12 @@ import torch
 from torch import Tensor
 
 from ...data.contexts import Context, load_axis, load_context, stable_hash
-from .gradients import ParamSet, batch_gradient_pair, trim_memory
+from .gradients import ParamSet, batch_gradient, batch_gradient_pair, trim_memory
 from .model import GradiendModel
-from .texts import feature_texts
+from .texts import feature_texts, neutral_training_rows
 
 TARGET_SCALE = 0.1
+NEUTRAL = 2  # the group index of neutral rows
 
 
 @dataclass
@@ -105,11 +106,13 @@ def validation_names(ax, seed: int) -> set[str]:
 
 @dataclass
 class GradientPool:
-    """One factual gradient ``F[i]`` and target ``T[i]`` per name (the mean over its selection templates)."""
+    """One factual gradient ``F[i]`` and target ``T[i]`` per name (the mean over its selection templates),
+    and optionally neutral rows (group 2: the mean gradient of a few neutral prefixes' real next tokens,
+    target 0)."""
 
     param_set: ParamSet
     names: list[str]
-    groups: np.ndarray      # 0 = group A, 1 = group B
+    groups: np.ndarray      # 0 = group A, 1 = group B, 2 = neutral text
     validation: np.ndarray  # bool: a validation name
     F: Tensor               # (names, n)
     T: Tensor               # (names, n)
@@ -120,6 +123,11 @@ class GradientPool:
     def nbytes(self) -> int:
         return self.F.numel() * self.F.element_size() + self.T.numel() * self.T.element_size()
 
+    def subset(self, rows) -> "GradientPool":
+        idx = [int(i) for i in rows]
+        return GradientPool(self.param_set, [self.names[i] for i in idx], self.groups[idx], self.validation[idx],
+                            self.F[idx], self.T[idx], self.texts_per_name, self.seconds)
+
     def shuffled(self, seed: int) -> "GradientPool":
         """Group labels drawn at random per name (half per group, within training and within validation);
         where a label changes, factual and counterfactual swap: F' = F - T, T' = -T. Exact: the same
@@ -127,7 +135,7 @@ class GradientPool:
         rng = np.random.default_rng(seed + 977)
         new = self.groups.copy()
         for part in (False, True):
-            idx = np.where(self.validation == part)[0]
+            idx = np.where((self.validation == part) & (self.groups != NEUTRAL))[0]
             lab = np.array([0] * (len(idx) // 2) + [1] * (len(idx) - len(idx) // 2))
             new[idx] = rng.permutation(lab)
         flip = torch.from_numpy(new != self.groups)
@@ -142,25 +150,32 @@ def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
 
 
 def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
-                  max_gib: float = 12.0, max_tokens: int = 400, log=print) -> GradientPool:
-    """Per-name gradients on the context's selection templates and names. Stored in float32 when that fits
-    in ``max_gib``, else bfloat16; refused (before any forward pass) when even bfloat16 does not fit."""
+                  max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False, log=print) -> GradientPool:
+    """Per-name gradients on the context's selection templates and names, and with ``neutral`` the neutral
+    rows of the selection neutral paragraphs (half of the paragraphs validate). Stored in float32 when that
+    fits in ``max_gib``, else bfloat16; refused (before any forward pass) when even bfloat16 does not fit."""
     import time
 
     ctx = load_context(context)
     ax = load_axis(axis)
     texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=seed)
     names = list(dict.fromkeys(t.name for t in texts))
+    per = sum(t.name == names[0] for t in texts)
+    neutral_rows = neutral_training_rows(model, per, split="selection") if neutral else []
+    n_rows = len(names) + len(neutral_rows)
     budget = max_gib * 1024 ** 3
-    dtype = torch.float32 if pool_bytes(ps, len(names), torch.float32) <= budget else torch.bfloat16
-    if pool_bytes(ps, len(names), dtype) > budget:
-        raise ValueError(f"the GRADIEND gradient pool needs {pool_bytes(ps, len(names), dtype) / 1024 ** 3:.1f} GiB "
-                         f"({len(names)} names x 2 x {ps.numel:,} parameters in bfloat16), over max_pool_gib = "
+    dtype = torch.float32 if pool_bytes(ps, n_rows, torch.float32) <= budget else torch.bfloat16
+    if pool_bytes(ps, n_rows, dtype) > budget:
+        raise ValueError(f"the GRADIEND gradient pool needs {pool_bytes(ps, n_rows, dtype) / 1024 ** 3:.1f} GiB "
+                         f"({n_rows} rows x 2 x {ps.numel:,} parameters in bfloat16), over max_pool_gib = "
                          f"{max_gib}; train fewer parameters (e.g. --params down-late) or raise the limit")
     val = validation_names(ax, seed)
+    paragraphs = sorted({i for i, _ in neutral_rows})
+    val_paragraphs = set(sorted(paragraphs, key=lambda i: stable_hash(seed, f"gradiend-neutral-val:{i}"))
+                         [: len(paragraphs) // 2])
     t0 = time.time()
-    F = torch.empty(len(names), ps.numel, dtype=dtype)
-    T = torch.empty(len(names), ps.numel, dtype=dtype)
+    F = torch.empty(n_rows, ps.numel, dtype=dtype)
+    T = torch.zeros(n_rows, ps.numel, dtype=dtype)
     bf, bt = torch.empty(ps.numel), torch.empty(ps.numel)
     per_name = []
     for i, nm in enumerate(names):
@@ -169,9 +184,16 @@ def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, see
                             out_f=bf, out_t=bt, max_tokens=max_tokens)
         F[i], T[i] = bf, bt
         per_name.append(len(b))
+    for j, (_, b) in enumerate(neutral_rows):
+        # factual = counterfactual: the target F - C is 0, so only the factual gradient is computed
+        F[len(names) + j] = batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b], out=bf,
+                                           max_tokens=max_tokens)
     trim_memory()
-    groups = np.array([next(t.group for t in texts if t.name == nm) for nm in names])
-    log(f"[gradiend] gradient pool: {len(names)} names x {per_name[0]} texts, {ps.numel:,} parameters, "
-        f"{dtype}, {time.time() - t0:.0f} s")
-    return GradientPool(ps, names, groups, np.array([nm in val for nm in names]), F, T, per_name[0],
-                        time.time() - t0)
+    groups = np.array([next(t.group for t in texts if t.name == nm) for nm in names] + [NEUTRAL] * len(neutral_rows),
+                      dtype=int)
+    validation = np.array([nm in val for nm in names] + [i in val_paragraphs for i, _ in neutral_rows], dtype=bool)
+    row_names = names + [f"neutral:{i}:{j}" for j, (i, _) in enumerate(neutral_rows)]
+    log(f"[gradiend] gradient pool: {len(names)} names x {per_name[0]} texts"
+        + (f" + {len(neutral_rows)} neutral rows" if neutral_rows else "")
+        + f", {ps.numel:,} parameters, {dtype}, {time.time() - t0:.0f} s")
+    return GradientPool(ps, row_names, groups, validation, F, T, per_name[0], time.time() - t0)

@@ -63,3 +63,21 @@ def neutral_feature_texts(model, n: int = 24, length: int = 18, *, split: str = 
     return out
 
 
+def neutral_training_rows(model, per_row: int, *, split: str = "selection", first: int = 12,
+                          step: int = 6) -> list[tuple[int, list[FeatureText]]]:
+    """Neutral rows for GRADIEND training (the gradiend code's neutral-data option): prefixes of each
+    neutral paragraph ending every ``step`` tokens from token ``first`` on, each with its real next token
+    (factual = counterfactual, so the target ``F - C`` is exactly 0), grouped ``per_row`` consecutive
+    prefixes of one paragraph to a row. Returns ``(paragraph index, texts)`` per row."""
+    if per_row < 1:
+        raise ValueError("per_row must be >= 1")
+    out = []
+    for i, para in enumerate(neutral_texts(split=split)):
+        ids = model.to_tokens(para)[0]
+        texts = []
+        for end in range(first, len(ids) - 1, step):
+            nxt = int(ids[end])
+            texts.append(FeatureText(model.to_string(ids[1:end]), -1, nxt, nxt))
+        out += [(i, texts[k:k + per_row]) for k in range(0, len(texts) - per_row + 1, per_row)]
+    return out
+

@@ -19,7 +19,7 @@ from ...viz.plotting import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig
 from .gradients import ParamSet, batch_gradient, param_set
 from .model import GradiendModel, _AdamW
-from .pool import GradientPool, Normalizer, gradient_pool
+from .pool import NEUTRAL, GradientPool, Normalizer, gradient_pool
 from .texts import feature_texts, neutral_feature_texts
 
 # ----------------------------------------------------------------------------
@@ -59,6 +59,9 @@ class GradiendConfig(MethodConfig):
     edit_names: int | None = field(default=None, metadata={"help": "names used to choose the edit (none: all "
                                                                    "selection names)"})
     edit_texts: int = field(default=6, metadata={"help": "neutral paragraphs used to choose the edit"})
+    neutral: float = field(default=0.5, metadata={
+        "help": "neutral batches per group batch (prefixes of selection neutral paragraphs, target 0, validated "
+                "with label 0); 0 = off (the paper's gender runs)"})
     shuffled_control: bool = field(default=True, metadata={
         "help": "also train a feature on shuffled group labels; its edit (same h, alpha) is a control"})
     seed: int = field(default=0, metadata={"help": "seed of the splits and batches"})
@@ -68,6 +71,8 @@ class GradiendConfig(MethodConfig):
             raise ValueError(f"params must be one of {PARAM_SETS}, not {self.params!r}")
         if self.steps < 1 or self.batch_texts < 1 or not self.seeds or self.eval_every < 1 or self.patience < 1:
             raise ValueError("steps, batch_texts, eval_every and patience must be >= 1, and seeds non-empty")
+        if not 0 <= self.neutral <= 4:
+            raise ValueError(f"neutral must be between 0 (off) and 4 neutral batches per group batch, not {self.neutral}")
         if not self.h or not self.alpha:
             raise ValueError("the edit grid needs at least one h and one alpha")
 
@@ -142,22 +147,27 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
     nz = normalizer
     prep_x = nz.inputs if nz is not None else (lambda g: g.float())
     prep_y = nz.targets if nz is not None else (lambda t: t.float())
-    train = {g: np.where((pool.groups == g) & ~pool.validation)[0] for g in (0, 1)}
+    train = {g: np.where((pool.groups == g) & ~pool.validation)[0] for g in (0, 1, NEUTRAL)}
     short = [g for g in (0, 1) if len(train[g]) == 0 or ((pool.groups == g) & pool.validation).sum() < 2]
     if short:
         raise ValueError(f"GRADIEND needs training names and at least two validation names in each group; "
                          f"group(s) {short} have too few (names per group: {np.bincount(pool.groups, minlength=2)})")
+    use_neutral = cfg.neutral > 0
+    if use_neutral and (len(train[NEUTRAL]) == 0 or ((pool.groups == NEUTRAL) & pool.validation).sum() < 2):
+        raise ValueError("neutral training needs neutral rows in the pool (gradient_pool(..., neutral=True)) for "
+                         "training and at least two for validation")
     val_batches = []
-    for g in (0, 1):
+    for g in (0, 1, NEUTRAL) if use_neutral else (0, 1):
         idx = np.where((pool.groups == g) & pool.validation)[0]
         val_batches += [(g, idx[k:k + 2]) for k in range(0, len(idx) - 1, 2)]
     vx = [prep_x(_mean_rows(pool.F, i)) for _, i in val_batches]
     vy = [prep_y(_mean_rows(pool.T, i)) for _, i in val_batches]
-    labels = np.array([1.0 if g == 0 else -1.0 for g, _ in val_batches])
+    labels = np.array([{0: 1.0, 1: -1.0, NEUTRAL: 0.0}[g] for g, _ in val_batches])
     per_batch = max(1, round(cfg.batch_texts / pool.texts_per_name))
     rng = np.random.default_rng(stable_int(cfg.seed, f"gradiend-batches:{seed}"))
     gm = GradiendModel(n, seed=seed)
     opt = _AdamW(gm, cfg.lr, cfg.weight_decay, moment_dtype=torch.float32 if n <= 30_000_000 else torch.bfloat16)
+    schedule = batch_schedule(cfg.steps, cfg.neutral if use_neutral else 0.0)
 
     def validate():
         hs = np.array([gm.encode(x) for x in vx])
@@ -171,7 +181,7 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
     best = (r0, mse0, 0, _snapshot(gm))
     since = 0
     for step in range(1, cfg.steps + 1):
-        g = (step - 1) % 2
+        g = schedule[step - 1]
         pick = rng.choice(train[g], size=min(per_batch, len(train[g])), replace=False)
         loss = opt.step(prep_x(_mean_rows(pool.F, pick)), prep_y(_mean_rows(pool.T, pick)))
         history.append({"seed": seed, "step": step, "loss": loss})
@@ -194,6 +204,22 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
                  "loss_first": history[0]["loss"], "loss_last": history[-1]["loss"]}, history, curve
 
 
+def batch_schedule(steps: int, neutral: float) -> list[int]:
+    """The group of each step's batch: groups A and B alternate; with ``neutral`` > 0, neutral batches are
+    interleaved at ``neutral`` per gender batch (0.5: every third batch), deterministically."""
+    out, acc, g = [], 0.0, 0
+    share = neutral / (1.0 + neutral)
+    for _ in range(steps):
+        acc += share
+        if acc >= 1.0 - 1e-9:
+            acc -= 1.0
+            out.append(NEUTRAL)
+        else:
+            out.append(g)
+            g = 1 - g
+    return out
+
+
 def stable_int(seed: int, key: str) -> int:
     return int(stable_hash(seed, key)[:8], 16)
 
@@ -213,9 +239,11 @@ def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: Gra
     t0 = time.time()
     if pool is None:
         pool = gradient_pool(model, ctx, ax.name, ps, seed=cfg.seed, max_gib=cfg.max_pool_gib,
-                             log=log if progress else (lambda s: None))
+                             neutral=cfg.neutral > 0, log=log if progress else (lambda s: None))
     elif pool.param_set.names != ps.names:
         raise ValueError("the gradient pool was computed for other parameters")
+    if cfg.neutral == 0 and (pool.groups == NEUTRAL).any():
+        pool = pool.subset(np.where(pool.groups != NEUTRAL)[0])
     if shuffle_labels:
         pool = pool.shuffled(cfg.seed)
     train_rows = np.where(~pool.validation)[0]
@@ -251,7 +279,10 @@ def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: Gra
                      shuffled_labels=shuffle_labels, pool_seconds=round(pool.seconds, 1),
                      pool_gib=round(pool.nbytes / 1024 ** 3, 3), pool_dtype=str(pool.F.dtype),
                      train_seconds=round(time.time() - t0, 1), texts_per_name=pool.texts_per_name,
-                     names_train=int((~pool.validation).sum()), names_validation=int(pool.validation.sum()),
+                     names_train=int((~pool.validation & (pool.groups != NEUTRAL)).sum()),
+                     names_validation=int((pool.validation & (pool.groups != NEUTRAL)).sum()),
+                     neutral_rows_train=int((~pool.validation & (pool.groups == NEUTRAL)).sum()),
+                     neutral_rows_validation=int((pool.validation & (pool.groups == NEUTRAL)).sum()),
                      normalizer=nz.summary(ps) if nz is not None else None)
     return GradiendResult(ctx.name, ax.name, ps.names, [list(s) for s in ps.shapes], gm.w_e, torch.tensor([gm.b_e]),
                           gm.w_d, gm.b_d, asdict(cfg), history, seeds_info, meta={**meta, "curve": curve})
