@@ -34,6 +34,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/gradiend_properties"))
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--neutral", type=float, default=None, help="neutral batches per group batch (default: the "
+                                                                     "library's)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     from mechbias.core.models import load_model
@@ -44,7 +46,8 @@ def main() -> None:
     axis = args.axis or ("race" if args.model.startswith("planted") else "gender")
     for c in args.contexts:
         load_context(c)  # bad names fail before the model loads
-    cfg = GradiendConfig(**({"seeds": tuple(args.seeds)} if args.seeds else {}))
+    cfg = GradiendConfig(**({"seeds": tuple(args.seeds)} if args.seeds else {}),
+                         **({"neutral": args.neutral} if args.neutral is not None else {}))
     cfg.validate()
     model = load_model(None if args.model == "default" else args.model)
     path = args.out / f"{args.model}.json"
@@ -67,7 +70,10 @@ def main() -> None:
                      "pool_seconds": res.meta["pool_seconds"], "pool_gib": res.meta["pool_gib"],
                      "train_seconds": round(t_train, 1), "heldout": {k: ev[k] for k in ("stats", "pearson", "auc",
                                                                                        "sign_accuracy")},
-                     "h_direction": hd, "seconds": round(time.time() - t0, 1)}
+                     "h_direction": hd, "neutral": cfg.neutral,
+                     "neutral_rows": [res.meta.get("neutral_rows_train"), res.meta.get("neutral_rows_validation")],
+                     "decoder_bias_over_weight": float(res.b_d.norm() / res.w_d.norm()),
+                     "seconds": round(time.time() - t0, 1)}
         atomic_write_json(done, path)
         if args.figures:
             atomic_savefig(res.plot_training(), args.figures / f"gradiend_training_{args.model}_{ctx}.png")
