@@ -173,6 +173,9 @@ def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, see
     paragraphs = sorted({i for i, _ in neutral_rows})
     val_paragraphs = set(sorted(paragraphs, key=lambda i: stable_hash(seed, f"gradiend-neutral-val:{i}"))
                          [: len(paragraphs) // 2])
+    if neutral and (len(val_paragraphs) < 2 or len(paragraphs) - len(val_paragraphs) < 1):
+        raise ValueError(f"neutral training needs neutral rows from at least 3 selection paragraphs (2 validate); "
+                         f"this model's tokenization gives rows from {len(paragraphs)}; use neutral = 0")
     t0 = time.time()
     F = torch.empty(n_rows, ps.numel, dtype=dtype)
     T = torch.zeros(n_rows, ps.numel, dtype=dtype)

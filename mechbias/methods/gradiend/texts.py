@@ -52,15 +52,16 @@ def neutral_feature_texts(model, n: int = 24, length: int = 18, *, split: str = 
     out = []
     for para in neutral_texts(split=split):
         ids = model.to_tokens(para)[0]
-        for start in range(length, len(ids) - 1, 2 * length):
-            prefix = model.to_string(ids[1:start]) if hasattr(model, "to_string") else None
-            if prefix is None:
-                continue
-            nxt = int(ids[start])
-            out.append(FeatureText(prefix, -1, nxt, nxt))
+        for t in _prefix_texts(model, ids, range(length, len(ids) - 1, 2 * length)):
+            out.append(t)
             if len(out) >= n:
                 return out
     return out
+
+
+def _prefix_texts(model, ids, ends) -> list[FeatureText]:
+    """Prefixes ``ids[1:end]`` (BOS dropped) of one tokenized paragraph, each with its real next token."""
+    return [FeatureText(model.to_string(ids[1:end]), -1, int(ids[end]), int(ids[end])) for end in ends]
 
 
 def neutral_training_rows(model, per_row: int, *, split: str = "selection", first: int = 12,
@@ -74,10 +75,7 @@ def neutral_training_rows(model, per_row: int, *, split: str = "selection", firs
     out = []
     for i, para in enumerate(neutral_texts(split=split)):
         ids = model.to_tokens(para)[0]
-        texts = []
-        for end in range(first, len(ids) - 1, step):
-            nxt = int(ids[end])
-            texts.append(FeatureText(model.to_string(ids[1:end]), -1, nxt, nxt))
+        texts = _prefix_texts(model, ids, range(first, len(ids) - 1, step))
         out += [(i, texts[k:k + per_row]) for k in range(0, len(texts) - per_row + 1, per_row)]
     return out
 
