@@ -23,7 +23,7 @@ from ..eval.bench import BenchResult, bbq_score, crows_bench, read_bbq, read_ste
 from ..eval.bench.common import Outcomes, metric_rows, score
 from ..eval.crows import read_pairs
 from ..eval.metrics import token_nll
-from ..eval.scoring import is_masked_lm
+from ..core.families import is_masked_lm
 from ..interventions.base import Intervention
 from ..viz.card import plot_card
 from .lm_eval_model import check_tasks, task_bench

@@ -25,7 +25,8 @@ import torch
 from ..core.models import load_model
 from ..data.contexts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
-from ..eval.scoring import continuation_logprob, is_masked_lm, token_logprobs
+from ..core.families import is_masked_lm
+from ..eval.scoring import continuation_logprob, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
 
 try:

@@ -32,6 +32,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .families import require_causal
 from .hooks import hooked
 from .models import supports_kv_cache
 from .sites import hook_name
@@ -98,6 +99,10 @@ def freeze_cache(cache):
     """Make every layer of a Hugging Face KV cache frozen (in place): it broadcasts its batch-1
     keys and values to any batch and stores nothing new. Returns the cache."""
     for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and layer.keys is not None and layer.keys.shape[-2] >= window - 1:
+            raise ValueError(f"a shared prefix of {layer.keys.shape[-2]} tokens reaches this model's sliding "
+                             f"attention window ({window}); the frozen-prefix fast path would drop keys")
         cls = type(layer)
         base = cls.__mro__[1] if getattr(cls, "_mechbias_frozen", False) else cls
         if base not in _FROZEN:
@@ -114,6 +119,8 @@ def slice_cache(cache, s: int):
         lay = copy.copy(layer)
         lay.keys = layer.keys[..., :s, :]
         lay.values = layer.values[..., :s, :]
+        if hasattr(lay, "cumulative_length"):  # sliding-window layers (Mistral, Gemma 2) count their own length
+            lay.cumulative_length = s
         new.layers.append(lay)
     return freeze_cache(new)
 
@@ -192,6 +199,7 @@ def map_last_logits(
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
     """
+    require_causal(model, "next-token scoring")
     n = len(seqs)
     results: list[Tensor | None] = [None] * n
     use_prefix = prefix_groups is not None and supports_kv_cache(model)
@@ -284,6 +292,7 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = 
     """Summed next-token negative log-likelihood and token count over whole sequences (right-padded
     batches; padding never affects earlier positions of a causal model). Hooks active in the caller's
     context apply to every position."""
+    require_causal(model, "next-token perplexity")
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     batches: list[list[int]] = []
     for k in order:  # ascending length: the last row of a batch is its longest

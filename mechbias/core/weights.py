@@ -39,7 +39,8 @@ def frozen(model):
             p.requires_grad_(f)
 
 
-def _component(model, layer: int, path: str):
+def block_component(model, layer: int, path: str):
+    """The bridge module at ``blocks[layer].<path>`` (e.g. ``mlp.gate``), or None where the family has none."""
     mod = model.blocks[layer]
     for part in path.split("."):
         mod = getattr(mod, part, None)
@@ -59,7 +60,7 @@ def linear_layers(model) -> list[tuple[str, str, int, bool]]:
     out = []
     for l in range(model.cfg.n_layers):
         for comp in LINEAR_COMPONENTS:
-            mod = _component(model, l, comp)
+            mod = block_component(model, l, comp)
             if mod is None or getattr(mod, "original_component", None) is None:
                 continue
             w = mod.original_component.weight
@@ -69,7 +70,7 @@ def linear_layers(model) -> list[tuple[str, str, int, bool]]:
 
 def linear_weight_name(model, layer: int, component: str) -> str:
     """The parameter name of a block's linear layer (``attn.q``, ``mlp.out``, ...)."""
-    mod = _component(model, layer, component)
+    mod = block_component(model, layer, component)
     if mod is None or getattr(mod, "original_component", None) is None:
         raise ValueError(f"layer {layer} has no linear component {component!r}")
     ids = {id(p): n for n, p in named_params(model).items()}
@@ -82,7 +83,7 @@ def linear_slot(model, layer: int, component: str) -> tuple[str, str | None, boo
     ``transposed`` is True for GPT-2's ``Conv1D`` (weight ``[in, out]``); ``nn.Linear`` is ``[out, in]``.
     Raises ``ValueError`` where the family has no such separate layer (e.g. a fused q/k/v projection).
     """
-    mod = _component(model, layer, component)
+    mod = block_component(model, layer, component)
     lin = getattr(mod, "original_component", None) if mod is not None else None
     if lin is None or getattr(lin, "weight", None) is None:
         raise ValueError(f"layer {layer} has no separate linear layer {component!r} in this model family")

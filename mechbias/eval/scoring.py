@@ -91,11 +91,6 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
 # masked language models (BERT, RoBERTa): the benchmarks' masked-LM scores
 # ----------------------------------------------------------------------------
 
-def is_masked_lm(model) -> bool:
-    """Whether the model is a masked LM (a ``...ForMaskedLM`` under the bridge)."""
-    return type(getattr(model, "original_model", None)).__name__.endswith("ForMaskedLM")
-
-
 def _mask_id(model) -> int:
     mid = getattr(model.tokenizer, "mask_token_id", None)
     if mid is None:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ...interventions.base import Intervention
-from ..scoring import is_masked_lm, masked_fill_logprob, mean_token_logprob
+from ...core.families import is_masked_lm
+from ..scoring import masked_fill_logprob, mean_token_logprob
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")

@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...core.families import require_causal
 from ...core.runner import last_position_unembed, length_buckets
-from ...core.weights import frozen, linear_weight_name, named_params
+from ...core.weights import block_component, frozen, linear_weight_name, named_params
 from ...data.contexts import tokenize
 
 # ----------------------------------------------------------------------------
@@ -41,7 +42,7 @@ class ParamSet:
 
 
 def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
-    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices), ``down`` (W_out only), ``down-late``
+    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices; no gate where the family's MLP has none), ``down`` (W_out only), ``down-late``
     (W_out of the last quarter of the layers, unless ``layers`` says otherwise), ``attn`` (q, k, v, o),
     ``mlp+attn``, or an explicit list of names; optionally restricted to ``layers``."""
     params = named_params(model)
@@ -59,8 +60,10 @@ def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] |
         if which == "down-late" and layers is None:
             L = model.cfg.n_layers
             layers = list(range(L - max(1, math.ceil(L / 4)), L))
+        gated = block_component(model, 0, "mlp.gate") is not None  # GPT-2, GPT-NeoX, BERT: no gate matrix
         names = [linear_weight_name(model, l, comp)
-                 for l in (range(model.cfg.n_layers) if layers is None else layers) for comp in comps[which]]
+                 for l in (range(model.cfg.n_layers) if layers is None else layers) for comp in comps[which]
+                 if gated or comp != "mlp.gate"]
     return ParamSet(names, [tuple(params[n].shape) for n in names])
 
 
@@ -74,6 +77,7 @@ def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[
     """
     if len(texts) != len(targets) or not texts:
         raise ValueError("batch_gradient needs as many targets as texts (and at least one)")
+    require_causal(model, "GRADIEND's causal gradient (next-token loss)")
     params = named_params(model)
     plist = [params[n] for n in ps.names]
     if any(p.dtype != torch.float32 for p in plist):
@@ -112,6 +116,7 @@ def batch_gradient_pair(model, ps: ParamSet, texts: Sequence[str], factual: Sequ
     accumulate), which bounds activation memory while the GRADIEND weights and
     optimizer state are resident.
     """
+    require_causal(model, "GRADIEND's causal gradient (next-token loss)")
     params = named_params(model)
     plist = [params[n] for n in ps.names]
     seqs = tokenize(model, texts)

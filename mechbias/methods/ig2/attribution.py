@@ -49,6 +49,7 @@ from torch import Tensor
 
 from ...core.hooks import hooked, run_with_cache
 from ...core.models import supports_kv_cache
+from ...core.families import require_causal
 from ...core.results import Result, make_meta
 from ...core.runner import forward_window, last_position_unembed, prefix_cache
 from ...core.sites import hook_name
@@ -176,6 +177,7 @@ def ig2_prompt(
     """
     if position not in ("last", "all"):
         raise ValueError(f"position must be 'last' or 'all', not {position!r}")
+    require_causal(model, "IG² (next-token gap)")
     layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
     alphas, weights = integration_points(steps, rule)
     if rule != "left":  # add an unweighted α = 0 point so completeness is known

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...core.families import require_causal
 from ...core.hooks import canonical_name, hooked, run_with_cache
 from ...core.results import Result, make_meta
 from ...core.sites import Site, hook_name
@@ -64,6 +65,7 @@ def attribution_patch(model, pairs: PromptPairs, *, direction: str = "denoise",
     """AtP estimates for every component at once (two forwards and one backward per length bucket)."""
     if direction not in ("denoise", "noise"):
         raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+    require_causal(model, "attribution patching (last-position logit difference)")
     metric = ld_metric(model, pairs)
     L = model.cfg.n_layers
     kinds = set()

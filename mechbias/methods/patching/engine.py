@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ...core.hooks import hooked, run_with_cache
 from ...core.models import supports_kv_cache
+from ...core.families import require_causal
 from ...core.results import Result, make_meta
 from ...core.runner import forward_window, last_position_unembed, slice_cache
 from ...core.sites import Site, hook_name
@@ -99,6 +100,7 @@ def run_variants(
             f"clean and corrupted prompts must have the same token length for patching, got "
             f"{tuple(src_tokens.shape)} and {tuple(base_tokens.shape)}"
         )
+    require_causal(model, "activation patching (last-position logit difference)")
     device = model.cfg.device
     P = len(base_tokens)
     hooks_needed = sorted({p.hook_name for v in variants for p in v})

@@ -1,0 +1,58 @@
+"""The README's support matrix (family x method), generated from the tests' results (issue 13).
+
+Runs ``tests/test_families.py`` (small random models of each family, every method against a plain
+reference) with ``MECHBIAS_SUPPORT_OUT`` set, reads which path each passing test recorded, and writes
+the table to ``analyses/support_matrix.json`` and between the README's ``support-matrix`` markers.
+A method a test did not record (it failed, or was not run) shows as "untested".
+
+    python analyses/support_matrix.py            # ~1 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mechbias.core.families import FAMILIES  # noqa: E402
+
+METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads",
+           "neuron ablation", "head ablation", "Wanda norms", "GRADIEND gradients"]
+BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
+
+
+def render(support: dict[str, dict[str, str]]) -> str:
+    lines = ["| family (HF class) | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
+    for name, fam in FAMILIES.items():
+        row = support.get(name, {})
+        lines.append(f"| {name} (`{fam.model}`) | " + " | ".join(row.get(m, "untested") for m in METHODS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "support.json"
+        env = {**os.environ, "MECHBIAS_SUPPORT_OUT": str(out)}
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              str(ROOT / "tests" / "test_families.py")], env=env, cwd=ROOT)
+        support = json.loads(out.read_text())
+    (ROOT / "analyses" / "support_matrix.json").write_text(json.dumps(support, indent=1) + "\n")
+    table = render(support)
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+        readme.write_text(text[:a] + "\n" + table + "\n" + text[b:])
+    print(table)
+    if rc != 0:
+        raise SystemExit(f"tests/test_families.py failed (exit {rc}); failing cells show as 'untested'")
+
+
+if __name__ == "__main__":
+    main()

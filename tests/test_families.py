@@ -1,0 +1,297 @@
+"""Every method on every model family (issue 13): small random models with each family's real architecture
+class, each method's result against a plain reference that does not use mechbias' fast paths (the Hugging
+Face model itself, TransformerLens' patching helpers, plain autograd, the plain IG² loop, a plain weight
+edit). Masked LMs are refused by every next-token method with an error naming the model class.
+
+Each test records its outcome in ``SUPPORT`` (family x method: which path ran); with ``MECHBIAS_SUPPORT_OUT``
+set, the module writes it there as JSON when it ends, and ``analyses/support_matrix.py`` renders the README's
+table from it."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformer_lens import patching as tlp
+
+from mechbias.core.families import FAMILIES, family_hf_model, family_model, family_of, is_masked_lm
+from mechbias.core.hooks import n_active_hooks
+from mechbias.core.models import supports_kv_cache
+from mechbias.core.sites import LINEAR_COMPONENTS
+from mechbias.core.weights import block_component, linear_layers, named_params
+from mechbias.data.contexts import load_context, make_pairs, tokenize
+from mechbias.eval.metrics import contrast_scores
+from mechbias.interventions.base import maybe_apply
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.methods.gradiend import batch_gradient, param_set
+from mechbias.methods.ig2 import ig2_prompt
+from mechbias.core.sites import Site
+from mechbias.methods.patching import attribution_patch, patch_sweep, run_variants
+from mechbias.methods.pruning.scores import input_norms
+
+CAUSAL = [f for f, v in FAMILIES.items() if v.kind == "causal"]
+MASKED = [f for f, v in FAMILIES.items() if v.kind == "masked"]
+SUPPORT: dict[str, dict[str, str]] = {}
+
+# the Hugging Face module that takes an MLP's hidden neurons (for the plain weight-edit reference)
+DOWN = {"gpt2": "transformer.h.{l}.mlp.c_proj", "gpt_neox": "gpt_neox.layers.{l}.mlp.dense_4h_to_h",
+        "bert": "bert.encoder.layer.{l}.output.dense", "roberta": "roberta.encoder.layer.{l}.output.dense"}
+DOWN_DEFAULT = "model.layers.{l}.mlp.down_proj"
+# Phi-3 fuses gate and up projections into one matrix (gate first, as its forward's chunk(2) reads it)
+FUSED = {"phi3": {"gate": ("gate_up_proj.weight", 0), "in": ("gate_up_proj.weight", 1)}}
+TEXT = "The bank approved the loan application . Was the applicant White or Black ? The applicant was"
+
+
+def _record(family: str, method: str, path: str) -> None:
+    SUPPORT.setdefault(family, {})[method] = path
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def any_model(request):
+    return request.param, family_model(request.param, seed=0)
+
+
+@pytest.fixture
+def anyfam(any_model):
+    """Any family's model (masked LMs included); after the test, no hook of ours is left on it (the BERT
+    adapter keeps 4 hooks of its own from boot)."""
+    before = n_active_hooks(any_model[1])
+    yield any_model
+    assert n_active_hooks(any_model[1]) == before
+
+
+@pytest.fixture(scope="module", params=CAUSAL)
+def causal_model(request):
+    return request.param, family_model(request.param, seed=0)
+
+
+@pytest.fixture
+def fam(causal_model):
+    """A causal family model; after the test, no hook is left on it and no parameter holds a gradient."""
+    yield causal_model
+    model = causal_model[1]
+    assert n_active_hooks(model) == 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def _plain(name):
+    """An independent plain Hugging Face model with the same weights (no bridge, no hooks)."""
+    return family_hf_model(name, seed=0)[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_matrix():
+    yield
+    out = os.environ.get("MECHBIAS_SUPPORT_OUT")
+    if out:
+        Path(out).write_text(json.dumps({f: SUPPORT.get(f, {}) for f in FAMILIES}, indent=1) + "\n")
+
+
+def _hf_last_logits(hf, model, text: str) -> torch.Tensor:
+    ids = tokenize(model, [text])[0][None]
+    with torch.no_grad():
+        return hf(ids).logits[0, -1].double()
+
+
+def test_family_builds_with_its_real_class_and_matches_hf(anyfam):
+    name, model = anyfam
+    assert family_of(model) is FAMILIES[name]
+    assert type(model.original_model).__name__ == FAMILIES[name].model
+    ids = tokenize(model, [TEXT])[0][None]
+    with torch.no_grad():
+        assert torch.allclose(model(ids), _plain(name)(ids).logits, atol=1e-5)
+    assert is_masked_lm(model) == (FAMILIES[name].kind == "masked")
+
+
+def test_bias_metric_equals_the_hf_forward(fam):
+    name, model = fam
+    ps = load_context("finance").prompts("race", templates=[0, 1], names="selection")
+    mine = contrast_scores(model, ps)
+    p, n = (model.to_single_token(w) for w in (ps.positive, ps.negative))
+    hf = _plain(name)
+    ref = torch.stack([(lambda lg: lg[p] - lg[n])(_hf_last_logits(hf, model, t)) for t in ps.texts[:24]])
+    assert float((mine[:24] - ref).abs().max()) < 1e-4
+    assert float(ref.std()) > 0
+    _record(name, "bias metric", "fast (shared KV prefix)" if supports_kv_cache(model) else "exact (full sequences)")
+
+
+def test_ig2_fast_path_equals_the_plain_loop(fam):
+    name, model = fam
+    toks = model.to_tokens(TEXT)[0]
+    d1, d2 = model.to_single_token(" White"), model.to_single_token(" Black")
+    ref = ig2_prompt(model, toks, d1, d2, kind="logit", steps=8, method="reference")
+    fast = ig2_prompt(model, toks, d1, d2, kind="logit", steps=8, method="fast")
+    assert float((fast.attr - ref.attr).abs().max() / ref.attr.abs().max()) < 1e-5
+    assert fast.g1 == pytest.approx(ref.g1, rel=1e-4, abs=1e-5)
+    _record(name, "IG²", "fast (shared KV prefix)" if supports_kv_cache(model) else "fast (full sequences)")
+
+
+@pytest.mark.parametrize("component", ["resid_pre", "mlp_out", "attn_out", "heads"])
+def test_patching_sweeps_equal_transformer_lens_helpers(fam, component):
+    name, model = fam
+    helper = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out,
+              "attn_out": tlp.get_act_patch_attn_out, "heads": tlp.get_act_patch_attn_head_out_all_pos}[component]
+    pairs = make_pairs(model, "finance", "race", templates=[0], max_pairs=3)
+    L = len(pairs.clean_tokens[0])
+    keep = [i for i in range(len(pairs)) if len(pairs.clean_tokens[i]) == L]
+    clean = torch.stack([pairs.clean_tokens[i] for i in keep])
+    corr = torch.stack([pairs.corrupt_tokens[i] for i in keep])
+    y, n = model.to_single_token(pairs.positive), model.to_single_token(pairs.negative)
+    _, cache = model.run_with_cache(clean)
+    ref = helper(model, corr, cache, lambda lg: (lg[:, -1, y] - lg[:, -1, n]).mean()).double()
+    sub = type(pairs)(pairs.context, pairs.axis, pairs.positive, pairs.negative, [pairs.clean[i] for i in keep],
+                      [pairs.corrupt[i] for i in keep], [pairs.clean_tokens[i] for i in keep],
+                      [pairs.corrupt_tokens[i] for i in keep])
+    mine = torch.nanmean(patch_sweep(model, sub, component, direction="denoise").values, 0)
+    assert mine.shape == ref.shape
+    assert float((mine - ref).abs().max()) < 1e-4
+    assert float(ref.std()) > 0
+    _record(name, f"patching {component}", "fast (KV cache)" if supports_kv_cache(model) else "exact")
+
+
+def test_neuron_ablation_equals_a_plain_weight_edit(anyfam):
+    name, model = anyfam
+    neurons = {0: [3, 17, 40], 1: [5, 99]}
+    hf = _plain(name)
+    for l, idx in neurons.items():
+        mod = hf.get_submodule(DOWN.get(name, DOWN_DEFAULT).format(l=l))
+        with torch.no_grad():
+            if type(mod).__name__ == "Conv1D":  # weight [d_mlp, d_model]
+                mod.weight[idx, :] = 0
+            else:                               # nn.Linear weight [d_model, d_mlp]
+                mod.weight[:, idx] = 0
+    ids = tokenize(model, [TEXT])[0][None]
+    with torch.no_grad():
+        ref = hf(ids).logits
+        with maybe_apply(NeuronIntervention(neurons, factor=0.0), model):
+            mine = model(ids)
+        base = model(ids)
+    assert float((mine - ref).abs().max()) < 1e-4
+    assert float((base - ref).abs().max()) > 1e-3  # the ablation changes the output ...
+    assert torch.allclose(base, _plain(name)(ids).logits, atol=1e-5)  # ... and is removed after
+    _record(name, "neuron ablation", "hook")
+
+
+def test_gradiend_gradient_equals_plain_autograd(fam):
+    name, model = fam
+    ps = param_set(model, "mlp")
+    texts = ["The bank approved the loan", "Afterwards , the applicant said that"]
+    targets = [model.to_single_token(" ."), model.to_single_token(" he")]
+    mine = batch_gradient(model, ps, texts, targets)
+    hf = _plain(name)
+    params = dict(hf.named_parameters())
+    loss = 0
+    for t, y in zip(texts, targets):
+        lg = hf(tokenize(model, [t])[0][None]).logits[0, -1]
+        loss = loss + torch.nn.functional.cross_entropy(lg[None], torch.tensor([y])) / len(texts)
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    parts = []
+    for n in ps.names:  # the bridge splits fused matrices; take the part from the fused HF gradient
+        if n in grads:
+            parts.append(grads[n])
+            continue
+        fused, k = FUSED[name][n.rsplit(".", 2)[-2]]
+        g = grads[n.rsplit(".", 2)[0] + "." + fused]
+        parts.append(g.chunk(2, dim=0)[k])
+    ref = torch.cat([g.reshape(-1) for g in parts])
+    assert float((mine - ref).norm() / ref.norm()) < 1e-5
+    assert all(p.grad is None for p in model.parameters())
+    _record(name, "GRADIEND gradients", "exact")
+
+
+@pytest.mark.parametrize("name", MASKED)
+def test_masked_lms_are_refused_by_next_token_methods(name):
+    model = family_model(name, seed=0)
+    cls = FAMILIES[name].model
+    ps = load_context("finance").prompts("race", templates=[0], names="selection")
+    toks = model.to_tokens(TEXT)[0]
+    calls = {
+        "bias metric": lambda: contrast_scores(model, ps),
+        "IG²": lambda: ig2_prompt(model, toks, 5, 6),
+        "GRADIEND gradients": lambda: batch_gradient(model, param_set(model, "mlp"), ["a b"], [5]),
+        "patching": lambda: run_variants(model, toks, toks, [(Site(0, "resid_pre", positions=(1,)),)],
+                                         lambda lg: lg[:, 5]),
+        "AtP": lambda: attribution_patch(model, make_pairs(model, "finance", "race", templates=[0], max_pairs=2)),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=f"{cls}.*masked LM"):
+            call()
+        for m in ([f"patching {c}" for c in ("resid_pre", "mlp_out", "attn_out", "heads")] if what == "patching"
+                  else [what]):
+            _record(name, m, "not applicable (masked LM)")
+
+
+# the Hugging Face module that takes the attention heads' concatenated outputs
+ATTN_OUT = {"gpt2": "transformer.h.{l}.attn.c_proj", "gpt_neox": "gpt_neox.layers.{l}.attention.dense",
+            "bert": "bert.encoder.layer.{l}.attention.output.dense",
+            "roberta": "roberta.encoder.layer.{l}.attention.output.dense"}
+ATTN_OUT_DEFAULT = "model.layers.{l}.self_attn.o_proj"
+
+
+def test_head_ablation_equals_a_plain_weight_edit(anyfam):
+    name, model = anyfam
+    heads = {0: [1], 1: [0, 3]}
+    dh = model.cfg.d_head
+    hf = _plain(name)
+    for l, hs in heads.items():
+        mod = hf.get_submodule(ATTN_OUT.get(name, ATTN_OUT_DEFAULT).format(l=l))
+        idx = [h * dh + k for h in hs for k in range(dh)]
+        with torch.no_grad():
+            if type(mod).__name__ == "Conv1D":
+                mod.weight[idx, :] = 0
+            else:
+                mod.weight[:, idx] = 0
+    ids = tokenize(model, [TEXT])[0][None]
+    with torch.no_grad():
+        ref = hf(ids).logits
+        with maybe_apply(HeadIntervention(heads, mode="z"), model):
+            mine = model(ids)
+    assert float((mine - ref).abs().max()) < 1e-4
+    assert float((model(ids) - ref).abs().max()) > 1e-3
+    _record(name, "head ablation", "hook")
+
+
+def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam):
+    """Wanda's linear layers cover every weight of every block's linear layers (counted in elements against the
+    plain Hugging Face model, so no layer is silently missing, fused ones included), and each layer's ||X_j||
+    equals the input its own torch module receives in the forward pass (a torch hook, not a bridge hook)."""
+    name, model = anyfam
+    layers = linear_layers(model)
+    params = named_params(model)
+    hf = _plain(name)
+    blocks = [m for mn, m in hf.named_modules() if type(m).__name__ in ("Linear", "Conv1D")
+              and any(f".{b}." in f".{mn}." for b in ("layers", "h", "layer"))]
+    assert sum(params[n].numel() for n, _, _, _ in layers) == sum(m.weight.numel() for m in blocks)
+    ps = load_context("finance").prompts("race", templates=[0], names="selection")
+    mine = input_norms(model, ps)
+    owners = {}
+    for l in range(model.cfg.n_layers):
+        for comp in LINEAR_COMPONENTS:
+            mod = block_component(model, l, comp)
+            lin = getattr(mod, "original_component", None) if mod is not None else None
+            if lin is not None:
+                owners[[n for n, p in params.items() if p is lin.weight][0]] = lin
+    assert set(owners) == {n for n, _, _, _ in layers}
+    sums: dict = {}
+    count = [0.0, 0.0]
+    for text, g in zip(ps.texts, ps.groups.tolist()):
+        seen = {}
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach()))
+                   for n, m in owners.items()]
+        ids = tokenize(model, [text])[0][None]
+        try:
+            with torch.no_grad():
+                model(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        assert set(seen) == set(owners), sorted(set(owners) - set(seen))  # every weight's module ran
+        for n, x in seen.items():
+            sums[(n, g)] = sums.get((n, g), 0) + (x.double() ** 2).reshape(-1, x.shape[-1]).sum(0)
+        count[g] += ids.shape[1]
+    for g in (0, 1):
+        for n in owners:
+            ref = (sums[(n, g)] / count[g]).sqrt().float()
+            assert torch.allclose(mine[g][n], ref, rtol=1e-4, atol=1e-6), (n, g)
+    _record(name, "Wanda norms", "exact")
