@@ -14,6 +14,7 @@ exactly like a named model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import transformers
@@ -65,7 +66,7 @@ def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: flo
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
     fam = FAMILIES[name]
     tok = tokenizer if tokenizer is not None else word_tokenizer()
-    kw = {} if name == "gpt2" else dict(_SMALL)
+    kw: dict[str, Any] = {} if name == "gpt2" else dict(_SMALL)
     kw.update(dict(fam.extra))
     kw.update(vocab_size=len(tok), initializer_range=init_range)
     if fam.kind == "causal":
