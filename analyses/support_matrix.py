@@ -22,16 +22,23 @@ sys.path.insert(0, str(ROOT))
 
 from mechbias.core.families import FAMILIES  # noqa: E402
 
-METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads",
+METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads", "AtP",
            "neuron ablation", "head ablation", "Wanda norms", "GRADIEND gradients"]
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 
+SHORT = {"fast (shared KV prefix)": "fast", "fast (KV cache)": "fast", "fast (full sequences)": "fast*",
+         "exact (full sequences)": "exact", "exact (one backward)": "exact", "exact": "exact", "hook": "hook",
+         "not applicable (masked LM)": "n/a"}
+
+
 def render(support: dict[str, dict[str, str]]) -> str:
-    lines = ["| family (HF class) | " + " | ".join(METHODS) + " |", "|---" * (len(METHODS) + 1) + "|"]
-    for name, fam in FAMILIES.items():
-        row = support.get(name, {})
-        lines.append(f"| {name} (`{fam.model}`) | " + " | ".join(row.get(m, "untested") for m in METHODS) + " |")
+    """Methods as rows, families as columns; cells shortened (legend under the table in the README)."""
+    lines = ["| method | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
+    for m in METHODS:
+        cells = [SHORT.get(support.get(f, {}).get(m, "untested"), support.get(f, {}).get(m, "untested"))
+                 for f in FAMILIES]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -295,3 +295,34 @@ def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam):
             ref = (sums[(n, g)] / count[g]).sqrt().float()
             assert torch.allclose(mine[g][n], ref, rtol=1e-4, atol=1e-6), (n, g)
     _record(name, "Wanda norms", "exact")
+
+
+def test_atp_equals_a_central_finite_difference(fam):
+    """AtP's estimate (gradient x activation difference) at one residual site equals the directional
+    derivative of the plain forward along that difference (central finite difference)."""
+    name, model = fam
+    pairs = make_pairs(model, "finance", "race", templates=[0], max_pairs=2)
+    atp = attribution_patch(model, pairs, components=("resid_pre",))
+    i, l = 0, 1
+    p = pairs.diff_positions(i)[-1]
+    clean, corr = pairs.clean_tokens[i][None], pairs.corrupt_tokens[i][None]
+    hook = f"blocks.{l}.hook_resid_pre"
+    _, cc = model.run_with_cache(clean, names_filter=[hook])
+    _, rc = model.run_with_cache(corr, names_filter=[hook])
+    d = cc[hook][0, p] - rc[hook][0, p]
+    y, n = model.to_single_token(pairs.positive), model.to_single_token(pairs.negative)
+
+    def f(eps):
+        def hk(x, hook):
+            x = x.clone()
+            x[0, p] = x[0, p] + eps * d
+            return x
+
+        with torch.no_grad(), model.hooks(fwd_hooks=[(hook, hk)]):
+            lg = model(corr).double()
+        return float(lg[0, -1, y] - lg[0, -1, n])
+
+    fd = (f(0.01) - f(-0.01)) / 0.02
+    assert float(atp.estimates["resid_pre"][i, l, p]) == pytest.approx(fd, rel=0.02, abs=1e-4)
+    assert abs(fd) > 1e-3
+    _record(name, "AtP", "exact (one backward)")
