@@ -42,9 +42,10 @@ class ParamSet:
 
 
 def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
-    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices; no gate where the family's MLP has none), ``down`` (W_out only), ``down-late``
-    (W_out of the last quarter of the layers, unless ``layers`` says otherwise), ``attn`` (q, k, v, o),
-    ``mlp+attn``, or an explicit list of names; optionally restricted to ``layers``."""
+    """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices; no gate where the family's MLP has
+    none), ``down`` (W_out only), ``down-late`` (W_out of the last quarter of the layers, unless ``layers``
+    says otherwise), ``attn`` (q, k, v, o), ``mlp+attn``, or an explicit list of names; optionally
+    restricted to ``layers``."""
     params = named_params(model)
     if not isinstance(which, str):
         names = list(which)
