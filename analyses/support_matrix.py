@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from mechbias.core.families import FAMILIES  # noqa: E402
 
 METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads", "AtP",
-           "neuron ablation", "head ablation", "Wanda norms", "GRADIEND gradients"]
+           "neuron ablation", "head ablation", "pruning scores", "Wanda norms", "GRADIEND gradients"]
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 

@@ -28,7 +28,7 @@ from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import ig2_prompt
 from mechbias.core.sites import Site
 from mechbias.methods.patching import attribution_patch, patch_sweep, run_variants
-from mechbias.methods.pruning.scores import input_norms
+from mechbias.methods.pruning.scores import head_scores, input_norms, name_positions, neuron_scores
 
 CAUSAL = [f for f, v in FAMILIES.items() if v.kind == "causal"]
 MASKED = [f for f, v in FAMILIES.items() if v.kind == "masked"]
@@ -326,3 +326,42 @@ def test_atp_equals_a_central_finite_difference(fam):
     assert float(atp.estimates["resid_pre"][i, l, p]) == pytest.approx(fd, rel=0.02, abs=1e-4)
     assert abs(fd) > 1e-3
     _record(name, "AtP", "exact (one backward)")
+
+
+def test_pruning_scores_equal_plain_hf_activations_and_attention(fam):
+    """Neuron scores (mean |activation| x ||W_out row||) from torch hooks on the plain model's down projection,
+    and head scores (attention from the last position to the name tokens) from the plain model's own
+    attention probabilities (eager attention, ``output_attentions``)."""
+    name, model = fam
+    ps = load_context("finance").prompts("race", templates=[0, 1], names="selection")
+    hf = _plain(name)
+    hf.set_attn_implementation("eager")
+    ctx = load_context("finance")
+    L = model.cfg.n_layers
+    downs = [hf.get_submodule(DOWN.get(name, DOWN_DEFAULT).format(l=l)) for l in range(L)]
+    w_norm = [(d.weight.norm(dim=1) if type(d).__name__ == "Conv1D" else d.weight.norm(dim=0)).double()
+              for d in downs]
+    n_sum = [0, 0]
+    h_sum = [0, 0]
+    count = [0, 0]
+    for p in ps:
+        seen = {}
+        handles = [d.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0].detach()))
+                   for l, d in enumerate(downs)]
+        try:
+            with torch.no_grad():
+                out = hf(tokenize(model, [p.text])[0][None], output_attentions=True)
+        finally:
+            for h in handles:
+                h.remove()
+        g = int(p.group)
+        n_sum[g] = n_sum[g] + torch.stack([seen[l][0].double().abs().mean(0) * w_norm[l] for l in range(L)])
+        pos = name_positions(model, p, ctx.templates[p.template])
+        h_sum[g] = h_sum[g] + torch.stack([out.attentions[l][0, :, -1, pos].double().sum(-1) for l in range(L)])
+        count[g] += 1
+    mine_n, mine_h = neuron_scores(model, ps), head_scores(model, ps)
+    for g in (0, 1):
+        assert torch.allclose(mine_n[g].double(), n_sum[g] / count[g], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(mine_h[g].double(), h_sum[g] / count[g], rtol=1e-4, atol=1e-6)
+    assert float(mine_h.std()) > 0
+    _record(name, "pruning scores", "exact")
