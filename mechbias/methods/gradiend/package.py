@@ -42,18 +42,20 @@ def package_frame(model, context: str, axis: str, *, seed: int = 0, filler: str 
     val = validation_names(ax, seed)
     tok = model.tokenizer
     rows = []
+    longest = 0
     for which in ("selection", "heldout"):
         for t in feature_texts(model, context, axis, templates=which, names=which, seed=seed):
+            ids_f = tokenize(model, [t.text + filler])[0].tolist()
             if filler:
-                ids, ids_f = (tokenize(model, [s])[0].tolist() for s in (t.text, t.text + filler))
+                ids = tokenize(model, [t.text])[0].tolist()
                 if len(ids_f) != len(ids) + 1 or ids_f[:-1] != ids:
                     raise ValueError(f"the filler {filler!r} is not one separate token after {t.text!r}")
+            longest = max(longest, len(ids_f))
             split = "test" if which == "heldout" else ("validation" if t.name in val else "train")
             rows.append({"masked": t.text + filler + "[MASK]", "label": tok.decode([t.factual]),
                          "label_class": ax.groups[t.group], "alternative": tok.decode([t.counterfactual]),
                          "alternative_class": ax.groups[1 - t.group], "split": split, "name": t.name,
                          "template": t.template})
-    longest = max(len(tokenize(model, [r["masked"].replace("[MASK]", "")])[0]) for r in rows)
     if longest + 1 > PAD_TO:
         raise ValueError(f"a text has {longest} tokens; the package pads to PAD_TO = {PAD_TO}")
     return pd.DataFrame(rows)
