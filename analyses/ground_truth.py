@@ -88,7 +88,7 @@ def main() -> None:
                                                                       if k.startswith("recall ")))
 
     # 1. unit recovery from each method's ranking (selection split of each context)
-    pairs_per = 2 if args.quick else 4
+    pairs_per = 3 if args.quick else 4
     for c in rows_ctx:
         res = run_ig2(model, contrast_units(c, "race", favoured=0, pairs_per_template=pairs_per), steps=20,
                       kind="logit")
@@ -101,7 +101,8 @@ def main() -> None:
                                                                              score="signed_attribution",
                                                                              select="difference", common=None)),
                           ("pruning score: activation (paper)", PruneConfig(unit="neuron", k=None, common=None)),
-                          ("pruning score: attention to the name", PruneConfig(unit="head", k=None, common=None))):
+                          ("pruning score: attention to the name", PruneConfig(unit="head", k=None, common=None,
+                                                                               select="sum"))):
             cand = candidates(model, load_context(c), "race", pc)
             add(label, c, cand.items, "neurons" if pc.unit == "neuron" else "heads")
     if args.all_positions:  # the extension costs ~sequence-length times IG²: finance, one pair per template

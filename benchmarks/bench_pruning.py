@@ -31,8 +31,10 @@ def main() -> None:
     for name, cfg in [("neuron (activation, set diff.)", PruneConfig(unit="neuron", k=None)),
                       ("neuron (signed attribution)", PruneConfig(unit="neuron", k=50, score="signed_attribution",
                                                                   select="difference", common=None)),
-                      ("weight (Wanda)", PruneConfig(unit="weight", k=None)),
-                      ("head (attention to the name)", PruneConfig(unit="head", k=10))]:
+                      ("weight (Wanda, chat calibration)", PruneConfig(unit="weight", k=None)),
+                      ("weight (Wanda, prompt only)", PruneConfig(unit="weight", k=None, calibration="prompt")),
+                      ("head (greedy, 10 rounds)", PruneConfig(unit="head", k=10, common=None)),
+                      ("head (one-shot sum)", PruneConfig(unit="head", k=10, select="sum"))]:
         t = time.perf_counter()
         iv = candidates(model, ctx, "gender", cfg).intervention(cfg.k, cfg)
         t_score = time.perf_counter() - t

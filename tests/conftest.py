@@ -2,13 +2,37 @@
 importing TransformerLens takes seconds); the embedded real model is loaded
 once for the tests marked ``real``."""
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests must never reach the network
 torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", min(2, os.cpu_count() or 1))))
+
+
+_SUPPORT = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def support(request):
+    """``support(family, method, path)`` records which path a passing family test ran; with
+    ``MECHBIAS_SUPPORT_OUT`` set, the session writes the records there as JSON (the README's support
+    matrix is rendered from them by ``analyses/support_matrix.py``)."""
+    table = request.config.stash.setdefault(_SUPPORT, {})
+
+    def record(family: str, method: str, path: str) -> None:
+        table.setdefault(family, {})[method] = path
+
+    return record
+
+
+def pytest_sessionfinish(session):
+    out = os.environ.get("MECHBIAS_SUPPORT_OUT")
+    if out and _SUPPORT in session.config.stash:
+        Path(out).write_text(json.dumps(session.config.stash[_SUPPORT], indent=1, sort_keys=True) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
 
 
 def test_ig2_command(tmp_path):
-    rc = main(["ig2", "--model", "tiny", "--context", "finance", "--axis", "race", "--pairs", "1",
+    rc = main(["ig2", "--model", "tiny", "--context", "finance", "--axis", "race", "--pairs", "3",
                "--steps", "4", "--verify-random", "1", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "ig2.json").read_text())

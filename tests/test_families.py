@@ -1,15 +1,13 @@
 """Every method on every model family (issue 13): small random models with each family's real architecture
 class, each method's result against a plain reference that does not use mechbias' fast paths (the Hugging
 Face model itself, TransformerLens' patching helpers, plain autograd, the plain IG² loop, a plain weight
-edit). Masked LMs are refused by every next-token method with an error naming the model class.
+edit). Masked LMs read every prediction at a [MASK] (tests/test_masked.py); the methods that need a causal
+model (patching, AtP, head scores) refuse them with an error naming the model class.
 
-Each test records its outcome in ``SUPPORT`` (family x method: which path ran); with ``MECHBIAS_SUPPORT_OUT``
-set, the module writes it there as JSON when it ends, and ``analyses/support_matrix.py`` renders the README's
+Each test records its outcome with the ``support`` fixture (family x method: which path ran); with
+``MECHBIAS_SUPPORT_OUT`` set, the session writes it there as JSON when it ends, and
+``analyses/support_matrix.py`` renders the README's
 table from it."""
-
-import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +30,6 @@ from mechbias.methods.pruning.scores import head_scores, input_norms, name_posit
 
 CAUSAL = [f for f, v in FAMILIES.items() if v.kind == "causal"]
 MASKED = [f for f, v in FAMILIES.items() if v.kind == "masked"]
-SUPPORT: dict[str, dict[str, str]] = {}
 
 # the Hugging Face module that takes an MLP's hidden neurons (for the plain weight-edit reference)
 DOWN = {"gpt2": "transformer.h.{l}.mlp.c_proj", "gpt_neox": "gpt_neox.layers.{l}.mlp.dense_4h_to_h",
@@ -42,9 +39,6 @@ DOWN_DEFAULT = "model.layers.{l}.mlp.down_proj"
 FUSED = {"phi3": {"gate": ("gate_up_proj.weight", 0), "in": ("gate_up_proj.weight", 1)}}
 TEXT = "The bank approved the loan application . Was the applicant White or Black ? The applicant was"
 
-
-def _record(family: str, method: str, path: str) -> None:
-    SUPPORT.setdefault(family, {})[method] = path
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -80,12 +74,6 @@ def _plain(name):
     return family_hf_model(name, seed=0)[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _write_matrix():
-    yield
-    out = os.environ.get("MECHBIAS_SUPPORT_OUT")
-    if out:
-        Path(out).write_text(json.dumps({f: SUPPORT.get(f, {}) for f in FAMILIES}, indent=1) + "\n")
 
 
 def _hf_last_logits(hf, model, text: str) -> torch.Tensor:
@@ -104,7 +92,7 @@ def test_family_builds_with_its_real_class_and_matches_hf(anyfam):
     assert is_masked_lm(model) == (FAMILIES[name].kind == "masked")
 
 
-def test_bias_metric_equals_the_hf_forward(fam):
+def test_bias_metric_equals_the_hf_forward(fam, support):
     name, model = fam
     ps = load_context("finance").prompts("race", templates=[0, 1], names="selection")
     mine = contrast_scores(model, ps)
@@ -113,10 +101,10 @@ def test_bias_metric_equals_the_hf_forward(fam):
     ref = torch.stack([(lambda lg: lg[p] - lg[n])(_hf_last_logits(hf, model, t)) for t in ps.texts[:24]])
     assert float((mine[:24] - ref).abs().max()) < 1e-4
     assert float(ref.std()) > 0
-    _record(name, "bias metric", "fast (shared KV prefix)" if supports_kv_cache(model) else "exact (full sequences)")
+    support(name, "bias metric", "fast (shared KV prefix)" if supports_kv_cache(model) else "exact (full sequences)")
 
 
-def test_ig2_fast_path_equals_the_plain_loop(fam):
+def test_ig2_fast_path_equals_the_plain_loop(fam, support):
     name, model = fam
     toks = model.to_tokens(TEXT)[0]
     d1, d2 = model.to_single_token(" White"), model.to_single_token(" Black")
@@ -124,11 +112,11 @@ def test_ig2_fast_path_equals_the_plain_loop(fam):
     fast = ig2_prompt(model, toks, d1, d2, kind="logit", steps=8, method="fast")
     assert float((fast.attr - ref.attr).abs().max() / ref.attr.abs().max()) < 1e-5
     assert fast.g1 == pytest.approx(ref.g1, rel=1e-4, abs=1e-5)
-    _record(name, "IG²", "fast (shared KV prefix)" if supports_kv_cache(model) else "fast (full sequences)")
+    support(name, "IG²", "fast (shared KV prefix)" if supports_kv_cache(model) else "fast (full sequences)")
 
 
 @pytest.mark.parametrize("component", ["resid_pre", "mlp_out", "attn_out", "heads"])
-def test_patching_sweeps_equal_transformer_lens_helpers(fam, component):
+def test_patching_sweeps_equal_transformer_lens_helpers(fam, component, support):
     name, model = fam
     helper = {"resid_pre": tlp.get_act_patch_resid_pre, "mlp_out": tlp.get_act_patch_mlp_out,
               "attn_out": tlp.get_act_patch_attn_out, "heads": tlp.get_act_patch_attn_head_out_all_pos}[component]
@@ -147,10 +135,10 @@ def test_patching_sweeps_equal_transformer_lens_helpers(fam, component):
     assert mine.shape == ref.shape
     assert float((mine - ref).abs().max()) < 1e-4
     assert float(ref.std()) > 0
-    _record(name, f"patching {component}", "fast (KV cache)" if supports_kv_cache(model) else "exact")
+    support(name, f"patching {component}", "fast (KV cache)" if supports_kv_cache(model) else "exact")
 
 
-def test_neuron_ablation_equals_a_plain_weight_edit(anyfam):
+def test_neuron_ablation_equals_a_plain_weight_edit(anyfam, support):
     name, model = anyfam
     neurons = {0: [3, 17, 40], 1: [5, 99]}
     hf = _plain(name)
@@ -170,10 +158,10 @@ def test_neuron_ablation_equals_a_plain_weight_edit(anyfam):
     assert float((mine - ref).abs().max()) < 1e-4
     assert float((base - ref).abs().max()) > 1e-3  # the ablation changes the output ...
     assert torch.allclose(base, _plain(name)(ids).logits, atol=1e-5)  # ... and is removed after
-    _record(name, "neuron ablation", "hook")
+    support(name, "neuron ablation", "hook")
 
 
-def test_gradiend_gradient_equals_plain_autograd(fam):
+def test_gradiend_gradient_equals_plain_autograd(fam, support):
     name, model = fam
     ps = param_set(model, "mlp")
     texts = ["The bank approved the loan", "Afterwards , the applicant said that"]
@@ -197,29 +185,29 @@ def test_gradiend_gradient_equals_plain_autograd(fam):
     ref = torch.cat([g.reshape(-1) for g in parts])
     assert float((mine - ref).norm() / ref.norm()) < 1e-5
     assert all(p.grad is None for p in model.parameters())
-    _record(name, "GRADIEND gradients", "exact")
+    support(name, "GRADIEND gradients", "exact")
 
 
 @pytest.mark.parametrize("name", MASKED)
-def test_masked_lms_are_refused_by_next_token_methods(name):
+def test_masked_lms_are_refused_by_position_bound_methods(name, support):
+    """Patching and AtP swap a name's tokens and read the last position; head scores read the attention of the
+    last position: none of them has a masked-LM form yet, and each says so instead of answering."""
     model = family_model(name, seed=0)
     cls = FAMILIES[name].model
     ps = load_context("finance").prompts("race", templates=[0], names="selection")
     toks = model.to_tokens(TEXT)[0]
     calls = {
-        "bias metric": lambda: contrast_scores(model, ps),
-        "IG²": lambda: ig2_prompt(model, toks, 5, 6),
-        "GRADIEND gradients": lambda: batch_gradient(model, param_set(model, "mlp"), ["a b"], [5]),
         "patching": lambda: run_variants(model, toks, toks, [(Site(0, "resid_pre", positions=(1,)),)],
                                          lambda lg: lg[:, 5]),
         "AtP": lambda: attribution_patch(model, make_pairs(model, "finance", "race", templates=[0], max_pairs=2)),
+        "head scores": lambda: head_scores(model, ps),
     }
     for what, call in calls.items():
         with pytest.raises(ValueError, match=f"{cls}.*masked LM"):
             call()
         for m in ([f"patching {c}" for c in ("resid_pre", "mlp_out", "attn_out", "heads")] if what == "patching"
                   else [what]):
-            _record(name, m, "not applicable (masked LM)")
+            support(name, m, "not applicable (masked LM)")
 
 
 # the Hugging Face module that takes the attention heads' concatenated outputs
@@ -229,7 +217,7 @@ ATTN_OUT = {"gpt2": "transformer.h.{l}.attn.c_proj", "gpt_neox": "gpt_neox.layer
 ATTN_OUT_DEFAULT = "model.layers.{l}.self_attn.o_proj"
 
 
-def test_head_ablation_equals_a_plain_weight_edit(anyfam):
+def test_head_ablation_equals_a_plain_weight_edit(anyfam, support):
     name, model = anyfam
     heads = {0: [1], 1: [0, 3]}
     dh = model.cfg.d_head
@@ -249,10 +237,10 @@ def test_head_ablation_equals_a_plain_weight_edit(anyfam):
             mine = model(ids)
     assert float((mine - ref).abs().max()) < 1e-4
     assert float((model(ids) - ref).abs().max()) > 1e-3
-    _record(name, "head ablation", "hook")
+    support(name, "head ablation", "hook")
 
 
-def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam):
+def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam, support):
     """Wanda's linear layers cover every weight of every block's linear layers (counted in elements against the
     plain Hugging Face model, so no layer is silently missing, fused ones included), and each layer's ||X_j||
     equals the input its own torch module receives in the forward pass (a torch hook, not a bridge hook)."""
@@ -294,10 +282,10 @@ def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam):
         for n in owners:
             ref = (sums[(n, g)] / count[g]).sqrt().float()
             assert torch.allclose(mine[g][n], ref, rtol=1e-4, atol=1e-6), (n, g)
-    _record(name, "Wanda norms", "exact")
+    support(name, "Wanda norms", "exact")
 
 
-def test_atp_equals_a_central_finite_difference(fam):
+def test_atp_equals_a_central_finite_difference(fam, support):
     """AtP's estimate (gradient x activation difference) at one residual site equals the directional
     derivative of the plain forward along that difference (central finite difference)."""
     name, model = fam
@@ -325,12 +313,13 @@ def test_atp_equals_a_central_finite_difference(fam):
     fd = (f(0.01) - f(-0.01)) / 0.02
     assert float(atp.estimates["resid_pre"][i, l, p]) == pytest.approx(fd, rel=0.02, abs=1e-4)
     assert abs(fd) > 1e-3
-    _record(name, "AtP", "exact (one backward)")
+    support(name, "AtP", "exact (one backward)")
 
 
-def test_pruning_scores_equal_plain_hf_activations_and_attention(fam):
+def test_pruning_scores_equal_plain_hf_activations_and_attention(fam, support):
     """Neuron scores (mean |activation| x ||W_out row||) from torch hooks on the plain model's down projection,
-    and head scores (attention from the last position to the name tokens) from the plain model's own
+    and head scores (attention from the last position to the name tokens, averaged over the name's tokens as
+    the paper's code, or summed) from the plain model's own
     attention probabilities (eager attention, ``output_attentions``)."""
     name, model = fam
     ps = load_context("finance").prompts("race", templates=[0, 1], names="selection")
@@ -343,6 +332,7 @@ def test_pruning_scores_equal_plain_hf_activations_and_attention(fam):
               for d in downs]
     n_sum = [0, 0]
     h_sum = [0, 0]
+    hs_sum = [0, 0]
     count = [0, 0]
     for p in ps:
         seen = {}
@@ -357,11 +347,79 @@ def test_pruning_scores_equal_plain_hf_activations_and_attention(fam):
         g = int(p.group)
         n_sum[g] = n_sum[g] + torch.stack([seen[l][0].double().abs().mean(0) * w_norm[l] for l in range(L)])
         pos = name_positions(model, p, ctx.templates[p.template])
-        h_sum[g] = h_sum[g] + torch.stack([out.attentions[l][0, :, -1, pos].double().sum(-1) for l in range(L)])
+        h_sum[g] = h_sum[g] + torch.stack([out.attentions[l][0, :, -1, pos].double().mean(-1) for l in range(L)])
+        hs_sum[g] = hs_sum[g] + torch.stack([out.attentions[l][0, :, -1, pos].double().sum(-1) for l in range(L)])
         count[g] += 1
     mine_n, mine_h = neuron_scores(model, ps), head_scores(model, ps)
+    mine_hs = head_scores(model, ps, reduce="sum")
     for g in (0, 1):
         assert torch.allclose(mine_n[g].double(), n_sum[g] / count[g], rtol=1e-4, atol=1e-6)
         assert torch.allclose(mine_h[g].double(), h_sum[g] / count[g], rtol=1e-4, atol=1e-6)
+        assert torch.allclose(mine_hs[g].double(), hs_sum[g] / count[g], rtol=1e-4, atol=1e-6)
     assert float(mine_h.std()) > 0
-    _record(name, "pruning scores", "exact")
+    support(name, "neuron scores", "exact")
+    support(name, "head scores", "exact")
+
+
+def test_gradiend_edit_equals_a_plain_weight_edit(anyfam, support):
+    """A GRADIEND edit (``θ + α·Δ`` on the MLP parameter set, as ``GradiendResult.edit_for`` builds it) on the
+    bridge equals adding the same Δ to the plain Hugging Face model's weights (Phi-3: into the gate and up
+    halves of its fused matrix), and leaves the weights bit for bit as they were afterwards."""
+    from mechbias.interventions.weights import WeightEdit
+
+    name, model = anyfam
+    ps = param_set(model, "mlp")
+    gen = torch.Generator().manual_seed(3)
+    deltas = {n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes)}
+    ids = tokenize(model, [TEXT])[0][None]
+    before = {n: p.detach().clone() for n, p in named_params(model).items()}
+    hf = _plain(name)
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for n, d in deltas.items():
+            if n in params:
+                params[n] += 0.5 * d
+                continue
+            fused, k = FUSED[name][n.rsplit(".", 2)[-2]]
+            params[n.rsplit(".", 2)[0] + "." + fused].chunk(2, dim=0)[k].add_(0.5 * d)
+        ref = hf(ids).logits
+        with WeightEdit(deltas, scale=0.5).apply(model):
+            mine = model(ids)
+        assert float((mine - ref).abs().max()) < 1e-4
+        assert float((model(ids) - ref).abs().max()) > 1e-3  # the edit changed the output, and is undone
+    assert all(torch.equal(p, before[n]) for n, p in named_params(model).items())
+    support(name, "GRADIEND edits", "exact")
+
+
+@pytest.mark.parametrize("kind", ["neurons", "heads q", "gradiend edit"])
+def test_export_gives_the_hooked_logits(anyfam, kind, tmp_path, support):
+    """``mechbias export`` on every family: the intervention folded into a transformers checkpoint (fused
+    q/k/v and gate/up tensors rebuilt from the split layers the bridge computes with: GPT-2's Conv1D
+    ``c_attn``, Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX's per-head ``query_key_value``), reloaded
+    with plain ``AutoModelForCausalLM`` (masked LMs: ``AutoModelForMaskedLM``), gives the hooked model's
+    logits."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from mechbias.apps.export import export_model
+    from mechbias.interventions.weights import WeightEdit
+
+    name, model = anyfam
+    ps = param_set(model, "mlp")
+    gen = torch.Generator().manual_seed(5)
+    iv = {"neurons": NeuronIntervention({0: [1, 5, 9], 1: [7, 30]}),
+          "heads q": HeadIntervention({0: [0, 3], 1: [1]}, mode="q"),
+          "gradiend edit": WeightEdit({n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes)},
+                                      scale=0.5)}[kind]
+    ids = tokenize(model, [TEXT])[0][None]
+    with torch.no_grad():
+        base = model(ids)
+        with iv.apply(model):
+            hooked = model(ids)
+    summary = export_model(model, iv, tmp_path / "m")
+    auto = AutoModelForMaskedLM if is_masked_lm(model) else AutoModelForCausalLM
+    hf = auto.from_pretrained(tmp_path / "m", local_files_only=True).eval()
+    with torch.no_grad():
+        plain = hf(ids).logits
+    assert float((hooked - base).abs().max()) > 1e-3
+    assert float((plain - hooked).abs().max()) < 5e-5 and summary["max_abs_logit_diff"] < 5e-5
+    support(name, f"export ({kind})", "exact")

@@ -111,13 +111,21 @@ def test_selection_follows_the_three_thresholds():
         [[1, 0, 0, 8, 0, 0]],    # B: {3}
     ]
     res = _fake_result(attrs, ["A"] * 3 + ["B"] * 3)
-    sel = select_neurons(res, per_bag=0.6, per_relation=0.5, adapt=False)
+    sel = select_neurons(res, per_bag=0.6, per_relation=0.5, adapt=False, min_per_bag=1)
     # bag A keeps neurons in >= 2 of 3 prompts: {0, 1}; bag B: {3}; relation: in >= 1 of 2 bags
     assert sel.as_pairs() == [(0, 0), (0, 1), (0, 3)]
+    # the authors' minimum of 3 prompts per bag (default): neuron 1 is in only 2 of A's prompts
+    paper = select_neurons(res, per_bag=0.6, per_relation=0.5, adapt=False)
+    assert paper.as_pairs() == [(0, 0), (0, 3)] and paper.thresholds["min_per_bag"] == 3
+    # a bag of 2 prompts selects nothing under the minimum, however often a neuron appears in it
+    two = _fake_result(attrs[:2] + attrs[3:5], ["A"] * 2 + ["B"] * 2)
+    assert select_neurons(two, per_bag=0.5, per_relation=0.5, adapt=False).as_pairs() == []
+    assert select_neurons(two, per_bag=0.5, per_relation=0.5, adapt=False, min_per_bag=1).as_pairs() == [
+        (0, 0), (0, 1), (0, 2), (0, 3), (0, 4)]
     strict = select_neurons(res, per_bag=0.6, per_relation=1.0, adapt=False)
     assert strict.as_pairs() == []  # no neuron is in both bags
     # adaptation raises the bag threshold when bags hold too many neurons
-    adapted = select_neurons(res, per_bag=0.3, target_per_bag=(1, 1.5), per_relation=0.5)
+    adapted = select_neurons(res, per_bag=0.3, target_per_bag=(1, 1.5), per_relation=0.5, min_per_bag=1)
     assert adapted.thresholds["per_bag_final"] > 0.3
 
 
@@ -135,11 +143,11 @@ def test_verification_values_equal_a_brute_force_recomputation(tiny):
     from mechbias.interventions.units import NeuronIntervention
     from mechbias.methods.ig2 import unit_values
 
-    units = contrast_units("finance", "race", favoured=0, pairs_per_template=2)
+    units = contrast_units("finance", "race", favoured=0, pairs_per_template=3)
     res = run_ig2(tiny, units, steps=8, kind="logit")
     sel = select_neurons(res)
     assert len(sel) > 0
-    held = contrast_units("finance", "race", favoured=0, templates="heldout", names="heldout", pairs_per_template=2)
+    held = contrast_units("finance", "race", favoured=0, templates="heldout", names="heldout", pairs_per_template=3)
     v = verify(tiny, sel, held, kind="logit", n_random=2, seed=0)
     base = unit_values(tiny, held, kind="logit").mean()
     for op, factor in (("suppress", 0.0), ("amplify", 2.0)):

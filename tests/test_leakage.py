@@ -45,7 +45,8 @@ def test_a_selector_that_peeks_at_held_out_prompts_is_stopped(tiny):
 @pytest.mark.parametrize("name", sorted(registered_methods()))
 def test_every_registered_method_selects_on_selection_data_only(tiny, name):
     cls = registered_methods()[name]
-    small = {"ig2": dict(pairs=1, steps=2, plain_ig=False), "patch": dict(pairs=2, components=("heads",), atp=False),
+    small = {"ig2": dict(pairs=1, min_per_bag=1, steps=2, plain_ig=False),
+             "patch": dict(pairs=2, components=("heads",), atp=False),
              "prune": dict(unit="head", k=2, common=None), "steer": dict(layer=1),
              "gradiend": dict(steps=2, seeds=(0,), h=(1.0,), alpha=(0.01,),
                               max_ppl_increase=10.0, edit_names=4, edit_texts=1, shuffled_control=False)}

@@ -3,12 +3,13 @@
 import pytest
 import torch
 
-from mechbias.data.contexts import load_context
+from mechbias.data.contexts import load_context, tokenize
 from mechbias.core.weights import named_params
 from mechbias.core.weights import linear_layers
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.methods.pruning import (PruneConfig, candidates, generalization_levels, head_scores, input_norms,
                                       name_positions, neuron_scores, pruning_curve, pruning_selector, set_difference)
+from mechbias.methods.pruning.selection import greedy_select
 
 
 def test_set_difference_logic():
@@ -152,3 +153,91 @@ def test_set_difference_union_and_common_voting_on_hand_made_scores(tiny, monkey
     one_sided = candidates(tiny, ctx, "race", PruneConfig(unit="neuron", k=None, p=0.2, q=0.2, common=None,
                                                         target="White"))
     assert {i for _, i in one_sided.items} == top_a - top_b
+
+
+def test_greedy_selection_rescores_after_each_pruned_unit():
+    """Hand-made scores where pruning (0, 0) silences (0, 1): greedy re-scoring takes (1, 0) second, while a
+    one-shot ranking of the same first scores would take (0, 1)."""
+    base = torch.tensor([[5.0, 4.0], [3.0, 1.0]])
+
+    def score(chosen):
+        s = base.clone()
+        if (0, 0) in chosen:
+            s[0, 1] = 0.0
+        if (1, 0) in chosen:
+            s[1, 1] = 9.0  # pruning (1, 0) hands its role to (1, 1)
+        return s
+
+    chosen, got = greedy_select(score, 3)
+    assert chosen == [(0, 0), (1, 0), (1, 1)] and got == [5.0, 3.0, 9.0]
+    assert greedy_select(score, 10)[0] == [(0, 0), (1, 0), (1, 1), (0, 1)]  # stops when every unit is chosen
+    with pytest.raises(ValueError, match="greedy"):
+        PruneConfig(unit="head", k=None).validate()
+    with pytest.raises(ValueError, match="greedy"):
+        PruneConfig(unit="neuron", select="greedy").validate()
+
+
+def test_greedy_head_selection_on_a_model_matches_plain_query_zeroing(tiny):
+    """The first greedy head is the one-shot top head; the second is the top head of scores computed with the
+    first head's query zeroed by a plain hook (the paper's pruning: uniform attention)."""
+    from mechbias.core.hooks import hooked
+    from mechbias.core.sites import hook_name
+
+    ctx = load_context("finance")
+    cfg = PruneConfig(unit="head", k=2, common=None, head_mode="q")
+    assert cfg.select == "greedy" and cfg.name_attention == "mean"
+    cand = candidates(tiny, ctx, "race", cfg, templates=[0])
+    ps = ctx.prompts("race", templates=[0], names="selection", seed=0)
+    first = head_scores(tiny, ps)
+    flat = int((first[0] + first[1]).flatten().argmax())
+    h0 = (flat // tiny.cfg.n_heads, flat % tiny.cfg.n_heads)
+    assert cand.items[0] == h0
+
+    def zero_q(q, hook):
+        q = q.clone()
+        q[:, :, h0[1]] = 0.0
+        return q
+
+    with hooked(tiny, [(hook_name("q", h0[0]), zero_q)]):
+        second = head_scores(tiny, ps)
+    tot = (second[0] + second[1]).clone()
+    tot[h0] = -float("inf")
+    flat = int(tot.flatten().argmax())
+    assert cand.items[1] == (flat // tiny.cfg.n_heads, flat % tiny.cfg.n_heads)
+    assert cand.priority[1] == pytest.approx(float(tot.flatten()[flat]), rel=1e-5)
+
+
+def test_wanda_chat_calibration_runs_on_the_chat_turn_and_a_sampled_reply(tiny):
+    """``calibration="chat"`` (the paper's code): each prompt as a user turn in the chat template plus a
+    sampled reply. The norms equal a brute force over those sequences from the hooks of a plain run; the
+    sequences start with the template's rendering of the prompt and go on past it (the reply)."""
+    from mechbias.eval.generation import chat_prompt
+    from mechbias.methods.pruning.scores import calibration_mode, calibration_seqs
+
+    ps = load_context("finance").prompts("race", templates=[0], names="selection")
+    assert calibration_mode(tiny, "auto") == "prompt"  # the word tokenizer has no chat template
+    with pytest.raises(ValueError, match="chat template"):
+        input_norms(tiny, ps, calibration="chat")
+    tok = tiny.tokenizer
+    tok.chat_template = "{% for m in messages %}user : {{ m['content'] }} .{% endfor %} assistant :"
+    try:
+        assert calibration_mode(tiny, "auto") == "chat"
+        seqs = calibration_seqs(tiny, ps, response_tokens=4, seed=0)
+        norms = input_norms(tiny, ps, calibration="chat", response_tokens=4)
+        for p, s in zip(ps, seqs):
+            head = chat_prompt(tiny, p.text)
+            assert torch.equal(s[: len(head)], head) and len(head) < len(s) <= len(head) + 4
+            assert tok.decode(head).endswith(". assistant :") and len(head) > len(tokenize(tiny, [p.text])[0])
+        xs: dict[str, list] = {}
+        for p, s in zip(ps, seqs):
+            if p.group != 0:
+                continue
+            _, cache = tiny.run_with_cache(s[None])
+            for name, hook, _, _ in linear_layers(tiny):
+                xs.setdefault(name, []).append(cache[hook][0].reshape(len(s), -1).double())
+        for name, chunks in xs.items():
+            assert torch.allclose(norms[0][name], torch.cat(chunks).pow(2).mean(0).sqrt().float(), rtol=1e-4)
+        prompt_only = input_norms(tiny, ps, calibration="prompt")
+        assert not torch.allclose(prompt_only[0][name], norms[0][name])
+    finally:
+        tok.chat_template = None

@@ -7,7 +7,8 @@ output-projection columns, ``hook_q`` ablations query rows and biases, weight
 masks and edits are written as they are), builds a fresh model of the same
 ``transformers`` class from the same config, and saves it with
 ``save_pretrained`` next to the tokenizer. The folder loads with plain
-``AutoModelForCausalLM.from_pretrained``; mechbias is not needed to use it.
+``AutoModelForCausalLM.from_pretrained`` (a masked LM: ``AutoModelForMaskedLM``); mechbias is not
+needed to use it.
 An intervention with no exact weight form (positions, residual-stream
 directions) is refused before anything is written; nothing is approximated.
 The live model is never changed.
@@ -25,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from ..core.families import is_masked_lm
 from ..core.models import model_label
 from ..core.weights import named_params
 from ..data.contexts import tokenize
@@ -52,11 +54,12 @@ def _hf_state_dict(model, fresh, params: dict[str, torch.Tensor]) -> dict[str, t
     out: dict[str, torch.Tensor] = {}
     used: set[int] = set()
     for key in fresh.state_dict():
-        fused = _fused_qkv(key, params, live)
+        fused = _fused(key, params, live, fresh.config)
         if fused is not None:
-            out[key] = fused
-            used.update(live[key.replace("c_attn", c)].data_ptr() for c in "qkv")
-            used.add(live[key].data_ptr())
+            out[key], parts = fused
+            used.update(live[p].data_ptr() for p in parts)
+            if key in live:
+                used.add(live[key].data_ptr())
             continue
         if key not in live:
             raise RuntimeError(f"the live model has no tensor for {key!r}; it cannot be exported as {type(fresh).__name__}")
@@ -69,16 +72,32 @@ def _hf_state_dict(model, fresh, params: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def _fused_qkv(key: str, params: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """GPT-2's fused ``c_attn`` (``Conv1D``, weight ``[d_model, 3 d_model]``), rebuilt from the separate q, k, v
-    linear layers the bridge computes with (``nn.Linear``, ``[out, in]``), folded values included."""
-    if ".c_attn." not in key:
-        return None
-    parts = [key.replace("c_attn", c) for c in "qkv"]
-    if not all(p in live for p in parts):
-        return None
-    vals = [params.get(p, live[p]).detach() for p in parts]
-    return torch.cat([v.T for v in vals], dim=1) if key.endswith("weight") else torch.cat(vals)
+#: fused Hugging Face tensors the bridge computes with as separate layers: (fused name, part names, layout)
+_FUSED = (("c_attn", ("q", "k", "v"), "conv1d"),                 # GPT-2: Conv1D [d_model, 3 d_model]
+          ("qkv_proj", ("q", "k", "v"), "concat"),               # Phi-3: q, k, v rows stacked
+          ("gate_up_proj", ("gate", "in"), "concat"),            # Phi-3: gate rows, then up rows
+          ("query_key_value", ("q", "k", "v"), "per_head"))      # GPT-NeoX: (head, q/k/v, head_dim) rows
+
+
+def _fused(key: str, params: dict[str, torch.Tensor], live: dict[str, torch.Tensor], config
+           ) -> tuple[torch.Tensor, list[str]] | None:
+    """A fused tensor of the checkpoint rebuilt from the separate layers the bridge computes with (folded values
+    included), and the live names it was built from; None when ``key`` is not one."""
+    for fused, names, layout in _FUSED:
+        if f".{fused}." not in key:
+            continue
+        parts = [key.replace(fused, c) for c in names]
+        if not all(p in live for p in parts):
+            return None
+        vals = [params.get(p, live[p]).detach() for p in parts]
+        if layout == "conv1d":
+            return (torch.cat([v.T for v in vals], dim=1) if key.endswith("weight") else torch.cat(vals)), parts
+        if layout == "concat":
+            return torch.cat(vals, dim=0), parts
+        heads = config.num_attention_heads
+        split = [v.reshape(heads, v.shape[0] // heads, *v.shape[1:]) for v in vals]
+        return torch.stack(split, dim=1).reshape(-1, *vals[0].shape[1:]), parts
+    return None
 
 
 def export_model(model, intervention: Intervention | None, out: str | Path, *,
@@ -89,7 +108,7 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
     exported model and the hooked model on ``check_texts``), also written to
     ``out/mechbias_export.json``. The folder is written atomically.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     out = Path(out)
     hf = getattr(model, "original_model", None)
@@ -108,7 +127,8 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
         fresh.save_pretrained(tmp, safe_serialization=True)
         if getattr(model, "tokenizer", None) is not None:
             model.tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True).eval()
+        auto = AutoModelForMaskedLM if is_masked_lm(model) else AutoModelForCausalLM
+        reloaded = auto.from_pretrained(tmp, local_files_only=True).eval()
         diff = _max_logit_diff(model, reloaded, intervention, check_texts)
         summary = {"source_model": model_label(model), "architecture": type(hf).__name__,
                    "intervention": intervention.describe() if intervention else "none",

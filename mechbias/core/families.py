@@ -60,12 +60,14 @@ _SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "
           "max_position_embeddings": 256}
 
 
-def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float = 0.08):
-    """The plain Hugging Face model of :func:`family_model` (same weights for the same seed) and its tokenizer."""
+def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float = 0.08,
+                    dtype: torch.dtype | None = None):
+    """The plain Hugging Face model of :func:`family_model` (same weights for the same seed, initialised in
+    float32 and then cast to ``dtype``) and its tokenizer."""
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
     fam = FAMILIES[name]
-    tok = tokenizer if tokenizer is not None else word_tokenizer()
+    tok = tokenizer if tokenizer is not None else word_tokenizer(masked=fam.kind == "masked")
     kw: dict[str, Any] = {} if name == "gpt2" else dict(_SMALL)
     kw.update(dict(fam.extra))
     kw.update(vocab_size=len(tok), initializer_range=init_range)
@@ -76,13 +78,17 @@ def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: flo
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         hf = getattr(transformers, fam.model)(cfg)
+    if dtype is not None:
+        hf = hf.to(dtype)
     return hf.eval(), tok
 
 
-def family_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float = 0.08):
+def family_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float = 0.08,
+                 dtype: torch.dtype | None = None):
     """A small random model of family ``name`` (see :data:`FAMILIES`) as a ``TransformerBridge``."""
-    hf, tok = family_hf_model(name, seed=seed, tokenizer=tokenizer, init_range=init_range)
-    model = TransformerBridge.boot_transformers(f"tiny-{name}", hf_model=hf, tokenizer=tok, device="cpu")
+    hf, tok = family_hf_model(name, seed=seed, tokenizer=tokenizer, init_range=init_range, dtype=dtype)
+    model = TransformerBridge.boot_transformers(f"tiny-{name}", hf_model=hf, tokenizer=tok, device="cpu",
+                                                dtype=dtype or torch.float32)
     model.eval()
     set_model_label(model, f"tiny-{name}-seed{seed}")
     return model
@@ -107,10 +113,10 @@ def is_masked_lm(model) -> bool:
 
 
 def require_causal(model, what: str) -> None:
-    """Refuse a masked LM before a method that scores the next token after a prompt runs on it."""
+    """Refuse a masked LM before a method that has no masked-LM form (patching, AtP, head scores) runs."""
     if is_masked_lm(model):
         raise ValueError(
-            f"{what} scores the token that follows a prompt, which needs a causal language model; "
+            f"{what} reads a prompt's last position, which needs a causal language model; "
             f"this model is {model_class(model)} (a masked LM: bidirectional, no next-token prediction). "
-            "For masked LMs mechbias supports CrowS-Pairs and StereoSet scoring (mechbias card); "
-            "masked-LM IG² and GRADIEND are not implemented yet.")
+            "For masked LMs mechbias reads predictions at a [MASK] in the bias metric, IG², GRADIEND, "
+            "pruning's neuron scores and Wanda, and scores CrowS-Pairs and StereoSet (mechbias card).")

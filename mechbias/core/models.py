@@ -338,6 +338,7 @@ def supports_kv_cache(model) -> bool:
 # ----------------------------------------------------------------------------
 
 _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+_MASKED_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def _builtin_words() -> list[str]:
@@ -351,32 +352,42 @@ def _builtin_words() -> list[str]:
     return sorted(words)
 
 
-def word_tokenizer():
+def word_tokenizer(*, masked: bool = False):
     """A word-level tokenizer covering the built-in data (cached on disk).
 
-    Words are split on whitespace and punctuation; a BOS token is prepended.
+    Words are split on whitespace and punctuation. Causal (default): a BOS token is
+    prepended. ``masked=True``: BERT's layout for masked LMs, ``[CLS] text [SEP]`` with a
+    ``[MASK]`` token.
     """
     from transformers import AutoTokenizer
 
     words = _builtin_words()
     key = hashlib.sha256("\n".join(words).encode()).hexdigest()[:12]
-    target = cache_dir() / f"tiny-tokenizer-{key}"
+    target = cache_dir() / f"tiny-tokenizer-{'masked-' if masked else ''}{key}"
 
     def build(tmp: Path) -> None:
         from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
         from transformers import PreTrainedTokenizerFast
 
-        vocab = {w: i for i, w in enumerate(_SPECIALS + words)}
-        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        specials = _MASKED_SPECIALS if masked else _SPECIALS
+        vocab = {w: i for i, w in enumerate(specials + words)}
+        unk = "[UNK]" if masked else "<unk>"
+        tk = Tokenizer(models.WordLevel(vocab, unk_token=unk))
         tk.pre_tokenizer = pre_tokenizers.Whitespace()
-        tk.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
-        )
+        if masked:
+            tk.post_processor = processors.TemplateProcessing(
+                single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+            )
+            special: dict[str, Any] = dict(cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", pad_token="[PAD]",
+                           unk_token=unk)
+        else:
+            tk.post_processor = processors.TemplateProcessing(
+                single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 1)]
+            )
+            special = dict(bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token=unk,
+                           add_bos_token=True)
         tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-            unk_token="<unk>", add_bos_token=True,
-        )
+        fast = PreTrainedTokenizerFast(tokenizer_object=tk, **special)
         fast.save_pretrained(tmp)
 
     _atomic_dir(target, build)

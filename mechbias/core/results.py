@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .families import is_masked_lm, model_class
 from .models import model_label
 
 # every Result subclass registers itself here when its module is imported; importing any
@@ -168,6 +169,9 @@ def make_meta(model=None, **extra) -> dict:
         meta["model_config"] = {
             k: getattr(model.cfg, k, None) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
         }
+        meta["model_class"] = model_class(model)
+        if is_masked_lm(model):
+            meta["readout"] = "masked LM: predictions read at a [MASK] after the prompt; perplexity is pseudo-perplexity"
     meta.update(extra)
     return meta
 

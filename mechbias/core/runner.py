@@ -18,6 +18,15 @@ Three ideas, used by every method:
   :func:`local_positions` turns an intervention's absolute positions
   (``"all"``, ``"last"``, or indices) into indices of the current call. This is
   what keeps position-specific interventions correct under prefix sharing.
+
+**Masked LMs** (BERT, RoBERTa) have no next token. Every readout of "the
+model's prediction after a prompt" reads a mask token instead: inserted after
+the prompt's text (before the tokenizer's closing special token), or the
+prompt's own mask when it has exactly one (the IG² paper's fill-in form).
+:func:`readout_ids` builds that sequence, :func:`readout_position` makes
+``"last"`` in an intervention mean the mask's position, and every forward runs
+the whole sequence (no shared prefix: a bidirectional prefix depends on what
+follows). Perplexity becomes pseudo-perplexity (:func:`sequence_nll`).
 """
 
 from __future__ import annotations
@@ -32,12 +41,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .families import require_causal
+from .families import is_masked_lm
 from .hooks import hooked
 from .models import supports_kv_cache
 from .sites import hook_name
 
 _WINDOW: ContextVar[tuple[int, int] | None] = ContextVar("mechbias_forward_window", default=None)
+_READOUT: ContextVar[int | None] = ContextVar("mechbias_readout_position", default=None)
 
 #: Rows x tokens per forward pass; bounds memory, tuned for a 2-core CPU.
 DEFAULT_TOKENS_PER_BATCH = 4096
@@ -67,10 +77,45 @@ def local_positions(positions, seq_len: int) -> slice | list[int]:
     if isinstance(positions, str):
         if positions != "last":
             raise ValueError(f"positions must be 'all', 'last' or a list of indices, not {positions!r}")
-        wanted = [total - 1]
+        readout = _READOUT.get()
+        wanted = [total - 1 if readout is None else readout]
     else:
         wanted = [p if p >= 0 else total + p for p in positions]
     return [p - start for p in wanted if start <= p < start + seq_len]
+
+
+@contextlib.contextmanager
+def readout_position(position: int):
+    """Inside the block, an intervention's ``"last"`` position is ``position`` (a masked LM's mask)."""
+    token = _READOUT.set(int(position))
+    try:
+        yield
+    finally:
+        _READOUT.reset(token)
+
+
+def readout_ids(model, seq: Int[Tensor, " p"]) -> tuple[Tensor, int]:
+    """The token ids a prediction is read from, and the position it is read at.
+
+    Causal LM: ``seq`` itself and its last position. Masked LM: ``seq``'s own mask
+    token if it has exactly one, else a mask inserted after the text (before a
+    closing ``[SEP]``/``</s>``).
+    """
+    if not is_masked_lm(model):
+        return seq, len(seq) - 1
+    tok = model.tokenizer
+    mask = getattr(tok, "mask_token_id", None)
+    if mask is None:
+        raise ValueError(f"this masked LM's tokenizer ({type(tok).__name__}) has no mask token")
+    found = (seq == mask).nonzero().flatten().tolist()
+    if len(found) == 1:
+        return seq, int(found[0])
+    if len(found) > 1:
+        raise ValueError(f"a prompt for a masked LM may hold at most one mask token; this one holds {len(found)}")
+    closing = {getattr(tok, "sep_token_id", None), getattr(tok, "eos_token_id", None)} - {None}
+    cut = len(seq) - 1 if len(seq) and int(seq[-1]) in closing else len(seq)
+    out = torch.cat([seq[:cut], torch.tensor([mask], dtype=seq.dtype), seq[cut:]])
+    return out, cut
 
 
 # ----------------------------------------------------------------------------
@@ -137,6 +182,17 @@ def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
 
 
 @contextlib.contextmanager
+def position_unembed(model, position: int):
+    """Unembed only ``position`` (an index of the current forward call); the logits are ``[batch, 1, vocab]``."""
+
+    def keep(x, hook):
+        return x[:, position : position + 1]
+
+    with hooked(model, [(hook_name("unembed_in"), keep)]):
+        yield
+
+
+@contextlib.contextmanager
 def last_position_unembed(model, n_last: int):
     """Unembed only the last ``n_last`` positions (the rest of the logits are never used)."""
 
@@ -199,7 +255,8 @@ def map_last_logits(
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
     """
-    require_causal(model, "next-token scoring")
+    if is_masked_lm(model):
+        return _map_masked(model, seqs, readout, n_last=n_last, max_tokens=max_tokens)
     n = len(seqs)
     results: list[Tensor | None] = [None] * n
     use_prefix = prefix_groups is not None and supports_kv_cache(model)
@@ -248,6 +305,31 @@ def map_last_logits(
     return torch.stack(results)  # type: ignore[arg-type]
 
 
+def _map_masked(model, seqs, readout, *, n_last: int, max_tokens: int) -> Tensor:
+    """:func:`map_last_logits` for a masked LM: the logits at each prompt's mask (see the module docstring)."""
+    if n_last != 1:
+        raise ValueError(f"a masked LM ({type(model.original_model).__name__}) predicts one token at its mask; "
+                         f"answers of {n_last} tokens need a causal LM")
+    prepared = [readout_ids(model, s) for s in seqs]
+    keys = [(len(ids), pos) for ids, pos in prepared]
+    results: list[Tensor | None] = [None] * len(seqs)
+    by_key: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        by_key[key].append(i)
+    device = model.cfg.device
+    with torch.no_grad():
+        for (n_tok, pos), idx in sorted(by_key.items()):
+            for bucket in length_buckets([n_tok] * len(idx), max_tokens):
+                rows = [idx[j] for j in bucket]
+                batch = torch.stack([prepared[i][0] for i in rows]).to(device)
+                with forward_window(0, n_tok), readout_position(pos):
+                    logits = model(batch)
+                out = readout(logits[:, pos : pos + 1].float())
+                for k, i in enumerate(rows):
+                    results[i] = out[k].detach().cpu()
+    return torch.stack(results)  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------
 # activation capture
 # ----------------------------------------------------------------------------
@@ -291,8 +373,13 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = 
                  ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count over whole sequences (right-padded
     batches; padding never affects earlier positions of a causal model). Hooks active in the caller's
-    context apply to every position."""
-    require_causal(model, "next-token perplexity")
+    context apply to every position.
+
+    Masked LM: the pseudo-log-likelihood (Salazar et al., 2020; CrowS-Pairs' score): each token except the
+    tokenizer's special tokens masked on its own, its log-probability read there; summed and counted the
+    same way, so ``exp(total / count)`` is the pseudo-perplexity."""
+    if is_masked_lm(model):
+        return _pseudo_nll(model, seqs, max_tokens=max_tokens)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     batches: list[list[int]] = []
     for k in order:  # ascending length: the last row of a batch is its longest
@@ -316,4 +403,26 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = 
             m = mask[:, 1:].to(lp.device)
             total += float(-(lp * m).sum())
             count += int(m.sum())
+    return total, count
+
+
+def _pseudo_nll(model, seqs, *, max_tokens: int) -> tuple[float, int]:
+    tok = model.tokenizer
+    mask = tok.mask_token_id
+    special = set(getattr(tok, "all_special_ids", []))
+    total, count = 0.0, 0
+    device = model.cfg.device
+    with torch.no_grad():
+        for s in seqs:
+            where = [i for i, t in enumerate(s.tolist()) if t not in special]
+            rows = max(1, max_tokens // max(len(s), 1))
+            for k in range(0, len(where), rows):
+                pos = where[k : k + rows]
+                batch = s[None].repeat(len(pos), 1)
+                batch[torch.arange(len(pos)), pos] = mask
+                with forward_window(0, len(s)):
+                    lp = model(batch.to(device)).float().log_softmax(-1)
+                got = lp[torch.arange(len(pos)), pos, s[pos].to(lp.device)]
+                total += float(-got.sum())
+                count += len(pos)
     return total, count

@@ -470,11 +470,21 @@ def tokenize(model, texts: Sequence[str]) -> list[Tensor]:
     return [model.to_tokens(t, prepend_bos=True)[0].cpu() for t in texts]
 
 
+def _word_ids(model, text: str) -> Tensor:
+    """Token ids of ``text`` alone: no BOS, and none of the special tokens a masked LM's tokenizer adds
+    around every text (``[CLS]``/``[SEP]``, ``<s>``/``</s>``)."""
+    ids = model.to_tokens(text, prepend_bos=False)[0].cpu()
+    if getattr(model.tokenizer, "mask_token_id", None) is not None:
+        special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), dtype=ids.dtype)
+        ids = ids[~torch.isin(ids, special)]
+    return ids
+
+
 def answer_tokens(model, answer: str) -> Tensor:
     """Token ids of an answer continuation (no BOS)."""
     if not answer:
         raise ValueError("empty answer string")
-    ids = model.to_tokens(answer, prepend_bos=False)[0].cpu()
+    ids = _word_ids(model, answer)
     if len(ids) == 0:
         raise ValueError(f"answer {answer!r} tokenizes to nothing")
     return ids
@@ -482,7 +492,7 @@ def answer_tokens(model, answer: str) -> Tensor:
 
 def single_token(model, word: str, what: str = "target word") -> int:
     """The id of ``word`` if it is exactly one token; a clear error otherwise."""
-    ids = model.to_tokens(word, prepend_bos=False)[0]
+    ids = _word_ids(model, word)
     if len(ids) != 1:
         pieces = model.to_str_tokens(ids) if len(ids) else []
         raise ValueError(

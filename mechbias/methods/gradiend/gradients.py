@@ -9,14 +9,27 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ...core.families import require_causal
-from ...core.runner import last_position_unembed, length_buckets
+from ...core.runner import length_buckets, position_unembed, readout_ids, readout_position
 from ...core.weights import block_component, frozen, linear_weight_name, named_params
 from ...data.contexts import tokenize
 
 # ----------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------
+
+def _readout_batches(model, texts: Sequence[str], max_tokens: int):
+    """``(row indices, ids [rows, n], position)`` batches of equal length and prediction position: a causal
+    LM predicts after the text's last token; a masked LM at a mask token after the text (the target word
+    masked, as the gradiend package trains encoders; our texts end where the target word stands)."""
+    prepared = [readout_ids(model, s) for s in tokenize(model, texts)]
+    by_key: dict[tuple[int, int], list[int]] = {}
+    for i, (ids, pos) in enumerate(prepared):
+        by_key.setdefault((len(ids), pos), []).append(i)
+    for (n, pos), idx in sorted(by_key.items()):
+        for bucket in length_buckets([n] * len(idx), max_tokens):
+            rows = [idx[j] for j in bucket]
+            yield rows, torch.stack([prepared[i][0] for i in rows]), pos
+
 
 @dataclass
 class ParamSet:
@@ -70,7 +83,8 @@ def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] |
 
 def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[int], *,
                    max_tokens: int = 2048, out: Tensor | None = None) -> Tensor:
-    """Flattened float32 gradient of the mean next-token loss of ``targets`` after ``texts``.
+    """Flattened float32 gradient of the mean next-token loss of ``targets`` after ``texts`` (a masked LM:
+    the loss of ``targets`` at a mask after each text).
 
     Autograd accumulates straight into one flat buffer (each parameter's
     ``.grad`` is a view of it), so no second copy of the gradient is made.
@@ -78,27 +92,31 @@ def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[
     """
     if len(texts) != len(targets) or not texts:
         raise ValueError("batch_gradient needs as many targets as texts (and at least one)")
-    require_causal(model, "GRADIEND's causal gradient (next-token loss)")
     params = named_params(model)
     plist = [params[n] for n in ps.names]
-    if any(p.dtype != torch.float32 for p in plist):
-        raise ValueError("GRADIEND gradient capture expects float32 parameters")
     flat = out if out is not None else torch.empty(ps.numel, dtype=torch.float32)
     flat.zero_()
-    seqs = tokenize(model, texts)
     tg = torch.tensor(list(targets))
     device = model.cfg.device
+    # float32 parameters accumulate straight into the flat buffer; bfloat16/float16 ones into their own
+    # .grad, added to the float32 buffer after each micro-batch (float32 accumulation across batches)
+    direct = all(p.dtype == torch.float32 and p.device == flat.device for p in plist)
     with frozen(model):
         for p, (_, a, b) in zip(plist, ps.offsets()):
             p.requires_grad_(True)
-            p.grad = flat[a:b].view(p.shape)
+            if direct:
+                p.grad = flat[a:b].view(p.shape)
         try:
-            for bucket in length_buckets([len(s) for s in seqs], max_tokens):
-                ids = torch.stack([seqs[i] for i in bucket]).to(device)
-                with last_position_unembed(model, 1):
-                    lg = model(ids)[:, -1].float()
+            for bucket, ids, pos in _readout_batches(model, texts, max_tokens):
+                with position_unembed(model, pos), readout_position(pos):
+                    lg = model(ids.to(device))[:, -1].float()
                 loss = torch.nn.functional.cross_entropy(lg, tg[bucket].to(device), reduction="sum") / len(texts)
                 loss.backward()
+                if not direct:
+                    for p, (_, a, b) in zip(plist, ps.offsets()):
+                        if p.grad is not None:
+                            flat[a:b] += p.grad.reshape(-1).float().to(flat.device)
+                            p.grad = None
         finally:
             for p in plist:
                 p.grad = None
@@ -117,10 +135,8 @@ def batch_gradient_pair(model, ps: ParamSet, texts: Sequence[str], factual: Sequ
     accumulate), which bounds activation memory while the GRADIEND weights and
     optimizer state are resident.
     """
-    require_causal(model, "GRADIEND's causal gradient (next-token loss)")
     params = named_params(model)
     plist = [params[n] for n in ps.names]
-    seqs = tokenize(model, texts)
     f = torch.tensor(list(factual))
     c = torch.tensor(list(counterfactual))
     device = model.cfg.device
@@ -130,10 +146,9 @@ def batch_gradient_pair(model, ps: ParamSet, texts: Sequence[str], factual: Sequ
         for p in plist:
             p.requires_grad_(True)
         try:
-            for bucket in length_buckets([len(s) for s in seqs], max_tokens):
-                ids = torch.stack([seqs[i] for i in bucket]).to(device)
-                with last_position_unembed(model, 1):
-                    lg = model(ids)[:, -1].float()
+            for bucket, ids, pos in _readout_batches(model, texts, max_tokens):
+                with position_unembed(model, pos), readout_position(pos):
+                    lg = model(ids.to(device))[:, -1].float()
                 fb, cb = f[bucket].to(device), c[bucket].to(device)
                 loss_f = torch.nn.functional.cross_entropy(lg, fb, reduction="sum") / len(texts)
                 diff = (lg.gather(1, cb[:, None]) - lg.gather(1, fb[:, None])).sum() / len(texts)

@@ -26,6 +26,11 @@ same template with a group-A and a group-B name, weights ``+s`` and ``-s``, so
 its attribution is the difference of the two prompts' attributions — neurons
 that push the favourable answer more for one group than the other.
 
+**Masked LMs** (the paper's setting: BERT at ``[MASK]``): the prediction position is the prompt's
+mask (:func:`mechbias.core.runner.readout_ids` inserts one after a prompt without one); neurons are
+read and scaled there, every position runs (no prefix can be shared in a bidirectional model) and
+the result's config says ``path = "exact"``.
+
 **Fast path.** For a causal model scored at the last position, scaling a
 neuron there changes only the last position's residual stream. So the prefix
 runs once into a frozen KV cache, and the m scaled copies of layer ``l`` are
@@ -49,9 +54,9 @@ from torch import Tensor
 
 from ...core.hooks import hooked, run_with_cache
 from ...core.models import supports_kv_cache
-from ...core.families import require_causal
+from ...core.families import is_masked_lm
 from ...core.results import Result, make_meta
-from ...core.runner import forward_window, last_position_unembed, prefix_cache
+from ...core.runner import forward_window, position_unembed, prefix_cache, readout_ids, readout_position
 from ...core.sites import hook_name
 from ...core.weights import frozen
 from ...data.contexts import single_token, tokenize
@@ -162,10 +167,11 @@ def ig2_prompt(
     internal_batch_size: int | None = None,
     position: str = "last",
 ) -> PromptIG:
-    """IG² of every neuron at the last position of one prompt (see module docstring).
+    """IG² of every neuron at the prediction position of one prompt (see module docstring).
 
     Args:
-        tokens: 1-D token ids (BOS included); the gap is read after the last token.
+        tokens: 1-D token ids (BOS included); the gap is read after the last token (a masked LM: at the
+            prompt's mask, inserted after the text when it has none).
         d1, d2: token ids of the two predictions.
         internal_batch_size: maximum rows per forward pass of the fast path
             (like captum's knob); ``None`` puts all layers and steps in one pass.
@@ -177,7 +183,7 @@ def ig2_prompt(
     """
     if position not in ("last", "all"):
         raise ValueError(f"position must be 'last' or 'all', not {position!r}")
-    require_causal(model, "IG² (next-token gap)")
+    tokens, at = readout_ids(model, tokens)
     layers = list(range(model.cfg.n_layers)) if layers is None else sorted(set(int(l) for l in layers))
     alphas, weights = integration_points(steps, rule)
     if rule != "left":  # add an unweighted α = 0 point so completeness is known
@@ -187,22 +193,23 @@ def ig2_prompt(
     gap = gap_fn(d1, d2, kind)
     with frozen(model):
         if method == "reference":
-            return _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position)
+            return _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position, at)
         if method == "fast":
-            return _fast(model, tokens, gap, layers, alphas, weights, zero_idx, internal_batch_size, position)
+            return _fast(model, tokens, gap, layers, alphas, weights, zero_idx, internal_batch_size, position, at)
     raise ValueError(f"method must be 'fast' or 'reference', not {method!r}")
 
 
-def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="last") -> PromptIG:
+def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="last", at=-1) -> PromptIG:
     """Plain loop: one full forward and backward per (layer, step)."""
-    sl = slice(-1, None) if position == "last" else slice(None)
+    at = at % len(tokens)
+    sl = slice(at, at + 1) if position == "last" else slice(None)
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     ids = tokens.to(model.cfg.device)[None]
     attr = torch.zeros(L, d_mlp, dtype=torch.float64)
     g0 = torch.full((L,), float("nan"), dtype=torch.float64)
     with torch.no_grad():
         logits, cache = run_with_cache(model, ids, [hook_name("post", l) for l in layers])
-        g1 = float(gap(logits[0, -1].float()))
+        g1 = float(gap(logits[0, at].float()))
     for l in layers:
         base = cache[hook_name("post", l)][0, sl].detach().float()  # [positions scaled, d_mlp]
         total = torch.zeros(base.shape, dtype=torch.float64)
@@ -210,12 +217,12 @@ def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="
             leaf = (a * base).clone().requires_grad_(True)
 
             def put(act, hook, leaf=leaf):
-                keep = act[:, : act.shape[1] - leaf.shape[0]]
-                return torch.cat([keep, leaf[None].to(act.dtype)], dim=1)
+                start = sl.start or 0
+                return torch.cat([act[:, :start], leaf[None].to(act.dtype), act[:, start + leaf.shape[0]:]], dim=1)
 
             with hooked(model, [(hook_name("post", l), put)]):
                 out = model(ids)
-            g = gap(out[0, -1].float())
+            g = gap(out[0, at].float())
             (grad,) = torch.autograd.grad(g, leaf)
             total += c * grad.double()
             if a == 0.0:
@@ -243,13 +250,15 @@ def _chunks(layers, m: int, cap: int | None) -> list[list[tuple[int, int, int]]]
     return [sorted(ch) for ch in chunks]
 
 
-def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="last") -> PromptIG:
+def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="last", at=-1) -> PromptIG:
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     device = model.cfg.device
     ids = tokens.to(device)[None]
     total = ids.shape[1]
-    # all positions: every position changes, so no prefix can be shared
-    use_kv = supports_kv_cache(model) and total > 1 and position == "last"
+    at = at % total
+    # all positions: every position changes, so no prefix can be shared; nor in a bidirectional model
+    use_kv = supports_kv_cache(model) and total > 1 and position == "last" and at == total - 1 \
+        and not is_masked_lm(model)
     n_pos = 1 if position == "last" else total
     cache = None
     if use_kv:
@@ -258,6 +267,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
         inp, start = ids[:, -1:], total - 1
     else:
         inp, start = ids, 0
+    lo = at - start if position == "last" else 0  # first scaled position, in the current call
     al = alphas.float().to(device)
     grad_sum = torch.zeros(L, n_pos, d_mlp, dtype=torch.float64)
     bases: dict[int, Tensor] = {}
@@ -276,17 +286,18 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
                 return torch.cat([x, x[:1].detach().expand(n_new, *x.shape[1:])], dim=0)
 
             def scale(act, hook, l=l, a0=a0, a1=a1, n_new=n_new):
-                base = act[0, -n_pos:].detach()  # [n_pos, d_mlp]
+                base = act[0, lo : lo + n_pos].detach()  # [n_pos, d_mlp]
                 bases[l] = base.double().cpu()
                 leaf = (al[a0:a1, None, None] * base[None]).requires_grad_(True)
                 leaves[l] = leaf
-                new = torch.cat([act[-n_new:, : act.shape[1] - n_pos], leaf.to(act.dtype)], dim=1)
+                new = torch.cat([act[-n_new:, :lo], leaf.to(act.dtype), act[-n_new:, lo + n_pos:]], dim=1)
                 return torch.cat([act[:-n_new], new], dim=0)
 
             hooks += [(hook_name("resid_pre", l), grow), (hook_name("post", l), scale)]
-        with hooked(model, hooks), last_position_unembed(model, 1), forward_window(start, total):
+        with hooked(model, hooks), position_unembed(model, at - start), forward_window(start, total), \
+                readout_position(at):
             logits = model(inp, past_key_values=cache) if use_kv else model(inp)
-        # only the last position was unembedded: [rows, 1, vocab] -> [rows, vocab] as a view
+        # only the prediction position was unembedded: [rows, 1, vocab] -> [rows, vocab] as a view
         # (indexing would cost a dense zero-filled gradient buffer in the backward)
         g = gap(logits.reshape(-1, logits.shape[-1]))  # rows: [unscaled, block 1, block 2, ...]
         if g1 is None:
@@ -406,7 +417,13 @@ def run_ig2(
             attrs[k] += (w * r.attr).float()
             comp[k, :, 0] += w * r.attr.sum(1)
             comp[k, :, 1] += w * (r.g1 - r.g0)
-    config = {"kind": kind, "steps": steps, "rule": rule, "method": method,
+    if method == "reference":
+        path = "reference"
+    elif is_masked_lm(model) or position == "all" or not supports_kv_cache(model):
+        path = "exact"  # every position runs (masked LM: at the mask)
+    else:
+        path = "fast"  # frozen prefix, scaled copies created inside the forward
+    config = {"kind": kind, "steps": steps, "rule": rule, "method": method, "path": path,
               "layers": list(layers) if layers is not None else None, "position": position}
     meta = make_meta(model, n_prompts=len(todo))
     return IG2Result(attrs, comp, [{"texts": u.texts, "weights": u.weights, "d1": u.d1, "d2": u.d2, "bag": u.bag,

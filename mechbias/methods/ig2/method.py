@@ -37,6 +37,8 @@ class IG2Config(MethodConfig):
     positions: str = field(default="all", metadata={
         "help": "where BNS suppresses the neurons: every position or the prediction position",
         "choices": ("all", "last")})
+    min_per_bag: int = field(default=3, metadata={
+        "help": "a neuron must be in at least this many of a bag's prompts (the authors' code: 3)"})
     verify_random: int = field(default=5, metadata={"help": "random-neuron draws in the paper's verification"})
     plain_ig: bool = field(default=True, metadata={"help": "also select with plain IG (for the verification)"})
 
@@ -49,8 +51,12 @@ class IG2Config(MethodConfig):
             raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
         if self.positions not in ("all", "last"):
             raise ValueError(f"positions must be 'all' or 'last', not {self.positions!r}")
-        if self.steps < 1 or self.pairs < 1 or self.verify_random < 0:
-            raise ValueError("steps and pairs must be >= 1 and verify_random >= 0")
+        if self.steps < 1 or self.pairs < 1 or self.verify_random < 0 or self.min_per_bag < 1:
+            raise ValueError("steps, pairs and min_per_bag must be >= 1 and verify_random >= 0")
+        if self.mode == "contrast" and self.pairs < self.min_per_bag:
+            raise ValueError(f"contrast mode puts {self.pairs} name pair(s) in a bag (one template), fewer than "
+                             f"min_per_bag = {self.min_per_bag} prompts, so no neuron could be selected; use "
+                             f"--pairs {self.min_per_bag} or more, or lower --min-per-bag")
 
 
 @register_method
@@ -58,7 +64,8 @@ class IG2(Method):
     name = "ig2"
     title = "IG² + BNS"
     summary = ("IG² attributions of MLP neurons on name pairs of the context's selection templates, the paper's "
-               "selection (per prompt >= 0.2 max, per bag >= 70% adapted, per relation >= 10%), suppressed (x0).")
+               "selection (per prompt >= 0.2 max, per bag >= 70% adapted and >= 3 prompts, per relation >= 10%), "
+               "suppressed (x0).")
     Config = IG2Config
     config: IG2Config
 
@@ -76,11 +83,11 @@ class IG2(Method):
         fav = favoured_group(model, context, ax, seed=self.seed)
         units = self._units(context, ax.name, fav, "selection")
         res = run_ig2(model, units, kind=c.kind, steps=c.steps, rule=c.rule, progress=True)
-        sel = select_neurons(res)
+        sel = select_neurons(res, min_per_bag=c.min_per_bag)
         artifacts: dict[str, Any] = {"attributions": res, "selection": sel}
         if c.plain_ig:
             plain = run_ig2(model, units, kind="target_prob", steps=c.steps, rule=c.rule, progress=True)
-            artifacts["selection_plain_ig"] = select_neurons(plain)
+            artifacts["selection_plain_ig"] = select_neurons(plain, min_per_bag=c.min_per_bag)
         for r in artifacts.values():
             r.meta.update(context=context.name, axis=ax.name, **c.to_dict())
         err = res.completeness_error()
@@ -149,5 +156,5 @@ class IG2(Method):
 
     @classmethod
     def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, IG2Config]:
-        return {"ig2": IG2Config(pairs=1 if quick else 4, steps=4 if quick else 20, plain_ig=False,
+        return {"ig2": IG2Config(pairs=3 if quick else 4, steps=4 if quick else 20, plain_ig=False,
                                  verify_random=1 if quick else 2)}

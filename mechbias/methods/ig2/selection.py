@@ -102,6 +102,7 @@ def select_neurons(
     *,
     per_prompt: float = 0.2,
     per_bag: float = 0.7,
+    min_per_bag: int = 3,
     per_relation: float = 0.1,
     adapt: bool = True,
     target_per_bag: tuple[float, float] = (2, 5),
@@ -109,8 +110,10 @@ def select_neurons(
     step: float = 0.05,
 ) -> NeuronSelection:
     """The paper's selection: per prompt ≥ ``per_prompt`` × max; per bag in ≥ ``per_bag`` of its
-    prompts (adapted by ±``step`` for up to ``max_rounds`` rounds so bags hold
-    ``target_per_bag`` neurons on average); per relation in ≥ ``per_relation`` of the bags."""
+    prompts and in at least ``min_per_bag`` of them (the authors' code: 3; a bag with fewer prompts
+    selects nothing), the share adapted by ±``step`` for up to ``max_rounds`` rounds so bags hold
+    ``target_per_bag`` neurons on average; per relation in ≥ ``per_relation`` of the bags (with fewer
+    than 10 bags and the default 10%, one bag suffices: a union)."""
     L, d = result.attributions.shape[1:]
     sets = _prompt_sets(result.attributions, per_prompt)
     bags: dict[str, list[int]] = {}
@@ -124,7 +127,7 @@ def select_neurons(
             for k in idx:
                 for n in sets[k]:
                     counts[n] = counts.get(n, 0) + 1
-            need = max(1, math.ceil(th * len(idx) - 1e-9))
+            need = max(1, min_per_bag, math.ceil(th * len(idx) - 1e-9))
             out[b] = {n for n, c in counts.items() if c >= need}
         return out
 
@@ -151,6 +154,7 @@ def select_neurons(
     return NeuronSelection(
         neurons, {b: len(s) for b, s in chosen.items()},
         {"per_prompt": per_prompt, "per_bag_initial": per_bag, "per_bag_final": round(th, 4),
+         "min_per_bag": min_per_bag,
          "per_relation": per_relation, "adapt_rounds": rounds, "n_bags": len(bags)},
         L, d, dict(result.meta),
     )

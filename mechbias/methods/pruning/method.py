@@ -31,7 +31,8 @@ class Pruning(Method):
                               dict(unit="neuron", k=50, score="signed_attribution", select="difference", common=None),
                               {"levels": True, "curve": (5, 20, 80), "generation": True}),
         "prune_weight": ("Weight pruning (Wanda)", dict(unit="weight", k=None), {}),
-        "prune_head": ("Head pruning (attention to the name)", dict(unit="head", k=10, head_mode="q"),
+        "prune_head": ("Head pruning (attention to the name, greedy)", dict(unit="head", k=10, head_mode="q",
+                                                                             common=None),
                        {"curve": (2, 5, 10)}),
     }
 

@@ -42,19 +42,21 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ...core.families import require_causal
 from ...core.hooks import hooked
 from ...core.runner import length_buckets
 from ...core.sites import hook_name
 from ...core.weights import frozen, linear_layers, named_params, w_out_row_norms
-from ...data.contexts import PromptSet, load_context, pronouns, tokenize
+from ...data.contexts import PromptSet, load_context, pronouns, stable_hash, tokenize
+from ...eval.generation import chat_prompt, sample_completions
 
 
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
 
-def _batches(model, prompts: PromptSet, max_tokens: int = 2048):
-    seqs = tokenize(model, prompts.texts)
+def _batches(model, prompts: PromptSet, max_tokens: int = 2048, seqs=None):
+    seqs = tokenize(model, prompts.texts) if seqs is None else seqs
     groups = prompts.groups
     for bucket in length_buckets([len(s) for s in seqs], max_tokens):
         yield torch.stack([seqs[i] for i in bucket]).to(model.cfg.device), groups[bucket], bucket
@@ -118,11 +120,12 @@ class GroupStats:
         return sorted({k[0] for k in self.sums})
 
 
-def _accumulate(model, prompts: PromptSet, per_row, *, grad: bool = False) -> GroupStats:
-    """Run every prompt once; ``per_row(ids) -> ([b, ...] stats, [b] counts)`` is added per (template, group)."""
+def _accumulate(model, prompts: PromptSet, per_row, *, grad: bool = False, seqs=None) -> GroupStats:
+    """Run every prompt once; ``per_row(ids) -> ([b, ...] stats, [b] counts)`` is added per (template, group).
+    ``seqs`` replaces the prompts' token ids (one sequence per prompt)."""
     stats = GroupStats()
     tpl = [p.template for p in prompts]
-    for ids, groups, rows in _batches(model, prompts):
+    for ids, groups, rows in _batches(model, prompts, seqs=seqs):
         vals, counts = per_row(ids)
         for b, r in enumerate(rows):
             stats.add((tpl[r], int(groups[b])), vals[b].double().cpu(), float(counts[b]))
@@ -140,6 +143,8 @@ def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> Gr
     difference drops it); the signed score keeps them apart.
     """
     L = model.cfg.n_layers
+    if method != "activation":
+        require_causal(model, f"Neuron {method} scores (gradient of the next-token score)")
     if method == "activation":
         w_out_norm = torch.stack([w_out_row_norms(model, l) for l in range(L)]).double()  # [L, d]
 
@@ -182,8 +187,14 @@ def neuron_scores(model, prompts: PromptSet, *, method: str = "activation") -> T
     return neuron_stats(model, prompts, method=method).mean().float()
 
 
-def head_stats(model, prompts: PromptSet) -> GroupStats:
-    """Per (template, group): sums of the attention from the last position to the name tokens, ``[L, H]``."""
+def head_stats(model, prompts: PromptSet, *, reduce: str = "mean") -> GroupStats:
+    """Per (template, group): sums over prompts of the attention from the last position to the name tokens,
+    ``[L, H]``, averaged over the name's tokens (``reduce="mean"``, the paper's code) or summed (``"sum"``).
+    Interventions active in the caller's context apply (greedy selection re-scores under the heads pruned
+    so far)."""
+    if reduce not in ("mean", "sum"):
+        raise ValueError(f"reduce must be 'mean' or 'sum', not {reduce!r}")
+    require_causal(model, "Head scores (attention from the prediction position to the name)")
     L = model.cfg.n_layers
     ctx = load_context(prompts.context)
     name_pos = {p.text: name_positions(model, p, ctx.templates[p.template]) for p in prompts}
@@ -197,7 +208,8 @@ def head_stats(model, prompts: PromptSet) -> GroupStats:
         with torch.no_grad(), hooked(model, fwd):
             model(ids)
         rows = state["rows"]
-        vals = torch.stack([torch.stack([att[l][b][:, name_pos[texts[r]]].sum(-1) for l in range(L)])
+        red = (lambda x: x.mean(-1)) if reduce == "mean" else (lambda x: x.sum(-1))
+        vals = torch.stack([torch.stack([red(att[l][b][:, name_pos[texts[r]]]) for l in range(L)])
                             for b, r in enumerate(rows)])
         return vals, torch.ones(len(ids))
 
@@ -211,15 +223,47 @@ def head_stats(model, prompts: PromptSet) -> GroupStats:
     return stats
 
 
-def head_scores(model, prompts: PromptSet) -> Tensor:
+def head_scores(model, prompts: PromptSet, *, reduce: str = "mean") -> Tensor:
     """Per-group attention from the last position to the name tokens, ``[2, n_layers, n_heads]``."""
-    return head_stats(model, prompts).mean().float()
+    return head_stats(model, prompts, reduce=reduce).mean().float()
 
 
-def input_stats(model, prompts: PromptSet) -> GroupStats:
+CALIBRATIONS = ("auto", "prompt", "chat")
+
+
+def calibration_mode(model, calibration: str) -> str:
+    """``auto``: ``chat`` when the tokenizer has a chat template (the Wanda pruning code of Breaking Down
+    Bias calibrates on the chat-formatted prompt and a sampled response), else ``prompt``."""
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, not {calibration!r}")
+    has_chat = bool(getattr(model.tokenizer, "chat_template", None))
+    if calibration == "chat" and not has_chat:
+        raise ValueError("calibration='chat' needs a tokenizer with a chat template; this one has none "
+                         "(use 'prompt')")
+    return ("chat" if has_chat else "prompt") if calibration == "auto" else calibration
+
+
+def calibration_seqs(model, prompts: PromptSet, *, response_tokens: int = 16, seed: int = 0) -> list[Tensor]:
+    """Each prompt as a user turn in the chat template followed by a response sampled from the model
+    (temperature 0.6, ``response_tokens`` tokens, one seed per prompt)."""
+    out = []
+    for i, text in enumerate(prompts.texts):
+        ids = chat_prompt(model, text)
+        reply = sample_completions(model, ids, n_samples=1, max_new_tokens=response_tokens,
+                                   seed=int(stable_hash(seed, f"calibration:{prompts.context}:{i}")[:8], 16))[0]
+        more = model.to_tokens(reply, prepend_bos=False)[0].cpu() if reply.strip() else ids[:0]
+        out.append(torch.cat([ids, more]))
+    return out
+
+
+def input_stats(model, prompts: PromptSet, *, calibration: str = "prompt", response_tokens: int = 16,
+                seed: int = 0) -> GroupStats:
     """Per (template, group): sums over tokens of x_j^2 for the true input of every linear layer,
-    concatenated in the order of :func:`linear_layers` (counts are tokens)."""
+    concatenated in the order of :func:`linear_layers` (counts are tokens). ``calibration``: the prompt
+    texts (``prompt``) or each prompt in the chat template with a sampled response (``chat``; ``auto``
+    picks chat when the tokenizer has a template, see :func:`calibration_mode`)."""
     layers = linear_layers(model)
+    mode = calibration_mode(model, calibration)
 
     def per_row(ids):
         seen = {}
@@ -230,7 +274,8 @@ def input_stats(model, prompts: PromptSet) -> GroupStats:
             model(ids)
         return torch.cat([seen[n] for n, _, _, _ in layers], 1), torch.full((len(ids),), float(ids.shape[1]))
 
-    return _accumulate(model, prompts, per_row)
+    seqs = calibration_seqs(model, prompts, response_tokens=response_tokens, seed=seed) if mode == "chat" else None
+    return _accumulate(model, prompts, per_row, seqs=seqs)
 
 
 def split_norms(model, flat: Tensor) -> dict[str, Tensor]:
@@ -244,9 +289,10 @@ def split_norms(model, flat: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def input_norms(model, prompts: PromptSet) -> list[dict[str, Tensor]]:
-    """Per group: for each linear layer, ``sqrt(mean over tokens of x_j^2)`` of its true input."""
-    m = input_stats(model, prompts).mean()
+def input_norms(model, prompts: PromptSet, **calibration) -> list[dict[str, Tensor]]:
+    """Per group: for each linear layer, ``sqrt(mean over tokens of x_j^2)`` of its true input
+    (``calibration``: the keywords of :func:`input_stats`)."""
+    m = input_stats(model, prompts, **calibration).mean()
     return [split_norms(model, m[g]) for g in (0, 1)]
 
 

@@ -14,16 +14,16 @@ from torch import Tensor
 from ...core.weights import linear_layers, named_params
 from ...data.contexts import Context, load_axis, make_pairs
 from ...eval.metrics import favoured_group
-from ...interventions.base import Intervention
+from ...interventions.base import Intervention, maybe_apply
 from ...interventions.units import HeadIntervention, NeuronIntervention
 from ...interventions.weights import WeightMask
 from ..base import MethodConfig
 from ..patching.engine import patch_sweep
-from .scores import head_stats, input_stats, neuron_stats, set_difference, split_norms
+from .scores import CALIBRATIONS, calibration_mode, head_stats, input_stats, neuron_stats, set_difference, split_norms
 
 UNITS = ("neuron", "weight", "head")
 SCORES = ("activation", "attribution", "signed_attribution", "attention", "patching")
-SELECTS = ("setdiff", "difference", "sum")
+SELECTS = ("setdiff", "difference", "sum", "greedy")
 #: the paper's (p, q) per unit (neurons: the reproduction of its appendix)
 DEFAULT_PQ = {"neuron": (0.40, 0.35), "weight": (0.15, 0.15), "head": (0.30, 0.10)}
 
@@ -65,7 +65,16 @@ class PruneConfig(MethodConfig):
         "help": "head pruning: q = zero the query (uniform attention, the paper's code), z = zero the output",
         "choices": ("q", "z")})
     select: str | None = field(default=None, metadata={
-        "help": "setdiff (paper) | difference (rank |S_A - S_B|) | sum (heads, the paper's code)", "choices": SELECTS})
+        "help": "setdiff (neurons, weights: the paper) | difference (rank |S_A - S_B|) | sum (heads: one-shot "
+                "ranking of S_A + S_B) | greedy (heads, the paper's code: k rounds, each pruning the "
+                "highest-scoring head and re-scoring under it)", "choices": SELECTS})
+    calibration: str = field(default="auto", metadata={
+        "help": "Wanda calibration text: chat (each prompt in the chat template plus a sampled response, the "
+                "paper's code), prompt (the prompt alone), auto (chat when the tokenizer has a template)",
+        "choices": CALIBRATIONS})
+    name_attention: str = field(default="mean", metadata={
+        "help": "head score: attention to the name averaged over its tokens (the paper's code) or summed",
+        "choices": ("mean", "sum")})
     common: float | None = field(default=1.0, metadata={
         "help": "fraction of selection templates a component must be chosen in (none: pool the templates)"})
     seed: int = field(default=0, metadata={"help": "seed of the template and name splits"})
@@ -81,9 +90,17 @@ class PruneConfig(MethodConfig):
         if self.unit == "head" and self.score == "activation":
             self.score = "attention"
         if self.select is None:
-            self.select = "sum" if self.unit == "head" else "setdiff"
+            self.select = "greedy" if self.unit == "head" and self.score == "attention" else (
+                "sum" if self.unit == "head" else "setdiff")
         if self.select not in SELECTS:
             raise ValueError(f"select must be one of {SELECTS}, not {self.select!r}")
+        if self.select == "greedy" and (self.unit != "head" or self.score != "attention" or self.k is None):
+            raise ValueError("select='greedy' runs k rounds of head attention scoring: it needs unit='head', "
+                             "score='attention' and a number k (use select='sum' to rank every head at once)")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, not {self.calibration!r}")
+        if self.name_attention not in ("mean", "sum"):
+            raise ValueError(f"name_attention must be 'mean' or 'sum', not {self.name_attention!r}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, not {self.score!r}")
         ok = {"neuron": ("activation", "attribution", "signed_attribution"), "head": ("attention", "patching"),
@@ -144,12 +161,16 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
     per_template = cfg.common is not None and len(t_idx) > 1
 
     ps = ctx.prompts(ax, templates=t_idx, names=names, seed=cfg.seed)
+    if cfg.unit == "head" and cfg.select == "greedy":
+        return _greedy_candidates(model, ctx, ax, cfg, t_idx, names, info)
     if cfg.unit == "neuron":
         stats = neuron_stats(model, ps, method=cfg.score)
     elif cfg.unit == "head" and cfg.score != "patching":
-        stats = head_stats(model, ps)
+        stats = head_stats(model, ps, reduce=cfg.name_attention)
     elif cfg.unit == "weight":
-        stats = input_stats(model, ps)
+        calibration = calibration_mode(model, cfg.calibration)
+        info["calibration"] = calibration
+        stats = input_stats(model, ps, calibration=calibration, seed=cfg.seed)
     else:
         stats = None
 
@@ -232,6 +253,59 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
     order = np.argsort(-np.asarray(wpr)) if wpr else np.zeros(0, dtype=int)
     return Candidates("weight", [witems[i] for i in order], [wpr[i] for i in order],
                       "both" if cfg.target == "both" else ax.groups[tgt], info)
+
+
+def greedy_select(score, k: int) -> tuple[list[tuple[int, int]], list[float]]:
+    """``k`` rounds; each takes the not-yet-chosen ``(layer, index)`` with the highest ``score(chosen)``
+    (a ``[layers, units]`` tensor computed with the units chosen so far pruned). Returns the units in the
+    order chosen and the score each had when chosen."""
+    chosen: list[tuple[int, int]] = []
+    got: list[float] = []
+    for _ in range(k):
+        s = score(list(chosen)).double().clone()
+        for l, i in chosen:
+            s[l, i] = -math.inf
+        if not torch.isfinite(s).any():
+            break
+        flat = int(s.flatten().argmax())
+        chosen.append((flat // s.shape[1], flat % s.shape[1]))
+        got.append(float(s.flatten()[flat]))
+    return chosen, got
+
+
+def _greedy_candidates(model, ctx, ax, cfg: PruneConfig, t_idx, names, info) -> Candidates:
+    """The Breaking Down Bias code's head selection: greedy rounds, each re-scored (attention of the last
+    position to the name, both groups' prompts summed) with the heads chosen so far pruned; with several
+    templates, one greedy list per template and the heads found in the most lists (ties: pooled one-shot
+    score), as the paper's code takes the heads most common across its items; ``common`` (when set) also
+    requires a head to be in at least that share of the lists."""
+
+    def scorer(templates):
+        ps = ctx.prompts(ax, templates=templates, names=names, seed=cfg.seed)
+
+        def score(chosen):
+            iv = HeadIntervention(chosen, mode=cfg.head_mode) if chosen else None
+            with maybe_apply(iv, model):
+                m = head_stats(model, ps, reduce=cfg.name_attention).mean().float()
+            return m[0] + m[1]
+
+        return score
+
+    assert cfg.k is not None  # validated
+    if len(t_idx) == 1:
+        items, pr = greedy_select(scorer(t_idx), cfg.k)
+        return Candidates("head", items, pr, "both", {**info, "rounds": len(items)})
+    lists = [greedy_select(scorer([t]), cfg.k)[0] for t in t_idx]
+    pooled = scorer(t_idx)([])
+    votes: dict[tuple[int, int], int] = {}
+    for lst in lists:
+        for h in lst:
+            votes[h] = votes.get(h, 0) + 1
+    need = math.ceil(cfg.common * len(t_idx) - 1e-9) if cfg.common is not None else 1
+    kept = [h for h in votes if votes[h] >= need]
+    kept.sort(key=lambda h: (-votes[h], -float(pooled[h])))
+    return Candidates("head", kept, [float(votes[h]) for h in kept], "both",
+                      {**info, "rounds": cfg.k, "lists": [[list(h) for h in lst] for lst in lists]})
 
 
 def _head_patching_scores(model, ctx, ax, templates, names, seed) -> Tensor:
