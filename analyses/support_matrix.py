@@ -1,6 +1,6 @@
 """The README's support matrix (family x method), generated from the tests' results (issue 13).
 
-Runs ``tests/test_families.py`` (small random models of each family, every method against a plain
+Runs ``tests/test_families.py`` and ``tests/test_masked.py`` (small random models of each family, every method against a plain
 reference) with ``MECHBIAS_SUPPORT_OUT`` set, reads which path each passing test recorded, and writes
 the table to ``analyses/support_matrix.json`` and between the README's ``support-matrix`` markers.
 A method a test did not record (it failed, or was not run) shows as "untested".
@@ -23,13 +23,14 @@ sys.path.insert(0, str(ROOT))
 from mechbias.core.families import FAMILIES  # noqa: E402
 
 METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads", "AtP",
-           "neuron ablation", "head ablation", "pruning scores", "Wanda norms", "GRADIEND gradients"]
+           "neuron ablation", "head ablation", "neuron scores", "head scores", "Wanda norms", "GRADIEND gradients",
+           "GRADIEND edits", "export (neurons)", "export (heads q)", "export (gradiend edit)"]
 BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 
 SHORT = {"fast (shared KV prefix)": "fast", "fast (KV cache)": "fast", "fast (full sequences)": "fast*",
          "exact (full sequences)": "exact", "exact (one backward)": "exact", "exact": "exact", "hook": "hook",
-         "not applicable (masked LM)": "n/a"}
+         "not applicable (masked LM)": "n/a", "exact (at [MASK])": "mask"}
 
 
 def render(support: dict[str, dict[str, str]]) -> str:
@@ -47,7 +48,8 @@ def main() -> None:
         out = Path(tmp) / "support.json"
         env = {**os.environ, "MECHBIAS_SUPPORT_OUT": str(out)}
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              str(ROOT / "tests" / "test_families.py")], env=env, cwd=ROOT)
+                              str(ROOT / "tests" / "test_families.py"), str(ROOT / "tests" / "test_masked.py"),
+                              "-k", "not cli"], env=env, cwd=ROOT)
         support = json.loads(out.read_text())
     (ROOT / "analyses" / "support_matrix.json").write_text(json.dumps(support, indent=1) + "\n")
     table = render(support)
@@ -58,7 +60,7 @@ def main() -> None:
         readme.write_text(text[:a] + "\n" + table + "\n" + text[b:])
     print(table)
     if rc != 0:
-        raise SystemExit(f"tests/test_families.py failed (exit {rc}); failing cells show as 'untested'")
+        raise SystemExit(f"tests/test_families.py or tests/test_masked.py failed (exit {rc}); failing cells show as 'untested'")
 
 
 if __name__ == "__main__":
