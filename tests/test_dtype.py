@@ -78,3 +78,38 @@ def test_gradiend_gradients_in_bfloat16_accumulate_in_float32(pair):
     assert _rel(a, b) < 0.05
     assert all(p.grad is None for p in b16.parameters())
 
+
+
+def test_tokens_per_batch_follows_free_memory_on_cuda_and_overrides(tiny, monkeypatch):
+    """Tokens per forward: what fits in half the free CUDA memory (bfloat16 fits more than float32, more free
+    memory fits more), the fixed CPU default, a ``batch_tokens`` override and an explicit value, in that
+    order of precedence; results do not depend on the batch size."""
+    from types import SimpleNamespace
+
+    from mechbias.core import runner
+    from mechbias.core.runner import DEFAULT_TOKENS_PER_BATCH, batch_tokens, map_last_logits, tokens_per_batch
+
+    cfg = SimpleNamespace(d_model=576, d_mlp=1536, d_vocab=49152)
+    per_token_f32 = (4 * 576 + 2 * 1536) * 4 + 8 * 49152  # bytes, by hand: 414,720
+    assert runner.tokens_for_memory(2 * 414_720 * 1000, cfg, 4) == 1000 == 2 * 414_720 * 1000 // 2 // per_token_f32
+    assert runner.tokens_for_memory(8e9, cfg, 2) > runner.tokens_for_memory(8e9, cfg, 4)
+    assert runner.tokens_for_memory(1e3, cfg, 4) == 256 and runner.tokens_for_memory(1e15, cfg, 4) == 2**20
+
+    assert tokens_per_batch(tiny) == DEFAULT_TOKENS_PER_BATCH  # a CPU model
+    with batch_tokens(64):
+        assert tokens_per_batch(tiny) == 64 and tokens_per_batch(tiny, 8) == 8
+    fake = SimpleNamespace(cfg=SimpleNamespace(device="cuda:0", dtype=torch.bfloat16, d_model=576, d_mlp=1536,
+                                               d_vocab=49152))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    assert tokens_per_batch(fake) == runner.tokens_for_memory(40 * 2**30, fake.cfg, 2) > DEFAULT_TOKENS_PER_BATCH
+    with batch_tokens(100):
+        assert tokens_per_batch(fake) == 100
+    with pytest.raises(ValueError):
+        with batch_tokens(0):
+            pass
+
+    seqs = tokenize(tiny, load_context("finance").prompts("race", templates=[0, 1], names="selection").texts)
+    whole = map_last_logits(tiny, seqs, lambda lg: lg[:, -1, :5])
+    with batch_tokens(20):  # one or two prompts per forward
+        small = map_last_logits(tiny, seqs, lambda lg: lg[:, -1, :5])
+    assert torch.allclose(whole, small, atol=1e-5)

@@ -49,8 +49,49 @@ from .sites import hook_name
 _WINDOW: ContextVar[tuple[int, int] | None] = ContextVar("mechbias_forward_window", default=None)
 _READOUT: ContextVar[int | None] = ContextVar("mechbias_readout_position", default=None)
 
-#: Rows x tokens per forward pass; bounds memory, tuned for a 2-core CPU.
+#: Rows x tokens per forward pass on a CPU; bounds memory, tuned for a 2-core machine.
 DEFAULT_TOKENS_PER_BATCH = 4096
+_TOKENS: ContextVar[int | None] = ContextVar("mechbias_tokens_per_batch", default=None)
+
+
+def tokens_for_memory(free_bytes: float, cfg, dtype_bytes: int, *, fraction: float = 0.5) -> int:
+    """Tokens per forward pass whose activations fit in ``fraction`` of ``free_bytes``.
+
+    A forward without gradients holds, per token, about the residual stream, one block's attention and MLP
+    activations (``4 d_model + 2 d_mlp`` values in the model's dtype) and the logits with their float32 copy
+    (``2 d_vocab`` float32 values). Attention scores (heads x sequence length per token) are left out: the
+    prompts here are short. Clamped to [256, 2**20]."""
+    per_token = (4 * cfg.d_model + 2 * cfg.d_mlp) * dtype_bytes + 8 * cfg.d_vocab
+    return int(min(max(fraction * free_bytes // per_token, 256), 2**20))
+
+
+def tokens_per_batch(model, requested: int | None = None) -> int:
+    """The tokens per forward pass a batched call uses: ``requested`` if given; else the value set by
+    :func:`batch_tokens`; else, on a CUDA device, what fits in half its free memory
+    (:func:`tokens_for_memory`); else :data:`DEFAULT_TOKENS_PER_BATCH`."""
+    if requested is not None:
+        return int(requested)
+    fixed = _TOKENS.get()
+    if fixed is not None:
+        return fixed
+    device = torch.device(model.cfg.device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        dtype = getattr(model.cfg, "dtype", torch.float32)
+        return tokens_for_memory(free, model.cfg, torch.empty(0, dtype=dtype).element_size())
+    return DEFAULT_TOKENS_PER_BATCH
+
+
+@contextlib.contextmanager
+def batch_tokens(n: int):
+    """Inside the block, batched calls that are not given ``max_tokens`` run ``n`` tokens per forward."""
+    if n < 1:
+        raise ValueError(f"tokens per batch must be >= 1, not {n}")
+    token = _TOKENS.set(int(n))
+    try:
+        yield
+    finally:
+        _TOKENS.reset(token)
 
 
 @contextlib.contextmanager
@@ -240,7 +281,7 @@ def map_last_logits(
     *,
     n_last: int = 1,
     prefix_groups: Iterable[Sequence[int]] | None = None,
-    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+    max_tokens: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
@@ -255,6 +296,7 @@ def map_last_logits(
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
     """
+    max_tokens = tokens_per_batch(model, max_tokens)
     if is_masked_lm(model):
         return _map_masked(model, seqs, readout, n_last=n_last, max_tokens=max_tokens)
     n = len(seqs)
@@ -340,7 +382,7 @@ def capture(
     names: Sequence[str],
     *,
     position: str = "last",
-    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+    max_tokens: int | None = None,
 ) -> dict[str, Tensor]:
     """Activations at hook points ``names`` for every sequence, with no intervention and no gradient.
 
@@ -352,6 +394,7 @@ def capture(
     """
     if position not in ("last", "mean"):
         raise ValueError(f"capture position must be 'last' or 'mean', not {position!r}")
+    max_tokens = tokens_per_batch(model, max_tokens)
     out: dict[str, list] = {n: [None] * len(seqs) for n in names}
     device = model.cfg.device
     with torch.no_grad():
@@ -369,7 +412,7 @@ def capture(
     return {n: torch.stack(v) for n, v in out.items()}
 
 
-def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = DEFAULT_TOKENS_PER_BATCH
+def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | None = None
                  ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count over whole sequences (right-padded
     batches; padding never affects earlier positions of a causal model). Hooks active in the caller's
@@ -378,6 +421,7 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int = 
     Masked LM: the pseudo-log-likelihood (Salazar et al., 2020; CrowS-Pairs' score): each token except the
     tokenizer's special tokens masked on its own, its log-probability read there; summed and counted the
     same way, so ``exp(total / count)`` is the pseudo-perplexity."""
+    max_tokens = tokens_per_batch(model, max_tokens)
     if is_masked_lm(model):
         return _pseudo_nll(model, seqs, max_tokens=max_tokens)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ..core.models import supports_kv_cache
 from ..core.results import Result, make_meta
-from ..core.runner import (DEFAULT_TOKENS_PER_BATCH, forward_window, last_position_unembed, map_last_logits,
+from ..core.runner import (forward_window, last_position_unembed, map_last_logits,
                            sequence_nll, slice_cache)
 from ..data.contexts import Context, PromptSet, answer_tokens, load_axis, load_context, load_contexts, single_token, tokenize
 from ..data.texts import neutral_texts
@@ -47,7 +47,7 @@ def contrast_scores(
     *,
     intervention: Intervention | None = None,
     share_prefix: bool = True,
-    max_tokens: int = DEFAULT_TOKENS_PER_BATCH,
+    max_tokens: int | None = None,
     progress: bool = False,
 ) -> Float[Tensor, " n"]:
     """``log P(positive | prompt) - log P(negative | prompt)`` for every prompt.
@@ -223,7 +223,7 @@ def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed:
 # ----------------------------------------------------------------------------
 
 def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None = None,
-              max_tokens: int = DEFAULT_TOKENS_PER_BATCH) -> tuple[float, int]:
+              max_tokens: int | None = None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count over ``texts``.
 
     An intervention that acts at every position is applied to whole sequences. One

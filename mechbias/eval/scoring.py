@@ -14,28 +14,27 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..core.runner import length_buckets
+from ..core.runner import length_buckets, tokens_per_batch
 from ..data.contexts import tokenize
 
-DEFAULT_MAX_TOKENS = 4096
 
-
-def sentence_logprob(model, texts: Sequence[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> Tensor:
+def sentence_logprob(model, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
     """Sum of log P(token_t | tokens_<t) over each text (after BOS), float64."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.sum()) for x in lp], dtype=torch.float64)
 
 
-def mean_token_logprob(model, texts: Sequence[str], max_tokens: int = DEFAULT_MAX_TOKENS) -> Tensor:
+def mean_token_logprob(model, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
     """The mean over each text's tokens (after BOS) of log P(token_t | tokens_<t): a length-normalised score."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.double().mean()) for x in lp], dtype=torch.float64)
 
 
 @torch.no_grad()
-def token_logprobs(model, seqs: Sequence[Tensor], *, max_tokens: int = DEFAULT_MAX_TOKENS
+def token_logprobs(model, seqs: Sequence[Tensor], *, max_tokens: int | None = None
                    ) -> tuple[list[Tensor], list[Tensor]]:
     """For each sequence: log P(token_t | tokens_<t) for t = 1..n-1, and whether token_t was the argmax."""
+    max_tokens = tokens_per_batch(model, max_tokens)
     lps: list[Tensor] = [torch.empty(0)] * len(seqs)
     greedy: list[Tensor] = [torch.empty(0, dtype=torch.bool)] * len(seqs)
     for bucket in length_buckets([len(s) for s in seqs], max_tokens):
@@ -71,7 +70,7 @@ class Continuation:
     greedy: bool  # every continuation token was the model's argmax
 
 
-def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens: int = DEFAULT_MAX_TOKENS
+def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens: int | None = None
                          ) -> list[Continuation]:
     """log P(continuation | context) for each ``(context, continuation)`` pair."""
     enc = [encode_pair(model, c, x) for c, x in pairs]
