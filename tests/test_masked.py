@@ -213,3 +213,47 @@ def test_cli_ig2_runs_end_to_end_on_a_tiny_bert_folder(tmp_path):
     assert cell["gap_before"] != 0 and cell["ci_low"] <= cell["gap_change"] <= cell["ci_high"]
     ig2 = json.loads((out / "ig2.json").read_text())
     assert ig2["selections"]["finance"]["n_components"] > 0
+
+
+def test_pseudo_perplexity_under_bns_at_the_prediction_position(mlm):
+    """BNS at "the prediction position" on a masked LM acts at the token being predicted: each token masked in
+    turn with the neurons zeroed there only, against the plain HF model with a hook that zeroes the same
+    intermediate neurons at that one position; and all-position BNS equals zeroing them everywhere."""
+    from mechbias.eval.metrics import token_nll
+    from mechbias.interventions.units import NeuronIntervention
+
+    name, model, hf = mlm
+    texts = ["the bank approved the loan ."]
+    neurons = {0: [1, 5, 9], 1: [7, 30]}
+    tok = model.tokenizer
+    ids = torch.tensor(tok(texts[0])["input_ids"])
+
+    def plain(where):
+        total = 0.0
+        for i in range(1, len(ids) - 1):
+            x = ids.clone()
+            x[i] = tok.mask_token_id
+            handles = []
+            for l, idx in neurons.items():
+                def zero(mod, args, out, idx=idx, i=i):
+                    out = out.clone()
+                    if where == "last":
+                        out[0, i, idx] = 0.0
+                    else:
+                        out[0, :, idx] = 0.0
+                    return out
+                handles.append(hf.get_submodule(INTERMEDIATE.format(arch=name, l=l)).register_forward_hook(zero))
+            try:
+                with torch.no_grad():
+                    total -= float(hf(x[None]).logits[0, i].double().log_softmax(-1)[ids[i]])
+            finally:
+                for h in handles:
+                    h.remove()
+        return total
+
+    base, n = token_nll(model, texts)
+    for where in ("last", "all"):
+        got, count = token_nll(model, texts, intervention=NeuronIntervention(neurons, positions=where))
+        assert count == n == len(ids) - 2
+        assert got == pytest.approx(plain(where), rel=1e-5)
+        assert abs(got - base) > 1e-4

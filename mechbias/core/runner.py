@@ -450,7 +450,14 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | 
     return total, count
 
 
-def _pseudo_nll(model, seqs, *, max_tokens: int) -> tuple[float, int]:
+def pseudo_nll_each_readout(model, seqs: Sequence[Int[Tensor, " p"]]) -> tuple[float, int]:
+    """A masked LM's pseudo-log-likelihood with each masked token as the readout position: an intervention's
+    ``"last"`` acts at the token being predicted, as it acts at the mask of a prompt (one forward per token).
+    The masked-LM counterpart of predicting each next token with a position-specific intervention in place."""
+    return _pseudo_nll(model, seqs, max_tokens=1, each_readout=True)
+
+
+def _pseudo_nll(model, seqs, *, max_tokens: int, each_readout: bool = False) -> tuple[float, int]:
     tok = model.tokenizer
     mask = tok.mask_token_id
     special = set(getattr(tok, "all_special_ids", []))
@@ -459,12 +466,13 @@ def _pseudo_nll(model, seqs, *, max_tokens: int) -> tuple[float, int]:
     with torch.no_grad():
         for s in seqs:
             where = [i for i, t in enumerate(s.tolist()) if t not in special]
-            rows = max(1, max_tokens // max(len(s), 1))
+            rows = 1 if each_readout else max(1, max_tokens // max(len(s), 1))
             for k in range(0, len(where), rows):
                 pos = where[k : k + rows]
                 batch = s[None].repeat(len(pos), 1)
                 batch[torch.arange(len(pos)), pos] = mask
-                with forward_window(0, len(s)):
+                at = readout_position(pos[0]) if each_readout else contextlib.nullcontext()
+                with forward_window(0, len(s)), at:
                     lp = model(batch.to(device)).float().log_softmax(-1)
                 got = lp[torch.arange(len(pos)), pos, s[pos].to(lp.device)]
                 total += float(-got.sum())

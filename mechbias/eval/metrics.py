@@ -22,9 +22,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.families import is_masked_lm
 from ..core.models import supports_kv_cache
 from ..core.results import Result, make_meta
-from ..core.runner import (forward_window, last_position_unembed, map_last_logits,
+from ..core.runner import (forward_window, last_position_unembed, map_last_logits, pseudo_nll_each_readout,
                            sequence_nll, slice_cache)
 from ..data.contexts import Context, PromptSet, answer_tokens, load_axis, load_context, load_contexts, single_token, tokenize
 from ..data.texts import neutral_texts
@@ -236,6 +237,8 @@ def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None 
     seqs = tokenize(model, texts)
     if intervention is not None and str(intervention.positions) != "all":
         with maybe_apply(intervention, model), torch.no_grad():
+            if is_masked_lm(model):
+                return pseudo_nll_each_readout(model, seqs)
             return _nll_each_prediction(model, seqs)
     with maybe_apply(intervention, model):
         return sequence_nll(model, seqs, max_tokens=max_tokens)
