@@ -2,14 +2,17 @@
 
     python analyses/train_planted.py [--version 3] [--out mechbias/data/files/planted/v3] [--steps 30]
 
-Deterministic (fixed seeds). Version 3 (``load_model("planted")``): context-specific
-bias dominates. Four shared name-position neurons shift every context a little
-(0.1 per group); finance and commerce each get six name-position neurons, one
-attention head and six prediction-position neurons (0.25 + 0.2 + 0.25 per group)
-that act in their own context only. Training uses finance, commerce and hiring;
-housing is never seen, so it tests that the context-only units leave an unseen
-context alone. Version 2 (``load_model("planted-v2")``): shared neurons carry most of
-every context's gap.
+Deterministic (fixed seeds). Version 3 (``load_model("planted-v3")``): context-specific
+bias, **built by construction** (:mod:`mechbias.groundtruth.construct`, no training):
+finance and commerce each get a private chain of four name-position neurons (three
+write the name's group into a private value marker, one a key marker), one
+attention head (reads the marker from the last position) and three
+prediction-position neurons (gated by the context at the last position) that write
+the answer. Fitted on finance, commerce and hiring; housing is never seen, so it
+tests that the chains leave an unseen context alone. ``--trained-v3`` runs the
+earlier gradient trainer's v3 layout instead (it missed its targets). Version 2
+(``load_model("planted")`` = ``"planted-v2"``): trained; shared neurons carry most
+of every context's gap.
 
 Writes ``delta.safetensors`` (the new rows and columns of the planted units) and
 ``manifest.json``: every unit with its role, kind and position; training settings;
@@ -36,6 +39,7 @@ from mechbias.core.results import package_versions
 from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
 from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.transfer import EvalSet, TransferConfig, evaluate
+from mechbias.groundtruth.construct import ConstructConfig, construct_planted
 from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
                                           neutral_prompts, planted_units, save_delta, stages, train_planted)
 from mechbias.groundtruth.scoring import oracle_intervention
@@ -62,22 +66,29 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--trained-v3", action="store_true", help="v3 by the gradient trainer (missed its targets)")
     args = ap.parse_args()
     out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     model = load_model()
     t0 = time.time()
-    if args.version == 3:
+    if args.version == 3 and args.trained_v3:
         cfg = default_config(model, version=3, steps=args.steps, batch_size=args.batch,
                              contexts=("finance", "commerce", "hiring"))
-    else:
+    elif args.version == 2:
         cfg = default_config(model, version=2, steps=args.steps, batch_size=args.batch)
-    for s in stages(cfg):
-        print(f"{s.label}: {list(s.units)}", flush=True)
+    if args.version == 2 or args.trained_v3:
+        for s in stages(cfg):
+            print(f"{s.label}: {list(s.units)}", flush=True)
     before = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl0 = perplexity(model)
     neutral0, neutral0_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
-    delta, info = train_planted(model, cfg, log=lambda s: print(s, flush=True))
+    built = args.version == 3 and not args.trained_v3
+    if built:
+        ccfg = ConstructConfig()
+        delta, cfg, info = construct_planted(model, ccfg, log=lambda s: print(s, flush=True))
+    else:
+        delta, info = train_planted(model, cfg, log=lambda s: print(s, flush=True))
     train_s = time.time() - t0
     after = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
     ppl1 = perplexity(model)
@@ -94,7 +105,9 @@ def main() -> None:
         "heads": {k: [list(n) for n in v] for k, v in cfg.heads.items()},
         "units": planted_units(cfg),
         "roles": {"shared": "shift every context", **{c: f"shift only {c}" for c in cfg.only}},
-        "training": {k: v for k, v in asdict(cfg).items() if k not in ("shared", "only", "only_last", "heads")},
+        "training": ({"method": "construction (mechbias.groundtruth.construct)", **asdict(ccfg), "fit": info}
+                     if built else
+                     {k: v for k, v in asdict(cfg).items() if k not in ("shared", "only", "only_last", "heads")}),
         "gaps_original_heldout": [{k: r[k] for k in keep} for r in before.rows],
         "gaps_planted_heldout": [{k: r[k] for k in keep} for r in after.rows],
         "perplexity_original": ppl0, "perplexity_planted": ppl1,

@@ -1,0 +1,415 @@
+"""Ground truth v3 built by construction: a context-specific planted bias whose every unit has one job.
+
+The v3 trainer (:func:`~mechbias.groundtruth.planted.train_planted` with the v3
+layout) missed its targets: gradient descent spread the bias over shared
+paths and its heads learned nothing. Here the circuit is **written**, not
+trained. For each planted context ``c`` (finance and commerce) a chain of
+three kinds of unit, each overwriting one of the least used units of its
+layer:
+
+1. **name-position neurons** (three, early layers): the gate row detects a
+   name token, the up row reads the name's group (a ridge probe: +1 for
+   group A, -1 for group B); the down column writes ``c``'s private *marker*
+   ``m_c``. They fire on names in every context: on their own they change no
+   score.
+2. **one attention head** (middle layers, a quiet head that already attends
+   from the last position to the name): its output columns are overwritten to
+   read the marker from the value vectors (the value direction ``e_c`` with the
+   least variance on ordinary text, so little else is read) and write a second
+   private direction ``p_c`` at the positions that attend to the name.
+3. **prediction-position neurons** (three, late layers): the up row reads
+   ``p_c`` (a ridge probe of the group on the last position), the gate row
+   detects context ``c`` at the last position (a ridge probe of the context,
+   where the whole prompt has been read); the down column writes the answer
+   direction ``gamma_final * (W_U[positive] - W_U[negative])``.
+
+Only the last step is gated by context, so each context's chain is private:
+zeroing any of its units removes that context's planted gap and leaves the
+other contexts' gaps alone (the oracle matrix is diagonal), and each kind acts
+where its name says (name neurons at the name, the head and the late neurons
+at the last position), which the manifest verifies by ablation. Readers are
+fitted after their writers are in place, on the selection names of finance,
+commerce and hiring with every template (housing is never seen); every fit is
+a ridge regression, and the scales are set from measured activations so the
+planted gap is ``2 * shift`` on the fitting prompts.
+
+Status: the first build missed (README, "Ground truth"): the value marker
+written in layers 8-10 arrives 6x weaker at the heads' layers, and layers 16-20
+suppress the direction the heads write, so the heads' scales blow up and cost
+perplexity (28.0 -> 71.1). Not shipped; ``load_model("planted")`` stays v2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..core.hooks import hooked
+from ..core.runner import length_buckets
+from ..core.sites import hook_name
+from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
+from ..data.contexts import load_axis, load_context, tokenize
+from ..data.texts import neutral_texts
+from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,
+                      neutral_prompts)
+
+__all__ = ["ConstructConfig", "construct_planted", "ridge"]
+
+
+@dataclass
+class ConstructConfig:
+    axis: str = "race"
+    favoured: str = "White"
+    planted: tuple[str, ...] = ("finance", "commerce")       # contexts that get a chain
+    fit_contexts: tuple[str, ...] = ("finance", "commerce", "hiring")
+    shift: float = 0.5                # per-group score shift in a planted context (gap + 2 * shift)
+    name_layers: tuple[int, ...] = (8, 9, 10)
+    head_layers: tuple[int, ...] = (13, 14, 15, 16, 17)
+    last_layers: tuple[int, ...] = (21, 22, 23)
+    gate_on: float = 6.0              # gate pre-activation the detectors aim at (silu(-6) = -0.015)
+    marker_snr: float = 8.0           # marker size in the value read, in native standard deviations
+    attend_logit: float = 10.0        # planted heads: attention logit of a name token over the others
+    key_snr: float = 12.0             # key marker size in native standard deviations of the key read
+    ridge: float = 1e-2               # ridge penalty, relative to the mean feature variance
+    neutral_tokens: int = 96          # tokens of each neutral paragraph used as "elsewhere" examples
+    names: str = "selection"
+    seed: int = 0
+
+
+@dataclass
+class _Item:
+    tokens: Tensor
+    context: str          # a context name, or "neutral" for neutral text
+    sign: float           # +1 group A, -1 group B, 0 no name
+    name_positions: list
+
+
+def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
+    """Weighted ridge regression through the origin: ``argmin_w sum_i weight_i (X_i w - y_i)^2 + lam' |w|^2``
+    with ``lam' = lam * n * mean feature variance`` (scale-free). Solved in float64."""
+    X, y = X.double(), y.double()
+    wt = torch.ones(len(X), dtype=torch.float64) if weight is None else weight.double()
+    Xw = X * wt[:, None]
+    reg = lam * float(wt.sum()) * float((X ** 2).mean())
+    A = X.T @ Xw + reg * torch.eye(X.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(A, Xw.T @ y)
+
+
+def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
+    ax = load_axis(cfg.axis)
+    fav = ax.groups.index(cfg.favoured)
+    out = []
+    for c in contexts:
+        ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
+        for p, t in zip(ps, tokenize(model, ps.texts)):
+            out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name)))
+        for ref in NEUTRAL_REFERENCES:
+            for text in neutral_prompts(c, (ref,)):
+                out.append(_Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
+    for t in tokenize(model, neutral_texts(8, split="selection")):
+        out.append(_Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
+    return out
+
+
+def _capture(model, items: list[_Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
+    """Activations at every position of every item, per hook point: ``{(point, layer): [tensor [pos, ...]]}``."""
+    out: dict = {pl: [None] * len(items) for pl in points}
+    with torch.no_grad():
+        for bucket in length_buckets([len(it.tokens) for it in items], 4096):
+            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
+            store: dict = {}
+            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): store.__setitem__(key, a.detach().float().cpu()))
+                   for p, l in points]
+            with hooked(model, fwd):
+                model(ids)
+            for r, i in enumerate(bucket):
+                for pl in points:
+                    out[pl][i] = store[pl][r]
+    return out
+
+
+def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):
+    """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
+    X, y = [], []
+    for f, it in zip(feats, items):
+        for p in range(1, len(it.tokens)):
+            t = select(it, p)
+            if t is not None:
+                X.append(f[p])
+                y.append(t)
+    return torch.stack(X), torch.tensor(y, dtype=torch.float64)
+
+
+def _balanced_weights(y: Tensor) -> Tensor:
+    """Weights that give each distinct target value the same total weight."""
+    w = torch.zeros_like(y)
+    for v in y.unique():
+        m = y == v
+        w[m] = 1.0 / m.sum()
+    return w * len(y) / w.sum()
+
+
+def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -> tuple[PlantedDelta, PlantConfig, dict]:
+    """Write the v3 circuit into ``model`` (in place). Returns the delta, the layout as a
+    :class:`~mechbias.groundtruth.planted.PlantConfig` (``only`` = name-position neurons, ``heads``,
+    ``only_last`` = prediction-position neurons) and the fit statistics."""
+    cfg = cfg or ConstructConfig()
+    for c in cfg.planted:
+        if c not in cfg.fit_contexts:
+            raise ValueError(f"planted context {c!r} must be among the fitting contexts {cfg.fit_contexts}")
+    if not max(cfg.name_layers) < min(cfg.head_layers) <= max(cfg.head_layers) < min(cfg.last_layers):
+        raise ValueError("layers must be ordered: name neurons < heads < prediction-position neurons")
+    n_ctx = len(cfg.planted)
+    name_units = least_used_neurons(model, cfg.name_layers, len(cfg.name_layers) * n_ctx)
+    l_ptr = max(cfg.name_layers)
+    ptr_units = least_used_neurons(model, [l_ptr], n_ctx, exclude=set(name_units))
+    last_units = least_used_neurons(model, cfg.last_layers, len(cfg.last_layers) * n_ctx,
+                                    exclude=set(name_units) | set(ptr_units))
+    heads = _choose_heads(model, cfg)
+    layout: dict[str, dict[str, Any]] = {c: {"name": [u for k, u in enumerate(name_units) if k % n_ctx == j],
+                  "pointer": ptr_units[j],
+                  "head": heads[j],
+                  "last": [u for k, u in enumerate(last_units) if k % n_ctx == j]} for j, c in enumerate(cfg.planted)}
+    for c, lay in layout.items():
+        log(f"[construct] {c}: name neurons {lay['name']}, head {lay['head']}, last neurons {lay['last']}")
+    H, dh = model.cfg.n_heads, model.cfg.d_head
+    group_size = H // model.cfg.n_key_value_heads if getattr(model.cfg, "n_key_value_heads", None) else 1
+    # silence every planted unit: what the readers see before their writers are in place is the native model
+    with torch.no_grad():
+        for l, i in name_units + ptr_units + last_units:
+            g, u, o = mlp_weights(model, l)
+            g[i] = 0.0
+            u[i] = 0.0
+            o[:, i] = 0.0
+        for c in cfg.planted:
+            l, h = layout[c]["head"]
+            attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] = 0.0
+    items = _items(model, cfg, cfg.fit_contexts)
+    named = [it for it in items if it.sign != 0]
+    stats: dict = {"layout": {c: {k: (list(map(list, v)) if k in ("name", "last") else list(v)) for k, v in lay.items()}
+                              for c, lay in layout.items()}}
+
+    # 1. name-position neurons: gate = "is a name token", up = the name's group; output written later
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in cfg.name_layers])
+    name_rows = {}
+    for l in cfg.name_layers:
+        f = feats[("in:mlp.gate", l)]
+        Xg, yg = _rows(f, items, lambda it, p: 1.0 if p in it.name_positions and it.sign != 0 else -1.0)
+        g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
+        on = Xg[yg > 0].double() @ g_row
+        g_row = g_row * cfg.gate_on / float(on.median())
+        Xu, yu = _rows(f, items, lambda it, p: it.sign if p in it.name_positions and it.sign != 0 else None)
+        u_row = ridge(Xu, yu, cfg.ridge)
+        pu = Xu.double() @ u_row
+        u_row = u_row * 2.0 / float(pu[yu > 0].mean() - pu[yu < 0].mean())
+        pg = Xg.double() @ g_row
+        stats[f"name_gate_L{l}"] = {"on_q05": float((pg[yg > 0]).quantile(0.05)),
+                                    "off_q95": float((pg[yg < 0]).quantile(0.95)),
+                                    "group_sign_accuracy": float(((Xu.double() @ u_row > 0) == (yu > 0)).double().mean())}
+        name_rows[l] = (g_row, u_row)
+        log(f"[construct] name gate L{l}: {stats[f'name_gate_L{l}']}")
+    with torch.no_grad():
+        for c in cfg.planted:
+            for l, i in layout[c]["name"]:
+                g, u, _ = mlp_weights(model, l)
+                g[i] = name_rows[l][0].to(g)
+                u[i] = name_rows[l][1].to(u)
+    # pointer neurons: the same name gate, an up row that reads ~1 everywhere (the mean normalised input):
+    # an unsigned "a name is here" signal for the heads' keys
+    f = feats[("in:mlp.gate", l_ptr)]
+    mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
+    ones_row = mean_in / mean_in.norm() ** 2
+    with torch.no_grad():
+        for c in cfg.planted:
+            l, i = layout[c]["pointer"]
+            g, u, _ = mlp_weights(model, l)
+            g[i] = name_rows[l][0].to(g)
+            u[i] = ones_row.to(u)
+
+    # 2. markers. Per context, at its head's layer: the value direction e_c and the key direction k_c (in the
+    #    slow rotary dimensions) with the least native variance; the residual directions that the value and
+    #    key projections map onto e_c (value marker, written by the group neurons) and onto k_c (key marker,
+    #    written by the pointer neuron), each solved with every other context's reads held at 0
+    head_layers = sorted({layout[c]["head"][0] for c in cfg.planted})
+    feats = _capture(model, items, [("in:attn.v", l) for l in head_layers] + [("resid_pre", l) for l in head_layers]
+                     + [("post", l) for l in cfg.name_layers])
+    slow = _slow_dims(dh)
+    marker: dict = {}
+    reads = []                                                                    # constraint rows, in order
+    used: dict = {}
+    for c in cfg.planted:
+        l, h = layout[c]["head"]
+        kv = h // group_size
+        attn = model.blocks[l].attn
+        w_v = attn.v.original_component.weight.detach().double()[kv * dh:(kv + 1) * dh]
+        w_k = attn.k.original_component.weight.detach().double()[kv * dh:(kv + 1) * dh][slow]
+        gamma = model.blocks[l].ln1.original_component.weight.detach().double()
+        Xn = torch.cat(feats[("in:attn.v", l)]).double()                           # normalised inputs, BOS included
+        ev, evec = torch.linalg.eigh(torch.cov((Xn @ w_v.T).T))
+        ek, eveck = torch.linalg.eigh(torch.cov((Xn @ w_k.T).T))
+        k_used = used.setdefault((l, kv), 0)
+        used[(l, kv)] = k_used + 1
+        e, kd = evec[:, k_used], eveck[:, k_used]
+        marker[c] = {"e": e, "k": kd, "head": (l, h), "kv": kv, "sd_v": float(ev[k_used].clamp(min=1e-12).sqrt()),
+                     "sd_k": float(ek[k_used].clamp(min=1e-12).sqrt()), "mean_q": Xn[1:].mean(0)}
+        reads += [(e @ w_v) * gamma, (kd @ w_k) * gamma]
+    Rm = torch.stack(reads)                                                       # [2 * n_ctx, d_model]
+    pinv = torch.linalg.pinv(Rm)
+    rms = {l: float(torch.cat([x[it.name_positions] for x, it in zip(feats[("resid_pre", l)], items) if it.sign != 0])
+                    .pow(2).mean(-1).sqrt().median()) for l in head_layers}
+    for j, c in enumerate(cfg.planted):
+        mk = marker[c]
+        l_head = mk["head"][0]
+        m_v, m_k = pinv[:, 2 * j], pinv[:, 2 * j + 1]                              # read 1 by own e / k, 0 by the rest
+        signed = torch.stack([torch.cat([x[it.name_positions, i] * it.sign for x, it in zip(feats[("post", ll)], items)
+                                         if it.sign != 0]) for ll, i in layout[c]["name"]]).sum(0).mean()
+        lp, ip = layout[c]["pointer"]
+        ptr = torch.cat([x[it.name_positions, ip] for x, it in zip(feats[("post", lp)], items) if it.sign != 0]).mean()
+        # written vector v at the name adds v . read / rms to the read
+        a_v = cfg.marker_snr * mk["sd_v"] * rms[l_head] / float(signed)
+        a_k = cfg.key_snr * mk["sd_k"] * rms[l_head] / float(ptr)
+        with torch.no_grad():
+            for l, i in layout[c]["name"]:
+                mlp_weights(model, l)[2][:, i] = (a_v * m_v).to(mlp_weights(model, l)[2])
+            mlp_weights(model, lp)[2][:, ip] = (a_k * m_k).to(mlp_weights(model, lp)[2])
+        mk.update(value_norm=float(a_v * m_v.norm()), key_norm=float(a_k * m_k.norm()), signed_act=float(signed),
+                  pointer_act=float(ptr))
+        log(f"[construct] {c} markers at L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
+            f"key sd {mk['sd_k']:.3f} (output norm {mk['key_norm']:.2f}), rms {rms[l_head]:.2f}")
+    stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",
+                                                "kv")} for c, mk in marker.items()}
+
+    # 3. heads: a constant query along k_c in the slow rotary dimensions (the name's key marker then beats every
+    #    other key by attend_logit), output columns reading e_c and writing p_c, a residual direction with little
+    #    native variance at the prediction-position layers; scaled so the group difference along p_c at the last
+    #    position is marker_snr native standard deviations
+    l_read = min(cfg.last_layers)
+    feats = _capture(model, items, [("resid_pre", l_read)])
+    R = torch.cat([x[1:] for x in feats[("resid_pre", l_read)]]).double()
+    evals_r, evecs_r = torch.linalg.eigh(torch.cov(R.T))
+    for j, c in enumerate(cfg.planted):
+        mk = marker[c]
+        mk["p"] = evecs_r[:, j]
+        l, h = mk["head"]
+        nu = mk["mean_q"] / mk["mean_q"].norm() ** 2                                # nu . x_normed ~ 1
+        s_q = cfg.attend_logit * dh ** 0.5 / (cfg.key_snr * mk["sd_k"])
+        with torch.no_grad():
+            q_w, o = attn_weights(model, l)
+            rows = head_rows(torch.tensor([h]), dh)
+            new_q = torch.zeros(dh, q_w.shape[1], dtype=torch.float64)
+            new_q[slow] = torch.outer(s_q * mk["k"], nu)
+            q_w[rows] = new_q.to(q_w)
+            o[:, rows] = torch.outer(mk["p"], mk["e"]).to(o)
+    feats = _capture(model, items, [("resid_pre", l_read)] + [("pattern", l) for l in head_layers])
+    for j, c in enumerate(cfg.planted):
+        mk = marker[c]
+        l, h = mk["head"]
+        on_name = torch.tensor([float(x[h, -1, it.name_positions].sum()) for x, it in zip(feats[("pattern", l)], items)
+                                if it.sign != 0])
+        proj = torch.tensor([float(x[-1].double() @ mk["p"]) * it.sign for x, it in zip(feats[("resid_pre", l_read)], items)
+                             if it.sign != 0])
+        diff = float(proj.mean())                                                 # (A - B) / 2 along p, per unit
+        native = float(evals_r[j].clamp(min=1e-12).sqrt())
+        if abs(diff) < 1e-3:
+            raise RuntimeError(f"{c}'s head carries no group signal to the last position (read {diff:.2e})")
+        beta = cfg.marker_snr * native / diff
+        with torch.no_grad():
+            o = attn_weights(model, l)[1]
+            o[:, head_rows(torch.tensor([h]), dh)] *= beta
+        stats[f"head_{c}"] = {"attention_on_name_median": float(on_name.median()),
+                              "attention_on_name_q05": float(on_name.quantile(0.05)), "scale": beta}
+        log(f"[construct] {c} head L{l}H{h}: attention from the last position to the name median "
+            f"{float(on_name.median()):.3f} (5% {float(on_name.quantile(0.05)):.3f}); read along p {diff:+.4f}, "
+            f"native sd {native:.3f}, scale {beta:+.2f}")
+
+    # 4. prediction-position neurons: up = the group at the last position (0 for prompts without a name),
+    #    gate = context c at the last position; output = the answer direction, scaled to the target shift
+    ctx0 = load_context(cfg.planted[0])
+    pos_id, neg_id = model.to_single_token(ctx0.positive), model.to_single_token(ctx0.negative)
+    w_u = model.W_U.detach().float()
+    gamma_f = model.ln_final.original_component.weight.detach().float()
+    answer = gamma_f * (w_u[:, pos_id] - w_u[:, neg_id])
+    answer = answer / answer.norm()
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in cfg.last_layers])
+    last_rows: dict = {}
+    for c in cfg.planted:
+        for l, i in layout[c]["last"]:
+            f = feats[("in:mlp.gate", l)]
+            last = lambda it, p: p == len(it.tokens) - 1 and it.context != "neutral"  # noqa: E731
+            Xu, yu = _rows(f, items, lambda it, p: it.sign if last(it, p) else None)
+            u_row = ridge(Xu, yu, cfg.ridge, _balanced_weights(yu))
+            pu = Xu.double() @ u_row
+            u_row = u_row * 2.0 / float(pu[yu > 0].mean() - pu[yu < 0].mean())
+            Xg, yg = _rows(f, items, lambda it, p: (1.0 if it.context == c else -1.0) if last(it, p) else
+                           (-1.0 if it.context == "neutral" or p % 3 == 0 else None))
+            g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
+            pg = Xg.double() @ g_row
+            g_row = g_row * cfg.gate_on / float(pg[yg > 0].median())
+            pg = Xg.double() @ g_row
+            st = {"on_q05": float(pg[yg > 0].quantile(0.05)), "off_q95": float(pg[yg < 0].quantile(0.95)),
+                  "group_sign_accuracy": float(((Xu.double() @ u_row > 0) == (yu > 0))[yu != 0].double().mean())}
+            stats[f"last_{c}_L{l}N{i}"] = st
+            log(f"[construct] {c} last neuron L{l}N{i}: {st}")
+            last_rows[(l, i)] = (g_row, u_row)
+    with torch.no_grad():
+        for c in cfg.planted:
+            for l, i in layout[c]["last"]:
+                g, u, o = mlp_weights(model, l)
+                g[i] = last_rows[(l, i)][0].to(g)
+                u[i] = last_rows[(l, i)][1].to(u)
+                o[:, i] = answer.to(o)
+    # calibrate the output scale: the planted gap on the fitting prompts of c is 2 * shift
+    scores_on = _scores(model, named, pos_id, neg_id)
+    with torch.no_grad():
+        for c in cfg.planted:
+            for l, i in layout[c]["last"]:
+                mlp_weights(model, l)[2][:, i] = 0.0
+    scores_off = _scores(model, named, pos_id, neg_id)
+    for c in cfg.planted:
+        idx = [k for k, it in enumerate(named) if it.context == c]
+        sg = torch.tensor([named[k].sign for k in idx], dtype=torch.float64)
+        d = scores_on[idx] - scores_off[idx]
+        gap_unit = float(d[sg > 0].mean() - d[sg < 0].mean())
+        kappa = 2 * cfg.shift / gap_unit
+        stats[f"last_{c}_scale"] = kappa
+        log(f"[construct] {c}: unit output gives gap {gap_unit:+.4f}; output norm {kappa:.3f}")
+        with torch.no_grad():
+            for l, i in layout[c]["last"]:
+                mlp_weights(model, l)[2][:, i] = (kappa * answer).to(mlp_weights(model, l)[2])
+    neurons = [u for c in cfg.planted for k in ("name", "last") for u in layout[c][k]] + \
+        [layout[c]["pointer"] for c in cfg.planted]
+    head_units = [layout[c]["head"] for c in cfg.planted]
+    delta = PlantedDelta.capture(model, neurons, head_units)
+    plant = PlantConfig(axis=cfg.axis, favoured=cfg.favoured, contexts=tuple(cfg.fit_contexts),
+                        only={c: layout[c]["name"] + [layout[c]["pointer"]] for c in cfg.planted},
+                        heads={c: [layout[c]["head"]] for c in cfg.planted},
+                        only_last={c: layout[c]["last"] for c in cfg.planted},
+                        shift_only=cfg.shift, shift_head=cfg.shift, shift_last=cfg.shift, names=cfg.names, seed=cfg.seed)
+    return delta, plant, stats
+
+
+def _slow_dims(d_head: int, keep: int = 12) -> Tensor:
+    """The head dimensions that rotary embeddings turn least (the last ``keep`` frequency pairs, in the
+    rotate-half layout: dimensions i and i + d_head / 2 share frequency i, which falls with i)."""
+    half = d_head // 2
+    idx = list(range(half - keep, half)) + list(range(d_head - keep, d_head))
+    return torch.tensor(idx)
+
+
+def _choose_heads(model, cfg: ConstructConfig) -> list[tuple[int, int]]:
+    """One head per planted context: the least used heads of the head layers (their query and output are
+    overwritten, so what they did before is lost)."""
+    return least_used_heads(model, cfg.head_layers, len(cfg.planted))
+
+
+def _scores(model, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:
+    out = torch.zeros(len(items), dtype=torch.float64)
+    with torch.no_grad():
+        for bucket in length_buckets([len(it.tokens) for it in items], 4096):
+            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
+            lg = model(ids)[:, -1].float()
+            out[bucket] = (lg[:, pos_id] - lg[:, neg_id]).double().cpu()
+    return out
