@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
-from ..core.runner import length_buckets
+from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
 from ..data.contexts import load_axis, load_context, tokenize
@@ -406,10 +406,4 @@ def _choose_heads(model, cfg: ConstructConfig) -> list[tuple[int, int]]:
 
 
 def _scores(model, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:
-    out = torch.zeros(len(items), dtype=torch.float64)
-    with torch.no_grad():
-        for bucket in length_buckets([len(it.tokens) for it in items], 4096):
-            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
-            lg = model(ids)[:, -1].float()
-            out[bucket] = (lg[:, pos_id] - lg[:, neg_id]).double().cpu()
-    return out
+    return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
