@@ -25,9 +25,93 @@ def test_ridge_equals_the_augmented_least_squares_solution():
     assert torch.allclose(ridge(X, X @ true, 0.0), true, atol=1e-9)
 
 
-def test_layer_order_and_contexts_are_checked_before_any_forward_pass():
+def test_layers_and_contexts_are_checked_before_any_forward_pass():
     model = tiny_model(arch="llama", n_layers=2, d_model=64, d_mlp=128)
-    with pytest.raises(ValueError, match="ordered"):
-        construct_planted(model, ConstructConfig(name_layers=(1,), head_layers=(0,), last_layers=(1,)))
+    with pytest.raises(ValueError, match="head layers must lie"):      # no layer below layer 0 for the name neurons
+        construct_planted(model, ConstructConfig(head_layers=(0, 1)))
+    with pytest.raises(ValueError, match="head layers must lie"):
+        construct_planted(model, ConstructConfig(head_layers=(1, 2)))
     with pytest.raises(ValueError, match="fitting contexts"):
         construct_planted(model, ConstructConfig(planted=("housing",)))
+
+
+def test_score_gradients_match_finite_differences():
+    """The gradient of the answer score with respect to a residual activation against central differences
+    of the same score with a perturbation added at one position."""
+    from mechbias.core.hooks import hooked
+    from mechbias.core.sites import hook_name
+    from mechbias.groundtruth.construct import score_gradients
+
+    model = tiny_model(arch="llama", n_layers=2, d_model=64, d_mlp=128)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(5, 200, (7,), generator=g) for _ in range(2)] + [torch.randint(5, 200, (9,), generator=g)]
+
+    class It:
+        def __init__(self, t):
+            self.tokens = t
+    items = [It(t) for t in seqs]
+    pos_id, neg_id = 11, 42
+    grads = score_gradients(model, items, [("resid_mid", 1), ("resid_pre", 1)], pos_id, neg_id)
+    assert all(p.requires_grad for p in model.parameters())          # restored
+
+    def score(t, point, pos, vec):
+        with torch.no_grad(), hooked(model, [(hook_name(point, 1), lambda a, hook: a + _at(a, pos, vec))]):
+            lg = model(t[None])
+        return float(lg[0, -1, pos_id] - lg[0, -1, neg_id])
+
+    def _at(a, pos, vec):
+        d = torch.zeros_like(a)
+        d[0, pos] = vec
+        return d
+    eps = 1e-2
+    for k, it in enumerate(items):
+        for point, pos in (("resid_mid", len(it.tokens) - 1), ("resid_pre", 2)):
+            v = torch.randn(64, generator=g)
+            v = v / v.norm()
+            fd = (score(it.tokens, point, pos, eps * v) - score(it.tokens, point, pos, -eps * v)) / (2 * eps)
+            an = float(grads[(point, 1)][k][pos] @ v)
+            assert abs(fd - an) <= 2e-3 + 2e-2 * abs(an), (k, point, fd, an)
+
+
+def test_energy_basis_spans_a_planted_low_rank_gradient():
+    from mechbias.groundtruth.construct import energy_basis
+
+    g = torch.Generator().manual_seed(2)
+    basis = torch.linalg.qr(torch.randn(32, 3, generator=g, dtype=torch.float64))[0]      # 3 true directions
+    G = torch.randn(400, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64) @ basis.T
+    G = G + 0.01 * torch.randn(400, 32, generator=g, dtype=torch.float64)
+    B = energy_basis(G, 0.99)
+    assert B.shape[0] == 3
+    # the found rows span the planted directions: projecting them onto the span loses (almost) nothing
+    assert torch.allclose((B @ basis) @ (B @ basis).T, torch.eye(3, dtype=torch.float64), atol=1e-3)
+    assert energy_basis(G, 0.5).shape[0] == 1                        # 25 / 38 of the energy is in the first
+
+
+def test_quiet_direction_beats_both_single_criteria():
+    """Against brute force over the two criteria separately: the chosen direction's product objective is no
+    worse than the lowest-variance direction's or the lowest-gradient direction's, and it avoids what it
+    is told to avoid."""
+    from mechbias.groundtruth.construct import quiet_direction
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(5):
+        A = torch.randn(24, 24, generator=g, dtype=torch.float64)
+        C = A @ A.T / 24 + 1e-3 * torch.eye(24, dtype=torch.float64)
+        B = torch.randn(24, 6, generator=g, dtype=torch.float64)
+        G = B @ B.T + 1e-4 * torch.eye(24, dtype=torch.float64)
+        avoid = torch.randn(2, 24, generator=g, dtype=torch.float64)
+        p, info = quiet_direction(C, G, avoid)
+        obj = lambda q: float((q @ C @ q).sqrt() * (q @ G @ q).sqrt())  # noqa: E731
+        assert abs(float(p.norm()) - 1) < 1e-9
+        assert float((avoid @ p).abs().max()) < 1e-6
+        Q = torch.linalg.qr(avoid.T)[0]
+        P = torch.eye(24, dtype=torch.float64) - Q @ Q.T
+        for M in (C, G):
+            ev, evec = torch.linalg.eigh(P @ M @ P + (torch.eye(24, dtype=torch.float64) - P) * 1e6)
+            assert obj(p) <= obj(evec[:, 0]) + 1e-12, trial
+        assert info["native_var"] == pytest.approx(float(p @ C @ p))
+        # and no better than a random search over 20,000 directions in the allowed subspace
+        R = torch.randn(20000, 24, generator=g, dtype=torch.float64) @ P
+        R = R / R.norm(dim=1, keepdim=True)
+        rand = ((R @ C * R).sum(1).sqrt() * (R @ G * R).sum(1).sqrt()).min()
+        assert obj(p) <= float(rand), trial

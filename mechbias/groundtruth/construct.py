@@ -56,7 +56,7 @@ from ..data.texts import neutral_texts
 from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,
                       neutral_prompts)
 
-__all__ = ["ConstructConfig", "construct_planted", "ridge"]
+__all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direction", "ridge", "score_gradients"]
 
 
 @dataclass
@@ -65,11 +65,18 @@ class ConstructConfig:
     favoured: str = "White"
     planted: tuple[str, ...] = ("finance", "commerce")       # contexts that get a chain
     fit_contexts: tuple[str, ...] = ("finance", "commerce", "hiring")
-    shift: float = 0.5                # per-group score shift in a planted context (gap + 2 * shift)
-    name_layers: tuple[int, ...] = (8, 9, 10)
-    head_layers: tuple[int, ...] = (13, 14, 15, 16, 17)
-    last_layers: tuple[int, ...] = (21, 22, 23)
-    gate_on: float = 6.0              # gate pre-activation the detectors aim at (silu(-6) = -0.015)
+    shift: float = 0.75               # per-group score shift in a planted context (gap + 2 * shift)
+    head_layers: tuple[int, ...] = (18,)   # the chains' heads: the least used heads of these layers. One layer:
+                                           # every chain's writers (layer below) and readers (this layer) then
+                                           # share one residual stream, so their cross-talk is solved exactly
+    ridge_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)   # group probe's penalty: 2-fold CV over names
+    n_name: int = 3                   # signed name-position neurons per chain, in the layer right below its head
+    n_last: int = 3                   # prediction-position neurons per chain, in its head's layer (after attention)
+    gate_on: float = 6.0              # name detectors: gate pre-activation on a name (silu(-6) = -0.015)
+    last_gate_on: float = 12.0        # context detectors at the last position: a sharper gate (housing is unseen)
+    side_effect: float = 0.9          # markers avoid the residual directions carrying this share of the score's
+                                      # gradient energy at the name (native model, selection prompts)
+    grad_every: int = 4               # gradients on every k-th named fitting prompt
     marker_snr: float = 8.0           # marker size in the value read, in native standard deviations
     attend_logit: float = 10.0        # planted heads: attention logit of a name token over the others
     key_snr: float = 12.0             # key marker size in native standard deviations of the key read
@@ -85,6 +92,7 @@ class _Item:
     context: str          # a context name, or "neutral" for neutral text
     sign: float           # +1 group A, -1 group B, 0 no name
     name_positions: list
+    name: str = ""
 
 
 def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
@@ -105,7 +113,8 @@ def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
     for c in contexts:
         ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts)):
-            out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name)))
+            out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
+                             p.person.name))
         for ref in NEUTRAL_REFERENCES:
             for text in neutral_prompts(c, (ref,)):
                 out.append(_Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
@@ -131,6 +140,68 @@ def _capture(model, items: list[_Item], points: Sequence[tuple[str, int]]) -> di
     return out
 
 
+def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
+                 max_tokens: int = 2048) -> dict[tuple[str, int], list[Tensor]]:
+    """Gradient of each item's answer score (logit[pos] - logit[neg] at the last position) with respect to the
+    activation at each hook point, every position: ``{(point, layer): [tensor [pos, d]]}``. Parameters are
+    frozen for the call (their ``requires_grad`` is restored)."""
+    out: dict = {pl: [None] * len(items) for pl in points}
+    params = list(model.parameters())
+    req = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        for bucket in length_buckets([len(it.tokens) for it in items], max_tokens):
+            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
+            deltas: dict = {}
+
+            def add(a, hook, key):
+                deltas[key] = torch.zeros_like(a, requires_grad=True)
+                return a + deltas[key]
+            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): add(a, hook, key)) for p, l in points]
+            with torch.enable_grad(), hooked(model, fwd):
+                logits = model(ids)
+                score = (logits[:, -1, pos_id] - logits[:, -1, neg_id]).sum()
+                grads = torch.autograd.grad(score, [deltas[pl] for pl in points])
+            for r, i in enumerate(bucket):
+                for pl, g in zip(points, grads):
+                    out[pl][i] = g[r].detach().float().cpu()
+    finally:
+        for q, r_ in zip(params, req):
+            q.requires_grad_(r_)
+    return out
+
+
+def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
+    """Orthonormal directions (rows) carrying ``share`` of the second moment of the rows of ``G``."""
+    ev, evec = torch.linalg.eigh(G.double().T @ G.double())
+    ev, evec = ev.flip(0), evec.flip(1)
+    r = min(cap, int((ev.cumsum(0) / ev.sum() < share).sum()) + 1)
+    return evec[:, :r].T
+
+
+def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None) -> tuple[Tensor, dict]:
+    """The unit direction p minimising sqrt(p'Cp) * sqrt(p'Gp): little native variance at the reader (C) and
+    little effect on the answer score downstream (G, second moment of score gradients). Searched over the
+    lowest eigenvectors of C / tr C + mu G / tr G on a grid of mu; ``avoid`` (rows) are projected out first."""
+    d = C.shape[0]
+    P = torch.eye(d, dtype=torch.float64)
+    if avoid is not None and len(avoid):
+        Q, _ = torch.linalg.qr(avoid.double().T)
+        P = P - Q @ Q.T
+    best: tuple = (float("inf"), None, None)
+    for a, mu in [(1.0, 0.0)] + [(1.0, m) for m in torch.logspace(-3, 3, 13).tolist()] + [(0.0, 1.0)]:
+        M = P @ (a * C / C.trace() + mu * G / G.trace()) @ P + (torch.eye(d, dtype=torch.float64) - P) * 1e6
+        ev, evec = torch.linalg.eigh(M)
+        p = evec[:, 0]
+        obj = float((p @ C @ p).clamp(min=0).sqrt() * (p @ G @ p).clamp(min=0).sqrt())
+        if obj < best[0]:
+            best = (obj, p, mu if a else float("inf"))
+    p = best[1]
+    return p, {"mu": best[2], "native_var": float(p @ C @ p), "grad_second_moment": float(p @ G @ p),
+               "grad_second_moment_lowest_variance": float(torch.linalg.eigh(C)[1][:, 0] @ G @ torch.linalg.eigh(C)[1][:, 0])}
+
+
 def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):
     """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
     X, y = [], []
@@ -143,6 +214,26 @@ def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int]
     return torch.stack(X), torch.tensor(y, dtype=torch.float64)
 
 
+def _name_fold(name: str) -> int:
+    """A fixed fold (0 or 1) per name, from a hash of its letters (no dependence on the order of prompts)."""
+    return sum(map(ord, name)) % 2
+
+
+def _cv_ridge(X: Tensor, y: Tensor, fold: Tensor, grid: Sequence[float]) -> tuple[float, float]:
+    """The penalty in ``grid`` with the best 2-fold sign accuracy, folds given per row (whole names held out;
+    ties: the larger penalty); returns it and its accuracy."""
+    best = (-1.0, 0.0)
+    for lam in sorted(grid, reverse=True):
+        hit = 0.0
+        for k in (0.0, 1.0):
+            tr, te = fold != k, fold == k
+            w = ridge(X[tr], y[tr], lam)
+            hit += float(((X[te].double() @ w > 0) == (y[te] > 0)).double().sum())
+        if hit / len(y) > best[0]:
+            best = (hit / len(y), lam)
+    return best[1], best[0]
+
+
 def _balanced_weights(y: Tensor) -> Tensor:
     """Weights that give each distinct target value the same total weight."""
     w = torch.zeros_like(y)
@@ -150,6 +241,10 @@ def _balanced_weights(y: Tensor) -> Tensor:
         m = y == v
         w[m] = 1.0 / m.sum()
     return w * len(y) / w.sum()
+
+
+def _group_means(values: Tensor, signs: Tensor) -> tuple[float, float]:
+    return float(values[signs > 0].mean()), float(values[signs < 0].mean())
 
 
 def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -> tuple[PlantedDelta, PlantConfig, dict]:
@@ -160,23 +255,27 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     for c in cfg.planted:
         if c not in cfg.fit_contexts:
             raise ValueError(f"planted context {c!r} must be among the fitting contexts {cfg.fit_contexts}")
-    if not max(cfg.name_layers) < min(cfg.head_layers) <= max(cfg.head_layers) < min(cfg.last_layers):
-        raise ValueError("layers must be ordered: name neurons < heads < prediction-position neurons")
     n_ctx = len(cfg.planted)
-    name_units = least_used_neurons(model, cfg.name_layers, len(cfg.name_layers) * n_ctx)
-    l_ptr = max(cfg.name_layers)
-    ptr_units = least_used_neurons(model, [l_ptr], n_ctx, exclude=set(name_units))
-    last_units = least_used_neurons(model, cfg.last_layers, len(cfg.last_layers) * n_ctx,
-                                    exclude=set(name_units) | set(ptr_units))
+    if not all(1 <= l < model.cfg.n_layers for l in cfg.head_layers):
+        raise ValueError(f"head layers must lie in 1..{model.cfg.n_layers - 1} (a name neuron sits one layer below)")
+    if n_ctx > len(set(cfg.head_layers)) * model.cfg.n_heads:
+        raise ValueError(f"{n_ctx} planted contexts need {n_ctx} heads; the head layers have fewer")
     heads = _choose_heads(model, cfg)
-    layout: dict[str, dict[str, Any]] = {c: {"name": [u for k, u in enumerate(name_units) if k % n_ctx == j],
-                  "pointer": ptr_units[j],
-                  "head": heads[j],
-                  "last": [u for k, u in enumerate(last_units) if k % n_ctx == j]} for j, c in enumerate(cfg.planted)}
-    for c, lay in layout.items():
-        log(f"[construct] {c}: name neurons {lay['name']}, head {lay['head']}, last neurons {lay['last']}")
-    H, dh = model.cfg.n_heads, model.cfg.d_head
-    group_size = H // model.cfg.n_key_value_heads if getattr(model.cfg, "n_key_value_heads", None) else 1
+    layout: dict[str, dict[str, Any]] = {}
+    taken: set = set()
+    for c, (lh, h) in zip(cfg.planted, heads):
+        below = least_used_neurons(model, [lh - 1], cfg.n_name + 1, exclude=taken)
+        taken |= set(below)
+        last = least_used_neurons(model, [lh], cfg.n_last, exclude=taken)
+        taken |= set(last)
+        layout[c] = {"name": below[: cfg.n_name], "pointer": below[cfg.n_name], "head": (lh, h), "last": last}
+        log(f"[construct] {c}: name neurons {layout[c]['name']}, pointer {layout[c]['pointer']}, head L{lh}H{h}, "
+            f"last neurons {last}")
+    name_units = [u for c in cfg.planted for u in layout[c]["name"]]
+    ptr_units = [layout[c]["pointer"] for c in cfg.planted]
+    last_units = [u for c in cfg.planted for u in layout[c]["last"]]
+    dh = model.cfg.d_head
+    group_size = model.cfg.n_heads // model.cfg.n_key_value_heads if getattr(model.cfg, "n_key_value_heads", None) else 1
     # silence every planted unit: what the readers see before their writers are in place is the native model
     with torch.no_grad():
         for l, i in name_units + ptr_units + last_units:
@@ -189,53 +288,53 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
             attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] = 0.0
     items = _items(model, cfg, cfg.fit_contexts)
     named = [it for it in items if it.sign != 0]
+    ctx0 = load_context(cfg.planted[0])
+    pos_id, neg_id = model.to_single_token(ctx0.positive), model.to_single_token(ctx0.negative)
+    signs = torch.tensor([it.sign for it in named], dtype=torch.float64)
     stats: dict = {"layout": {c: {k: (list(map(list, v)) if k in ("name", "last") else list(v)) for k, v in lay.items()}
                               for c, lay in layout.items()}}
 
-    # 1. name-position neurons: gate = "is a name token", up = the name's group; output written later
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in cfg.name_layers])
+    # 1. name-position neurons: gate = "is a name token", up = the name's group; output written in step 2
+    name_layers = sorted({layout[c]["head"][0] - 1 for c in cfg.planted})
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in name_layers])
     name_rows = {}
-    for l in cfg.name_layers:
+    for l in name_layers:
         f = feats[("in:mlp.gate", l)]
         Xg, yg = _rows(f, items, lambda it, p: 1.0 if p in it.name_positions and it.sign != 0 else -1.0)
         g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
         on = Xg[yg > 0].double() @ g_row
         g_row = g_row * cfg.gate_on / float(on.median())
         Xu, yu = _rows(f, items, lambda it, p: it.sign if p in it.name_positions and it.sign != 0 else None)
-        u_row = ridge(Xu, yu, cfg.ridge)
+        _, fold = _rows(f, items, lambda it, p: float(_name_fold(it.name)) if p in it.name_positions and it.sign != 0
+                        else None)
+        lam, cv = _cv_ridge(Xu, yu, fold, cfg.ridge_grid)
+        u_row = ridge(Xu, yu, lam)
         pu = Xu.double() @ u_row
         u_row = u_row * 2.0 / float(pu[yu > 0].mean() - pu[yu < 0].mean())
         pg = Xg.double() @ g_row
-        stats[f"name_gate_L{l}"] = {"on_q05": float((pg[yg > 0]).quantile(0.05)),
+        stats[f"name_gate_L{l}"] = {"group_ridge": lam, "group_cv_sign_accuracy": cv,
+                                    "on_q05": float((pg[yg > 0]).quantile(0.05)),
                                     "off_q95": float((pg[yg < 0]).quantile(0.95)),
                                     "group_sign_accuracy": float(((Xu.double() @ u_row > 0) == (yu > 0)).double().mean())}
-        name_rows[l] = (g_row, u_row)
+        # pointer neurons: the same name gate, an up row that reads ~1 everywhere (the mean normalised input):
+        # an unsigned "a name is here" signal for the heads' keys
+        mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
+        name_rows[l] = (g_row, u_row, mean_in / mean_in.norm() ** 2)
         log(f"[construct] name gate L{l}: {stats[f'name_gate_L{l}']}")
     with torch.no_grad():
         for c in cfg.planted:
-            for l, i in layout[c]["name"]:
+            for l, i in layout[c]["name"] + [layout[c]["pointer"]]:
                 g, u, _ = mlp_weights(model, l)
                 g[i] = name_rows[l][0].to(g)
-                u[i] = name_rows[l][1].to(u)
-    # pointer neurons: the same name gate, an up row that reads ~1 everywhere (the mean normalised input):
-    # an unsigned "a name is here" signal for the heads' keys
-    f = feats[("in:mlp.gate", l_ptr)]
-    mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
-    ones_row = mean_in / mean_in.norm() ** 2
-    with torch.no_grad():
-        for c in cfg.planted:
-            l, i = layout[c]["pointer"]
-            g, u, _ = mlp_weights(model, l)
-            g[i] = name_rows[l][0].to(g)
-            u[i] = ones_row.to(u)
+                u[i] = (name_rows[l][1] if (l, i) != layout[c]["pointer"] else name_rows[l][2]).to(u)
 
     # 2. markers. Per context, at its head's layer: the value direction e_c and the key direction k_c (in the
     #    slow rotary dimensions) with the least native variance; the residual directions that the value and
-    #    key projections map onto e_c (value marker, written by the group neurons) and onto k_c (key marker,
-    #    written by the pointer neuron), each solved with every other context's reads held at 0
+    #    key projections map onto e_c (value marker, written by the group neurons one layer below) and onto k_c
+    #    (key marker, written by the pointer neuron), each solved with every other context's reads held at 0
     head_layers = sorted({layout[c]["head"][0] for c in cfg.planted})
     feats = _capture(model, items, [("in:attn.v", l) for l in head_layers] + [("resid_pre", l) for l in head_layers]
-                     + [("post", l) for l in cfg.name_layers])
+                     + [("post", l) for l in name_layers])
     slow = _slow_dims(dh)
     marker: dict = {}
     reads = []                                                                    # constraint rows, in order
@@ -253,17 +352,37 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         k_used = used.setdefault((l, kv), 0)
         used[(l, kv)] = k_used + 1
         e, kd = evec[:, k_used], eveck[:, k_used]
-        marker[c] = {"e": e, "k": kd, "head": (l, h), "kv": kv, "sd_v": float(ev[k_used].clamp(min=1e-12).sqrt()),
+        marker[c] = {"e": e, "k": kd, "head": (l, h), "kv": kv, "w_v": w_v,
+                     "sd_v": float(ev[k_used].clamp(min=1e-12).sqrt()),
                      "sd_k": float(ek[k_used].clamp(min=1e-12).sqrt()), "mean_q": Xn[1:].mean(0)}
         reads += [(e @ w_v) * gamma, (kd @ w_k) * gamma]
-    Rm = torch.stack(reads)                                                       # [2 * n_ctx, d_model]
-    pinv = torch.linalg.pinv(Rm)
+    # where a write would move the answer score (native model, planted units silent): the score's gradient
+    # at the name positions (markers) and at the last position after attention (p_c), on selection prompts
+    sub = named[:: cfg.grad_every]
+    grads = score_gradients(model, sub, [(pt, l) for l in head_layers for pt in ("resid_pre", "resid_mid")],
+                         pos_id, neg_id)
+    reads_m = torch.stack(reads)
+    solve = {}
+    for j, c in enumerate(cfg.planted):
+        l = marker[c]["head"][0]
+        G = torch.cat([g[it.name_positions] for g, it in zip(grads[("resid_pre", l)], sub)]).double()
+        avoid = energy_basis(G, cfg.side_effect)
+        rows = torch.cat([reads_m, avoid])
+        solve[c] = torch.linalg.pinv(rows)[:, 2 * j: 2 * j + 2]                 # value / key marker columns
+        free = torch.linalg.pinv(reads_m)[:, 2 * j: 2 * j + 2]
+        score_v = float((G @ solve[c][:, 0]).pow(2).mean().sqrt() / solve[c][:, 0].norm())
+        score_v0 = float((G @ free[:, 0]).pow(2).mean().sqrt() / free[:, 0].norm())
+        stats[f"marker_avoid_{c}"] = {"directions": len(avoid), "norm_ratio": float(solve[c][:, 0].norm() / free[:, 0].norm()),
+                                      "score_gradient_per_unit_norm": score_v, "without_avoidance": score_v0}
+        log(f"[construct] {c} markers avoid {len(avoid)} gradient directions: value marker norm x"
+            f"{stats[f'marker_avoid_{c}']['norm_ratio']:.2f}, rms score gradient per unit norm {score_v:.4f} "
+            f"(min-norm marker {score_v0:.4f})")
     rms = {l: float(torch.cat([x[it.name_positions] for x, it in zip(feats[("resid_pre", l)], items) if it.sign != 0])
                     .pow(2).mean(-1).sqrt().median()) for l in head_layers}
     for j, c in enumerate(cfg.planted):
         mk = marker[c]
         l_head = mk["head"][0]
-        m_v, m_k = pinv[:, 2 * j], pinv[:, 2 * j + 1]                              # read 1 by own e / k, 0 by the rest
+        m_v, m_k = solve[c][:, 0], solve[c][:, 1]                                  # read 1 by own e / k, 0 by the rest
         signed = torch.stack([torch.cat([x[it.name_positions, i] * it.sign for x, it in zip(feats[("post", ll)], items)
                                          if it.sign != 0]) for ll, i in layout[c]["name"]]).sum(0).mean()
         lp, ip = layout[c]["pointer"]
@@ -277,23 +396,36 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
             mlp_weights(model, lp)[2][:, ip] = (a_k * m_k).to(mlp_weights(model, lp)[2])
         mk.update(value_norm=float(a_v * m_v.norm()), key_norm=float(a_k * m_k.norm()), signed_act=float(signed),
                   pointer_act=float(ptr))
-        log(f"[construct] {c} markers at L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
+        log(f"[construct] {c} markers for L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
             f"key sd {mk['sd_k']:.3f} (output norm {mk['key_norm']:.2f}), rms {rms[l_head]:.2f}")
-    stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",
-                                                "kv")} for c, mk in marker.items()}
 
     # 3. heads: a constant query along k_c in the slow rotary dimensions (the name's key marker then beats every
-    #    other key by attend_logit), output columns reading e_c and writing p_c, a residual direction with little
-    #    native variance at the prediction-position layers; scaled so the group difference along p_c at the last
-    #    position is marker_snr native standard deviations
-    l_read = min(cfg.last_layers)
-    feats = _capture(model, items, [("resid_pre", l_read)])
-    R = torch.cat([x[1:] for x in feats[("resid_pre", l_read)]]).double()
-    evals_r, evecs_r = torch.linalg.eigh(torch.cov(R.T))
-    for j, c in enumerate(cfg.planted):
+    #    other key by attend_logit), output columns reading e_c and writing p_c: the direction of the normalised
+    #    residual with the least native variance at the head's own MLP input. The prediction-position neurons
+    #    of the same layer read it there (u_c = p_c / gamma_ln2 reads p_c . x / rms), so nothing between the
+    #    writer and the reader can transform it; scaled so the group difference along p_c at the last position
+    #    is marker_snr native standard deviations
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("in:attn.v", l) for l in head_layers])
+    for c in cfg.planted:
         mk = marker[c]
-        mk["p"] = evecs_r[:, j]
         l, h = mk["head"]
+        vals = torch.tensor([float((x[it.name_positions].double() @ mk["w_v"].T @ mk["e"]).mean())
+                             for x, it in zip(feats[("in:attn.v", l)], items) if it.sign != 0])
+        va, vb = _group_means(vals, signs)
+        designed = cfg.marker_snr * mk["sd_v"]
+        stats[f"value_read_{c}"] = {"designed": designed, "group_A": va, "group_B": vb}
+        log(f"[construct] {c} value read at the name: designed +/-{designed:.3f}, measured A {va:+.3f}, B {vb:+.3f}")
+        g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+        xhat = torch.cat([x[1:] for x in feats[("in:mlp.gate", l)]]).double() / g2
+        Gl = torch.stack([g[-1] for g in grads[("resid_mid", l)]]).double()
+        p_dir, info = quiet_direction(torch.cov(xhat.T), Gl.T @ Gl / len(Gl),
+                                       torch.stack([marker[o]["p"] for o in cfg.planted if "p" in marker[o]])
+                                       if any("p" in marker[o] for o in cfg.planted) else None)
+        mk["p"], mk["u"], mk["native_p"] = p_dir, p_dir / g2, info["native_var"] ** 0.5
+        stats[f"p_{c}"] = info
+        log(f"[construct] {c} head output direction: native var {info['native_var']:.2e}, score gradient second "
+            f"moment {info['grad_second_moment']:.2e} (lowest-variance direction: "
+            f"{info['grad_second_moment_lowest_variance']:.2e}), mu {info['mu']:.3g}")
         nu = mk["mean_q"] / mk["mean_q"].norm() ** 2                                # nu . x_normed ~ 1
         s_q = cfg.attend_logit * dh ** 0.5 / (cfg.key_snr * mk["sd_k"])
         with torch.no_grad():
@@ -303,57 +435,65 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
             new_q[slow] = torch.outer(s_q * mk["k"], nu)
             q_w[rows] = new_q.to(q_w)
             o[:, rows] = torch.outer(mk["p"], mk["e"]).to(o)
-    feats = _capture(model, items, [("resid_pre", l_read)] + [("pattern", l) for l in head_layers])
-    for j, c in enumerate(cfg.planted):
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("pattern", l) for l in head_layers])
+    for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
         on_name = torch.tensor([float(x[h, -1, it.name_positions].sum()) for x, it in zip(feats[("pattern", l)], items)
                                 if it.sign != 0])
-        proj = torch.tensor([float(x[-1].double() @ mk["p"]) * it.sign for x, it in zip(feats[("resid_pre", l_read)], items)
-                             if it.sign != 0])
-        diff = float(proj.mean())                                                 # (A - B) / 2 along p, per unit
-        native = float(evals_r[j].clamp(min=1e-12).sqrt())
-        if abs(diff) < 1e-3:
+        proj = torch.tensor([float(x[-1].double() @ mk["u"]) for x in feats[("in:mlp.gate", l)]])
+        pa, pb = _group_means(proj[[k for k, it in enumerate(items) if it.sign != 0]], signs)
+        diff = (pa - pb) / 2                                                      # per unit output scale
+        if abs(diff) < 1e-4:
             raise RuntimeError(f"{c}'s head carries no group signal to the last position (read {diff:.2e})")
-        beta = cfg.marker_snr * native / diff
+        beta = cfg.marker_snr * mk["native_p"] / diff
         with torch.no_grad():
-            o = attn_weights(model, l)[1]
-            o[:, head_rows(torch.tensor([h]), dh)] *= beta
+            attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] *= beta
         stats[f"head_{c}"] = {"attention_on_name_median": float(on_name.median()),
-                              "attention_on_name_q05": float(on_name.quantile(0.05)), "scale": beta}
+                              "attention_on_name_q05": float(on_name.quantile(0.05)), "scale": beta,
+                              "read_per_unit_scale": diff, "native_sd": mk["native_p"]}
         log(f"[construct] {c} head L{l}H{h}: attention from the last position to the name median "
-            f"{float(on_name.median()):.3f} (5% {float(on_name.quantile(0.05)):.3f}); read along p {diff:+.4f}, "
-            f"native sd {native:.3f}, scale {beta:+.2f}")
+            f"{float(on_name.median()):.3f} (5% {float(on_name.quantile(0.05)):.3f}); read along p {diff:+.4f} per unit, "
+            f"native sd {mk['native_p']:.4f}, scale {beta:+.2f}")
 
-    # 4. prediction-position neurons: up = the group at the last position (0 for prompts without a name),
-    #    gate = context c at the last position; output = the answer direction, scaled to the target shift
-    ctx0 = load_context(cfg.planted[0])
-    pos_id, neg_id = model.to_single_token(ctx0.positive), model.to_single_token(ctx0.negative)
+    # 4. prediction-position neurons (same layer as the head, after its attention): up = u_c (the head's group
+    #    signal), gate = context c at the last position (a ridge probe made blind to p_c); output = the answer
+    #    direction, scaled to the target shift
     w_u = model.W_U.detach().float()
     gamma_f = model.ln_final.original_component.weight.detach().float()
     answer = gamma_f * (w_u[:, pos_id] - w_u[:, neg_id])
     answer = answer / answer.norm()
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in cfg.last_layers])
+    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers])
     last_rows: dict = {}
     for c in cfg.planted:
-        for l, i in layout[c]["last"]:
-            f = feats[("in:mlp.gate", l)]
-            last = lambda it, p: p == len(it.tokens) - 1 and it.context != "neutral"  # noqa: E731
-            Xu, yu = _rows(f, items, lambda it, p: it.sign if last(it, p) else None)
-            u_row = ridge(Xu, yu, cfg.ridge, _balanced_weights(yu))
-            pu = Xu.double() @ u_row
-            u_row = u_row * 2.0 / float(pu[yu > 0].mean() - pu[yu < 0].mean())
-            Xg, yg = _rows(f, items, lambda it, p: (1.0 if it.context == c else -1.0) if last(it, p) else
-                           (-1.0 if it.context == "neutral" or p % 3 == 0 else None))
-            g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
-            pg = Xg.double() @ g_row
-            g_row = g_row * cfg.gate_on / float(pg[yg > 0].median())
-            pg = Xg.double() @ g_row
-            st = {"on_q05": float(pg[yg > 0].quantile(0.05)), "off_q95": float(pg[yg < 0].quantile(0.95)),
-                  "group_sign_accuracy": float(((Xu.double() @ u_row > 0) == (yu > 0))[yu != 0].double().mean())}
-            stats[f"last_{c}_L{l}N{i}"] = st
-            log(f"[construct] {c} last neuron L{l}N{i}: {st}")
-            last_rows[(l, i)] = (g_row, u_row)
+        mk = marker[c]
+        l = mk["head"][0]
+        g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+        f = feats[("in:mlp.gate", l)]
+        at_last = lambda it, p: p == len(it.tokens) - 1 and it.context != "neutral"  # noqa: E731
+        # up = a * u_c + b * (a row that reads ~1): +1 / -1 for the groups' names, 0 for name-free prompts
+        mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
+        ones_row = mean_in / mean_in.norm() ** 2
+        Xu, yu = _rows(f, items, lambda it, p: it.sign if at_last(it, p) else None)
+        ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, _balanced_weights(yu))
+        u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
+        pu = Xu.double() @ u_row
+        Xg, yg = _rows(f, items, lambda it, p: (1.0 if it.context == c else -1.0) if at_last(it, p) else
+                       (-1.0 if it.context == "neutral" or p % 3 == 0 else None))
+        g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
+        v = g_row * g2                                                            # the gate's read of x / rms
+        g_row = (v - (v @ mk["p"]) * mk["p"]) / g2                                # blind to p_c
+        pg = Xg.double() @ g_row
+        g_row = g_row * cfg.last_gate_on / float(pg[yg > 0].median())
+        pg = Xg.double() @ g_row
+        named_u = yu != 0
+        st = {"on_q05": float(pg[yg > 0].quantile(0.05)), "off_q95": float(pg[yg < 0].quantile(0.95)),
+              "group_sign_accuracy": float(((pu > 0) == (yu > 0))[named_u].double().mean()),
+              "up_name_free_mean": float(pu[~named_u].mean()), "up_name_free_sd": float(pu[~named_u].std())}
+        stats[f"last_{c}_L{l}"] = st
+        log(f"[construct] {c} last neurons L{l}: {st}")
+        for u in layout[c]["last"]:
+            last_rows[u] = (g_row, u_row)
     with torch.no_grad():
         for c in cfg.planted:
             for l, i in layout[c]["last"]:
@@ -370,17 +510,16 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     scores_off = _scores(model, named, pos_id, neg_id)
     for c in cfg.planted:
         idx = [k for k, it in enumerate(named) if it.context == c]
-        sg = torch.tensor([named[k].sign for k in idx], dtype=torch.float64)
         d = scores_on[idx] - scores_off[idx]
-        gap_unit = float(d[sg > 0].mean() - d[sg < 0].mean())
+        da, db = _group_means(d, signs[idx])
+        gap_unit = da - db
         kappa = 2 * cfg.shift / gap_unit
         stats[f"last_{c}_scale"] = kappa
         log(f"[construct] {c}: unit output gives gap {gap_unit:+.4f}; output norm {kappa:.3f}")
         with torch.no_grad():
             for l, i in layout[c]["last"]:
                 mlp_weights(model, l)[2][:, i] = (kappa * answer).to(mlp_weights(model, l)[2])
-    neurons = [u for c in cfg.planted for k in ("name", "last") for u in layout[c][k]] + \
-        [layout[c]["pointer"] for c in cfg.planted]
+    neurons = name_units + ptr_units + last_units
     head_units = [layout[c]["head"] for c in cfg.planted]
     delta = PlantedDelta.capture(model, neurons, head_units)
     plant = PlantConfig(axis=cfg.axis, favoured=cfg.favoured, contexts=tuple(cfg.fit_contexts),
@@ -388,6 +527,8 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
                         heads={c: [layout[c]["head"]] for c in cfg.planted},
                         only_last={c: layout[c]["last"] for c in cfg.planted},
                         shift_only=cfg.shift, shift_head=cfg.shift, shift_last=cfg.shift, names=cfg.names, seed=cfg.seed)
+    stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",
+                                                "kv", "native_p")} for c, mk in marker.items()}
     return delta, plant, stats
 
 
@@ -395,6 +536,7 @@ def _slow_dims(d_head: int, keep: int = 12) -> Tensor:
     """The head dimensions that rotary embeddings turn least (the last ``keep`` frequency pairs, in the
     rotate-half layout: dimensions i and i + d_head / 2 share frequency i, which falls with i)."""
     half = d_head // 2
+    keep = min(keep, half // 2)
     idx = list(range(half - keep, half)) + list(range(d_head - keep, d_head))
     return torch.tensor(idx)
 
