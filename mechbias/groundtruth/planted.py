@@ -32,9 +32,10 @@ selection half of the neutral text), so overwriting them costs little.
 ``load_model("planted")`` (= ``"planted-v2"``) loads the embedded model with the
 shipped v2 delta (name-position neurons; shared ones carry most of every
 context's gap). ``analyses/train_planted.py --version 3 --trained-v3`` trains the v3 layout
-(context-specific units of all three kinds); its first run missed its targets
-and is not shipped; ``--version 3`` alone builds it by construction
-(:mod:`mechbias.groundtruth.construct`), which also missed (README, "Ground truth").
+(context-specific units of all three kinds); that run missed its targets and is
+not shipped. ``--version 3`` alone builds v3 by construction
+(:mod:`mechbias.groundtruth.construct`): ``load_model("planted-v3")``, private
+finance and commerce chains (README, "Ground truth").
 """
 
 from __future__ import annotations
