@@ -1,4 +1,5 @@
-"""Where the v3 construction loses its signal (README, "Ground truth", second attempt).
+"""Where the v3 construction loses its signal (README, "Ground truth", second attempt; the defaults are that
+build's layout, pass --layer 18 --head 6 for the shipped build's finance head).
 
     python analyses/train_planted.py --version 3 --out /tmp/v3build     # builds the chain (~20 min, 2 threads)
     python analyses/planted_v3_construct_probe.py /tmp/v3build [--layer 15 --head 1 --read-layer 21]
