@@ -365,6 +365,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     grads = score_gradients(model, sub, [(pt, l) for l in head_layers for pt in ("resid_pre", "resid_mid")],
                          pos_id, neg_id)
     reads_m = torch.stack(reads)
+    free_all = torch.linalg.pinv(reads_m)                                       # the markers without avoidance
     solve = {}
     for j, c in enumerate(cfg.planted):
         l = marker[c]["head"][0]
@@ -372,7 +373,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         avoid = energy_basis(G, cfg.side_effect)
         rows = torch.cat([reads_m, avoid])
         solve[c] = torch.linalg.pinv(rows)[:, 2 * j: 2 * j + 2]                 # value / key marker columns
-        free = torch.linalg.pinv(reads_m)[:, 2 * j: 2 * j + 2]
+        free = free_all[:, 2 * j: 2 * j + 2]
         score_v = float((G @ solve[c][:, 0]).pow(2).mean().sqrt() / solve[c][:, 0].norm())
         score_v0 = float((G @ free[:, 0]).pow(2).mean().sqrt() / free[:, 0].norm())
         stats[f"marker_avoid_{c}"] = {"directions": len(avoid), "norm_ratio": float(solve[c][:, 0].norm() / free[:, 0].norm()),
@@ -421,9 +422,9 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         g2 = model.blocks[l].ln2.original_component.weight.detach().double()
         xhat = torch.cat([x[1:] for x in feats[("in:mlp.gate", l)]]).double() / g2
         Gl = torch.stack([g[-1] for g in grads[("resid_mid", l)]]).double()
+        taken_p = [marker[o]["p"] for o in cfg.planted if "p" in marker[o]]     # earlier chains' directions
         p_dir, info = quiet_direction(torch.cov(xhat.T), Gl.T @ Gl / len(Gl),
-                                       torch.stack([marker[o]["p"] for o in cfg.planted if "p" in marker[o]])
-                                       if any("p" in marker[o] for o in cfg.planted) else None)
+                                      torch.stack(taken_p) if taken_p else None)
         mk["p"], mk["u"], mk["native_p"] = p_dir, p_dir / g2, info["native_var"] ** 0.5
         stats[f"p_{c}"] = info
         log(f"[construct] {c} head output direction: native var {info['native_var']:.2e}, score gradient second "
