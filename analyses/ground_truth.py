@@ -1,6 +1,8 @@
 """Score every method against the planted model's known bias units.
 
     python analyses/ground_truth.py --out results/ground_truth [--model planted] [--figures figures] [--quick]
+    python analyses/ground_truth.py --model planted-v3 --methods gradiend --no-recovery \
+        --merge results/ground_truth_v3 --out results/ground_truth_v3_gradiend   # add one method to a run
 
 On ``load_model("planted")`` (v3: context-specific units dominate; see
 ``analyses/train_planted.py``), for the selection contexts finance and commerce:
@@ -39,6 +41,7 @@ from mechbias.eval.transfer import EvalSet, TransferConfig, transfer_matrix
 from mechbias.groundtruth.scoring import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
                                           ranked_units, truth_units)
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.methods.gradiend.method import Gradiend, GradiendConfig
 from mechbias.methods.ig2 import contrast_units, run_ig2
 from mechbias.methods.ig2.method import IG2, IG2Config
 from mechbias.methods.patching import attribution_patch
@@ -48,6 +51,7 @@ from mechbias.methods.pruning.method import Pruning
 from mechbias.methods.steering import Steering, SteeringConfig
 
 NEURON_KINDS = ("neuron@name", "neuron@last")
+MATRIX_METHODS = ("ig2", "patching", "prune_neuron", "prune_head", "steering", "gradiend")
 
 
 def selected_units(iv) -> dict[str, set]:
@@ -68,6 +72,12 @@ def main() -> None:
     ap.add_argument("--figures", type=Path, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--all-positions", action="store_true", help="also score IG²'s all-positions extension")
+    ap.add_argument("--methods", nargs="+", choices=MATRIX_METHODS, default=list(MATRIX_METHODS),
+                    help="methods of the transfer-matrix recovery (default: all)")
+    ap.add_argument("--no-recovery", action="store_true", help="skip the unit recovery (part 1)")
+    ap.add_argument("--merge", type=Path, default=None,
+                    help="a previous run's OUT: keep its unit recovery and the matrices of methods not rerun "
+                         "(its oracle must equal this run's)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
@@ -89,7 +99,7 @@ def main() -> None:
 
     # 1. unit recovery from each method's ranking (selection split of each context)
     pairs_per = 3 if args.quick else 4
-    for c in rows_ctx:
+    for c in ([] if args.no_recovery else rows_ctx):
         res = run_ig2(model, contrast_units(c, "race", favoured=0, pairs_per_template=pairs_per), steps=20,
                       kind="logit")
         add("IG² (prediction position, as the paper)", c, ranked_units(res.aggregate()), "neurons")
@@ -105,7 +115,7 @@ def main() -> None:
                                                                                select="sum"))):
             cand = candidates(model, load_context(c), "race", pc)
             add(label, c, cand.items, "neurons" if pc.unit == "neuron" else "heads")
-    if args.all_positions:  # the extension costs ~sequence-length times IG²: finance, one pair per template
+    if args.all_positions and not args.no_recovery:  # the extension costs ~sequence-length times IG²: finance, one pair per template
         res = run_ig2(model, contrast_units("finance", "race", favoured=0, pairs_per_template=1), steps=20,
                       kind="logit", position="all", internal_batch_size=64)
         add("IG² (all positions, extension)", "finance", ranked_units(res.aggregate()), "neurons")
@@ -116,15 +126,23 @@ def main() -> None:
     say(f"oracle: test {oracle.transfer_test['diagonal_minus_offdiagonal']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
-    methods = {
-        "IG² + BNS": IG2(IG2Config(plain_ig=False, verify_random=0, pairs=pairs_per)),
-        "Patching-selected heads": Patching(PatchingConfig(components=("heads",), atp=False, top_heads=2)),
-        "Neuron pruning (signed attribution)": Pruning(PruneConfig(unit="neuron", k=n_truth,
-                                                                   score="signed_attribution", select="difference",
-                                                                   common=None)),
-        "Head pruning (attention to the name)": Pruning(PruneConfig(unit="head", k=2, head_mode="z", common=None)),
-        "Steering (mean difference)": Steering(SteeringConfig()),
+    every = {
+        "ig2": ("IG² + BNS", lambda: IG2(IG2Config(plain_ig=False, verify_random=0, pairs=pairs_per))),
+        "patching": ("Patching-selected heads",
+                     lambda: Patching(PatchingConfig(components=("heads",), atp=False, top_heads=2))),
+        "prune_neuron": ("Neuron pruning (signed attribution)",
+                         lambda: Pruning(PruneConfig(unit="neuron", k=n_truth, score="signed_attribution",
+                                                     select="difference", common=None))),
+        "prune_head": ("Head pruning (attention to the name)",
+                       lambda: Pruning(PruneConfig(unit="head", k=2, head_mode="z", common=None))),
+        "steering": ("Steering (mean difference)", lambda: Steering(SteeringConfig())),
+        # all down-projections (the planted units sit in layers 17-18, outside down-late's last quarter); one seed
+        # and no shuffled-label control to keep the run within ~an hour on 2 CPU threads
+        "gradiend": ("GRADIEND (all down-projections)",
+                     lambda: Gradiend(GradiendConfig(params="down", steps=60 if args.quick else 400, seeds=(0,),
+                                                     shuffled_control=False))),
     }
+    methods = {every[k][0]: every[k][1]() for k in MATRIX_METHODS if k in args.methods}
     tcfg = TransferConfig(n_random=1, controls=("random",), capability=False, n_boot=1000)
     matrices, transfer = [], []
     for label, method in methods.items():
@@ -137,7 +155,8 @@ def main() -> None:
                 if units[unit]:
                     t = set().union(*[truth[c][k] for k in kinds])
                     rec.setdefault("selected", {})[f"{c}/{unit}"] = {
-                        "n": len(units[unit]), "hits": len(units[unit] & t), "truth": len(t)}
+                        "n": len(units[unit]), "hits": len(units[unit] & t), "truth": len(t),
+                        **({"units": sorted(units[unit])} if unit == "heads" else {})}
         matrices.append(rec)
         for cell in tm.cells:
             o = oracle.cell(cell.selected_on, cell.evaluated_on)
@@ -154,8 +173,19 @@ def main() -> None:
                          "gap_removed": cell.gap_removed, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
                          "reduction": cell.reduction, "oracle_gap_removed": cell.gap_removed,
                          "oracle_reduction": cell.reduction})
+    seconds = round(time.time() - t0)
+    if args.merge is not None:
+        old = GroundTruthResult.load(args.merge)
+        if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
+                "diagonal_minus_offdiagonal", float("nan")) - oracle.transfer_test["diagonal_minus_offdiagonal"]) > 1e-5:
+            raise SystemExit(f"--merge {args.merge}: another model or oracle; not merged")
+        rerun = {m["method"] for m in matrices}
+        recovery = old.rows + recovery
+        matrices = [m for m in old.meta.get("matrices", []) if m["method"] not in rerun] + matrices
+        transfer = [t for t in old.transfer if t["method"] not in rerun and t["method"] != "oracle"] + transfer
+        seconds += int(old.meta.get("seconds", 0))
     gt = GroundTruthResult(recovery, transfer, {"model": args.model, "rows": rows_ctx,
-                                                "columns": list(BUILTIN_CONTEXTS), "seconds": round(time.time() - t0),
+                                                "columns": list(BUILTIN_CONTEXTS), "seconds": seconds,
                                                 "oracle_test": oracle.transfer_test, "matrices": matrices})
     gt.save(args.out)
     fig = gt.plot()
@@ -170,6 +200,10 @@ def _ci(v, lo, hi, fmt="{:+.2f}"):
     return f"{fmt.format(v)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
+def _units(sel: dict) -> str:
+    return f" ({', '.join(f'L{l}H{h}' for l, h in sel['units'])})" if sel.get("units") else ""
+
+
 def report(gt: GroundTruthResult) -> str:
     rec = [{"method": r["method"], "context": r["context"], "units": r["units"],
             "hits / k": f"{r['hits']}/{r['k']}",
@@ -182,10 +216,11 @@ def report(gt: GroundTruthResult) -> str:
              "MAE [95% CI]": _ci(m["mae"], *m["mae_ci"], fmt="{:.3f}"),
              "diag - off [95% CI]": _ci(m["diagonal_minus_offdiagonal"], m["ci_low"], m["ci_high"], fmt="{:+.3f}"),
              "MDD": f"{m['min_detectable']:.3f}", "detects": "yes" if m["detects"] else "no",
-             "planted units selected": "; ".join(f"{k} {v['hits']}/{v['n']}" for k, v in m.get("selected", {}).items())}
+             "planted units selected": "; ".join(f"{k} {v['hits']}/{v['n']}" + _units(v)
+                                                 for k, v in m.get("selected", {}).items())}
             for m in gt.meta["matrices"]]
     o = gt.meta["oracle_test"]
-    return ("## Unit recovery\n\n" + markdown_table(rec) + "\n\n## Transfer-matrix recovery\n\n"
+    return (("## Unit recovery\n\n" + markdown_table(rec) + "\n\n" if rec else "") + "## Transfer-matrix recovery\n\n"
             f"Oracle diagonal - off-diagonal: {o['diagonal_minus_offdiagonal']:+.3f} "
             f"[{o['ci_low']:+.3f}, {o['ci_high']:+.3f}] (log-odds of gap removed).\n\n" + markdown_table(mats) + "\n")
 

@@ -197,3 +197,40 @@ def test_study_runs_across_a_two_node_ray_cluster(reference, tmp_path):
         ray.shutdown()
         cluster.shutdown()
     assert _results(tmp_path) == ref
+
+
+def test_findings_summarise_the_study_matrices_they_read(reference):
+    """analyses/study_findings.py: its within/cross means are the cells' own means, its test is the
+    study's transfer test, and its adjusted p-values are Benjamini-Hochberg's over the methods."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_findings",
+                                                  Path(__file__).parents[1] / "analyses" / "study_findings.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, out, _ = reference
+    text, methods = mod.findings(out)
+    assert {m["step"] for m in methods} == {p.parent.name for p in (out / "steps").glob("*/transfer_result")}
+    ps = []
+    for m in methods:
+        saved = json.loads((out / "steps" / m["step"] / "transfer.json").read_text())
+        cells = saved["cells"]
+        diag = [c["gap_removed"] for c in cells if c["selected_on"] == c["evaluated_on"]]
+        off = [c["gap_removed"] for c in cells if c["selected_on"] != c["evaluated_on"]]
+        assert m["within"]["estimate"] == pytest.approx(sum(diag) / len(diag), abs=1e-9)
+        assert m["cross"]["estimate"] == pytest.approx(sum(off) / len(off), abs=1e-9)
+        assert m["within"]["ci_low"] <= m["within"]["estimate"] <= m["within"]["ci_high"]
+        t = saved["transfer_test"]
+        assert m["test"]["diagonal_minus_offdiagonal"] == pytest.approx(t["diagonal_minus_offdiagonal"], abs=1e-12)
+        assert m["within"]["estimate"] - m["cross"]["estimate"] == pytest.approx(t["diagonal_minus_offdiagonal"],
+                                                                                  abs=1e-9)
+        for name, c in m["controls"].items():
+            ctl = [x["controls"][name]["gap_removed"] for x in cells if x["selected_on"] == x["evaluated_on"]]
+            assert c["selection_minus_control"]["estimate"] == pytest.approx(
+                sum(diag) / len(diag) - sum(ctl) / len(ctl), abs=1e-9)
+        ps.append(t["p_value"])
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    for rank, i in enumerate(order, start=1):  # BH by hand: min over j >= rank of p_(j) n / j
+        expected = min(1.0, min(ps[order[j - 1]] * len(ps) / j for j in range(rank, len(ps) + 1)))
+        assert methods[i]["test_p_adjusted"] == pytest.approx(expected)
+    assert "## The transfer question" in text

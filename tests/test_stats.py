@@ -124,3 +124,23 @@ def test_transfer_test_detects_a_difference_and_covers_under_the_null():
         t = _matrix(rng, 0.2, 0.2).test_transfer(seed=i)
         hits += t["ci_low"] <= 0 <= t["ci_high"]
     assert 0.91 <= hits / 200 <= 0.99, hits / 200
+
+
+def test_contrast_of_the_diagonal_equals_its_cells_and_covers_the_planted_effect():
+    rng = np.random.default_rng(11)
+    tm = _matrix(rng, 0.3, 0.1)
+    diag = [("after", r, c, 1.0 / len(tm.rows)) for r, c in tm.diagonal_cells()]
+    est = tm.contrast(diag)
+    assert est["estimate"] == pytest.approx(np.mean([tm.cell(r, r).gap_removed for r in tm.rows]), abs=1e-9)
+    assert est["estimate"] == pytest.approx(est["cells_estimate"], abs=1e-9)
+    t = tm.test_transfer()  # the test is the contrast of the two means
+    off = [("after", r, c, -1.0 / len(tm.offdiagonal_cells())) for r, c in tm.offdiagonal_cells()]
+    assert tm.contrast(diag + off)["ci_low"] == pytest.approx(t["ci_low"], abs=1e-12)
+    with pytest.raises(KeyError, match="control/nope"):
+        tm.contrast([("control/nope", tm.rows[0], tm.rows[0], 1.0)])
+    hits = 0
+    for i in range(200):  # the diagonal's mean removal is 0.3 by construction
+        m = _matrix(rng, 0.3, 0.1)
+        e = m.contrast([("after", r, c, 1.0 / len(m.rows)) for r, c in m.diagonal_cells()], seed=i)
+        hits += e["ci_low"] <= 0.3 <= e["ci_high"]
+    assert 0.91 <= hits / 200 <= 0.99, hits / 200

@@ -319,34 +319,58 @@ class TransferMatrix(Result):
         cell = self.cell(r, c)
         return cell.gap_removed if which == "after" else cell.controls[which.split("/", 1)[1]].gap_removed
 
+    def contrast(self, terms: Sequence[tuple[str, str, str, float]], *, n_boot: int | None = None,
+                 seed: int | None = None) -> dict:
+        """A linear combination of cells' ``gap_removed``, ``sum(coef * removed(which, row, col))``, with a t
+        interval from one resampling of the whole matrix (names shared by every evaluation context, templates
+        per context) and its minimal detectable difference (power 0.8).
+
+        ``terms``: ``(which, row, col, coef)``; ``which`` is ``"after"`` for the selected intervention or
+        ``"control/<name>"`` for a control (e.g. the diagonal's mean minus its matched control's)."""
+        if "col_group" not in self.grids:
+            raise ValueError("this matrix holds no score grids (saved without them?); contrasts need them")
+        g = np.asarray(self.grids["col_group"])
+        combined: dict[str, np.ndarray] = {}
+        estimate = 0.0
+        for which, r, c, coef in terms:
+            key = f"{which}/{r}/{c}"
+            if key not in self.grids:
+                known = sorted({k.rsplit("/", 2)[0] for k in self.grids if k.count("/") >= 2})
+                raise KeyError(f"no grid {key!r}; known: {known}")
+            before = np.asarray(self.grids[f"before/{c}"], dtype=np.float64)
+            after = np.asarray(self.grids[key], dtype=np.float64)
+            sign = float(np.sign(before[:, g == 0].mean() - before[:, g == 1].mean())) or 1.0
+            combined[c] = combined.get(c, 0.0) + coef * (-sign) * (after - before)
+            estimate += coef * self._removed(which, r, c)
+        cfg = self.config
+        est = crossed_estimate(combined, g, n_boot=n_boot or int(cfg.get("n_boot", DEFAULT_BOOT)),
+                               seed=int(cfg.get("seed", 0)) if seed is None else seed)
+        return {"estimate": est.estimate, "cells_estimate": estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
+                "p_value": est.p_value, "se": est.se, "df": est.df, "min_detectable": est.min_detectable}
+
+    def diagonal_cells(self) -> list[tuple[str, str]]:
+        return [(r, r) for r in self.rows if r in self.cols]
+
+    def offdiagonal_cells(self) -> list[tuple[str, str]]:
+        return [(r, c) for r in self.rows for c in self.cols if r != c]
+
     def test_transfer(self, which: str = "after", *, n_boot: int | None = None, seed: int | None = None) -> dict:
         """Within-context minus cross-context effect: mean ``gap_removed`` on the diagonal minus its mean off
-        the diagonal, with a t interval from one resampling of the whole matrix (names shared by every
-        evaluation context, templates per context) and the minimal detectable difference (power 0.8).
+        the diagonal (:meth:`contrast` of the two means).
 
         ``which``: ``"after"`` for the selected interventions, ``"control/<name>"`` for a control."""
-        diag = [(r, r) for r in self.rows if r in self.cols]
-        off = [(r, c) for r in self.rows for c in self.cols if r != c]
+        diag, off = self.diagonal_cells(), self.offdiagonal_cells()
         out: dict = {"statistic": "mean gap_removed on the diagonal - mean off the diagonal", "which": which,
                      "n_diagonal": len(diag), "n_offdiagonal": len(off)}
         if not diag or not off or "col_group" not in self.grids:
             return {**out, "diagonal_minus_offdiagonal": None, "ci_low": None, "ci_high": None, "p_value": None,
                     "min_detectable": None, "note": "needs diagonal and off-diagonal cells"}
-        g = np.asarray(self.grids["col_group"])
-        combined: dict[str, np.ndarray] = {}
-        for cells, coef in ((diag, 1.0 / len(diag)), (off, -1.0 / len(off))):
-            for r, c in cells:
-                before = np.asarray(self.grids[f"before/{c}"], dtype=np.float64)
-                after = np.asarray(self.grids[f"{which}/{r}/{c}"], dtype=np.float64)
-                sign = float(np.sign(before[:, g == 0].mean() - before[:, g == 1].mean())) or 1.0
-                combined[c] = combined.get(c, 0.0) + coef * (-sign) * (after - before)
-        cfg = self.config
-        est = crossed_estimate(combined, g, n_boot=n_boot or int(cfg.get("n_boot", DEFAULT_BOOT)),
-                               seed=int(cfg.get("seed", 0)) if seed is None else seed)
+        est = self.contrast([(which, r, c, 1.0 / len(diag)) for r, c in diag]
+                            + [(which, r, c, -1.0 / len(off)) for r, c in off], n_boot=n_boot, seed=seed)
         return {**out, "diagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in diag])),
                 "offdiagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in off])),
-                "diagonal_minus_offdiagonal": est.estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
-                "p_value": est.p_value, "se": est.se, "df": est.df, "min_detectable": est.min_detectable}
+                "diagonal_minus_offdiagonal": est["estimate"], "ci_low": est["ci_low"], "ci_high": est["ci_high"],
+                "p_value": est["p_value"], "se": est["se"], "df": est["df"], "min_detectable": est["min_detectable"]}
 
     def save(self, path) -> Path:
         path = super().save(path)

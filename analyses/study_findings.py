@@ -1,0 +1,179 @@
+"""The study's findings as the README states them: one table per question, from a finished study folder.
+
+    python analyses/study_findings.py results/study_full [--figure figures/study_full/transfer_tests.png]
+
+Reads ``DIR/axis_choice.json``, ``DIR/steps/baseline`` and every ``DIR/steps/<step>/transfer_result`` (the
+score grids are saved with each matrix) and writes ``DIR/findings.md`` (and the figure, if asked):
+
+1. **Axis choice** (selection split only) and **baseline gaps** (held-out and selection prompts together,
+   as the baseline step measures them) with Benjamini-Hochberg over the family of baseline tests.
+2. **Per method, absolute effects with CIs**: mean gap removed on the diagonal (within context) and off it
+   (cross context), each a contrast of the matrix's cells with a crossed bootstrap over names and
+   templates (:meth:`TransferMatrix.contrast`); each control's within-context mean; the selection minus
+   each control on the diagonal, with its CI (does the selection beat what it is matched to?); the
+   perplexity change on the reporting texts.
+3. **The transfer question**: within - cross with its CI, p, minimal detectable difference (power 0.8) and
+   the Benjamini-Hochberg adjusted p over the family of methods' tests.
+
+Nothing here chooses anything: it only reads and summarises what the study measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table  # noqa: E402
+from mechbias.eval.stats import benjamini_hochberg  # noqa: E402
+from mechbias.eval.transfer import TransferMatrix  # noqa: E402
+
+
+def _ci(e: dict, key: str = "estimate", fmt: str = "{:+.3f}") -> str:
+    return f"{fmt.format(e[key])} [{fmt.format(e['ci_low'])}, {fmt.format(e['ci_high'])}]"
+
+
+def method_rows(tm: TransferMatrix) -> dict:
+    diag, off = tm.diagonal_cells(), tm.offdiagonal_cells()
+    controls = sorted(tm.cells[0].controls if tm.cells else [], key=lambda k: (k != "random", k))
+
+    def mean_of(which: str, cells: list) -> dict:
+        return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells])
+
+    out: dict = {"method": tm.method, "rows": tm.rows, "cols": tm.cols,
+                 "within": mean_of("after", diag), "cross": mean_of("after", off) if off else None,
+                 "test": tm.transfer_test or tm.test_transfer(), "controls": {}}
+    ppl = [tm.cell(r, r).perplexity_change for r, _ in diag]
+    out["ppl"] = float(np.mean(ppl)) if all(p is not None for p in ppl) else None
+    for name in controls:
+        which = f"control/{name}"
+        beat = tm.contrast([("after", r, c, 1.0 / len(diag)) for r, c in diag]
+                           + [(which, r, c, -1.0 / len(diag)) for r, c in diag])
+        cppl = [tm.cell(r, r).controls[name].perplexity_change for r, _ in diag]
+        out["controls"][name] = {"within": mean_of(which, diag), "selection_minus_control": beat,
+                                 "ppl": float(np.mean(cppl)) if all(p is not None for p in cppl) else None}
+    return out
+
+
+def baseline_table(study: Path) -> tuple[str, list[dict]]:
+    rows = json.loads((study / "steps" / "baseline" / "summary.json").read_text())["rows"]
+    adj = benjamini_hochberg([r["p_value"] for r in rows])
+    for r, a in zip(rows, adj):
+        r["p_adjusted"] = a
+    table = [{"context": r["context"], "axis": f"{r['axis']} ({r['group_a']} - {r['group_b']})",
+              "gap [95% CI]": f"{r['gap']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
+              "p": f"{r['p_value']:.3f}", "p (BH)": f"{r['p_adjusted']:.3f}",
+              "detectable at 80% power": f"{r['min_detectable']:.3f}",
+              "significant after BH": "yes" if r["p_adjusted"] < 0.05 else "no"} for r in rows]
+    return markdown_table(table), rows
+
+
+def findings(study: Path) -> tuple[str, list[dict]]:
+    parts = ["# Study findings", "", f"From `{study}` (analyses/study_findings.py). Gap removed = -(after - "
+             "before) x sign(gap before), log-odds: positive = the gap shrank. 95% CIs from one crossed "
+             "bootstrap over names (shared by every context) and templates (per context).", ""]
+    axis_path = study / "axis_choice.json"
+    if axis_path.exists():
+        ch = json.loads(axis_path.read_text())
+        parts += ["## Axis (chosen on the selection split)", "",
+                  f"Chosen: **{ch['axis']}** ({ch['rule']}).", "",
+                  markdown_table([{"axis": c["axis"], "contexts with a significant selection-split gap":
+                                   c["significant_contexts"], "mean |t|": f"{c['mean_abs_t']:.2f}"}
+                                  for c in ch["candidates"]]), ""]
+    bt, _ = baseline_table(study)
+    parts += ["## Baseline gaps", "", bt, ""]
+    methods = []
+    for step in sorted((study / "steps").iterdir()):
+        path = step / "transfer_result"
+        if (path / "result.json").exists():
+            tm = Result.load(path)
+            assert isinstance(tm, TransferMatrix)
+            title = json.loads((step / "summary.json").read_text()).get("title") or tm.method
+            methods.append({"step": step.name, **method_rows(tm), "method": title})
+    adj = benjamini_hochberg([m["test"]["p_value"] if m["test"].get("p_value") is not None else float("nan")
+                              for m in methods])
+    for m, a in zip(methods, adj):
+        m["test_p_adjusted"] = a
+    effects, beats, tests = [], [], []
+    for m in methods:
+        effects.append({"method (step)": f"{m['method']} (`{m['step']}`)",
+                        "within context [95% CI]": _ci(m["within"]),
+                        "cross context [95% CI]": _ci(m["cross"]) if m["cross"] else "-",
+                        "Δppl (reporting texts)": f"{m['ppl']:+.2f}" if m["ppl"] is not None else "-"})
+        for k, v in m["controls"].items():
+            b = v["selection_minus_control"]
+            beats.append({"method": m["method"], "control": k, "control within": f"{v['within']['estimate']:+.3f}",
+                          "selection - control, within [95% CI]": _ci(b),
+                          "detectable": f"{b['min_detectable']:.3f}",
+                          "control Δppl": f"{v['ppl']:+.2f}" if v["ppl"] is not None else "-"})
+        t = m["test"]
+        tests.append({"method": m["method"],
+                      "within - cross [95% CI]": f"{t['diagonal_minus_offdiagonal']:+.3f} [{t['ci_low']:+.3f}, "
+                                                 f"{t['ci_high']:+.3f}]" if t.get("ci_low") is not None else "-",
+                      "p": f"{t['p_value']:.3f}" if t.get("p_value") is not None else "-",
+                      "p (BH over methods)": f"{m['test_p_adjusted']:.3f}" if np.isfinite(m["test_p_adjusted"])
+                      else "-",
+                      "detectable at 80% power": f"{t['min_detectable']:.3f}" if t.get("min_detectable") else "-"})
+    parts += ["## Absolute effects per method (mean over cells)", "", markdown_table(effects), "",
+              "## Does the selection beat its controls? (diagonal cells)", "", markdown_table(beats), "",
+              "## The transfer question: within-context minus cross-context removal", "", markdown_table(tests), ""]
+    return "\n".join(parts), methods
+
+
+def plot_tests(methods: list[dict]):
+    """Left: mean gap removed within and across contexts (95% CIs). Right: their difference, with the band the
+    test cannot tell from 0 at 80% power."""
+    fig, (ax0, ax) = plt.subplots(1, 2, figsize=(12, 0.55 * len(methods) + 1.6), sharey=True,
+                                  gridspec_kw={"width_ratios": [1, 1]})
+    y = np.arange(len(methods))[::-1]
+    for yi, m in zip(y, methods):
+        for e, dy, face, lab in ((m["within"], 0.12, "C0", "within context"),
+                                 (m["cross"], -0.12, "white", "cross context")):
+            if e is None:
+                continue
+            ax0.errorbar(e["estimate"], yi + dy, xerr=[[e["estimate"] - e["ci_low"]], [e["ci_high"] - e["estimate"]]],
+                         fmt="o", color="C0", mfc=face, capsize=2, label=lab if yi == y[0] else None)
+        t = m["test"]
+        if t.get("ci_low") is None:
+            continue
+        est, lo, hi, mdd = t["diagonal_minus_offdiagonal"], t["ci_low"], t["ci_high"], t["min_detectable"]
+        sig = m["test_p_adjusted"] < 0.05
+        ax.fill_betweenx([yi - 0.3, yi + 0.3], -mdd, mdd, color="0.9", lw=0)
+        ax.errorbar(est, yi, xerr=[[est - lo], [hi - est]], fmt="o", color="C3" if sig else "C0", capsize=3)
+    for a in (ax0, ax):
+        a.axvline(0, color="k", lw=0.8)
+    ax0.set_yticks(y)
+    ax0.set_yticklabels([m["method"] for m in methods], fontsize=8)
+    ax0.set_xlabel("gap removed (log-odds), mean over cells, 95% CI")
+    ax0.set_title("Does the fix work? (filled: selected and evaluated on the same context)", fontsize=9)
+    ax0.legend(fontsize=7, frameon=False)
+    ax.set_xlabel("within-context minus cross-context gap removed, 95% CI")
+    ax.set_title("Does it transfer less than it works in context?\n(grey: below what the test detects at 80% "
+                 "power; red: significant after BH)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("study", type=Path)
+    ap.add_argument("--figure", type=Path, default=None)
+    args = ap.parse_args()
+    if not (args.study / "steps" / "baseline" / "summary.json").exists():
+        raise SystemExit(f"{args.study} is not a finished study folder (no steps/baseline/summary.json)")
+    text, methods = findings(args.study)
+    atomic_write_text(text, args.study / "findings.md")
+    atomic_write_text(json.dumps(methods, indent=1, default=float), args.study / "findings.json")
+    if args.figure:
+        atomic_savefig(plot_tests(methods), args.figure)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
