@@ -57,6 +57,21 @@ from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import atomic_write_json, set_seed
 
 _MECHBIAS_VERSION = _pkg_version("mechbias")
+
+
+def code_fingerprint() -> str:
+    """SHA-256 (16 hex digits) of mechbias's Python sources. Not part of job keys (a job kind's ``version`` is:
+    an edit that leaves results unchanged must not throw the store away); stamped on every job, so a study
+    says how many of the jobs it reused were computed by other code."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_CODE = code_fingerprint()
 JobFn = Callable[["WorkerContext", dict, dict], dict]
 
 
@@ -246,7 +261,7 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
     set_seed(0)
     t0 = time.time()
     meta = {"threads": ctx.threads, "host": socket.gethostname(), "pid": os.getpid(),
-            "node": _node_id()}
+            "node": _node_id(), "code": _CODE}
     with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
         ctx.out = Path(tmp)
         try:
@@ -438,7 +453,13 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
     by_kind: dict[str, list[float]] = {}
     for k, n in report.graph.items():
         by_kind.setdefault(n["job"].kind, []).append(secs[k])
+    codes: dict[str, int] = {}
+    for n in report.graph.values():
+        if store.done(n["job"]):
+            c = str(store.meta(n["job"]).get("code", "unknown"))
+            codes[c] = codes.get(c, 0) + 1
     return {"total_work_seconds": round(sum(secs.values()), 1),
+            "code": _CODE, "jobs_by_code": codes, "jobs_by_other_code": sum(v for k, v in codes.items() if k != _CODE),
             "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
             "jobs": len(secs),
             "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1)}

@@ -342,6 +342,9 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     atomic_write_text(study_html(out), out / "report.html")
     say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} and report.html "
         f"(total {time.time() - t0:.0f} s)")
+    if work["jobs_by_other_code"]:
+        say(f"warning: {work['jobs_by_other_code']} of {work['jobs']} jobs were computed by other versions of "
+            "mechbias's code (report.md, Work): results may mix code versions")
     if not rep.ok:
         return _failed(out, runs, say)
     failed = out / "failed.json"
@@ -392,7 +395,12 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
               f"{work['workers']} worker(s), {work['threads_per_job']} torch thread(s) per job; wall time of this run "
               f"{work['wall_seconds']:.0f} s (including model loading). Total work of the study "
               f"{work['total_work_seconds']:.0f} s; critical path {work['critical_path_seconds']:.0f} s "
-              "(the least wall time on unlimited workers).", "",
+              "(the least wall time on unlimited workers)."
+              + (f" **{work['jobs_by_other_code']} of the {work['jobs']} jobs were computed by other versions of "
+                 "mechbias's code** (code fingerprints and counts: "
+                 + ", ".join(f"{k}: {v}" for k, v in work["jobs_by_code"].items())
+                 + f"; this run: {work['code']}); a change that alters results must bump its job kind's version, "
+                 "or run with a fresh store." if work.get("jobs_by_other_code") else ""), "",
               "| job kind | jobs | seconds (sum) | seconds (longest) |", "|---|---|---|---|"]
     parts += [f"| {k} | {v['jobs']} | {v['seconds']} | {v['max']} |" for k, v in work["by_kind"].items()]
     parts += [""]
