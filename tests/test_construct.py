@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from mechbias.core.models import tiny_model
-from mechbias.groundtruth.construct import ConstructConfig, construct_planted, ridge
+from mechbias.groundtruth.construct import ConstructConfig, construct_planted
+from mechbias.groundtruth.linalg import ridge
 
 
 def test_ridge_equals_the_augmented_least_squares_solution():
@@ -74,7 +75,7 @@ def test_score_gradients_match_finite_differences():
 
 
 def test_energy_basis_spans_a_planted_low_rank_gradient():
-    from mechbias.groundtruth.construct import energy_basis
+    from mechbias.groundtruth.linalg import energy_basis
 
     g = torch.Generator().manual_seed(2)
     basis = torch.linalg.qr(torch.randn(32, 3, generator=g, dtype=torch.float64))[0]      # 3 true directions
@@ -91,7 +92,7 @@ def test_quiet_direction_beats_both_single_criteria():
     """Against brute force over the two criteria separately: the chosen direction's product objective is no
     worse than the lowest-variance direction's or the lowest-gradient direction's, and it avoids what it
     is told to avoid."""
-    from mechbias.groundtruth.construct import quiet_direction
+    from mechbias.groundtruth.linalg import quiet_direction
 
     g = torch.Generator().manual_seed(3)
     for trial in range(5):

@@ -52,6 +52,7 @@ from ..core.sites import hook_name
 from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
 from ..data.contexts import load_axis, load_context, tokenize
 from ..data.texts import neutral_texts
+from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
 from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,
                       neutral_prompts)
 
@@ -92,17 +93,6 @@ class _Item:
     sign: float           # +1 group A, -1 group B, 0 no name
     name_positions: list
     name: str = ""
-
-
-def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
-    """Weighted ridge regression through the origin: ``argmin_w sum_i weight_i (X_i w - y_i)^2 + lam' |w|^2``
-    with ``lam' = lam * n * mean feature variance`` (scale-free). Solved in float64."""
-    X, y = X.double(), y.double()
-    wt = torch.ones(len(X), dtype=torch.float64) if weight is None else weight.double()
-    Xw = X * wt[:, None]
-    reg = lam * float(wt.sum()) * float((X ** 2).mean())
-    A = X.T @ Xw + reg * torch.eye(X.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(A, Xw.T @ y)
 
 
 def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
@@ -171,40 +161,6 @@ def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]]
     return out
 
 
-def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
-    """Orthonormal directions (rows) carrying ``share`` of the second moment of the rows of ``G``."""
-    ev, evec = torch.linalg.eigh(G.double().T @ G.double())
-    ev, evec = ev.flip(0), evec.flip(1)
-    r = min(cap, int((ev.cumsum(0) / ev.sum() < share).sum()) + 1)
-    return evec[:, :r].T
-
-
-def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 32) -> tuple[Tensor, dict]:
-    """A unit direction p with little native variance at the reader (``C``) and little effect on the answer
-    score downstream (``G``, second moment of score gradients): within the span of the ``k`` lowest-variance
-    directions of ``C`` (so the write that reaches a given signal-to-noise ratio stays small), the minimiser of
-    sqrt(p'Cp) * sqrt(p'Gp), searched over the lowest eigenvectors of C / tr C + mu G / tr G on a grid of mu
-    (mu = 0: the lowest-variance direction itself). ``avoid`` (rows) are projected out first."""
-    d = C.shape[0]
-    P, free = torch.eye(d, dtype=torch.float64), d
-    if avoid is not None and len(avoid):
-        Q, _ = torch.linalg.qr(avoid.double().T)
-        P, free = P - Q @ Q.T, d - Q.shape[1]
-    _, evec = torch.linalg.eigh(P @ C @ P + (torch.eye(d, dtype=torch.float64) - P) * 1e6 * C.trace())
-    V = evec[:, : min(k, free)]                                                   # the allowed low-variance span
-    Cs, Gs = V.T @ C @ V, V.T @ G @ V
-    best: tuple = (float("inf"), None, None)
-    for mu in [0.0] + torch.logspace(-3, 3, 13).tolist():
-        _, e = torch.linalg.eigh(Cs / Cs.trace() + mu * Gs / Gs.trace().clamp(min=1e-300))
-        p = V @ e[:, 0]
-        obj = float((p @ C @ p).clamp(min=0).sqrt() * (p @ G @ p).clamp(min=0).sqrt())
-        if obj < best[0]:
-            best = (obj, p, mu)
-    p, low = best[1], evec[:, 0]
-    return p, {"mu": best[2], "native_var": float(p @ C @ p), "grad_second_moment": float(p @ G @ p),
-               "grad_second_moment_lowest_variance": float(low @ G @ low), "lowest_native_var": float(low @ C @ low)}
-
-
 def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):
     """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
     X, y = [], []
@@ -220,30 +176,6 @@ def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int]
 def _name_fold(name: str) -> int:
     """A fixed fold (0 or 1) per name, from a hash of its letters (no dependence on the order of prompts)."""
     return sum(map(ord, name)) % 2
-
-
-def _cv_ridge(X: Tensor, y: Tensor, fold: Tensor, grid: Sequence[float]) -> tuple[float, float]:
-    """The penalty in ``grid`` with the best 2-fold sign accuracy, folds given per row (whole names held out;
-    ties: the larger penalty); returns it and its accuracy."""
-    best = (-1.0, 0.0)
-    for lam in sorted(grid, reverse=True):
-        hit = 0.0
-        for k in (0.0, 1.0):
-            tr, te = fold != k, fold == k
-            w = ridge(X[tr], y[tr], lam)
-            hit += float(((X[te].double() @ w > 0) == (y[te] > 0)).double().sum())
-        if hit / len(y) > best[0]:
-            best = (hit / len(y), lam)
-    return best[1], best[0]
-
-
-def _balanced_weights(y: Tensor) -> Tensor:
-    """Weights that give each distinct target value the same total weight."""
-    w = torch.zeros_like(y)
-    for v in y.unique():
-        m = y == v
-        w[m] = 1.0 / m.sum()
-    return w * len(y) / w.sum()
 
 
 def _group_means(values: Tensor, signs: Tensor) -> tuple[float, float]:
@@ -304,13 +236,13 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     for l in name_layers:
         f = feats[("in:mlp.gate", l)]
         Xg, yg = _rows(f, items, lambda it, p: 1.0 if p in it.name_positions and it.sign != 0 else -1.0)
-        g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
+        g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         on = Xg[yg > 0].double() @ g_row
         g_row = g_row * cfg.gate_on / float(on.median())
         Xu, yu = _rows(f, items, lambda it, p: it.sign if p in it.name_positions and it.sign != 0 else None)
         _, fold = _rows(f, items, lambda it, p: float(_name_fold(it.name)) if p in it.name_positions and it.sign != 0
                         else None)
-        lam, cv = _cv_ridge(Xu, yu, fold, cfg.ridge_grid)
+        lam, cv = cv_ridge(Xu, yu, fold, cfg.ridge_grid)
         u_row = ridge(Xu, yu, lam)
         pu = Xu.double() @ u_row
         u_row = u_row * 2.0 / float(pu[yu > 0].mean() - pu[yu < 0].mean())
@@ -479,12 +411,12 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
         ones_row = mean_in / mean_in.norm() ** 2
         Xu, yu = _rows(f, items, lambda it, p: it.sign if at_last(it, p) else None)
-        ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, _balanced_weights(yu))
+        ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, balanced_weights(yu))
         u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
         pu = Xu.double() @ u_row
         Xg, yg = _rows(f, items, lambda it, p: (1.0 if it.context == c else -1.0) if at_last(it, p) else
                        (-1.0 if it.context == "neutral" or p % 3 == 0 else None))
-        g_row = ridge(Xg, yg, cfg.ridge, _balanced_weights(yg))
+        g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         v = g_row * g2                                                            # the gate's read of x / rms
         g_row = (v - (v @ mk["p"]) * mk["p"]) / g2                                # blind to p_c
         pg = Xg.double() @ g_row

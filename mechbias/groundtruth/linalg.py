@@ -1,0 +1,80 @@
+"""Linear algebra of the ground-truth construction (:mod:`mechbias.groundtruth.construct`): a scale-free
+weighted ridge, its penalty by cross-validation over whole names, balanced weights, the directions that
+carry a share of a gradient's energy, and the "quiet" direction a planted head writes along. Plain tensor
+functions, each tested against a brute-force reference in ``tests/test_construct.py``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
+    """Weighted ridge regression through the origin: ``argmin_w sum_i weight_i (X_i w - y_i)^2 + lam' |w|^2``
+    with ``lam' = lam * n * mean feature variance`` (scale-free). Solved in float64."""
+    X, y = X.double(), y.double()
+    wt = torch.ones(len(X), dtype=torch.float64) if weight is None else weight.double()
+    Xw = X * wt[:, None]
+    reg = lam * float(wt.sum()) * float((X ** 2).mean())
+    A = X.T @ Xw + reg * torch.eye(X.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(A, Xw.T @ y)
+
+
+def cv_ridge(X: Tensor, y: Tensor, fold: Tensor, grid: Sequence[float]) -> tuple[float, float]:
+    """The penalty in ``grid`` with the best 2-fold sign accuracy, folds given per row (whole names held out;
+    ties: the larger penalty); returns it and its accuracy."""
+    best = (-1.0, 0.0)
+    for lam in sorted(grid, reverse=True):
+        hit = 0.0
+        for k in (0.0, 1.0):
+            tr, te = fold != k, fold == k
+            w = ridge(X[tr], y[tr], lam)
+            hit += float(((X[te].double() @ w > 0) == (y[te] > 0)).double().sum())
+        if hit / len(y) > best[0]:
+            best = (hit / len(y), lam)
+    return best[1], best[0]
+
+
+def balanced_weights(y: Tensor) -> Tensor:
+    """Weights that give each distinct target value the same total weight."""
+    w = torch.zeros_like(y)
+    for v in y.unique():
+        m = y == v
+        w[m] = 1.0 / m.sum()
+    return w * len(y) / w.sum()
+
+
+def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
+    """Orthonormal directions (rows) carrying ``share`` of the second moment of the rows of ``G``."""
+    ev, evec = torch.linalg.eigh(G.double().T @ G.double())
+    ev, evec = ev.flip(0), evec.flip(1)
+    r = min(cap, int((ev.cumsum(0) / ev.sum() < share).sum()) + 1)
+    return evec[:, :r].T
+
+
+def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 32) -> tuple[Tensor, dict]:
+    """A unit direction p with little native variance at the reader (``C``) and little effect on the answer
+    score downstream (``G``, second moment of score gradients): within the span of the ``k`` lowest-variance
+    directions of ``C`` (so the write that reaches a given signal-to-noise ratio stays small), the minimiser of
+    sqrt(p'Cp) * sqrt(p'Gp), searched over the lowest eigenvectors of C / tr C + mu G / tr G on a grid of mu
+    (mu = 0: the lowest-variance direction itself). ``avoid`` (rows) are projected out first."""
+    d = C.shape[0]
+    P, free = torch.eye(d, dtype=torch.float64), d
+    if avoid is not None and len(avoid):
+        Q, _ = torch.linalg.qr(avoid.double().T)
+        P, free = P - Q @ Q.T, d - Q.shape[1]
+    _, evec = torch.linalg.eigh(P @ C @ P + (torch.eye(d, dtype=torch.float64) - P) * 1e6 * C.trace())
+    V = evec[:, : min(k, free)]                                                   # the allowed low-variance span
+    Cs, Gs = V.T @ C @ V, V.T @ G @ V
+    best: tuple = (float("inf"), None, None)
+    for mu in [0.0] + torch.logspace(-3, 3, 13).tolist():
+        _, e = torch.linalg.eigh(Cs / Cs.trace() + mu * Gs / Gs.trace().clamp(min=1e-300))
+        p = V @ e[:, 0]
+        obj = float((p @ C @ p).clamp(min=0).sqrt() * (p @ G @ p).clamp(min=0).sqrt())
+        if obj < best[0]:
+            best = (obj, p, mu)
+    p, low = best[1], evec[:, 0]
+    return p, {"mu": best[2], "native_var": float(p @ C @ p), "grad_second_moment": float(p @ G @ p),
+               "grad_second_moment_lowest_variance": float(low @ G @ low), "lowest_native_var": float(low @ C @ low)}
