@@ -123,6 +123,24 @@ def findings(study: Path) -> tuple[str, list[dict]]:
     parts += ["## Absolute effects per method (mean over cells)", "", markdown_table(effects), "",
               "## Does the selection beat its controls? (diagonal cells)", "", markdown_table(beats), "",
               "## The transfer question: within-context minus cross-context removal", "", markdown_table(tests), ""]
+    for step in sorted((study / "steps").iterdir()):
+        lv = step / "levels" / "result.json"
+        if lv.exists():
+            rows = json.loads(lv.read_text()).get("tests", [])
+            parts += [f"## Generalization levels, `{step.name}` (same prompts: each selection template, held-out "
+                      "names; BH over the step's tests)", "",
+                      markdown_table([{"context": r["context"], "comparison": r["comparison"],
+                                       "estimate [95% CI]": _ci(r), "p (BH)": f"{r['p_adjusted']:.3f}",
+                                       "detectable": f"{r['min_detectable']:.3f}", "templates": r["n_templates"]}
+                                      for r in rows]), ""]
+    work_path = study / "work.json"
+    if work_path.exists():
+        w = json.loads(work_path.read_text())
+        parts += ["## Work", "", f"{w['jobs']} jobs; total work {w['total_work_seconds']:.0f} s, critical path "
+                  f"{w['critical_path_seconds']:.0f} s; this run: {w['computed_now']} computed, {w['reused']} reused, "
+                  f"{w['workers']} workers x {w['threads_per_job']} thread(s), wall {w['wall_seconds']:.0f} s.", "",
+                  markdown_table([{"job kind": k, "jobs": v["jobs"], "seconds (sum)": f"{v['seconds']:.0f}",
+                                   "seconds (longest)": f"{v['max']:.0f}"} for k, v in w["by_kind"].items()]), ""]
     return "\n".join(parts), methods
 
 
