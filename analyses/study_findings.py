@@ -169,7 +169,7 @@ def plot_tests(methods: list[dict]):
     ax0.set_yticks(y)
     ax0.set_yticklabels([m["method"] for m in methods], fontsize=8)
     ax0.set_xlabel("gap removed (log-odds), mean over cells, 95% CI")
-    ax0.set_title("Does the fix work? (filled: selected and evaluated on the same context)", fontsize=9)
+    ax0.set_title("Does the fix work?\n(filled: selected and evaluated on one context; hollow: another)", fontsize=9)
     ax0.legend(fontsize=7, frameon=False)
     ax.set_xlabel("within-context minus cross-context gap removed, 95% CI")
     ax.set_title("Does it transfer less than it works in context?\n(grey: below what the test detects at 80% "
