@@ -438,8 +438,8 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
     """Total work and critical path (seconds as measured when each job was computed) of the jobs a run
     touched, with each planner's stages as dependencies: the wall time on 1 worker is about the total,
     on unlimited workers about the critical path."""
-    secs = {k: float(store.meta(n["job"]).get("seconds", 0.0)) if store.done(n["job"]) else 0.0
-            for k, n in report.graph.items()}
+    metas = {k: store.meta(n["job"]) for k, n in report.graph.items() if store.done(n["job"])}
+    secs = {k: float(metas[k].get("seconds", 0.0)) if k in metas else 0.0 for k in report.graph}
     finish: dict[str, float] = {}
 
     def done_at(k: str, depth: int = 0) -> float:
@@ -454,10 +454,9 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
     for k, n in report.graph.items():
         by_kind.setdefault(n["job"].kind, []).append(secs[k])
     codes: dict[str, int] = {}
-    for n in report.graph.values():
-        if store.done(n["job"]):
-            c = str(store.meta(n["job"]).get("code", "unknown"))
-            codes[c] = codes.get(c, 0) + 1
+    for m in metas.values():
+        c = str(m.get("code", "unknown"))
+        codes[c] = codes.get(c, 0) + 1
     return {"total_work_seconds": round(sum(secs.values()), 1),
             "code": _CODE, "jobs_by_code": codes, "jobs_by_other_code": sum(v for k, v in codes.items() if k != _CODE),
             "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
