@@ -187,3 +187,38 @@ def test_capability_guard_drops_costly_neurons(tiny):
     kept = capability_guard(tiny, sel, max_ppl_increase=cut, texts=texts)
     assert worst not in kept.as_pairs() and len(kept) == 2
     assert any(k.startswith("capability_guard") for k in kept.thresholds)
+
+
+def test_bns_guard_analysis_drops_costly_neurons_and_pairs_both_selections(tmp_path):
+    """analyses/bns_guard.py: the guarded selection is the IG² selection minus exactly the neurons whose own
+    cost exceeds the threshold; the unguarded control in each cell equals an independent evaluation of
+    the unguarded neurons; the guarded-minus-unguarded contrast is the difference of the cells' means."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from mechbias.core.models import load_model
+    from mechbias.data.contexts import load_context
+    from mechbias.eval.transfer import EvalSet, TransferMatrix, evaluate
+    from mechbias.interventions.units import NeuronIntervention
+
+    spec = importlib.util.spec_from_file_location("bns_guard", Path(__file__).parents[1] / "analyses" / "bns_guard.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--model", "tiny", "--out", str(tmp_path), "--random", "1", "--boot", "200", "--max-ppl", "1.0"])
+    saved = json.loads((tmp_path / "bns_guard.json").read_text())
+    tm = TransferMatrix.load(tmp_path / "transfer")
+    model = load_model("tiny")
+    n_dropped = 0
+    for ctx, s in saved["selections"].items():
+        costs = {(l, i): v for l, i, v in s["costs"]}
+        assert set(costs) == {tuple(n) for n in s["selected"]}
+        assert {tuple(n) for n in s["dropped"]} == {n for n, v in costs.items() if v > 1.0}
+        n_dropped += len(s["dropped"])
+        es = EvalSet.build(model, load_context("commerce"), "gender")
+        ref = evaluate(model, NeuronIntervention([tuple(n) for n in s["selected"]]), es)
+        assert tm.cell(ctx, "commerce").controls["unguarded"].gap_removed == pytest.approx(ref.gap_removed, abs=1e-9)
+    assert 0 < n_dropped < sum(len(s["selected"]) for s in saved["selections"].values())  # the guard did something
+    cells = tm.cells
+    mean = sum(c.gap_removed - c.controls["unguarded"].gap_removed for c in cells) / len(cells)
+    assert saved["contrasts"]["guarded - unguarded, all cells"]["estimate"] == pytest.approx(mean, abs=1e-9)
