@@ -9,7 +9,7 @@ from pathlib import Path
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
 from ...interventions.base import Identity
-from ...viz.plotting import plot_gradiend_grid
+from ...viz.method_figures import plot_gradiend_grid
 from ..base import Method, Selection, register_method
 from .edit import choose_edit
 from .gradients import param_set

@@ -15,7 +15,7 @@ from torch import Tensor
 from ...core.results import Result, make_meta
 from ...data.contexts import Context, load_axis, load_context, stable_hash
 from ...interventions.weights import WeightEdit
-from ...viz.plotting import plot_gradiend_feature, plot_gradiend_training
+from ...viz.method_figures import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig
 from .gradients import ParamSet, batch_gradient, param_set
 from .model import GradiendModel, _AdamW

@@ -60,7 +60,7 @@ from ...core.runner import forward_window, position_unembed, prefix_cache, reado
 from ...core.sites import hook_name
 from ...core.weights import frozen
 from ...data.contexts import single_token, tokenize
-from ...viz.plotting import plot_attribution
+from ...viz.method_figures import plot_attribution
 from .units import Unit
 
 RULES = ("left", "right", "middle", "trapezoid")

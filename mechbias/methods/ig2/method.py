@@ -12,7 +12,7 @@ import numpy as np
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context, load_axis
 from ...eval.metrics import favoured_group
-from ...viz.plotting import plot_overlap
+from ...viz.method_figures import plot_overlap
 from ..base import Method, MethodConfig, Selection, register_method
 from .attribution import RULES, run_ig2
 from .selection import select_neurons, selection_overlap

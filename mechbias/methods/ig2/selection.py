@@ -14,7 +14,7 @@ from ...data.texts import neutral_texts
 from ...eval.metrics import perplexity
 from ...interventions.base import as_layer_dict
 from ...interventions.units import NeuronIntervention, random_per_layer
-from ...viz.plotting import plot_layer_histogram
+from ...viz.method_figures import plot_layer_histogram
 from .attribution import IG2Result
 
 # ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from ...data.contexts import single_token, tokenize
 from ...eval.stats import relative_mean_change
 from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention
-from ...viz.plotting import plot_verification
+from ...viz.method_figures import plot_verification
 from .attribution import gap_fn
 from .selection import NeuronSelection
 from .units import Unit

@@ -22,7 +22,7 @@ from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.contexts import PromptPairs
 from ...eval.stats import spearman
-from ...viz.plotting import plot_grid
+from ...viz.method_figures import plot_grid
 from .engine import PatchResult, ld_metric, patch_set
 
 @dataclass

@@ -47,7 +47,7 @@ from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.contexts import AlignmentError, PromptPairs, single_token
 from ...eval.stats import bootstrap_mean, spearman
-from ...viz.plotting import plot_patching
+from ...viz.method_figures import plot_patching
 
 SWEEPS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads")
 

@@ -11,7 +11,7 @@ from ...core.results import atomic_savefig, markdown_table
 from ...core.sites import Site
 from ...data.contexts import Context, make_pairs
 from ...interventions.units import HeadIntervention
-from ...viz.plotting import plot_correlation_matrix, plot_layer_profiles
+from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method
 from .atp import attribution_patch, atp_agreement
 from .engine import SWEEPS, compare_contexts, patch_set, patch_sweep
