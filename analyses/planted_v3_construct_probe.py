@@ -18,7 +18,8 @@ import torch
 from mechbias.core.hooks import hooked
 from mechbias.core.models import load_delta, load_model
 from mechbias.core.sites import hook_name
-from mechbias.data.contexts import load_context, tokenize
+from mechbias.data.prompts import tokenize
+from mechbias.data.contexts import load_context
 from mechbias.groundtruth.planted import mention_positions
 
 

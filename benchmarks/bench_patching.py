@@ -29,7 +29,7 @@ def main() -> None:
 
     from transformer_lens import patching as tlp
 
-    from mechbias.data.contexts import PromptPairs, make_pairs
+    from mechbias.data.pairs import PromptPairs, make_pairs
     from mechbias.core.models import load_model
     from mechbias.methods.patching import patch_sweep
 

@@ -21,8 +21,10 @@ from .core.hooks import HookNameError, hooked, n_active_hooks
 from .core.models import EMBEDDED, ModelLoadError, load_model, tiny_model
 from .core.results import Result, set_seed
 from .core.sites import Site
-from .data.contexts import (AlignmentError, Axis, Context, ContextError, Person, PromptSet, list_contexts, load_axis,
-                            load_context, load_contexts, make_pairs)
+from .data.axes import Axis, ContextError, Person, load_axis
+from .data.prompts import PromptSet
+from .data.contexts import Context, list_contexts, load_context, load_contexts
+from .data.pairs import AlignmentError, make_pairs
 from .data.texts import neutral_texts
 from .interventions.base import Compose, Identity, Intervention, load_intervention, register_intervention
 from .interventions.units import HeadIntervention, NeuronIntervention

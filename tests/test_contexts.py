@@ -1,7 +1,9 @@
 import pytest
 
-from mechbias.data.contexts import (AlignmentError, ContextError, BUILTIN_CONTEXTS, fill, list_contexts,
-                               load_axis, load_context, make_pairs, single_token)
+from mechbias.data.axes import ContextError, load_axis
+from mechbias.data.prompts import single_token
+from mechbias.data.contexts import BUILTIN_CONTEXTS, fill, list_contexts, load_context
+from mechbias.data.pairs import AlignmentError, make_pairs
 
 
 def test_builtin_contexts_load_and_are_well_formed():

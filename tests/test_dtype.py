@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from mechbias.core.families import family_model
-from mechbias.data.contexts import load_context, make_pairs, single_token, tokenize
+from mechbias.data.prompts import single_token, tokenize
+from mechbias.data.contexts import load_context
+from mechbias.data.pairs import make_pairs
 from mechbias.eval.metrics import contrast_scores
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import ig2_prompt

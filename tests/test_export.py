@@ -11,7 +11,7 @@ import torch
 from mechbias.apps.cli import main
 from mechbias.apps.export import export_model
 from mechbias.core.weights import named_params
-from mechbias.data.contexts import tokenize
+from mechbias.data.prompts import tokenize
 from mechbias.interventions.base import Compose, NotFoldable
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.interventions.weights import WeightEdit, WeightMask

@@ -18,7 +18,9 @@ from mechbias.core.hooks import n_active_hooks
 from mechbias.core.models import supports_kv_cache
 from mechbias.core.sites import LINEAR_COMPONENTS
 from mechbias.core.weights import block_component, linear_layers, named_params
-from mechbias.data.contexts import load_context, make_pairs, tokenize
+from mechbias.data.prompts import tokenize
+from mechbias.data.contexts import load_context
+from mechbias.data.pairs import make_pairs
 from mechbias.eval.metrics import contrast_scores
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention

@@ -13,7 +13,8 @@ from transformers.tokenization_utils_tokenizers import TokenizersBackend
 from mechbias.apps.export import export_model
 from mechbias.core.models import tiny_model
 from mechbias.core.weights import named_params
-from mechbias.data.contexts import load_axis, tokenize
+from mechbias.data.axes import load_axis
+from mechbias.data.prompts import tokenize
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.gradiend.package import (PAD_TO, from_package, oriented, package_frame,
                                                package_speed)

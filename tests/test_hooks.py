@@ -148,7 +148,7 @@ def test_result_load_works_without_importing_the_defining_module(tmp_path, tiny)
     import sys
 
     from mechbias.methods.patching import attribution_patch
-    from mechbias.data.contexts import make_pairs
+    from mechbias.data.pairs import make_pairs
 
     pairs = make_pairs(tiny, "finance", "race", templates=[0], max_pairs=2)
     attribution_patch(tiny, pairs, components=("heads",)).save(tmp_path / "atp")

@@ -3,7 +3,8 @@ prompts, and every registered method selects under it."""
 
 import pytest
 
-from mechbias.data.contexts import load_axis, load_context
+from mechbias.data.axes import load_axis
+from mechbias.data.contexts import load_context
 from mechbias.data.texts import LeakageError, neutral_texts, selection_phase
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.interventions.units import NeuronIntervention

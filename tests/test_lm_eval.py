@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mechbias.apps.lm_eval_model import MechbiasLM, check_tasks, run_tasks
-from mechbias.data.contexts import tokenize
+from mechbias.data.prompts import tokenize
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import NeuronIntervention
 

@@ -15,7 +15,8 @@ import torch
 from mechbias.core.families import FAMILIES, family_hf_model, family_model
 from mechbias.core.hooks import n_active_hooks
 from mechbias.core.runner import readout_ids, sequence_nll
-from mechbias.data.contexts import load_context, single_token, tokenize
+from mechbias.data.prompts import single_token, tokenize
+from mechbias.data.contexts import load_context
 from mechbias.eval.metrics import contrast_scores
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import demographic_units, ig2_prompt, run_ig2

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from mechbias.data.contexts import AlignmentError, PromptPairs, make_pairs
+from mechbias.data.pairs import AlignmentError, PromptPairs, make_pairs
 from mechbias.core.sites import Site
 from mechbias.methods.patching import (PatchResult, atp_agreement, attribution_patch, patch_set, patch_sweep,
                                        prefilter_and_verify, run_variants)

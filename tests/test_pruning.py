@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mechbias.data.contexts import load_context, tokenize
+from mechbias.data.prompts import tokenize
+from mechbias.data.contexts import load_context
 from mechbias.core.weights import named_params
 from mechbias.core.weights import linear_layers
 from mechbias.eval.transfer import transfer_matrix

@@ -20,7 +20,8 @@ import torch
 
 from ..core.models import ModelLoadError, load_model
 from ..core.results import atomic_savefig, atomic_write_json
-from ..data.contexts import ContextError, load_axis, load_contexts
+from ..data.axes import ContextError, load_axis
+from ..data.contexts import load_contexts
 from ..eval.crows import crows_score, read_pairs
 from ..eval.metrics import measure_bias
 from ..eval.transfer import TransferConfig

@@ -29,7 +29,7 @@ import torch
 from ..core.families import is_masked_lm
 from ..core.models import model_label
 from ..core.weights import named_params
-from ..data.contexts import tokenize
+from ..data.prompts import tokenize
 from ..interventions.base import Identity, Intervention, maybe_apply
 
 CHECK_TEXTS = ("The bank approved the loan for Maria because her credit history was long.",

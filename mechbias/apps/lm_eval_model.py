@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..core.models import load_model
-from ..data.contexts import tokenize
+from ..data.prompts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
 from ..core.families import is_masked_lm
 from ..eval.scoring import continuation_logprob, token_logprobs

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..core.models import supports_kv_cache
 from ..core.results import Result, make_meta
-from ..data.contexts import PromptSet
+from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
 from .stats import smd

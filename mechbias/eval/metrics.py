@@ -27,7 +27,9 @@ from ..core.models import supports_kv_cache
 from ..core.results import Result, make_meta
 from ..core.runner import (forward_window, last_position_unembed, map_last_logits, pseudo_nll_each_readout,
                            sequence_nll, slice_cache)
-from ..data.contexts import Context, PromptSet, answer_tokens, load_axis, load_context, load_contexts, single_token, tokenize
+from ..data.axes import load_axis
+from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
+from ..data.contexts import Context, load_context, load_contexts
 from ..data.texts import neutral_texts
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_bias

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..core.runner import length_buckets, tokens_per_batch
-from ..data.contexts import tokenize
+from ..data.prompts import tokenize
 
 
 def sentence_logprob(model, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:

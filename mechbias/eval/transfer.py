@@ -32,7 +32,9 @@ import torch
 from torch import Tensor
 
 from ..core.results import Result, make_meta
-from ..data.contexts import Context, PromptSet, load_axis, load_contexts
+from ..data.axes import load_axis
+from ..data.prompts import PromptSet
+from ..data.contexts import Context, load_contexts
 from ..data.texts import neutral_texts, selection_phase
 from ..interventions.base import Intervention, load_intervention
 from ..interventions.profile import UnitProfile, unit_profile

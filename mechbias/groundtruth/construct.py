@@ -50,7 +50,9 @@ from ..core.hooks import hooked
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
-from ..data.contexts import load_axis, load_context, tokenize
+from ..data.axes import load_axis
+from ..data.prompts import tokenize
+from ..data.contexts import load_context
 from ..data.texts import neutral_texts
 from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
 from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,

@@ -55,7 +55,9 @@ from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..core.weights import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights, w_out_row_norms
-from ..data.contexts import load_axis, load_context, tokenize
+from ..data.axes import load_axis
+from ..data.prompts import tokenize
+from ..data.contexts import load_context
 from ..data.texts import neutral_texts
 
 DATA = PLANTED_DIR

@@ -26,7 +26,8 @@ import torch
 from scipy.stats import binomtest
 
 from ..core.results import Result
-from ..data.contexts import load_context, make_pairs
+from ..data.contexts import load_context
+from ..data.pairs import make_pairs
 from ..eval.stats import percentile_ci
 from ..eval.transfer import EvalSet, TransferConfig, TransferMatrix, evaluate, transfer_matrix
 from ..interventions.base import Compose, Intervention

@@ -28,7 +28,7 @@ from ..core.hooks import hooked
 from ..core.runner import length_buckets, sequence_nll
 from ..core.sites import hook_name
 from ..core.weights import linear_layers, linear_weight_name, named_params, w_out_row_norms
-from ..data.contexts import tokenize
+from ..data.prompts import tokenize
 from ..data.texts import neutral_texts
 
 

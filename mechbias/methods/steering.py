@@ -23,7 +23,9 @@ from torch import Tensor
 
 from ..core.runner import capture, local_positions
 from ..core.sites import Site
-from ..data.contexts import Context, load_axis, tokenize
+from ..data.axes import load_axis
+from ..data.prompts import tokenize
+from ..data.contexts import Context
 from ..interventions.base import Intervention, NotFoldable, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 

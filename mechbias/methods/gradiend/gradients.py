@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...core.runner import length_buckets, position_unembed, readout_ids, readout_position
 from ...core.weights import block_component, frozen, linear_weight_name, named_params
-from ...data.contexts import tokenize
+from ...data.prompts import tokenize
 
 # ----------------------------------------------------------------------------
 # gradients

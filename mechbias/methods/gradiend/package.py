@@ -20,7 +20,8 @@ from typing import Any, Iterator
 import pandas as pd
 import torch
 
-from ...data.contexts import load_axis, tokenize
+from ...data.axes import load_axis
+from ...data.prompts import tokenize
 from .gradients import ParamSet, batch_gradient
 from .model import GradiendModel
 from .pool import validation_names

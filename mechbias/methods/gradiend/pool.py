@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...data.contexts import Context, load_axis, load_context, stable_hash
+from ...data.axes import load_axis, stable_hash
+from ...data.contexts import Context, load_context
 from .gradients import ParamSet, batch_gradient, batch_gradient_pair, trim_memory
 from .model import GradiendModel
 from .texts import feature_texts, neutral_training_rows

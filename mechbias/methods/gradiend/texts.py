@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from ...data.contexts import Context, fill, load_axis, load_context, single_token
+from ...data.axes import load_axis
+from ...data.prompts import single_token
+from ...data.contexts import Context, fill, load_context
 from ...data.texts import neutral_texts
 
 FEATURE_SUFFIX = {

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ...core.results import Result, make_meta
-from ...data.contexts import Context, load_axis, load_context, stable_hash
+from ...data.axes import load_axis, stable_hash
+from ...data.contexts import Context, load_context
 from ...interventions.weights import WeightEdit
 from ...viz.method_figures import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig

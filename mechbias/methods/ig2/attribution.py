@@ -59,7 +59,7 @@ from ...core.results import Result, make_meta
 from ...core.runner import forward_window, position_unembed, prefix_cache, readout_ids, readout_position
 from ...core.sites import hook_name
 from ...core.weights import frozen
-from ...data.contexts import single_token, tokenize
+from ...data.prompts import single_token, tokenize
 from ...viz.method_figures import plot_attribution
 from .units import Unit
 

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from ...core.results import atomic_savefig, markdown_table
-from ...data.contexts import Context, load_axis
+from ...data.axes import load_axis
+from ...data.contexts import Context
 from ...eval.metrics import favoured_group
 from ...viz.method_figures import plot_overlap
 from ..base import Method, MethodConfig, Selection, register_method

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...data.contexts import Context, fill, load_axis, load_context, stable_hash
+from ...data.axes import load_axis, stable_hash
+from ...data.contexts import Context, fill, load_context
 from ...data.texts import check_not_reporting
 
 # ----------------------------------------------------------------------------

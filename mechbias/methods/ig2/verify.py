@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ...core.results import Result, make_meta
 from ...core.runner import map_last_logits
-from ...data.contexts import single_token, tokenize
+from ...data.prompts import single_token, tokenize
 from ...eval.stats import relative_mean_change
 from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention

@@ -20,7 +20,7 @@ from ...core.hooks import canonical_name, hooked, run_with_cache
 from ...core.results import Result, make_meta
 from ...core.sites import Site, hook_name
 from ...core.weights import frozen
-from ...data.contexts import PromptPairs
+from ...data.pairs import PromptPairs
 from ...eval.stats import spearman
 from ...viz.method_figures import plot_grid
 from .engine import PatchResult, ld_metric, patch_set

@@ -2,7 +2,7 @@
 
 Clean and corrupted prompts differ only in the demographic slot (symmetric
 token replacement: a group-B name of the same token length and the same other
-attribute, see :func:`mechbias.data.contexts.make_pairs`). The metric is the
+attribute, see :func:`mechbias.data.pairs.make_pairs`). The metric is the
 context's contrast score ``LD = logit(positive) - logit(negative)`` at the
 last position (= the log-probability difference for single-token answers), per
 pair, and its normalized form ``(LD - LD_corrupted) / (LD_clean - LD_corrupted)``
@@ -45,7 +45,8 @@ from ...core.results import Result, make_meta
 from ...core.runner import forward_window, last_position_unembed, slice_cache
 from ...core.sites import Site, hook_name
 from ...core.weights import frozen
-from ...data.contexts import AlignmentError, PromptPairs, single_token
+from ...data.prompts import single_token
+from ...data.pairs import AlignmentError, PromptPairs
 from ...eval.stats import bootstrap_mean, spearman
 from ...viz.method_figures import plot_patching
 

@@ -9,7 +9,8 @@ from typing import Any
 
 from ...core.results import atomic_savefig, markdown_table
 from ...core.sites import Site
-from ...data.contexts import Context, make_pairs
+from ...data.contexts import Context
+from ...data.pairs import make_pairs
 from ...interventions.units import HeadIntervention
 from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method

@@ -47,7 +47,9 @@ from ...core.hooks import hooked
 from ...core.runner import length_buckets
 from ...core.sites import hook_name
 from ...core.weights import frozen, linear_layers, named_params, w_out_row_norms
-from ...data.contexts import PromptSet, load_context, pronouns, stable_hash, tokenize
+from ...data.axes import pronouns, stable_hash
+from ...data.prompts import PromptSet, tokenize
+from ...data.contexts import load_context
 from ...eval.generation import chat_prompt, sample_completions
 
 

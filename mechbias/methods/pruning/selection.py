@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 from ...core.weights import linear_layers, named_params
-from ...data.contexts import Context, load_axis, make_pairs
+from ...data.axes import load_axis
+from ...data.contexts import Context
+from ...data.pairs import make_pairs
 from ...eval.metrics import favoured_group
 from ...interventions.base import Intervention, maybe_apply
 from ...interventions.units import HeadIntervention, NeuronIntervention

@@ -1,0 +1,142 @@
+"""Demographic axes: people (first names with a race and a gender) and the two-group contrasts over them.
+
+An **axis** (race, gender) splits a shared list of first names into group A and group B. Every name has a
+race and a gender, so each axis is balanced on the other attribute. The names live in
+``mechbias/data/files/names.yaml``.
+
+**Name splits** are deterministic: within every race x gender cell, names are ordered by a hash of
+(seed, name) and the first half is the *selection* set (used to find components or train), the rest
+*held out* (used to evaluate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from ..core.models import DATA_FILES
+from .texts import check_not_reporting
+
+DATA = DATA_FILES
+
+
+class ContextError(ValueError):
+    """A context or axis file is malformed; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class Person:
+    name: str
+    race: str
+    gender: str
+
+    def get(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A demographic contrast: group A vs group B of an attribute."""
+
+    name: str
+    attribute: str
+    groups: tuple[str, str]
+    words: dict[str, str]
+    people: tuple[Person, ...]
+
+    @property
+    def other_attribute(self) -> str:
+        return "gender" if self.attribute == "race" else "race"
+
+    def group_index(self, person: Person) -> int:
+        """0 for group A, 1 for group B; raises if the person is in neither."""
+        g = person.get(self.attribute)
+        if g not in self.groups:
+            raise ValueError(f"{person.name} ({self.attribute}={g}) is in neither group of axis {self.name}")
+        return self.groups.index(g)
+
+    def members(self, group: int | str) -> list[Person]:
+        g = self.groups[group] if isinstance(group, int) else group
+        return [p for p in self.people if p.get(self.attribute) == g]
+
+    def split_people(self, split: str = "selection", seed: int = 0) -> list[Person]:
+        """Names of the ``selection``, ``heldout`` or ``all`` split (balanced per cell)."""
+        check_not_reporting("names", split)
+        if split == "all":
+            return list(self.people)
+        if split not in ("selection", "heldout"):
+            raise ValueError(f"split must be 'selection', 'heldout' or 'all', not {split!r}")
+        out = []
+        cells: dict[tuple[str, str], list[Person]] = {}
+        for p in self.people:
+            cells.setdefault((p.race, p.gender), []).append(p)
+        for key in sorted(cells):
+            ordered = sorted(cells[key], key=lambda p: stable_hash(seed, p.name))
+            half = (len(ordered) + 1) // 2
+            out.extend(ordered[:half] if split == "selection" else ordered[half:])
+        return sorted(out, key=lambda p: self.people.index(p))
+
+    @property
+    def word_a(self) -> str:
+        return self.words[self.groups[0]]
+
+    @property
+    def word_b(self) -> str:
+        return self.words[self.groups[1]]
+
+
+def stable_hash(seed: int, key: str) -> str:
+    """A deterministic ordering key for (seed, key): splits and pairings depend on nothing else."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+@lru_cache(maxsize=None)
+def _names_file(path: str = str(DATA / "names.yaml")) -> dict:
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ContextError(f"{p}: not valid YAML ({e})") from e
+    for key in ("people", "pronouns", "axes"):
+        if not isinstance(data, dict) or key not in data:
+            raise ContextError(f"{p}: missing field '{key}'")
+    return data
+
+
+def people() -> tuple[Person, ...]:
+    data = _names_file()
+    out: list[Person] = []
+    for race, by_gender in data["people"].items():
+        for gender, names in by_gender.items():
+            out.extend(Person(str(n), race, gender) for n in names)
+    return tuple(out)
+
+
+def pronouns(gender: str) -> dict[str, str]:
+    return dict(_names_file()["pronouns"][gender])
+
+
+def load_axis(name: str | Axis) -> Axis:
+    """The built-in axis ``race`` or ``gender``."""
+    if isinstance(name, Axis):
+        return name
+    axes = _names_file()["axes"]
+    if name not in axes:
+        raise ValueError(f"Unknown axis {name!r}; built-in axes: {sorted(axes)}")
+    spec = axes[name]
+    groups = tuple(spec["groups"])
+    if len(groups) != 2:
+        raise ContextError(f"names.yaml: axis '{name}' must have exactly two groups, has {len(groups)}")
+    everyone = people()
+    for g in groups:
+        if not any(p.get(spec["attribute"]) == g for p in everyone):
+            raise ContextError(f"names.yaml: axis '{name}' group '{g}' has no names")
+    return Axis(name, spec["attribute"], groups, dict(spec["words"]), everyone)
+
+
+def list_axes() -> list[str]:
+    return sorted(_names_file()["axes"])

@@ -1,0 +1,122 @@
+"""Prompt sets (a context's templates x an axis's names) and the tokenization helpers that read them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from .axes import Axis, Person
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    template: int
+    person: Person
+    group: int  # 0 = group A, 1 = group B of the axis
+
+
+@dataclass
+class PromptSet:
+    """A grid of prompts (templates x names) for one context and axis."""
+
+    context: str
+    axis: Axis
+    positive: str
+    negative: str
+    items: list[Prompt]
+    answer_prefix: str = ""  # numeric prompts: text that starts the assistant's answer
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    @property
+    def texts(self) -> list[str]:
+        return [p.text for p in self.items]
+
+    @property
+    def groups(self) -> Tensor:
+        return torch.tensor([p.group for p in self.items])
+
+    @property
+    def template_ids(self) -> list[int]:
+        return sorted({p.template for p in self.items})
+
+    @property
+    def names(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for p in self.items:
+            seen.setdefault(p.person.name, None)
+        return list(seen)
+
+    def by_template(self) -> list[list[int]]:
+        """Indices of the prompts of each template (prefix-sharing groups)."""
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(self.items):
+            groups.setdefault(p.template, []).append(i)
+        return list(groups.values())
+
+    def subset(self, keep: Iterable[int]) -> "PromptSet":
+        return PromptSet(self.context, self.axis, self.positive, self.negative, [self.items[i] for i in keep],
+                         self.answer_prefix)
+
+    def grid(self, values: Tensor) -> tuple[Tensor, list[int], list[str], Tensor]:
+        """Arrange per-prompt ``values`` as a matrix ``[templates, names]``.
+
+        Returns the matrix, the template ids (rows), the names (columns) and
+        the group of each column. Raises if the set is not a full grid.
+        """
+        t_ids, names = self.template_ids, self.names
+        ti = {t: i for i, t in enumerate(t_ids)}
+        ni = {n: i for i, n in enumerate(names)}
+        mat = torch.full((len(t_ids), len(names)), float("nan"), dtype=torch.float64)
+        col_group = torch.zeros(len(names), dtype=torch.long)
+        for v, p in zip(values.tolist(), self.items):
+            mat[ti[p.template], ni[p.person.name]] = v
+            col_group[ni[p.person.name]] = p.group
+        if torch.isnan(mat).any():
+            raise ValueError("prompt set is not a full templates x names grid")
+        return mat, t_ids, names, col_group
+
+
+def tokenize(model, texts: Sequence[str]) -> list[Tensor]:
+    """Token ids of each text, with the model's BOS prepended, as 1-D tensors."""
+    return [model.to_tokens(t, prepend_bos=True)[0].cpu() for t in texts]
+
+
+def _word_ids(model, text: str) -> Tensor:
+    """Token ids of ``text`` alone: no BOS, and none of the special tokens a masked LM's tokenizer adds
+    around every text (``[CLS]``/``[SEP]``, ``<s>``/``</s>``)."""
+    ids = model.to_tokens(text, prepend_bos=False)[0].cpu()
+    if getattr(model.tokenizer, "mask_token_id", None) is not None:
+        special = torch.tensor(sorted(set(model.tokenizer.all_special_ids)), dtype=ids.dtype)
+        ids = ids[~torch.isin(ids, special)]
+    return ids
+
+
+def answer_tokens(model, answer: str) -> Tensor:
+    """Token ids of an answer continuation (no BOS)."""
+    if not answer:
+        raise ValueError("empty answer string")
+    ids = _word_ids(model, answer)
+    if len(ids) == 0:
+        raise ValueError(f"answer {answer!r} tokenizes to nothing")
+    return ids
+
+
+def single_token(model, word: str, what: str = "target word") -> int:
+    """The id of ``word`` if it is exactly one token; a clear error otherwise."""
+    ids = _word_ids(model, word)
+    if len(ids) != 1:
+        pieces = model.to_str_tokens(ids) if len(ids) else []
+        raise ValueError(
+            f"{what} {word!r} is not a single token for this model: it splits into {len(ids)} "
+            f"tokens {pieces}. Use a word that is one token (mind the leading space)."
+        )
+    return int(ids[0])
