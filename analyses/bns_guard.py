@@ -29,7 +29,8 @@ import torch
 from mechbias.core.models import load_model
 from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from mechbias.data.contexts import BUILTIN_CONTEXTS, Context
-from mechbias.eval.transfer import TransferConfig, transfer_matrix
+from mechbias.eval.cells import TransferConfig
+from mechbias.eval.transfer import transfer_matrix
 from mechbias.methods.base import Selection
 from mechbias.methods.ig2 import capability_guard, neuron_costs
 from mechbias.methods.ig2.method import IG2, IG2Config

@@ -38,7 +38,8 @@ from mechbias.core.models import load_model, planted_manifest
 from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
 from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
-from mechbias.eval.transfer import EvalSet, TransferConfig, transfer_matrix
+from mechbias.eval.cells import EvalSet, TransferConfig
+from mechbias.eval.transfer import transfer_matrix
 from mechbias.groundtruth.scoring import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
                                           ranked_units, truth_units)
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention

@@ -39,7 +39,7 @@ from mechbias.core.models import PLANTED_DIR, load_model
 from mechbias.core.results import package_versions
 from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
 from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
-from mechbias.eval.transfer import EvalSet, TransferConfig, evaluate
+from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
 from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
                                           neutral_prompts, planted_units, save_delta, stages, train_planted)

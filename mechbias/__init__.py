@@ -30,7 +30,8 @@ from .interventions.base import Compose, Identity, Intervention, load_interventi
 from .interventions.units import HeadIntervention, NeuronIntervention
 from .interventions.weights import WeightEdit, WeightMask
 from .eval.metrics import BiasResult, contrast_scores, demographic_gap, favoured_group, measure_bias, perplexity
-from .eval.transfer import Cell, EvalSet, TransferConfig, TransferMatrix, evaluate, transfer_matrix
+from .eval.cells import Cell, EvalSet, TransferConfig, evaluate
+from .eval.transfer import TransferMatrix, transfer_matrix
 from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
 from . import methods as _methods  # noqa: F401,E402  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401

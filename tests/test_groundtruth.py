@@ -121,7 +121,8 @@ def _synthetic_matrix(removed: dict, seed: int, noise: float = 0.3):
     import numpy as np
     import torch
 
-    from mechbias.eval.transfer import TransferConfig, transfer_matrix
+    from mechbias.eval.cells import TransferConfig
+    from mechbias.eval.transfer import transfer_matrix
     from mechbias.interventions.base import Identity
 
     @dataclasses.dataclass

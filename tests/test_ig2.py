@@ -199,7 +199,8 @@ def test_bns_guard_analysis_drops_costly_neurons_and_pairs_both_selections(tmp_p
 
     from mechbias.core.models import load_model
     from mechbias.data.contexts import load_context
-    from mechbias.eval.transfer import EvalSet, TransferMatrix, evaluate
+    from mechbias.eval.cells import EvalSet, evaluate
+    from mechbias.eval.transfer import TransferMatrix
     from mechbias.interventions.units import NeuronIntervention
 
     spec = importlib.util.spec_from_file_location("bns_guard", Path(__file__).parents[1] / "analyses" / "bns_guard.py")

@@ -4,6 +4,7 @@ and a real two-node Ray cluster)."""
 
 import json
 import os
+import pickle
 import signal
 import threading
 import time
@@ -72,6 +73,30 @@ def test_store_runs_each_job_once_records_failures_and_resumes(tmp_path):
     assert rep2.ok and rep2.values == {"ok": 11, "bad": 11}
     assert calls == ["b"]  # only the job that failed runs again (with its fixed parameters: a new key)
     assert rep2.computed == 1 and rep2.reused == 3
+
+
+class _Moved:
+    """A class that a later version moves away (simulated by deleting it from this module)."""
+
+
+def test_a_part_written_by_code_whose_class_moved_gives_a_clear_error(tmp_path):
+    store = JobStore(tmp_path)
+    ex = InProcess(None, {"name": "none"}, threads=1)
+    a = Job("test_add", {"name": "a", "x": 1}, salt="moved")
+    run_planners({"a": iter_one(a)}, store, ex, progress=False)
+    (store.path(a) / "parts" / "value.pkl").write_bytes(pickle.dumps(_Moved()))
+    assert isinstance(store.load(a), _Moved)  # the class is still here: it loads
+    saved = globals().pop("_Moved")
+    try:
+        with pytest.raises(RuntimeError, match="written by other code .* delete .* to recompute it"):
+            store.load(a)
+    finally:
+        globals()["_Moved"] = saved
+
+
+def iter_one(job):
+    res = yield [job]
+    return res(job)
 
 
 def test_critical_path_and_total_work_match_a_hand_computed_graph(tmp_path):

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.real
 def v3():
     from mechbias.core.models import load_model, planted_manifest
     from mechbias.data.contexts import load_context
-    from mechbias.eval.transfer import EvalSet
+    from mechbias.eval.cells import EvalSet
 
     model = load_model("planted-v3")
     sets = {c: EvalSet.build(model, load_context(c), "race") for c in ("finance", "commerce")}
@@ -31,7 +31,7 @@ def test_manifest_lists_three_kinds_per_planted_context_and_two_heads(v3):
 def test_zeroing_a_chain_removes_its_context_gap_and_leaves_the_other_planted_context(v3):
     """The oracle matrix's planted cells, re-measured on the held-out split: diagonal reduction >= 0.7,
     the other planted context's change within a quarter of it (the manifest: 0.87 / 0.83 and 0.015 / -0.031)."""
-    from mechbias.eval.transfer import TransferConfig, evaluate
+    from mechbias.eval.cells import TransferConfig, evaluate
     from mechbias.groundtruth.scoring import oracle_intervention
 
     model, manifest, sets = v3

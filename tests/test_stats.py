@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from mechbias.eval.stats import benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
-from mechbias.eval.transfer import Cell, Effect, TransferMatrix
+from mechbias.eval.cells import Cell, Effect
+from mechbias.eval.transfer import TransferMatrix
 
 
 def _grid(rng, T=5, n=16, gap=0.15, sd_tg=0.15, sd_n=0.3, sd_t=0.5, sd_e=0.2, names=None):

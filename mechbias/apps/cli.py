@@ -24,7 +24,7 @@ from ..data.axes import ContextError, load_axis
 from ..data.contexts import load_contexts
 from ..eval.crows import crows_score, read_pairs
 from ..eval.metrics import measure_bias
-from ..eval.transfer import TransferConfig
+from ..eval.cells import TransferConfig
 from ..interventions.base import NotFoldable, load_intervention
 from ..methods.base import Method, registered_methods
 from .card import CardInputs, run_card

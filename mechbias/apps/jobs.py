@@ -221,7 +221,13 @@ class JobStore:
         if not p.exists():
             have = json.loads((self.path(job) / "job.json").read_text())["parts"] if self.done(job) else []
             raise KeyError(f"{job.label} has no part {part!r} (parts: {have})")
-        return pickle.loads(p.read_bytes())
+        try:
+            return pickle.loads(p.read_bytes())
+        except (ModuleNotFoundError, AttributeError) as e:  # a class that moved or was renamed since
+            code = self.meta(job).get("code", "unknown")
+            raise RuntimeError(f"{job.label}: its stored part {part!r} was written by other code (stamp {code}; "
+                               f"this code {_CODE}) and no longer loads ({e}); delete {self.path(job)} to "
+                               "recompute it") from e
 
     def meta(self, job: Job) -> dict:
         return json.loads((self.path(job) / "job.json").read_text())

@@ -33,7 +33,7 @@ from ..core.models import model_label
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
-from ..eval.transfer import TransferConfig
+from ..eval.cells import TransferConfig
 from ..methods.base import registered_methods
 from ..viz.html import study_html
 from ..viz.plotting import plot_methods_summary

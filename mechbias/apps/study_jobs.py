@@ -35,8 +35,8 @@ from ..core.results import make_meta
 from ..data.contexts import load_context
 from ..data.texts import neutral_texts, selection_phase
 from ..eval.metrics import measure_bias, perplexity
-from ..eval.transfer import (EvalSet, TransferConfig, baseline_rows, cell_from_grids, finish_matrix,
-                             generation_cost, make_row_info)
+from ..eval.cells import EvalSet, TransferConfig, cell_from_grids
+from ..eval.transfer import baseline_rows, finish_matrix, generation_cost, make_row_info
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind

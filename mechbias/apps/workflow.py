@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.results import atomic_savefig, atomic_write_json
-from ..eval.transfer import EvalSet, TransferConfig, TransferMatrix, transfer_matrix
+from ..eval.cells import EvalSet, TransferConfig
+from ..eval.transfer import TransferMatrix, transfer_matrix
 from ..interventions.profile import UnitProfile
 from ..methods.base import Method
 

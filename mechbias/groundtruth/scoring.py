@@ -29,7 +29,8 @@ from ..core.results import Result
 from ..data.contexts import load_context
 from ..data.pairs import make_pairs
 from ..eval.stats import percentile_ci
-from ..eval.transfer import EvalSet, TransferConfig, TransferMatrix, evaluate, transfer_matrix
+from ..eval.cells import EvalSet, TransferConfig, evaluate
+from ..eval.transfer import TransferMatrix, transfer_matrix
 from ..interventions.base import Compose, Intervention
 from ..interventions.units import HeadIntervention, NeuronIntervention
 from ..methods.gradiend import decoder_share

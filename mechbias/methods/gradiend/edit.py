@@ -7,7 +7,7 @@ from typing import Sequence
 from ...data.contexts import load_context
 from ...data.texts import neutral_texts
 from ...eval.metrics import contrast_scores
-from ...eval.transfer import Capability, EvalSet, TransferConfig, evaluate
+from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
 from .train import GradiendResult
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,268 @@
+"""One evaluation: an intervention against its controls on one context's held-out prompts.
+
+:class:`TransferConfig` says how (controls, bootstrap, capability texts); :class:`EvalSet` holds a
+context's held-out prompts and their unmodified scores; :func:`evaluate` returns a typed :class:`Cell`
+whose :class:`Effect` puts the absolute change of the gap first (``gap_change`` with its CI from the
+crossed templates x names bootstrap), then the relative reduction where it is estimable, then the
+perplexity change on the reporting half of the neutral texts. :mod:`mechbias.eval.transfer` builds
+matrices of cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..data.prompts import PromptSet
+from ..data.contexts import Context
+from ..interventions.base import Intervention
+from .metrics import contrast_scores, perplexity
+from .stats import DEFAULT_BOOT, paired_reduction
+
+
+# ----------------------------------------------------------------------------
+# configuration
+# ----------------------------------------------------------------------------
+
+@dataclass
+class TransferConfig:
+    """How a transfer matrix is evaluated (every field is a command-line flag of every method command)."""
+
+    n_random: int = field(default=3, metadata={"flag": "--random", "help": "draws per control and cell (0: no controls)"})
+    controls: tuple[str, ...] = field(default=("random", "matched"), metadata={
+        "help": "controls: random (same count per layer/matrix), matched (same size: neuron magnitude, head "
+                "output norm, weight score quantiles), matched_cost (neurons: same single-unit ablation cost)",
+        "choices": ("random", "matched", "matched_cost")})
+    capability: bool = field(default=True, metadata={"help": "measure the perplexity change on neutral text"})
+    neutral_max_texts: int | None = field(default=None, metadata={
+        "flag": "--neutral-texts", "help": "reporting-half neutral paragraphs for the perplexity change (none: all 14)"})
+    n_boot: int = field(default=DEFAULT_BOOT, metadata={"flag": "--boot", "help": "bootstrap replicates"})
+    seed: int = field(default=0, metadata={"help": "seed for splits, bootstrap and sampling"})
+    generation: int = field(default=0, metadata={"help": "also sample N numeric answers per prompt of each row "
+                                                         "context (parse failures, inlier ratio); 0 = off"})
+    generation_names: int = field(default=8, metadata={"help": "names (half per group) for the generation metric"})
+    generation_tokens: int = field(default=8, metadata={"help": "tokens sampled per answer (generation metric)"})
+
+    def __post_init__(self):
+        bad = [c for c in self.controls if c not in ("random", "matched", "matched_cost")]
+        if bad:
+            raise ValueError(f"unknown controls {bad}; choose from random, matched, matched_cost")
+        if self.n_random < 0:
+            raise ValueError(f"n_random must be >= 0, not {self.n_random}")
+        if self.n_boot < 10:
+            raise ValueError(f"n_boot must be >= 10, not {self.n_boot}")
+        if self.neutral_max_texts is not None and self.neutral_max_texts < 1:
+            raise ValueError(f"neutral_max_texts must be >= 1, not {self.neutral_max_texts}")
+        if self.generation < 0 or self.generation_names < 2:
+            raise ValueError("generation must be >= 0 and generation_names >= 2")
+
+
+# ----------------------------------------------------------------------------
+# evaluation sets and capability
+# ----------------------------------------------------------------------------
+
+@dataclass
+class EvalSet:
+    """The held-out prompts of one context, and its unmodified score grid."""
+
+    context: str
+    prompts: PromptSet
+    before: Tensor  # [templates, names]
+    col_group: Tensor
+
+    @classmethod
+    def build(cls, model, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
+              progress: bool = False) -> "EvalSet":
+        ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
+        mat, _, _, col_group = ps.grid(contrast_scores(model, ps, progress=progress))
+        return cls(ctx.name, ps, mat, col_group)
+
+    def scores(self, model, intervention: Intervention | None) -> Tensor:
+        mat, _, _, _ = self.prompts.grid(contrast_scores(model, self.prompts, intervention=intervention))
+        return mat
+
+
+class Capability:
+    """Perplexity on a fixed set of neutral texts; each intervention is measured once (memoised)."""
+
+    def __init__(self, model, texts: Sequence[str]):
+        if not texts:
+            raise ValueError("capability needs at least one text")
+        self.model, self.texts = model, list(texts)
+        self.base = perplexity(model, self.texts)
+        self._memo: dict[int, tuple[Intervention, float]] = {}
+
+    def change(self, intervention: Intervention) -> float:
+        hit = self._memo.get(id(intervention))
+        if hit is None or hit[0] is not intervention:
+            hit = (intervention, perplexity(self.model, self.texts, intervention=intervention) - self.base)
+            self._memo[id(intervention)] = hit
+        return hit[1]
+
+
+# ----------------------------------------------------------------------------
+# cells
+# ----------------------------------------------------------------------------
+
+@dataclass
+class Effect:
+    """The effect of one intervention (or of the mean over a control's draws) on one evaluation set.
+
+    Absolute first: ``gap_change`` = gap after - gap before (log-odds units), its
+    95% CI (``ci_low``, ``ci_high``: a t interval whose variance respects the
+    templates x names design), ``p_value`` (and ``p_adjusted``, Benjamini-Hochberg
+    over the matrix's cells) and ``min_detectable`` (the change detected with
+    power 0.8). ``gap_removed`` = ``-sign(gap_before) * gap_change``: positive when
+    the bias shrank, whatever its direction. ``reduction`` = 1 - after / before
+    only when the gap before is clearly away from 0 (its CI excludes 0);
+    otherwise None (not estimable).
+    """
+
+    gap_before: float
+    gap_after: float
+    gap_change: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    min_detectable: float
+    gap_removed: float
+    reduction: float | None
+    reduction_ci_low: float | None
+    reduction_ci_high: float | None
+    gap_before_ci: list = field(default_factory=list)
+    gap_after_ci: list = field(default_factory=list)
+    p_adjusted: float | None = None
+    perplexity_change: float | None = None
+    n_draws: int = 1
+    draws: list = field(default_factory=list)  # per-draw gap change (controls)
+    draws_perplexity_change: list = field(default_factory=list)
+
+    @property
+    def estimable(self) -> bool:
+        return self.reduction is not None
+
+
+_FLAT_SKIP = ("n_draws", "draws", "draws_perplexity_change")
+
+
+@dataclass
+class Cell:
+    """One transfer-matrix cell: the intervention selected on ``selected_on``, evaluated on ``evaluated_on``."""
+
+    selected_on: str
+    evaluated_on: str
+    level: str
+    n_components: int
+    effect: Effect
+    controls: dict[str, Effect] = field(default_factory=dict)
+
+    # the headline numbers as attributes
+    def __getattr__(self, name):
+        if name in ("effect", "controls"):
+            raise AttributeError(name)
+        eff = self.__dict__.get("effect")
+        if eff is not None and (name in {f.name for f in fields(Effect)} or name == "estimable"):
+            return getattr(eff, name)
+        raise AttributeError(f"Cell has no attribute {name!r}")
+
+    def as_dict(self) -> dict:
+        """A flat dict: the effect's fields, ``random_*`` for the random control, and every control."""
+        d = {"selected_on": self.selected_on, "evaluated_on": self.evaluated_on, "level": self.level,
+             "n_components": self.n_components}
+        d.update({k: v for k, v in asdict(self.effect).items() if k not in _FLAT_SKIP})
+        rnd = self.controls.get("random")
+        if rnd is not None:
+            d.update(random_gap_change=rnd.gap_change, random_ci_low=rnd.ci_low, random_ci_high=rnd.ci_high,
+                     random_gap_removed=rnd.gap_removed, random_reduction=rnd.reduction,
+                     random_draws=rnd.draws, random_perplexity_change=rnd.perplexity_change)
+        d["controls"] = {k: asdict(v) for k, v in self.controls.items()}
+        return d
+
+    # dict-style access, for scripts written against the earlier dict cells
+    def __getitem__(self, key):
+        return self.as_dict()[key]
+
+    def get(self, key, default=None):
+        return self.as_dict().get(key, default)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        eff_keys = {f.name for f in fields(Effect)}
+        effect = Effect(**{k: v for k, v in d.items() if k in eff_keys})
+        controls = {k: Effect(**v) for k, v in (d.get("controls") or {}).items()}
+        return cls(d["selected_on"], d["evaluated_on"], d.get("level", ""), d.get("n_components", 0), effect, controls)
+
+
+def _effect(es: EvalSet, after: Tensor, cfg: TransferConfig, ppl: float | None) -> Effect:
+    red = paired_reduction(es.before, after, es.col_group, n_boot=cfg.n_boot, seed=cfg.seed)
+    sign = float(np.sign(red.gap_before)) or 1.0
+    est = red.estimable
+    return Effect(red.gap_before, red.gap_after, red.gap_change, red.gap_change_ci[0], red.gap_change_ci[1],
+                  red.gap_change_p, red.min_detectable, -sign * red.gap_change,
+                  red.reduction if est else None, red.ci_low if est else None, red.ci_high if est else None,
+                  list(red.gap_before_ci), list(red.gap_after_ci), None, ppl)
+
+
+def evaluate(model, intervention: Intervention, eval_set: EvalSet,
+             controls: Mapping[str, Sequence[Intervention]] | None = None,
+             config: TransferConfig | None = None, *, capability: Capability | None = None,
+             selected_on: str = "", keep: dict | None = None) -> Cell:
+    """Measure ``intervention`` on ``eval_set``, and each group of ``controls`` (name -> draws) beside it.
+
+    A control with several draws is evaluated on the mean score over its draws
+    (each draw's gap change is kept). ``capability`` adds perplexity changes.
+    ``keep``, if given, receives the score grids (``"after"`` and
+    ``"control/<name>"``) for statistics across cells.
+    """
+    cfg = config or TransferConfig()
+    es = eval_set
+    ppl = capability.change(intervention) if capability is not None else None
+    after = es.scores(model, intervention)
+    grids: dict[str, list[Tensor]] = {}
+    ppls: dict[str, list[float]] = {}
+    for name, draws in (controls or {}).items():
+        draws = list(draws)
+        if not draws:
+            continue
+        grids[name] = [es.scores(model, d) for d in draws]
+        ppls[name] = [capability.change(d) for d in draws] if capability is not None else []
+    return cell_from_grids(es, after, intervention.n_components, cfg, selected_on=selected_on, ppl=ppl,
+                           control_grids=grids, control_ppl=ppls, keep=keep)
+
+
+def cell_from_grids(es: EvalSet, after: Tensor, n_components: int, config: TransferConfig, *, selected_on: str = "",
+                    ppl: float | None = None, control_grids: Mapping[str, Sequence[Tensor]] | None = None,
+                    control_ppl: Mapping[str, Sequence[float]] | None = None, keep: dict | None = None) -> Cell:
+    """The statistics of one cell from its score grids (what :func:`evaluate` measures; the study's jobs
+    compute the grids on workers and call this in the driver). A control with several draws is evaluated
+    on the mean score over its draws; each draw's gap change is kept."""
+    cfg = config
+    cell = Cell(selected_on, es.context, "L1" if selected_on == es.context else "L2", n_components,
+                _effect(es, after, cfg, ppl))
+    if keep is not None:
+        keep["after"] = after
+    for name, scores in (control_grids or {}).items():
+        scores = list(scores)
+        if not scores:
+            continue
+        pc = list((control_ppl or {}).get(name, []))
+        mean = torch.stack(scores).mean(0)
+        eff = _effect(es, mean, cfg, float(np.mean(pc)) if pc else None)
+        eff.n_draws = len(scores)
+        g = np.asarray(es.col_group)
+        eff.draws = [float((x.numpy()[:, g == 0].mean() - x.numpy()[:, g == 1].mean()) - eff.gap_before)
+                     for x in scores]
+        eff.draws_perplexity_change = [float(x) for x in pc]
+        cell.controls[name] = eff
+        if keep is not None:
+            keep[f"control/{name}"] = mean
+    return cell
+
+
+def random_controls(intervention: Intervention, model, n: int, seed: int) -> dict[str, list[Intervention]]:
+    """``n`` draws of the intervention's own random control."""
+    return {"random": [intervention.random_like(model, seed + 101 * (k + 1)) for k in range(n)]} if n else {}
