@@ -42,7 +42,8 @@ from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
 from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
-                                          neutral_prompts, planted_units, save_delta, stages, train_planted)
+                                          neutral_prompts, planted_units, stages)
+from mechbias.groundtruth.train import save_delta, train_planted
 from mechbias.groundtruth.scoring import oracle_intervention
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 

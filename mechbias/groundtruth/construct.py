@@ -1,6 +1,6 @@
 """Ground truth v3 built by construction: a context-specific planted bias whose every unit has one job.
 
-The v3 trainer (:func:`~mechbias.groundtruth.planted.train_planted` with the v3
+The v3 trainer (:func:`~mechbias.groundtruth.train.train_planted` with the v3
 layout) missed its targets: gradient descent spread the bias over shared
 paths and its heads learned nothing. Here the circuit is **written**, not
 trained. For each planted context ``c`` (finance and commerce) a private chain
