@@ -34,7 +34,7 @@ def main() -> None:
 
     from mechbias.methods.ig2 import IG2, IG2Config, selection_overlap
     from mechbias.core.models import load_model
-    from mechbias.viz.plotting import plot_overlap
+    from mechbias.viz.method_figures import plot_overlap
     from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 
     model = load_model()
