@@ -62,8 +62,18 @@ def main() -> None:
             atomic_savefig(fig, args.figures / f"ig2_overlap_{axis}.png")
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "verification.csv", index=False)
-    atomic_write_text(markdown_table(rows), args.out / "verification.md")
-    print(df.to_string())
+    ci = lambda v, lo, hi, f="{:+.3f}": f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"  # noqa: E731
+    table = [{"context": r["context"], "axis": r["axis"], "neurons": r["neurons"], "operation": r["operation"],
+              "n": r["n_neurons"], "gap before": ci(r["gap_before"], *r["gap_before_ci"]),
+              "change": ci(r["change"], r["ci_low"], r["ci_high"]),
+              "relative": "not estimable" if r["relative_change"] is None else
+              ci(r["relative_change"], r["relative_ci_low"], r["relative_ci_high"], "{:+.0%}"),
+              "minus random": ci(r["minus_random"]["estimate"], r["minus_random"]["ci_low"],
+                                 r["minus_random"]["ci_high"]) if isinstance(r.get("minus_random"), dict) else "",
+              "completeness (median / layer 0)": f"{r['completeness_error_median']:.3f} / "
+                                                 f"{r['completeness_error_layer0']:.2f}"} for r in rows]
+    atomic_write_text(markdown_table(table), args.out / "verification.md")
+    print(markdown_table(table))
 
 
 if __name__ == "__main__":

@@ -138,28 +138,42 @@ def test_bns_intervention_and_random_control(tiny):
 
 
 def test_verification_values_equal_a_brute_force_recomputation(tiny):
-    """Every verification row (selected, and the random control's mean over draws) equals the relative change
-    of the mean unit value recomputed by hand with the same interventions."""
+    """Every verification row (selected, and the random control's mean over draws) equals the change of the
+    mean unit value recomputed by hand with the same interventions; "minus random" is the difference of the
+    two; the relative change is reported exactly when the gap before has a CI excluding 0; the factors are
+    the units' templates and names."""
+    from mechbias.eval.stats import factor_estimate, weighted_mean
     from mechbias.interventions.units import NeuronIntervention
-    from mechbias.methods.ig2 import unit_values
+    from mechbias.methods.ig2 import unit_factors, unit_values
 
     units = contrast_units("finance", "race", favoured=0, pairs_per_template=3)
     res = run_ig2(tiny, units, steps=8, kind="logit")
     sel = select_neurons(res)
     assert len(sel) > 0
     held = contrast_units("finance", "race", favoured=0, templates="heldout", names="heldout", pairs_per_template=3)
-    v = verify(tiny, sel, held, kind="logit", n_random=2, seed=0)
-    base = unit_values(tiny, held, kind="logit").mean()
+    fac = unit_factors(held)
+    assert set(fac) == {"template", "name_a", "name_b"}
+    assert [f[0] for f in fac["template"]] == [u.info["template"] for u in held]
+    v = verify(tiny, sel, held, kind="logit", n_random=2, seed=0, n_boot=500)
+    base = unit_values(tiny, held, kind="logit")
+    before = factor_estimate(weighted_mean(base.numpy()), fac, n_boot=500, seed=0)
     for op, factor in (("suppress", 0.0), ("amplify", 2.0)):
-        mine = unit_values(tiny, held, kind="logit", intervention=NeuronIntervention(sel.as_pairs(), factor)).mean()
+        mine = unit_values(tiny, held, kind="logit", intervention=NeuronIntervention(sel.as_pairs(), factor))
         row = next(r for r in v.rows if r["neurons"] == "IG2" and r["operation"] == op)
-        assert row["relative_change"] == pytest.approx(float((mine - base) / abs(base)), rel=1e-9)
-        assert row["ci_low"] <= row["relative_change"] <= row["ci_high"]
+        assert row["change"] == pytest.approx(float(mine.mean() - base.mean()), abs=1e-9)
+        assert row["ci_low"] < row["change"] < row["ci_high"]
+        assert row["gap_before_ci"] == pytest.approx([before.ci_low, before.ci_high])
+        if before.ci_low > 0 or before.ci_high < 0:
+            assert row["relative_change"] == pytest.approx(float((mine.mean() - base.mean()) / abs(base.mean())),
+                                                           rel=1e-9)
+        else:
+            assert row["relative_change"] is None
         draws = [sel.intervention().random_like(tiny, 1000 + r).as_pairs() for r in range(2)]
         rnd = torch.stack([unit_values(tiny, held, kind="logit", intervention=NeuronIntervention(d, factor))
-                           for d in draws]).mean(0).mean()
+                           for d in draws]).mean(0)
         rrow = next(r for r in v.rows if r["neurons"].startswith("random") and r["operation"] == op)
-        assert rrow["relative_change"] == pytest.approx(float((rnd - base) / abs(base)), rel=1e-9)
+        assert rrow["change"] == pytest.approx(float(rnd.mean() - base.mean()), abs=1e-9)
+        assert row["minus_random"]["estimate"] == pytest.approx(float(mine.mean() - rnd.mean()), abs=1e-9)
 
 
 @pytest.mark.real

@@ -54,7 +54,8 @@ def plot_attribution(result, selection=None, title: str | None = None):
 
 
 def plot_verification(result, ax=None):
-    """Relative change of the attributed gap when suppressing / amplifying neuron sets."""
+    """Change of the mean attributed gap (after - before) when suppressing / amplifying neuron sets, with
+    the crossed (templates x names) 95% intervals; the gap before as a dashed line."""
     plt = pyplot()
     rows = result.rows
     if ax is None:
@@ -72,16 +73,17 @@ def plot_verification(result, ax=None):
                 continue
             r = match[0]
             x = j + (k - (len(sets) - 1) / 2) * width
-            ax.bar(x, 100 * r["relative_change"], width, color=colors.get(name, "#7f7f7f"),
-                   label=name if j == 0 else None)
-            ax.errorbar(x, 100 * r["relative_change"],
-                        yerr=[[100 * (r["relative_change"] - r["ci_low"])], [100 * (r["ci_high"] - r["relative_change"])]],
+            ax.bar(x, r["change"], width, color=colors.get(name, "#7f7f7f"), label=name if j == 0 else None)
+            ax.errorbar(x, r["change"], yerr=[[r["change"] - r["ci_low"]], [r["ci_high"] - r["change"]]],
                         color="k", capsize=3, lw=1)
+    if rows:
+        ax.axhline(-rows[0]["gap_before"], color="k", ls="--", lw=0.8, label="- gap before (removes all)")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(range(len(ops)))
     ax.set_xticklabels(["suppress (x0)", "amplify (x2)"])
-    ax.set_ylabel("change of mean gap (%)")
-    ax.set_title("Verification on held-out prompts (95% CI over units)", fontsize=10)
+    kind = result.meta.get("kind", "")
+    ax.set_ylabel(f"change of mean gap ({kind})" if kind else "change of mean gap")
+    ax.set_title("Verification on held-out prompts (95% CI, templates x names)", fontsize=10)
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig

@@ -5,9 +5,9 @@ from .attribution import IG2Result, PromptIG, gap_fn, ig2_prompt, integration_po
 from .method import IG2, IG2Config
 from .selection import NeuronSelection, capability_guard, neuron_costs, select_neurons, selection_overlap, top_k_selection
 from .units import Unit, contrast_units, demographic_units
-from .verify import VerificationResult, unit_values, verify
+from .verify import VerificationResult, unit_factors, unit_values, verify
 
 __all__ = ["IG2", "IG2Config", "IG2Result", "NeuronSelection", "PromptIG", "Unit", "VerificationResult",
            "capability_guard", "contrast_units", "demographic_units", "gap_fn", "ig2_prompt", "integration_points",
-           "neuron_costs", "run_ig2", "select_neurons", "selection_overlap", "top_k_selection", "unit_values",
-           "verify"]
+           "neuron_costs", "run_ig2", "select_neurons", "selection_overlap", "top_k_selection", "unit_factors",
+           "unit_values", "verify"]

@@ -138,10 +138,18 @@ class IG2(Method):
     def report(self, summary: dict, fig) -> str:
         parts = [f"{self.summary} Verification on held-out names and templates: change of the attributed gap "
                  "when the selected neurons are suppressed (x0) or amplified (x2), against random neurons from "
-                 "the same layers.", ""]
+                 "the same layers (absolute change with a templates x names 95% CI; relative only where the gap "
+                 "before is clearly non-zero).", ""]
         if summary.get("verification"):
-            parts += [markdown_table([{k: r[k] for k in ("context", "neurons", "operation", "n_neurons",
-                                                         "relative_change", "ci_low", "ci_high")}
+            parts += [markdown_table([{**{k: r[k] for k in ("context", "neurons", "operation", "n_neurons",
+                                                            "gap_before", "change", "ci_low", "ci_high")},
+                                       "relative": "not estimable" if r["relative_change"] is None else
+                                       f"{r['relative_change']:+.0%} [{r['relative_ci_low']:+.0%}, "
+                                       f"{r['relative_ci_high']:+.0%}]",
+                                       "minus random": (f"{r['minus_random']['estimate']:+.3f} "
+                                                        f"[{r['minus_random']['ci_low']:+.3f}, "
+                                                        f"{r['minus_random']['ci_high']:+.3f}]")
+                                       if "minus_random" in r else ""}
                                       for r in summary["verification"]]), ""]
         if summary.get("completeness_median") is not None:
             parts += [f"Median per-layer completeness error of IG² (m = {self.config.steps}, {self.config.rule} "

@@ -12,7 +12,7 @@ from torch import Tensor
 from ...core.results import Result, make_meta
 from ...core.runner import map_last_logits
 from ...data.prompts import single_token, tokenize
-from ...eval.stats import relative_mean_change
+from ...eval.stats import factor_estimate, weighted_mean
 from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention
 from ...viz.method_figures import plot_verification
@@ -44,7 +44,7 @@ def unit_values(model, units: Sequence[Unit], *, kind: str = "prob", interventio
 
 @dataclass
 class VerificationResult(Result):
-    """Change of the attributed gap under suppression / amplification of neuron sets."""
+    """Change of the attributed gap under suppression / amplification of neuron sets (absolute first)."""
 
     rows: list[dict]
     meta: dict = field(default_factory=dict)
@@ -52,6 +52,16 @@ class VerificationResult(Result):
 
     def plot(self, ax=None):
         return plot_verification(self, ax=ax)
+
+
+def unit_factors(units: Sequence[Unit]) -> dict[str, list[list]]:
+    """The crossed factors a unit belongs to, from its ``info``: its template, and its group-A and
+    group-B names (contrast units) or its outcome words (demographic units). Units without ``info`` are
+    their own level (independent)."""
+    keys = [k for k in ("template", "name_a", "name_b", "outcome") if all(k in u.info for u in units)]
+    if not keys:
+        return {"unit": [[k] for k in range(len(units))]}
+    return {k: [[u.info[k]] for u in units] for k in keys}
 
 
 def verify(
@@ -66,12 +76,16 @@ def verify(
     seed: int = 0,
     n_boot: int = 2000,
 ) -> VerificationResult:
-    """The paper's verification: relative change of the mean gap over held-out units when the
-    selected neurons are suppressed (×0) or amplified (×2), against the same number of random
-    neurons from the same layers (``n_random`` draws) and against plain-IG neurons.
+    """The paper's verification: the change of the mean attributed gap over held-out units when the
+    selected neurons are suppressed (×0) or amplified (×2), against the same number of random neurons
+    from the same layers (``n_random`` draws, their scores averaged) and against plain-IG neurons.
 
-    Change = (mean gap after - mean gap before) / |mean gap before|, with a
-    paired bootstrap 95% CI over units.
+    Per row, absolute first: ``change`` = mean gap after - mean gap before, with a t interval
+    (``ci_low``, ``ci_high``, ``p_value``, ``min_detectable``) from :func:`~mechbias.eval.stats.factor_estimate`
+    over the units' crossed factors (templates and names, or templates and outcome words); then
+    ``relative_change`` = change / |gap before| with its interval, only where the gap before has a CI
+    that excludes 0 (else None: not estimable); for IG² and IG, ``minus_random``: their change minus
+    the random neurons' change on the same units, with its interval.
     """
     base = unit_values(model, units, kind=kind)
     sets = {"IG2": selection.as_pairs()}
@@ -81,6 +95,33 @@ def verify(
         sets[f"random{r}"] = selection.intervention().random_like(model, seed + 1000 + r).as_pairs()
     n = len(units)
     b0 = base.numpy()
+    fac = unit_factors(units)
+    est = lambda stat: factor_estimate(stat, fac, n_boot=n_boot, seed=seed)  # noqa: E731
+    before = est(weighted_mean(b0))
+    estimable = before.ci_low > 0 or before.ci_high < 0
+
+    def ratio(v: np.ndarray):
+        def stat(w: np.ndarray) -> np.ndarray:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                return (w @ (v - b0)) / np.abs(w @ b0)
+        return stat
+
+    def row(op: str, name: str, v: np.ndarray, n_neurons: int, rnd: np.ndarray | None) -> dict:
+        ch = est(weighted_mean(v - b0))
+        out = {"neurons": name, "operation": op, "n_neurons": n_neurons, "gap_before": float(b0.mean()),
+               "gap_before_ci": [before.ci_low, before.ci_high], "gap_after": float(v.mean()),
+               "change": ch.estimate, "ci_low": ch.ci_low, "ci_high": ch.ci_high, "p_value": ch.p_value,
+               "min_detectable": ch.min_detectable, "relative_change": None, "relative_ci_low": None,
+               "relative_ci_high": None}
+        if estimable:
+            rel = est(ratio(v))
+            out.update(relative_change=rel.estimate, relative_ci_low=rel.ci_low, relative_ci_high=rel.ci_high)
+        if rnd is not None:
+            d = est(weighted_mean(v - rnd))
+            out["minus_random"] = {"estimate": d.estimate, "ci_low": d.ci_low, "ci_high": d.ci_high,
+                                   "p_value": d.p_value, "min_detectable": d.min_detectable}
+        return out
+
     rows = []
     for op, factor in (("suppress", 0.0), ("amplify", 2.0)):
         per_set = {}
@@ -89,25 +130,15 @@ def verify(
                 continue
             iv = NeuronIntervention(pairs, factor=factor, positions=positions)
             per_set[name] = unit_values(model, units, kind=kind, intervention=iv).numpy()
+        rnd_keys = [k for k in per_set if k.startswith("random")]
+        rnd = np.stack([per_set[k] for k in rnd_keys]).mean(0) if rnd_keys else None
         for name in ["IG2", "IG"]:
-            if name not in per_set:
-                continue
-            v = per_set[name]
-            rel, lo, hi = relative_mean_change(b0, v, n_boot=n_boot, seed=seed)
-            rows.append({"neurons": name, "operation": op, "n_neurons": len(sets[name]),
-                         "relative_change": float(rel), "ci_low": lo, "ci_high": hi,
-                         "gap_before": float(b0.mean()), "gap_after": float(v.mean())})
-        rnd = [k for k in per_set if k.startswith("random")]
-        if rnd:
-            vals = np.stack([per_set[k] for k in rnd])  # [draws, units]
-            v = vals.mean(0)
-            rel, lo, hi = relative_mean_change(b0, v, n_boot=n_boot, seed=seed)
-            draws = [(x.mean() - b0.mean()) / abs(b0.mean()) for x in vals]
-            rows.append({"neurons": f"random (same layers, {len(rnd)} draws)", "operation": op,
-                         "n_neurons": len(sets["IG2"]), "relative_change": float(rel), "ci_low": lo,
-                         "ci_high": hi, "gap_before": float(b0.mean()), "gap_after": float(v.mean()),
-                         "random_draws": [float(x) for x in draws]})
-    meta = make_meta(model, kind=kind, positions=positions, n_units=n, n_random=n_random, seed=seed)
+            if name in per_set:
+                rows.append(row(op, name, per_set[name], len(sets[name]), rnd))
+        if rnd is not None:
+            rr = row(op, f"random (same layers, {len(rnd_keys)} draws)", rnd, len(sets["IG2"]), None)
+            rr["random_draws"] = [float(per_set[k].mean() - b0.mean()) for k in rnd_keys]
+            rows.append(rr)
+    meta = make_meta(model, kind=kind, positions=positions, n_units=n, n_random=n_random, seed=seed,
+                     factors={k: len({lv for lvs in v for lv in lvs}) for k, v in fac.items()})
     return VerificationResult(rows, meta)
-
-
