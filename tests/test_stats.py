@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechbias.eval.stats import (benjamini_hochberg, crossed_estimate, factor_estimate, group_gap, paired_reduction,
-                                 weighted_mean)
+from mechbias.eval.stats import (benjamini_hochberg, crossed_estimate, factor_estimate, factor_mean, group_gap,
+                                 paired_reduction, weighted_mean)
 from mechbias.eval.cells import Cell, Effect
 from mechbias.eval.transfer import TransferMatrix
 
@@ -77,6 +77,21 @@ def test_factor_interval_covers_units_that_share_templates_and_names():
         naive += u.ci_low <= 0.2 <= u.ci_high
     assert 0.92 <= hits / 500 <= 0.98, hits / 500
     assert naive / 500 < 0.85, naive / 500
+
+
+def test_factor_mean_leaves_out_units_without_a_value():
+    """Patching cells can be NaN for a pair (a shorter prompt); those units and their factor entries are
+    left out, and the rest give exactly the interval of the finite units alone."""
+    rng = np.random.default_rng(9)
+    v, fac = _pair_units(rng)
+    w = v.copy()
+    w[[0, 7, 20]] = np.nan
+    keep = [i for i in range(len(v)) if i not in (0, 7, 20)]
+    got = factor_mean(w, fac, n_boot=300, seed=4)
+    ref = factor_estimate(weighted_mean(v[keep]), {k: [f[i] for i in keep] for k, f in fac.items()}, n_boot=300,
+                          seed=4)
+    assert got == pytest.approx((ref.estimate, ref.ci_low, ref.ci_high), abs=1e-12)
+    assert got[0] != pytest.approx(float(v.mean()), abs=1e-6)
 
 
 def test_factor_estimate_of_one_template_factor_equals_the_crossed_estimate_variance():

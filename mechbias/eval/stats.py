@@ -330,6 +330,19 @@ def factor_estimate(stat: Callable[[np.ndarray], np.ndarray], factors: Mapping[s
     return _t_interval(est, var_t, var_n, df_t, df_n, level)
 
 
+def factor_mean(values, factors: Mapping[str, Sequence[Sequence]], *, n_boot: int = DEFAULT_BOOT,
+                seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-unit ``values`` with the :func:`factor_estimate` 95% interval; units whose value is not
+    finite are left out (with their factor entries)."""
+    v = np.asarray(values, dtype=np.float64).ravel()
+    ok = [int(i) for i in np.flatnonzero(np.isfinite(v))]
+    if len(ok) < 2:
+        return (float(v[ok].mean()) if len(ok) else float("nan")), float("nan"), float("nan")
+    fac = {k: [f[i] for i in ok] for k, f in factors.items()}
+    e = factor_estimate(weighted_mean(v[ok]), fac, n_boot=n_boot, seed=seed)
+    return e.estimate, e.ci_low, e.ci_high
+
+
 def weighted_mean(values) -> Callable[[np.ndarray], np.ndarray]:
     """``stat`` for :func:`factor_estimate`: the weighted mean of per-unit values."""
     v = np.asarray(values, dtype=np.float64)

@@ -47,7 +47,7 @@ from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.prompts import single_token
 from ...data.pairs import AlignmentError, PromptPairs
-from ...eval.stats import bootstrap_mean, spearman
+from ...eval.stats import factor_mean, spearman
 from ...viz.method_figures import plot_patching
 
 SWEEPS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads")
@@ -255,7 +255,7 @@ class PatchResult(Result):
         return torch.nanmean(self.effect(), 0)
 
     def top(self, k: int = 10, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-        """The k cells with the largest |mean effect|, with a bootstrap CI over pairs."""
+        """The k cells with the largest |mean effect|, with a 95% CI over the pairs' templates and names."""
         eff = self.effect()
         m = torch.nanmean(eff, 0)
         flat = m.flatten().nan_to_num(0.0)
@@ -264,7 +264,8 @@ class PatchResult(Result):
         out = []
         for i in order.tolist():
             cell = np.unravel_index(i, m.shape)
-            mean, lo, hi = bootstrap_mean(eff.reshape(eff.shape[0], -1)[:, i].numpy(), n_boot=n_boot, seed=seed)
+            mean, lo, hi = factor_mean(eff.reshape(eff.shape[0], -1)[:, i].numpy(), pair_factors(self.pairs),
+                                       n_boot=n_boot, seed=seed)
             out.append({**{a: int(c) for a, c in zip(self.axes, cell)}, "effect": mean, "ci_low": lo,
                         "ci_high": hi, "normalized": float(norm[i])})
         return out
@@ -338,10 +339,18 @@ def patch_sweep(
     return PatchResult(component, direction, axes, values, ld_clean, ld_corr, info, meta)
 
 
+def pair_factors(infos: Sequence[dict]) -> dict[str, list[list]]:
+    """The crossed factors of prompt pairs (template, clean name, corrupted name) for intervals that resample
+    templates and names rather than pairs."""
+    return {"template": [[i["template"]] for i in infos], "name_a": [[i["clean"]] for i in infos],
+            "name_b": [[i["corrupt"]] for i in infos]}
+
+
 def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: str = "denoise") -> dict:
     """Patch a set of components together (e.g. the top heads of a sweep, or IG² neurons).
 
-    Returns the per-pair metric and the mean effect / normalized value with a bootstrap CI.
+    Returns the per-pair metric and the mean effect / normalized value with a 95% CI over the pairs'
+    templates and names (:func:`~mechbias.eval.stats.factor_mean`).
     """
     metric = ld_metric(model, pairs)
     vals, base_vals, other_vals = [], [], []
@@ -357,7 +366,9 @@ def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: 
             other_vals.append(o)
     va, ba, oa = np.array(vals), np.array(base_vals), np.array(other_vals)
     clean_ld, corr_ld = (oa, ba) if direction == "denoise" else (ba, oa)
-    eff, lo, hi = bootstrap_mean(va - ba)
+    eff, lo, hi = factor_mean(va - ba, pair_factors([{"template": c.template, "clean": c.person.name,
+                                                     "corrupt": r.person.name} for c, r in zip(pairs.clean,
+                                                                                               pairs.corrupt)]))
     return {"direction": direction, "n_patches": len(patches), "n_pairs": len(pairs), "effect": eff, "ci_low": lo,
             "ci_high": hi, "normalized": float((va.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())),
             "values": va.tolist(), "ld_clean": clean_ld.tolist(), "ld_corrupt": corr_ld.tolist()}
