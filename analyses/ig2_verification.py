@@ -3,11 +3,12 @@ verification experiment (suppress x0 / amplify x2 the selected neurons vs. rando
 neurons from the same layers and vs. plain-IG neurons, on held-out names and
 templates), and the overlap of selected neurons between contexts.
 
-    python analyses/ig2_verification.py --out results/ig2 [--axes race gender] [--pairs 6]
+    python analyses/ig2_verification.py --out results/ig2 [--axes race gender] [--pairs 6] [--no-plain-ig]
 
-Writes, per context and axis, the folder written by ``mechbias ig2``; then
-``verification.csv``, ``overlap_<axis>.csv`` and figures. Resumable: a context
-whose ``ig2.json`` exists is skipped.
+Writes, per context and axis, the selection (``OUT/<context>_<axis>/``), per axis the method's analysis
+(``OUT/<axis>/analysis.json``, verification results and figures); then ``verification.csv``,
+``verification.md`` (the README's table), ``overlap_<axis>.csv`` and figures. Not resumable: a rerun
+recomputes everything (about 5 min per context with plain IG, 2.5 without, at 4 pairs on 2 threads).
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
+
+from mechbias.core.models import load_model
+from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
+from mechbias.methods.ig2 import IG2, IG2Config, selection_overlap
+from mechbias.viz.method_figures import plot_overlap
 
 
 def main() -> None:
@@ -27,20 +34,15 @@ def main() -> None:
     ap.add_argument("--axes", nargs="+", default=["race", "gender"])
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--figures", type=Path, default=None)
+    ap.add_argument("--model", default=None, help="default: the embedded model ('tiny' for a smoke run)")
+    ap.add_argument("--no-plain-ig", action="store_true", help="skip the plain-IG comparison (halves the time)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
 
-    import pandas as pd
-
-    from mechbias.methods.ig2 import IG2, IG2Config, selection_overlap
-    from mechbias.core.models import load_model
-    from mechbias.viz.method_figures import plot_overlap
-    from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
-
-    model = load_model()
+    model = load_model(args.model)
     rows = []
     for axis in args.axes:
-        method = IG2(IG2Config(pairs=args.pairs))
+        method = IG2(IG2Config(pairs=args.pairs, plain_ig=not args.no_plain_ig))
         for ctx in args.contexts:
             t = time.time()
             method(model, ctx, axis)
@@ -62,7 +64,7 @@ def main() -> None:
             atomic_savefig(fig, args.figures / f"ig2_overlap_{axis}.png")
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "verification.csv", index=False)
-    ci = lambda v, lo, hi, f="{:+.3f}": f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"  # noqa: E731
+    ci = lambda v, lo, hi, f="{:+.4f}": f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"  # noqa: E731
     table = [{"context": r["context"], "axis": r["axis"], "neurons": r["neurons"], "operation": r["operation"],
               "n": r["n_neurons"], "gap before": ci(r["gap_before"], *r["gap_before_ci"]),
               "change": ci(r["change"], r["ci_low"], r["ci_high"]),
