@@ -53,7 +53,8 @@ from mechbias.methods.pruning.method import Pruning
 from mechbias.methods.steering import Steering, SteeringConfig
 
 NEURON_KINDS = ("neuron@name", "neuron@last")
-MATRIX_METHODS = ("ig2", "patching", "prune_neuron", "prune_head", "steering", "gradiend")
+MATRIX_METHODS = ("ig2", "patching", "prune_neuron", "prune_neuron_paper", "prune_weight", "prune_head", "steering",
+                  "gradiend")
 
 
 def selected_units(iv) -> dict[str, set]:
@@ -135,6 +136,11 @@ def main() -> None:
         "prune_neuron": ("Neuron pruning (signed attribution)",
                          lambda: Pruning(PruneConfig(unit="neuron", k=n_truth, score="signed_attribution",
                                                      select="difference", common=None))),
+        # the paper's pruning and Wanda exactly as the study runs them
+        "prune_neuron_paper": (Pruning.VARIANTS["prune_neuron_paper"][0],
+                               lambda: Pruning(PruneConfig(**Pruning.VARIANTS["prune_neuron_paper"][1]))),
+        "prune_weight": (Pruning.VARIANTS["prune_weight"][0],
+                         lambda: Pruning(PruneConfig(**Pruning.VARIANTS["prune_weight"][1]))),
         "prune_head": ("Head pruning (attention to the name)",
                        lambda: Pruning(PruneConfig(unit="head", k=2, head_mode="z", common=None))),
         "steering": ("Steering (mean difference)", lambda: Steering(SteeringConfig())),
