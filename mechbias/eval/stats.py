@@ -15,6 +15,8 @@ simulated data sets (``tests/test_stats.py``).
 The same function gives the CI of a gap, of a paired change (after - before on
 one grid), and of a contrast across grids that share names, e.g. the mean
 within-context minus the mean cross-context effect of a transfer matrix.
+:func:`factor_estimate` does the same for statistics of units that each belong to a few factor levels
+(IG²'s verification units and patching's prompt pairs: one template, one group-A and one group-B name).
 :func:`benjamini_hochberg` adjusts a family of p-values.
 """
 
