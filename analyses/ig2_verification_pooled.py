@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         ch = factor_estimate(weighted_mean(a - b), f, n_boot=args.boot, seed=0)
         rows.append({"context": c, "units": len(units), "neurons": iv.n_components,
                      "gap before": f"{b.mean():+.4f}", "IG² suppress: change": f"{ch.estimate:+.4f} "
-                     f"[{ch.ci_low:+.4f}, {ch.ci_high:+.4f}]", "random: change": f"{(r_ - b).mean():+.4f}"})
+                     f"[{ch.ci_low:+.4f}, {ch.ci_high:+.4f}]", "random: change": f"{(r_ - b).mean():+.4f}",
+                     "change": ch.estimate})
         before.append(b), after.append(a), rnd.append(r_)
         fac["template"] += [[(c, t[0])] for t in f["template"]]
         fac["name_a"] += f["name_a"]
@@ -85,8 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     prow = [{"pooled over " + ", ".join(args.contexts): k,
              "estimate [95% CI]": f"{e.estimate:+.4f} [{e.ci_low:+.4f}, {e.ci_high:+.4f}]",
              "p": f"{e.p_value:.3f}", "detectable (80%)": f"{e.min_detectable:.4f}"} for k, e in pooled.items()]
+    shown = [{k: v for k, v in row.items() if k != "change"} for row in rows]
     text = (f"# IG² verification pooled over contexts ({ax.name}, {args.kind}, {len(b)} held-out units)\n\n"
-            + markdown_table(rows) + "\n\n" + markdown_table(prow) + "\n")
+            + markdown_table(shown) + "\n\n" + markdown_table(prow) + "\n")
     out = args.ig2 / f"pooled_{ax.name}"
     atomic_write_text(text, out / "pooled.md")
     atomic_write_json({"rows": rows, "pooled": {k: e.as_dict() for k, e in pooled.items()}}, out / "pooled.json")

@@ -237,3 +237,36 @@ def test_bns_guard_analysis_drops_costly_neurons_and_pairs_both_selections(tmp_p
     cells = tm.cells
     mean = sum(c.gap_removed - c.controls["unguarded"].gap_removed for c in cells) / len(cells)
     assert saved["contrasts"]["guarded - unguarded, all cells"]["estimate"] == pytest.approx(mean, abs=1e-9)
+
+
+def test_pooled_verification_rebuilds_the_method_units_and_pools_them(tiny, tmp_path):
+    """analyses/ig2_verification_pooled.py: from saved selections it rebuilds each context's held-out units
+    exactly as IG2.analyze does (its per-context change equals verify()'s), and the pooled change is the mean
+    over all units (the unit-weighted mean of the per-context changes)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from mechbias.methods.ig2.method import IG2, IG2Config
+
+    method = IG2(IG2Config(pairs=3, steps=4, plain_ig=False, verify_random=1, kind="logit"))
+    for c in ("finance", "commerce"):
+        method(tiny, c, "gender")
+        method.selections[c].save(tmp_path / f"{c}_gender")
+    analysis = method.analyze(tiny, "gender", tmp_path / "gender")
+    spec = importlib.util.spec_from_file_location(
+        "pooled", Path(__file__).parents[1] / "analyses" / "ig2_verification_pooled.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--ig2", str(tmp_path), "--contexts", "finance", "commerce", "--pairs", "3", "--random", "1",
+              "--kind", "logit", "--boot", "200", "--model", "tiny"])
+    out = json.loads((tmp_path / "pooled_gender" / "pooled.json").read_text())
+    changes, sizes = [], []
+    for row in out["rows"]:
+        ref = next(r for r in analysis["verification"] if r["context"] == row["context"]
+                   and r["neurons"] == "IG2" and r["operation"] == "suppress")
+        assert row["change"] == pytest.approx(ref["change"], abs=1e-9)
+        assert abs(ref["change"]) > 1e-4  # a value that could have disagreed
+        changes.append(ref["change"]), sizes.append(row["units"])
+    pooled = out["pooled"]["IG² suppress: change"]["estimate"]
+    assert pooled == pytest.approx(sum(c * n for c, n in zip(changes, sizes)) / sum(sizes), abs=1e-9)
