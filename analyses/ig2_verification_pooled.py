@@ -1,10 +1,11 @@
 """IG²'s verification pooled over contexts: does suppressing each context's selected neurons change the
 attributed gap on held-out prompts, on average over the contexts?
 
-    python analyses/ig2_verification_pooled.py [--ig2 results/ig2] [--axis gender] [--pairs 4]
+    python analyses/ig2_verification_pooled.py [--ig2 results/ig2] [--axis gender]
 
 Reads the selections written by ``analyses/ig2_verification.py`` (``IG2/<context>_<axis>/``), rebuilds each
-context's held-out verification units exactly as the method does (same pairs per template, seed 0), and
+context's held-out verification units exactly as the method does (pairs per template, gap kind and
+random draws read from the saved selections; seed 0), and
 measures them before and after suppressing that context's neurons (and 5 draws of random neurons from the
 same layers). The pooled statistic is the mean over every unit of every context; its interval resamples
 templates (each context's own), group-A names and group-B names (the same people in every context) with
@@ -39,9 +40,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ig2", type=Path, default=Path("results/ig2"), help="OUT of analyses/ig2_verification.py")
     ap.add_argument("--axis", default="gender")
     ap.add_argument("--contexts", nargs="+", default=["finance", "commerce", "hiring", "housing"])
-    ap.add_argument("--pairs", type=int, default=4, help="pairs per template (as the verification run)")
-    ap.add_argument("--random", type=int, default=5, help="draws of random neurons (as the verification)")
-    ap.add_argument("--kind", default="prob", help="the attributed gap (as the verification)")
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--model", default=None)
     args = ap.parse_args(argv)
@@ -50,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(f) for f in folders.values() if not (f / "selection.json").exists()]
     if missing:
         raise SystemExit(f"no saved selection in {missing}; run analyses/ig2_verification.py first")
+    # the verification's settings, from the saved selections (so the units are the ones it measured)
+    cfgs = {c: json.loads((f / "selection" / "result.json").read_text())["meta"] for c, f in folders.items()}
+    settings = {c: (m["mode"], m["pairs"], m["kind"], m["verify_random"], m["positions"]) for c, m in cfgs.items()}
+    if len(set(settings.values())) != 1 or next(iter(settings.values()))[0] != "contrast":
+        raise SystemExit(f"the selections were made with different or non-contrast settings: {settings}")
+    _, pairs, kind, n_random, positions = next(iter(settings.values()))
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     model = load_model(args.model)
 
@@ -60,15 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         meta = json.loads((folder / "selection.json").read_text())
         fav = ax.groups.index(meta["favoured_group"])
         units = contrast_units(c, ax.name, favoured=fav, templates="heldout", names="heldout",
-                               pairs_per_template=args.pairs, seed=0)
+                               pairs_per_template=pairs, seed=0)
         iv = load_intervention(folder / "intervention")
         if not isinstance(iv, NeuronIntervention):
             raise SystemExit(f"{folder}: expected saved IG² neurons, found {iv.describe()}")
-        b = unit_values(model, units, kind=args.kind).numpy()
-        a = unit_values(model, units, kind=args.kind, intervention=iv).numpy()
-        draws = [NeuronIntervention(iv.random_like(model, 1000 + r).as_pairs(), factor=0.0)
-                 for r in range(args.random)]
-        r_ = np.mean([unit_values(model, units, kind=args.kind, intervention=d).numpy() for d in draws], 0)
+        b = unit_values(model, units, kind=kind).numpy()
+        a = unit_values(model, units, kind=kind, intervention=iv).numpy()
+        draws = [NeuronIntervention(iv.random_like(model, 1000 + r).as_pairs(), factor=0.0, positions=positions)
+                 for r in range(n_random)]
+        r_ = np.mean([unit_values(model, units, kind=kind, intervention=d).numpy() for d in draws], 0)
         f = unit_factors(units)
         ch = factor_estimate(weighted_mean(a - b), f, n_boot=args.boot, seed=0)
         rows.append({"context": c, "units": len(units), "neurons": iv.n_components,
@@ -87,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
              "estimate [95% CI]": f"{e.estimate:+.4f} [{e.ci_low:+.4f}, {e.ci_high:+.4f}]",
              "p": f"{e.p_value:.3f}", "detectable (80%)": f"{e.min_detectable:.4f}"} for k, e in pooled.items()]
     shown = [{k: v for k, v in row.items() if k != "change"} for row in rows]
-    text = (f"# IG² verification pooled over contexts ({ax.name}, {args.kind}, {len(b)} held-out units)\n\n"
+    text = (f"# IG² verification pooled over contexts ({ax.name}, {kind}, {len(b)} held-out units)\n\n"
             + markdown_table(shown) + "\n\n" + markdown_table(prow) + "\n")
     out = args.ig2 / f"pooled_{ax.name}"
     atomic_write_text(text, out / "pooled.md")

@@ -258,8 +258,7 @@ def test_pooled_verification_rebuilds_the_method_units_and_pools_them(tiny, tmp_
         "pooled", Path(__file__).parents[1] / "analyses" / "ig2_verification_pooled.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.main(["--ig2", str(tmp_path), "--contexts", "finance", "commerce", "--pairs", "3", "--random", "1",
-              "--kind", "logit", "--boot", "200", "--model", "tiny"])
+    mod.main(["--ig2", str(tmp_path), "--contexts", "finance", "commerce", "--boot", "200", "--model", "tiny"])
     out = json.loads((tmp_path / "pooled_gender" / "pooled.json").read_text())
     changes, sizes = [], []
     for row in out["rows"]:
