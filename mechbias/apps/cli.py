@@ -25,11 +25,11 @@ from ..data.contexts import load_contexts
 from ..eval.crows import crows_score, read_pairs
 from ..eval.metrics import measure_bias
 from ..eval.cells import TransferConfig
-from ..interventions.base import NotFoldable, load_intervention
+from ..interventions.base import NotFoldable, check_model, load_intervention
 from ..methods.base import Method, registered_methods
 from .card import CardInputs, run_card
 from .configargs import add_config_arguments, config_from_arguments
-from .export import export_model
+from .export import check_replaceable, export_model
 from .study import StudyConfig, run_study
 from .workflow import run_method
 
@@ -38,20 +38,56 @@ def _say(msg: str) -> None:
     print(f"[mechbias] {msg}", file=sys.stderr)
 
 
+#: the fewest bootstrap replicates a command accepts (fewer give unstable intervals; 0 gave p = 0 once)
+MIN_BOOT_CLI = 100
+
+
+def _boot(text: str) -> int:
+    n = _int(text)
+    if n < MIN_BOOT_CLI:
+        raise argparse.ArgumentTypeError(f"must be >= {MIN_BOOT_CLI} bootstrap replicates, not {n}")
+    return n
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _nonneg(text: str) -> int:
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {n}")
+    return n
+
+
+def _out_folder(text: str) -> Path:
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder")
+    return out
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="model name: default the embedded SmolLM2-135M-Instruct; 'planted' for the planted-bias "
                         "variant; 'tiny' for a random test model; or a Hugging Face id / local folder")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--out", required=True, type=_out_folder, help="output folder")
+    p.add_argument("--threads", type=_nonneg, default=None, help="torch CPU threads (default: all cores)")
 
 
-def _load(args):
+def _load(args, intervention=None):
+    """The model, with ``intervention`` checked against it (made on this model, fits its shape and context)
+    before any work; ``--out`` is created only by the files written into it."""
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     t = time.time()
     model = load_model(args.model)
     _say(f"loaded {args.model or 'the embedded SmolLM2-135M-Instruct'} in {time.time() - t:.1f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
+    if intervention is not None:
+        check_model(intervention, model, force=getattr(args, "allow_other_model", False))
+        intervention.validate(model)
     return model
 
 
@@ -80,7 +116,7 @@ def cmd_bias(args) -> int:
     for a in args.axis:
         load_axis(a)
     intervention = _intervention(args)
-    model = _load(args)
+    model = _load(args, intervention)
     res = measure_bias(model, ctxs, args.axis, templates=args.templates, names=args.names,
                        intervention=intervention, n_boot=args.boot, seed=args.seed, progress=True)
     res.save(args.out / "result")
@@ -97,7 +133,7 @@ def cmd_bias(args) -> int:
 def cmd_crows(args) -> int:
     read_pairs(args.csv)  # validate the file before loading a model
     intervention = _intervention(args)
-    model = _load(args)
+    model = _load(args, intervention)
     res = crows_score(model, args.csv, n_boot=args.boot, seed=args.seed)
     out = {"unmodified": res.summary()}
     if intervention is not None:
@@ -120,7 +156,7 @@ def cmd_card(args) -> int:
                         include_path=args.include_path, limit=args.limit, perplexity=not args.no_perplexity)
     inputs.check()  # every file and task name, before the model loads
     intervention = _intervention(args)
-    model = _load(args)
+    model = _load(args, intervention)
     card = run_card(model, intervention, inputs, args.out, n_boot=args.boot, seed=args.seed, log=_say)
     print((args.out / "card.md").read_text().split("\n## ")[0])
     _say(f"wrote {args.out / 'card.json'}, card.md and card.png ({len(card['benchmarks'])} benchmarks)")
@@ -131,10 +167,15 @@ def cmd_export(args) -> int:
     intervention = load_intervention(args.intervention)  # a bad folder fails before the model loads
     intervention.check_foldable()  # so does an intervention with no weight form
     out = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder name")
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ValueError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_replaceable(out)  # --overwrite replaces only a folder that an earlier export wrote
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     model = load_model(args.model)
+    check_model(intervention, model, force=args.allow_other_model)
+    intervention.validate(model)
     summary = export_model(model, intervention, out)
     _say(f"wrote {out}: {summary['architecture']} with {summary['intervention']} folded into the weights; "
          f"largest |logit difference| from the hooked model on {len(summary['check_texts'])} texts: "
@@ -149,8 +190,13 @@ def cmd_export(args) -> int:
 
 def _method_command(cls: type[Method]):
     def run(args) -> int:
-        rows = [c.name for c in load_contexts(args.select_on)]
-        cols = [c.name for c in load_contexts(args.evaluate_on or args.select_on)]
+        # the loaded contexts, not their names: a user's YAML file is not found by its name again
+        rows = load_contexts(args.select_on)
+        cols = load_contexts(args.evaluate_on or args.select_on)
+        for what, ctxs in (("--select-on", rows), ("--evaluate-on", cols)):
+            names = [c.name for c in ctxs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{what} names a context twice: {names}")
         load_axis(args.axis)
         tcfg = config_from_arguments(TransferConfig, args, dest_prefix="transfer")
         cfg = config_from_arguments(cls.Config, args, **({"seed": tcfg.seed} if "seed" in
@@ -179,8 +225,15 @@ def cmd_study(args) -> int:
                      model_spec={"name": args.model or ""})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error style: one line on stderr, exit 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mechbias", description="Find where a language model carries a social "
+    parser = _Parser(prog="mechbias", description="Find where a language model carries a social "
                                      "bias, remove it, and measure whether the fix transfers across contexts. "
                                      "'mechbias COMMAND --help' lists a command's flags.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,8 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--names", default="all", choices=["all", "selection", "heldout"])
     p.add_argument("--intervention", type=Path, default=None,
                    help="folder of a saved intervention to measure under (e.g. OUT/intervention of a method command)")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the bootstrap")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply an intervention made on a model with other weights (same shape)")
+    p.add_argument("--boot", type=_boot, default=2000, help=f"bootstrap replicates (>= {MIN_BOOT_CLI})")
+    p.add_argument("--seed", type=_nonneg, default=0, help="seed of the splits and the bootstrap")
     p.set_defaults(func=cmd_bias)
 
     p = sub.add_parser("crows", help="score a CrowS-Pairs CSV (before and under an intervention)")
@@ -202,8 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True, type=Path,
                    help="CrowS-Pairs CSV (sent_more, sent_less, stereo_antistereo, bias_type)")
     p.add_argument("--intervention", type=Path, default=None, help="folder of a saved intervention")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply an intervention made on a model with other weights (same shape)")
+    p.add_argument("--boot", type=_boot, default=2000, help=f"bootstrap replicates (>= {MIN_BOOT_CLI})")
+    p.add_argument("--seed", type=_nonneg, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_crows)
 
     p = sub.add_parser("card", help="bias report card: StereoSet, CrowS-Pairs, BBQ, WinoBias, perplexity and lm-eval "
@@ -211,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--intervention", type=Path, default=None, help="folder of a saved intervention (none: the "
                                                                    "unmodified model only)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply an intervention made on a model with other weights (same shape)")
     p.add_argument("--stereoset", type=Path, default=None, help="StereoSet JSON (data.intrasentence is scored)")
     p.add_argument("--crows", type=Path, default=None, help="CrowS-Pairs CSV")
     p.add_argument("--bbq", type=Path, nargs="+", default=None, help="BBQ JSONL files (one per category)")
@@ -220,17 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", type=Path, default=None, help="folder of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: at most this many documents per task")
     p.add_argument("--no-perplexity", action="store_true", help="skip perplexity on the reporting neutral texts")
-    p.add_argument("--boot", type=int, default=2000, help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--boot", type=_boot, default=2000, help=f"bootstrap replicates (>= {MIN_BOOT_CLI})")
+    p.add_argument("--seed", type=_nonneg, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_card)
 
     p = sub.add_parser("export", help="write a Hugging Face checkpoint with a saved intervention folded into the "
                                       "weights (loadable by plain transformers)")
     p.add_argument("--model", default=None, help="the model the intervention was found on (as for other commands)")
     p.add_argument("--intervention", required=True, type=Path, help="folder of a saved intervention")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply an intervention that was made on a model with other weights (same shape)")
     p.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=_nonneg, default=None, help="torch CPU threads (default: all cores)")
     p.set_defaults(func=cmd_export)
 
     for name, cls in registered_methods().items():
@@ -255,16 +316,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fresh_out(args) -> None:
+    """A measurement or method command writes into an empty or new ``--out``: two runs are never mixed in one
+    folder (a rerun once left the previous run's intervention beside the new results). ``study`` resumes in its
+    own folder by design, and ``export`` has ``--overwrite``."""
+    if args.command in ("study", "export") or getattr(args, "out", None) is None:
+        return
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out} is not empty; choose a new folder (two runs are never mixed in one folder)")
+
+
+#: errors that a user's input causes (a bad name, number, file or folder): one line on stderr, exit 2
+USER_ERRORS = (ValueError, OSError, KeyError, UnicodeError, ContextError, ModelLoadError, NotFoldable)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing key {text}"
+    if not isinstance(err, (ValueError, ContextError, ModelLoadError, NotFoldable)) or isinstance(err, UnicodeError):
+        text = f"{type(err).__name__}: {text}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; user errors print ``mechbias: error: ...`` (one line) and return 2.
+    ``MECHBIAS_DEBUG=1`` re-raises them with their traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _fresh_out(args)
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        if isinstance(err, (ContextError, ModelLoadError, FileNotFoundError, NotFoldable)) or type(err) is ValueError:
-            print(f"mechbias: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except USER_ERRORS as err:
+        if os.environ.get("MECHBIAS_DEBUG"):
+            raise
+        print(f"mechbias: error: {_one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -100,6 +100,27 @@ def _fused(key: str, params: dict[str, torch.Tensor], live: dict[str, torch.Tens
     return None
 
 
+MARKER = "mechbias_export.json"
+
+
+def check_replaceable(out: str | Path) -> None:
+    """Refuse to replace ``out`` unless mechbias wrote it: it must not exist, be empty, or hold the export
+    marker (``mechbias_export.json``); it must never be the current directory, one of its parents, the home
+    folder or a filesystem root. Raises ``ValueError`` with the reason (the CLI's exit 2)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder name")
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents or real == Path.home().resolve() or real == Path(real.anchor):
+        raise ValueError(f"refusing to replace {out}: it is the current folder, one of its parents, the home "
+                         "folder or a root; choose a new folder for --out")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise ValueError(f"refusing to replace {out}: it is not empty and was not written by mechbias export "
+                         f"(no {MARKER}); choose a new folder for --out")
+
+
 def export_model(model, intervention: Intervention | None, out: str | Path, *,
                  check_texts: Sequence[str] = CHECK_TEXTS) -> dict:
     """Write ``out`` as a ``transformers`` checkpoint of ``model`` with ``intervention`` folded in.
@@ -111,6 +132,7 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     out = Path(out)
+    check_replaceable(out)
     hf = getattr(model, "original_model", None)
     if hf is None or not hasattr(hf, "save_pretrained"):
         raise ValueError(f"{model_label(model)} is not a Hugging Face model under TransformerLens; only those can be "
@@ -136,8 +158,9 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
                                          else None),
                    "dtype": str(dtype).replace("torch.", ""), "check_texts": list(check_texts),
                    "max_abs_logit_diff": diff, "mechbias_version": _pkg_version("mechbias")}
-        (tmp / "mechbias_export.json").write_text(json.dumps(summary, indent=2, default=str))
+        (tmp / MARKER).write_text(json.dumps(summary, indent=2, default=str))
         if out.exists():
+            check_replaceable(out)  # again: the folder may have changed while the model was exported
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:

@@ -297,15 +297,23 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     try:
         if cfg.axis == "auto":
             path = out / "axis_choice.json"
+            # reused only for the same model, data, contexts, axes and seed (it was once reused for any of them)
+            choice_key = {"salt": salt, "contexts": list(cfg.contexts), "axes": list(cfg.axes), "seed": cfg.seed}
+            choice = None
             if path.exists():
-                choice = json.loads(path.read_text())
-            else:
+                try:
+                    saved = json.loads(path.read_text())
+                except ValueError:
+                    saved = {}
+                if isinstance(saved, dict) and saved.get("key") == choice_key:
+                    choice = saved
+            if choice is None:
                 rep = run_planners({"axis": axis_planner(salt, list(cfg.contexts), list(cfg.axes), cfg.seed,
                                                          min(cfg.n_boot, 1000))}, store, ex, progress=progress, log=say)
                 runs.append(rep)
                 if not rep.ok:
                     return _failed(out, [rep], say)
-                choice = rep.values["axis"]
+                choice = {**rep.values["axis"], "key": choice_key}
                 atomic_write_json(choice, path)
             cfg.axis = choice["axis"]
             say(f"axis chosen on the selection split: {choice['axis']} "
@@ -332,6 +340,9 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         jobs = value.get("jobs", [])
         summary["jobs"] = len(jobs)
         atomic_write_json(summary, step_dir / "summary.json")
+    # the steps of this run: the report shows these alone, not a stale step an earlier configuration left
+    atomic_write_json({"steps": [st.name for st in steps if st.name in rep.values] + ["summary"]},
+                      out / "steps" / "index.json")
     rows = summary_rows(out, steps)
     atomic_savefig(plot_methods_summary(rows, cfg.axis), out / "steps" / "summary" / "figures" / "methods_summary.png")
     atomic_write_json({"rows": rows, "figures": ["methods_summary.png"]}, out / "steps" / "summary" / "summary.json")

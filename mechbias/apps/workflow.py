@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ..core.results import atomic_savefig, atomic_write_json
+from ..data.contexts import Context
 from ..eval.cells import EvalSet, TransferConfig
 from ..eval.transfer import TransferMatrix, transfer_matrix
+from ..interventions.base import model_identity
 from ..interventions.profile import UnitProfile
 from ..methods.base import Method
 
@@ -22,7 +24,8 @@ def short_cells(tm: TransferMatrix) -> list[dict]:
     return [{k: c.get(k) for k in keep} for c in tm.cells]
 
 
-def run_method(model, method: Method, select_on: Sequence[str], evaluate_on: Sequence[str], axis: str,
+def run_method(model, method: Method, select_on: Sequence[str | Context], evaluate_on: Sequence[str | Context],
+               axis: str,
                tcfg: TransferConfig, out: Path, *, quick: bool = False, eval_sets: dict[str, EvalSet] | None = None,
                analyze_kw: dict | None = None, log: Callable[[str], None] | None = None,
                fig_name: str | None = None, profile: UnitProfile | None = None) -> dict:
@@ -34,6 +37,11 @@ def run_method(model, method: Method, select_on: Sequence[str], evaluate_on: Seq
     tm = transfer_matrix(model, method, list(select_on), axis, method=method.title, eval_contexts=list(evaluate_on),
                          config=tcfg, eval_sets=eval_sets, profile=profile, log=say)
     fig = fig_name or f"transfer_{method.name}_{axis}.png"
+    origin = model_identity(model)  # saved in each intervention.json: applying it to another model is refused
+    for sel in method.selections.values():
+        sel.intervention.origin = origin
+    for iv in tm.interventions.values():
+        iv.origin = origin
     return write_method_outputs(method.name, method.title, method.summary, method.config.to_dict(), method.seed,
                                 tm, method.selections, None, out, fig,
                                 analyze=lambda: method.analyze(model, axis, out, quick=quick, transfer=tm,

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .families import is_masked_lm, model_class
+from .fastpath import fast_path_report
 from .models import model_label
 
 # every Result subclass registers itself here when its module is imported; importing any
@@ -170,6 +171,9 @@ def make_meta(model=None, **extra) -> dict:
             k: getattr(model.cfg, k, None) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
         }
         meta["model_class"] = model_class(model)
+        # which path the fast paths took (fast, or exact after a failed self-check) and the check's largest
+        # difference; empty when no fast path ran on this model in this process
+        meta["fast_paths"] = fast_path_report(model)
         if is_masked_lm(model):
             meta["readout"] = "masked LM: predictions read at a [MASK] after the prompt; perplexity is pseudo-perplexity"
     meta.update(extra)

@@ -32,7 +32,6 @@ follows). Perplexity becomes pseudo-perplexity (:func:`sequence_nll`).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import defaultdict
 from contextvars import ContextVar
 from typing import Callable, Iterable, Sequence
@@ -43,11 +42,8 @@ from torch import Tensor
 
 from .families import is_masked_lm
 from .hooks import hooked
-from .models import supports_kv_cache
-from .sites import hook_name
-
-_WINDOW: ContextVar[tuple[int, int] | None] = ContextVar("mechbias_forward_window", default=None)
-_READOUT: ContextVar[int | None] = ContextVar("mechbias_readout_position", default=None)
+from .fastpath import (last_position_unembed, prefix_cache, use_kv_cache)
+from .window import forward_window, readout_position
 
 #: Rows x tokens per forward pass on a CPU; bounds memory, tuned for a 2-core machine.
 DEFAULT_TOKENS_PER_BATCH = 4096
@@ -94,47 +90,6 @@ def batch_tokens(n: int):
         _TOKENS.reset(token)
 
 
-@contextlib.contextmanager
-def forward_window(start: int, total: int):
-    """Declare that forwards inside the block cover positions ``start..`` of sequences of length ``total``."""
-    token = _WINDOW.set((int(start), int(total)))
-    try:
-        yield
-    finally:
-        _WINDOW.reset(token)
-
-
-def local_positions(positions, seq_len: int) -> slice | list[int]:
-    """Indices, within the current forward call, of the absolute ``positions``.
-
-    ``positions`` is ``"all"``, ``"last"``, or a sequence of absolute indices
-    (negative ones count from the end of the whole sequence). Outside a
-    :func:`forward_window` the call is taken to cover the whole sequence.
-    """
-    if isinstance(positions, str) and positions == "all":
-        return slice(None)
-    window = _WINDOW.get()
-    start, total = window if window is not None else (0, seq_len)
-    if isinstance(positions, str):
-        if positions != "last":
-            raise ValueError(f"positions must be 'all', 'last' or a list of indices, not {positions!r}")
-        readout = _READOUT.get()
-        wanted = [total - 1 if readout is None else readout]
-    else:
-        wanted = [p if p >= 0 else total + p for p in positions]
-    return [p - start for p in wanted if start <= p < start + seq_len]
-
-
-@contextlib.contextmanager
-def readout_position(position: int):
-    """Inside the block, an intervention's ``"last"`` position is ``position`` (a masked LM's mask)."""
-    token = _READOUT.set(int(position))
-    try:
-        yield
-    finally:
-        _READOUT.reset(token)
-
-
 def readout_ids(model, seq: Int[Tensor, " p"]) -> tuple[Tensor, int]:
     """The token ids a prediction is read from, and the position it is read at.
 
@@ -157,91 +112,6 @@ def readout_ids(model, seq: Int[Tensor, " p"]) -> tuple[Tensor, int]:
     cut = len(seq) - 1 if len(seq) and int(seq[-1]) in closing else len(seq)
     out = torch.cat([seq[:cut], torch.tensor([mask], dtype=seq.dtype), seq[cut:]])
     return out, cut
-
-
-# ----------------------------------------------------------------------------
-# KV-cache helpers
-# ----------------------------------------------------------------------------
-
-def _frozen_layer_class(base: type) -> type:
-    class FrozenPrefixLayer(base):  # type: ignore[misc, valid-type]
-        """A cache layer holding a batch-1 prefix; ``update`` broadcasts it and stores nothing."""
-
-        _mechbias_frozen = True
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            b = key_states.shape[0]
-            keys = torch.cat([self.keys.expand(b, -1, -1, -1), key_states], dim=-2)
-            values = torch.cat([self.values.expand(b, -1, -1, -1), value_states], dim=-2)
-            return keys, values
-
-    return FrozenPrefixLayer
-
-
-_FROZEN: dict[type, type] = {}
-
-
-def freeze_cache(cache):
-    """Make every layer of a Hugging Face KV cache frozen (in place): it broadcasts its batch-1
-    keys and values to any batch and stores nothing new. Returns the cache."""
-    for layer in cache.layers:
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and layer.keys is not None and layer.keys.shape[-2] >= window - 1:
-            raise ValueError(f"a shared prefix of {layer.keys.shape[-2]} tokens reaches this model's sliding "
-                             f"attention window ({window}); the frozen-prefix fast path would drop keys")
-        cls = type(layer)
-        base = cls.__mro__[1] if getattr(cls, "_mechbias_frozen", False) else cls
-        if base not in _FROZEN:
-            _FROZEN[base] = _frozen_layer_class(base)
-        layer.__class__ = _FROZEN[base]
-    return cache
-
-
-def slice_cache(cache, s: int):
-    """A frozen copy of a KV cache holding its first ``s`` positions (the original is untouched)."""
-    new = copy.copy(cache)
-    new.layers = []
-    for layer in cache.layers:
-        lay = copy.copy(layer)
-        lay.keys = layer.keys[..., :s, :]
-        lay.values = layer.values[..., :s, :]
-        if hasattr(lay, "cumulative_length"):  # sliding-window layers (Mistral, Gemma 2) count their own length
-            lay.cumulative_length = s
-        new.layers.append(lay)
-    return freeze_cache(new)
-
-
-def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
-    """Run ``prefix`` (batch 1) and return a frozen KV cache usable by any batch size.
-
-    Hooks active in the caller's context fire during this prefix pass, inside a
-    forward window covering positions ``0..p`` (the caller sets ``total``).
-    """
-    with torch.no_grad(), last_position_unembed(model, 1):
-        _, cache = model(prefix, return_type="logits_and_cache", use_cache=True)
-    return freeze_cache(cache)
-
-
-@contextlib.contextmanager
-def position_unembed(model, position: int):
-    """Unembed only ``position`` (an index of the current forward call); the logits are ``[batch, 1, vocab]``."""
-
-    def keep(x, hook):
-        return x[:, position : position + 1]
-
-    with hooked(model, [(hook_name("unembed_in"), keep)]):
-        yield
-
-
-@contextlib.contextmanager
-def last_position_unembed(model, n_last: int):
-    """Unembed only the last ``n_last`` positions (the rest of the logits are never used)."""
-
-    def keep_last(x, hook):
-        return x[:, -n_last:]
-
-    with hooked(model, [(hook_name("unembed_in"), keep_last)]):
-        yield
 
 
 # ----------------------------------------------------------------------------
@@ -301,7 +171,7 @@ def map_last_logits(
         return _map_masked(model, seqs, readout, n_last=n_last, max_tokens=max_tokens)
     n = len(seqs)
     results: list[Tensor | None] = [None] * n
-    use_prefix = prefix_groups is not None and supports_kv_cache(model)
+    use_prefix = prefix_groups is not None and use_kv_cache(model)
     groups = [list(g) for g in prefix_groups] if use_prefix else [list(range(n))]
     done = 0
     bar = None

@@ -21,6 +21,7 @@ from typing import Literal, Union
 POINTS: dict[str, str] = {
     "embed": "hook_embed",
     "unembed_in": "unembed.hook_in",
+    "unembed_out": "unembed.hook_out",
     "resid_pre": "blocks.{l}.hook_resid_pre",
     "resid_mid": "blocks.{l}.hook_resid_mid",
     "resid_post": "blocks.{l}.hook_resid_post",
@@ -41,12 +42,12 @@ POINTS: dict[str, str] = {
     "in:mlp.in": "blocks.{l}.mlp.in.hook_in",
     "in:mlp.out": "blocks.{l}.mlp.out.hook_in",
 }
-GLOBAL_POINTS = frozenset({"embed", "unembed_in"})
+GLOBAL_POINTS = frozenset({"embed", "unembed_in", "unembed_out"})
 HEAD_POINTS = frozenset({"q", "k", "v", "z", "pattern"})
 #: the bridge components whose input the ``in:`` points read, in a fixed order
 LINEAR_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.in", "mlp.out")
 
-Point = Literal["embed", "unembed_in", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k",
+Point = Literal["embed", "unembed_in", "unembed_out", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k",
                 "v", "z", "pattern", "post", "in:attn.q", "in:attn.k", "in:attn.v", "in:attn.o", "in:mlp.gate",
                 "in:mlp.in", "in:mlp.out"]
 Positions = Union[Literal["all", "last"], tuple[int, ...]]

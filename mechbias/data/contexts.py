@@ -17,6 +17,7 @@ patching in :mod:`mechbias.data.pairs`.
 from __future__ import annotations
 
 import os
+import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,11 @@ def _require(cond: bool, src: str, fld: str, msg: str) -> None:
         raise ContextError(f"{src}: field '{fld}' {msg}")
 
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+#: the largest context file accepted (the built-in ones are about 3 kB)
+MAX_CONTEXT_BYTES = 1_000_000
+
+
 def parse_context(data: dict, source: str = "<dict>") -> Context:
     """Validate a context dictionary (as read from YAML) and build a :class:`Context`."""
     _require(isinstance(data, dict) and bool(data), source, "(root)", "is empty: the file defines no context")
@@ -144,10 +150,17 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
         _require(key in data, source, key, "is missing")
     name = data["name"]
     _require(isinstance(name, str) and name.strip() != "", source, "name", "must be a non-empty string")
+    # a context's name becomes a folder name in every output: letters, digits, '_', '-' and '.', no path
+    _require(bool(_SAFE_NAME.fullmatch(name.strip())) and len(name.strip()) <= 64, source, "name",
+             f"must be 1-64 letters, digits, '_', '-' or '.' starting with a letter or digit, not {name!r}")
     tpls = data["templates"]
     _require(isinstance(tpls, list) and len(tpls) >= 2 and all(isinstance(t, str) for t in tpls),
              source, "templates", "must be a list of at least 2 strings")
+    _require(len(tpls) <= 10_000, source, "templates", f"holds {len(tpls)} templates; at most 10000")
     for i, t in enumerate(tpls):
+        _require(len(t) <= 2000, source, f"templates[{i}]", "is longer than 2000 characters")
+        _require(all(not spec and conv is None for _, f, spec, conv in string.Formatter().parse(t) if f is not None),
+                 source, f"templates[{i}]", "may not use format specs or conversions (write {name}, not {name:>9})")
         slots = _slots(t)
         _require("name" in slots, source, f"templates[{i}]", "has no {name} slot")
         _require(slots <= SLOTS, source, f"templates[{i}]", f"uses unknown slots {sorted(slots - SLOTS)}")
@@ -167,6 +180,13 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
     _require(isinstance(ntpls, list) and all(isinstance(t, str) and "name" in _slots(t) for t in ntpls),
              source, "numeric.templates", "must be a list of strings with a {name} slot")
     demo = data.get("demographic") or {}
+    _require(isinstance(demo, dict), source, "demographic", "must be a mapping")
+    for fld in ("outcomes", "templates"):
+        sub = demo.get(fld) or {}
+        _require(isinstance(sub, dict), source, f"demographic.{fld}", "must be a mapping")
+        for k, v in sub.items():  # a bare string would be split into letters
+            _require(isinstance(v, list) and all(isinstance(x, str) for x in v), source, f"demographic.{fld}.{k}",
+                     f"must be a list of strings, not {type(v).__name__} (write [{v!r}] for one)")
     outcomes = {k: tuple(v) for k, v in (demo.get("outcomes") or {}).items()}
     dtpls = {k: tuple(v) for k, v in (demo.get("templates") or {}).items()}
     for ax, ts in dtpls.items():
@@ -231,7 +251,15 @@ def load_context(name_or_path: str | Path | Context) -> Context:
                              "(or pass the path of a YAML file)")
     if not path.exists():
         raise FileNotFoundError(f"context file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ContextError(f"{path}: is a folder, not a context YAML file")
+    if path.stat().st_size > MAX_CONTEXT_BYTES:
+        raise ContextError(f"{path}: {path.stat().st_size} bytes; a context file may hold at most "
+                           f"{MAX_CONTEXT_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ContextError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     if not text.strip():
         raise ContextError(f"{path}: the file is empty")
     try:

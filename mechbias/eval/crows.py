@@ -29,15 +29,23 @@ def read_pairs(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CrowS-Pairs CSV {path} does not exist")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: missing columns {missing} (a CrowS-Pairs CSV has {list(REQUIRED)})")
-        rows = [r for r in reader]
+    if path.is_dir():
+        raise ValueError(f"CrowS-Pairs CSV {path} is a folder; give the CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path}: missing columns {missing} (a CrowS-Pairs CSV has {list(REQUIRED)})")
+            rows = [r for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the CSV as UTF-8") from None
     if not rows:
         raise ValueError(f"{path}: the file has no rows")
     for i, r in enumerate(rows):
+        empty = [c for c in REQUIRED if not (r.get(c) or "").strip()]
+        if empty:
+            raise ValueError(f"{path}: row {i + 2}: empty {empty}; every row needs {list(REQUIRED)}")
         if r["stereo_antistereo"] not in ("stereo", "antistereo"):
             raise ValueError(f"{path}: row {i + 2}: stereo_antistereo must be 'stereo' or 'antistereo', "
                              f"not {r['stereo_antistereo']!r}")

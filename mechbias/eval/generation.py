@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.models import supports_kv_cache
+from ..core.fastpath import use_kv_cache
 from ..core.results import Result, make_meta
 from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
@@ -106,7 +106,7 @@ def sample_completions(model, prompt_ids: Tensor, *, n_samples: int = 20, temper
     out = torch.zeros(n_samples, 0, dtype=torch.long)
     done = torch.zeros(n_samples, dtype=torch.bool)
     ids = prompt_ids[None].to(device)
-    kv = supports_kv_cache(model)
+    kv = use_kv_cache(model)
     with torch.no_grad():
         if kv:
             logits, cache = model(ids, return_type="logits_and_cache", use_cache=True)

@@ -23,10 +23,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.families import is_masked_lm
-from ..core.models import supports_kv_cache
+from ..core.fastpath import last_position_unembed, slice_cache, use_kv_cache
 from ..core.results import Result, make_meta
-from ..core.runner import (forward_window, last_position_unembed, map_last_logits, pseudo_nll_each_readout,
-                           sequence_nll, slice_cache)
+from ..core.runner import map_last_logits, pseudo_nll_each_readout, sequence_nll
+from ..core.window import forward_window
 from ..data.axes import load_axis
 from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..data.contexts import Context, load_context, load_contexts
@@ -264,7 +264,7 @@ def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
         mask[r, : len(s)] = True
     batch = batch.to(device)
     total, count = 0.0, 0
-    use_kv = supports_kv_cache(model)
+    use_kv = use_kv_cache(model)
     cache = None
     if use_kv and longest > 2:
         with forward_window(0, longest), last_position_unembed(model, 1):  # right padding affects no earlier position

@@ -36,8 +36,20 @@ DEFAULT_BOOT = 2000
 POWER = 0.80
 
 
+#: the fewest bootstrap replicates any interval accepts (the command line asks for more)
+MIN_BOOT = 10
+
+
+def check_boot(n_boot: int) -> int:
+    """``n_boot`` if it is an integer >= :data:`MIN_BOOT`; else ``ValueError`` (0 replicates once gave p = 0)."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < MIN_BOOT:
+        raise ValueError(f"the number of bootstrap replicates must be an integer >= {MIN_BOOT}, not {n_boot!r}")
+    return int(n_boot)
+
+
 def _weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """Bootstrap resampling counts ``[n_boot, n]`` (multinomial, each row sums to n)."""
+    check_boot(n_boot)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
 
@@ -72,7 +84,9 @@ def _t_interval(est: float, var_t: float, var_n: float, df_t: float, df_n: float
     df = float(var ** 2 / denom) if denom > 0 else float("inf")
     df = max(df, 1.0)
     q = float(student_t.ppf(0.5 + level / 2, df))
-    if se > 0:
+    if not np.isfinite(se) or not np.isfinite(est):
+        p = float("nan")  # an undefined variance gives no p-value (it once became p = 0)
+    elif se > 0:
         p = float(2 * student_t.sf(abs(est) / se, df))
     else:
         p = 0.0 if est != 0 else 1.0

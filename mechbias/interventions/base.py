@@ -20,15 +20,18 @@ CLI or by another tool.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
+from ..core.models import model_label
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.weights import named_params
 
@@ -46,6 +49,58 @@ def register_intervention(cls: type["Intervention"]) -> type["Intervention"]:
     return cls
 
 
+def check_positions(positions: Any, model) -> None:
+    """Raise ``ValueError`` unless ``positions`` is ``"all"``, ``"last"`` or a list of integer positions inside
+    the model's context (-n_ctx..n_ctx-1). A position past every prompt would silently change nothing."""
+    if isinstance(positions, str):
+        if positions not in ("all", "last"):
+            raise ValueError(f"positions must be 'all', 'last' or a list of integers, not {positions!r}")
+        return
+    try:
+        items = list(positions)
+    except TypeError:
+        raise ValueError(f"positions must be 'all', 'last' or a list of integers, not {positions!r}") from None
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    for q in items:
+        if isinstance(q, bool) or not isinstance(q, (int, np.integer)):
+            raise ValueError(f"positions must be integers, not {q!r}")
+        if n_ctx and not -n_ctx <= int(q) < n_ctx:
+            raise ValueError(f"position {q} is outside this model's context (-{n_ctx}..{n_ctx - 1})")
+    if not items:
+        raise ValueError("positions is an empty list: the intervention would change nothing")
+
+
+def model_identity(model) -> dict:
+    """What an intervention folder records about the model it was made on: label, shape and a fingerprint of a
+    sample of its weights (the first 4096 values of the first, middle and last parameters)."""
+    cfg = model.cfg
+    shape = {k: int(getattr(cfg, k)) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
+             if getattr(cfg, k, None) is not None}
+    params = list(model.named_parameters())
+    h = hashlib.sha256()
+    for name, t in [params[0], params[len(params) // 2], params[-1]] if params else []:
+        v = t.detach().reshape(-1)[:4096].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(v.numpy().tobytes())
+    return {"label": model_label(model), "shape": shape, "fingerprint": h.hexdigest()[:16]}
+
+
+def check_model(intervention: "Intervention", model, *, force: bool = False) -> None:
+    """Refuse (``ValueError``) an intervention made on another model: a different shape always, a different
+    weight fingerprint unless ``force``. Folders saved without a model record pass (older mechbias)."""
+    origin = getattr(intervention, "origin", None)
+    if not origin:
+        return
+    here = model_identity(model)
+    if origin.get("shape") and origin["shape"] != here["shape"]:
+        raise ValueError(f"this intervention was made on {origin.get('label')} with shape {origin['shape']}; the "
+                         f"model loaded here ({here['label']}) has shape {here['shape']}")
+    if not force and origin.get("fingerprint") not in (None, here["fingerprint"]):
+        raise ValueError(f"this intervention was made on {origin.get('label')} (weights {origin['fingerprint']}), "
+                         f"not on the model loaded here ({here['label']}, weights {here['fingerprint']}); pass "
+                         "--allow-other-model to apply it anyway")
+
+
 def intervention_types() -> dict[str, type["Intervention"]]:
     return dict(_REGISTRY)
 
@@ -58,6 +113,9 @@ class Intervention:
     """Base class: a reversible change to a model, serialisable to a folder."""
 
     kind: ClassVar[str] = "intervention"
+    #: the model it was made on (:func:`model_identity`), recorded in ``intervention.json`` when known; set on
+    #: an instance (not a dataclass field, so it never enters equality or the subclasses' constructors)
+    origin: dict | None = None
 
     # -- behaviour --
     def hooks(self, model) -> list[tuple[Any, Callable]]:
@@ -134,7 +192,10 @@ class Intervention:
         tensors = self.tensors()
         if tensors:
             atomic_save_tensors(tensors, path / "tensors.safetensors")
-        atomic_write_json({"kind": self.kind, **self.to_dict()}, path / "intervention.json")
+        record = {"kind": self.kind, **self.to_dict()}
+        if self.origin:
+            record["model"] = self.origin
+        atomic_write_json(record, path / "intervention.json")
         return path
 
 
@@ -150,18 +211,33 @@ def load_intervention(path: str | Path) -> Intervention:
     """Load an intervention saved with :meth:`Intervention.save`."""
     path = Path(path)
     meta = path / "intervention.json"
-    if not meta.exists():
+    if not meta.is_file():
         raise FileNotFoundError(f"{path} holds no saved intervention (missing intervention.json)")
-    d = json.loads(meta.read_text())
+    try:
+        d = json.loads(meta.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{meta}: not valid JSON ({err}); the folder is damaged, save the intervention again") \
+            from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{meta}: expected a JSON object, found {type(d).__name__}")
+    origin = d.pop("model", None)
     tensors = {}
     if (path / "tensors.safetensors").exists():
         from safetensors.torch import load_file
 
-        tensors = load_file(str(path / "tensors.safetensors"))
+        try:
+            tensors = load_file(str(path / "tensors.safetensors"))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise ValueError(f"{path / 'tensors.safetensors'}: cannot be read ({err}); the folder is damaged") \
+                from None
     try:
-        return intervention_from_dict(d, tensors)
-    except ValueError as err:
-        raise ValueError(f"{meta}: {err}") from err
+        iv = intervention_from_dict(d, tensors)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        what = f"missing {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{meta}: not a valid {d.get('kind', 'intervention')} ({what})") from None
+    if origin:
+        iv.origin = origin
+    return iv
 
 
 @contextlib.contextmanager

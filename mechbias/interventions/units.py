@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.runner import local_positions
+from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
-from .base import Intervention, NotFoldable, as_layer_dict, register_intervention
+from .base import Intervention, NotFoldable, as_layer_dict, check_positions, register_intervention
 from .profile import NoMatchedControl, UnitProfile, nearest_unselected
 
 
@@ -103,6 +103,7 @@ class NeuronIntervention(Intervention):
 
     def validate(self, model) -> None:
         _check(self.neurons, model.cfg.n_layers, model.cfg.d_mlp, "neuron")
+        check_positions(self.positions, model)
 
     def hooks(self, model):
         self.validate(model)
@@ -214,6 +215,7 @@ class HeadIntervention(Intervention):
 
     def validate(self, model) -> None:
         _check(self.heads, model.cfg.n_layers, model.cfg.n_heads, "head")
+        check_positions(self.positions, model)
 
     def hooks(self, model):
         self.validate(model)

@@ -32,8 +32,19 @@ class WeightMask(Intervention):
     def n_components(self) -> int:
         return int(sum(m.numel() for m in self.masks.values()))
 
+    def validate(self, model) -> None:
+        """Every index must address an entry of its parameter: no negative index (it would count from the end)
+        and none past the last entry."""
+        for n, idx in self.masks.items():
+            size = param(model, n).numel()
+            idx = idx.long()
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+                raise ValueError(f"weight mask of {n}: indices must lie in 0..{size - 1}, found "
+                                 f"{int(idx.min())}..{int(idx.max())}")
+
     @contextlib.contextmanager
     def apply(self, model):
+        self.validate(model)
         params = {n: param(model, n) for n in self.masks}
         with restoring(params), torch.no_grad():
             for n, p in params.items():
@@ -41,6 +52,7 @@ class WeightMask(Intervention):
             yield model
 
     def fold(self, model, params: dict[str, Tensor]) -> None:
+        self.validate(model)
         for n, idx in self.masks.items():
             if n not in params:
                 raise ValueError(f"model has no parameter named {n!r}")

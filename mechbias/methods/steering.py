@@ -21,12 +21,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ..core.runner import capture, local_positions
+from ..core.runner import capture
+from ..core.window import local_positions
 from ..core.sites import Site
 from ..data.axes import load_axis
 from ..data.prompts import tokenize
 from ..data.contexts import Context
-from ..interventions.base import Intervention, NotFoldable, register_intervention
+from ..interventions.base import Intervention, NotFoldable, check_positions, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 
 MODES = ("ablate", "add")
@@ -66,6 +67,7 @@ class DirectionIntervention(Intervention):
         if self.direction.numel() != model.cfg.d_model:
             raise ValueError(f"the direction has {self.direction.numel()} entries, the residual stream "
                              f"{model.cfg.d_model}")
+        check_positions(self.positions, model)
 
     def hooks(self, model):
         self.validate(model)

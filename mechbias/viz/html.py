@@ -264,6 +264,10 @@ def study_html(out: str | Path) -> str:
     """The interactive report of a finished study folder (``OUT/steps/*/summary.json``)."""
     out = Path(out)
     steps = sorted(p.parent for p in (out / "steps").glob("*/summary.json"))
+    index = out / "steps" / "index.json"
+    if index.exists():  # the steps of the latest run (older studies wrote no index: every step is shown)
+        current = set(json.loads(index.read_text()).get("steps", []))
+        steps = [s for s in steps if s.name in current]
     if not steps:
         raise FileNotFoundError(f"{out} holds no finished study steps (no steps/*/summary.json)")
     cfg = json.loads((out / "study_config.json").read_text()) if (out / "study_config.json").exists() else {}

@@ -67,7 +67,13 @@ def read_bbq(paths) -> list[dict]:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"BBQ file {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not path.is_file():
+            raise ValueError(f"BBQ file {path} is a folder; give the JSONL file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -75,6 +81,8 @@ def read_bbq(paths) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: not JSON ({err})") from err
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: each line must be a JSON object, not {type(row).__name__}")
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"{where}: missing fields {missing}")

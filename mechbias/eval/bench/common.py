@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
-from ..stats import benjamini_hochberg
+from ..stats import benjamini_hochberg, check_boot
 
 Outcomes = dict[str, np.ndarray]  # per-item arrays (scores, choices, flags), all of length n_items
 Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> value
@@ -74,6 +74,7 @@ def cluster_ids(keys: Sequence[Any]) -> np.ndarray:
 def _resampled_items(clusters: np.ndarray, subset: np.ndarray, rng: np.random.Generator, n_boot: int
                      ) -> list[np.ndarray]:
     """``n_boot`` resamples of ``subset``: its clusters drawn with replacement, each bringing all its items."""
+    check_boot(n_boot)
     members: dict[int, list[int]] = {}
     for i in subset:
         members.setdefault(int(clusters[i]), []).append(int(i))

@@ -38,16 +38,23 @@ def read_stereoset(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"StereoSet file {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"StereoSet file {path} is a folder; give the JSON file")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         examples = data["data"]["intrasentence"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a StereoSet JSON with data.intrasentence ({err})") from err
     if not examples:
         raise ValueError(f"{path}: data.intrasentence is empty")
     out = []
+    if not isinstance(examples, list):
+        raise ValueError(f"{path}: data.intrasentence must be a list of examples")
     for k, ex in enumerate(examples):
-        fill = {s.get("gold_label"): s.get("sentence") for s in ex.get("sentences", [])}
+        sentences = ex.get("sentences", []) if isinstance(ex, dict) else None
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+            raise ValueError(f"{path}: intrasentence example {k} is not an object with a list of sentences")
+        fill = {s.get("gold_label"): s.get("sentence") for s in sentences}
         missing = [lab for lab in LABELS if not fill.get(lab)]
         if missing or not ex.get("target") or not ex.get("bias_type"):
             raise ValueError(f"{path}: intrasentence example {k} ({ex.get('id', '?')}) lacks "

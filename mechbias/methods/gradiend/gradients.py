@@ -9,7 +9,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ...core.runner import length_buckets, position_unembed, readout_ids, readout_position
+from ...core.fastpath import position_unembed
+from ...core.runner import length_buckets, readout_ids
+from ...core.window import readout_position
 from ...core.weights import block_component, frozen, linear_weight_name, named_params
 from ...data.prompts import tokenize
 
@@ -71,6 +73,9 @@ def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] |
                  "mlp+attn": ["attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.in", "mlp.out"]}
         if which not in comps:
             raise ValueError(f"parameter set must be one of {sorted(comps)} or a list of names, not {which!r}")
+        bad = [l for l in (layers or []) if not 0 <= int(l) < model.cfg.n_layers]
+        if bad:
+            raise ValueError(f"GRADIEND layers {bad} are outside 0..{model.cfg.n_layers - 1}")
         if which == "down-late" and layers is None:
             L = model.cfg.n_layers
             layers = list(range(L - max(1, math.ceil(L / 4)), L))

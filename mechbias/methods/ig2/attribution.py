@@ -53,10 +53,12 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ...core.hooks import hooked, run_with_cache
-from ...core.models import supports_kv_cache
+from ...core.fastpath import use_kv_cache
 from ...core.families import is_masked_lm
 from ...core.results import Result, make_meta
-from ...core.runner import forward_window, position_unembed, prefix_cache, readout_ids, readout_position
+from ...core.fastpath import position_unembed, prefix_cache
+from ...core.runner import readout_ids
+from ...core.window import forward_window, readout_position
 from ...core.sites import hook_name
 from ...core.weights import frozen
 from ...data.prompts import single_token, tokenize
@@ -257,7 +259,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
     total = ids.shape[1]
     at = at % total
     # all positions: every position changes, so no prefix can be shared; nor in a bidirectional model
-    use_kv = supports_kv_cache(model) and total > 1 and position == "last" and at == total - 1 \
+    use_kv = use_kv_cache(model) and total > 1 and position == "last" and at == total - 1 \
         and not is_masked_lm(model)
     n_pos = 1 if position == "last" else total
     cache = None
@@ -419,7 +421,7 @@ def run_ig2(
             comp[k, :, 1] += w * (r.g1 - r.g0)
     if method == "reference":
         path = "reference"
-    elif is_masked_lm(model) or position == "all" or not supports_kv_cache(model):
+    elif is_masked_lm(model) or position == "all" or not use_kv_cache(model):
         path = "exact"  # every position runs (masked LM: at the mask)
     else:
         path = "fast"  # frozen prefix, scaled copies created inside the forward

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor
 
 from ...core.hooks import hooked, run_with_cache
-from ...core.models import supports_kv_cache
+from ...core.fastpath import use_kv_cache
 from ...core.families import require_causal
 from ...core.results import Result, make_meta
-from ...core.runner import forward_window, last_position_unembed, slice_cache
+from ...core.fastpath import last_position_unembed, slice_cache
+from ...core.window import forward_window
 from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.prompts import single_token
@@ -105,7 +106,7 @@ def run_variants(
     device = model.cfg.device
     P = len(base_tokens)
     hooks_needed = sorted({p.hook_name for v in variants for p in v})
-    use_kv = supports_kv_cache(model) if use_kv is None else use_kv
+    use_kv = use_kv_cache(model) if use_kv is None else use_kv
     with torch.no_grad():
         _, src_cache = run_with_cache(model, src_tokens[None].to(device), hooks_needed)
         if use_kv:
