@@ -353,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"mechbias: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if os.environ.get("MECHBIAS_DEBUG"):
+            raise
+        # files are written atomically, so what is in --out is complete; a study resumes where it stopped
+        print("mechbias: interrupted (files already in --out are complete; a study resumes when rerun)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

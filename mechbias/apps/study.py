@@ -78,7 +78,18 @@ class StudyConfig:
     def __post_init__(self):
         if self.contexts is None:
             self.contexts = ("all",) if self.full else DEFAULT_CONTEXTS
-        self.contexts = tuple(c.name for c in load_contexts(list(self.contexts)))
+        # built-in contexts by name; a user's YAML file by its absolute path (workers load it from there, and
+        # its bytes enter every job's key through study_salt)
+        given = [c.name for c in load_contexts("all")] if list(self.contexts) == ["all"] else list(self.contexts)
+        refs = []
+        for g in given:
+            ctx = load_contexts([g])[0]  # validates the name or the file
+            user_file = Path(str(g)).suffix in (".yaml", ".yml") or Path(str(g)).exists()
+            refs.append(str(Path(g).resolve()) if user_file else ctx.name)
+        names = [load_contexts([r])[0].name for r in refs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"the study names a context twice: {names}")
+        self.contexts = tuple(refs)
         for a in (*self.axes, *([] if self.axis == "auto" else [self.axis])):
             load_axis(a)
         known = registered_methods()
@@ -269,7 +280,8 @@ def make_executor(model, cfg: StudyConfig, model_spec: dict | None, log=None):
 
 def study_salt(model, cfg: StudyConfig) -> str:
     """What every job depends on besides its parameters: the model's weights and the data files."""
-    return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint()}".encode()).hexdigest()
+    user_files = [c for c in cfg.contexts if Path(c).suffix in (".yaml", ".yml")]
+    return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint(user_files)}".encode()).hexdigest()
 
 
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,

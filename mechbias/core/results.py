@@ -171,8 +171,7 @@ def make_meta(model=None, **extra) -> dict:
             k: getattr(model.cfg, k, None) for k in ("n_layers", "d_model", "n_heads", "d_mlp", "d_vocab")
         }
         meta["model_class"] = model_class(model)
-        # which path the fast paths took (fast, or exact after a failed self-check) and the check's largest
-        # difference; empty when no fast path ran on this model in this process
+        # which path the fast paths take on this model: fast, or exact after a failed self-check
         meta["fast_paths"] = fast_path_report(model)
         if is_masked_lm(model):
             meta["readout"] = "masked LM: predictions read at a [MASK] after the prompt; perplexity is pseudo-perplexity"
