@@ -114,3 +114,21 @@ def test_a_broken_partial_unembedding_falls_back_to_trimming_after_the_unembeddi
     with torch.no_grad():
         full = model(ids)
     assert torch.allclose(last[:, 0], full[:, -1], atol=1e-6)
+
+
+def test_doctor_reports_the_self_check(capsys, broken_prefix):
+    from mechbias.apps.cli import main
+
+    with pytest.warns(RuntimeWarning):
+        assert main(["doctor", "--model", "tiny"]) == 1  # the broken fast path is reported, and the exit says so
+    out = capsys.readouterr().out
+    assert "fast path kv_cache: exact (SELF-CHECK FAILED" in out and "transformers" in out
+    assert "fast path unembed: fast (self-check passed" in out
+
+
+def test_doctor_passes_on_the_installed_libraries(capsys):
+    from mechbias.apps.cli import main
+
+    assert main(["doctor", "--model", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "fast path kv_cache: fast (self-check passed" in out and "torch " in out

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..core.models import ModelLoadError, load_model
+from ..core.fastpath import fast_path_status, library_versions
+from ..core.models import ModelLoadError, cache_dir, load_model, model_label
 from ..core.results import atomic_savefig, atomic_write_json
 from ..data.axes import ContextError, load_axis
 from ..data.contexts import load_contexts
@@ -218,11 +219,46 @@ def _method_command(cls: type[Method]):
     return run
 
 
+def cmd_doctor(args) -> int:
+    """Versions, device, model cache, and the fast paths' self-check on the chosen model."""
+    from importlib.metadata import version
+
+    print(f"mechbias {version('mechbias')}")
+    for name, v in library_versions().items():
+        print(f"{name} {v}")
+    print(f"python {sys.version.split()[0]}; torch threads {torch.get_num_threads()}; "
+          f"cuda {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    print(f"model cache {cache_dir()}")
+    model = load_model(args.model, device=args.device) if args.device else load_model(args.model)
+    st = fast_path_status(model)
+    print(f"model {model_label(model)} on {model.cfg.device}")
+    for name in ("unembed", "kv_cache"):
+        entry = st[name]
+        checks = entry.get("checks") or {name: entry}
+        detail = "; ".join(f"{k}: " + (f"max |diff| {c['max_abs_diff']:.2g} (tolerance {c['tolerance']:.2g})"
+                                       if "max_abs_diff" in c else c.get("error", c.get("reason", "")))
+                           for k, c in checks.items())
+        if "reason" in entry:
+            detail = entry["reason"]
+        print(f"fast path {name}: {entry['path']} ({'self-check passed' if entry['ok'] else 'SELF-CHECK FAILED'}; "
+              f"{detail})")
+    return 0 if all(st[k]["ok"] for k in ("unembed", "kv_cache")) else 1
+
+
 def cmd_study(args) -> int:
     cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
     model = _load(args)
     return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say,
                      model_spec={"name": args.model or ""})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mechbias")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -236,7 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mechbias", description="Find where a language model carries a social "
                                      "bias, remove it, and measure whether the fix transfers across contexts. "
                                      "'mechbias COMMAND --help' lists a command's flags.")
+    parser.add_argument("--version", action="version", version=f"mechbias {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="versions, device, model cache, and whether the fast paths pass their "
+                                      "self-check on a model (exit 1 if one does not)")
+    p.add_argument("--model", default=None, help="model to check (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="device to load it on (e.g. cuda)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")
     _model_args(p)
