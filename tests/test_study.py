@@ -75,3 +75,53 @@ def test_study_settings_are_checked_before_any_work():
         StudyConfig(workers=0)
     assert StudyConfig().contexts == ("finance", "commerce")
     assert len(StudyConfig(full=True).contexts) > 2
+
+
+def test_user_yaml_contexts_work_in_method_commands_and_the_study(tmp_path):
+    """A context from the user's own file (issue 31: method commands refused it as an unknown name, and the
+    study turned its path into a name). Its bytes enter the job keys: editing the file recomputes."""
+    from pathlib import Path
+
+    finance = (Path(__file__).resolve().parents[1] / "mechbias/data/files/contexts/finance.yaml").read_text()
+    yaml_file = tmp_path / "mine.yaml"
+    yaml_file.write_text(finance.replace("name: finance", "name: mycredit"))
+    assert main(["prune", "--model", "tiny", "--select-on", str(yaml_file), "--evaluate-on", str(yaml_file),
+                 "finance", "--k", "5", "--random", "1", "--boot", "100", "--out", str(tmp_path / "p")]) == 0
+    cells = json.loads((tmp_path / "p" / "transfer.json").read_text())["cells"]
+    assert {(c["selected_on"], c["evaluated_on"]) for c in cells} == {("mycredit", "mycredit"),
+                                                                      ("mycredit", "finance")}
+    argv = ["study", "--model", "tiny", "--quick", "--contexts", str(yaml_file), "finance", "--axis", "race",
+            "--methods", "prune", "--workers", "1", "--out", str(tmp_path / "s")]
+    assert main(argv) == 0
+    s = json.loads((tmp_path / "s" / "steps" / "prune_neuron_paper" / "summary.json").read_text())
+    assert {c["selected_on"] for c in s["transfer"]} == {"mycredit", "finance"}
+    cfg = StudyConfig(contexts=(str(yaml_file), "finance"))
+    assert cfg.contexts == (str(yaml_file.resolve()), "finance")
+    # the file's bytes are part of every job's key: an edit means recomputation, never a stale reuse
+    from mechbias.apps.study import study_salt
+    from mechbias.core.models import load_model
+
+    model = load_model("tiny")
+    before = study_salt(model, cfg)
+    yaml_file.write_text(yaml_file.read_text().replace("loan", "mortgage"))
+    assert study_salt(model, cfg) != before
+
+
+def test_a_rerun_with_other_steps_reports_only_its_own_and_rechooses_the_axis(tmp_path):
+    """Stale state (issue 31): the report once showed every steps/*/summary.json on disk, and axis_choice.json
+    was reused whatever the model, contexts or seed."""
+    from mechbias.viz.html import study_html
+
+    out = tmp_path / "s"
+    base = ["study", "--model", "tiny", "--quick", "--contexts", "finance", "commerce", "--workers", "1",
+            "--out", str(out)]
+    assert main(base + ["--axis", "auto", "--methods", "prune"]) == 0
+    pruning_title = json.loads((out / "steps" / "prune_neuron_paper" / "summary.json").read_text())["title"]
+    assert pruning_title in study_html(out)
+    choice = json.loads((out / "axis_choice.json").read_text())
+    assert choice["key"]["contexts"] == ["finance", "commerce"] and choice["key"]["seed"] == 0
+    assert main(base + ["--axis", "auto", "--methods", "steer", "--seed", "1"]) == 0
+    html = study_html(out)
+    assert (out / "steps" / "prune_neuron_paper" / "summary.json").exists()  # kept on disk, not deleted
+    assert pruning_title not in html  # but not reported as part of this run
+    assert json.loads((out / "axis_choice.json").read_text())["key"]["seed"] == 1  # chosen again for seed 1

@@ -113,8 +113,9 @@ def _generation(ctx: WorkerContext, p: dict, d: dict) -> dict:
 @job_kind("analyze")
 def _analyze(ctx: WorkerContext, p: dict, d: dict) -> dict:
     method = get_method(p["method"])(d["config"], seed=p["seed"])
-    method.selections = {r: d[f"selection/{r}"] for r in p["rows"]}
-    eval_sets = {c: d[f"evalset/{c}"] for c in p["cols"]}
+    # keyed by the contexts' names, as the selections and the transfer matrix are (rows may be file paths)
+    method.selections = {load_context(r).name: d[f"selection/{r}"] for r in p["rows"]}
+    eval_sets = {load_context(c).name: d[f"evalset/{c}"] for c in p["cols"]}
     analysis = method.analyze(ctx.model, p["axis"], ctx.out, quick=p["quick"], transfer=d["transfer"],
                               eval_sets=eval_sets, n_boot=p["n_boot"], **d["analyze_kw"])
     return {"value": analysis}
@@ -212,28 +213,31 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
     res = yield [*score.values(), *ppl.values(), *gen.values()]
 
     # the transfer matrix, from the grids (the same statistics as transfer_matrix)
-    eval_sets = {c: res(shared.evalsets[c]) for c in cols}
+    # rows and columns are context references (a name, or a user file's path); results use the contexts' names
+    nm = {x: load_context(x).name for x in {*rows, *cols}}
+    eval_sets = {nm[c]: res(shared.evalsets[c]) for c in cols}
     base_ppl = res(base) if base else None
     chosen, cells, row_info, grids = {}, [], [], {}
     for r in rows:
         iv = res(sel[r], "intervention")
-        chosen[r] = iv
+        chosen[nm[r]] = iv
         controls = {name: [res(ctl[r], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
         pc = ({name: [res(ppl[(r, f"{name}/{i}")]) - base_ppl for i in range(n)] for name, n in draws[r].items()}
               if base else None)
         after_ppl = res(ppl[(r, "after")]) - base_ppl if base else None
-        row_info.append(make_row_info(r, iv, controls, base_ppl, after_ppl, pc, res(gen[r]) if gen else None))
+        row_info.append(make_row_info(nm[r], iv, controls, base_ppl, after_ppl, pc, res(gen[r]) if gen else None))
         for c in cols:
             kept: dict = {}
             cg = {name: [res(score[(r, f"{name}/{i}", c)]) for i in range(n)] for name, n in draws[r].items()}
-            cells.append(cell_from_grids(eval_sets[c], res(score[(r, "after", c)]), iv.n_components, tcfg,
-                                         selected_on=r, ppl=after_ppl, control_grids=cg,
+            cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(r, "after", c)]), iv.n_components, tcfg,
+                                         selected_on=nm[r], ppl=after_ppl, control_grids=cg,
                                          control_ppl=pc, keep=kept))
             for k, v in kept.items():
-                grids[f"{k}/{r}/{c}"] = v
-    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": rows}
-    tm = finish_matrix(cls.title, axis, rows, cols, eval_sets, cells, row_info,
-                       baseline_rows(eval_sets, cols, tcfg), tcfg, meta, grids, chosen)
+                grids[f"{k}/{nm[r]}/{nm[c]}"] = v
+    names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
+    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": names_r}
+    tm = finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
+                       baseline_rows(eval_sets, names_c, tcfg), tcfg, meta, grids, chosen)
 
     n_boot = min(tcfg.n_boot, 1000)
     an = Job("analyze", {"method": cls.name, "config": cfg_d, "seed": seed, "axis": axis, "rows": rows, "cols": cols,
@@ -244,7 +248,7 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
              inputs={"config": config, "transfer": tm, "analyze_kw": dict(analyze_kw)}, salt=salt,
              label=f"{step}: analyses")
     res = yield [an]
-    selections: dict[str, Selection] = {r: res(sel[r], "selection") for r in rows}
+    selections: dict[str, Selection] = {nm[r]: res(sel[r], "selection") for r in rows}
     all_jobs = [*first, *ctl.values(), *score.values(), *ppl.values(), *gen.values(), an]
     return {"transfer": tm, "selections": selections, "analysis": res(an), "files": res.files(an),
             "jobs": all_jobs}

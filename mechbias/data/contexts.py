@@ -231,6 +231,8 @@ def list_contexts() -> list[str]:
 
 
 BUILTIN_CONTEXTS = ("finance", "commerce", "hiring", "housing")
+#: contexts read from a user's file in this process, by name: methods look contexts up by name
+_USER_FILES: dict[str, Path] = {}
 
 
 def load_context(name_or_path: str | Path | Context) -> Context:
@@ -246,6 +248,8 @@ def load_context(name_or_path: str | Path | Context) -> Context:
             if (d / f"{name_or_path}.yaml").exists():
                 path = d / f"{name_or_path}.yaml"
                 break
+        if path is None:
+            path = _USER_FILES.get(str(name_or_path))
         if path is None:
             raise ValueError(f"Unknown context {str(name_or_path)!r}; available: {list_contexts()} "
                              "(or pass the path of a YAML file)")
@@ -266,7 +270,10 @@ def load_context(name_or_path: str | Path | Context) -> Context:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ContextError(f"{path}: not valid YAML ({e})") from e
-    return parse_context(data, str(path))
+    ctx = parse_context(data, str(path))
+    if not any(path.resolve().parent == d.resolve() for d in _context_dirs() if d.is_dir()):
+        _USER_FILES[ctx.name] = path.resolve()  # later look-ups by name in this process find the file
+    return ctx
 
 
 def load_contexts(names: Iterable[str | Context] | str | None = None) -> list[Context]:
