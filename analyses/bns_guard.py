@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                       args.out / "bns_guard.json")
     crow = [{"contrast": k, "gap removed [95% CI]": _ci(v), "p": f"{v['p_value']:.3f}",
              "detectable (80%)": f"{v['min_detectable']:.3f}"} for k, v in contrasts.items()]
-    trow = [{"selection": k, "within - cross [95% CI]": f"{t['diagonal_minus_offdiagonal']:+.3f} "
+    trow = [{"selection": k, "within - cross [95% CI]": f"{t['within_minus_cross']:+.3f} "
              f"[{t['ci_low']:+.3f}, {t['ci_high']:+.3f}]", "p": f"{t['p_value']:.3f}",
              "detectable (80%)": f"{t['min_detectable']:.3f}"} for k, t in tests.items() if t]
     cost = {c: {(l, i): v for l, i, v in s["costs"]} for c, s in sels.items()}

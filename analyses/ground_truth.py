@@ -126,7 +126,7 @@ def main() -> None:
     # 2. transfer-matrix recovery
     eval_sets = {c: EvalSet.build(model, load_context(c), "race") for c in BUILTIN_CONTEXTS}
     oracle = oracle_matrix(model, cfg, rows_ctx, "race", eval_contexts=list(BUILTIN_CONTEXTS), eval_sets=eval_sets)
-    say(f"oracle: test {oracle.transfer_test['diagonal_minus_offdiagonal']:+.3f} "
+    say(f"oracle: test {oracle.transfer_test['within_minus_cross']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
     every = {
@@ -174,7 +174,7 @@ def main() -> None:
                              if "random" in cell.controls else None,
                              "oracle_gap_removed": o.gap_removed, "oracle_reduction": o.reduction})
         say(f"{label}: r {rec['pearson']:+.2f} {rec['pearson_ci']}, MAE {rec['mae']:.3f}, test "
-            f"{rec['diagonal_minus_offdiagonal']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] "
+            f"{rec['within_minus_cross']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] "
             f"detects={rec['detects']}")
     for cell in oracle.cells:
         transfer.append({"method": "oracle", "selected_on": cell.selected_on, "evaluated_on": cell.evaluated_on,
@@ -185,7 +185,7 @@ def main() -> None:
     if args.merge is not None:
         old = GroundTruthResult.load(args.merge)
         if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
-                "diagonal_minus_offdiagonal", float("nan")) - oracle.transfer_test["diagonal_minus_offdiagonal"]) > 1e-5:
+                "within_minus_cross", float("nan")) - oracle.transfer_test["within_minus_cross"]) > 1e-5:
             raise SystemExit(f"--merge {args.merge}: another model or oracle; not merged")
         rerun = {m["method"] for m in matrices}
         recovery = old.rows + recovery
@@ -222,14 +222,14 @@ def report(gt: GroundTruthResult) -> str:
             "median rank": f"{r['median_rank']:.0f}"} for r in gt.rows]
     mats = [{"method": m["method"], "Pearson r [95% CI]": _ci(m["pearson"], *m["pearson_ci"]),
              "MAE [95% CI]": _ci(m["mae"], *m["mae_ci"], fmt="{:.3f}"),
-             "diag - off [95% CI]": _ci(m["diagonal_minus_offdiagonal"], m["ci_low"], m["ci_high"], fmt="{:+.3f}"),
+             "within - cross, within columns [95% CI]": _ci(m["within_minus_cross"], m["ci_low"], m["ci_high"], fmt="{:+.3f}"),
              "MDD": f"{m['min_detectable']:.3f}", "detects": "yes" if m["detects"] else "no",
              "planted units selected": "; ".join(f"{k} {v['hits']}/{v['n']}" + _units(v)
                                                  for k, v in m.get("selected", {}).items())}
             for m in gt.meta["matrices"]]
     o = gt.meta["oracle_test"]
     return (("## Unit recovery\n\n" + markdown_table(rec) + "\n\n" if rec else "") + "## Transfer-matrix recovery\n\n"
-            f"Oracle diagonal - off-diagonal: {o['diagonal_minus_offdiagonal']:+.3f} "
+            f"Oracle within - cross (within columns): {o['within_minus_cross']:+.3f} "
             f"[{o['ci_low']:+.3f}, {o['ci_high']:+.3f}] (log-odds of gap removed).\n\n" + markdown_table(mats) + "\n")
 
 

@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 
 from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table  # noqa: E402
 from mechbias.eval.stats import benjamini_hochberg  # noqa: E402
-from mechbias.eval.transfer import TransferMatrix  # noqa: E402
+from mechbias.eval.transfer import TransferMatrix, transfer_estimate  # noqa: E402
 
 
 def _ci(e: dict, key: str = "estimate", fmt: str = "{:+.3f}") -> str:
@@ -40,7 +40,11 @@ def _ci(e: dict, key: str = "estimate", fmt: str = "{:+.3f}") -> str:
 
 
 def method_rows(tm: TransferMatrix) -> dict:
-    diag, off = tm.diagonal_cells(), tm.offdiagonal_cells()
+    # within columns: the diagonal cells of the columns that are also rows, and the other rows' cells of those
+    # columns, weighted so that within - cross is the transfer test's column-wise statistic
+    cols = tm.within_columns()
+    diag = [(c, c) for c in cols]
+    off = [(r, c) for c in cols for r in tm.rows if r != c]
     controls = sorted(tm.cells[0].controls if tm.cells else [], key=lambda k: (k != "random", k))
 
     def mean_of(which: str, cells: list) -> dict:
@@ -48,7 +52,8 @@ def method_rows(tm: TransferMatrix) -> dict:
 
     out: dict = {"method": tm.method, "rows": tm.rows, "cols": tm.cols,
                  "within": mean_of("after", diag), "cross": mean_of("after", off) if off else None,
-                 "test": tm.transfer_test or tm.test_transfer(), "controls": {}}
+                 "test": tm.transfer_test if "within_minus_cross" in (tm.transfer_test or {}) else tm.test_transfer(),
+                 "controls": {}}
     ppl = [tm.cell(r, r).perplexity_change for r, _ in diag]
     out["ppl"] = float(np.mean(ppl)) if all(p is not None for p in ppl) else None
     for name in controls:
@@ -114,7 +119,7 @@ def findings(study: Path) -> tuple[str, list[dict]]:
                           "control Δppl": f"{v['ppl']:+.2f}" if v["ppl"] is not None else "-"})
         t = m["test"]
         tests.append({"method": m["method"],
-                      "within - cross [95% CI]": f"{t['diagonal_minus_offdiagonal']:+.3f} [{t['ci_low']:+.3f}, "
+                      "within - cross [95% CI]": f"{transfer_estimate(t):+.3f} [{t['ci_low']:+.3f}, "
                                                  f"{t['ci_high']:+.3f}]" if t.get("ci_low") is not None else "-",
                       "p": f"{t['p_value']:.3f}" if t.get("p_value") is not None else "-",
                       "p (BH over methods)": f"{m['test_p_adjusted']:.3f}" if np.isfinite(m["test_p_adjusted"])
@@ -160,7 +165,7 @@ def plot_tests(methods: list[dict]):
         t = m["test"]
         if t.get("ci_low") is None:
             continue
-        est, lo, hi, mdd = t["diagonal_minus_offdiagonal"], t["ci_low"], t["ci_high"], t["min_detectable"]
+        est, lo, hi, mdd = transfer_estimate(t), t["ci_low"], t["ci_high"], t["min_detectable"]
         sig = m["test_p_adjusted"] < 0.05
         ax.fill_betweenx([yi - 0.3, yi + 0.3], -mdd, mdd, color="0.9", lw=0)
         ax.errorbar(est, yi, xerr=[[est - lo], [hi - est]], fmt="o", color="C3" if sig else "C0", capsize=3)

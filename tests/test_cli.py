@@ -67,7 +67,9 @@ def test_prune_command(tmp_path):
     assert {"gap_change", "ci_low", "ci_high", "p_value", "p_adjusted", "min_detectable", "reduction",
             "random_reduction", "perplexity_change", "controls"} <= set(data["cells"][0])
     assert {"gap_change", "perplexity_change"} <= set(data["cells"][0]["controls"]["random"])
-    assert {"diagonal_minus_offdiagonal", "ci_low", "ci_high", "min_detectable"} <= set(data["transfer_test"])
+    # one selection row: no column holds two rows' cells, so there is no within - cross test (the earlier
+    # diagonal - off-diagonal statistic compared finance's column with commerce's here)
+    assert data["transfer_test"]["within_minus_cross"] is None and "note" in data["transfer_test"]
     assert "hook_q" in json.loads((tmp_path / "prune.json").read_text())["selections"]["finance"]["head_ablation"]
     assert data["config"]["common"] is None and data["config"]["k"] == 2
     from mechbias.interventions.base import load_intervention

@@ -107,15 +107,19 @@ def test_factor_estimate_of_one_template_factor_equals_the_crossed_estimate_vari
 
 
 def test_minimal_detectable_difference_has_its_power():
-    """A true effect equal to the stated minimal detectable difference is detected about 80% of the time."""
+    """A true effect equal to the stated minimal detectable difference (its median over 100 data sets of the
+    design) is detected 75-85% of the time (nominal 80%)."""
     rng = np.random.default_rng(3)
-    m0, g = _grid(rng, gap=0.0)
-    mdd = crossed_estimate({"c": m0}, g, n_boot=400, seed=0).min_detectable
+    mdds = []
+    for i in range(100):
+        m0, g = _grid(rng, gap=0.0)
+        mdds.append(crossed_estimate({"c": m0}, g, n_boot=400, seed=i).min_detectable)
+    mdd = float(np.median(mdds))
     detected = 0
-    for i in range(300):
+    for i in range(400):
         m, _ = _grid(rng, gap=mdd)
         detected += crossed_estimate({"c": m}, g, n_boot=400, seed=i).p_value < 0.05
-    assert 0.65 <= detected / 300 <= 0.93, (mdd, detected / 300)
+    assert 0.75 <= detected / 400 <= 0.85, (mdd, detected / 400)
 
 
 def test_group_gap_and_paired_reduction_values():
@@ -148,39 +152,128 @@ def test_benjamini_hochberg_matches_its_definition():
     assert adj == pytest.approx([0.025, 0.05, 0.05, 0.2, float("nan"), 0.025], nan_ok=True)
 
 
-def _matrix(rng, diag_effect: float, off_effect: float, ctxs=("a", "b", "c")) -> TransferMatrix:
+def _matrix(rng, diag_effect: float, off_effect: float, ctxs=("a", "b", "c"), cols=None, gaps=None,
+            same_fix=None) -> TransferMatrix:
     """A transfer matrix from simulated grids: selecting on a context removes ``diag_effect`` of its gap and
-    ``off_effect`` of the others'."""
+    ``off_effect`` of the others'. ``cols``: evaluation contexts (default the rows; may add columns that are
+    not rows: non-square); ``gaps``: each column's gap before; ``same_fix``: every row applies the same
+    intervention, which removes ``same_fix[c]`` in column ``c`` (the answer of the transfer test must be 0)."""
+    cols = list(cols or ctxs)
     names = rng.normal(0, 0.3, 32)
     g = np.r_[np.zeros(16), np.ones(16)].astype(int)
     grids: dict = {"col_group": torch.tensor(g)}
     cells = []
-    for c in ctxs:
-        before, _ = _grid(rng, gap=0.4, names=names)
+    for c in cols:
+        before, _ = _grid(rng, gap=(gaps or {}).get(c, 0.4), names=names)
         grids[f"before/{c}"] = torch.tensor(before)
+        fixed = rng.normal(0, 0.05, (5, 2))[:, g]  # one intervention: the same grid change for every row
         for r in ctxs:
-            eff = diag_effect if r == c else off_effect
-            after = before - np.where(g == 0, eff, 0.0)[None, :] + rng.normal(0, 0.05, (5, 2))[:, g]
+            if same_fix is not None:
+                after = before - np.where(g == 0, same_fix[c], 0.0)[None, :] + fixed
+            else:
+                eff = diag_effect if r == c else off_effect
+                after = before - np.where(g == 0, eff, 0.0)[None, :] + rng.normal(0, 0.05, (5, 2))[:, g]
             grids[f"after/{r}/{c}"] = torch.tensor(after)
             red = paired_reduction(before, after, torch.tensor(g), n_boot=200)
             cells.append(Cell(r, c, "L1" if r == c else "L2", 1,
                               Effect(red.gap_before, red.gap_after, red.gap_change, red.gap_change_ci[0],
                                      red.gap_change_ci[1], red.gap_change_p, red.min_detectable, -red.gap_change,
                                      None, None, None)))
-    return TransferMatrix("sim", "race", list(ctxs), list(ctxs), cells, config={"n_boot": 400, "seed": 0},
+    return TransferMatrix("sim", "race", list(ctxs), cols, cells, config={"n_boot": 400, "seed": 0},
                           grids=grids)
 
 
 def test_transfer_test_detects_a_difference_and_covers_under_the_null():
     rng = np.random.default_rng(5)
     t = _matrix(rng, 0.3, 0.05).test_transfer()
-    assert t["diagonal_minus_offdiagonal"] == pytest.approx(0.25, abs=0.08) and t["ci_low"] > 0
+    assert t["within_minus_cross"] == pytest.approx(0.25, abs=0.08) and t["ci_low"] > 0
     assert t["min_detectable"] > 0
+    assert t["within_minus_cross"] == pytest.approx(t["within_mean"] - t["cross_mean"], abs=1e-9)
     hits = 0
     for i in range(200):  # no difference between within- and cross-context effects
         t = _matrix(rng, 0.2, 0.2).test_transfer(seed=i)
         hits += t["ci_low"] <= 0 <= t["ci_high"]
     assert 0.91 <= hits / 200 <= 0.99, hits / 200
+
+
+def test_the_same_fix_on_every_row_gives_zero_whatever_the_column_gaps():
+    """Issue 33: a 2 x 4 matrix whose columns have unequal gaps (1.15, 1.09, 0.125, 0.53 as planted v3) and whose
+    rows all apply the same intervention. The column-wise test is exactly 0 and never significant; the old
+    pooled statistic (diagonal mean - off-diagonal mean) is far from 0 and "detects" a difference."""
+    rng = np.random.default_rng(21)
+    gaps = {"finance": 1.15, "commerce": 1.09, "hiring": 0.125, "housing": 0.53}
+    fix = {c: 0.9 * gap for c, gap in gaps.items()}  # removes 90% of each column's gap, on every row
+    tm = _matrix(rng, 0, 0, ctxs=("finance", "commerce"), cols=list(gaps), gaps=gaps, same_fix=fix)
+    t = tm.test_transfer()
+    assert t["columns"] == ["finance", "commerce"]
+    assert t["within_minus_cross"] == pytest.approx(0.0, abs=1e-12)
+    assert t["ci_low"] <= 0 <= t["ci_high"] and t["p_value"] > 0.5
+    assert t["pooled_diagonal_minus_offdiagonal"] > 0.3  # the old statistic: an artefact of the column gaps
+    old = tm.contrast([("after", r, r, 0.5) for r in tm.rows]
+                      + [("after", r, c, -1 / 6) for r in tm.rows for c in tm.cols if c != r])
+    assert old["ci_low"] > 0  # ... which the old test called significant
+
+
+def test_non_square_matrix_with_unequal_gaps_detects_and_covers():
+    """Rows a, b; columns a, b, x, y with unequal gaps. The statistic uses columns a and b only, detects a
+    within-context advantage, and covers its true value (0.2) at the nominal rate."""
+    rng = np.random.default_rng(8)
+    gaps = {"a": 0.8, "b": 0.3, "x": 0.1, "y": 0.6}
+    hits = 0
+    for i in range(150):
+        tm = _matrix(rng, 0.3, 0.1, ctxs=("a", "b"), cols=["a", "b", "x", "y"], gaps=gaps)
+        t = tm.test_transfer(seed=i)
+        assert t["columns"] == ["a", "b"]
+        hits += t["ci_low"] <= 0.2 <= t["ci_high"]
+    assert 0.91 <= hits / 150 <= 0.99, hits / 150
+    t = _matrix(rng, 0.3, 0.1, ctxs=("a", "b"), cols=["a", "b", "x", "y"], gaps=gaps).test_transfer()
+    assert t["ci_low"] > 0
+
+
+def test_tost_ratio_and_the_detectable_difference_at_the_bh_level():
+    rng = np.random.default_rng(13)
+    tm = _matrix(rng, 0.3, 0.3)  # transfers fully: cross / within = 1
+    t = tm.test_transfer(margin=0.15, family_size=8)
+    assert t["tost"]["margin"] == 0.15
+    assert t["tost"]["equivalent"] == (-0.15 < t["tost"]["ci_low_90"] and t["tost"]["ci_high_90"] < 0.15)
+    assert t["min_detectable_bh"] > t["min_detectable"]  # at 0.05 / 8 more is needed to be seen
+    assert t["alpha_bh"] == pytest.approx(0.05 / 8)
+    r = t["ratio"]
+    assert r["ratio"] == pytest.approx(t["cross_mean"] / t["within_mean"], abs=1e-9)
+    assert r["ci_low"] < 1.0 < r["ci_high"] and r["ci_high"] - r["ci_low"] < 1.0
+    # a tiny margin cannot be met; a within effect of ~0 gets no ratio
+    assert not tm.test_transfer(margin=1e-4)["tost"]["equivalent"]
+    assert _matrix(rng, 0.0, 0.0).test_transfer()["ratio"]["ratio"] is None
+
+
+def test_crossed_interval_counts_the_residual_once():
+    """Issue 33: each one-factor bootstrap carries the residual (template x name) variance, so adding them
+    counted it twice. With a residual term, unequal groups and non-square grids, the interval now covers in
+    [0.93, 0.97]; the old estimator over-covers (> 0.97) in the residual-dominated designs."""
+    def grid(rng, T, na, nb, sd_tg, sd_n, sd_e):
+        g = np.r_[np.zeros(na), np.ones(nb)].astype(int)
+        return (np.where(g == 0, 0.15, 0.0)[None, :] + rng.normal(0, 0.5, T)[:, None]
+                + rng.normal(0, sd_tg, (T, 2))[:, g] + rng.normal(0, sd_n, na + nb)[None, :]
+                + rng.normal(0, sd_e, (T, na + nb))), g
+
+    for design in [(8, 12, 20, 0.1, 0.2, 0.4), (6, 20, 14, 0.05, 0.15, 0.5)]:
+        rng = np.random.default_rng(2)
+        new = old = 0
+        n = 800
+        var_new, var_old, ests = [], [], []
+        for i in range(n):
+            m, g = grid(rng, *design)
+            e = crossed_estimate({"c": m}, g, n_boot=200, seed=i)
+            o = crossed_estimate({"c": m}, g, n_boot=200, seed=i, residual_once=False)
+            new += e.ci_low <= 0.15 <= e.ci_high
+            old += o.ci_low <= 0.15 <= o.ci_high
+            var_new.append(e.se ** 2), var_old.append(o.se ** 2), ests.append(e.estimate)
+            assert e.var_residual > 0
+        assert 0.93 <= new / n <= 0.97, (design, new / n)
+        assert old / n > 0.97, (design, old / n)
+        true = np.var(ests)
+        assert np.mean(var_new) / true < 1.15 < np.mean(var_old) / true, (np.mean(var_new) / true,
+                                                                         np.mean(var_old) / true)
 
 
 def test_contrast_of_the_diagonal_equals_its_cells_and_covers_the_planted_effect():
@@ -190,7 +283,7 @@ def test_contrast_of_the_diagonal_equals_its_cells_and_covers_the_planted_effect
     est = tm.contrast(diag)
     assert est["estimate"] == pytest.approx(np.mean([tm.cell(r, r).gap_removed for r in tm.rows]), abs=1e-9)
     assert est["estimate"] == pytest.approx(est["cells_estimate"], abs=1e-9)
-    t = tm.test_transfer()  # the test is the contrast of the two means
+    t = tm.test_transfer()  # square: the column-wise test is the contrast of the two means
     off = [("after", r, c, -1.0 / len(tm.offdiagonal_cells())) for r, c in tm.offdiagonal_cells()]
     assert tm.contrast(diag + off)["ci_low"] == pytest.approx(t["ci_low"], abs=1e-12)
     with pytest.raises(KeyError, match="control/nope"):

@@ -34,6 +34,8 @@ from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text,
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
 from ..eval.cells import TransferConfig
+from ..eval.stats import benjamini_hochberg, mdd
+from ..eval.transfer import TransferMatrix
 from ..methods.base import registered_methods
 from ..viz.html import study_html
 from ..viz.plotting import plot_methods_summary
@@ -342,6 +344,16 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     finally:
         if own_executor:
             ex.close()
+    # the methods' transfer tests are read as one family: their detectable differences at the
+    # Benjamini-Hochberg-consistent level 0.05 / m (m = the number of transfer tests)
+    tests = [v["transfer"].transfer_test for v in rep.values.values()
+             if isinstance(v, dict) and isinstance(v.get("transfer"), TransferMatrix)
+             and v["transfer"].transfer_test.get("within_minus_cross") is not None]
+    for t in tests:
+        t.update(family_size=len(tests), alpha_bh=0.05 / len(tests),
+                 min_detectable_bh=mdd(t["se"], t["df"], 0.05 / len(tests)))
+    for p_adj, t in zip(benjamini_hochberg([t["p_value"] for t in tests]), tests):
+        t["p_adjusted"] = p_adj
     for st in steps:
         if st.name not in rep.values:
             continue

@@ -46,8 +46,13 @@ class TransferConfig:
                                                          "context (parse failures, inlier ratio); 0 = off"})
     generation_names: int = field(default=8, metadata={"help": "names (half per group) for the generation metric"})
     generation_tokens: int = field(default=8, metadata={"help": "tokens sampled per answer (generation metric)"})
+    equivalence_margin: float = field(default=0.05, metadata={
+        "flag": "--margin", "help": "equivalence margin in log-odds for within - cross context removal (TOST); "
+                                    "fixed before the run and recorded with the result"})
 
     def __post_init__(self):
+        if not self.equivalence_margin > 0:
+            raise ValueError(f"equivalence_margin must be > 0, not {self.equivalence_margin}")
         bad = [c for c in self.controls if c not in ("random", "matched", "matched_cost")]
         if bad:
             raise ValueError(f"unknown controls {bad}; choose from random, matched, matched_cost")

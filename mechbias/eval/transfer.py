@@ -40,7 +40,7 @@ from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_bias
-from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap
+from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, tost
 
 Selector = Callable[[Any, Context, str], Intervention]
 
@@ -110,23 +110,86 @@ class TransferMatrix(Result):
     def offdiagonal_cells(self) -> list[tuple[str, str]]:
         return [(r, c) for r in self.rows for c in self.cols if r != c]
 
-    def test_transfer(self, which: str = "after", *, n_boot: int | None = None, seed: int | None = None) -> dict:
-        """Within-context minus cross-context effect: mean ``gap_removed`` on the diagonal minus its mean off
-        the diagonal (:meth:`contrast` of the two means).
+    def within_columns(self) -> list[str]:
+        """Evaluation contexts that are also selection rows and have another row: the columns the transfer test
+        compares within."""
+        return [c for c in self.cols if c in self.rows and len(self.rows) > 1]
 
-        ``which``: ``"after"`` for the selected interventions, ``"control/<name>"`` for a control."""
+    def test_transfer(self, which: str = "after", *, n_boot: int | None = None, seed: int | None = None,
+                      family_size: int = 1, margin: float | None = None) -> dict:
+        """Within-context minus cross-context effect, compared **within columns**: for each evaluation context
+        ``c`` that is also a selection row, ``removed(c, c)`` minus the mean over the other rows ``r`` of
+        ``removed(r, c)``, averaged over those columns (:meth:`contrast`). Every comparison is between cells of
+        one column (the same prompts and gap), so unequal gaps between columns cannot produce a difference: the
+        same intervention applied on every row gives exactly 0. (The earlier statistic, the mean of the
+        diagonal minus the mean of everything off it, compared columns with each other and "detected" a fix
+        that transfers perfectly; it is kept as ``pooled_diagonal_minus_offdiagonal`` for reference.)
+
+        ``family_size``: the number of tests read together (e.g. methods in a study); ``min_detectable_bh`` is
+        the detectable difference at the Benjamini-Hochberg-consistent level 0.05 / family_size (the level the
+        smallest p-value of the family must pass). ``margin``: an equivalence margin fixed before the run; if
+        given, ``tost`` holds the two one-sided tests of |within - cross| < margin (equivalent when the 90% CI
+        lies inside +-margin). ``which``: ``"after"`` or ``"control/<name>"``."""
+        cols = self.within_columns()
+        out: dict = {"statistic": "mean over columns c (also rows) of removed(c, c) - mean_{r != c} removed(r, c)",
+                     "which": which, "columns": cols, "n_rows": len(self.rows)}
+        if not cols or "col_group" not in self.grids:
+            return {**out, "within_minus_cross": None, "ci_low": None, "ci_high": None, "p_value": None,
+                    "min_detectable": None, "note": "needs at least two rows and a column that is also a row"}
+        k = len(cols)
+        terms: list[tuple[str, str, str, float]] = []
+        for c in cols:
+            others = [r for r in self.rows if r != c]
+            terms.append((which, c, c, 1.0 / k))
+            terms += [(which, r, c, -1.0 / (k * len(others))) for r in others]
+        est = self.contrast(terms, n_boot=n_boot, seed=seed)
+        within = float(np.mean([self._removed(which, c, c) for c in cols]))
+        cross = float(np.mean([np.mean([self._removed(which, r, c) for r in self.rows if r != c]) for c in cols]))
+        alpha_bh = 0.05 / max(int(family_size), 1)
+        res = {**out, "within_mean": within, "cross_mean": cross, "within_minus_cross": est["estimate"],
+               "ci_low": est["ci_low"], "ci_high": est["ci_high"], "p_value": est["p_value"], "se": est["se"],
+               "df": est["df"], "min_detectable": est["min_detectable"], "family_size": int(family_size),
+               "alpha_bh": alpha_bh, "min_detectable_bh": mdd(est["se"], est["df"], alpha_bh)}
+        if margin is not None:
+            res["tost"] = tost(est["estimate"], est["se"], est["df"], float(margin))
+        res["ratio"] = self._ratio(which, cols, n_boot=n_boot, seed=seed)
         diag, off = self.diagonal_cells(), self.offdiagonal_cells()
-        out: dict = {"statistic": "mean gap_removed on the diagonal - mean off the diagonal", "which": which,
-                     "n_diagonal": len(diag), "n_offdiagonal": len(off)}
-        if not diag or not off or "col_group" not in self.grids:
-            return {**out, "diagonal_minus_offdiagonal": None, "ci_low": None, "ci_high": None, "p_value": None,
-                    "min_detectable": None, "note": "needs diagonal and off-diagonal cells"}
-        est = self.contrast([(which, r, c, 1.0 / len(diag)) for r, c in diag]
-                            + [(which, r, c, -1.0 / len(off)) for r, c in off], n_boot=n_boot, seed=seed)
-        return {**out, "diagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in diag])),
-                "offdiagonal_mean": float(np.mean([self._removed(which, r, c) for r, c in off])),
-                "diagonal_minus_offdiagonal": est["estimate"], "ci_low": est["ci_low"], "ci_high": est["ci_high"],
-                "p_value": est["p_value"], "se": est["se"], "df": est["df"], "min_detectable": est["min_detectable"]}
+        if diag and off:
+            res["pooled_diagonal_minus_offdiagonal"] = float(
+                np.mean([self._removed(which, r, c) for r, c in diag])
+                - np.mean([self._removed(which, r, c) for r, c in off]))
+        return res
+
+    def _ratio(self, which: str, cols: list[str], *, n_boot: int | None, seed: int | None) -> dict:
+        """cross / within (the share of the within-context removal that transfers), with a Fieller 95% interval:
+        the ratios R whose contrast cross - R * within is not rejected. Reported only where the within
+        estimate's CI excludes 0 (a ratio of a denominator that may be 0 has no finite interval)."""
+        k = len(cols)
+        within_terms = [(which, c, c, 1.0 / k) for c in cols]
+        cross_terms = [(which, r, c, 1.0 / (k * (len(self.rows) - 1))) for c in cols for r in self.rows if r != c]
+        w = self.contrast(within_terms, n_boot=n_boot, seed=seed)
+        out: dict = {"statistic": "cross / within", "within": w["estimate"], "within_ci": [w["ci_low"], w["ci_high"]]}
+        if not (w["ci_low"] > 0 or w["ci_high"] < 0):
+            return {**out, "ratio": None, "ci_low": None, "ci_high": None,
+                    "note": "not reported: the within-context removal's CI includes 0"}
+        cross = sum(coef * self._removed(wh, r, c) for wh, r, c, coef in cross_terms)
+        ratio = cross / w["estimate"]
+
+        def rejected(r0: float) -> bool:
+            e = self.contrast(cross_terms + [(wh, r, c, -r0 * coef) for wh, r, c, coef in within_terms],
+                              n_boot=n_boot, seed=seed)
+            return not (e["ci_low"] <= 0 <= e["ci_high"])
+
+        def edge(inside: float, outside: float) -> float:
+            for _ in range(40):  # bisection to 1e-12 of the bracket
+                mid = (inside + outside) / 2
+                inside, outside = (inside, mid) if rejected(mid) else (mid, outside)
+            return inside
+
+        span = max(10.0, 10 * abs(ratio))
+        lo = edge(ratio, ratio - span) if rejected(ratio - span) else float("-inf")
+        hi = edge(ratio, ratio + span) if rejected(ratio + span) else float("inf")
+        return {**out, "ratio": float(ratio), "ci_low": float(lo), "ci_high": float(hi), "method": "Fieller"}
 
     def save(self, path) -> Path:
         path = super().save(path)
@@ -165,8 +228,8 @@ class TransferMatrix(Result):
         parts += [matrix_html(group, title=f"{self.method} {name}")
                   for name, group in matrix_groups([c.as_dict() for c in self.cells])]
         tt = self.transfer_test or {}
-        if "diagonal_minus_offdiagonal" in tt:
-            parts.append(f"<div>within - cross: {fmt(tt['diagonal_minus_offdiagonal'])} [{fmt(tt.get('ci_low'))}, "
+        if transfer_estimate(tt) is not None:
+            parts.append(f"<div>within - cross (within columns): {fmt(transfer_estimate(tt))} [{fmt(tt.get('ci_low'))}, "
                          f"{fmt(tt.get('ci_high'))}], minimal detectable difference "
                          f"{fmt(tt.get('min_detectable'), signed=False)}</div>")
         return "".join(parts)
@@ -269,6 +332,14 @@ def baseline_rows(eval_sets: Mapping[str, EvalSet], cols: Sequence[str], cfg: Tr
     return out
 
 
+def transfer_estimate(test: dict) -> float | None:
+    """The within - cross estimate of a saved transfer test: the column-wise statistic, or, in a result saved
+    before it existed, the superseded pooled diagonal - off-diagonal one (as saved)."""
+    if not isinstance(test, dict):
+        return None
+    return test.get("within_minus_cross", test.get("diagonal_minus_offdiagonal"))
+
+
 def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequence[Intervention]],
                   perplexity_base: float | None, perplexity_change: float | None,
                   control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> dict:
@@ -295,7 +366,7 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
     config_d = {**asdict(cfg), "templates": "heldout", "names": "heldout"}
     tm = TransferMatrix(method, axis, rows, cols, cells, row_info, baseline, config_d, meta, grids=grids,
                         interventions=dict(chosen))
-    tm.transfer_test = tm.test_transfer()
+    tm.transfer_test = tm.test_transfer(margin=cfg.equivalence_margin)
     for name in (cells[0].controls if cells else {}):
         tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
     return tm

@@ -30,7 +30,7 @@ from ..data.contexts import load_context
 from ..data.pairs import make_pairs
 from ..eval.stats import percentile_ci
 from ..eval.cells import EvalSet, TransferConfig, evaluate
-from ..eval.transfer import TransferMatrix, transfer_matrix
+from ..eval.transfer import TransferMatrix, transfer_estimate, transfer_matrix
 from ..interventions.base import Compose, Intervention
 from ..interventions.units import HeadIntervention, NeuronIntervention
 from ..methods.gradiend import decoder_share
@@ -132,7 +132,7 @@ def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: i
             "pearson": float(pearson(m_pt, o_pt)), "pearson_ci": list(percentile_ci(r_reps)),
             "mae": float(np.abs(m_pt - o_pt).mean()), "mae_ci": list(percentile_ci(mae_reps)),
             "oracle_mean_removed": float(np.abs(o_pt).mean()),
-            "diagonal_minus_offdiagonal": test.get("diagonal_minus_offdiagonal"),
+            "within_minus_cross": transfer_estimate(test),
             "ci_low": lo, "ci_high": test.get("ci_high"), "min_detectable": test.get("min_detectable"),
             "detects": bool(lo is not None and lo > 0)}
 

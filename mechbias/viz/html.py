@@ -295,8 +295,9 @@ def study_html(out: str | Path) -> str:
         body += [f"<h3>{esc(name)}</h3>" + matrix_html(group, title=f"{step.name} {name}")
                  for name, group in matrix_groups(cells)]
         tt = s.get("transfer_test")
-        if isinstance(tt, dict) and "diagonal_minus_offdiagonal" in tt:
-            body.append(f"<p>Within minus cross-context bias removed: {fmt(tt['diagonal_minus_offdiagonal'])} "
+        est = tt.get("within_minus_cross", tt.get("diagonal_minus_offdiagonal")) if isinstance(tt, dict) else None
+        if est is not None:
+            body.append(f"<p>Within minus cross-context bias removed (within columns): {fmt(est)} "
                         f"{_ci(tt.get('ci_low'), tt.get('ci_high'))}, p {fmt(tt.get('p_value'), signed=False)}, "
                         f"minimal detectable difference {fmt(tt.get('min_detectable'), signed=False)}.</p>")
         body += _ig2_section(step, s) + _patching_section(step, s) + _curve_section(s)

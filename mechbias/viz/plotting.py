@@ -105,8 +105,9 @@ def plot_transfer(tm, title: str | None = None):
                                                                   fontsize=8)
     t = tm.transfer_test or {}
     sub = ""
-    if t.get("diagonal_minus_offdiagonal") is not None:
-        sub = (f"\nwithin - cross context: {t['diagonal_minus_offdiagonal']:+.3f} [{t['ci_low']:+.3f}, "
+    est = t.get("within_minus_cross", t.get("diagonal_minus_offdiagonal"))
+    if est is not None:
+        sub = (f"\nwithin - cross context (within columns): {est:+.3f} [{t['ci_low']:+.3f}, "
                f"{t['ci_high']:+.3f}], detectable at 80% power: {t['min_detectable']:.3f}")
     fig.suptitle((title or f"{tm.method}: cross-context transfer ({tm.axis})") + "; cell: gap change [95% CI], "
                  "* = BH-adjusted p < 0.05" + sub, fontsize=9)
