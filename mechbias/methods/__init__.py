@@ -11,3 +11,4 @@ from . import patching  # noqa: F401
 from . import pruning  # noqa: F401
 from . import gradiend  # noqa: F401
 from . import steering  # noqa: F401
+from . import leace  # noqa: F401
