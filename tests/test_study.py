@@ -13,8 +13,8 @@ def test_study_writes_report_and_resumes(tmp_path):
     assert main([*args, "--figures", str(figs)]) == 0
     report = (out / "report.md").read_text()
     steps = study_steps(StudyConfig(quick=True))
-    # the default study: the four methods, one variant each (steering only with --full)
-    assert [s.name for s in steps] == ["baseline", "ig2", "patching", "prune_neuron_paper", "gradiend"]
+    # the default study: the four methods and the LEACE baseline, one variant each (steering only with --full)
+    assert [s.name for s in steps] == ["baseline", "ig2", "patching", "prune_neuron_paper", "gradiend", "leace"]
     for st in steps:
         assert (out / "steps" / st.name / "summary.json").exists(), st.name
         assert f"## {st.title}" in report
