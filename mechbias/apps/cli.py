@@ -221,9 +221,7 @@ def _method_command(cls: type[Method]):
 
 def cmd_doctor(args) -> int:
     """Versions, device, model cache, and the fast paths' self-check on the chosen model."""
-    from importlib.metadata import version
-
-    print(f"mechbias {version('mechbias')}")
+    print(f"mechbias {_version()}")
     for name, v in library_versions().items():
         print(f"{name} {v}")
     print(f"python {sys.version.split()[0]}; torch threads {torch.get_num_threads()}; "

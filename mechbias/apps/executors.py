@@ -19,7 +19,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from .jobs import Job, JobOutput, WorkerContext, execute
@@ -49,8 +48,9 @@ class InProcess:
         pass
 
 
-@ray.remote(max_restarts=-1, max_task_retries=-1)
 class _Worker:
+    """The Ray actor (made a remote class on first use: ``import mechbias`` does not import Ray)."""
+
     def __init__(self, model_spec: dict, threads: int, pause: dict | None = None):
         self.ctx = WorkerContext(model_spec, threads)
         self.pause = pause or {}
@@ -75,6 +75,9 @@ class RayExecutor:
 
     def __init__(self, model_spec: dict, workers: int, *, threads: int = 1, address: str | None = None,
                  gpus_per_worker: float = 0.0, pause: dict | None = None, log=None):
+        import ray  # imported here: Ray is needed only when a study runs on workers
+
+        self.ray = ray
         self.started = False
         if not ray.is_initialized():
             if address:
@@ -84,13 +87,14 @@ class RayExecutor:
                          object_store_memory=min(2 * 1024**3, 256 * 1024**2 * max(workers, 2)))
             self.started = True
         opts: dict = {"num_cpus": 1, "num_gpus": gpus_per_worker, "scheduling_strategy": "SPREAD"}
-        self.actors = [_Worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]  # type: ignore[attr-defined]
+        worker = ray.remote(max_restarts=-1, max_task_retries=-1)(_Worker)
+        self.actors = [worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]
         self.free = list(self.actors)
         self.running: dict[Any, tuple[Job, Any]] = {}
         self.workers = workers
 
     def pids(self) -> list[int]:
-        return ray.get([a.pid.remote() for a in self.actors])
+        return self.ray.get([a.pid.remote() for a in self.actors])
 
     def submit(self, job: Job, deps: dict) -> None:
         actor = self.free.pop()
@@ -104,21 +108,21 @@ class RayExecutor:
     def wait(self) -> list[tuple[Job, JobOutput]]:
         if not self.running:
             return []
-        ready, _ = ray.wait(list(self.running), num_returns=1)
+        ready, _ = self.ray.wait(list(self.running), num_returns=1)
         out = []
         for ref in ready:
             job, actor = self.running.pop(ref)
             self.free.append(actor)
             try:
-                out.append((job, ray.get(ref)))
+                out.append((job, self.ray.get(ref)))
             except Exception:  # noqa: BLE001 - a worker that cannot run at all (e.g. the model fails to load)
                 out.append((job, JobOutput({}, {}, {}, traceback.format_exc())))
         return out
 
     def close(self) -> None:
         for a in self.actors:
-            ray.kill(a)
+            self.ray.kill(a)
         if self.started:
-            ray.shutdown()
+            self.ray.shutdown()
 
 

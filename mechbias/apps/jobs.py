@@ -40,6 +40,7 @@ import os
 import pickle
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -50,15 +51,18 @@ from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
 import numpy as np
-import ray  # the node id of a job that runs on a Ray worker
 import torch
 from tqdm.auto import tqdm
 
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import atomic_write_json, set_seed
 
-_MECHBIAS_VERSION = _pkg_version("mechbias")
+try:
+    _MECHBIAS_VERSION = _pkg_version("mechbias")
+except PackageNotFoundError:  # a checkout that was not installed: keys still work, stamped as such
+    _MECHBIAS_VERSION = "uninstalled-checkout"
 
 
 def code_fingerprint() -> str:
@@ -73,7 +77,14 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
-_CODE = code_fingerprint()
+_CODE_CACHE: list[str] = []
+
+
+def _code() -> str:
+    """:func:`code_fingerprint`, computed on first use (``import mechbias`` hashes no files)."""
+    if not _CODE_CACHE:
+        _CODE_CACHE.append(code_fingerprint())
+    return _CODE_CACHE[0]
 JobFn = Callable[["WorkerContext", dict, dict], dict]
 
 
@@ -344,7 +355,7 @@ class JobStore:
         except (ModuleNotFoundError, AttributeError) as e:  # a class that moved or was renamed since
             code = self.meta(job).get("code", "unknown")
             raise RuntimeError(f"{job.label}: its stored part {part!r} was written by other code (stamp {code}; "
-                               f"this code {_CODE}) and no longer loads ({e}); delete {self.path(job)} to "
+                               f"this code {_code()}) and no longer loads ({e}); delete {self.path(job)} to "
                                "recompute it") from e
 
     def meta(self, job: Job) -> dict:
@@ -385,7 +396,7 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
     set_seed(0)
     t0 = time.time()
     meta = {"threads": ctx.threads, "host": socket.gethostname(), "pid": os.getpid(),
-            "node": _node_id(), "code": _CODE}
+            "node": _node_id(), "code": _code()}
     with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
         ctx.out = Path(tmp)
         try:
@@ -398,7 +409,8 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
 
 
 def _node_id() -> str | None:
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    ray = sys.modules.get("ray")  # a job on a Ray worker has Ray imported; elsewhere there is no node id
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
 
 
 # ----------------------------------------------------------------------------
@@ -582,7 +594,8 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
         c = str(m.get("code", "unknown"))
         codes[c] = codes.get(c, 0) + 1
     return {"total_work_seconds": round(sum(secs.values()), 1),
-            "code": _CODE, "jobs_by_code": codes, "jobs_by_other_code": sum(v for k, v in codes.items() if k != _CODE),
+            "code": _code(), "jobs_by_code": codes,
+            "jobs_by_other_code": sum(v for k, v in codes.items() if k != _code()),
             "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
             "jobs": len(secs),
             "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1)}
