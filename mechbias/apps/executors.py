@@ -88,7 +88,7 @@ class RayExecutor:
             self.started = True
         opts: dict = {"num_cpus": 1, "num_gpus": gpus_per_worker, "scheduling_strategy": "SPREAD"}
         worker = ray.remote(max_restarts=-1, max_task_retries=-1)(_Worker)
-        self.actors = [worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]
+        self.actors: list[Any] = [worker.options(**opts).remote(model_spec, threads, pause) for _ in range(workers)]
         self.free = list(self.actors)
         self.running: dict[Any, tuple[Job, Any]] = {}
         self.workers = workers

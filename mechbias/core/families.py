@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
-from transformer_lens import TransformerBridge
 
 from .models import set_model_label, word_tokenizer
 
@@ -73,6 +71,8 @@ def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: flo
     kw.update(vocab_size=len(tok), initializer_range=init_range)
     if fam.kind == "causal":
         kw.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    import transformers  # imported when a model is built: `import mechbias` stays light
+
     cfg = getattr(transformers, fam.config)(**kw)
     cfg.architectures = [fam.model]  # the bridge picks its adapter from this
     with torch.random.fork_rng():
@@ -86,6 +86,8 @@ def family_hf_model(name: str, *, seed: int = 0, tokenizer=None, init_range: flo
 def family_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float = 0.08,
                  dtype: torch.dtype | None = None):
     """A small random model of family ``name`` (see :data:`FAMILIES`) as a ``TransformerBridge``."""
+    from transformer_lens import TransformerBridge  # imported when a model is built (a light `import mechbias`)
+
     hf, tok = family_hf_model(name, seed=seed, tokenizer=tokenizer, init_range=init_range, dtype=dtype)
     model = TransformerBridge.boot_transformers(f"tiny-{name}", hf_model=hf, tokenizer=tok, device="cpu",
                                                 dtype=dtype or torch.float32)
