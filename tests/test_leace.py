@@ -137,6 +137,9 @@ def test_erase_is_registered_and_runs_through_the_transfer_engine(tmp_path):
     assert len(data["cells"]) == 8
     assert {"random", "shuffled_labels"} <= set(data["cells"][0]["controls"])
     assert data["transfer_test"]["columns"] == ["finance", "commerce"]
+    ov = data["transfer_test"]["overlap"]["finance|commerce"]
+    assert ov["measure"] == "subspace_cos2" and 0.0 <= ov["value"] <= 1.0 + 1e-9 and ov["same_layer"]
+    assert isinstance(data["transfer_test"]["gated"], bool)
     summary = json.loads((tmp_path / "erase.json").read_text())
     sel = summary["selections"]["finance"]
     assert sel["rank"] == 1 and sel["class_mean_distance_after"] < 1e-3 * sel["class_mean_distance"]

@@ -294,3 +294,34 @@ def test_contrast_of_the_diagonal_equals_its_cells_and_covers_the_planted_effect
         e = m.contrast([("after", r, c, 1.0 / len(m.rows)) for r, c in m.diagonal_cells()], seed=i)
         hits += e["ci_low"] <= 0.3 <= e["ci_high"]
     assert 0.91 <= hits / 200 <= 0.99, hits / 200
+
+
+def test_selection_overlap_between_rows_is_what_it_says():
+    """Issue 33: identical interventions give within = cross by construction, so each transfer result carries
+    how alike the rows' selections are: Jaccard for units, |cosine| for directions and edits."""
+    from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+    from mechbias.interventions.weights import WeightEdit, WeightMask
+    from mechbias.methods.steering import DirectionIntervention
+
+    a = NeuronIntervention({28: [1095, 3], 5: [7]})
+    b = NeuronIntervention({28: [1095], 6: [7, 8]})
+    o = a.overlap(b)
+    assert o["measure"] == "jaccard" and o["value"] == pytest.approx(1 / 5) and o["shared"] == 1
+    assert a.overlap(a)["value"] == 1.0 and a.overlap(HeadIntervention({0: [1]})) is None
+    assert HeadIntervention({18: [6, 7]}).overlap(HeadIntervention({18: [7]}))["value"] == pytest.approx(0.5)
+    m1 = WeightMask({"w": torch.tensor([1, 2, 3])})
+    assert m1.overlap(WeightMask({"w": torch.tensor([3, 4])}))["value"] == pytest.approx(1 / 4)
+    d = torch.tensor([1.0, 0.0, 1.0])
+    assert DirectionIntervention(3, d).overlap(DirectionIntervention(3, -2 * d))["value"] == pytest.approx(1.0)
+    assert DirectionIntervention(3, d).overlap(DirectionIntervention(3, torch.tensor([1.0, 1.0, -1.0])))[
+        "value"] == pytest.approx(0.0, abs=1e-12)
+    e1, e2 = WeightEdit({"w": torch.tensor([1.0, 2.0])}), WeightEdit({"w": torch.tensor([2.0, -1.0])})
+    assert e1.overlap(e2)["value"] == pytest.approx(0.0, abs=1e-12) and e1.overlap(e1)["value"] == pytest.approx(1)
+
+
+def test_gating_reads_the_within_context_effect():
+    rng = np.random.default_rng(17)
+    strong = _matrix(rng, 0.3, 0.1).test_transfer()
+    assert strong["gated"] and strong["within_p_value"] < 0.05
+    none = _matrix(rng, 0.0, 0.0).test_transfer()
+    assert not none["gated"] and "no within-context effect" in none["gate_note"]

@@ -354,6 +354,15 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
                  min_detectable_bh=mdd(t["se"], t["df"], 0.05 / len(tests)))
     for p_adj, t in zip(benjamini_hochberg([t["p_value"] for t in tests]), tests):
         t["p_adjusted"] = p_adj
+    # gatekeeping over the family: a method's transfer is read only where its within-context removal survives
+    # Benjamini-Hochberg across the methods
+    for p_adj, t in zip(benjamini_hochberg([t["within_p_value"] for t in tests]), tests):
+        t["within_p_adjusted"] = p_adj
+        t["gated"] = bool(p_adj < 0.05)
+        if t["gated"]:
+            t.pop("gate_note", None)
+        else:
+            t["gate_note"] = "no within-context effect to transfer (within-context removal does not survive BH)"
     for st in steps:
         if st.name not in rep.values:
             continue

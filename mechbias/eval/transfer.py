@@ -153,6 +153,12 @@ class TransferMatrix(Result):
         if margin is not None:
             res["tost"] = tost(est["estimate"], est["se"], est["df"], float(margin))
         res["ratio"] = self._ratio(which, cols, n_boot=n_boot, seed=seed)
+        # gatekeeping: transfer is a question only where the fix works in its own context. Here the within
+        # effect's own p-value; a study replaces it by Benjamini-Hochberg over its methods
+        res["within_p_value"] = res["ratio"]["within_p_value"]
+        res["gated"] = bool(res["within_p_value"] < 0.05)
+        if not res["gated"]:
+            res["gate_note"] = "no within-context effect to transfer (within-context removal not significant)"
         diag, off = self.diagonal_cells(), self.offdiagonal_cells()
         if diag and off:
             res["pooled_diagonal_minus_offdiagonal"] = float(
@@ -168,7 +174,8 @@ class TransferMatrix(Result):
         within_terms = [(which, c, c, 1.0 / k) for c in cols]
         cross_terms = [(which, r, c, 1.0 / (k * (len(self.rows) - 1))) for c in cols for r in self.rows if r != c]
         w = self.contrast(within_terms, n_boot=n_boot, seed=seed)
-        out: dict = {"statistic": "cross / within", "within": w["estimate"], "within_ci": [w["ci_low"], w["ci_high"]]}
+        out: dict = {"statistic": "cross / within", "within": w["estimate"], "within_ci": [w["ci_low"], w["ci_high"]],
+                     "within_p_value": w["p_value"]}
         if not (w["ci_low"] > 0 or w["ci_high"] < 0):
             return {**out, "ratio": None, "ci_low": None, "ci_high": None,
                     "note": "not reported: the within-context removal's CI includes 0"}
@@ -367,6 +374,9 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
     tm = TransferMatrix(method, axis, rows, cols, cells, row_info, baseline, config_d, meta, grids=grids,
                         interventions=dict(chosen))
     tm.transfer_test = tm.test_transfer(margin=cfg.equivalence_margin)
+    # how alike the rows' selections are (identical interventions give within = cross by construction)
+    tm.transfer_test["overlap"] = {f"{a}|{b}": chosen[a].overlap(chosen[b]) for i, a in enumerate(rows)
+                                   for b in rows[i + 1:] if a in chosen and b in chosen}
     for name in (cells[0].controls if cells else {}):
         tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
     return tm

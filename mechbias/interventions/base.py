@@ -101,6 +101,20 @@ def check_model(intervention: "Intervention", model, *, force: bool = False) -> 
                          "--allow-other-model to apply it anyway")
 
 
+def jaccard(a: set, b: set) -> dict:
+    """``{"measure": "jaccard", "value": |a & b| / |a | b|}`` (1.0 for two empty sets)."""
+    union = a | b
+    return {"measure": "jaccard", "value": float(len(a & b) / len(union)) if union else 1.0,
+            "shared": len(a & b), "sizes": [len(a), len(b)]}
+
+
+def abs_cosine(a: Tensor, b: Tensor) -> dict:
+    """``{"measure": "abs_cosine", "value": |cos(a, b)|}`` of two flattened tensors (NaN if one is 0)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    den = float(a.norm() * b.norm())
+    return {"measure": "abs_cosine", "value": float(abs(a @ b) / den) if den > 0 else float("nan")}
+
+
 def intervention_types() -> dict[str, type["Intervention"]]:
     return dict(_REGISTRY)
 
@@ -167,6 +181,13 @@ class Intervention:
     def positions(self) -> Any:
         """Where in the sequence the intervention acts: ``"all"`` unless a subclass says otherwise."""
         return "all"
+
+    def overlap(self, other: "Intervention") -> dict | None:
+        """How much this intervention and ``other`` (another row's selection) are the same change:
+        ``{"measure": ..., "value": ...}`` (Jaccard of units, |cosine| of directions and edits), or None where the
+        two are not comparable. Identical interventions give within = cross by construction, so transfer
+        results are read beside this."""
+        return None
 
     @property
     def n_components(self) -> int:

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
-from .base import Intervention, NotFoldable, as_layer_dict, check_positions, register_intervention
+from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
 from .profile import NoMatchedControl, UnitProfile, nearest_unselected
 
 
@@ -104,6 +104,12 @@ class NeuronIntervention(Intervention):
     def validate(self, model) -> None:
         _check(self.neurons, model.cfg.n_layers, model.cfg.d_mlp, "neuron")
         check_positions(self.positions, model)
+
+    def overlap(self, other: Intervention) -> dict | None:
+        if not isinstance(other, NeuronIntervention):
+            return None
+        return jaccard({(l, i) for l, idx in self.neurons.items() for i in idx},
+                       {(l, i) for l, idx in other.neurons.items() for i in idx})
 
     def hooks(self, model):
         self.validate(model)
@@ -216,6 +222,12 @@ class HeadIntervention(Intervention):
     def validate(self, model) -> None:
         _check(self.heads, model.cfg.n_layers, model.cfg.n_heads, "head")
         check_positions(self.positions, model)
+
+    def overlap(self, other: Intervention) -> dict | None:
+        if not isinstance(other, HeadIntervention):
+            return None
+        return jaccard({(l, h) for l, idx in self.heads.items() for h in idx},
+                       {(l, h) for l, idx in other.heads.items() for h in idx})
 
     def hooks(self, model):
         self.validate(model)

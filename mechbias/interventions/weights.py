@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core.weights import named_params
-from .base import Intervention, param, register_intervention, restoring
+from .base import Intervention, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
 
 
@@ -41,6 +41,12 @@ class WeightMask(Intervention):
             if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
                 raise ValueError(f"weight mask of {n}: indices must lie in 0..{size - 1}, found "
                                  f"{int(idx.min())}..{int(idx.max())}")
+
+    def overlap(self, other: Intervention) -> dict | None:
+        if not isinstance(other, WeightMask):
+            return None
+        return jaccard({(n, int(i)) for n, idx in self.masks.items() for i in idx.tolist()},
+                       {(n, int(i)) for n, idx in other.masks.items() for i in idx.tolist()})
 
     @contextlib.contextmanager
     def apply(self, model):
@@ -120,6 +126,13 @@ class WeightEdit(Intervention):
     scale: float = 1.0
     label: str = ""
     kind: ClassVar[str] = "weight_edit"
+
+    def overlap(self, other: Intervention) -> dict | None:
+        if not isinstance(other, WeightEdit) or sorted(self.deltas) != sorted(other.deltas):
+            return None
+        a = torch.cat([self.scale * self.deltas[n].flatten() for n in sorted(self.deltas)])
+        b = torch.cat([other.scale * other.deltas[n].flatten() for n in sorted(other.deltas)])
+        return abs_cosine(a, b)
 
     @property
     def n_components(self) -> int:

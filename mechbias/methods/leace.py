@@ -64,6 +64,16 @@ class ErasureIntervention(Intervention):
             raise ValueError(f"the eraser acts on {self.proj_left.shape[0]} dimensions, the residual stream has {d}")
         check_positions(self.positions, model)
 
+    def overlap(self, other: Intervention) -> dict | None:
+        """Subspace overlap: the mean squared cosine of the principal angles between the erased directions
+        (1 for the same subspace, 0 for orthogonal ones; |cosine|^2 for rank 1)."""
+        if not isinstance(other, ErasureIntervention):
+            return None
+        qa, _ = torch.linalg.qr(self.proj_left.double())
+        qb, _ = torch.linalg.qr(other.proj_left.double())
+        sv = torch.linalg.svdvals(qa.T @ qb)
+        return {"measure": "subspace_cos2", "value": float((sv ** 2).mean()), "same_layer": self.layer == other.layer}
+
     def apply_to(self, x: Tensor) -> Tensor:
         """The erased activations (any leading shape, last dimension ``d_model``)."""
         left, right = self.proj_left.to(x), self.proj_right.to(x)

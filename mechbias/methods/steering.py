@@ -27,7 +27,7 @@ from ..core.sites import Site
 from ..data.axes import load_axis
 from ..data.prompts import tokenize
 from ..data.contexts import Context
-from ..interventions.base import Intervention, NotFoldable, check_positions, register_intervention
+from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_positions, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 
 MODES = ("ablate", "add")
@@ -68,6 +68,12 @@ class DirectionIntervention(Intervention):
             raise ValueError(f"the direction has {self.direction.numel()} entries, the residual stream "
                              f"{model.cfg.d_model}")
         check_positions(self.positions, model)
+
+    def overlap(self, other: Intervention) -> dict | None:
+        if not isinstance(other, DirectionIntervention):
+            return None
+        out = abs_cosine(self.direction, other.direction)
+        return {**out, "same_layer": self.layer == other.layer}
 
     def hooks(self, model):
         self.validate(model)
