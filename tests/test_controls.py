@@ -52,21 +52,37 @@ def test_neuron_controls_match_magnitude_and_cost(tiny, profile):
     top = {l: [int(i) for i in mag[l].argsort(descending=True)[:4]] for l in range(tiny.cfg.n_layers)}
     iv = NeuronIntervention(top)  # the largest neurons of each layer: what a uniform draw cannot match
     ctl = iv.controls(tiny, 3, seed=0, profile=profile, kinds=("random", "matched", "matched_cost"))
-    assert set(ctl) == {"random", "matched", "matched_cost"} and len(ctl["matched"]) == 3
+    assert {"random", "matched", "matched_cost"} <= set(ctl) and len(ctl["matched"]) == 3
     logm = np.log(mag.double().numpy())
 
     def gap(draw):  # mean |log magnitude difference| to the selection, per layer
         return np.mean([abs(logm[l, sorted(draw.neurons[l])] - logm[l, sorted(top[l])]).mean()
                         for l in top])
 
+    # matched within a caliper of 0.2 SD of the layer's log magnitudes (issue 33: the hub's "matched" pool once
+    # ranged 12-198 around its 93); a unit with none inside the caliper is unmatched and kept as itself
+    info = ctl["matched"][0].match_info
+    unmatched = {tuple(u) for u in info["unmatched"]}
+    sel_logs, ctl_logs = [], []
     for d in ctl["matched"]:
         assert {l: len(v) for l, v in d.neurons.items()} == {l: 4 for l in top}
         for l, idx in d.neurons.items():
-            assert not set(idx) & set(top[l])
-            for j in idx:  # among the 5 nearest unselected to a selected neuron, once up to 3 earlier draws are out
-                near = [set([int(x) for x in np.argsort(np.abs(logm[l] - logm[l, i])) if int(x) not in top[l]][:8])
-                        for i in top[l]]
-                assert any(j in s for s in near)
+            cal = 0.2 * logm[l].std()
+            assert info["caliper_log"][str(l)] == pytest.approx(cal)
+            kept = {i for (ll, i) in unmatched if ll == l}
+            assert set(idx) & set(top[l]) == kept  # unmatched units are kept as themselves, nothing else selected
+            for i in kept:  # and no unselected unit lies inside their caliper
+                assert np.abs(np.delete(logm[l], top[l]) - logm[l, i]).min() > cal
+            matched = [i for i in top[l] if i not in kept]
+            for j in set(idx) - kept:  # each drawn unit lies inside the caliper of a matched selected unit
+                assert min(abs(logm[l, j] - logm[l, i]) for i in matched) <= cal + 1e-12
+            sel_logs += [logm[l, i] / logm[l].std() for i in matched]
+            ctl_logs += [logm[l, j] / logm[l].std() for j in set(idx) - kept]
+    smd = np.mean(sel_logs) - np.mean(ctl_logs)  # in SDs of each layer's log magnitudes
+    assert info["balance_smd"] == pytest.approx(smd) and abs(smd) <= 0.2 + 1e-12
+    assert info["n_matched_units"] == 4 * len(top) - len(unmatched)
+    if unmatched:
+        assert ctl["unmatched_only"][0].as_pairs() == sorted(unmatched)
     assert max(gap(d) for d in ctl["matched"]) < min(gap(d) for d in ctl["random"])
     cost = ctl["matched_cost"][0]
     for l, idx in cost.neurons.items():  # brute force: the closest-cost candidate among the 8 nearest in size

@@ -352,7 +352,11 @@ def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequenc
                   control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> dict:
     """What a transfer matrix records about one row's intervention and its controls."""
     info: dict[str, Any] = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
-                            "controls": {k: v[0].describe() for k, v in controls.items() if len(v)}}
+                            "controls": {k: v[0].describe() for k, v in controls.items() if len(v)},
+                            "n_draws": {k: len(v) for k, v in controls.items() if len(v)}}
+    balance = {k: v[0].match_info for k, v in controls.items() if len(v) and getattr(v[0], "match_info", None)}
+    if balance:  # caliper, achieved balance (standardised difference) and unmatched units of matched controls
+        info["balance"] = balance
     if perplexity_base is not None:
         info.update(perplexity_base=perplexity_base, perplexity_change=perplexity_change)
         for name, pc in (control_ppl or {}).items():

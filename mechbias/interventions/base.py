@@ -130,6 +130,8 @@ class Intervention:
     #: the model it was made on (:func:`model_identity`), recorded in ``intervention.json`` when known; set on
     #: an instance (not a dataclass field, so it never enters equality or the subclasses' constructors)
     origin: dict | None = None
+    #: for a matched control draw: the caliper, the achieved balance and the unmatched units (set on instances)
+    match_info: dict | None = None
 
     # -- behaviour --
     def hooks(self, model) -> list[tuple[Any, Callable]]:

@@ -121,3 +121,39 @@ def nearest_unselected(values: Tensor, selected: list[int], rng: np.random.Gener
         out.append(j)
         taken.add(j)
     return out
+
+
+#: the caliper of matched controls, in standard deviations of the matched covariate (log size) within a layer
+#: (the usual 0.2 SD rule of propensity matching)
+CALIPER_SD = 0.2
+
+
+def caliper_match(values: Tensor, selected: list[int], rng: np.random.Generator, *, k: int = 5,
+                  caliper_sd: float = CALIPER_SD) -> tuple[dict[int, int], list[int], float]:
+    """For each selected index, one of the ``k`` unselected indices closest in log value **within a caliper**
+    of ``caliper_sd`` standard deviations of the log values (drawn at random among them, without reuse).
+
+    Returns ``(matches, unmatched, caliper)``: selected index -> its match, the selected indices that no
+    unselected unit lies within the caliper of (a hub neuron far larger than every other, say: a property
+    of the selection, the same in every draw), and the caliper in log units. A matchable unit whose
+    candidates inside the caliper were all taken by earlier matches of the same draw gets the nearest
+    untaken unit (rare; such draws are counted by the caller's balance)."""
+    v = np.log(np.clip(values.double().numpy(), 1e-12, None))
+    caliper = float(caliper_sd * v.std())
+    sel = set(int(i) for i in selected)
+    unselected = np.array([j for j in range(len(v)) if j not in sel], dtype=np.int64)
+    unmatched = [int(i) for i in selected
+                 if not len(unselected) or np.abs(v[unselected] - v[i]).min() > caliper]
+    taken = set(sel)
+    matches: dict[int, int] = {}
+    for i in selected:
+        if int(i) in unmatched:
+            continue
+        order = [int(j) for j in np.argsort(np.abs(v - v[i])) if int(j) not in taken]
+        if not order:
+            raise NoMatchedControl("not enough unselected units to draw a matched control")
+        pool = [j for j in order[:k] if abs(v[j] - v[i]) <= caliper] or order[:1]
+        j = int(rng.choice(pool))
+        matches[int(i)] = j
+        taken.add(j)
+    return matches, unmatched, caliper

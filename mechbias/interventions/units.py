@@ -13,7 +13,7 @@ from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
-from .profile import NoMatchedControl, UnitProfile, nearest_unselected
+from .profile import CALIPER_SD, NoMatchedControl, UnitProfile, caliper_match, nearest_unselected
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -142,16 +142,42 @@ class NeuronIntervention(Intervention):
             return out
         if "matched" in kinds and n > 0:
             draws: list[Intervention] = []
-            try:
-                for k in range(n):
-                    rng = np.random.default_rng(seed + 211 * (k + 1))
-                    drawn = {l: nearest_unselected(profile.neuron_magnitude[l], idx, rng)
-                             for l, idx in self.neurons.items()}
-                    draws.append(NeuronIntervention(drawn, self.factor, self.positions,
-                                                    label="neurons matched on magnitude"))
-                out["matched"] = draws
-            except NoMatchedControl:
-                pass  # a layer is (almost) entirely selected: no matched draw exists
+            sel_logs, ctl_logs, unmatched, calipers = [], [], [], {}
+            for k in range(n):
+                rng = np.random.default_rng(seed + 211 * (k + 1))
+                drawn: dict[int, list[int]] = {}
+                for l, idx in self.neurons.items():
+                    mags = profile.neuron_magnitude[l]
+                    matches, missing, calipers[l] = caliper_match(mags, idx, rng)
+                    # a unit with no match inside the caliper (a hub) enters the control as itself: both arms
+                    # carry it, and the comparison tests the matched units alone
+                    drawn[l] = [matches.get(i, i) for i in idx]
+                    logs = np.log(np.clip(mags.double().numpy(), 1e-12, None))
+                    sd = float(logs.std()) or 1.0  # balance in units of the layer's SD (the caliper's unit)
+                    sel_logs += [logs[i] / sd for i in matches]
+                    ctl_logs += [logs[j] / sd for j in matches.values()]
+                    if k == 0:
+                        unmatched += [[int(l), int(i)] for i in missing]
+                draws.append(NeuronIntervention(drawn, self.factor, self.positions,
+                                                label="neurons matched on magnitude (caliper 0.2 SD of log "
+                                                      "magnitude; unmatched units kept as themselves)"))
+            info = {"covariate": "log(mean |activation| x ||W_out row||)", "caliper_sd": CALIPER_SD,
+                    "caliper_log": {str(l): c for l, c in calipers.items()}, "unmatched": unmatched,
+                    "n_matched_units": self.n_components - len(unmatched), "n_draws": n,
+                    "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
+                    "balance_note": "mean log magnitude of the matched selected units minus their controls, in "
+                                    "SDs of the layer's log magnitudes (|d| <= the caliper by construction)"}
+            for d in draws:
+                d.match_info = info
+            out["matched"] = draws
+            if unmatched:
+                alone: dict[int, list[int]] = {}
+                for l, i in unmatched:
+                    alone.setdefault(l, []).append(i)
+                only = NeuronIntervention(alone, self.factor, self.positions,
+                                          label="the selection's unmatched units alone")
+                only.match_info = info
+                out["unmatched_only"] = [only]
         if "matched_cost" in kinds:
             drawn = {}
             for l, idx in self.neurons.items():
