@@ -15,6 +15,7 @@ import ray
 
 from mechbias.apps.executors import InProcess, RayExecutor
 from mechbias.apps import jobs as jobs_mod
+from mechbias.apps import store as store_mod
 from mechbias.apps.jobs import Job, JobStore, job_kind, run_planners
 from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
@@ -100,7 +101,7 @@ def _rewrite_part(store, job, blob, *, mac=True):
     (store.path(job) / "parts" / "value.pkl").write_bytes(blob)
     if mac:
         meta = store.meta(job)
-        meta["macs"]["value"] = jobs_mod._mac(store._key, job.key, "value", blob)
+        meta["macs"]["value"] = store_mod._mac(store._key, job.key, "value", blob)
         (store.path(job) / "job.json").write_text(json.dumps(meta))
 
 
