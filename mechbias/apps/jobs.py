@@ -54,10 +54,10 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import set_seed
-from .store import _CODE_CACHE, JobOutput, JobStore, StoreWarning, _code, code_fingerprint, store_key
+from .store import JobOutput, JobStore, StoreWarning, code_fingerprint, code_stamp, store_key
 
 __all__ = ["Job", "JobKind", "JobOutput", "JobStore", "RunReport", "Results", "StoreWarning", "WorkerContext",
-           "_CODE_CACHE", "code_fingerprint", "critical_path", "data_fingerprint", "execute", "job_kind", "job_kinds",
+           "code_fingerprint", "code_stamp", "critical_path", "data_fingerprint", "execute", "job_kind", "job_kinds",
            "model_fingerprint", "run_planners", "store_key"]
 
 try:
@@ -185,7 +185,7 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
     set_seed(0)
     t0 = time.time()
     meta = {"threads": ctx.threads, "host": socket.gethostname(), "pid": os.getpid(),
-            "node": _node_id(), "code": _code()}
+            "node": _node_id(), "code": code_stamp()}
     with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
         ctx.out = Path(tmp)
         try:
@@ -383,8 +383,8 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
         c = str(m.get("code", "unknown"))
         codes[c] = codes.get(c, 0) + 1
     return {"total_work_seconds": round(sum(secs.values()), 1),
-            "code": _code(), "jobs_by_code": codes,
-            "jobs_by_other_code": sum(v for k, v in codes.items() if k != _code()),
+            "code": code_stamp(), "jobs_by_code": codes,
+            "jobs_by_other_code": sum(v for k, v in codes.items() if k != code_stamp()),
             "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
             "jobs": len(secs),
             "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1)}

@@ -50,7 +50,7 @@ def code_fingerprint() -> str:
 _CODE_CACHE: list[str] = []
 
 
-def _code() -> str:
+def code_stamp() -> str:
     """:func:`code_fingerprint`, computed on first use (``import mechbias`` hashes no files)."""
     if not _CODE_CACHE:
         _CODE_CACHE.append(code_fingerprint())
@@ -230,7 +230,7 @@ class JobStore:
         except (ModuleNotFoundError, AttributeError) as e:  # a class that moved or was renamed since
             code = self.meta(job).get("code", "unknown")
             raise RuntimeError(f"{job.label}: its stored part {part!r} was written by other code (stamp {code}; "
-                               f"this code {_code()}) and no longer loads ({e}); delete {self.path(job)} to "
+                               f"this code {code_stamp()}) and no longer loads ({e}); delete {self.path(job)} to "
                                "recompute it") from e
 
     def meta(self, job: _Job) -> dict:
