@@ -169,3 +169,22 @@ def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
     bad.write_text("sent_more,sent_less\na,b\n")
     with pytest.raises(ValueError, match="missing columns"):
         crows_score(tiny, bad)
+
+
+def test_every_command_help_shows_an_example_and_version_prints(capsys):
+    import argparse
+
+    from mechbias.apps.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"bias", "crows", "card", "export", "study", "doctor", "erase", "ig2", "prune"} <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"example: mechbias {name} " in out, name
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("mechbias ")

@@ -273,13 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mechbias {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("doctor", help="versions, device, model cache, and whether the fast paths pass their "
+    p = sub.add_parser("doctor", epilog="example: mechbias doctor --model tiny", help="versions, device, model cache, and whether the fast paths pass their "
                                       "self-check on a model (exit 1 if one does not)")
     p.add_argument("--model", default=None, help="model to check (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="device to load it on (e.g. cuda)")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")
+    p = sub.add_parser("bias", epilog="example: mechbias bias --contexts finance commerce --axis gender --out out/bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")
     _model_args(p)
     p.add_argument("--contexts", nargs="+", default=["all"], help="context names or YAML paths ('all' = built-ins)")
     p.add_argument("--axis", nargs="+", default=["race", "gender"], help="demographic axes")
@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg, default=0, help="seed of the splits and the bootstrap")
     p.set_defaults(func=cmd_bias)
 
-    p = sub.add_parser("crows", help="score a CrowS-Pairs CSV (before and under an intervention)")
+    p = sub.add_parser("crows", epilog="example: mechbias crows --csv crows_pairs_anonymized.csv --intervention out/ig2/intervention --out out/crows", help="score a CrowS-Pairs CSV (before and under an intervention)")
     _model_args(p)
     p.add_argument("--csv", required=True, type=Path,
                    help="CrowS-Pairs CSV (sent_more, sent_less, stereo_antistereo, bias_type)")
@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_crows)
 
-    p = sub.add_parser("card", help="bias report card: StereoSet, CrowS-Pairs, BBQ, WinoBias, perplexity and lm-eval "
+    p = sub.add_parser("card", epilog="example: mechbias card --intervention out/ig2/intervention/finance --crows crows.csv --out out/card", help="bias report card: StereoSet, CrowS-Pairs, BBQ, WinoBias, perplexity and lm-eval "
                                     "tasks, unmodified vs. under an intervention, with paired CIs")
     _model_args(p)
     p.add_argument("--intervention", type=Path, default=None, help="folder of a saved intervention (none: the "
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonneg, default=0, help="bootstrap seed")
     p.set_defaults(func=cmd_card)
 
-    p = sub.add_parser("export", help="write a Hugging Face checkpoint with a saved intervention folded into the "
+    p = sub.add_parser("export", epilog="example: mechbias export --intervention out/ig2/intervention/finance --out out/fixed-model", help="write a Hugging Face checkpoint with a saved intervention folded into the "
                                       "weights (loadable by plain transformers)")
     p.add_argument("--model", default=None, help="the model the intervention was found on (as for other commands)")
     p.add_argument("--intervention", required=True, type=Path, help="folder of a saved intervention")
@@ -336,7 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     for name, cls in registered_methods().items():
-        p = sub.add_parser(name, help=f"{cls.title}: select per context, transfer matrix, the method's analyses",
+        p = sub.add_parser(name, epilog=f"example: mechbias {name} --select-on finance commerce --evaluate-on all "
+                                        f"--axis gender --out out/{name}",
+                           help=f"{cls.title}: select per context, transfer matrix, the method's analyses",
                            description=cls.summary)
         _model_args(p)
         p.add_argument("--select-on", "--context", "--train-on", dest="select_on", nargs="+", required=True,
@@ -348,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_arguments(p, cls.Config, skip=("seed",), title=f"{cls.title} settings")
         p.set_defaults(func=_method_command(cls))
 
-    p = sub.add_parser("study", help="every registered method across contexts: transfer matrices, report, figures")
+    p = sub.add_parser("study", epilog="example: mechbias study --out results/study", help="every registered method across contexts: transfer matrices, report, figures")
     _model_args(p)
     add_config_arguments(p, StudyConfig, dest_prefix="study", title="study settings")
     p.add_argument("--figures", type=Path, default=None, help="also copy the figures into this folder")
