@@ -106,10 +106,7 @@ class NeuronIntervention(Intervention):
         check_positions(self.positions, model)
 
     def overlap(self, other: Intervention) -> dict | None:
-        if not isinstance(other, NeuronIntervention):
-            return None
-        return jaccard({(l, i) for l, idx in self.neurons.items() for i in idx},
-                       {(l, i) for l, idx in other.neurons.items() for i in idx})
+        return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, NeuronIntervention) else None
 
     def hooks(self, model):
         self.validate(model)
@@ -250,10 +247,7 @@ class HeadIntervention(Intervention):
         check_positions(self.positions, model)
 
     def overlap(self, other: Intervention) -> dict | None:
-        if not isinstance(other, HeadIntervention):
-            return None
-        return jaccard({(l, h) for l, idx in self.heads.items() for h in idx},
-                       {(l, h) for l, idx in other.heads.items() for h in idx})
+        return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, HeadIntervention) else None
 
     def hooks(self, model):
         self.validate(model)

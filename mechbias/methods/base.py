@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
 from ..core.results import atomic_write_json
+from ..data.axes import load_axis
 from ..data.contexts import Context, load_context
 from ..data.texts import selection_phase
 from ..interventions.base import Intervention
@@ -123,6 +124,19 @@ class Method:
 
     def describe(self) -> str:
         return f"{self.title}: {self.summary}" if self.summary else self.title
+
+    # -- helpers shared by methods that read one layer's residual stream on the selection split --
+    @staticmethod
+    def resolve_layer(model, layer: int | None, what: str) -> int:
+        """``layer``, or the middle layer when None; ``ValueError`` naming ``what`` if it is past the model."""
+        out = model.cfg.n_layers // 2 if layer is None else layer
+        if out >= model.cfg.n_layers:
+            raise ValueError(f"{what} layer {out} is outside 0..{model.cfg.n_layers - 1}")
+        return out
+
+    def selection_prompts(self, context: Context, axis: str):
+        """The context's selection split (selection templates x selection names) for ``axis``."""
+        return context.prompts(load_axis(axis), templates="selection", names="selection", seed=self.seed)
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -27,7 +27,6 @@ from torch import Tensor
 from ..core.runner import capture
 from ..core.sites import Site
 from ..core.window import local_positions
-from ..data.axes import load_axis
 from ..data.contexts import Context
 from ..data.prompts import tokenize
 from ..interventions.base import Intervention, NotFoldable, check_positions, register_intervention
@@ -170,10 +169,8 @@ class Leace(Method):
 
     def select(self, model, context: Context, axis: str) -> Selection:
         c = self.config
-        layer = model.cfg.n_layers // 2 if c.layer is None else c.layer
-        if layer >= model.cfg.n_layers:
-            raise ValueError(f"erasure layer {layer} is outside 0..{model.cfg.n_layers - 1}")
-        ps = context.prompts(load_axis(axis), templates="selection", names="selection", seed=self.seed)
+        layer = self.resolve_layer(model, c.layer, "erasure")
+        ps = self.selection_prompts(context, axis)
         groups = torch.as_tensor(ps.groups)
         if not (groups == 0).any() or not (groups == 1).any():
             raise ValueError("LEACE needs prompts of both groups")

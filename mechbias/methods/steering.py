@@ -24,7 +24,6 @@ from torch import Tensor
 from ..core.runner import capture
 from ..core.window import local_positions
 from ..core.sites import Site
-from ..data.axes import load_axis
 from ..data.prompts import tokenize
 from ..data.contexts import Context
 from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_positions, register_intervention
@@ -175,10 +174,8 @@ class Steering(Method):
 
     def select(self, model, context: Context, axis: str) -> Selection:
         c = self.config
-        layer = model.cfg.n_layers // 2 if c.layer is None else c.layer
-        if layer >= model.cfg.n_layers:
-            raise ValueError(f"steering layer {layer} is outside 0..{model.cfg.n_layers - 1}")
-        ps = context.prompts(load_axis(axis), templates="selection", names="selection", seed=self.seed)
+        layer = self.resolve_layer(model, c.layer, "steering")
+        ps = self.selection_prompts(context, axis)
         d = group_mean_difference(model, ps, layer, c.position)
         iv = DirectionIntervention(layer, d, c.mode, c.alpha, c.apply_positions,
                                    label=f"steering {context.name}/{axis} layer {layer}")
