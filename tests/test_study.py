@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from mechbias.apps.cli import main
 from mechbias.apps.study import StudyConfig, study_steps
 
@@ -125,3 +127,31 @@ def test_a_rerun_with_other_steps_reports_only_its_own_and_rechooses_the_axis(tm
     assert (out / "steps" / "prune_neuron_paper" / "summary.json").exists()  # kept on disk, not deleted
     assert pruning_title not in html  # but not reported as part of this run
     assert json.loads((out / "axis_choice.json").read_text())["key"]["seed"] == 1  # chosen again for seed 1
+
+
+def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
+    """The CLI's in-process transfer engine and the study's jobs (one score job per row and column, all control
+    draws together, resumed at the intervention's first block) give the same cells for the same settings."""
+    study = tmp_path / "s"
+    assert main(["study", "--model", "tiny", "--quick", "--contexts", "finance", "commerce", "--axis", "race",
+                 "--methods", "prune", "--workers", "1", "--out", str(study)]) == 0
+    cli = tmp_path / "c"
+    assert main(["prune", "--model", "tiny", "--select-on", "finance", "commerce", "--evaluate-on", "finance",
+                 "commerce", "--axis", "race", "--unit", "neuron", "--k", "none", "--score", "activation",
+                 "--random", "1", "--boot", "300", "--seed", "0", "--no-capability", "--precision", "fast",
+                 "--out", str(cli)]) == 0
+    a = json.loads((study / "steps" / "prune_neuron_paper" / "transfer.json").read_text())
+    b = json.loads((cli / "transfer.json").read_text())
+    assert a["config"]["precision"] == b["config"]["precision"] == "fast"  # neuron pruning selects fast by default
+    assert a["transfer_config"]["controls"] == b["transfer_config"]["controls"]
+    key = lambda c: (c["selected_on"], c["evaluated_on"])  # noqa: E731
+    ca, cb = sorted(a["cells"], key=key), sorted(b["cells"], key=key)
+    assert [key(c) for c in ca] == [key(c) for c in cb] and len(ca) == 4
+    for x, y in zip(ca, cb):
+        for k in ("gap_before", "gap_after", "gap_change", "ci_low", "ci_high", "p_value", "n_components"):
+            assert abs(x[k] - y[k]) <= 1e-9, (key(x), k, x[k], y[k])
+        assert x["controls"].keys() == y["controls"].keys() and x["controls"]
+        for name in x["controls"]:
+            assert x["controls"][name]["draws"] == pytest.approx(y["controls"][name]["draws"], abs=1e-9)
+    for k in ("within_minus_cross", "ci_low", "ci_high"):
+        assert a["transfer_test"][k] == pytest.approx(b["transfer_test"][k], abs=1e-9)

@@ -54,6 +54,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import set_seed
+from ..core.work import counting_flops
 from .store import JobOutput, JobStore, StoreWarning, code_fingerprint, code_stamp, store_key
 
 __all__ = ["Job", "JobKind", "JobOutput", "JobStore", "RunReport", "Results", "StoreWarning", "WorkerContext",
@@ -189,9 +190,11 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
     with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
         ctx.out = Path(tmp)
         try:
-            parts = _KINDS[kind].fn(ctx, params, {**deps, **inputs})
+            with counting_flops() as work:
+                parts = _KINDS[kind].fn(ctx, params, {**deps, **inputs})
         except Exception:  # noqa: BLE001 - recorded and reported by the driver
             return JobOutput({}, {}, meta, traceback.format_exc())
+        meta["flops"] = work["flops"]
         files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
     meta["seconds"] = round(time.time() - t0, 3)
     return JobOutput({k: pickle.dumps(v, protocol=5) for k, v in parts.items()}, files, meta)
@@ -365,6 +368,7 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
     on unlimited workers about the critical path."""
     metas = {k: store.meta(n["job"]) for k, n in report.graph.items() if store.done(n["job"])}
     secs = {k: float(metas[k].get("seconds", 0.0)) if k in metas else 0.0 for k in report.graph}
+    flops = {k: int(metas[k].get("flops", 0)) if k in metas else 0 for k in report.graph}
     finish: dict[str, float] = {}
 
     def done_at(k: str, depth: int = 0) -> float:
@@ -376,18 +380,23 @@ def critical_path(store: JobStore, report: RunReport) -> dict:
     for k in report.graph:
         done_at(k)
     by_kind: dict[str, list[float]] = {}
+    flops_by_kind: dict[str, int] = {}
     for k, n in report.graph.items():
         by_kind.setdefault(n["job"].kind, []).append(secs[k])
+        flops_by_kind[n["job"].kind] = flops_by_kind.get(n["job"].kind, 0) + flops[k]
     codes: dict[str, int] = {}
     for m in metas.values():
         c = str(m.get("code", "unknown"))
         codes[c] = codes.get(c, 0) + 1
     return {"total_work_seconds": round(sum(secs.values()), 1),
+            "total_tflop": round(sum(flops.values()) / 1e12, 3),
+            "jobs_without_flop_count": sum(1 for k in report.graph if k in metas and "flops" not in metas[k]),
             "code": code_stamp(), "jobs_by_code": codes,
             "jobs_by_other_code": sum(v for k, v in codes.items() if k != code_stamp()),
             "critical_path_seconds": round(max(finish.values(), default=0.0), 1),
             "jobs": len(secs),
-            "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1)}
+            "by_kind": {k: {"jobs": len(v), "seconds": round(float(np.sum(v)), 1), "max": round(float(np.max(v)), 1),
+                            "tflop": round(flops_by_kind[k] / 1e12, 3)}
                         for k, v in sorted(by_kind.items())}}
 
 

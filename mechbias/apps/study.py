@@ -18,6 +18,7 @@ A newly registered method appears here with no edit to this file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,11 +26,13 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from ..core.models import model_label
+from ..core.precision import PRECISIONS, check_precision
+from ..core.work import matmul_peak, torch_threads
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
@@ -58,6 +61,11 @@ class StudyConfig:
         "help": "axis of the method steps and transfer matrices; auto: chosen on the selection split (the axis "
                 "with the most contexts whose selection-split gap is significant, then the larger mean |t|)"})
     seed: int = field(default=0, metadata={"help": "seed of splits, bootstrap and sampling"})
+    precision: str = field(default="auto", metadata={
+        "help": "compute precision of the methods' selections: auto (each method's measured default: fast where "
+                "bfloat16 selects the same units at least 1.5x faster), fast (bfloat16 autocast) or exact "
+                "(float32). Every reported number (baselines, cells, controls, perplexity) is computed exact",
+        "choices": ("auto", *PRECISIONS)})
     n_boot: int = field(default=2000, metadata={"flag": "--boot", "help": "bootstrap replicates"})
     n_random: int = field(default=2, metadata={"flag": "--random", "help": "draws per control and cell"})
     full: bool = field(default=False, metadata={
@@ -78,6 +86,8 @@ class StudyConfig:
         "help": "job store folder (none: OUT/jobs); studies sharing a store reuse each other's jobs"})
 
     def __post_init__(self):
+        if self.precision != "auto":
+            check_precision(self.precision)
         if self.contexts is None:
             self.contexts = ("all",) if self.full else DEFAULT_CONTEXTS
         # built-in contexts by name; a user's YAML file by its absolute path (workers load it from there, and
@@ -131,6 +141,7 @@ class Step:
     plan: Callable  # (shared, cfg, model_meta) -> planner
     write: Callable  # (value, step_dir) -> summary dict
     report: Callable  # (summary, rel_fig) -> markdown
+    config: Any = None  # a method step's method configuration
 
 
 # ----------------------------------------------------------------------------
@@ -208,7 +219,7 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
                           "before, 95% paired crossed-bootstrap CI; random control: the intervention's own random "
                           "draw of the same size):", "", _transfer_md(summary["transfer"], fig, summary["figures"][0])])
 
-    return Step(name, title, plan, write, report)
+    return Step(name, title, plan, write, report, config)
 
 
 # ----------------------------------------------------------------------------
@@ -259,6 +270,8 @@ def study_steps(cfg: StudyConfig) -> list[Step]:
         if not cfg.full and cfg.methods is None and not cls.in_default_study:
             continue
         for step_name, config in cls.study_configs(cfg.quick, full=cfg.full).items():
+            auto = "fast" if step_name in cls.fast_study_steps else "exact"
+            config = dataclasses.replace(config, precision=auto if cfg.precision == "auto" else cfg.precision)
             steps.append(_method_step(step_name, cls, config, cls.study_extras(step_name, cfg.quick)))
     return [s for s in steps if s.name not in cfg.skip]
 
@@ -382,6 +395,9 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     work = {"computed_now": rep.computed, "reused": rep.reused, "seconds_by_kind_now": rep.job_seconds,
             "workers": ex.workers, "threads_per_job": cfg.job_threads, "wall_seconds": round(time.time() - t0, 1),
             **critical_path(store, rep)}
+    with torch_threads(cfg.job_threads):
+        work["matmul_peak"] = matmul_peak()  # the chip's rate at a job's thread count, measured in this run
+    work.update(achieved_rate(work))
     atomic_write_json(work, out / "work.json")
     write_report(out, cfg, steps, work, figures=figures, model=model_label(model))
     atomic_write_text(study_html(out), out / "report.html")
@@ -396,6 +412,17 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     if failed.exists():
         failed.unlink()
     return 0
+
+
+def achieved_rate(work: dict) -> dict:
+    """Matrix-product GFLOP/s over the jobs' summed seconds, and as fractions of the measured peaks."""
+    secs, peak = work.get("total_work_seconds") or 0.0, work.get("matmul_peak") or {}
+    if secs <= 0 or not work.get("total_tflop"):
+        return {}
+    rate = work["total_tflop"] * 1e3 / secs
+    return {"achieved_gflops": round(rate, 1),
+            "fraction_of_fp32_peak": round(rate / peak["float32_gflops"], 3) if peak.get("float32_gflops") else None,
+            "fraction_of_bf16_peak": round(rate / peak["bfloat16_gflops"], 3) if peak.get("bfloat16_gflops") else None}
 
 
 def _failed(out: Path, runs: list[RunReport], say) -> int:
@@ -445,8 +472,15 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
                  "mechbias's code** (code fingerprints and counts: "
                  + ", ".join(f"{k}: {v}" for k, v in work["jobs_by_code"].items())
                  + f"; this run: {work['code']}); a change that alters results must bump its job kind's version, "
-                 "or run with a fresh store." if work.get("jobs_by_other_code") else ""), "",
-              "| job kind | jobs | seconds (sum) | seconds (longest) |", "|---|---|---|---|"]
-    parts += [f"| {k} | {v['jobs']} | {v['seconds']} | {v['max']} |" for k, v in work["by_kind"].items()]
+                 "or run with a fresh store." if work.get("jobs_by_other_code") else "")
+              + (f" Matrix-product work {work['total_tflop']:.1f} TFLOP, {work['achieved_gflops']:.0f} GFLOP/s per job "
+                 f"on average: {100 * work['fraction_of_fp32_peak']:.0f}% of a {work['threads_per_job']}-thread "
+                 f"float32 matmul's {work['matmul_peak']['float32_gflops']:.0f} GFLOP/s and "
+                 f"{100 * work['fraction_of_bf16_peak']:.0f}% of bfloat16's "
+                 f"{work['matmul_peak']['bfloat16_gflops']:.0f} GFLOP/s (measured in this run)."
+                 if work.get("achieved_gflops") else ""), "",
+              "| job kind | jobs | seconds (sum) | seconds (longest) | TFLOP |", "|---|---|---|---|---|"]
+    parts += [f"| {k} | {v['jobs']} | {v['seconds']} | {v['max']} | {v.get('tflop', '')} |"
+              for k, v in work["by_kind"].items()]
     parts += [""]
     return atomic_write_text("\n".join(parts), out / "report.md")

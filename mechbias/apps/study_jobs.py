@@ -9,12 +9,13 @@ kind           computes                                               shared by
 axis_choice    the axis, chosen on the selection split                the study
 baseline       gaps per context and axis (all prompts), its figure    the study
 evalset        a context's held-out prompts and unmodified scores     every method
-perplexity     perplexity of the reporting neutral texts (with or     every method (the base)
-               without an intervention)
+perplexity     perplexity of the reporting neutral texts (the base)   every method
+perplexities   perplexity under one row's intervention and draws      --
 profile        unit sizes and ablation costs (matched controls)       every method
 select         one method's selection on one context                  --
 controls       the control draws of a selection                       --
-scores         the score grid of one intervention on one context      --
+scores         the score grids of one row's intervention and its      --
+               control draws on one context
 generation     the generation metric of a selection                   --
 analyze        a method's own analyses over its selections            --
 =============  =====================================================  ==========================
@@ -61,15 +62,25 @@ def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": res.rows}
 
 
-@job_kind("evalset")
+@job_kind("evalset", version=2)
 def _evalset(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"])}
 
 
-@job_kind("perplexity")
+@job_kind("perplexity", version=2)
 def _perplexity(ctx: WorkerContext, p: dict, d: dict) -> dict:
     texts = neutral_texts(p["max_texts"], split="reporting")
     return {"value": float(perplexity(ctx.model, texts, intervention=d.get("iv")))}
+
+
+@job_kind("perplexities")
+def _perplexities(ctx: WorkerContext, p: dict, d: dict) -> dict:
+    """Perplexity under one row's intervention and each of its control draws (parts ``after``, ``random/0``,
+    ...), those starting at the same block one after another so they share its kept residual stream."""
+    texts = neutral_texts(p["max_texts"], split="reporting")
+    ivs = {k[len("iv/"):]: v for k, v in d.items() if k.startswith("iv/")}
+    order = sorted(ivs, key=lambda k: ivs[k].first_layer(ctx.model))
+    return {k: float(perplexity(ctx.model, texts, intervention=ivs[k])) for k in order}
 
 
 @job_kind("profile")
@@ -98,9 +109,12 @@ def _controls(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return parts
 
 
-@job_kind("scores")
+@job_kind("scores", version=2)
 def _scores(ctx: WorkerContext, p: dict, d: dict) -> dict:
-    return {"value": d["evalset"].scores(ctx.model, d["iv"])}
+    """The score grids of one row's intervention and all its control draws on one evaluation set (parts
+    ``after``, ``random/0``, ...): one job, so the draws share the unmodified residual stream they resume from."""
+    ivs = {k[len("iv/"):]: v for k, v in d.items() if k.startswith("iv/")}
+    return d["evalset"].scores_many(ctx.model, ivs)
 
 
 @job_kind("generation")
@@ -201,11 +215,15 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
         for name, n in draws[r].items():
             for i in range(n):
                 ivs[r][f"{name}/{i}"] = (ctl[r], f"{name}/{i}")
-    score = {(r, which, c): Job("scores", {}, deps={"iv": src, "evalset": (shared.evalsets[c], "value")}, salt=salt,
-                                label=f"{step}: {which} of {r} on {c}")
-             for r in rows for which, src in ivs[r].items() for c in cols}
-    ppl = ({(r, which): shared.perplexity(tcfg.neutral_max_texts, src, label=f"{step}: perplexity {which} of {r}")
-            for r in rows for which, src in ivs[r].items()} if tcfg.capability else {})
+    score = {(r, c): Job("scores", {"which": sorted(ivs[r])},
+                         deps={**{f"iv/{which}": src for which, src in ivs[r].items()},
+                               "evalset": (shared.evalsets[c], "value")},
+                         salt=salt, label=f"{step}: {r} on {c} ({len(ivs[r])} interventions)")
+             for r in rows for c in cols}
+    ppl = ({r: Job("perplexities", {"max_texts": tcfg.neutral_max_texts, "which": sorted(ivs[r])},
+                   deps={f"iv/{which}": src for which, src in ivs[r].items()}, salt=salt,
+                   label=f"{step}: perplexity of {r} ({len(ivs[r])} interventions)")
+            for r in rows} if tcfg.capability else {})
     gen = ({r: Job("generation", {"context": r, "axis": axis, "n_samples": tcfg.generation,
                                   "n_names": tcfg.generation_names, "max_new_tokens": tcfg.generation_tokens,
                                   "seed": seed}, deps={"iv": (sel[r], "intervention")}, salt=salt,
@@ -222,20 +240,21 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
         iv = res(sel[r], "intervention")
         chosen[nm[r]] = iv
         controls = {name: [res(ctl[r], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
-        pc = ({name: [res(ppl[(r, f"{name}/{i}")]) - base_ppl for i in range(n)] for name, n in draws[r].items()}
+        pc = ({name: [res(ppl[r], f"{name}/{i}") - base_ppl for i in range(n)] for name, n in draws[r].items()}
               if base else None)
-        after_ppl = res(ppl[(r, "after")]) - base_ppl if base else None
+        after_ppl = res(ppl[r], "after") - base_ppl if base else None
         row_info.append(make_row_info(nm[r], iv, controls, base_ppl, after_ppl, pc, res(gen[r]) if gen else None))
         for c in cols:
             kept: dict = {}
-            cg = {name: [res(score[(r, f"{name}/{i}", c)]) for i in range(n)] for name, n in draws[r].items()}
-            cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(r, "after", c)]), iv.n_components, tcfg,
+            cg = {name: [res(score[(r, c)], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
+            cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(r, c)], "after"), iv.n_components, tcfg,
                                          selected_on=nm[r], ppl=after_ppl, control_grids=cg,
                                          control_ppl=pc, keep=kept))
             for k, v in kept.items():
                 grids[f"{k}/{nm[r]}/{nm[c]}"] = v
     names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
-    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": names_r}
+    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": names_r,
+            "precision": {"selection": config.precision, "evaluation": "exact"}}
     tm = finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
                        baseline_rows(eval_sets, names_c, tcfg), tcfg, meta, grids, chosen)
 

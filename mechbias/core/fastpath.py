@@ -14,6 +14,9 @@ TransformerLens and transformers that a new release can change without an error:
 * **Partial unembedding** (:func:`last_position_unembed`,
   :func:`position_unembed`): the residual stream is cut to the positions a
   metric reads before the unembedding runs.
+* **Resuming at a layer** (:mod:`mechbias.core.resume`): blocks before an
+  intervention's first layer are skipped and the kept residual stream enters
+  there. It turns TransformerLens' wrapped layers into identities for the call.
 
 The first time a model uses a fast path in a process, :func:`fast_path_status`
 compares it with the exact path (full sequences, full unembedding) on a small
@@ -40,6 +43,7 @@ from torch import Tensor
 from .families import is_masked_lm
 from .hooks import hooked
 from .models import supports_kv_cache
+from .resume import capture_resid, resumable, resumed_logits
 from .sites import hook_name
 from .window import forward_window
 
@@ -49,6 +53,8 @@ TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, tor
 _STATUS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 _STRICT: list[bool | None] = [None]
 _SHIM: dict[str, bool] = {}
+#: the fast paths the self-check covers
+FAST_PATHS = ("unembed", "kv_cache", "resume")
 
 
 class FastPathError(RuntimeError):
@@ -322,13 +328,35 @@ def _run_checks(model) -> dict:
             parts = _kv_checks(model, ids, exact)
             ok = all(v["ok"] for v in parts.values())
             status["kv_cache"] = {"path": "fast" if ok else "exact", "ok": ok, "shim": shim, "checks": parts}
+        status["resume"] = _resume_check(model, ids, tol)
     return status
+
+
+def _resume_check(model, ids: Tensor, tol: float) -> dict:
+    """Resumed at the middle block with a hook there (it must fire on the kept residual), against the full
+    forward with the same hook."""
+    if not resumable(model):
+        return {"path": "exact", "ok": True, "reason": "the model cannot resume at a layer"}
+    layer = max(1, model.cfg.n_layers // 2)
+    shift = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(1)).to(model.cfg.device)
+    bump = [(hook_name("resid_pre", layer), lambda x, hook: x + shift.to(x.dtype))]
+    try:
+        with hooked(model, bump), forward_window(0, ids.shape[1]):
+            exact = model(ids)
+        resid = capture_resid(model, ids, layer)
+        with hooked(model, bump), forward_window(0, ids.shape[1]):
+            fast: Any = resumed_logits(model, resid, layer)
+        out = _compare("resume", fast, exact, tol)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this path
+        out = _compare("resume", e, torch.zeros(1), tol)
+    out["layer"] = layer
+    return out
 
 
 def fast_path_status(model) -> dict:
     """The self-check's verdict for ``model`` (run on first call, then cached): for ``"unembed"`` and
     ``"kv_cache"``, which path runs (``"fast"`` or ``"exact"``), whether the fast path agreed with the exact
-    one, the largest difference seen and the tolerance; plus the library versions.
+    one, the largest difference seen and the tolerance (likewise ``"resume"``); plus the library versions.
 
     On a disagreement: a warning naming the versions (once per model), or :class:`FastPathError` in
     strict mode. The check runs with the caller's hooks active and forward windows set as the fast paths
@@ -338,7 +366,7 @@ def fast_path_status(model) -> dict:
         return st
     st = _run_checks(model)
     _STATUS[model] = st
-    failed = [k for k in ("unembed", "kv_cache") if not st[k]["ok"]]
+    failed = [k for k in FAST_PATHS if not st[k]["ok"]]
     if failed:
         msg = (f"mechbias: the fast path(s) {', '.join(failed)} disagree with the exact path on this model "
                f"({_failure_text(st, failed)}; {_versions_text()}); using the exact path from now on. Results "
@@ -360,6 +388,13 @@ def _failure_text(st: dict, failed: list[str]) -> str:
     return "; ".join(bits)
 
 
+def use_resume(model) -> bool:
+    """Whether forwards may resume at a layer on ``model`` (it can, and the self-check passed)."""
+    if not resumable(model):
+        return False
+    return fast_path_status(model)["resume"]["path"] == "fast"
+
+
 def use_kv_cache(model) -> bool:
     """Whether the KV-cache fast paths may run on ``model``: it has a cache and passed the self-check."""
     if is_masked_lm(model) or not supports_kv_cache(model):
@@ -377,7 +412,7 @@ def fast_path_report(model) -> dict:
         raise
     except Exception as e:  # noqa: BLE001 - a model the check cannot run on (no vocabulary, say): say so
         return {"unchecked": f"{type(e).__name__}: {e}"}
-    return {k: st[k]["path"] for k in ("unembed", "kv_cache")}
+    return {k: st[k]["path"] for k in FAST_PATHS}
 
 
 def forget(model) -> None:

@@ -20,7 +20,12 @@ from torch import Tensor
 from ..data.prompts import PromptSet
 from ..data.contexts import Context
 from ..interventions.base import Intervention
-from .metrics import contrast_scores, perplexity
+from ..core.fastpath import last_position_unembed, use_resume
+from ..core.precision import compute_precision
+from ..core.resume import ResumeCache
+from ..core.runner import length_buckets, tokens_per_batch
+from ..interventions.base import maybe_apply
+from .metrics import contrast_passes, contrast_scores, perplexity
 from .stats import DEFAULT_BOOT, paired_reduction
 
 
@@ -72,7 +77,12 @@ class TransferConfig:
 
 @dataclass
 class EvalSet:
-    """The held-out prompts of one context, and its unmodified score grid."""
+    """The held-out prompts of one context, and its unmodified score grid.
+
+    Scores are computed over whole sequences in length buckets (no shared prefix), so the score of an
+    intervention that starts at block ``L`` can resume there from the unmodified residual stream
+    (:class:`~mechbias.core.resume.ResumeCache`, kept on the instance and never saved) and equal the full
+    forward's. ``resume=False`` in :meth:`scores` forces the full forward."""
 
     context: str
     prompts: PromptSet
@@ -83,12 +93,57 @@ class EvalSet:
     def build(cls, model, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
               progress: bool = False) -> "EvalSet":
         ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
-        mat, _, _, col_group = ps.grid(contrast_scores(model, ps, progress=progress))
+        with compute_precision(model, "exact"):
+            scores = contrast_scores(model, ps, share_prefix=False, progress=progress)
+        mat, _, _, col_group = ps.grid(scores)
         return cls(ctx.name, ps, mat, col_group)
 
-    def scores(self, model, intervention: Intervention | None) -> Tensor:
-        mat, _, _, _ = self.prompts.grid(contrast_scores(model, self.prompts, intervention=intervention))
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_resume"}
+
+    def _passes(self, model) -> list:
+        held = self.__dict__.get("_resume")
+        if held is None or held[0] is not model:
+            passes = contrast_passes(model, self.prompts.texts, self.prompts.positive, self.prompts.negative)
+            max_tokens = tokens_per_batch(model)
+            held = (model, [(ResumeCache(model, seqs, length_buckets([len(q) for q in seqs], max_tokens)), readout,
+                             k, sign) for seqs, readout, k, sign in passes])
+            self.__dict__["_resume"] = held
+        return held[1]
+
+    def resume_layer(self, model, intervention: Intervention | None) -> int:
+        """The block the scores of ``intervention`` resume at (0: the full forward runs)."""
+        if intervention is None or not use_resume(model):
+            return 0
+        return min(intervention.first_layer(model), int(model.cfg.n_layers) - 1)
+
+    def scores(self, model, intervention: Intervention | None, *, resume: bool = True) -> Tensor:
+        """The score grid ``[templates, names]`` with ``intervention`` applied (always at exact precision)."""
+        with compute_precision(model, "exact"):
+            return self._scores(model, intervention, resume)
+
+    def _scores(self, model, intervention: Intervention | None, resume: bool) -> Tensor:
+        layer = self.resume_layer(model, intervention) if resume else 0
+        if layer <= 0:
+            scores = contrast_scores(model, self.prompts, intervention=intervention, share_prefix=False)
+        else:
+            out = []
+            passes = self._passes(model)
+            for cache, _, _, _ in passes:  # the unmodified residual stream, captured before the intervention applies
+                cache.resid(layer)
+            with maybe_apply(intervention, model):
+                for cache, readout, k, sign in passes:
+                    out.append(sign * cache.map_last_logits(
+                        readout, layer, n_last=k, unembed=lambda n: last_position_unembed(model, n)))
+            scores = (out[0] if len(out) == 1 else out[0] + out[1]).double()
+        mat, _, _, _ = self.prompts.grid(scores)
         return mat
+
+    def scores_many(self, model, interventions: Mapping[str, Intervention]) -> dict[str, Tensor]:
+        """:meth:`scores` of several interventions, those resuming at the same block one after another (each
+        block's unmodified residual stream is captured once)."""
+        order = sorted(interventions, key=lambda k: self.resume_layer(model, interventions[k]))
+        return {k: self.scores(model, interventions[k]) for k in order}
 
 
 class Capability:

@@ -14,8 +14,9 @@ The generation metric of Breaking Down Bias is in :mod:`mechbias.generation`.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,9 +24,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.families import is_masked_lm
-from ..core.fastpath import last_position_unembed, slice_cache, use_kv_cache
+from ..core.fastpath import last_position_unembed, slice_cache, use_kv_cache, use_resume
+from ..core.precision import compute_precision
+from ..core.resume import ResumeCache
 from ..core.results import Result, make_meta
-from ..core.runner import map_last_logits, pseudo_nll_each_readout, sequence_nll
+from ..core.runner import (length_buckets, map_last_logits, pseudo_nll_each_readout, sequence_nll,
+                           tokens_per_batch)
 from ..core.window import forward_window
 from ..data.axes import load_axis
 from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
@@ -71,18 +75,28 @@ def contrast_scores(
         raise ValueError("contrast_scores needs the positive and negative answers")
     if not texts:
         raise ValueError("contrast_scores got no prompts")
+    with maybe_apply(intervention, model):
+        out = [sign * map_last_logits(model, seqs, readout, n_last=k, prefix_groups=groups, max_tokens=max_tokens,
+                                      progress=progress)
+               for seqs, readout, k, sign in contrast_passes(model, texts, positive, negative)]
+    return (out[0] if len(out) == 1 else out[0] + out[1]).double()
+
+
+def contrast_passes(model, texts: Sequence[str], positive: str, negative: str
+                    ) -> list[tuple[list[Tensor], Callable[[Tensor], Tensor], int, float]]:
+    """How :func:`contrast_scores` reads its score, as forward passes ``(sequences, readout, n_last, sign)``
+    whose signed readouts add up to the score: one pass (the logit difference at the last position) for
+    single-token answers; for multi-token answers one teacher-forced pass per answer (the sum of the answer
+    tokens' log-probabilities, the negative answer's with sign -1)."""
     seqs = tokenize(model, texts)
     pos, neg = answer_tokens(model, positive), answer_tokens(model, negative)
-    with maybe_apply(intervention, model):
-        if len(pos) == 1 and len(neg) == 1:
-            p, n = int(pos[0]), int(neg[0])
-            return map_last_logits(model, seqs, lambda lg: lg[:, -1, p] - lg[:, -1, n], prefix_groups=groups,
-                                   max_tokens=max_tokens, progress=progress).double()
-        return (_teacher_forced_logprob(model, seqs, pos, groups, max_tokens, progress)
-                - _teacher_forced_logprob(model, seqs, neg, groups, max_tokens, progress)).double()
+    if len(pos) == 1 and len(neg) == 1:
+        p, n = int(pos[0]), int(neg[0])
+        return [(seqs, lambda lg: lg[:, -1, p] - lg[:, -1, n], 1, 1.0)]
+    return [(*_teacher_forced(seqs, pos), 1.0), (*_teacher_forced(seqs, neg), -1.0)]
 
 
-def _teacher_forced_logprob(model, seqs, answer: Tensor, groups, max_tokens, progress) -> Tensor:
+def _teacher_forced(seqs, answer: Tensor) -> tuple[list[Tensor], Callable[[Tensor], Tensor], int]:
     k = len(answer)
     ext = [torch.cat([s, answer[:-1]]) for s in seqs]
     ans = answer.clone()
@@ -91,8 +105,7 @@ def _teacher_forced_logprob(model, seqs, answer: Tensor, groups, max_tokens, pro
         lp = lg.log_softmax(-1)
         return lp.gather(-1, ans.to(lp.device)[None, :, None].expand(lg.shape[0], k, 1))[..., 0].sum(-1)
 
-    return map_last_logits(model, ext, readout, n_last=k, prefix_groups=groups, max_tokens=max_tokens,
-                           progress=progress)
+    return ext, readout, k
 
 
 def gap_from_logits(logits: Float[Tensor, "b v"], d1: int, d2: int, kind: str = "prob") -> Float[Tensor, " b"]:
@@ -236,14 +249,51 @@ def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None 
     :func:`_nll_each_prediction`), so its capability cost is not hidden by where
     a batch happens to end.
     """
-    seqs = tokenize(model, texts)
     if intervention is not None and str(intervention.positions) != "all":
+        seqs = tokenize(model, texts)
         with maybe_apply(intervention, model), torch.no_grad():
             if is_masked_lm(model):
                 return pseudo_nll_each_readout(model, seqs)
             return _nll_each_prediction(model, seqs)
+    if use_resume(model):
+        # whole sequences in length buckets, resumed at the intervention's first block from the unmodified
+        # residual stream (kept per model and text set, so the draws of a control share it); the unmodified
+        # model runs the same buckets, so an intervention that changes nothing changes nothing here either
+        cache = _nll_cache(model, texts, max_tokens)
+        layer = 0 if intervention is None else min(intervention.first_layer(model), int(model.cfg.n_layers) - 1)
+        if layer > 0:
+            cache.resid(layer)  # captured before the intervention applies
+        with maybe_apply(intervention, model):
+            nll = cache.map_logits(_next_token_nll(cache), layer)
+        return float(nll.sum()), sum(len(q) - 1 for q in cache.seqs)
     with maybe_apply(intervention, model):
-        return sequence_nll(model, seqs, max_tokens=max_tokens)
+        return sequence_nll(model, tokenize(model, texts), max_tokens=max_tokens)
+
+
+_NLL_CACHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _nll_cache(model, texts: Sequence[str], max_tokens: int | None) -> ResumeCache:
+    """The resume cache of a text set on ``model`` (the two most recently used text sets are kept)."""
+    per = _NLL_CACHES.setdefault(model, {})
+    key = (tuple(texts), max_tokens)
+    if key not in per:
+        while len(per) >= 2:
+            per.pop(next(iter(per)))
+        seqs = tokenize(model, texts)
+        per[key] = ResumeCache(model, seqs, length_buckets([len(q) for q in seqs], tokens_per_batch(model, max_tokens)),
+                               max_bytes=2**29)
+    hit = per.pop(key)
+    per[key] = hit
+    return hit
+
+
+def _next_token_nll(cache: ResumeCache):
+    def fn(logits: Tensor, bucket: list[int]) -> Tensor:  # per row: the summed NLL of every next token
+        ids = torch.stack([cache.seqs[i] for i in bucket]).to(logits.device)
+        lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return -lp.sum(-1)
+    return fn
 
 
 def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
@@ -291,5 +341,6 @@ def perplexity(model, texts: Sequence[str] | None = None, *, intervention: Inter
     texts = list(texts) if texts is not None else neutral_texts(max_texts, split="reporting")
     if not texts:
         raise ValueError("perplexity needs at least one text")
-    nll, n = token_nll(model, texts, intervention=intervention)
+    with compute_precision(model, "exact"):  # a reported number
+        nll, n = token_nll(model, texts, intervention=intervention)
     return float(np.exp(nll / max(n, 1)))

@@ -325,7 +325,9 @@ def transfer_matrix(
             rnd = cell.controls.get("random")
             say(f"  {r.name} -> {c.name}: gap change {cell.gap_change:+.3f} [{cell.ci_low:+.3f}, {cell.ci_high:+.3f}]"
                 + (f"; random {rnd.gap_change:+.3f}" if rnd else ""))
-    meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows])
+    meta = make_meta(model, method=method, axis=axis, contexts=[r.name for r in rows],
+                     precision={"selection": getattr(getattr(selector, "config", None), "precision", "as called"),
+                                "evaluation": "exact"})
     return finish_matrix(method, axis, [r.name for r in rows], [c.name for c in cols], eval_sets, cells, row_info,
                          baseline, cfg, meta, grids, chosen)
 

@@ -33,6 +33,8 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.models import model_label
 from ..core.results import atomic_save_tensors, atomic_write_json
+from ..core.resume import layer_of_name
+from ..core.sites import Site
 from ..core.weights import named_params
 
 _REGISTRY: dict[str, type["Intervention"]] = {}
@@ -183,6 +185,19 @@ class Intervention:
     def positions(self) -> Any:
         """Where in the sequence the intervention acts: ``"all"`` unless a subclass says otherwise."""
         return "all"
+
+    def first_layer(self, model) -> int:
+        """The earliest block whose computation the intervention can change: blocks before it compute what the
+        unmodified model computes, so a forward may resume there (:mod:`mechbias.core.resume`).
+
+        From the hook names of :meth:`hooks`; ``model.cfg.n_layers`` for a hook after the last block (the
+        unembedding), 0 for an embedding hook and for a type that overrides :meth:`apply` without overriding
+        this (unknown: nothing is skipped)."""
+        if type(self).apply is not Intervention.apply:
+            return 0
+        n = int(model.cfg.n_layers)
+        names = [h.hook_name if isinstance(h, Site) else h for h, _ in self.hooks(model)]
+        return min((layer_of_name(x, n) if isinstance(x, str) else 0 for x in names), default=n)
 
     def overlap(self, other: "Intervention") -> dict | None:
         """How much this intervention and ``other`` (another row's selection) are the same change:
@@ -351,6 +366,9 @@ class Compose(Intervention):
             for p in self.parts:
                 stack.enter_context(p.apply(model))
             yield model
+
+    def first_layer(self, model) -> int:
+        return min((p.first_layer(model) for p in self.parts), default=int(model.cfg.n_layers))
 
     def fold(self, model, params: dict[str, Tensor]) -> None:
         """Each part in turn (all parts are checked before any is written)."""

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.resume import layer_of_name
 from ..core.weights import named_params
 from .base import Intervention, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
@@ -56,6 +57,10 @@ class WeightMask(Intervention):
             for n, p in params.items():
                 p.view(-1)[self.masks[n].to(p.device).long()] = 0.0
             yield model
+
+    def first_layer(self, model) -> int:
+        """The earliest block holding a changed parameter (0 for an embedding, which may be tied)."""
+        return min((layer_of_name(n, int(model.cfg.n_layers)) for n in self.masks), default=int(model.cfg.n_layers))
 
     def fold(self, model, params: dict[str, Tensor]) -> None:
         self.validate(model)
@@ -148,6 +153,10 @@ class WeightEdit(Intervention):
             for n, p in params.items():
                 p.add_(self.deltas[n].to(p.device, p.dtype), alpha=self.scale)
             yield model
+
+    def first_layer(self, model) -> int:
+        """The earliest block holding an edited parameter (0 for an embedding, which may be tied)."""
+        return min((layer_of_name(n, int(model.cfg.n_layers)) for n in self.deltas), default=int(model.cfg.n_layers))
 
     def fold(self, model, params: dict[str, Tensor]) -> None:
         for n, d in self.deltas.items():

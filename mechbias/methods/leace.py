@@ -166,6 +166,7 @@ class Leace(Method):
                "context's selection split at one layer and applied there: the linear baseline.")
     Config = LeaceConfig
     config: LeaceConfig
+    fast_study_steps = ("leace",)  # benchmarks/precision.py: 1.6x faster, subspace overlap 0.96
 
     def select(self, model, context: Context, axis: str) -> Selection:
         c = self.config

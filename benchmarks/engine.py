@@ -1,0 +1,97 @@
+"""Exact work skipped: scoring an intervention by resuming at its first block, against today's full forward,
+measured in the same run on the embedded model (one evaluation set: finance, gender, held-out prompts).
+
+For each unit kind (neurons, heads, weights, directions) and layer band it prints the work (block-token
+passes: a forward of T tokens through B blocks is B x T) and the time of
+
+* ``full``: the full forward with the intervention (what every score job ran before);
+* ``resumed``: blocks from the intervention's first one only, from the kept unmodified residual stream;
+* ``capture``: keeping that residual stream (once per evaluation set and layer, shared by every
+  intervention that starts there);
+
+and checks that both give the same scores. Then 20 control draws of a late-layer intervention scored
+together (:meth:`EvalSet.scores_many`, the capture included) against one full-model evaluation.
+Results go to ``benchmarks/results/engine.json``.
+
+    python benchmarks/engine.py
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mechbias.core.models import load_model
+from mechbias.core.weights import named_params
+from mechbias.data.contexts import load_context
+from mechbias.data.prompts import tokenize
+from mechbias.eval.cells import EvalSet
+from mechbias.interventions.units import HeadIntervention, NeuronIntervention
+from mechbias.interventions.weights import WeightMask
+from mechbias.methods.steering import DirectionIntervention
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def kinds(model, layer: int) -> dict:
+    g = torch.Generator().manual_seed(layer)
+    down = next(n for n in named_params(model) if f"layers.{layer}." in n and "down_proj" in n)
+    numel = named_params(model)[down].numel()
+    return {
+        "neurons": NeuronIntervention({layer: torch.randperm(model.cfg.d_mlp, generator=g)[:10].tolist()}),
+        "heads": HeadIntervention({layer: [0, 1]}),
+        "weights": WeightMask({down: torch.randperm(numel, generator=g)[:1000]}),
+        "directions": DirectionIntervention(layer, torch.randn(model.cfg.d_model, generator=g), mode="ablate"),
+    }
+
+
+def main() -> None:
+    model = load_model()
+    n = model.cfg.n_layers
+    es = EvalSet.build(model, load_context("finance"), "gender")
+    tokens = sum(len(s) for s in tokenize(model, es.prompts.texts))
+    bands = {"early": 3, "middle": n // 2, "last third": (2 * n) // 3 + 1, "last": n - 2}
+    rows = []
+    print(f"{len(es.prompts)} prompts, {tokens} tokens, {n} blocks, {torch.get_num_threads()} threads")
+    print(f"{'kind':10s} {'band':11s} {'layer':>5s} {'full s':>7s} {'resumed s':>9s} {'time x':>6s} "
+          f"{'work x':>6s} {'capture s':>9s} {'max|diff|':>9s}")
+    for band, layer in bands.items():
+        fresh = EvalSet(es.context, es.prompts, es.before, es.col_group)
+        _, cap = timed(lambda: fresh._passes(model)[0][0].resid(layer))
+        for kind, iv in kinds(model, layer).items():
+            full, t_full = timed(lambda: fresh.scores(model, iv, resume=False))
+            fast, t_fast = timed(lambda: fresh.scores(model, iv))
+            row = {"kind": kind, "band": band, "layer": layer, "full_s": t_full, "resumed_s": t_fast,
+                   "time_ratio": t_full / t_fast, "work_full": n * tokens, "work_resumed": (n - layer) * tokens,
+                   "work_ratio": n / (n - layer), "capture_s": cap, "capture_work": layer * tokens,
+                   "max_abs_diff": float((full - fast).abs().max())}
+            rows.append(row)
+            print(f"{kind:10s} {band:11s} {layer:5d} {t_full:7.2f} {t_fast:9.2f} {row['time_ratio']:6.1f} "
+                  f"{row['work_ratio']:6.1f} {cap:9.2f} {row['max_abs_diff']:9.1e}", flush=True)
+    layer = bands["last third"]
+    iv = kinds(model, layer)["neurons"]
+    draws = {f"random/{k}": iv.random_like(model, 101 * (k + 1)) for k in range(20)}
+    fresh = EvalSet(es.context, es.prompts, es.before, es.col_group)
+    _, t_draws = timed(lambda: fresh.scores_many(model, draws))
+    _, t_one = timed(lambda: EvalSet.build(model, load_context("finance"), "gender"))
+    work_draws = layer * tokens + 20 * (n - layer) * tokens
+    summary = {"layer": layer, "draws": 20, "seconds_20_draws": t_draws, "seconds_one_full_evaluation": t_one,
+               "time_ratio": t_draws / t_one, "work_ratio": work_draws / (n * tokens)}
+    print(f"20 draws at layer {layer} together: {t_draws:.1f} s = {summary['time_ratio']:.2f}x one full-model "
+          f"evaluation ({t_one:.1f} s); work {summary['work_ratio']:.2f}x")
+    out = Path(__file__).parent / "results" / "engine.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"prompts": len(es.prompts), "tokens": tokens, "n_layers": n,
+                               "threads": torch.get_num_threads(), "rows": rows, "draws": summary}, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

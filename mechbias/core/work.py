@@ -1,0 +1,56 @@
+"""Work accounting: floating-point operations done, and what this machine's matrix products can do.
+
+:func:`counting_flops` counts the FLOPs of matrix products (and attention) inside a block with PyTorch's
+``FlopCounterMode`` (forward and backward; element-wise work is not counted, so the totals are a slight
+underestimate of the arithmetic and an honest measure of the matmul work a chip is judged by).
+:func:`matmul_peak` measures the GFLOP/s of one square matrix product at the current thread count, in float32
+and bfloat16: the peak the achieved rate is compared with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def counting_flops() -> Iterator[dict]:
+    """``with counting_flops() as work: ...``; afterwards ``work["flops"]`` holds the FLOPs counted inside."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    work = {"flops": 0}
+    mode = FlopCounterMode(display=False)
+    with mode:
+        yield work
+    work["flops"] = int(mode.get_total_flops())
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Inside the block, torch uses ``n`` threads (restored on exit)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def matmul_peak(size: int = 1024, seconds: float = 0.5) -> dict:
+    """GFLOP/s of a ``size`` x ``size`` matrix product repeated for about ``seconds``, in float32 and bfloat16,
+    at the current torch thread count."""
+    out: dict = {"threads": torch.get_num_threads(), "size": size}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(size, size).to(dtype)
+        b = torch.randn(size, size).to(dtype)
+        a @ b  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        dt = time.perf_counter() - t0
+        out[str(dtype).replace("torch.", "") + "_gflops"] = round(2 * size**3 * n / dt / 1e9, 1)
+    return out
