@@ -11,7 +11,7 @@ passes: a forward of T tokens through B blocks is B x T) and the time of
 
 and checks that both give the same scores. Then 20 control draws of a late-layer intervention scored
 together (:meth:`EvalSet.scores_many`, the capture included) against one full-model evaluation.
-Results go to ``benchmarks/results/engine.json``.
+Results go to ``benchmarks/engine.json``.
 
     python benchmarks/engine.py
 """
@@ -86,7 +86,7 @@ def main() -> None:
                "time_ratio": t_draws / t_one, "work_ratio": work_draws / (n * tokens)}
     print(f"20 draws at layer {layer} together: {t_draws:.1f} s = {summary['time_ratio']:.2f}x one full-model "
           f"evaluation ({t_one:.1f} s); work {summary['work_ratio']:.2f}x")
-    out = Path(__file__).parent / "results" / "engine.json"
+    out = Path(__file__).parent / "engine.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts": len(es.prompts), "tokens": tokens, "n_layers": n,
                                "threads": torch.get_num_threads(), "rows": rows, "draws": summary}, indent=1) + "\n")

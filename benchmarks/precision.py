@@ -1,7 +1,7 @@
 """Select fast, evaluate exact: each method's selection at ``exact`` (float32) and at ``fast`` (bfloat16 autocast),
 on the embedded model, with the default study's configuration of each method.
 
-For every method it prints and saves (``benchmarks/results/precision.json``):
+For every method it prints and saves (``benchmarks/precision.json``):
 
 * the selection time at each precision (same process, one after the other, the same torch threads);
 * how alike the two selections are (:meth:`Intervention.overlap`: Jaccard for units, |cosine| for directions
@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--context", default="finance")
     ap.add_argument("--axis", default="gender")
     ap.add_argument("--methods", nargs="*", default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "precision.json"))
+    ap.add_argument("--out", default=str(Path(__file__).parent / "precision.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
     model = load_model()
