@@ -62,6 +62,7 @@ def method_rows(tm: TransferMatrix) -> dict:
                            + [(which, r, c, -1.0 / len(diag)) for r, c in diag])
         cppl = [tm.cell(r, r).controls[name].perplexity_change for r, _ in diag]
         out["controls"][name] = {"within": mean_of(which, diag), "selection_minus_control": beat,
+                                 "with_draws": tm.test_against_control(name),
                                  "ppl": float(np.mean(cppl)) if all(p is not None for p in cppl) else None}
     return out
 
@@ -113,8 +114,13 @@ def findings(study: Path) -> tuple[str, list[dict]]:
                         "Δppl (reporting texts)": f"{m['ppl']:+.2f}" if m["ppl"] is not None else "-"})
         for k, v in m["controls"].items():
             b = v["selection_minus_control"]
+            d = v["with_draws"]
             beats.append({"method": m["method"], "control": k, "control within": f"{v['within']['estimate']:+.3f}",
-                          "selection - control, within [95% CI]": _ci(b),
+                          "selection - control, within [95% CI, prompts only]": _ci(b),
+                          "[95% CI with the draws' variance]": (f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+                                                                if d.get("ci_low") is not None else "-"),
+                          "draws": d.get("n_draws", "-"),
+                          "rank p": f"{d['rank_p']:.2f}" if d.get("rank_p") is not None else "-",
                           "detectable": f"{b['min_detectable']:.3f}",
                           "control Δppl": f"{v['ppl']:+.2f}" if v["ppl"] is not None else "-"})
         t = m["test"]

@@ -325,3 +325,57 @@ def test_gating_reads_the_within_context_effect():
     assert strong["gated"] and strong["within_p_value"] < 0.05
     none = _matrix(rng, 0.0, 0.0).test_transfer()
     assert not none["gated"] and "no within-context effect" in none["gate_note"]
+
+
+def _simulated_matrix(rng, *, n_draws: int, lift: float, n_boot: int = 200):
+    """One evaluation context (5 templates x 16 + 16 names) and an intervention with ``n_draws`` random-control
+    draws: each intervention moves group A's scores by its own effect (draws: N(0, 0.05^2); the selection:
+    the same plus ``lift``), plus a per-name response shared by all and prompt-level noise."""
+    from mechbias.eval.cells import EvalSet, TransferConfig, cell_from_grids
+    from mechbias.eval.transfer import finish_matrix
+
+    T, N = 5, 32
+    g = torch.tensor([0] * 16 + [1] * 16)
+    before = torch.tensor(rng.normal(0, 0.3, (T, 1)) + rng.normal(0, 0.3, (1, N)) + rng.normal(0, 0.2, (T, N))
+                          + 0.5 * (g.numpy() == 0))  # group A favoured: a positive gap, so removal = -change
+    response = rng.normal(0, 0.05, N) * (g.numpy() == 0)
+
+    def change(effect):
+        return torch.tensor((effect * (g.numpy() == 0) + response)[None, :] + rng.normal(0, 0.02, (T, N)))
+
+    es = EvalSet("a", None, before, g)
+    cfg = TransferConfig(n_random=n_draws, n_boot=n_boot, capability=False)
+    own = rng.normal(0, 0.05) - lift  # the selection's true change; the draws' true mean change is 0
+    after = before + change(own)
+    draws = [before + change(rng.normal(0, 0.05)) for _ in range(n_draws)]
+    kept: dict = {}
+    cell = cell_from_grids(es, after, 1, cfg, selected_on="a", control_grids={"random": draws}, keep=kept)
+    grids = {f"{k}/a/a": v for k, v in kept.items()}
+    tm = finish_matrix("sim", "race", ["a"], ["a"], {"a": es}, [cell], [{}], [], cfg, {}, grids, {})
+    return tm, own  # removal = -sign(gap) * change, and the gap is group A - group B: the truth has that sign
+
+
+def test_selection_against_its_control_covers_and_detects():
+    """The selection-vs-control test adds the draws' variance: its 95% interval covers the true difference
+    (the selection's effect minus the mean effect of random draws) about 95% of the time over 200 simulated
+    data sets, where an interval from the prompts alone (ignoring which units were drawn) covers far less; the
+    rank p-value is uniform when the selection is one more draw; a real lift is detected."""
+    rng = np.random.default_rng(0)
+    covered, covered_prompts_only, rank_small = 0, 0, 0
+    for _ in range(200):
+        tm, own = _simulated_matrix(rng, n_draws=10, lift=0.0)
+        t = tm.transfer_test["vs_random"]
+        truth = -np.sign(tm.cells[0].gap_before) * own
+        covered += t["ci_low"] <= truth <= t["ci_high"]
+        covered_prompts_only += abs(t["difference"] - truth) <= 1.96 * t["se_prompts"]
+        rank_small += t["rank_p"] <= 0.1
+    assert 0.91 <= covered / 200 <= 0.99
+    assert covered_prompts_only / 200 < 0.8  # the draws' variance matters: leaving it out under-covers
+    assert 0.04 <= rank_small / 200 <= 0.16  # P(rank p <= 0.1) = 1/11 when the selection is one more draw
+    hits = 0
+    for _ in range(20):
+        tm, _ = _simulated_matrix(rng, n_draws=10, lift=0.3)
+        hits += tm.transfer_test["vs_random"]["p_value"] < 0.05 and tm.transfer_test["vs_random"]["rank_p"] < 0.1
+    assert hits >= 18
+    one = _simulated_matrix(rng, n_draws=1, lift=0.0)[0].transfer_test["vs_random"]
+    assert one["p_value"] is None and "one draw" in one["note"]

@@ -40,7 +40,7 @@ from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_bias
-from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, tost
+from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
 
 Selector = Callable[[Any, Context, str], Intervention]
 
@@ -165,6 +165,44 @@ class TransferMatrix(Result):
                 np.mean([self._removed(which, r, c) for r, c in diag])
                 - np.mean([self._removed(which, r, c) for r, c in off]))
         return res
+
+    def test_against_control(self, name: str, *, n_boot: int | None = None, seed: int | None = None) -> dict:
+        """Is the selection better than its control ``name`` where it was selected? The mean over the diagonal
+        cells of ``removed(selected) - removed(control)``, with a t interval whose variance adds the control's
+        draw-to-draw variance (the sample variance over draws of their diagonal removal, / draws) to the
+        prompts' (:meth:`contrast`, paired on the same prompts), with Satterthwaite's degrees of freedom; and
+        ``rank_p``: the share of draws that removed at least as much as the selection, (1 + count) / (1 +
+        draws) (a Monte-Carlo test of "no better than these units drawn at random"; its smallest value is
+        1 / (1 + draws), so it needs 19 draws to reach 0.05)."""
+        diag = self.diagonal_cells()
+        cells = [self.cell(r, c) for r, c in diag]
+        if not diag or any(name not in c.controls for c in cells):
+            return {"control": name, "difference": None, "note": f"no {name} control on the diagonal"}
+        k = len(diag)
+        est = self.contrast([t for r, c in diag for t in (("after", r, c, 1.0 / k), (f"control/{name}", r, c, -1.0 / k))],
+                            n_boot=n_boot, seed=seed)
+        draws = [np.asarray(c.controls[name].draws, dtype=np.float64) * -(np.sign(c.gap_before) or 1.0) for c in cells]
+        n_draws = min(len(d) for d in draws)
+        per_draw = np.mean([d[:n_draws] for d in draws], axis=0)  # each draw's mean diagonal removal
+        selected = float(np.mean([c.gap_removed for c in cells]))
+        out = {"control": name, "statistic": "mean over the diagonal of removed(selected) - removed(control)",
+               "difference": est["estimate"], "n_draws": n_draws, "selected_removed": selected,
+               "draws_removed": [float(x) for x in per_draw],
+               "rank_p": float((1 + np.sum(per_draw >= selected)) / (1 + n_draws))}
+        var_p, df_p = est["se"] ** 2, est["df"]
+        var_d = float(np.var(per_draw, ddof=1)) / n_draws if n_draws > 1 else float("nan")
+        if not np.isfinite(var_d):  # one draw: its variance is unknown, and so is the test's
+            return {**out, "ci_low": None, "ci_high": None, "p_value": None, "se": None,
+                    "note": "one draw per control: the draw-to-draw variance is unknown"}
+        var = var_p + var_d
+        denom = (var_p ** 2 / df_p if df_p > 0 else 0.0) + var_d ** 2 / (n_draws - 1)
+        df = var ** 2 / denom if denom > 0 else float("inf")
+        se = float(np.sqrt(var))
+        q = float(student_t.ppf(0.975, df))
+        p = float(2 * student_t.sf(abs(est["estimate"]) / se, df)) if se > 0 else float("nan")
+        return {**out, "ci_low": est["estimate"] - q * se, "ci_high": est["estimate"] + q * se, "p_value": p,
+                "se": se, "df": df, "se_prompts": est["se"], "se_draws": float(np.sqrt(var_d)),
+                "min_detectable": mdd(se, df, 0.05)}
 
     def _ratio(self, which: str, cols: list[str], *, n_boot: int | None, seed: int | None) -> dict:
         """cross / within (the share of the within-context removal that transfers), with a Fieller 95% interval:
@@ -385,6 +423,7 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
                                    for b in rows[i + 1:] if a in chosen and b in chosen}
     for name in (cells[0].controls if cells else {}):
         tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
+        tm.transfer_test[f"vs_{name}"] = tm.test_against_control(name)
     return tm
 
 
