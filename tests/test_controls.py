@@ -105,13 +105,30 @@ def test_neuron_cost_is_a_perplexity_change(tiny, profile):
 
 
 def test_head_and_weight_controls_match_their_sizes(tiny, profile):
-    hn = profile.head_norm
-    iv = HeadIntervention({0: [int(hn[0].argmax())], 1: [int(hn[1].argmin())]}, mode="z")
-    for d in iv.controls(tiny, 2, seed=1, profile=profile, kinds=("matched",))["matched"]:
-        for l, idx in d.heads.items():
-            order = [int(x) for x in np.argsort(np.abs(hn[l].numpy() - hn[l, iv.heads[l][0]].item()))
-                     if int(x) != iv.heads[l][0]]
-            assert idx[0] in order[:2]
+    import dataclasses
+
+    from mechbias.interventions.profile import CALIPER_SD
+
+    hn = profile.head_norm.clone()
+    hn[1, 0] = hn.max() * 1000  # a hub head: nothing lies within the caliper of it
+    prof = dataclasses.replace(profile, head_norm=hn)
+    logs = np.log(hn.double().numpy())
+    caliper = CALIPER_SD * logs.std()
+    sel = [(0, int(hn[0].argmax())), (1, 0), (1, int(hn[1, 1:].argmin()) + 1)]
+    iv = HeadIntervention({l: [h] for l, h in sel[:1]} | {1: [sel[1][1], sel[2][1]]}, mode="z")
+    draws = iv.controls(tiny, 3, seed=1, profile=prof, kinds=("matched",))["matched"]
+    info = draws[0].match_info
+    assert info["unmatched"] == [[1, 0]] and abs(info["balance_smd"]) <= CALIPER_SD + 1e-12
+    free = [(l, h) for l in range(hn.shape[0]) for h in range(hn.shape[1]) if (l, h) not in sel]
+    for d in draws:
+        got = set(d.as_pairs())
+        assert (1, 0) in got and len(got) == 3  # the hub enters as itself; the others are replaced
+        for l, h in [s for s in sel if s != (1, 0)]:
+            inside = [u for u in free if abs(logs[u] - logs[l, h]) <= caliper]
+            same = [u for u in inside if u[0] == l]
+            pool = sorted(same or inside, key=lambda u: abs(logs[u] - logs[l, h]))
+            assert got & set(pool[:3]), (l, h)  # among the closest within the caliper (own layer first)
+        assert all(u in free or u == (1, 0) for u in got)
     name = "model.layers.1.mlp.down_proj.weight"
     w = named_params(tiny)[name].detach().abs()
     score = (w * profile.input_norms[name][None, :]).flatten()

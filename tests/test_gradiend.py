@@ -131,7 +131,7 @@ def test_choose_edit_grid(tiny, trained):
     keep = set(ps.names[:: max(1, len(ps.names) // 8)])
     ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
     pt = ch["grid"][1]
-    sc = contrast_scores(tiny, ps, intervention=trained.edit_for(pt["h"], pt["alpha"]))
+    sc = contrast_scores(tiny, ps, intervention=trained.edit_for(pt["h"], pt["alpha"]), share_prefix=False)
     g = ps.groups
     assert pt["gap"] == pytest.approx(float(sc[g == 0].mean() - sc[g == 1].mean()), abs=1e-9)
 

@@ -217,18 +217,20 @@ def test_critical_path_and_total_work_match_a_hand_computed_graph(tmp_path):
     c = Job("test_add", {"name": "c", "x": 3})
     d = Job("test_add", {"name": "d", "x": 4})  # a later stage of the planner that yielded c: waits for c
     secs = {a.key: 2.0, b.key: 5.0, c.key: 4.0, d.key: 1.5}
+    flops = {a.key: 3e12, b.key: 1e12, c.key: 0, d.key: 5e11}
     from mechbias.apps.jobs import code_fingerprint
 
     codes = {a.key: code_fingerprint(), b.key: "0123456789abcdef", c.key: code_fingerprint()}  # d: unstamped
     for j in (a, b, c, d):
-        store.write(j, JobOutput({}, {}, {"seconds": secs[j.key], **({"code": codes[j.key]} if j.key in codes
-                                                                       else {})}))
+        store.write(j, JobOutput({}, {}, {"seconds": secs[j.key], "flops": flops[j.key],
+                                          **({"code": codes[j.key]} if j.key in codes else {})}))
     rep = RunReport({}, {}, graph={a.key: {"job": a, "preds": set()}, b.key: {"job": b, "preds": {a.key}},
                                    c.key: {"job": c, "preds": set()}, d.key: {"job": d, "preds": {c.key}}})
     cp = critical_path(store, rep)
     assert cp["total_work_seconds"] == 12.5
     assert cp["critical_path_seconds"] == 7.0  # a -> b (2 + 5) is longer than c -> d (4 + 1.5)
-    assert cp["by_kind"]["test_add"] == {"jobs": 4, "seconds": 12.5, "max": 5.0}
+    assert cp["by_kind"]["test_add"] == {"jobs": 4, "seconds": 12.5, "max": 5.0, "tflop": 4.5}
+    assert cp["total_tflop"] == 4.5 and cp["jobs_without_flop_count"] == 0
     # jobs computed by other code (or before jobs were stamped) are counted, never silently mixed in
     assert cp["jobs_by_code"] == {code_fingerprint(): 2, "0123456789abcdef": 1, "unknown": 1}
     assert cp["jobs_by_other_code"] == 2 and cp["code"] == code_fingerprint()

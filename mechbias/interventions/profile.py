@@ -106,23 +106,6 @@ def unit_profile(model, texts: list[str] | None = None, *, max_tokens: int = 204
                        {k: (v / tokens).sqrt().float() for k, v in sq.items()}, seqs, base_nll, n)
 
 
-def nearest_unselected(values: Tensor, selected: list[int], rng: np.random.Generator, *, k: int = 5,
-                       used: set | None = None) -> list[int]:
-    """For each selected index, one of the ``k`` unselected indices closest in log value (drawn at random
-    among them, without reuse), so the control has the same size distribution as the selection."""
-    v = np.log(np.clip(values.double().numpy(), 1e-12, None))
-    taken = set(selected) | set(used or ())
-    out = []
-    for i in selected:
-        pool = [j for j in np.argsort(np.abs(v - v[i])) if j not in taken][:k]
-        if not pool:
-            raise NoMatchedControl("not enough unselected units to draw a matched control")
-        j = int(rng.choice(pool))
-        out.append(j)
-        taken.add(j)
-    return out
-
-
 #: the caliper of matched controls, in standard deviations of the matched covariate (log size) within a layer
 #: (the usual 0.2 SD rule of propensity matching)
 CALIPER_SD = 0.2

@@ -13,7 +13,7 @@ from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
-from .profile import CALIPER_SD, NoMatchedControl, UnitProfile, caliper_match, nearest_unselected
+from .profile import CALIPER_SD, UnitProfile, caliper_match
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -277,21 +277,57 @@ class HeadIntervention(Intervention):
 
     def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
-        """``random`` (uniform per layer) and ``matched`` (per layer, unselected heads closest in mean output
-        norm ||z_h W_O,h||)."""
+        """``random`` (uniform per layer) and ``matched``: each selected head replaced by an unselected head of
+        similar mean output norm ``||z_h W_O,h||``, within a caliper of 0.2 SD of the log norms of all heads:
+        one of the 2 closest in its own layer when one lies inside the caliper, else one of the 2 closest in any
+        layer (a layer holds few heads), else none (the head enters the control as itself, both arms carry it,
+        and it is listed as unmatched). ``match_info`` reports the caliper, the balance (mean log norm of the
+        matched selected heads minus their controls, in SDs) and how many matches left their layer."""
         out = super().controls(model, n, seed, profile=profile, kinds=kinds)
-        if profile is not None and "matched" in kinds and n > 0:
-            draws: list[Intervention] = []
-            try:
-                for k in range(n):
-                    rng = np.random.default_rng(seed + 211 * (k + 1))
-                    drawn = {l: nearest_unselected(profile.head_norm[l], idx, rng, k=2)
-                             for l, idx in self.heads.items()}
-                    draws.append(HeadIntervention(drawn, self.mode, self.factor, self.positions,
-                                                  label="heads matched on output norm"))
-                out["matched"] = draws
-            except NoMatchedControl:
-                pass  # a layer has fewer unselected heads than selected ones: no matched draw exists
+        if profile is None or "matched" not in kinds or n <= 0:
+            return out
+        norms = profile.head_norm.double()
+        logs = np.log(np.clip(norms.numpy(), 1e-12, None))
+        sd = float(logs.std()) or 1.0
+        caliper = CALIPER_SD * sd
+        selected = set(self.as_pairs())
+        flat = [(l, h) for l in range(logs.shape[0]) for h in range(logs.shape[1]) if (l, h) not in selected]
+        draws: list[Intervention] = []
+        unmatched: list[list[int]] = []
+        sel_logs, ctl_logs, moved = [], [], 0
+        for k in range(n):
+            rng = np.random.default_rng(seed + 211 * (k + 1))
+            taken: set = set()
+            drawn: dict[int, list[int]] = {}
+            for l, h in self.as_pairs():
+                v = logs[l, h]
+                near = sorted(((abs(logs[a, b] - v), a, b) for a, b in flat if (a, b) not in taken),
+                              key=lambda t: t[0])
+                same = [(a, b) for d, a, b in near if a == l and d <= caliper][:2]
+                anywhere = [(a, b) for d, a, b in near if d <= caliper][:2]
+                pool = same or anywhere
+                if not pool:
+                    drawn.setdefault(l, []).append(h)
+                    if k == 0:
+                        unmatched.append([int(l), int(h)])
+                    continue
+                a, b = pool[int(rng.integers(len(pool)))]
+                taken.add((a, b))
+                drawn.setdefault(a, []).append(b)
+                sel_logs.append(v / sd)
+                ctl_logs.append(logs[a, b] / sd)
+                moved += int(a != l)
+            draws.append(HeadIntervention(drawn, self.mode, self.factor, self.positions,
+                                          label="heads matched on output norm (caliper 0.2 SD of log norm)"))
+        info = {"covariate": "log(mean ||z_h W_O,h||)", "caliper_sd": CALIPER_SD, "caliper_log": caliper,
+                "unmatched": unmatched, "n_matched_units": self.n_components - len(unmatched), "n_draws": n,
+                "matches_in_another_layer": moved,
+                "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
+                "balance_note": "mean log norm of the matched selected heads minus their controls, in SDs of all "
+                                "heads' log norms (|d| <= the caliper by construction)"}
+        for d in draws:
+            d.match_info = info
+        out["matched"] = draws
         return out
 
     def describe(self) -> str:

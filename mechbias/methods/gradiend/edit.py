@@ -35,7 +35,8 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
     if n_names is not None:
         keep = set(prompts.names[:: max(1, len(prompts.names) // n_names)])
         prompts = prompts.subset([i for i, p in enumerate(prompts) if p.person.name in keep])
-    before, _, _, col_group = prompts.grid(contrast_scores(model, prompts))
+    # whole sequences, as EvalSet scores every edit (so an edit that changes nothing changes no score)
+    before, _, _, col_group = prompts.grid(contrast_scores(model, prompts, share_prefix=False))
     es = EvalSet(ctx.name, prompts, before, col_group)
     cap = Capability(model, neutral_texts(neutral_max_texts, split="selection"))
     tc = TransferConfig(n_random=0, n_boot=100, seed=seed)
@@ -122,7 +123,7 @@ def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHA
         pick = max(allowed, key=lambda s: abs(s["change_h+1"] - s["change_h-1"]))
     a = pick["alpha"]
     ho = ctx.prompts(res.axis, templates="heldout", names="heldout", seed=seed)
-    before, _, _, col_group = ho.grid(contrast_scores(model, ho))
+    before, _, _, col_group = ho.grid(contrast_scores(model, ho, share_prefix=False))
     es = EvalSet(ctx.name, ho, before, col_group)
     cap = Capability(model, neutral_texts(neutral_max_texts, split="reporting")) if neutral_max_texts else None
     tc = TransferConfig(n_random=0, n_boot=n_boot, seed=seed)
