@@ -165,17 +165,20 @@ def test_cluster_bootstrap_resamples_clusters_and_pairs_the_difference():
     assert r.unmodified_ci[0] < 0.5 < r.unmodified_ci[1]
     # paired: the difference is 1 - x, so its interval mirrors the unmodified one around 0.5
     assert r.difference_ci[0] == pytest.approx(1 - r.unmodified_ci[1])
-    # p: twice the smaller bootstrap tail at 0; BH within the breakdowns (the headline "all" is its own family)
+    # p: the Monte-Carlo p of the smaller bootstrap tail at 0, (1 + count) / (B + 1), doubled; BH within the
+    # breakdowns (the headline "all" is its own family)
     x = np.linspace(0, 1, 12)
     shift = np.r_[np.full(6, 0.3), np.linspace(-0.5, 0.6, 6)]
     rows = metric_rows("t", {"m": (mean, "")}, {"x": x}, {"x": x + shift}, np.arange(12),
                        {"all": np.arange(12), "first half": np.arange(6), "second half": np.arange(6, 12)},
                        n_boot=1000)
     p_all, p_first, p_second = (r.difference_p for r in rows)
-    assert p_first == 0.0 and 0.0 < p_all < 1.0 and 0.0 < p_second < 1.0  # the first half always moves by +0.3
+    # the first half always moves by +0.3: no replicate reaches 0, and p is the smallest possible, 2 / 1001
+    assert p_first == pytest.approx(2 / 1001) and 0.0 < p_all < 1.0 and p_first < p_second < 1.0
     assert rows[0].difference_p_adjusted == p_all  # a family of one
     # two breakdowns, by hand: the smaller p x 2 / 1, the larger x 2 / 2, then monotone
-    assert rows[1].difference_p_adjusted == 0.0 and rows[2].difference_p_adjusted == pytest.approx(p_second)
+    assert rows[1].difference_p_adjusted == pytest.approx(min(2 * p_first, p_second))
+    assert rows[2].difference_p_adjusted == pytest.approx(p_second)
 
 
 def test_card_command_writes_the_numbers_of_the_benchmarks(tmp_path, capsys, monkeypatch):

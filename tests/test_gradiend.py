@@ -5,7 +5,7 @@ exact weight restoration, and a feature that separates the groups on held-out da
 import pytest
 import torch
 
-from mechbias.methods.gradiend import (GradiendConfig, GradiendModel, GradiendResult, _AdamW, batch_gradient,
+from mechbias.methods.gradiend import (GradiendConfig, GradiendModel, GradiendResult, ChunkedAdamW, batch_gradient,
                                batch_gradient_pair, choose_edit, evaluate_feature, feature_texts, param_set,
                                train_gradiend)
 from mechbias.core.weights import named_params
@@ -60,7 +60,7 @@ def test_closed_form_adamw_matches_torch():
 
     net = Net()
     ref_opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
-    opt = _AdamW(gm, 1e-2, 1e-2, moment_dtype=torch.float32, chunk=7)
+    opt = ChunkedAdamW(gm, 1e-2, 1e-2, moment_dtype=torch.float32, chunk=7)
     for step in range(5):
         g, t = torch.randn(n), torch.randn(n)
         loss_ref = torch.nn.functional.mse_loss(net(g), t)

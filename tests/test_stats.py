@@ -379,3 +379,17 @@ def test_selection_against_its_control_covers_and_detects():
     assert hits >= 18
     one = _simulated_matrix(rng, n_draws=1, lift=0.0)[0].transfer_test["vs_random"]
     assert one["p_value"] is None and "one draw" in one["note"]
+
+
+def test_bootstrap_p_is_the_monte_carlo_p_value():
+    from mechbias.eval.stats import bootstrap_p
+
+    # 999 replicates, 24 at or below 0: (1 + 24) / 1000, doubled
+    boots = np.concatenate([np.full(24, -1.0), np.full(975, 1.0)])
+    assert bootstrap_p(boots) == pytest.approx(2 * 25 / 1000)
+    assert bootstrap_p(np.ones(99)) == pytest.approx(2 / 100)  # never 0 with finitely many replicates
+    assert bootstrap_p(np.zeros(50)) == 1.0 and np.isnan(bootstrap_p(np.array([np.nan, np.inf])))
+    # under the null (replicates symmetric about 0) it is uniform: P(p <= 0.05) near 0.05
+    rng = np.random.default_rng(0)
+    ps = [bootstrap_p(rng.normal(rng.normal(), 1.0, 199)) for _ in range(2000)]
+    assert 0.035 <= np.mean(np.array(ps) <= 0.05) <= 0.065

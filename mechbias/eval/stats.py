@@ -47,8 +47,9 @@ def check_boot(n_boot: int) -> int:
     return int(n_boot)
 
 
-def _weights(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
-    """Bootstrap resampling counts ``[n_boot, n]`` (multinomial, each row sums to n)."""
+def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """Bootstrap resampling counts ``[n_boot, n]`` (multinomial, each row sums to n): the one resampler of the
+    package's bootstraps."""
     check_boot(n_boot)
     return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
 
@@ -188,7 +189,7 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
 
     est = float(sum(gap_of(m) for m in mats.values()))
     # names alone: one draw of names shared by every grid (templates fixed)
-    wa, wb = _weights(rng, len(a_cols), n_boot), _weights(rng, len(b_cols), n_boot)
+    wa, wb = resample_counts(rng, len(a_cols), n_boot), resample_counts(rng, len(b_cols), n_boot)
     reps_n = sum(gap_of(m, None, wa, wb) for m in mats.values())
     na, nb = len(a_cols), len(b_cols)
     var_n = float(np.var(reps_n, ddof=1))
@@ -203,7 +204,7 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
         T = m.shape[0]
         if T < 2:  # one template: inference is conditional on it (it is not a sample of templates)
             continue
-        wt = _weights(rng, T, n_boot)
+        wt = resample_counts(rng, T, n_boot)
         v = float(np.var(gap_of(m, wt), ddof=1)) * T / (T - 1.0)
         var_t += v
         denom_t += v ** 2 / (T - 1.0)
@@ -275,9 +276,9 @@ class CrossedBootstrap:
         self.b_cols = np.flatnonzero(g == 1)
         if len(self.a_cols) == 0 or len(self.b_cols) == 0:
             raise ValueError(f"both groups need names: group A has {len(self.a_cols)}, group B {len(self.b_cols)}")
-        self.wt = _weights(rng, n_templates, n_boot)
-        self.wa = _weights(rng, len(self.a_cols), n_boot)
-        self.wb = _weights(rng, len(self.b_cols), n_boot)
+        self.wt = resample_counts(rng, n_templates, n_boot)
+        self.wa = resample_counts(rng, len(self.a_cols), n_boot)
+        self.wb = resample_counts(rng, len(self.b_cols), n_boot)
         self.n_boot = n_boot
 
     def gaps(self, mat: np.ndarray) -> np.ndarray:
@@ -290,17 +291,28 @@ class CrossedBootstrap:
 
 
 def percentile_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    lo, hi = np.nanpercentile(x, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    """The percentile interval of bootstrap replicates (those not finite left out; NaN when none is)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    lo, hi = np.percentile(x, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return float(lo), float(hi)
 
 
-def _p_two_sided(boots: np.ndarray) -> float:
-    """Bootstrap p-value for 'the statistic is 0' (share of replicates on the far side, doubled)."""
-    b = boots[np.isfinite(boots)]
+def bootstrap_p(boots: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of "the statistic is 0" from its replicates: the smaller tail's count at 0,
+    as the Monte-Carlo p-value ``(1 + count) / (B + 1)`` (Davison & Hinkley 1997, eq. 4.11), doubled and capped
+    at 1. The ``+1`` keeps a finite number of replicates from ever reporting p = 0 (the smallest value is
+    ``2 / (B + 1)``), and it is exact for a test on ``B`` exchangeable draws; replicates that are not finite
+    are left out. This is the one bootstrap p-value of the package (the interval-based statistics use t
+    intervals)."""
+    b = np.asarray(boots, dtype=np.float64)
+    b = b[np.isfinite(b)]
     if len(b) == 0:
         return float("nan")
-    frac = min((b <= 0).mean(), (b >= 0).mean())
-    return float(min(1.0, 2 * frac + 1.0 / len(b)))
+    count = min(int((b <= 0).sum()), int((b >= 0).sum()))
+    return float(min(1.0, 2.0 * (1 + count) / (len(b) + 1)))
 
 
 def group_gap(mat: Tensor | np.ndarray, col_group: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Gap:
@@ -401,7 +413,7 @@ def factor_estimate(stat: Callable[[np.ndarray], np.ndarray], factors: Mapping[s
         if k < 2:
             continue
         index = {lv: j for j, lv in enumerate(levels)}
-        counts = _weights(rng, k, n_boot)  # [B, k]
+        counts = resample_counts(rng, k, n_boot)  # [B, k]
         w = np.ones((n_boot, n))
         for u, lvs in enumerate(per_unit):
             for lv in lvs:
@@ -447,7 +459,7 @@ def bootstrap_mean(x, *, n_boot: int = DEFAULT_BOOT, seed: int = 0, level: float
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    reps = (_weights(rng, len(v), n_boot) @ v) / len(v)
+    reps = (resample_counts(rng, len(v), n_boot) @ v) / len(v)
     lo, hi = percentile_ci(reps, level)
     return float(v.mean()), lo, hi
 

@@ -300,7 +300,7 @@ def transfer_matrix(
     model,
     selector: Selector,
     contexts: Sequence[str | Context] | None = None,
-    axis: str = "race",
+    axis: str | None = None,
     *,
     method: str = "",
     eval_contexts: Sequence[str | Context] | None = None,
@@ -321,6 +321,9 @@ def transfer_matrix(
     A selector that keeps its selections (a :class:`~mechbias.methods.base.Method`) may add controls of
     its own (``Selection.controls``, e.g. GRADIEND's h = 0 edit).
     """
+    if axis is None:
+        raise ValueError("transfer_matrix needs the axis: 'race' or 'gender' (there is no default, so a matrix "
+                         "never silently measures another axis than the one its caller studies)")
     cfg = config if config is not None else TransferConfig(**overrides)
     if config is not None and overrides:
         raise ValueError("pass either config or keyword overrides, not both")

@@ -28,7 +28,7 @@ from scipy.stats import binomtest
 from ..core.results import Result
 from ..data.contexts import load_context
 from ..data.pairs import make_pairs
-from ..eval.stats import percentile_ci
+from ..eval.stats import percentile_ci, resample_counts
 from ..eval.cells import EvalSet, TransferConfig, evaluate
 from ..eval.transfer import TransferMatrix, transfer_estimate, transfer_matrix
 from ..interventions.base import Compose, Intervention
@@ -79,10 +79,6 @@ def oracle_matrix(model, cfg, contexts: Sequence[str], axis: str, *, eval_contex
                            config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=n_boot, seed=seed))
 
 
-def _multinomial(rng, n: int, n_boot: int) -> np.ndarray:
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)
-
-
 def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: int = 1000, seed: int = 0) -> dict:
     """How well a method's transfer matrix recovers the oracle's.
 
@@ -98,8 +94,8 @@ def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: i
     g = np.asarray(method.grids["col_group"])
     a, b = np.flatnonzero(g == 0), np.flatnonzero(g == 1)
     rng = np.random.default_rng(seed)
-    wa, wb = _multinomial(rng, len(a), n_boot), _multinomial(rng, len(b), n_boot)
-    wt = {c: _multinomial(rng, np.asarray(method.grids[f"before/{c}"]).shape[0], n_boot) for c in method.cols}
+    wa, wb = resample_counts(rng, len(a), n_boot), resample_counts(rng, len(b), n_boot)
+    wt = {c: resample_counts(rng, np.asarray(method.grids[f"before/{c}"]).shape[0], n_boot) for c in method.cols}
 
     def gaps(mat, c):  # [n_boot] replicates and the point estimate of mean(A) - mean(B)
         m = np.asarray(mat, dtype=np.float64)

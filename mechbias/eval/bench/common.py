@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
-from ..stats import benjamini_hochberg, check_boot
+from ..stats import benjamini_hochberg, bootstrap_p, check_boot, percentile_ci
 
 Outcomes = dict[str, np.ndarray]  # per-item arrays (scores, choices, flags), all of length n_items
 Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> value
@@ -86,14 +86,6 @@ def _resampled_items(clusters: np.ndarray, subset: np.ndarray, rng: np.random.Ge
     return out
 
 
-def _ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return (float("nan"), float("nan"))
-    a = (1 - level) / 2
-    return (float(np.quantile(values, a)), float(np.quantile(values, 1 - a)))
-
-
 def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
                 clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0,
                 primary: tuple[str, ...] = ("all",)) -> list[MetricRow]:
@@ -110,14 +102,14 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
         for mname, (fn, unit) in metrics.items():
             b0 = fn(base, subset)
             bb = np.array([fn(base, idx) for idx in boots])
-            row = MetricRow(benchmark, mname, sname, b0, _ci(bb), n_items=len(subset),
+            row = MetricRow(benchmark, mname, sname, b0, percentile_ci(bb), n_items=len(subset),
                             n_clusters=len(set(clusters[subset].tolist())), unit=unit)
             if after is not None:
                 a0 = fn(after, subset)
                 ab = np.array([fn(after, idx) for idx in boots])
-                row.intervention, row.intervention_ci = a0, _ci(ab)
-                row.difference, row.difference_ci = a0 - b0, _ci(ab - bb)
-                row.difference_p = _p_two_sided(ab - bb)
+                row.intervention, row.intervention_ci = a0, percentile_ci(ab)
+                row.difference, row.difference_ci = a0 - b0, percentile_ci(ab - bb)
+                row.difference_p = bootstrap_p(ab - bb)
             rows.append(row)
     for mname in metrics:
         for head in (True, False):
@@ -126,16 +118,6 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
             for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam])):
                 r.difference_p_adjusted = adj
     return rows
-
-
-def _p_two_sided(d: np.ndarray) -> float:
-    """Two-sided bootstrap p of a difference: twice the smaller tail share at 0 (capped at 1)."""
-    d = d[np.isfinite(d)]
-    if len(d) == 0:
-        return float("nan")
-    if np.all(d == 0):
-        return 1.0
-    return float(min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())))
 
 
 def score(model, intervention: Intervention | None, fn: Callable[[Any], Outcomes]) -> tuple[Outcomes, Outcomes | None]:

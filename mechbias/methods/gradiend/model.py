@@ -51,7 +51,7 @@ class GradiendModel:
         self.b_e = -self.b_e
 
 
-class _AdamW:
+class ChunkedAdamW:
     """AdamW on the GRADIEND model with closed-form gradients, chunked; moments in bfloat16."""
 
     def __init__(self, model: GradiendModel, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999),

@@ -19,7 +19,7 @@ from ...interventions.weights import WeightEdit
 from ...viz.method_figures import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig
 from .gradients import ParamSet, batch_gradient, param_set
-from .model import GradiendModel, _AdamW
+from .model import GradiendModel, ChunkedAdamW
 from .pool import NEUTRAL, GradientPool, Normalizer, gradient_pool
 from .texts import feature_texts, neutral_feature_texts
 
@@ -167,7 +167,7 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
     per_batch = max(1, round(cfg.batch_texts / pool.texts_per_name))
     rng = np.random.default_rng(stable_int(cfg.seed, f"gradiend-batches:{seed}"))
     gm = GradiendModel(n, seed=seed)
-    opt = _AdamW(gm, cfg.lr, cfg.weight_decay, moment_dtype=torch.float32 if n <= 30_000_000 else torch.bfloat16)
+    opt = ChunkedAdamW(gm, cfg.lr, cfg.weight_decay, moment_dtype=torch.float32 if n <= 30_000_000 else torch.bfloat16)
     schedule = batch_schedule(cfg.steps, cfg.neutral if use_neutral else 0.0)
 
     def validate():
