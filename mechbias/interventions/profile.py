@@ -140,3 +140,15 @@ def caliper_match(values: Tensor, selected: list[int], rng: np.random.Generator,
         matches[int(i)] = j
         taken.add(j)
     return matches, unmatched, caliper
+
+
+def match_record(covariate: str, caliper_log, unmatched: list, n_components: int, n_draws: int,
+                 sel_logs: list[float], ctl_logs: list[float], scale: str, **extra) -> dict:
+    """What a matched control records (``match_info``): the covariate, the caliper, the unmatched units, and the
+    balance: the mean covariate of the matched selected units minus their controls', in the SDs ``scale``
+    names (at most the caliper by construction)."""
+    return {"covariate": covariate, "caliper_sd": CALIPER_SD, "caliper_log": caliper_log, "unmatched": unmatched,
+            "n_matched_units": n_components - len(unmatched), "n_draws": n_draws, **extra,
+            "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
+            "balance_note": f"mean log covariate of the matched selected units minus their controls, in SDs of "
+                            f"{scale} (|d| <= the caliper by construction)"}

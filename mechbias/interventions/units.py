@@ -13,7 +13,7 @@ from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
-from .profile import CALIPER_SD, UnitProfile, caliper_match
+from .profile import CALIPER_SD, UnitProfile, caliper_match, match_record
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -158,12 +158,9 @@ class NeuronIntervention(Intervention):
                 draws.append(NeuronIntervention(drawn, self.factor, self.positions,
                                                 label="neurons matched on magnitude (caliper 0.2 SD of log "
                                                       "magnitude; unmatched units kept as themselves)"))
-            info = {"covariate": "log(mean |activation| x ||W_out row||)", "caliper_sd": CALIPER_SD,
-                    "caliper_log": {str(l): c for l, c in calipers.items()}, "unmatched": unmatched,
-                    "n_matched_units": self.n_components - len(unmatched), "n_draws": n,
-                    "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
-                    "balance_note": "mean log magnitude of the matched selected units minus their controls, in "
-                                    "SDs of the layer's log magnitudes (|d| <= the caliper by construction)"}
+            info = match_record("log(mean |activation| x ||W_out row||)",
+                                {str(l): c for l, c in calipers.items()}, unmatched, self.n_components, n,
+                                sel_logs, ctl_logs, "the layer's log magnitudes")
             for d in draws:
                 d.match_info = info
             out["matched"] = draws
@@ -319,12 +316,8 @@ class HeadIntervention(Intervention):
                 moved += int(a != l)
             draws.append(HeadIntervention(drawn, self.mode, self.factor, self.positions,
                                           label="heads matched on output norm (caliper 0.2 SD of log norm)"))
-        info = {"covariate": "log(mean ||z_h W_O,h||)", "caliper_sd": CALIPER_SD, "caliper_log": caliper,
-                "unmatched": unmatched, "n_matched_units": self.n_components - len(unmatched), "n_draws": n,
-                "matches_in_another_layer": moved,
-                "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
-                "balance_note": "mean log norm of the matched selected heads minus their controls, in SDs of all "
-                                "heads' log norms (|d| <= the caliper by construction)"}
+        info = match_record("log(mean ||z_h W_O,h||)", caliper, unmatched, self.n_components, n, sel_logs,
+                            ctl_logs, "all heads' log norms", matches_in_another_layer=moved)
         for d in draws:
             d.match_info = info
         out["matched"] = draws
