@@ -155,3 +155,42 @@ def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
             assert x["controls"][name]["draws"] == pytest.approx(y["controls"][name]["draws"], abs=1e-9)
     for k in ("within_minus_cross", "ci_low", "ci_high"):
         assert a["transfer_test"][k] == pytest.approx(b["transfer_test"][k], abs=1e-9)
+    # the in-process engine a notebook uses (transfer_matrix on a method instance, no job store) gives them too
+    from mechbias.core.models import load_model
+    from mechbias.eval.cells import TransferConfig
+    from mechbias.eval.transfer import transfer_matrix
+    from mechbias.methods.pruning.method import Pruning
+    from mechbias.methods.pruning.selection import PruneConfig
+
+    method = Pruning(PruneConfig(unit="neuron", k=None, score="activation", precision="fast"), seed=0)
+    tm = transfer_matrix(load_model("tiny"), method, ["finance", "commerce"], "race",
+                         config=TransferConfig(n_random=1, n_boot=300, seed=0, capability=False))
+    for x in ca:
+        y = tm.cell(x["selected_on"], x["evaluated_on"])
+        for k in ("gap_before", "gap_after", "gap_change", "ci_low", "ci_high", "p_value"):
+            assert abs(x[k] - getattr(y, k)) <= 1e-9, (key(x), k)
+        for name in x["controls"]:
+            assert x["controls"][name]["draws"] == pytest.approx(y.controls[name].draws, abs=1e-9)
+
+
+def test_an_interrupted_method_command_resumes_from_its_job_store(tmp_path):
+    """A method command is a one-step study: its jobs stay in OUT/jobs, so the same command on the same --out
+    after an interruption (here: its outputs lost and one finished job removed) recomputes only what is
+    missing and writes the same cells. A folder holding anything else is still refused."""
+    out = tmp_path / "p"
+    argv = ["prune", "--model", "tiny", "--select-on", "finance", "commerce", "--axis", "race", "--k", "5",
+            "--random", "1", "--boot", "100", "--out", str(out)]
+    assert main(argv) == 0
+    first = json.loads((out / "transfer.json").read_text())["cells"]
+    entries = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/*") if (p / "job.json").exists()}
+    assert len(entries) >= 8
+    for p in list(out.iterdir()):
+        if p.name != "jobs":
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    gone = sorted(out.glob("jobs/scores/*"))[0]
+    shutil.rmtree(gone)
+    assert main(argv) == 0
+    assert json.loads((out / "transfer.json").read_text())["cells"] == first
+    redone = [p for p, t in entries.items() if p.stat().st_mtime_ns != t]
+    assert redone == [gone] and gone.exists()
+    assert main(argv) == 2  # now the folder holds a finished run: refused, never mixed

@@ -32,7 +32,7 @@ from .card import CardInputs, run_card
 from .configargs import add_config_arguments, config_from_arguments
 from .export import check_replaceable, export_model
 from .study import StudyConfig, run_study
-from .workflow import run_method
+from .workflow import run_method_jobs
 
 
 def _say(msg: str) -> None:
@@ -202,9 +202,9 @@ def _method_command(cls: type[Method]):
         tcfg = config_from_arguments(TransferConfig, args, dest_prefix="transfer")
         cfg = config_from_arguments(cls.Config, args, **({"seed": tcfg.seed} if "seed" in
                                                            cls.Config.__dataclass_fields__ else {}))
-        method = cls(cfg, seed=tcfg.seed, log=_say)
         model = _load(args)
-        summary = run_method(model, method, rows, cols, args.axis, tcfg, args.out, log=_say)
+        summary = run_method_jobs(model, cls, cfg, args.select_on, args.evaluate_on or args.select_on, args.axis,
+                                  tcfg, args.out, seed=tcfg.seed, log=_say)
         import pandas as pd
 
         df = pd.DataFrame(summary["transfer"])
@@ -367,6 +367,8 @@ def _fresh_out(args) -> None:
         return
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
+        if args.command in registered_methods() and {p.name for p in out.iterdir()} == {"jobs"}:
+            return  # an interrupted method command: its job store alone, and the rerun resumes from it
         raise ValueError(f"--out {out} is not empty; choose a new folder (two runs are never mixed in one folder)")
 
 

@@ -29,12 +29,13 @@ class InProcess:
 
     workers = 1
 
-    def __init__(self, model, model_spec: dict, threads: int | None = None, log=None):
+    def __init__(self, model, model_spec: dict, threads: int | None = None, log=None, reraise: bool = False):
         self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model, log=log or (lambda s: None))
         self._done: list[tuple[Job, JobOutput]] = []
+        self.reraise = reraise  # a job's exception propagates to the caller (a method command: one-line errors)
 
     def submit(self, job: Job, deps: dict) -> None:
-        self._done.append((job, execute(self.ctx, job.kind, job.params, deps, job.inputs)))
+        self._done.append((job, execute(self.ctx, job.kind, job.params, deps, job.inputs, reraise=self.reraise)))
 
     def wait(self) -> list[tuple[Job, JobOutput]]:
         out, self._done = self._done, []

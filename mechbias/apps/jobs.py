@@ -180,8 +180,10 @@ class WorkerContext:
         return self._model
 
 
-def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dict) -> JobOutput:
-    """Run one job with fixed threads and seeds; errors are returned, not raised."""
+def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dict, *,
+            reraise: bool = False) -> JobOutput:
+    """Run one job with fixed threads and seeds; errors are returned, not raised (``reraise``: raised, for an
+    in-process run whose caller reports them itself)."""
     torch.set_num_threads(ctx.threads)
     set_seed(0)
     t0 = time.time()
@@ -193,6 +195,8 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
             with counting_flops() as work:
                 parts = _KINDS[kind].fn(ctx, params, {**deps, **inputs})
         except Exception:  # noqa: BLE001 - recorded and reported by the driver
+            if reraise:
+                raise
             return JobOutput({}, {}, meta, traceback.format_exc())
         meta["flops"] = work["flops"]
         files = {str(p.relative_to(tmp)): p.read_bytes() for p in Path(tmp).rglob("*") if p.is_file()}
