@@ -234,9 +234,18 @@ def _summary_report(summary: dict, fig) -> str:
                       markdown_table(summary["rows"]), "", f"![methods]({fig('methods_summary.png')})"])
 
 
-def summary_rows(out: Path, steps: list[Step]) -> list[dict]:
-    """One row per finished method step: mean gap change on and off the diagonal, controls, capability."""
+def _with_ci(value, ci) -> str:
+    if value is None or not ci or ci[0] is None:
+        return "-"
+    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def summary_rows(out: Path, steps: list[Step], plot: list[dict] | None = None) -> list[dict]:
+    """One row per finished method step: mean gap change on and off the diagonal, the gap removed within and
+    across contexts with CIs, controls, capability. ``plot``, if given, receives the numbers the methods
+    figure draws."""
     rows = []
+    plot = plot if plot is not None else []
     for st in steps:
         f = out / "steps" / st.name / "summary.json"
         if not f.exists():
@@ -252,12 +261,23 @@ def summary_rows(out: Path, steps: list[Step]) -> list[dict]:
             v = [x[k] for x in xs if x.get(k) is not None]
             return float(np.mean(v)) if v else float("nan")
 
+        tt = s.get("transfer_test") or {}
         rows.append({"method": s.get("title", st.title), "diagonal": mean(diag, "gap_change"),
                      "off-diagonal": mean(off, "gap_change"), "random (diag)": mean(diag, "random_gap_change"),
                      "random (off)": mean(off, "random_gap_change"), "gap before (diag)": mean(diag, "gap_before"),
                      "Δppl": mean(cells, "perplexity_change"), "Δppl random": mean(cells, "random_perplexity_change"),
                      "diagonal cells with CI excluding 0":
-                         f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}"})
+                         f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}",
+                     # what the figure draws: gap removed within and across contexts (the transfer test's
+                     # column-wise means) with their 95% CIs, and the random control's removal
+                     "removed within [95% CI]": _with_ci(tt.get("within_mean"), tt.get("within_ci")),
+                     "removed cross [95% CI]": _with_ci(tt.get("cross_mean"), tt.get("cross_ci")),
+                     "random removed (within / cross)": f"{mean(diag, 'random_gap_removed'):+.3f} / "
+                                                        f"{mean(off, 'random_gap_removed'):+.3f}"})
+        plot.append({"method": s.get("title", st.title), "within": tt.get("within_mean"),
+                     "within_ci": tt.get("within_ci"), "cross": tt.get("cross_mean"), "cross_ci": tt.get("cross_ci"),
+                     "random_within": mean(diag, "random_gap_removed"), "random_cross": mean(off, "random_gap_removed"),
+                     "ppl": mean(cells, "perplexity_change"), "ppl_random": mean(cells, "random_perplexity_change")})
     return rows
 
 
@@ -389,8 +409,10 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     # the steps of this run: the report shows these alone, not a stale step an earlier configuration left
     atomic_write_json({"steps": [st.name for st in steps if st.name in rep.values] + ["summary"]},
                       out / "steps" / "index.json")
-    rows = summary_rows(out, steps)
-    atomic_savefig(plot_methods_summary(rows, cfg.axis), out / "steps" / "summary" / "figures" / "methods_summary.png")
+    numbers: list[dict] = []
+    rows = summary_rows(out, steps, numbers)
+    atomic_savefig(plot_methods_summary(numbers, cfg.axis),
+                   out / "steps" / "summary" / "figures" / "methods_summary.png")
     atomic_write_json({"rows": rows, "figures": ["methods_summary.png"]}, out / "steps" / "summary" / "summary.json")
     work = {"computed_now": rep.computed, "reused": rep.reused, "seconds_by_kind_now": rep.job_seconds,
             "workers": ex.workers, "threads_per_job": cfg.job_threads, "wall_seconds": round(time.time() - t0, 1),

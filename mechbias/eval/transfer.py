@@ -153,6 +153,10 @@ class TransferMatrix(Result):
         if margin is not None:
             res["tost"] = tost(est["estimate"], est["se"], est["df"], float(margin))
         res["ratio"] = self._ratio(which, cols, n_boot=n_boot, seed=seed)
+        res["within_ci"] = res["ratio"]["within_ci"]
+        cross_est = self.contrast([(which, r, c, 1.0 / (k * (len(self.rows) - 1))) for c in cols for r in self.rows
+                                   if r != c], n_boot=n_boot, seed=seed)
+        res["cross_ci"] = [cross_est["ci_low"], cross_est["ci_high"]]
         # gatekeeping: transfer is a question only where the fix works in its own context. Here the within
         # effect's own p-value; a study replaces it by Benjamini-Hochberg over its methods
         res["within_p_value"] = res["ratio"]["within_p_value"]

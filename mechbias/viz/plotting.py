@@ -241,28 +241,34 @@ def plot_ground_truth(gt):
 
 
 def plot_methods_summary(rows, axis: str = ""):
-    """Methods side by side: mean change of the gap on and off the diagonal (random control as markers) and Δppl."""
+    """Methods side by side: the gap removed within and across contexts with 95% CIs (the random control's
+    removal as markers), and the perplexity change. ``rows``: ``method``, ``within``, ``within_ci``, ``cross``,
+    ``cross_ci``, ``random_within``, ``random_cross``, ``ppl``, ``ppl_random``."""
     plt = pyplot()
-    short = {"IG² neuron attribution and Bias Neuron Suppression": "IG² + BNS",
-             "Activation patching and attribution patching": "patching (top heads)"}
-    names = [textwrap.fill(short.get(r["method"], r["method"]), 16) for r in rows]
+    names = [textwrap.fill(r["method"], 16) for r in rows]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.6), gridspec_kw={"width_ratios": [2.2, 1]})
     ax = axes[0]
-    ax.bar(x - 0.2, [r["diagonal"] for r in rows], 0.4, label="same context (L1, held out)", color="#1f77b4")
-    ax.bar(x + 0.2, [r["off-diagonal"] for r in rows], 0.4, label="other contexts (L2)", color="#ff7f0e")
-    ax.scatter(x - 0.2, [r["random (diag)"] for r in rows], marker="_", s=300, color="k", zorder=3,
-               label="random control")
-    ax.scatter(x + 0.2, [r["random (off)"] for r in rows], marker="_", s=300, color="k", zorder=3)
+    for dx, key, color, label in ((-0.2, "within", "#1f77b4", "same context (held out)"),
+                                  (0.2, "cross", "#ff7f0e", "other contexts")):
+        vals = [np.nan if r.get(key) is None else r[key] for r in rows]
+        lo = [v - r[f"{key}_ci"][0] if r.get(f"{key}_ci") and r[f"{key}_ci"][0] is not None else 0.0
+              for v, r in zip(vals, rows)]
+        hi = [r[f"{key}_ci"][1] - v if r.get(f"{key}_ci") and r[f"{key}_ci"][1] is not None else 0.0
+              for v, r in zip(vals, rows)]
+        ax.bar(x + dx, vals, 0.4, color=color, label=label, yerr=[lo, hi], capsize=3,
+               error_kw={"elinewidth": 1, "ecolor": "#333333"})
+        ax.scatter(x + dx, [r.get(f"random_{key}") for r in rows], marker="_", s=300, color="k", zorder=3,
+                   label="random control" if key == "within" else None)
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xticks(x)
     ax.set_xticklabels(names, fontsize=7.5)
-    ax.set_ylabel("mean change of the gap\n(after - before; toward 0 = less bias)")
-    ax.set_title(f"Bias reduction by method ({axis})", fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
+    ax.set_ylabel("gap removed (log-odds), 95% CI\n(positive: the bias shrank)")
+    ax.set_title(f"Bias removed by method ({axis})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0) if len(rows) > 6 else None)
     ax = axes[1]
-    ax.barh(x, [r["Δppl"] for r in rows], color="#2ca02c", label="selected")
-    ax.scatter([r["Δppl random"] for r in rows], x, marker="|", s=200, color="k", zorder=3, label="random control")
+    ax.barh(x, [r["ppl"] for r in rows], color="#2ca02c", label="selected")
+    ax.scatter([r["ppl_random"] for r in rows], x, marker="|", s=200, color="k", zorder=3, label="random control")
     ax.set_yticks(x)
     ax.set_yticklabels(names, fontsize=8)
     ax.invert_yaxis()
@@ -270,7 +276,7 @@ def plot_methods_summary(rows, axis: str = ""):
     ax.set_xscale("symlog", linthresh=1.0)  # costs span 0.01 to 100
     ax.set_xlabel("perplexity change (neutral text; symlog)")
     ax.set_title("Capability cost", fontsize=10)
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
     fig.tight_layout()
     return fig
 
