@@ -2,8 +2,7 @@
 
 import torch
 
-from mechbias.apps.study import achieved_rate
-from mechbias.core.work import counting_flops, matmul_peak, torch_threads
+from mechbias.core.work import achieved_rate, counting_flops, matmul_peak, torch_threads
 
 
 def test_counted_flops_equal_the_matmul_formula_forward_and_backward():

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..core.models import model_label
 from ..core.precision import PRECISIONS, check_precision
-from ..core.work import matmul_peak, torch_threads
+from ..core.work import achieved_rate, matmul_peak, torch_threads
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
@@ -434,17 +434,6 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     if failed.exists():
         failed.unlink()
     return 0
-
-
-def achieved_rate(work: dict) -> dict:
-    """Matrix-product GFLOP/s over the jobs' summed seconds, and as fractions of the measured peaks."""
-    secs, peak = work.get("total_work_seconds") or 0.0, work.get("matmul_peak") or {}
-    if secs <= 0 or not work.get("total_tflop"):
-        return {}
-    rate = work["total_tflop"] * 1e3 / secs
-    return {"achieved_gflops": round(rate, 1),
-            "fraction_of_fp32_peak": round(rate / peak["float32_gflops"], 3) if peak.get("float32_gflops") else None,
-            "fraction_of_bf16_peak": round(rate / peak["bfloat16_gflops"], 3) if peak.get("bfloat16_gflops") else None}
 
 
 def _failed(out: Path, runs: list[RunReport], say) -> int:

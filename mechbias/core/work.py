@@ -54,3 +54,14 @@ def matmul_peak(size: int = 1024, seconds: float = 0.5) -> dict:
         dt = time.perf_counter() - t0
         out[str(dtype).replace("torch.", "") + "_gflops"] = round(2 * size**3 * n / dt / 1e9, 1)
     return out
+
+
+def achieved_rate(work: dict) -> dict:
+    """Matrix-product GFLOP/s over the jobs' summed seconds, and as fractions of the measured peaks."""
+    secs, peak = work.get("total_work_seconds") or 0.0, work.get("matmul_peak") or {}
+    if secs <= 0 or not work.get("total_tflop"):
+        return {}
+    rate = work["total_tflop"] * 1e3 / secs
+    return {"achieved_gflops": round(rate, 1),
+            "fraction_of_fp32_peak": round(rate / peak["float32_gflops"], 3) if peak.get("float32_gflops") else None,
+            "fraction_of_bf16_peak": round(rate / peak["bfloat16_gflops"], 3) if peak.get("bfloat16_gflops") else None}
