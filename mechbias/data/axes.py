@@ -1,8 +1,13 @@
 """Demographic axes: people (first names with a race and a gender) and the two-group contrasts over them.
 
 An **axis** (race, gender) splits a shared list of first names into group A and group B. Every name has a
-race and a gender, so each axis is balanced on the other attribute. The names live in
-``mechbias/data/files/names.yaml``.
+race and a gender, so each axis is balanced on the other attribute.
+
+A **roster** is one such list. ``audit`` (16 names per race x gender, the audit-study names of
+``mechbias/data/files/names.yaml``) and ``extended`` (100 per cell, built by ``analyses/build_names.py``
+from registry name data into ``names_extended.yaml``). An axis is named ``"gender"`` (the default roster)
+or ``"gender@extended"`` (a roster named explicitly); the spec travels as a plain string through configs,
+job stores and results.
 
 **Name splits** are deterministic: within every race x gender cell, names are ordered by a hash of
 (seed, name) and the first half is the *selection* set (used to find components or train), the rest
@@ -47,6 +52,12 @@ class Axis:
     groups: tuple[str, str]
     words: dict[str, str]
     people: tuple[Person, ...]
+    roster: str = "audit"
+
+    @property
+    def spec(self) -> str:
+        """``"<axis>@<roster>"``: what :func:`load_axis` takes to rebuild this axis."""
+        return f"{self.name}@{self.roster}"
 
     @property
     def other_attribute(self) -> str:
@@ -95,20 +106,37 @@ def stable_hash(seed: int, key: str) -> str:
 
 
 @lru_cache(maxsize=None)
-def _names_file(path: str = str(DATA / "names.yaml")) -> dict:
+def _names_file(path: str = str(DATA / "names.yaml"), required: tuple[str, ...] = ("people", "pronouns", "axes")
+                ) -> dict:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ContextError(f"{p}: not valid YAML ({e})") from e
-    for key in ("people", "pronouns", "axes"):
+    for key in required:
         if not isinstance(data, dict) or key not in data:
             raise ContextError(f"{p}: missing field '{key}'")
     return data
 
 
-def people() -> tuple[Person, ...]:
-    data = _names_file()
+ROSTER_FILES = {"audit": "names.yaml", "extended": "names_extended.yaml"}
+
+
+def list_rosters() -> list[str]:
+    return sorted(ROSTER_FILES)
+
+
+def default_roster() -> str:
+    """The roster an axis without ``@roster`` uses (``default_roster`` in names.yaml)."""
+    return str(_names_file().get("default_roster", "audit"))
+
+
+def people(roster: str | None = None) -> tuple[Person, ...]:
+    """Everyone on a roster (the default one if None)."""
+    roster = roster or default_roster()
+    if roster not in ROSTER_FILES:
+        raise ValueError(f"Unknown roster {roster!r}; rosters: {list_rosters()}")
+    data = _names_file(str(DATA / ROSTER_FILES[roster]), required=("people",))
     out: list[Person] = []
     for race, by_gender in data["people"].items():
         for gender, names in by_gender.items():
@@ -120,22 +148,35 @@ def pronouns(gender: str) -> dict[str, str]:
     return dict(_names_file()["pronouns"][gender])
 
 
+def parse_axis(spec: str) -> tuple[str, str]:
+    """``"gender@extended"`` -> ("gender", "extended"); ``"gender"`` -> ("gender", default roster)."""
+    name, _, roster = str(spec).partition("@")
+    return name, roster or default_roster()
+
+
 def load_axis(name: str | Axis) -> Axis:
-    """The built-in axis ``race`` or ``gender``."""
+    """The built-in axis ``race`` or ``gender``, on the default roster or on ``"<axis>@<roster>"``."""
     if isinstance(name, Axis):
         return name
+    axis, roster = parse_axis(name)
+    return _load_axis(axis, roster)
+
+
+@lru_cache(maxsize=None)
+def _load_axis(name: str, roster: str) -> Axis:
     axes = _names_file()["axes"]
     if name not in axes:
-        raise ValueError(f"Unknown axis {name!r}; built-in axes: {sorted(axes)}")
+        raise ValueError(f"Unknown axis {name!r}; built-in axes: {sorted(axes)} (optionally '<axis>@<roster>', "
+                         f"rosters: {list_rosters()})")
     spec = axes[name]
     groups = tuple(spec["groups"])
     if len(groups) != 2:
         raise ContextError(f"names.yaml: axis '{name}' must have exactly two groups, has {len(groups)}")
-    everyone = people()
+    everyone = people(roster)
     for g in groups:
         if not any(p.get(spec["attribute"]) == g for p in everyone):
-            raise ContextError(f"names.yaml: axis '{name}' group '{g}' has no names")
-    return Axis(name, spec["attribute"], groups, dict(spec["words"]), everyone)
+            raise ContextError(f"{ROSTER_FILES[roster]}: axis '{name}' group '{g}' has no names")
+    return Axis(name, spec["attribute"], groups, dict(spec["words"]), everyone, roster)
 
 
 def list_axes() -> list[str]:
