@@ -85,6 +85,23 @@ def test_measure_bias_result_roundtrip(tiny, tmp_path):
     assert fig.axes
 
 
+def test_measure_bias_rosters_and_family(tiny):
+    res = measure_bias(tiny, ["finance"], ["race", "gender@extended"], templates="heldout", names="heldout",
+                       n_boot=200)
+    race, gender = res.get("finance", "race"), res.get("finance", "gender")
+    assert (race["roster"], gender["roster"]) == ("audit", "extended")
+    assert race["n_prompts"] == 5 * 32 and gender["n_prompts"] == 5 * 200  # half of each roster held out
+    assert gender["n_names_a"] == gender["n_names_b"] == 100
+    # two tests in the family: BH with m = 2 by hand, and the detectable gap at 0.025 is larger than at 0.05
+    p = sorted([race["p_value"], gender["p_value"]])
+    bh = sorted([race["p_bh"], gender["p_bh"]])
+    assert bh == pytest.approx([min(2 * p[0], p[1]), p[1]])
+    for r in (race, gender):
+        assert r["min_detectable_family"] > r["min_detectable"] > 0
+    one = measure_bias(tiny, ["finance"], ["race"], templates="heldout", names="heldout", n_boot=200).rows[0]
+    assert one["p_bh"] == one["p_value"] and one["min_detectable_family"] == pytest.approx(one["min_detectable"])
+
+
 def test_perplexity_matches_brute_force(tiny):
     texts = neutral_texts(3, split="reporting")
     nll, n = token_nll(tiny, texts, max_tokens=64)  # forces several batches with padding

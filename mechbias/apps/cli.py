@@ -121,12 +121,15 @@ def cmd_bias(args) -> int:
     res = measure_bias(model, ctxs, args.axis, templates=args.templates, names=args.names,
                        intervention=intervention, n_boot=args.boot, seed=args.seed, progress=True)
     res.save(args.out / "result")
-    keep = ("context", "axis", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value", "effect_size",
-            "significant", "n_prompts", "n_templates", "n_names_a", "n_names_b")
+    keep = ("context", "axis", "roster", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value", "p_bh",
+            "effect_size", "significant", "min_detectable", "min_detectable_family", "n_prompts", "n_templates",
+            "n_names_a", "n_names_b")
     atomic_write_json({"rows": [{k: r[k] for k in keep} for r in res.rows], "meta": res.meta},
                       args.out / "bias.json")
     atomic_savefig(res.plot(), args.out / "figures" / "baseline_bias.png")
-    _print_table(res.to_dataframe()[["context", "axis", "gap", "ci_low", "ci_high", "p_value", "significant"]])
+    _print_table(res.to_dataframe()[["context", "axis", "roster", "gap", "ci_low", "ci_high", "p_value", "p_bh",
+                                     "min_detectable", "min_detectable_family", "n_prompts"]])
+    _say("min_detectable: the gap a test at 0.05 finds with power 0.8; _family: at 0.05 / rows (the BH family)")
     _say(f"wrote {args.out / 'bias.json'}")
     return 0
 
@@ -282,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bias", epilog="example: mechbias bias --contexts finance commerce --axis gender --out out/bias", help="baseline bias per context and axis, with CIs (optionally under an intervention)")
     _model_args(p)
     p.add_argument("--contexts", nargs="+", default=["all"], help="context names or YAML paths ('all' = built-ins)")
-    p.add_argument("--axis", nargs="+", default=["race", "gender"], help="demographic axes")
+    p.add_argument("--axis", nargs="+", default=["race", "gender"],
+                   help="demographic axes; '<axis>@<roster>' picks a name roster (audit: 16 names per race x "
+                        "gender, extended: 100)")
     p.add_argument("--templates", default="all", choices=["all", "selection", "heldout"])
     p.add_argument("--names", default="all", choices=["all", "selection", "heldout"])
     p.add_argument("--intervention", type=Path, default=None,

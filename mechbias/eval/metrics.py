@@ -37,7 +37,7 @@ from ..data.contexts import Context, load_context, load_contexts
 from ..data.texts import neutral_texts
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_bias
-from .stats import DEFAULT_BOOT, group_gap
+from .stats import DEFAULT_BOOT, benjamini_hochberg, group_gap, mdd
 
 GAP_KINDS = ("prob", "abs_prob", "logprob", "logit")
 
@@ -159,7 +159,9 @@ class BiasResult(Result):
     minus group B, in log-odds units of the contrast answers), ``ci_low``,
     ``ci_high`` (95% crossed bootstrap over names and templates), ``p_value``,
     ``effect_size`` (gap over the pooled SD of per-name mean scores),
-    ``n_prompts`` and the group labels. ``scores``: every prompt's score, in
+    ``n_prompts``, the group labels and the name ``roster``; ``min_detectable`` is the gap a test at 0.05
+    detects with power 0.8, ``p_bh`` the Benjamini-Hochberg p over all rows (one family) and
+    ``min_detectable_family`` the detectable gap at 0.05 / rows. ``scores``: every prompt's score, in
     the order of ``prompts``.
     """
 
@@ -221,6 +223,11 @@ def measure_bias(
             all_scores.append(scores)
     if not rows:
         raise ValueError(f"no context in {[c.name for c in ctxs]} is crossed with axes {axes}")
+    # the rows are one family of tests: Benjamini-Hochberg over them, and the detectable gap at alpha / m
+    # (BH's threshold for the smallest p-value; a conservative bound for the others)
+    for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows])):
+        r["p_bh"] = q
+        r["min_detectable_family"] = mdd(r["se"], r["df"], 0.05 / len(rows))
     meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot,
                      templates=templates if isinstance(templates, str) else list(templates), names=names,
                      intervention=intervention.describe() if intervention else None)
@@ -230,7 +237,7 @@ def measure_bias(
 def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict:
     mat, t_ids, names, col_group = ps.grid(scores)
     g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)
-    return {"context": ps.context, "axis": ps.axis.name, "group_a": ps.axis.groups[0],
+    return {"context": ps.context, "axis": ps.axis.name, "roster": ps.axis.roster, "group_a": ps.axis.groups[0],
             "group_b": ps.axis.groups[1], **g.as_dict(), "templates": t_ids}
 
 

@@ -28,27 +28,34 @@ AXIS_COLORS = {"race": "#1f77b4", "gender": "#d62728"}
 
 
 def plot_bias(result, ax=None):
-    """Forest plot: gap (group A - group B) with 95% CI per context, one marker colour per axis."""
+    """Forest plot: gap (group A - group B) with 95% CI per context, one marker colour per axis (and one
+    marker shape per name roster when the rows use several)."""
     plt = pyplot()
     rows = result.rows
     contexts = list(dict.fromkeys(r["context"] for r in rows))
-    axes_names = list(dict.fromkeys(r["axis"] for r in rows))
+    series = list(dict.fromkeys((r["axis"], r.get("roster", "")) for r in rows))
+    several = len({ros for _, ros in series}) > 1
     if ax is None:
-        fig, ax = plt.subplots(figsize=(7.5, 0.75 + 0.62 * len(contexts) * max(1, len(axes_names)) / 1.4))
+        fig, ax = plt.subplots(figsize=(7.5, 0.75 + 0.62 * len(contexts) * max(1, len(series)) / 1.4))
     else:
         fig = ax.figure
-    offsets = np.linspace(-0.18, 0.18, len(axes_names)) if len(axes_names) > 1 else [0.0]
-    for k, axis in enumerate(axes_names):
+    offsets = np.linspace(-0.24, 0.24, len(series)) if len(series) > 1 else [0.0]
+    rosters = list(dict.fromkeys(ros for _, ros in series))
+    for k, (axis, roster) in enumerate(series):
+        marker = "osD^v"[rosters.index(roster) % 5]
         for i, c in enumerate(contexts):
-            match = [r for r in rows if r["context"] == c and r["axis"] == axis]
+            match = [r for r in rows if r["context"] == c and r["axis"] == axis and r.get("roster", "") == roster]
             if not match:
                 continue
             r = match[0]
             y = i + offsets[k]
             color = AXIS_COLORS.get(axis, f"C{k}")
             ax.plot([r["ci_low"], r["ci_high"]], [y, y], color=color, lw=2)
-            ax.plot(r["gap"], y, "o", color=color, mfc=color if r["significant"] else "white", ms=7,
-                    label=f"{axis}: {r['group_a']} - {r['group_b']}" if i == 0 else None)
+            label = f"{axis}: {r['group_a']} - {r['group_b']}"
+            if several:
+                label += f" ({roster}, {r['n_names_a'] + r['n_names_b']} names)"
+            ax.plot(r["gap"], y, marker, color=color, mfc=color if r["significant"] else "white", ms=7,
+                    label=label if i == 0 else None)
     ax.axvline(0, color="k", lw=0.8, ls="--")
     ax.set_yticks(range(len(contexts)))
     ax.set_yticklabels(contexts)
