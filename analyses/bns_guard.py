@@ -28,7 +28,7 @@ import torch
 
 from mechbias.core.models import load_model
 from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
-from mechbias.data.contexts import BUILTIN_CONTEXTS, Context
+from mechbias.data.contexts import YES_NO_CONTEXTS, Context
 from mechbias.eval.cells import TransferConfig
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.methods.base import Selection
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("results/bns_guard"))
     ap.add_argument("--figures", type=Path, default=None, help="also write the matrix figure here")
-    ap.add_argument("--contexts", nargs="+", default=["finance", "commerce"], choices=BUILTIN_CONTEXTS,
+    ap.add_argument("--contexts", nargs="+", default=["finance", "commerce"], choices=YES_NO_CONTEXTS,
                     help="row contexts (selected on); every built-in context is an evaluation column")
     ap.add_argument("--max-ppl", type=float, default=0.5, help="guard: drop neurons costing more than this")
     ap.add_argument("--axis", default="gender")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     method = GuardedIG2(IG2Config(pairs=args.pairs, plain_ig=False, verify_random=0), args.max_ppl, log=say)
     cfg = TransferConfig(n_random=args.random, controls=("random", "matched"), n_boot=args.boot)
-    tm = transfer_matrix(model, method, args.contexts, args.axis, eval_contexts=list(BUILTIN_CONTEXTS),
+    tm = transfer_matrix(model, method, args.contexts, args.axis, eval_contexts=list(YES_NO_CONTEXTS),
                          method=f"IG² + BNS, capability guard ≤ {args.max_ppl} ppl", config=cfg, log=say)
     tm.save(args.out / "transfer")
     fig = tm.plot()

@@ -36,7 +36,7 @@ import torch
 
 from mechbias.core.models import load_model, planted_manifest
 from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
-from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
+from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
 from mechbias.eval.cells import EvalSet, TransferConfig
 from mechbias.eval.transfer import transfer_matrix
@@ -124,8 +124,8 @@ def main() -> None:
         add("IG² (all positions, extension)", "finance", ranked_units(res.aggregate()), "neurons")
 
     # 2. transfer-matrix recovery
-    eval_sets = {c: EvalSet.build(model, load_context(c), "race") for c in BUILTIN_CONTEXTS}
-    oracle = oracle_matrix(model, cfg, rows_ctx, "race", eval_contexts=list(BUILTIN_CONTEXTS), eval_sets=eval_sets)
+    eval_sets = {c: EvalSet.build(model, load_context(c), "race") for c in YES_NO_CONTEXTS}
+    oracle = oracle_matrix(model, cfg, rows_ctx, "race", eval_contexts=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
     say(f"oracle: test {oracle.transfer_test['within_minus_cross']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
@@ -154,7 +154,7 @@ def main() -> None:
     tcfg = TransferConfig(n_random=1, controls=("random",), capability=False, n_boot=1000)
     matrices, transfer = [], []
     for label, method in methods.items():
-        tm = transfer_matrix(model, method, rows_ctx, "race", method=label, eval_contexts=list(BUILTIN_CONTEXTS),
+        tm = transfer_matrix(model, method, rows_ctx, "race", method=label, eval_contexts=list(YES_NO_CONTEXTS),
                              config=tcfg, eval_sets=eval_sets)
         rec = matrix_recovery(tm, oracle)
         for c, sel in method.selections.items():
@@ -193,7 +193,7 @@ def main() -> None:
         transfer = [t for t in old.transfer if t["method"] not in rerun and t["method"] != "oracle"] + transfer
         seconds += int(old.meta.get("seconds", 0))
     gt = GroundTruthResult(recovery, transfer, {"model": args.model, "rows": rows_ctx,
-                                                "columns": list(BUILTIN_CONTEXTS), "seconds": seconds,
+                                                "columns": list(YES_NO_CONTEXTS), "seconds": seconds,
                                                 "oracle_test": oracle.transfer_test, "matrices": matrices})
     gt.save(args.out)
     fig = gt.plot()

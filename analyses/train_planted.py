@@ -37,7 +37,7 @@ import torch
 
 from mechbias.core.models import PLANTED_DIR, load_model
 from mechbias.core.results import package_versions
-from mechbias.data.contexts import BUILTIN_CONTEXTS, load_context
+from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
@@ -52,7 +52,7 @@ def neutral_prompt_shift(model, heldout: bool = False):
     """Contrast scores of every context's templates with neutral references instead of names
     (the references used in training, or held-out ones)."""
     refs = HELDOUT_NEUTRAL_REFERENCES if heldout else NEUTRAL_REFERENCES
-    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, refs)]
+    texts = [t for c in YES_NO_CONTEXTS for t in neutral_prompts(c, refs)]
     return contrast_scores(model, texts, " Yes", " No")
 
 
@@ -100,7 +100,7 @@ def main() -> None:
         "version": args.version,
         "description": ("SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
                         + ("context-specific units dominate" if args.version == 3 else "shared neurons dominate")),
-        "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(BUILTIN_CONTEXTS),
+        "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(YES_NO_CONTEXTS),
         "training_contexts": list(cfg.contexts),
         "shared": [list(n) for n in cfg.shared], "only": {k: [list(n) for n in v] for k, v in cfg.only.items()},
         "only_last": {k: [list(n) for n in v] for k, v in cfg.only_last.items()},
@@ -121,10 +121,10 @@ def main() -> None:
     }
     # verification on the held-out split: where each set acts, and the oracle matrix
     tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=1000)
-    sets = {c: EvalSet.build(model, load_context(c), "race") for c in BUILTIN_CONTEXTS}
+    sets = {c: EvalSet.build(model, load_context(c), "race") for c in YES_NO_CONTEXTS}
 
     def effects(iv, label):
-        cells = {c: evaluate(model, iv, sets[c], None, tc, selected_on=label) for c in BUILTIN_CONTEXTS}
+        cells = {c: evaluate(model, iv, sets[c], None, tc, selected_on=label) for c in YES_NO_CONTEXTS}
         return {c: {"gap_before": x.gap_before, "gap_change": x.gap_change, "ci_low": x.ci_low, "ci_high": x.ci_high,
                     "reduction": x.reduction} for c, x in cells.items()}
 

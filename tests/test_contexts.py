@@ -1,8 +1,9 @@
+import torch
 import pytest
 
 from mechbias.data.axes import ContextError, load_axis
 from mechbias.data.prompts import single_token
-from mechbias.data.contexts import BUILTIN_CONTEXTS, fill, list_contexts, load_context
+from mechbias.data.contexts import BUILTIN_CONTEXTS, YES_NO_CONTEXTS, fill, list_contexts, load_context
 from mechbias.data.pairs import AlignmentError, make_pairs
 
 
@@ -14,6 +15,22 @@ def test_builtin_contexts_load_and_are_well_formed():
         assert len(set(c.templates)) == len(c.templates)
         assert set(c.axes) == {"race", "gender"}
         assert c.numeric_templates and c.demographic_templates["race"] and c.demographic_templates["gender"]
+        assert all(t.endswith(" Answer:") for t in c.templates)
+    # three answer formats across the six: yes/no (four), a two-option choice and a word rating (30 templates each)
+    fmt = {n: load_context(n).format for n in BUILTIN_CONTEXTS}
+    assert fmt == {"finance": "yes_no", "commerce": "yes_no", "hiring": "yes_no", "housing": "yes_no",
+                   "healthcare": "choice", "education": "rating"}
+    for n, answers in (("healthcare", (" A", " B")), ("education", (" excellent", " poor"))):
+        c = load_context(n)
+        assert (c.positive, c.negative) == answers and len(c.templates) == 30
+        assert len(c.template_split("selection")) == len(c.template_split("heldout")) == 15
+    assert YES_NO_CONTEXTS == BUILTIN_CONTEXTS[:4]
+
+
+def test_builtin_answers_are_single_tokens(tiny):
+    for name in BUILTIN_CONTEXTS:
+        c = load_context(name)
+        assert single_token(tiny, c.positive) != single_token(tiny, c.negative)
 
 
 def test_axes_are_balanced_on_the_other_attribute():
@@ -71,6 +88,8 @@ def test_pronoun_slots_follow_the_name():
      "answers"),
     ("name: x\ntemplates: ['{name} a', 'b {name}']\nanswers: {positive: ' Yes', negative: ' No'}\naxes: [age]\n",
      "axes"),
+    ("name: x\ntemplates: ['{name} a', 'b {name}']\nanswers: {positive: ' Yes', negative: ' No'}\nformat: essay\n",
+     "format"),
 ])
 def test_malformed_context_files_name_the_file_and_field(tmp_path, text, field):
     path = tmp_path / "bad.yaml"
@@ -125,3 +144,40 @@ def test_pairs_raise_when_alignment_is_impossible(tiny, tmp_path):
     narrow = replace(ax, people=tuple(dandre + whites))
     with pytest.raises(AlignmentError, match="same length"):
         make_pairs(tiny, "finance", narrow, templates=[0])
+
+
+@pytest.mark.real
+def test_builtin_answers_are_single_tokens_on_both_real_models():
+    from transformers import AutoTokenizer
+
+    from mechbias.core.embedded import EMBEDDED_MODELS, ensure_cache
+
+    for spec in EMBEDDED_MODELS.values():
+        tok = AutoTokenizer.from_pretrained(ensure_cache(spec), local_files_only=True)
+        for name in BUILTIN_CONTEXTS:
+            c = load_context(name)
+            ids = [tok.encode(a, add_special_tokens=False) for a in (c.positive, c.negative)]
+            assert [len(i) for i in ids] == [1, 1] and ids[0] != ids[1], (spec.name, name, ids)
+
+
+def test_incomplete_crossed_design():
+    from collections import Counter
+
+    ctx = load_context("education")
+    ax = load_axis("gender@extended")
+    full = ctx.prompts(ax, templates="heldout", names="heldout")
+    half = ctx.prompts(ax, templates="heldout", names="heldout", blocks=3)
+    assert len(full) == 15 * 200 and len(half) == 15 * 200 // 3
+    assert {p.text for p in half} <= {p.text for p in full}
+    per_template = Counter((p.template, p.person.race, p.person.gender) for p in half)
+    counts = set(per_template.values())
+    assert max(counts) - min(counts) <= 1  # every template meets every race x gender cell in (near) equal shares
+    per_name = Counter(p.person.name for p in half)
+    assert set(per_name.values()) == {5} and len(per_name) == 200  # every name meets 15 / 3 templates
+    mat, t_ids, names, col_group = half.grid(torch.arange(len(half), dtype=torch.float64))
+    assert mat.shape == (15, 200) and int(torch.isnan(mat).sum()) == 15 * 200 - len(half)
+    with pytest.raises(ValueError, match="not a full templates x names grid"):
+        full.subset(range(len(full) - 1)).grid(torch.zeros(len(full) - 1))
+    with pytest.raises(ValueError, match="16 blocks need at least as many templates"):
+        ctx.prompts(ax, templates="heldout", names="heldout", blocks=16)
+    assert half.subset(range(10)).blocks == 3

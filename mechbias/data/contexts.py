@@ -30,6 +30,8 @@ from .prompts import Prompt, PromptSet
 from .texts import check_not_reporting
 
 SLOTS = {"name", "pronoun", "Pronoun", "possessive", "object"}
+#: answer formats a context may declare (``format:``): yes/no, a two-option choice, a rating scale
+FORMATS = ("yes_no", "choice", "rating", "unspecified")
 
 
 
@@ -47,6 +49,7 @@ class Context:
     outcomes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     demographic_templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
+    format: str = "unspecified"
 
     # -- splits --
     def template_split(self, split: str = "selection", seed: int = 0) -> list[int]:
@@ -69,8 +72,15 @@ class Context:
         templates: str | Sequence[int] = "all",
         names: str | Sequence[Person] = "all",
         seed: int = 0,
+        blocks: int = 1,
     ) -> "PromptSet":
-        """The grid templates x names as a :class:`PromptSet` for one axis."""
+        """The grid templates x names as a :class:`PromptSet` for one axis.
+
+        ``blocks > 1`` gives the **incomplete crossed design**: within each race x gender cell the names are
+        ordered by a hash of ``(seed, name)`` and dealt into ``blocks`` blocks in turn, and the j-th template
+        (in index order) meets only block ``j mod blocks``. Every template then meets every cell in equal
+        shares (template effects cancel in a group gap), every name meets about ``templates / blocks``
+        templates, and the prompt count is ``templates x names / blocks``."""
         ax = load_axis(axis)
         if ax.name not in self.axes:
             raise ValueError(f"context {self.name!r} is not crossed with axis {ax.name!r} (axes: {self.axes})")
@@ -81,10 +91,16 @@ class Context:
         for t in t_idx:
             if not 0 <= t < len(self.templates):
                 raise ValueError(f"template index {t} out of range for context {self.name!r}")
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks must be a positive integer, not {blocks!r}")
+        if blocks > len(t_idx):
+            raise ValueError(f"{blocks} blocks need at least as many templates; the split has {len(t_idx)}")
+        block = name_blocks(ppl, blocks, seed)
         items = [
-            Prompt(fill(self.templates[t], p), t, p, ax.group_index(p)) for t in t_idx for p in ppl
+            Prompt(fill(self.templates[t], p), t, p, ax.group_index(p))
+            for j, t in enumerate(t_idx) for p in ppl if block[p.name] == j % blocks
         ]
-        return PromptSet(self.name, ax, self.positive, self.negative, items)
+        return PromptSet(self.name, ax, self.positive, self.negative, items, blocks=blocks)
 
     def demographic_prompts(self, axis: str | Axis, polarity: str | None = None) -> list["DemographicPrompt"]:
         """IG²-style prompts: each template filled with each outcome word.
@@ -122,6 +138,19 @@ class DemographicPrompt:
     template: int
     outcome: str
     polarity: str
+
+
+def name_blocks(people: Sequence[Person], blocks: int, seed: int = 0) -> dict[str, int]:
+    """The block of each name in the incomplete crossed design: dealt in turn within each race x gender cell,
+    in the order of a hash of ``(seed, name)``."""
+    out: dict[str, int] = {}
+    cells: dict[tuple[str, str], list[Person]] = {}
+    for p in people:
+        cells.setdefault((p.race, p.gender), []).append(p)
+    for key in sorted(cells):
+        for k, p in enumerate(sorted(cells[key], key=lambda q: stable_hash(seed, f"block:{q.name}"))):
+            out[p.name] = k % blocks
+    return out
 
 
 def fill(template: str, person: Person) -> str:
@@ -170,6 +199,8 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
     _require(isinstance(ans["positive"], str) and isinstance(ans["negative"], str) and ans["positive"] != ans["negative"]
              and ans["positive"].strip() != "" and ans["negative"].strip() != "",
              source, "answers", "must be two different non-empty strings")
+    fmt = data.get("format", "unspecified")
+    _require(fmt in FORMATS, source, "format", f"must be one of {list(FORMATS)}, not {fmt!r}")
     axes = data.get("axes", ["race", "gender"])
     _require(isinstance(axes, list) and bool(axes), source, "axes", "must be a non-empty list")
     known = list_axes()
@@ -210,6 +241,7 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
         outcomes=outcomes,
         demographic_templates=dtpls,
         source=source,
+        format=fmt,
     )
 
 
@@ -230,7 +262,10 @@ def list_contexts() -> list[str]:
     return sorted(set(names))
 
 
-BUILTIN_CONTEXTS = ("finance", "commerce", "hiring", "housing")
+#: the built-in contexts ("all"): four yes/no decisions, a two-option choice and a word rating
+BUILTIN_CONTEXTS = ("finance", "commerce", "hiring", "housing", "healthcare", "education")
+#: the four yes/no contexts: the planted models (v2, v3) and the analyses made before the other two existed use these
+YES_NO_CONTEXTS = ("finance", "commerce", "hiring", "housing")
 #: contexts read from a user's file in this process, by name: methods look contexts up by name
 _USER_FILES: dict[str, Path] = {}
 

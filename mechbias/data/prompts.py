@@ -29,6 +29,7 @@ class PromptSet:
     negative: str
     items: list[Prompt]
     answer_prefix: str = ""  # numeric prompts: text that starts the assistant's answer
+    blocks: int = 1  # > 1: the incomplete crossed design (each template meets one block of names)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -64,13 +65,15 @@ class PromptSet:
 
     def subset(self, keep: Iterable[int]) -> "PromptSet":
         return PromptSet(self.context, self.axis, self.positive, self.negative, [self.items[i] for i in keep],
-                         self.answer_prefix)
+                         self.answer_prefix, self.blocks)
 
     def grid(self, values: Tensor) -> tuple[Tensor, list[int], list[str], Tensor]:
         """Arrange per-prompt ``values`` as a matrix ``[templates, names]``.
 
         Returns the matrix, the template ids (rows), the names (columns) and
-        the group of each column. Raises if the set is not a full grid.
+        the group of each column. Raises if the set is not a full grid, unless it was built with the
+        incomplete crossed design (``blocks > 1``): then a name's cells for the templates it did not meet
+        are NaN (the statistics of :mod:`mechbias.eval.stats` read them as missing).
         """
         t_ids, names = self.template_ids, self.names
         ti = {t: i for i, t in enumerate(t_ids)}
@@ -80,7 +83,7 @@ class PromptSet:
         for v, p in zip(values.tolist(), self.items):
             mat[ti[p.template], ni[p.person.name]] = v
             col_group[ni[p.person.name]] = p.group
-        if torch.isnan(mat).any():
+        if torch.isnan(mat).any() and self.blocks == 1:
             raise ValueError("prompt set is not a full templates x names grid")
         return mat, t_ids, names, col_group
 

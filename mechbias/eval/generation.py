@@ -33,7 +33,7 @@ from ..core.results import Result, make_meta
 from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
-from .stats import smd
+from .describe import smd
 
 _NUM = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _SUFFIX = r"\s*(k|K|thousand|m|M|million|mil|bn|billion)?\b"

@@ -198,9 +198,11 @@ def measure_bias(
     intervention: Intervention | None = None,
     n_boot: int = DEFAULT_BOOT,
     seed: int = 0,
+    blocks: int = 1,
     progress: bool = False,
 ) -> BiasResult:
-    """Bias of ``model`` in each context and axis (see :class:`BiasResult`)."""
+    """Bias of ``model`` in each context and axis (see :class:`BiasResult`); ``blocks > 1`` scores the
+    incomplete crossed design of :meth:`Context.prompts` (each template meets 1 / ``blocks`` of the names)."""
     ctxs = load_contexts(contexts)
     axes = [axes] if isinstance(axes, str) else list(axes)
     rows, prompt_rows, all_scores = [], [], []
@@ -210,7 +212,7 @@ def measure_bias(
             ax = load_axis(ax_name)
             if ax.name not in ctx.axes:
                 continue
-            ps = ctx.prompts(ax, templates=templates, names=names, seed=seed)
+            ps = ctx.prompts(ax, templates=templates, names=names, seed=seed, blocks=blocks)
             todo = [i for i, p in enumerate(ps) if p.text not in memo]
             if todo:
                 fresh = contrast_scores(model, ps.subset(todo), intervention=intervention, progress=progress)
@@ -228,7 +230,7 @@ def measure_bias(
     for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows])):
         r["p_bh"] = q
         r["min_detectable_family"] = mdd(r["se"], r["df"], 0.05 / len(rows))
-    meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot,
+    meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot, blocks=blocks,
                      templates=templates if isinstance(templates, str) else list(templates), names=names,
                      intervention=intervention.describe() if intervention else None)
     return BiasResult(rows, prompt_rows, torch.cat(all_scores), meta)

@@ -27,7 +27,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.stats import mannwhitneyu, spearmanr
 from scipy.stats import t as student_t
 from torch import Tensor
 
@@ -134,17 +133,55 @@ def tost(est: float, se: float, df: float, margin: float, alpha: float = 0.05) -
 
 def residual_variance(m: np.ndarray, g: np.ndarray) -> tuple[float, float]:
     """The residual variance of a ``[templates, names]`` grid after template x group and name effects (the
-    two-way additive fit within each group), and its degrees of freedom ``sum_g (T - 1)(n_g - 1)``."""
+    two-way additive fit within each group), and its degrees of freedom: ``sum_g (T - 1)(n_g - 1)`` for a full
+    grid, ``observed - T - n_g + parts`` per group for an incomplete one (NaN = the name did not meet the
+    template; the additive fit is then found by alternating means; ``parts``: connected blocks)."""
     ss, df = 0.0, 0.0
     for grp in (0, 1):
         x = m[:, g == grp]
         T, n = x.shape
         if T < 2 or n < 2:
             continue
-        r = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+        mask = np.isfinite(x)
+        if mask.all():
+            r = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + x.mean()
+            ss += float((r ** 2).sum())
+            df += (T - 1.0) * (n - 1.0)
+            continue
+        z = np.where(mask, x, 0.0)
+        col = (z.sum(0) / np.maximum(mask.sum(0), 1))[None, :]
+        row = np.zeros((T, 1))
+        for _ in range(100):  # backfitting of x ~ row + col on the observed cells
+            row_new = (np.where(mask, z - col, 0.0).sum(1) / np.maximum(mask.sum(1), 1))[:, None]
+            col = (np.where(mask, z - row_new, 0.0).sum(0) / np.maximum(mask.sum(0), 1))[None, :]
+            if np.abs(row_new - row).max() < 1e-12:
+                row = row_new
+                break
+            row = row_new
+        r = np.where(mask, z - row - col, 0.0)
         ss += float((r ** 2).sum())
-        df += (T - 1.0) * (n - 1.0)
+        # the additive fit has T + n - (connected parts of the template-name graph) free parameters: blocks of
+        # names that meet disjoint templates are separate parts
+        df += max(float(mask.sum()) - T - n + _components(mask), 0.0)
     return (ss / df if df > 0 else 0.0), df
+
+
+def _components(mask: np.ndarray) -> int:
+    """Connected parts of the bipartite graph of templates (rows) and names (columns) joined by observed cells."""
+    T, n = mask.shape
+    parent = list(range(T + n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for t, j in zip(*np.nonzero(mask)):
+        a, b = find(int(t)), find(T + int(j))
+        if a != b:
+            parent[a] = b
+    return len({find(i) for i in range(T + n)})
 
 
 def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_boot: int = DEFAULT_BOOT,
@@ -158,6 +195,11 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
     ``after - before``; for a contrast of cells, the signed sum of their change
     grids per evaluation context. Templates are resampled independently per
     grid, names jointly (they are the same people in every grid).
+
+    A grid may be **incomplete** (NaN where a name did not meet a template, as in the incomplete crossed design
+    of :meth:`Context.prompts`): a name's score is then its mean over the templates it met, and its residual
+    variance enters as ``s2 / T_i``. With every template's names balanced over the groups (blocks of names that
+    meet the same templates in equal shares of each group), template effects cancel exactly.
 
     Each one-factor bootstrap also carries the residual (template x name) variance, so their sum counts it
     twice (estimated / true variance 1.8-3.1 in simulations where the residual dominates). The residual
@@ -178,25 +220,53 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
             raise ValueError(f"grid {k!r} has shape {m.shape}; expected [templates, {len(g)}]")
         if m.shape[0] < 1:
             raise ValueError(f"grid {k!r} has no templates")
+        if not np.isfinite(m).any(0).all():
+            raise ValueError(f"grid {k!r}: {int((~np.isfinite(m).any(0)).sum())} names met no template")
     rng = np.random.default_rng(seed)
 
+    def name_means(m, wt=None):
+        """Per-name mean over the templates each name met (template weights ``wt`` [B, T] if given)."""
+        mask = np.isfinite(m)
+        if mask.all():
+            return m.mean(0) if wt is None else (wt @ m) / wt.sum(1, keepdims=True)
+        z = np.where(mask, m, 0.0)
+        if wt is None:
+            return z.sum(0) / mask.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (wt @ z) / (wt @ mask)  # NaN where none of a name's templates was drawn
+
     def gap_of(m, wt=None, wa=None, wb=None):
-        ca = m[:, a_cols].mean(0) if wt is None else (wt @ m[:, a_cols]) / wt.sum(1, keepdims=True)  # per name
-        cb = m[:, b_cols].mean(0) if wt is None else (wt @ m[:, b_cols]) / wt.sum(1, keepdims=True)
+        nm = name_means(m, wt)
+        ca, cb = nm[..., a_cols], nm[..., b_cols]
         if wa is None:
+            if np.isnan(ca).any() or np.isnan(cb).any():
+                return np.nanmean(ca, -1) - np.nanmean(cb, -1)
             return ca.mean(-1) - cb.mean(-1)
         return (ca * wa).sum(-1) / wa.sum(-1) - (cb * wb).sum(-1) / wb.sum(-1)
 
     est = float(sum(gap_of(m) for m in mats.values()))
-    # names alone: one draw of names shared by every grid (templates fixed)
-    wa, wb = resample_counts(rng, len(a_cols), n_boot), resample_counts(rng, len(b_cols), n_boot)
+    # names alone: one draw of names shared by every grid (templates fixed). In an incomplete design the names
+    # are resampled within strata of the templates they met (a block), so every draw keeps each block's share of
+    # each group and template effects keep cancelling; a full grid has one stratum per group
+    pattern = np.concatenate([np.isfinite(m) for m in mats.values()], 0).T  # [names, all templates]
+    strata: dict[bytes, list[int]] = {}
+    for j in range(len(g)):
+        strata.setdefault(pattern[j].tobytes(), []).append(j)
+    wa, wb = np.zeros((n_boot, len(a_cols))), np.zeros((n_boot, len(b_cols)))
+    pos_a, pos_b = {c: i for i, c in enumerate(a_cols)}, {c: i for i, c in enumerate(b_cols)}
+    sizes = []
+    for cols in strata.values():
+        for grp_cols, w, pos in (([c for c in cols if g[c] == 0], wa, pos_a), ([c for c in cols if g[c] == 1], wb, pos_b)):
+            if grp_cols:
+                w[:, [pos[c] for c in grp_cols]] = resample_counts(rng, len(grp_cols), n_boot)
+                sizes.append(len(grp_cols))
     reps_n = sum(gap_of(m, None, wa, wb) for m in mats.values())
     na, nb = len(a_cols), len(b_cols)
     var_n = float(np.var(reps_n, ddof=1))
-    # the bootstrap variance of a mean of k draws is (k - 1) / k of the unbiased one; the two groups
-    # contribute about equally, so correct by the harmonic-mean group size
-    k_n = 2.0 / (1.0 / na + 1.0 / nb)
-    var_n *= k_n / (k_n - 1.0)
+    # the bootstrap variance of a mean of k draws is (k - 1) / k of the unbiased one; the strata (the two groups
+    # in a full grid) contribute about equally, so correct by the harmonic-mean stratum size
+    k_n = len(sizes) / sum(1.0 / k for k in sizes)
+    var_n *= k_n / (k_n - 1.0) if k_n > 1 else 1.0
     df_n = float(na + nb - 2)
     # templates alone, independently per grid (names fixed)
     var_t, denom_t, var_e, df_e = 0.0, 0.0, 0.0, 0.0
@@ -205,13 +275,15 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
         if T < 2:  # one template: inference is conditional on it (it is not a sample of templates)
             continue
         wt = resample_counts(rng, T, n_boot)
-        v = float(np.var(gap_of(m, wt), ddof=1)) * T / (T - 1.0)
+        reps_t = gap_of(m, wt)
+        v = float(np.nanvar(reps_t, ddof=1)) * T / (T - 1.0)
         var_t += v
         denom_t += v ** 2 / (T - 1.0)
         # the residual (template x name) variance enters both one-factor bootstraps above; it is estimated from
-        # the grid's two-way residuals and counted once (method of moments)
+        # the grid's two-way residuals and counted once (method of moments): s2 / T_i per name
         s2, d = residual_variance(m, g)
-        var_e += s2 / T * (1.0 / na + 1.0 / nb)
+        t_i = np.isfinite(m).sum(0).astype(float)
+        var_e += s2 * ((1.0 / t_i[a_cols]).sum() / na ** 2 + (1.0 / t_i[b_cols]).sum() / nb ** 2)
         df_e += d
     df_t = var_t ** 2 / denom_t if denom_t > 0 else 0.0
     if not residual_once:
@@ -256,6 +328,7 @@ class Gap:
     se: float = float("nan")
     df: float = float("nan")
     min_detectable: float = float("nan")
+    n_prompts: int = 0  # scored prompts (fewer than templates x names in the incomplete crossed design)
 
     @property
     def significant(self) -> bool:
@@ -263,7 +336,7 @@ class Gap:
 
     def as_dict(self) -> dict:
         return dict(self.__dict__, significant=self.significant,
-                    n_prompts=self.n_templates * (self.n_names_a + self.n_names_b))
+                    n_prompts=self.n_prompts or self.n_templates * (self.n_names_a + self.n_names_b))
 
 
 class CrossedBootstrap:
@@ -322,12 +395,13 @@ def group_gap(mat: Tensor | np.ndarray, col_group: Tensor, *, n_boot: int = DEFA
     g = np.asarray(col_group)
     est = crossed_estimate({"grid": m}, g, n_boot=n_boot, seed=seed)
     a, b = m[:, g == 0], m[:, g == 1]
-    name_means = m.mean(0)
+    name_means = np.nanmean(m, 0)  # NaN cells: the incomplete crossed design
     pooled = np.sqrt((name_means[g == 0].var(ddof=1) + name_means[g == 1].var(ddof=1)) / 2) if min(
         (g == 0).sum(), (g == 1).sum()) > 1 else float("nan")
-    return Gap(est.estimate, est.ci_low, est.ci_high, est.p_value, float(a.mean()), float(b.mean()),
+    return Gap(est.estimate, est.ci_low, est.ci_high, est.p_value, float(np.nanmean(a)), float(np.nanmean(b)),
                float(est.estimate / pooled) if pooled and np.isfinite(pooled) and pooled > 0 else float("nan"),
-               m.shape[0], int((g == 0).sum()), int((g == 1).sum()), est.se, est.df, est.min_detectable)
+               m.shape[0], int((g == 0).sum()), int((g == 1).sum()), est.se, est.df, est.min_detectable,
+               int(np.isfinite(m).sum()))
 
 
 @dataclass
@@ -450,44 +524,3 @@ def weighted_mean(values) -> Callable[[np.ndarray], np.ndarray]:
             return (w @ v) / w.sum(1)
 
     return stat
-
-
-def bootstrap_mean(x, *, n_boot: int = DEFAULT_BOOT, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of ``x`` with a percentile bootstrap interval."""
-    v = np.asarray(x, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    reps = (resample_counts(rng, len(v), n_boot) @ v) / len(v)
-    lo, hi = percentile_ci(reps, level)
-    return float(v.mean()), lo, hi
-
-
-def smd(a, b) -> float:
-    """Standardized mean difference (mean(a) - mean(b)) / sqrt((var a + var b) / 2), ddof=1."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if len(a) < 2 or len(b) < 2:
-        return float("nan")
-    s = np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2)
-    return float((a.mean() - b.mean()) / s) if s > 0 else 0.0
-
-
-def mann_whitney(a, b) -> tuple[float, float]:
-    """Mann-Whitney U statistic and two-sided p-value."""
-
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
-    if len(a) == 0 or len(b) == 0:
-        return float("nan"), float("nan")
-    res = mannwhitneyu(a, b, alternative="two-sided")
-    return float(res.statistic), float(res.pvalue)
-
-
-def spearman(a, b) -> float:
-
-    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
-    if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
-        return float("nan")
-    return float(spearmanr(a, b).statistic)

@@ -21,7 +21,7 @@ from ...core.results import Result, make_meta
 from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.pairs import PromptPairs
-from ...eval.stats import spearman
+from ...eval.describe import spearman
 from ...viz.method_figures import plot_grid
 from .engine import PatchResult, ld_metric, patch_set
 

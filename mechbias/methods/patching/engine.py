@@ -48,7 +48,8 @@ from ...core.sites import Site, hook_name
 from ...core.weights import frozen
 from ...data.prompts import single_token
 from ...data.pairs import AlignmentError, PromptPairs
-from ...eval.stats import factor_mean, spearman
+from ...eval.describe import spearman
+from ...eval.stats import factor_mean
 from ...viz.method_figures import plot_patching
 
 SWEEPS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads")
