@@ -253,7 +253,7 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
     for j in range(len(g)):
         strata.setdefault(pattern[j].tobytes(), []).append(j)
     wa, wb = np.zeros((n_boot, len(a_cols))), np.zeros((n_boot, len(b_cols)))
-    pos_a, pos_b = {c: i for i, c in enumerate(a_cols)}, {c: i for i, c in enumerate(b_cols)}
+    pos_a, pos_b = {int(c): i for i, c in enumerate(a_cols)}, {int(c): i for i, c in enumerate(b_cols)}
     sizes = []
     for cols in strata.values():
         for grp_cols, w, pos in (([c for c in cols if g[c] == 0], wa, pos_a), ([c for c in cols if g[c] == 1], wb, pos_b)):
