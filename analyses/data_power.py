@@ -12,10 +12,10 @@ Each folder under ``analyses/results/`` named below holds the ``bias.json`` of o
     mechbias bias [--model gemma-3-270m] --contexts healthcare education \\
         --axis gender@extended race@extended --templates heldout --names heldout --blocks 6 \\
         --out analyses/results/bias_blocks_new[_gemma]
+    mechbias bias [--model gemma-3-270m] --contexts finance commerce hiring housing \\
+        --axis gender race gender@extended race@extended --templates heldout --names heldout \\
+        --out analyses/results/bias_rosters[_gemma]
     python analyses/data_power.py
-
-``bias_rosters[_gemma]`` (the four yes/no contexts, both rosters, full grid) come from
-``analyses/bias_rosters.py``'s command.
 """
 
 from __future__ import annotations
