@@ -88,15 +88,20 @@ def test_joined_chunks_with_the_wrong_checksum_are_refused(monkeypatch, tmp_path
     assert not list((tmp_path / "cache").iterdir())  # the joined file and the temporary folder are gone
 
 
-@pytest.mark.real
-def test_embedded_model_loads_offline_without_network(monkeypatch):
-    """The default model must load with no network: any socket connection fails the test."""
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test; the Hugging Face libraries are told to stay offline."""
 
     def refuse(*a, **k):
-        raise AssertionError("network access attempted while loading the embedded model")
+        raise AssertionError("network access attempted while loading a model")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.real
+def test_embedded_model_loads_offline_without_network(no_network):
+    """The default model must load with no network."""
     m = load_model()
     assert model_label(m) == "smollm2-135m-instruct"
     assert (m.cfg.n_layers, m.cfg.d_mlp, m.cfg.n_heads) == (30, 1536, 9)
@@ -119,18 +124,11 @@ def test_embedded_bridge_matches_plain_transformers(real):
 
 
 @pytest.mark.real
-def test_gemma_loads_offline_and_matches_plain_transformers(monkeypatch):
-    import socket
-
+def test_gemma_loads_offline_and_matches_plain_transformers(no_network):
     from transformers import AutoModelForCausalLM
 
     from mechbias.core.embedded import EMBEDDED_MODELS, GEMMA, ensure_cache
 
-    def refuse(*a, **k):
-        raise AssertionError("network access attempted while loading Gemma")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     m = load_model(GEMMA)
     assert model_label(m) == GEMMA
     assert (m.cfg.n_layers, m.cfg.d_model, m.cfg.d_mlp, m.cfg.n_heads, m.cfg.d_vocab) == (18, 640, 2048, 4, 262144)

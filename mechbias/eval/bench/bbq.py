@@ -22,14 +22,13 @@ Intervals resample templates (``category`` x ``question_index``), paired between
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ...interventions.base import Intervention
 from ..scoring import continuation_logprob
-from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score
+from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score
 
 REQUIRED = ("context", "question", "ans0", "ans1", "ans2", "label", "question_polarity", "context_condition",
             "category", "answer_info")
@@ -95,20 +94,7 @@ def _read_bbq(paths, skip_unresolved: bool) -> tuple[list[dict], int]:
             raise FileNotFoundError(f"BBQ file {path} does not exist")
         if not path.is_file():
             raise ValueError(f"BBQ file {path} is a folder; give the JSONL file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not JSON ({err})") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: each line must be a JSON object, not {type(row).__name__}")
+        for where, row in jsonl_objects(path):
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"{where}: missing fields {missing}")

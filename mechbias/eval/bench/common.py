@@ -15,13 +15,35 @@ an aggregate over the resampled items (never a mean of per-cluster ratios).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
 from ..stats import benjamini_hochberg, bootstrap_p, check_boot, percentile_ci
+
+def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
+    """``(where, object)`` for every non-empty line of a UTF-8 JSONL file (``where`` = ``path:line``); a line
+    that is not a JSON object, or a file that is not UTF-8, raises a one-line ``ValueError``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err})") from err
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}: each line must be a JSON object, not {type(obj).__name__}")
+        yield where, obj
+
 
 Outcomes = dict[str, np.ndarray]  # per-item arrays (scores, choices, flags), all of length n_items
 Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> value

@@ -28,7 +28,7 @@ import numpy as np
 from ...interventions.base import Intervention
 from ...core.families import is_masked_lm
 from ..scoring import masked_fill_logprob, mean_token_logprob
-from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
+from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score, share
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
@@ -73,25 +73,14 @@ def read_stereoset(path: str | Path) -> list[dict]:
 
 def _read_flat(path: Path) -> list[dict]:
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n}: not JSON ({err})") from err
-        if not isinstance(ex, dict):
-            raise ValueError(f"{path}:{n}: each line must be a JSON object")
+    for where, ex in jsonl_objects(path):
         if ex.get("type") != "intrasentence":
             continue
         missing = [k for k in ("target", "bias_type", "context", *LABELS) if not ex.get(k)]
         if missing:
-            raise ValueError(f"{path}:{n}: intrasentence example lacks {missing}")
-        out.append({"id": str(ex.get("id", f"line{n}")), "target": ex["target"], "bias_type": ex["bias_type"],
+            raise ValueError(f"{where}: intrasentence example lacks {missing}")
+        out.append({"id": str(ex.get("id", "line" + where.rsplit(":", 1)[-1])), "target": ex["target"],
+                    "bias_type": ex["bias_type"],
                     "context": ex["context"], **{lab: ex[lab] for lab in LABELS},
                     **{f"{lab}_fill": _filling(ex["context"], ex[lab]) for lab in LABELS}})
     if not out:
