@@ -9,7 +9,7 @@ random draws read from the saved selections; seed 0), and
 measures them before and after suppressing that context's neurons (and 5 draws of random neurons from the
 same layers). The pooled statistic is the mean over every unit of every context; its interval resamples
 templates (each context's own), group-A names and group-B names (the same people in every context) with
-:func:`mechbias.eval.stats.factor_estimate`. Per-context rows are printed to check that they equal the
+:func:`mechbias.eval.factors.factor_estimate`. Per-context rows are printed to check that they equal the
 verification table's.
 
 This pooled test was chosen **after** seeing the per-context table (no row significant, every gender row's
@@ -29,7 +29,7 @@ import torch
 from mechbias.core.models import load_model
 from mechbias.core.results import atomic_write_json, atomic_write_text, markdown_table
 from mechbias.data.axes import load_axis
-from mechbias.eval.stats import factor_estimate, weighted_mean
+from mechbias.eval.factors import factor_estimate, weighted_mean
 from mechbias.interventions.base import load_intervention
 from mechbias.interventions.units import NeuronIntervention
 from mechbias.methods.ig2 import contrast_units, unit_factors, unit_values

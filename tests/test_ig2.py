@@ -142,7 +142,7 @@ def test_verification_values_equal_a_brute_force_recomputation(tiny):
     mean unit value recomputed by hand with the same interventions; "minus random" is the difference of the
     two; the relative change is reported exactly when the gap before has a CI excluding 0; the factors are
     the units' templates and names."""
-    from mechbias.eval.stats import factor_estimate, weighted_mean
+    from mechbias.eval.factors import factor_estimate, weighted_mean
     from mechbias.interventions.units import NeuronIntervention
     from mechbias.methods.ig2 import unit_factors, unit_values
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mechbias.eval.stats import (benjamini_hochberg, crossed_estimate, factor_estimate, factor_mean, group_gap,
-                                 paired_reduction, weighted_mean)
+from mechbias.eval.factors import factor_estimate, factor_mean, weighted_mean
+from mechbias.eval.stats import benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
 from mechbias.eval.cells import Cell, Effect
 from mechbias.eval.transfer import TransferMatrix
 

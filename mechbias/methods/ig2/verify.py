@@ -12,7 +12,7 @@ from torch import Tensor
 from ...core.results import Result, make_meta
 from ...core.runner import map_last_logits
 from ...data.prompts import single_token, tokenize
-from ...eval.stats import factor_estimate, weighted_mean
+from ...eval.factors import factor_estimate, weighted_mean
 from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention
 from ...viz.method_figures import plot_verification
@@ -81,7 +81,7 @@ def verify(
     from the same layers (``n_random`` draws, their scores averaged) and against plain-IG neurons.
 
     Per row, absolute first: ``change`` = mean gap after - mean gap before, with a t interval
-    (``ci_low``, ``ci_high``, ``p_value``, ``min_detectable``) from :func:`~mechbias.eval.stats.factor_estimate`
+    (``ci_low``, ``ci_high``, ``p_value``, ``min_detectable``) from :func:`~mechbias.eval.factors.factor_estimate`
     over the units' crossed factors (templates and names, or templates and outcome words); then
     ``relative_change`` = change / |gap before| with its interval, only where the gap before has a CI
     that excludes 0 (else None: not estimable); for IG² and IG, ``minus_random``: their change minus

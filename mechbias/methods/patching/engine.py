@@ -49,7 +49,7 @@ from ...core.weights import frozen
 from ...data.prompts import single_token
 from ...data.pairs import AlignmentError, PromptPairs
 from ...eval.describe import spearman
-from ...eval.stats import factor_mean
+from ...eval.factors import factor_mean
 from ...viz.method_figures import plot_patching
 
 SWEEPS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads")
@@ -352,7 +352,7 @@ def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: 
     """Patch a set of components together (e.g. the top heads of a sweep, or IG² neurons).
 
     Returns the per-pair metric and the mean effect / normalized value with a 95% CI over the pairs'
-    templates and names (:func:`~mechbias.eval.stats.factor_mean`).
+    templates and names (:func:`~mechbias.eval.factors.factor_mean`).
     """
     metric = ld_metric(model, pairs)
     vals, base_vals, other_vals = [], [], []
