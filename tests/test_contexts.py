@@ -27,10 +27,20 @@ def test_builtin_contexts_load_and_are_well_formed():
     assert YES_NO_CONTEXTS == BUILTIN_CONTEXTS[:4]
 
 
-def test_builtin_answers_are_single_tokens(tiny):
+def test_tiny_vocabulary_is_frozen_and_the_data_vocabulary_covers_everything(tiny):
+    from mechbias.core.models import TINY_VOCAB, _builtin_words, word_tokenizer
+
+    base = [w for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# ")]
+    words = _builtin_words()
+    assert words[: len(base)] == base and len(words) > len(base)  # later words are appended, never interleaved
+    # the tiny test models read the frozen base: a word the data gained later is <unk> there, an old one is not
+    assert tiny.to_tokens(" excellent", prepend_bos=False)[0, 0] == tiny.tokenizer.unk_token_id
+    assert single_token(tiny, " Yes") != single_token(tiny, " No")
+    full = word_tokenizer()  # the model families' tiny models: every word of the data
     for name in BUILTIN_CONTEXTS:
         c = load_context(name)
-        assert single_token(tiny, c.positive) != single_token(tiny, c.negative)
+        ids = [full(a, add_special_tokens=False)["input_ids"] for a in (c.positive, c.negative)]
+        assert len(ids[0]) == len(ids[1]) == 1 and ids[0] != ids[1] and full.unk_token_id not in ids[0] + ids[1]
 
 
 def test_axes_are_balanced_on_the_other_attribute():

@@ -100,8 +100,11 @@ def test_neuron_cost_is_a_perplexity_change(tiny, profile):
     from mechbias.eval.metrics import perplexity
 
     got = profile.neuron_cost(tiny, 1, 7)
-    ref = perplexity(tiny, TEXTS, intervention=NeuronIntervention({1: [7]})) - perplexity(tiny, TEXTS)
-    assert got == pytest.approx(ref, rel=1e-5, abs=1e-7)
+    base = perplexity(tiny, TEXTS)
+    ref = perplexity(tiny, TEXTS, intervention=NeuronIntervention({1: [7]})) - base
+    # a difference of two float32 perplexities of a random model (about the vocabulary's size): its rounding
+    # scales with the perplexity, not with the difference
+    assert got == pytest.approx(ref, rel=1e-5, abs=2e-6 * base)
 
 
 def test_head_and_weight_controls_match_their_sizes(tiny, profile):

@@ -134,7 +134,7 @@ def test_erase_is_registered_and_runs_through_the_transfer_engine(tmp_path):
                "--axis", "gender", "--random", "1", "--boot", "100", "--no-capability", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "transfer.json").read_text())
-    assert len(data["cells"]) == 8
+    assert len(data["cells"]) == 2 * 6  # two rows x the six built-in contexts
     assert {"random", "shuffled_labels"} <= set(data["cells"][0]["controls"])
     assert data["transfer_test"]["columns"] == ["finance", "commerce"]
     ov = data["transfer_test"]["overlap"]["finance|commerce"]

@@ -222,18 +222,28 @@ _SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 _MASKED_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+TINY_VOCAB = DATA_FILES / "tiny_vocab.lst"
+
+
 def _builtin_words() -> list[str]:
-    """Every word and punctuation mark in the built-in data files."""
+    """Every word and punctuation mark in the built-in data files: the frozen base vocabulary
+    (``tiny_vocab.lst``) first, in its order, then the words the data gained since, sorted."""
+    base = [w for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# ")]
     text = []
     for p in sorted(DATA_FILES.rglob("*")):
         if p.suffix in (".yaml", ".txt"):
             text.append(p.read_text())
     words = set(re.findall(r"\w+|[^\w\s]", "\n".join(text)))
     words.update(str(d) for d in range(10))
-    return sorted(words)
+    return base + sorted(words - set(base))
 
 
-def word_tokenizer(*, masked: bool = False):
+def _base_vocab_size(masked: bool) -> int:
+    specials = _MASKED_SPECIALS if masked else _SPECIALS
+    return len(specials) + sum(1 for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# "))
+
+
+def word_tokenizer(*, masked: bool = False, base_only: bool = False):
     """A word-level tokenizer covering the built-in data (cached on disk).
 
     Words are split on whitespace and punctuation. Causal (default): a BOS token is
@@ -243,6 +253,8 @@ def word_tokenizer(*, masked: bool = False):
     from transformers import AutoTokenizer
 
     words = _builtin_words()
+    if base_only:  # later words read as unknown (the native tiny model is built at the base size)
+        words = words[: _base_vocab_size(masked) - len(_MASKED_SPECIALS if masked else _SPECIALS)]
     key = hashlib.sha256("\n".join(words).encode()).hexdigest()[:12]
     target = cache_dir() / f"tiny-tokenizer-{'masked-' if masked else ''}{key}"
 
@@ -294,7 +306,8 @@ def tiny_model(
             ``boot_transformers``; same adapter and KV-cache support as the
             embedded model) or ``"native"`` (``TransformerBridge.boot_native``;
             TransformerLens' own modules, with q/k/v/o biases and no KV cache).
-        tokenizer: ``"words"`` (word-level tokenizer over the built-in data),
+        tokenizer: ``"words"`` (word-level tokenizer over the built-in data's frozen base vocabulary,
+            ``data/files/tiny_vocab.lst``: words the data gained later read as ``<unk>``),
             ``"smollm2"`` (the embedded model's tokenizer; needs its cache), or a
             tokenizer object.
     """
@@ -302,7 +315,9 @@ def tiny_model(
     from transformer_lens import TransformerBridge
 
     if tokenizer == "words":
-        tok = word_tokenizer()
+        # the frozen base vocabulary: a tiny model stays the same model when the data gains words (they read as
+        # <unk> here); the model families' tiny models use the whole vocabulary
+        tok = word_tokenizer(base_only=True)
     elif tokenizer == "smollm2":
         tok = AutoTokenizer.from_pretrained(ensure_embedded_cache(), local_files_only=True)
     else:
