@@ -188,10 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="exit 1 if the committed roster differs from a rebuild")
     args = ap.parse_args(argv)
     try:
-        text = render(*build())
+        roster, report = build()
     except MissingData as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    text = render(roster, report)
     if args.check:
         same = OUT.is_file() and OUT.read_text() == text
         print("roster matches the package data" if same else f"{OUT} differs from a rebuild")
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = OUT.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(OUT)
-    print(f"wrote {OUT.relative_to(ROOT)}:", ", ".join(f"{k} {v}" for k, v in build()[1]["counts"].items()))
+    print(f"wrote {OUT.relative_to(ROOT)}:", ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
     return 0
 
 

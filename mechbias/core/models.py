@@ -225,10 +225,15 @@ _MASKED_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TINY_VOCAB = DATA_FILES / "tiny_vocab.lst"
 
 
+def _base_words() -> list[str]:
+    """The frozen base vocabulary of the tiny test models (``tiny_vocab.lst``), in its order."""
+    return [w for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# ")]
+
+
 def _builtin_words() -> list[str]:
-    """Every word and punctuation mark in the built-in data files: the frozen base vocabulary
-    (``tiny_vocab.lst``) first, in its order, then the words the data gained since, sorted."""
-    base = [w for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# ")]
+    """Every word and punctuation mark in the built-in data files: the frozen base vocabulary first, in its
+    order, then the words the data gained since, sorted."""
+    base = _base_words()
     text = []
     for p in sorted(DATA_FILES.rglob("*")):
         if p.suffix in (".yaml", ".txt"):
@@ -236,11 +241,6 @@ def _builtin_words() -> list[str]:
     words = set(re.findall(r"\w+|[^\w\s]", "\n".join(text)))
     words.update(str(d) for d in range(10))
     return base + sorted(words - set(base))
-
-
-def _base_vocab_size(masked: bool) -> int:
-    specials = _MASKED_SPECIALS if masked else _SPECIALS
-    return len(specials) + sum(1 for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# "))
 
 
 def word_tokenizer(*, masked: bool = False, base_only: bool = False):
@@ -252,9 +252,7 @@ def word_tokenizer(*, masked: bool = False, base_only: bool = False):
     """
     from transformers import AutoTokenizer
 
-    words = _builtin_words()
-    if base_only:  # later words read as unknown (the native tiny model is built at the base size)
-        words = words[: _base_vocab_size(masked) - len(_MASKED_SPECIALS if masked else _SPECIALS)]
+    words = _base_words() if base_only else _builtin_words()  # base_only: later words read as unknown
     key = hashlib.sha256("\n".join(words).encode()).hexdigest()[:12]
     target = cache_dir() / f"tiny-tokenizer-{'masked-' if masked else ''}{key}"
 
