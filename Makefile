@@ -1,13 +1,13 @@
 # mechbias build helper. Two entry points (see README.md):
 #   make study   install everything, run the study on the embedded model
-#   make test    install everything, lint and type-check, run the fast and the real-model tests
-# Maintenance: make test-latest (the newest-versions canary), make lock (canary, then rewrite the lock)
+#   make test    install everything, lint and type-check, build the docs, run the fast and the real-model tests
+# Also: make docs (the documentation site alone, docs/_build/html). Maintenance: make test-latest (the newest-versions canary), make lock (canary, then rewrite the lock)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechbias-installed
 
-.PHONY: setup study test test-fast test-latest lock lint bench clean
+.PHONY: setup study test test-fast test-latest lock lint docs bench clean
 
 # torch first and pinned: on the project machines `pip install torch==2.13.0`
 # takes a local CPU build, while an open torch requirement would pull GBs of
@@ -30,11 +30,17 @@ setup: $(STAMP)
 study: setup
 	$(BIN)/mechbias study --out results/study --figures figures/study_default
 
-test: setup lint
+test: setup lint docs
 	$(BIN)/python -m pytest
 
+# the documentation site: Sphinx with warnings as errors; the API reference and the findings tables are
+# generated at build time from the package and the committed results (docs/conf.py)
+docs: setup
+	rm -rf docs/_build docs/_generated
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 lint: setup
-	$(BIN)/ruff check mechbias tests analyses benchmarks
+	$(BIN)/ruff check mechbias tests analyses benchmarks docs
 	$(BIN)/mypy
 
 test-fast: setup
@@ -50,4 +56,4 @@ bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) .venv-latest results .pytest_cache
+	rm -rf $(VENV) .venv-latest results .pytest_cache docs/_build docs/_generated

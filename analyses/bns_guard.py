@@ -10,7 +10,7 @@ the guarded one, so both are scored on the same held-out names and templates, an
 between them gets a CI from one crossed bootstrap (templates per context, names shared).
 
 Decisions: the axis (gender) is the study's, chosen on the selection split; the threshold 0.5 was set
-in the first session *after* the hub neuron had been seen (the README says so); nothing here looks at
+in the first session *after* the hub neuron had been seen (docs/statistics.md says so); nothing here looks at
 the reporting texts or the held-out prompts before the matrix is scored.
 
 Writes ``OUT/transfer/`` (the guarded matrix; controls: unguarded, random, matched), ``OUT/bns_guard.json``

@@ -2,7 +2,7 @@
 
 Compares the percentile crossed bootstrap (the interval mechbias used before) with the design-respecting t
 interval of :func:`mechbias.eval.stats.crossed_estimate`, at the held-out split's size (5 templates, 16 + 16
-names) and three sizes of the template x group interaction. Prints a Markdown table (README, "Statistics").
+names) and three sizes of the template x group interaction. Prints a Markdown table (docs/statistics.md).
 
     python analyses/coverage.py [--sims 1000]
 """

@@ -1,4 +1,4 @@
-"""The README's data-power tables: detectable gaps by roster, design and context, on both real models.
+"""The data-power tables of the findings page: detectable gaps by roster, design and context, on both real models.
 
 Each folder under ``analyses/results/`` named below holds the ``bias.json`` of one ``mechbias bias`` run
 (held-out templates and names, seed 0); this script only formats them (nothing here chooses anything):
@@ -68,12 +68,18 @@ def table(suffix: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def tables() -> str:
+    """Both models' tables as Markdown (the documentation's findings page includes this text)."""
+    parts = []
     for model, suffix in MODELS.items():
-        print(f"**{model}** (gap [95% CI]; detectable gap at 0.05, power 0.8 (prompts); bold: p<sub>BH</sub> < "
-              "0.05 within its run):\n")
-        print(table(suffix))
-        print()
+        parts.append(f"**{model}** (gap [95% CI]; detectable gap at 0.05, power 0.8 (prompts); bold: p<sub>BH</sub> "
+                     "< 0.05 within its run):\n")
+        parts.append(table(suffix) + "\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    print(tables())
     return 0
 
 

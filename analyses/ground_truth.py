@@ -22,7 +22,7 @@ On ``load_model("planted")`` (v3: context-specific units dominate; see
    planted difference.
 
 Writes ``OUT/ground_truth.json`` (a GroundTruthResult), ``OUT/ground_truth.md``
-(the README's tables) and ``OUT/ground_truth.png``.
+(the documentation's tables) and ``OUT/ground_truth.png``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ templates), and the overlap of selected neurons between contexts.
 
 Writes, per context and axis, the selection (``OUT/<context>_<axis>/``), per axis the method's analysis
 (``OUT/<axis>/analysis.json``, verification results and figures); then ``verification.csv``,
-``verification.md`` (the README's table), ``overlap_<axis>.csv`` and figures. Not resumable: a rerun
+``verification.md`` (the documentation's table), ``overlap_<axis>.csv`` and figures. Not resumable: a rerun
 recomputes everything (about 5 min per context with plain IG, 2.5 without, at 4 pairs on 2 threads).
 """
 

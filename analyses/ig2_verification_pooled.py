@@ -13,7 +13,7 @@ templates (each context's own), group-A names and group-B names (the same people
 verification table's.
 
 This pooled test was chosen **after** seeing the per-context table (no row significant, every gender row's
-suppression bringing the attributed gap near 0); the README says so.
+suppression bringing the attributed gap near 0); the documentation says so.
 """
 
 from __future__ import annotations

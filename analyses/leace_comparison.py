@@ -1,4 +1,4 @@
-"""The README's LEACE numbers, recomputed from the committed run (analyses/results/leace_smollm2_gender).
+"""The LEACE numbers of the documentation, recomputed from the committed run (analyses/results/leace_smollm2_gender).
 
 The run (7.4 min on 2 CPU threads, embedded SmolLM2-135M-Instruct, fp32):
 

@@ -1,4 +1,4 @@
-"""Where the v3 construction loses its signal (README, "Ground truth", second attempt; the defaults are that
+"""Where the v3 construction loses its signal (docs/groundtruth.md, second attempt; the defaults are that
 build's layout, pass --layer 18 --head 6 for the shipped build's finance head).
 
     python analyses/train_planted.py --version 3 --out /tmp/v3build     # builds the chain (~20 min, 2 threads)

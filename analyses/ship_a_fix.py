@@ -11,7 +11,7 @@
    lm-eval's ``hf`` model type on the exported checkpoint; the per-document log-likelihoods of the last two are
    compared.
 
-Writes ``OUT/ship.json`` (the README's "Evaluate and ship a fix" numbers) and ``OUT/card/``.
+Writes ``OUT/ship.json`` (the documentation's "Evaluate and ship a fix" numbers) and ``OUT/card/``.
 Run from the repository root (the task file names its data relative to it).
 """
 

@@ -1,4 +1,4 @@
-"""The study's findings as the README states them: one table per question, from a finished study folder.
+"""The study's findings as the documentation states them: one table per question, from a finished study folder.
 
     python analyses/study_findings.py results/study_full [--figure figures/study_full/transfer_tests.png]
 

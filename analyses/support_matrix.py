@@ -1,8 +1,9 @@
-"""The README's support matrix (family x method), generated from the tests' results (issue 13).
+"""The support matrix (family x method) of the documentation's model page, from the tests' results (issue 13).
 
 Runs ``tests/test_families.py`` and ``tests/test_masked.py`` (small random models of each family, every method against a plain
 reference) with ``MECHBIAS_SUPPORT_OUT`` set, reads which path each passing test recorded, and writes
-the table to ``analyses/support_matrix.json`` and between the README's ``support-matrix`` markers.
+``analyses/support_matrix.json``; the documentation build renders that file with :func:`render`
+(``docs/conf.py``), so the page always shows the committed records.
 A method a test did not record (it failed, or was not run) shows as "untested".
 
     python analyses/support_matrix.py            # ~1 min on 2 cores
@@ -25,7 +26,6 @@ from mechbias.core.families import FAMILIES  # noqa: E402
 METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads", "AtP",
            "neuron ablation", "head ablation", "neuron scores", "head scores", "Wanda norms", "GRADIEND gradients",
            "GRADIEND edits", "export (neurons)", "export (heads q)", "export (gradiend edit)"]
-BEGIN, END = "<!-- support-matrix:begin -->", "<!-- support-matrix:end -->"
 
 
 SHORT = {"fast (shared KV prefix)": "fast", "fast (KV cache)": "fast", "fast (full sequences)": "fast*",
@@ -34,7 +34,7 @@ SHORT = {"fast (shared KV prefix)": "fast", "fast (KV cache)": "fast", "fast (fu
 
 
 def render(support: dict[str, dict[str, str]]) -> str:
-    """Methods as rows, families as columns; cells shortened (legend under the table in the README)."""
+    """Methods as rows, families as columns; cells shortened (legend under the table on the models page)."""
     lines = ["| method | " + " | ".join(FAMILIES) + " |", "|---" * (len(FAMILIES) + 1) + "|"]
     for m in METHODS:
         cells = [SHORT.get(support.get(f, {}).get(m, "untested"), support.get(f, {}).get(m, "untested"))
@@ -53,11 +53,6 @@ def main() -> None:
         support = json.loads(out.read_text())
     (ROOT / "analyses" / "support_matrix.json").write_text(json.dumps(support, indent=1) + "\n")
     table = render(support)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-        readme.write_text(text[:a] + "\n" + table + "\n" + text[b:])
     print(table)
     if rc != 0:
         raise SystemExit(f"tests/test_families.py or tests/test_masked.py failed (exit {rc}); failing cells show as 'untested'")

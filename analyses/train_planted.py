@@ -10,7 +10,7 @@ marker), one attention head in layer 18 (reads the marker from the last position
 and three prediction-position neurons in layer 18 (gated by the context at the last
 position) that write the answer. Fitted on finance, commerce and hiring (selection
 names, all templates); housing is never seen, so it tests whether the chains leave
-an unseen context alone (finance's partly does not: README, "Ground truth"). ``--trained-v3`` runs the
+an unseen context alone (finance's partly does not: docs/groundtruth.md). ``--trained-v3`` runs the
 earlier gradient trainer's v3 layout instead (it missed its targets). Version 2
 (``load_model("planted")`` = ``"planted-v2"``): trained; shared neurons carry most
 of every context's gap.

@@ -20,7 +20,7 @@ _SUPPORT = pytest.StashKey[dict]()
 @pytest.fixture
 def support(request):
     """``support(family, method, path)`` records which path a passing family test ran; with
-    ``MECHBIAS_SUPPORT_OUT`` set, the session writes the records there as JSON (the README's support
+    ``MECHBIAS_SUPPORT_OUT`` set, the session writes the records there as JSON (the documentation's support
     matrix is rendered from them by ``analyses/support_matrix.py``)."""
     table = request.config.stash.setdefault(_SUPPORT, {})
 

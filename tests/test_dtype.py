@@ -1,5 +1,5 @@
 """bfloat16 runs (issue 13, item 4) on CPU: every method on a model held in bfloat16 against the same model in
-float32, with the tolerances stated here and in the README. Scores and attributions accumulate in float32 or
+float32, with the tolerances stated here and in the documentation (docs/models.md). Scores and attributions accumulate in float32 or
 float64 whatever the model's dtype, so the differences measured are bfloat16's rounding of the forward pass
 (8 significant bits), not of the sums."""
 

@@ -6,7 +6,7 @@ model (patching, AtP, head scores) refuse them with an error naming the model cl
 
 Each test records its outcome with the ``support`` fixture (family x method: which path ran); with
 ``MECHBIAS_SUPPORT_OUT`` set, the session writes it there as JSON when it ends, and
-``analyses/support_matrix.py`` renders the README's
+``analyses/support_matrix.py`` renders the models page's
 table from it."""
 
 import pytest

@@ -46,7 +46,7 @@ def test_gradiend_feature_separates_planted_groups_and_its_decoder_share_is_exac
                          progress=False)
     evaluate_feature(model, res, n_neutral=2)
     s = score_gradiend(model, cfg, res)
-    # the decoder's share on the planted rows and columns, by hand (the README reports it is not enriched:
+    # the decoder's share on the planted rows and columns, by hand (the ground-truth page reports it is not enriched:
     # about 1x the planted entries' share of the parameters)
     dec = res.param_set.unflatten(res.model.decode(1.0))
     planted = set(cfg.shared) | {n for v in cfg.only.values() for n in v}

@@ -39,6 +39,7 @@ HEADLINE = (("StereoSet", "SS", "all", "SS"), ("StereoSet", "LMS", "all", "LMS")
 
 @dataclass
 class CardInputs:
+    """The benchmark files and tasks a report card scores (each optional)."""
     crows: Path | None = None
     stereoset: Path | None = None
     bbq: list[Path] = field(default_factory=list)
@@ -96,6 +97,7 @@ def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, s
 
 def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
              seed: int = 0, log: Callable[[str], None] = print) -> dict:
+    """Score the model with and without ``intervention`` on every input, write the card to ``out`` and return it."""
     inputs.check()
     if is_masked_lm(model):
         causal_only = [n for n, on in (("BBQ", inputs.bbq), ("WinoBias", inputs.winobias_pro),
@@ -161,6 +163,7 @@ def _fmt(v, ci=None) -> str:
 
 
 def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> str:
+    """The report card as Markdown: the headline rows, then every benchmark's metrics with paired CIs."""
     lines = ["# Bias report card", "",
              f"Intervention: {card['intervention'] or 'none (unmodified model only)'}", "",
              "Point estimates with 95% cluster-bootstrap intervals; the difference row is intervention - "

@@ -120,6 +120,7 @@ def _intervention(args):
 # ----------------------------------------------------------------------------
 
 def cmd_bias(args) -> int:
+    """``mechbias bias``: measure the gap per context and axis (optionally under an intervention)."""
     ctxs = load_contexts(args.contexts)
     for a in args.axis:
         load_axis(a)
@@ -148,6 +149,7 @@ def cmd_bias(args) -> int:
 
 
 def cmd_crows(args) -> int:
+    """``mechbias crows``: score CrowS-Pairs (optionally under an intervention)."""
     read_pairs(args.csv)  # validate the file before loading a model
     intervention = _intervention(args)
     model = _load(args, intervention)
@@ -168,6 +170,7 @@ def cmd_crows(args) -> int:
 
 
 def cmd_card(args) -> int:
+    """``mechbias card``: the bias report card of an intervention."""
     inputs = CardInputs(crows=args.crows, stereoset=args.stereoset, bbq=args.bbq or [],
                         winobias_pro=args.winobias_pro, winobias_anti=args.winobias_anti, tasks=args.tasks or [],
                         include_path=args.include_path, limit=args.limit, perplexity=not args.no_perplexity)
@@ -181,6 +184,7 @@ def cmd_card(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """``mechbias export``: fold an intervention into a plain transformers checkpoint."""
     intervention = load_intervention(args.intervention)  # a bad folder fails before the model loads
     intervention.check_foldable()  # so does an intervention with no weight form
     out = args.out
@@ -260,6 +264,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_study(args) -> int:
+    """``mechbias study``: run or resume the study."""
     cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
     model = _load(args)
     return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say,
@@ -283,6 +288,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``mechbias`` argument parser: the fixed commands, then one command per registered method."""
     parser = _Parser(prog="mechbias", description="Find where a language model carries a social "
                                      "bias, remove it, and measure whether the fix transfers across contexts. "
                                      "'mechbias COMMAND --help' lists a command's flags.")

@@ -49,6 +49,7 @@ def _parser_of(tp, optional: bool):
 
 
 def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field (its ``flag`` metadata, else ``--field-name``)."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 

@@ -72,6 +72,7 @@ JobFn = Callable[["WorkerContext", dict, dict], dict]
 
 @dataclass(frozen=True)
 class JobKind:
+    """A registered job function, its name and its result version."""
     name: str
     fn: JobFn
     version: int
@@ -94,6 +95,7 @@ def job_kind(name: str, version: int = 1) -> Callable[[JobFn], JobFn]:
 
 
 def job_kinds() -> dict[str, JobKind]:
+    """The registered job kinds, by name."""
     return dict(_KINDS)
 
 
@@ -231,6 +233,7 @@ Planner = Generator[list[Job], Results, Any]
 
 @dataclass
 class RunReport:
+    """What a driver run did: each planner's value or failed jobs, and counts and seconds of the jobs."""
     values: dict[str, Any]  # planner name -> returned value (absent when it failed)
     failed: dict[str, list[dict]]  # planner name -> failed jobs (label, key, error)
     computed: int = 0

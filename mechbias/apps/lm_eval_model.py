@@ -40,6 +40,7 @@ except ImportError:  # the optional extra is not installed: the class exists, lm
     LM = object  # type: ignore[misc, assignment]
 
     def register_model(*names):  # type: ignore[no-redef]
+        """Stand-in for lm-eval's decorator when lm-eval is not installed: registers nothing."""
         return lambda cls: cls
 
 NEEDS_EXTRA = "lm-eval is not installed: pip install 'mechbias[eval]' (package lm-eval)"

@@ -58,6 +58,7 @@ def code_stamp() -> str:
 
 @dataclass
 class JobOutput:
+    """A job's stored output: named parts, files, metadata and the error, if it failed."""
     parts: dict[str, bytes]
     files: dict[str, bytes]
     meta: dict

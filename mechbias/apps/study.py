@@ -52,6 +52,7 @@ DEFAULT_CONTEXTS = ("finance", "commerce")
 
 @dataclass
 class StudyConfig:
+    """The study's settings (the ``mechbias study`` flags); the defaults are the default study."""
     contexts: tuple[str, ...] | None = field(default=None, metadata={
         "help": "contexts ('all' = the built-ins; none: finance and commerce, or all with --full)"})
     axes: tuple[str, ...] = field(default=("race", "gender"), metadata={"help": "axes of the baseline"})
@@ -134,6 +135,7 @@ class StudyConfig:
 
 @dataclass
 class Step:
+    """One step of the study: how it plans its jobs, writes its folder and reports."""
     name: str
     title: str
     plan: Callable  # (shared, cfg, model_meta) -> planner
@@ -324,10 +326,23 @@ def study_salt(model, cfg: StudyConfig) -> str:
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
               log: Callable[[str], None] | None = None, model_spec: dict | None = None, executor=None,
               progress: bool = True) -> int:
-    """Run (or resume) the study; returns 0, or 1 when some jobs failed (listed in ``OUT/failed.json``).
+    """Run (or resume) the study: every configured method through the transfer engine, as content-addressed jobs.
 
-    ``model_spec`` (``{"name": ..., "kwargs": {...}}``) is how Ray workers load the model; by default the
-    model's label, which is a :func:`~mechbias.core.models.load_model` name for built-in models."""
+    Args:
+        model: the model (workers load their own copy from ``model_spec``).
+        cfg: the :class:`StudyConfig`.
+        out: the study folder; finished steps there are reused.
+        figures: also copy the figures into this folder.
+        fresh: ignore finished steps and recompute.
+        log: a callable that receives progress lines.
+        model_spec: ``{"name": ..., "kwargs": {...}}``, how Ray workers load the model; by default the
+            model's label, which is a :func:`~mechbias.load_model` name for built-in models.
+        executor: where jobs run (in-process or Ray); default from the config's workers.
+        progress: show a progress bar.
+
+    Returns:
+        0, or 1 when some jobs failed (listed in ``OUT/failed.json``).
+    """
     say = log or (lambda s: None)
     out = Path(out)
     t0 = time.time()

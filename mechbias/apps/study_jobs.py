@@ -175,6 +175,7 @@ class Shared:
 
 
 def axis_planner(salt: str, contexts: list[str], axes: list[str], seed: int, n_boot: int) -> Planner:
+    """Plan the axis choice on the selection split (one job)."""
     job = Job("axis_choice", {"contexts": contexts, "axes": axes, "seed": seed, "n_boot": n_boot}, salt=salt,
               label="axis choice")
     res = yield [job]
@@ -182,6 +183,7 @@ def axis_planner(salt: str, contexts: list[str], axes: list[str], seed: int, n_b
 
 
 def baseline_planner(salt: str, contexts: list[str], axes: list[str], seed: int, n_boot: int) -> Planner:
+    """Plan the baseline bias of every context and axis (one job)."""
     job = Job("baseline", {"contexts": contexts, "axes": axes, "seed": seed, "n_boot": n_boot}, salt=salt,
               label="baseline")
     res = yield [job]

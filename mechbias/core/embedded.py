@@ -97,6 +97,7 @@ def atomic_dir(target: Path, build) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -143,6 +144,7 @@ def fingerprint(spec: EmbeddedModel) -> str:
 
 
 def cache_path(spec: EmbeddedModel) -> Path:
+    """The folder where an embedded model's float32 safetensors cache lives (keyed by the transformers version)."""
     import transformers
 
     return cache_dir() / f"{spec.name}-{fingerprint(spec)}-tf{transformers.__version__}"

@@ -23,6 +23,7 @@ from .models import set_model_label, word_tokenizer
 
 @dataclass(frozen=True)
 class Family:
+    """A model family of the support matrix: its transformers classes and what sets its layout apart."""
     name: str
     config: str          # transformers configuration class
     model: str           # transformers model class
@@ -106,6 +107,7 @@ def family_of(model) -> Family | None:
 
 
 def model_class(model) -> str:
+    """The class name of the model under the bridge (e.g. ``LlamaForCausalLM``)."""
     return type(getattr(model, "original_model", model)).__name__
 
 

@@ -67,6 +67,7 @@ def set_strict(strict: bool | None) -> None:
 
 
 def strict() -> bool:
+    """Whether a failed fast-path self-check raises instead of warning (``MECHBIAS_STRICT=1``)."""
     if _STRICT[0] is not None:
         return bool(_STRICT[0])
     return os.environ.get("MECHBIAS_STRICT", "").strip().lower() in ("1", "true", "yes", "on")

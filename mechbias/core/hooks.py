@@ -31,6 +31,7 @@ def _name(target: HookTarget) -> str:
 
 
 def closest_hook_names(model, name: str, n: int = 3) -> list[str]:
+    """Up to ``n`` hook names of ``model`` closest to ``name`` (for error messages)."""
     return difflib.get_close_matches(name, list(model.hook_dict), n=n, cutoff=0.5)
 
 
@@ -64,7 +65,17 @@ def check_hook_names(model, names: Iterable[HookTarget]) -> list[str]:
 
 @contextlib.contextmanager
 def hooked(model, fwd: HookList = (), bwd: HookList = ()) -> Iterator[Any]:
-    """Install hooks for the duration of the block; they are removed in ``finally``."""
+    """Install hooks for the duration of the block; they are removed in ``finally``.
+
+    Args:
+        model: the model.
+        fwd: ``(hook name, function)`` pairs for the forward pass; an unknown hook name raises
+            :class:`HookNameError` naming the closest ones.
+        bwd: the same for the backward pass.
+
+    Returns:
+        A context manager that yields the model.
+    """
     fwd_names = check_hook_names(model, [t for t, _ in fwd])
     bwd_names = check_hook_names(model, [t for t, _ in bwd])
     fwd_hooks = [(n, fn) for n, (_, fn) in zip(fwd_names, fwd)]
@@ -87,7 +98,14 @@ def canonical_name(model, name: HookTarget) -> str:
 
 
 def n_active_hooks(model) -> int:
-    """Number of hook functions currently attached to the model's hook points."""
+    """Number of hook functions currently attached to the model's hook points.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The count (0 after every mechbias call returns).
+    """
     total = 0
     for hp in set(model.hook_dict.values()):
         total += len(hp._forward_hooks) + len(hp._backward_hooks)

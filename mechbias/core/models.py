@@ -43,7 +43,7 @@ _EMBEDDED_ALIASES = {None, "", "default", "embedded", EMBEDDED}
 DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
 PLANTED_DIR = DATA_FILES / "planted"
 #: model names of the shipped planted variants and their folders: v2 (trained; shared neurons carry most of every
-#: context's gap) and v3 (built by construction; private finance and commerce chains, see README "Ground truth")
+#: context's gap) and v3 (built by construction; private finance and commerce chains, see docs/groundtruth.md)
 PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3"}
 
 
@@ -88,10 +88,21 @@ def load_model(
             ``"tiny-llama"`` or ``"tiny-native"`` for a random test model; any
             other string is a Hugging Face id or a local folder, loaded by
             ``TransformerBridge.boot_transformers`` (network needed unless cached).
-        device, dtype: passed through; ``device_map`` and other keywords are
-            passed to ``boot_transformers`` for other models.
+        device: where the weights go (``"cpu"``, ``"cuda"``, a ``torch.device``); default the CPU.
+        dtype: the weights' dtype (e.g. ``torch.bfloat16`` on a GPU); default float32.
         compat: enable TransformerLens compatibility mode (folded LayerNorm,
             centred unembedding). ``True`` or a dict of its keyword arguments.
+        **kw: other keywords (``device_map``, ...) are passed to ``boot_transformers`` for hub models.
+
+    Returns:
+        The model, with ``model.label`` naming it (saved interventions record it).
+
+    Raises:
+        ModelLoadError: a model package is missing or damaged, or a hub model cannot be loaded offline.
+
+    Example:
+        >>> model = load_model()                                   # doctest: +SKIP
+        >>> model = load_model("Qwen/Qwen2.5-0.5B", device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
     """
     if isinstance(name, str):
         name = name.strip()
@@ -150,6 +161,7 @@ def set_model_label(model, label: str) -> None:
 
 
 def model_label(model) -> str:
+    """The name a model was loaded by (recorded in saved interventions), else its class name."""
     label = getattr(model, "_mechbias_label", None)
     if label:
         return label
@@ -181,6 +193,7 @@ def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR / "v2"):
 
 
 def set_planted_manifest(model, manifest: dict) -> None:
+    """Attach a planted model's manifest (which units carry which context's bias)."""
     object.__setattr__(model, "_mechbias_planted", manifest)
 
 
@@ -300,14 +313,22 @@ def tiny_model(
     """A small random model with the real model's layout (RMSNorm, rotary, gated SiLU, GQA).
 
     Args:
-        arch: ``"llama"`` (a random Hugging Face Llama wrapped by
-            ``boot_transformers``; same adapter and KV-cache support as the
-            embedded model) or ``"native"`` (``TransformerBridge.boot_native``;
+        arch: ``"llama"`` (a random Hugging Face Llama wrapped by ``boot_transformers``; same adapter and
+            KV-cache support as the embedded model) or ``"native"`` (``TransformerBridge.boot_native``;
             TransformerLens' own modules, with q/k/v/o biases and no KV cache).
+        seed: seed of the random weights.
+        n_layers: number of blocks.
+        d_model: residual width.
+        n_heads: attention heads per block.
+        n_kv_heads: key/value heads (grouped-query attention).
+        d_mlp: MLP width.
         tokenizer: ``"words"`` (word-level tokenizer over the built-in data's frozen base vocabulary,
-            ``data/files/tiny_vocab.lst``: words the data gained later read as ``<unk>``),
-            ``"smollm2"`` (the embedded model's tokenizer; needs its cache), or a
-            tokenizer object.
+            ``data/files/tiny_vocab.lst``: words the data gained later read as ``<unk>``), ``"smollm2"``
+            (the embedded model's tokenizer; needs its cache), or a tokenizer object.
+        init_range: standard deviation of the random weights.
+
+    Returns:
+        The model, in eval mode.
     """
     from transformers import AutoTokenizer
     from transformer_lens import TransformerBridge

@@ -17,6 +17,7 @@ PRECISIONS = ("exact", "fast")
 
 
 def check_precision(precision: str) -> str:
+    """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise ``ValueError``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     return precision

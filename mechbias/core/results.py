@@ -40,7 +40,11 @@ _RESULT_TYPES: dict[str, type["Result"]] = {}
 # ----------------------------------------------------------------------------
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch. Same seed, same result (on the same machine)."""
+    """Seed Python, NumPy and torch. Same seed, same result (on the same machine).
+
+    Args:
+        seed: the seed.
+    """
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -95,6 +99,7 @@ def _jsonable(x: Any) -> Any:
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` as JSON through a temporary file and a rename, so a reader never sees half a file."""
     text = json.dumps(_jsonable(obj), indent=2, sort_keys=False)
 
     def write(tmp):
@@ -105,6 +110,7 @@ def atomic_write_json(obj: Any, path: str | Path) -> Path:
 
 
 def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` through a temporary file and a rename."""
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
@@ -113,6 +119,7 @@ def atomic_write_text(text: str, path: str | Path) -> Path:
 
 
 def atomic_save_tensors(tensors: dict[str, Tensor], path: str | Path) -> Path:
+    """Save tensors as safetensors through a temporary file and a rename."""
     from safetensors.torch import save_file
 
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -147,6 +154,7 @@ def _git_commit() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of torch, transformers, transformer-lens and numpy (recorded in every result)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}

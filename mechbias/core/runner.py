@@ -157,12 +157,17 @@ def map_last_logits(
     """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
 
     Args:
+        model: the model.
         seqs: 1-D token tensors (BOS included), any lengths.
         readout: maps logits ``[batch, n_last, vocab]`` to a tensor ``[batch, ...]``;
             it runs under ``torch.no_grad``.
         prefix_groups: groups of sequence indices whose members share a prefix
             (e.g. one template filled with different names). Each group's prefix
             runs once when the model supports a KV cache.
+        n_last: how many final positions' logits each readout sees.
+        max_tokens: tokens per batch (default: sized to the model and device).
+        progress: show a progress bar.
+
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
     """

@@ -79,7 +79,14 @@ def normalize_positions(positions) -> Positions:
 
 @dataclass(frozen=True)
 class Site:
-    """One hook point, and optionally a slice of it (see the module docstring)."""
+    """One hook point, and optionally a slice of it (see the module docstring).
+
+    Args:
+        layer: the block index, or ``None`` for points outside the blocks (``embed``, ``unembed_in``).
+        point: a key of :data:`POINTS` (``"post"``, ``"z"``, ``"resid_pre"``, ...).
+        index: the slice of the last dimension(s) (a neuron, or a head).
+        positions: ``"all"``, ``"last"`` or a list of absolute positions.
+    """
 
     layer: int | None
     point: str

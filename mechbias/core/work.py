@@ -18,7 +18,7 @@ import torch
 
 @contextlib.contextmanager
 def counting_flops() -> Iterator[dict]:
-    """``with counting_flops() as work: ...``; afterwards ``work["flops"]`` holds the FLOPs counted inside."""
+    """Count the FLOPs run inside a ``with`` block; afterwards ``work["flops"]`` holds them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     work = {"flops": 0}

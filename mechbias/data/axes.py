@@ -35,6 +35,13 @@ class ContextError(ValueError):
 
 @dataclass(frozen=True)
 class Person:
+    """One name of a roster, with the attributes the axes contrast.
+
+    Args:
+        name: the first name as it appears in prompts.
+        race: ``"White"`` or ``"Black"``.
+        gender: ``"male"`` or ``"female"``.
+    """
     name: str
     race: str
     gender: str
@@ -45,7 +52,16 @@ class Person:
 
 @dataclass(frozen=True)
 class Axis:
-    """A demographic contrast: group A vs group B of an attribute."""
+    """A demographic contrast: group A vs group B of an attribute, over a roster of names.
+
+    Args:
+        name: ``"race"`` or ``"gender"``.
+        attribute: the :class:`Person` attribute the groups differ in.
+        groups: the labels of group A and group B (a positive gap favours A).
+        words: demographic words per group for IG²-style prompts (e.g. ``{"male": " he"}``).
+        people: the roster's people.
+        roster: the roster's name (``"audit"``: 16 per race x gender cell; ``"extended"``: 100).
+    """
 
     name: str
     attribute: str
@@ -123,6 +139,7 @@ ROSTER_FILES = {"audit": "names.yaml", "extended": "names_extended.yaml"}
 
 
 def list_rosters() -> list[str]:
+    """Names of the name rosters (``audit``, ``extended``)."""
     return sorted(ROSTER_FILES)
 
 
@@ -145,6 +162,7 @@ def people(roster: str | None = None) -> tuple[Person, ...]:
 
 
 def pronouns(gender: str) -> dict[str, str]:
+    """The pronoun slots (``pronoun``, ``Pronoun``, ``possessive``, ``object``) for a gender."""
     return dict(_names_file()["pronouns"][gender])
 
 
@@ -155,7 +173,18 @@ def parse_axis(spec: str) -> tuple[str, str]:
 
 
 def load_axis(name: str | Axis) -> Axis:
-    """The built-in axis ``race`` or ``gender``, on the default roster or on ``"<axis>@<roster>"``."""
+    """The built-in axis ``race`` or ``gender``, on the default roster or on ``"<axis>@<roster>"``.
+
+    Args:
+        name: ``"race"``, ``"gender"``, ``"gender@extended"`` (any roster of :func:`list_rosters`), or an
+            :class:`Axis` (returned as is).
+
+    Returns:
+        The :class:`Axis`, with its people split into selection and held-out halves.
+
+    Raises:
+        ValueError: unknown axis or roster (the message lists the known ones).
+    """
     if isinstance(name, Axis):
         return name
     axis, roster = parse_axis(name)
@@ -180,4 +209,5 @@ def _load_axis(name: str, roster: str) -> Axis:
 
 
 def list_axes() -> list[str]:
+    """Names of the built-in axes."""
     return sorted(_names_file()["axes"])

@@ -37,6 +37,23 @@ FORMATS = ("yes_no", "choice", "rating", "unspecified")
 
 @dataclass(frozen=True)
 class Context:
+    """A context as data: templates with a ``{name}`` slot and a contrast pair of answers.
+
+    Args:
+        name: a plain file name (it names output folders).
+        description: one sentence on what the context asks.
+        axes: the axes it is crossed with (``"race"``, ``"gender"``).
+        positive: the answer favourable to the named person (e.g. ``" Yes"``).
+        negative: the unfavourable answer.
+        templates: the prompts, each with a ``{name}`` slot (and optionally pronoun slots).
+        numeric_templates: questions with a numeric answer, for the generation metric.
+        numeric_unit: the unit of the numeric answer (``"$"``, ``"%"``).
+        numeric_prefix: text the numeric answer is read after.
+        outcomes: polarity -> outcome words, for IG²'s demographic prompts.
+        demographic_templates: axis -> templates with an ``{outcome}`` slot (IG²).
+        source: where the context came from (a path for user files).
+        format: the answer format, one of :data:`FORMATS` (``yes_no``, ``choice``, ``rating``).
+    """
     name: str
     description: str
     axes: tuple[str, ...]
@@ -134,6 +151,7 @@ class Context:
 
 @dataclass(frozen=True)
 class DemographicPrompt:
+    """An IG²-style prompt: a demographic template filled with one outcome word."""
     text: str
     template: int
     outcome: str
@@ -254,7 +272,11 @@ def _context_dirs() -> list[Path]:
 
 
 def list_contexts() -> list[str]:
-    """Names of the built-in contexts (and those in ``$MECHBIAS_CONTEXTS`` folders)."""
+    """Names of the built-in contexts (and those in ``$MECHBIAS_CONTEXTS`` folders).
+
+    Returns:
+        The names, sorted.
+    """
     names: list[str] = []
     for d in _context_dirs():
         if d.is_dir():
@@ -271,7 +293,19 @@ _USER_FILES: dict[str, Path] = {}
 
 
 def load_context(name_or_path: str | Path | Context) -> Context:
-    """Load a built-in context by name, or any context YAML file by path."""
+    """Load a built-in context by name, or any context YAML file by path.
+
+    Args:
+        name_or_path: a built-in name (see :func:`list_contexts`), a path to a YAML file, or a
+            :class:`Context` (returned as is).
+
+    Returns:
+        The validated :class:`Context`.
+
+    Raises:
+        ValueError: unknown name (the message lists the built-ins).
+        ContextError: a file that is not a valid context (the message names the field).
+    """
     if isinstance(name_or_path, Context):
         return name_or_path
     p = Path(name_or_path)
@@ -312,7 +346,14 @@ def load_context(name_or_path: str | Path | Context) -> Context:
 
 
 def load_contexts(names: Iterable[str | Context] | str | None = None) -> list[Context]:
-    """Several contexts; ``None`` or ``"all"`` means the built-in ones."""
+    """Several contexts; ``None`` or ``"all"`` means the built-in ones.
+
+    Args:
+        names: names, paths or :class:`Context` objects; ``None`` or ``"all"`` for every built-in.
+
+    Returns:
+        The contexts, in the order given.
+    """
     if names is None or names == "all" or names == ["all"]:
         names = list(BUILTIN_CONTEXTS)
     if isinstance(names, str):

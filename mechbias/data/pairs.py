@@ -52,10 +52,23 @@ def make_pairs(model, context: Context | str, axis: str | Axis, *, templates: st
                names: str = "all", seed: int = 0, max_pairs: int | None = None) -> PromptPairs:
     """Pair group-A and group-B prompts of equal token length, template by template.
 
-    A pair shares the template and the name's other attribute (a race pair has
-    two names of one gender, so pronouns stay the same) and the two prompts
-    tokenize to the same length. Raises :class:`AlignmentError` when no pair
-    can be formed.
+    A pair shares the template and the name's other attribute (a race pair has two names of one gender, so
+    pronouns stay the same) and the two prompts tokenize to the same length.
+
+    Args:
+        model: the model (its tokenizer decides the lengths).
+        context: a context name or object.
+        axis: ``"race"`` or ``"gender"``.
+        templates: ``"all"``, ``"selection"``, ``"heldout"`` or template indices.
+        names: ``"all"``, ``"selection"`` or ``"heldout"``.
+        seed: seed of the splits and the pairing.
+        max_pairs: keep at most this many pairs per template.
+
+    Returns:
+        The aligned :class:`~mechbias.data.pairs.PromptPairs`.
+
+    Raises:
+        AlignmentError: no pair can be formed.
     """
     ctx = load_context(context)
     ax = load_axis(axis)

@@ -13,6 +13,7 @@ from .axes import Axis, Person
 
 @dataclass(frozen=True)
 class Prompt:
+    """One filled template: its text, template index, person and group."""
     text: str
     template: int
     person: Person
@@ -21,7 +22,17 @@ class Prompt:
 
 @dataclass
 class PromptSet:
-    """A grid of prompts (templates x names) for one context and axis."""
+    """A grid of prompts (templates x names) for one context and axis.
+
+    Args:
+        context: the context's name.
+        axis: the :class:`~mechbias.Axis`.
+        positive: the favourable answer.
+        negative: the unfavourable answer.
+        items: the prompts, each with its template index, person and group.
+        answer_prefix: text the answer is read after (numeric prompts).
+        blocks: the incomplete design's number of name blocks (1 = the full grid).
+    """
 
     context: str
     axis: Axis

@@ -38,6 +38,7 @@ def selection_phase(what: str = "selection") -> Iterator[None]:
 
 
 def in_selection_phase() -> bool:
+    """Whether a decision is being made now (reporting texts and held-out splits are refused then)."""
     return _SELECTING.get() is not None
 
 
@@ -57,8 +58,16 @@ def _paragraphs() -> list[str]:
 def neutral_texts(max_texts: int | None = None, *, split: str) -> list[str]:
     """Paragraphs of the neutral text set: the ``selection`` half, the ``reporting`` half, or ``all``.
 
-    The halves are fixed (every other paragraph by a hash of its index), so a
-    selection made today never saw the texts any report uses.
+    The halves are fixed (every other paragraph by a hash of its index), so a selection made today never
+    saw the texts any report uses.
+
+    Args:
+        max_texts: return at most this many paragraphs.
+        split: ``"selection"`` (decisions), ``"reporting"`` (reported numbers; refused while a decision is
+            being made) or ``"all"``.
+
+    Returns:
+        The paragraphs.
     """
     if split not in CAPABILITY_SPLITS:
         raise ValueError(f"split must be one of {CAPABILITY_SPLITS}, not {split!r}")

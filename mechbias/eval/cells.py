@@ -82,7 +82,14 @@ class EvalSet:
     Scores are computed over whole sequences in length buckets (no shared prefix), so the score of an
     intervention that starts at block ``L`` can resume there from the unmodified residual stream
     (:class:`~mechbias.core.resume.ResumeCache`, kept on the instance and never saved) and equal the full
-    forward's. ``resume=False`` in :meth:`scores` forces the full forward."""
+    forward's. ``resume=False`` in :meth:`scores` forces the full forward.
+
+    Args:
+        context: the context's name.
+        prompts: the held-out :class:`~mechbias.PromptSet`.
+        before: the unmodified scores as a names x templates grid.
+        col_group: the group index of each grid column.
+    """
 
     context: str
     prompts: PromptSet
@@ -211,7 +218,16 @@ _FLAT_SKIP = ("n_draws", "draws", "draws_perplexity_change")
 
 @dataclass
 class Cell:
-    """One transfer-matrix cell: the intervention selected on ``selected_on``, evaluated on ``evaluated_on``."""
+    """One transfer-matrix cell: the intervention selected on ``selected_on``, evaluated on ``evaluated_on``.
+
+    Args:
+        selected_on: the context the intervention was selected on.
+        evaluated_on: the context whose held-out prompts were scored.
+        level: ``"L1"`` on the diagonal (same context), ``"L2"`` off it.
+        n_components: the intervention's size (neurons, heads, weights, directions).
+        effect: the gap before and after, the change with its 95% CI and p, and the perplexity change.
+        controls: control name -> its effect on the same prompts (mean over the draws).
+    """
 
     selected_on: str
     evaluated_on: str
@@ -273,10 +289,23 @@ def evaluate(model, intervention: Intervention, eval_set: EvalSet,
              selected_on: str = "", keep: dict | None = None) -> Cell:
     """Measure ``intervention`` on ``eval_set``, and each group of ``controls`` (name -> draws) beside it.
 
-    A control with several draws is evaluated on the mean score over its draws
-    (each draw's gap change is kept). ``capability`` adds perplexity changes.
-    ``keep``, if given, receives the score grids (``"after"`` and
-    ``"control/<name>"``) for statistics across cells.
+    A control with several draws is evaluated on the mean score over its draws (each draw's gap change is
+    kept).
+
+    Args:
+        model: the model.
+        intervention: what to evaluate.
+        eval_set: the baseline evaluation of one context (:class:`~mechbias.EvalSet`).
+        controls: control name -> its draws (interventions of the same kind).
+        config: a :class:`~mechbias.TransferConfig`; default settings if ``None``.
+        capability: perplexity texts and their baseline; adds perplexity changes to the cell.
+        selected_on: the context the intervention was selected on (recorded in the cell).
+        keep: if given, receives the score grids (``"after"`` and ``"control/<name>"``) for statistics
+            across cells.
+
+    Returns:
+        A :class:`~mechbias.Cell`: the gap before and after with CIs, each control's effect, and the
+        perplexity change.
     """
     cfg = config or TransferConfig()
     es = eval_set

@@ -26,6 +26,7 @@ REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
 
 def read_pairs(path: str | Path) -> list[dict]:
+    """The sentence pairs of a CrowS-Pairs CSV (its public format)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"CrowS-Pairs CSV {path} does not exist")
@@ -54,6 +55,7 @@ def read_pairs(path: str | Path) -> list[dict]:
 
 @dataclass
 class CrowsResult(Result):
+    """CrowS-Pairs scores: the share of pairs where the stereotypical sentence is more likely."""
     score: float
     ci_low: float
     ci_high: float

@@ -33,7 +33,6 @@ def smd(a, b) -> float:
 
 def mann_whitney(a, b) -> tuple[float, float]:
     """Mann-Whitney U statistic and two-sided p-value."""
-
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     a, b = a[np.isfinite(a)], b[np.isfinite(b)]
     if len(a) == 0 or len(b) == 0:
@@ -43,7 +42,7 @@ def mann_whitney(a, b) -> tuple[float, float]:
 
 
 def spearman(a, b) -> float:
-
+    """Spearman's rank correlation of two sequences (NaN when either is constant)."""
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     if len(a) < 3 or np.all(a == a[0]) or np.all(b == b[0]):
         return float("nan")

@@ -59,9 +59,22 @@ def contrast_scores(
 ) -> Float[Tensor, " n"]:
     """``log P(positive | prompt) - log P(negative | prompt)`` for every prompt.
 
-    Multi-token answers are scored by teacher forcing (sum of the answer
-    tokens' log-probabilities). With single-token answers this equals the
-    logit difference. Prompts of one template share their prefix computation.
+    Multi-token answers are scored by teacher forcing (sum of the answer tokens' log-probabilities). With
+    single-token answers this equals the logit difference. Prompts of one template share their prefix
+    computation.
+
+    Args:
+        model: the model.
+        prompts: a :class:`~mechbias.PromptSet` (its context's answers are used) or plain strings.
+        positive: the favourable answer; required with plain strings.
+        negative: the unfavourable answer; required with plain strings.
+        intervention: score under this intervention.
+        share_prefix: compute a shared template prefix once (exact; self-checked at run time).
+        max_tokens: refuse prompts longer than this.
+        progress: show a progress bar.
+
+    Returns:
+        A float tensor with one score per prompt, in the prompts' order.
     """
     if isinstance(prompts, PromptSet):
         positive = positive if positive is not None else prompts.positive
@@ -130,7 +143,20 @@ def gap_from_logits(logits: Float[Tensor, "b v"], d1: int, d2: int, kind: str = 
 
 def demographic_gap(model, texts: Sequence[str], d1: str, d2: str, *, kind: str = "prob",
                     intervention: Intervention | None = None) -> Float[Tensor, " n"]:
-    """IG²-style gap ``P(d1) - P(d2)`` (or a variant, see :func:`gap_from_logits`) after each text."""
+    """IG²-style gap ``P(d1) - P(d2)`` (or a variant, see :func:`gap_from_logits`) after each text.
+
+    Args:
+        model: the model.
+        texts: the demographic-prediction prompts.
+        d1: the first demographic word (e.g. ``" he"``).
+        d2: the second demographic word.
+        kind: ``"prob"`` (the paper's probability difference) or another variant of
+            :func:`gap_from_logits`.
+        intervention: measure under this intervention.
+
+    Returns:
+        A float tensor with one gap per text.
+    """
     t1, t2 = single_token(model, d1, "demographic word d1"), single_token(model, d2, "demographic word d2")
     seqs = tokenize(model, texts)
     with maybe_apply(intervention, model):
@@ -139,7 +165,20 @@ def demographic_gap(model, texts: Sequence[str], d1: str, d2: str, *, kind: str 
 
 def favoured_group(model, context: Context | str, axis, *, templates="selection", names="selection",
                    seed: int = 0) -> int:
-    """Index (0 = group A, 1 = group B) of the group the model favours on the contrast metric."""
+    """Index (0 = group A, 1 = group B) of the group the model favours on the contrast metric.
+
+    Args:
+        model: the model.
+        context: a context name or object.
+        axis: ``"race"`` or ``"gender"``.
+        templates: the template split measured (default the selection split, so no decision reads
+            held-out prompts).
+        names: the name split measured.
+        seed: seed of the splits.
+
+    Returns:
+        0 when group A's mean score is higher, else 1.
+    """
     ctx = load_context(context)
     ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
     scores = contrast_scores(model, ps)
@@ -153,16 +192,18 @@ def favoured_group(model, context: Context | str, axis, *, templates="selection"
 
 @dataclass
 class BiasResult(Result):
-    """Baseline (or intervened) bias per context and axis.
+    """Baseline (or intervened) bias per context and axis, from :func:`~mechbias.measure_bias`.
 
-    ``rows``: one dict per (context, axis) with ``gap`` (mean score of group A
-    minus group B, in log-odds units of the contrast answers), ``ci_low``,
-    ``ci_high`` (95% crossed bootstrap over names and templates), ``p_value``,
-    ``effect_size`` (gap over the pooled SD of per-name mean scores),
-    ``n_prompts``, the group labels and the name ``roster``; ``min_detectable`` is the gap a test at 0.05
-    detects with power 0.8, ``p_bh`` the Benjamini-Hochberg p over all rows (one family) and
-    ``min_detectable_family`` the detectable gap at 0.05 / rows. ``scores``: every prompt's score, in
-    the order of ``prompts``.
+    Args:
+        rows: one dict per (context, axis) with ``gap`` (mean score of group A minus group B, in log-odds
+            units of the contrast answers), ``ci_low``, ``ci_high`` (95% crossed bootstrap over names and
+            templates), ``p_value``, ``effect_size`` (gap over the pooled SD of per-name mean scores),
+            ``n_prompts``, the group labels and the name ``roster``; ``min_detectable`` is the gap a test
+            at 0.05 detects with power 0.8, ``p_bh`` the Benjamini-Hochberg p over all rows (one family) and
+            ``min_detectable_family`` the detectable gap at 0.05 / rows.
+        prompts: one dict per scored prompt (context, axis, template, name, group).
+        scores: every prompt's score, in the order of ``prompts``.
+        meta: versions, seed and settings of the run.
     """
 
     rows: list[dict]
@@ -201,8 +242,30 @@ def measure_bias(
     blocks: int = 1,
     progress: bool = False,
 ) -> BiasResult:
-    """Bias of ``model`` in each context and axis (see :class:`BiasResult`); ``blocks > 1`` scores the
-    incomplete crossed design of :meth:`Context.prompts` (each template meets 1 / ``blocks`` of the names)."""
+    """Bias of ``model`` in each context and on each axis: the gap between the groups' contrast scores.
+
+    Args:
+        model: a model from :func:`~mechbias.load_model`.
+        contexts: context names, :class:`~mechbias.Context` objects or ``"all"``; ``None`` = the built-ins.
+        axes: ``"race"``, ``"gender"``, or either on another roster (``"gender@extended"``: 100 names per
+            race x gender cell); a single string or several.
+        templates: ``"all"``, ``"selection"``, ``"heldout"`` or a list of template indices.
+        names: ``"all"``, ``"selection"`` or ``"heldout"``.
+        intervention: measure under this intervention (applied for the call, removed after).
+        n_boot: bootstrap replicates of the crossed bootstrap over names and templates.
+        seed: seed of the splits and the bootstrap.
+        blocks: ``> 1`` scores the incomplete crossed design of :meth:`Context.prompts` (each template meets
+            1 / ``blocks`` of the names).
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`~mechbias.BiasResult`: one row per (context, axis) with the gap, its 95% CI, p, the
+        Benjamini-Hochberg p over the rows and the detectable gap, plus every prompt's score.
+
+    Example:
+        >>> res = measure_bias(model, ["finance"], "gender@extended", blocks=2)   # doctest: +SKIP
+        >>> res.to_dataframe()[["context", "gap", "ci_low", "ci_high", "p_bh"]]   # doctest: +SKIP
+    """
     ctxs = load_contexts(contexts)
     axes = [axes] if isinstance(axes, str) else list(axes)
     rows, prompt_rows, all_scores = [], [], []
@@ -237,6 +300,7 @@ def measure_bias(
 
 
 def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict:
+    """One row of :class:`BiasResult` from a prompt set and its scores."""
     mat, t_ids, names, col_group = ps.grid(scores)
     g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)
     return {"context": ps.context, "axis": ps.axis.name, "roster": ps.axis.roster, "group_a": ps.axis.groups[0],
@@ -346,7 +410,17 @@ def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
 
 def perplexity(model, texts: Sequence[str] | None = None, *, intervention: Intervention | None = None,
                max_texts: int | None = None) -> float:
-    """Perplexity on ``texts`` (default: the neutral set)."""
+    """Perplexity on ``texts`` (default: the reporting half of the neutral set), computed in float32.
+
+    Args:
+        model: the model.
+        texts: the texts; ``None`` = the reporting half of the neutral texts.
+        intervention: measure under this intervention.
+        max_texts: with ``texts=None``, use only the first this many neutral texts.
+
+    Returns:
+        exp of the mean next-token negative log-likelihood over all predicted tokens.
+    """
     texts = list(texts) if texts is not None else neutral_texts(max_texts, split="reporting")
     if not texts:
         raise ValueError("perplexity needs at least one text")

@@ -65,6 +65,7 @@ def encode_pair(model, context: str, continuation: str) -> tuple[Tensor, Tensor]
 
 @dataclass
 class Continuation:
+    """The log-probability of a continuation, its length, and whether greedy decoding produces it."""
     logprob: float  # sum over the continuation's tokens
     n_tokens: int
     greedy: bool  # every continuation token was the model's argmax

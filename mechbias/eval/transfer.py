@@ -51,7 +51,22 @@ Selector = Callable[[Any, Context, str], Intervention]
 
 @dataclass
 class TransferMatrix(Result):
-    """Cross-context transfer of a method (rows: selected on, columns: evaluated on)."""
+    """Cross-context transfer of a method (rows: selected on, columns: evaluated on).
+
+    Args:
+        method: the method's label.
+        axis: the axis.
+        rows: the contexts selected on.
+        cols: the contexts evaluated on.
+        cells: one :class:`~mechbias.Cell` per (row, column).
+        row_info: per row, what the method selected (sizes, overlap with other rows).
+        baseline: per column, the gap before any intervention.
+        config: the :class:`~mechbias.TransferConfig` as a dict.
+        meta: versions, precisions and settings of the run.
+        transfer_test: the within- vs cross-context test and each selection-vs-control test.
+        grids: the score grids behind the cells (for contrasts across cells).
+        interventions: the selected interventions, by row.
+    """
 
     method: str
     axis: str
@@ -123,12 +138,12 @@ class TransferMatrix(Result):
         one column (the same prompts and gap), so unequal gaps between columns cannot produce a difference: the
         same intervention applied on every row gives exactly 0. (The earlier statistic, the mean of the
         diagonal minus the mean of everything off it, compared columns with each other and "detected" a fix
-        that transfers perfectly; it is kept as ``pooled_diagonal_minus_offdiagonal`` for reference.)
+        that transfers perfectly; it is kept as ``pooled_diagonal_minus_offdiagonal`` for reference).
 
         ``family_size``: the number of tests read together (e.g. methods in a study); ``min_detectable_bh`` is
         the detectable difference at the Benjamini-Hochberg-consistent level 0.05 / family_size (the level the
         smallest p-value of the family must pass). ``margin``: an equivalence margin fixed before the run; if
-        given, ``tost`` holds the two one-sided tests of |within - cross| < margin (equivalent when the 90% CI
+        given, ``tost`` holds the two one-sided tests of ``|within - cross| < margin`` (equivalent when the 90% CI
         lies inside +-margin). ``which``: ``"after"`` or ``"control/<name>"``."""
         cols = self.within_columns()
         out: dict = {"statistic": "mean over columns c (also rows) of removed(c, c) - mean_{r != c} removed(r, c)",
@@ -317,13 +332,32 @@ def transfer_matrix(
 ) -> TransferMatrix:
     """Select on each context of ``contexts`` and evaluate on each of ``eval_contexts`` (default: the same).
 
-    ``selector(model, context, axis)`` returns the intervention chosen on the
-    context's selection split. ``config`` (or keyword overrides of its fields,
-    e.g. ``n_random=0``) sets the controls, bootstrap and capability texts;
-    ``eval_sets`` lets several methods share the baseline evaluation, ``profile`` the unit sizes and
-    ablation costs matched controls are drawn from (measured on the selection neutral texts when needed).
-    A selector that keeps its selections (a :class:`~mechbias.methods.base.Method`) may add controls of
-    its own (``Selection.controls``, e.g. GRADIEND's h = 0 edit).
+    ``selector(model, context, axis)`` returns the intervention chosen on the context's selection split;
+    every cell evaluates it on the held-out names and templates of one evaluation context, beside its
+    controls. A selector that keeps its selections (a :class:`~mechbias.methods.base.Method`) may add
+    controls of its own (``Selection.controls``, e.g. GRADIEND's h = 0 edit).
+
+    Args:
+        model: a model from :func:`~mechbias.load_model`.
+        selector: a method instance or any callable ``(model, context, axis) -> Intervention``.
+        contexts: the contexts to select on (rows).
+        axis: ``"race"`` or ``"gender"`` (optionally ``@roster``); default race.
+        method: the label the matrix carries in tables and figures.
+        eval_contexts: the contexts to evaluate on (columns); default the same as ``contexts``.
+        config: a :class:`~mechbias.TransferConfig` (controls, draws, bootstrap, capability texts).
+        eval_sets: precomputed baseline evaluations to share between methods (context -> EvalSet).
+        profile: the unit sizes and ablation costs matched controls are drawn from (measured on the
+            selection neutral texts when needed).
+        progress: show a progress bar.
+        log: a callable that receives progress lines.
+        **overrides: fields of ``config`` to override (e.g. ``n_random=0``).
+
+    Returns:
+        A :class:`~mechbias.TransferMatrix`; ``.test_transfer()`` is the within- vs cross-context test.
+
+    Example:
+        >>> tm = transfer_matrix(model, get_method("ig2")(), ["finance", "commerce"], "gender")  # doctest: +SKIP
+        >>> tm.test_transfer(margin=0.05)["within_minus_cross"]                               # doctest: +SKIP
     """
     if axis is None:
         raise ValueError("transfer_matrix needs the axis: 'race' or 'gender' (there is no default, so a matrix "

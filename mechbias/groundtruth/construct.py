@@ -63,6 +63,7 @@ __all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direct
 
 @dataclass
 class ConstructConfig:
+    """Settings of the planted model built by construction (v3)."""
     axis: str = "race"
     favoured: str = "White"
     planted: tuple[str, ...] = ("finance", "commerce")       # contexts that get a chain

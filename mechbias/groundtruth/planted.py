@@ -36,7 +36,7 @@ context's gap). ``analyses/train_planted.py --version 3 --trained-v3`` trains th
 (context-specific units of all three kinds); that run missed its targets and is
 not shipped. ``--version 3`` alone builds v3 by construction
 (:mod:`mechbias.groundtruth.construct`): ``load_model("planted-v3")``, private
-finance and commerce chains (README, "Ground truth").
+finance and commerce chains (docs/groundtruth.md).
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ __all__ = ["PlantConfig", "PlantedDelta", "Stage", "default_config", "least_used
 
 @dataclass
 class PlantConfig:
+    """Settings of the planted-bias layout (which units, how strong)."""
     axis: str = "race"
     favoured: str = "White"              # the group whose names get the higher score
     contexts: tuple[str, ...] = ("finance", "commerce", "hiring", "housing")

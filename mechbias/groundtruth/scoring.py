@@ -153,6 +153,7 @@ def rank_recovery(ranked: Sequence[tuple[int, int]], truth: dict[str, set], n_un
 
 
 def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | None = None) -> dict:
+    """Hits, precision and recall of the top ``k`` ranked units against the planted ``truth``."""
     k = k or len(truth)
     top = {tuple(x) for x in list(ranked)[:k]}
     hit = len(top & truth)
@@ -160,6 +161,7 @@ def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | Non
 
 
 def random_baseline(k: int, truth_size: int, n_neurons: int) -> dict:
+    """The expected precision and recall of ``k`` units drawn at random."""
     p = truth_size / n_neurons
     return {"precision": p, "recall": k / n_neurons}
 

@@ -41,7 +41,14 @@ _REGISTRY: dict[str, type["Intervention"]] = {}
 
 
 def register_intervention(cls: type["Intervention"]) -> type["Intervention"]:
-    """Class decorator: make an intervention type loadable by its ``kind``."""
+    """Class decorator: make an intervention type loadable by its ``kind``.
+
+    Args:
+        cls: an :class:`Intervention` subclass with a unique ``kind``.
+
+    Returns:
+        ``cls`` unchanged.
+    """
     if not cls.kind or cls.kind == "intervention":
         raise ValueError(f"{cls.__name__} needs a class attribute 'kind'")
     if cls.kind in _REGISTRY and _REGISTRY[cls.kind] is not cls:
@@ -118,6 +125,7 @@ def abs_cosine(a: Tensor, b: Tensor) -> dict:
 
 
 def intervention_types() -> dict[str, type["Intervention"]]:
+    """The registered intervention types, by ``kind``."""
     return dict(_REGISTRY)
 
 
@@ -201,7 +209,7 @@ class Intervention:
 
     def overlap(self, other: "Intervention") -> dict | None:
         """How much this intervention and ``other`` (another row's selection) are the same change:
-        ``{"measure": ..., "value": ...}`` (Jaccard of units, |cosine| of directions and edits), or None where the
+        ``{"measure": ..., "value": ...}`` (Jaccard of units, absolute cosine of directions and edits), or None where the
         two are not comparable. Identical interventions give within = cross by construction, so transfer
         results are read beside this."""
         return None
@@ -238,6 +246,7 @@ class Intervention:
 
 
 def intervention_from_dict(d: dict, tensors: dict[str, Tensor]) -> Intervention:
+    """Rebuild an intervention from its saved dict and tensors."""
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in _REGISTRY:
@@ -246,7 +255,18 @@ def intervention_from_dict(d: dict, tensors: dict[str, Tensor]) -> Intervention:
 
 
 def load_intervention(path: str | Path) -> Intervention:
-    """Load an intervention saved with :meth:`Intervention.save`."""
+    """Load an intervention saved with :meth:`Intervention.save`.
+
+    Args:
+        path: the folder written by ``save``.
+
+    Returns:
+        The intervention, of the registered type its files name.
+
+    Raises:
+        FileNotFoundError: the folder holds no saved intervention.
+        ValueError: it holds one of an unknown kind.
+    """
     path = Path(path)
     meta = path / "intervention.json"
     if not meta.is_file():
@@ -301,6 +321,7 @@ def as_layer_dict(items) -> dict[int, list[int]]:
 
 
 def param(model, name: str) -> torch.nn.Parameter:
+    """The parameter ``name`` of ``model`` (a :func:`~mechbias.core.weights.named_params` name)."""
     params = named_params(model)
     if name not in params:
         raise ValueError(f"model has no parameter named {name!r}")
@@ -346,7 +367,11 @@ class Identity(Intervention):
 @register_intervention
 @dataclass
 class Compose(Intervention):
-    """Several interventions applied together."""
+    """Several interventions applied together (in order; removed in reverse order).
+
+    Args:
+        parts: the interventions.
+    """
 
     parts: list[Intervention] = field(default_factory=list)
     kind: ClassVar[str] = "compose"

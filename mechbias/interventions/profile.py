@@ -38,6 +38,7 @@ class NoMatchedControl(ValueError):
 
 @dataclass
 class UnitProfile:
+    """Unit sizes and ablation costs on the selection neutral texts, from which matched controls are drawn."""
     neuron_magnitude: Tensor  # [layers, d_mlp]
     head_norm: Tensor  # [layers, heads]
     input_norms: dict[str, Tensor]  # linear parameter name -> ||X_j|| per input dimension

@@ -79,9 +79,11 @@ def random_per_layer(items: dict[int, list[int]], size: int, rng: np.random.Gene
 class NeuronIntervention(Intervention):
     """Zero or scale MLP neurons (the ``post`` site, ``blocks.{l}.mlp.hook_post``).
 
-    ``factor=0`` suppresses (BNS / neuron pruning), ``factor=2`` amplifies.
-    ``positions`` is ``"all"``, ``"last"`` (the prediction position) or a list
-    of absolute positions.
+    Args:
+        neurons: ``(layer, neuron)`` pairs.
+        factor: ``0`` suppresses (BNS / neuron pruning), ``2`` amplifies.
+        positions: ``"all"``, ``"last"`` (the prediction position) or a list of absolute positions.
+        label: a name for tables and figures.
     """
 
     neurons: Any  # {layer: [index, ...]} or [(layer, index), ...]; normalised to the dict form
@@ -131,7 +133,7 @@ class NeuronIntervention(Intervention):
     def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per layer), ``matched`` (per layer, among the 5 unselected neurons closest in
-        mean |activation| x ||W_out row||) and ``matched_cost`` (per layer, of the 8 closest in magnitude
+        mean ``|activation| x ||W_out row||``) and ``matched_cost`` (per layer, of the 8 closest in magnitude
         the one whose own ablation cost is closest; one draw, the costs are measured on the selection
         neutral texts)."""
         out = super().controls(model, n, seed, profile=profile, kinds=kinds)
@@ -213,10 +215,16 @@ class NeuronIntervention(Intervention):
 class HeadIntervention(Intervention):
     """Ablate attention heads.
 
-    ``mode="z"``: zero the head's output at ``hook_z`` (true output ablation).
-    ``mode="q"``: zero its query at ``hook_q``; the attention logits become 0, so
-    attention over the causal prefix is uniform and the head outputs the mean of
-    its values (the Breaking Down Bias code's "head pruning").
+    ``mode="z"``: zero the head's output at ``hook_z`` (true output ablation). ``mode="q"``: zero its query
+    at ``hook_q``; the attention logits become 0, so attention over the causal prefix is uniform and the head
+    outputs the mean of its values (the Breaking Down Bias code's "head pruning").
+
+    Args:
+        heads: ``(layer, head)`` pairs.
+        mode: ``"z"`` or ``"q"``.
+        factor: multiply instead of zeroing (``0`` ablates).
+        positions: ``"all"``, ``"last"`` or a list of absolute positions.
+        label: a name for tables and figures.
     """
 
     heads: Any  # {layer: [head, ...]} or [(layer, head), ...]; normalised to the dict form

@@ -19,10 +19,12 @@ from .profile import UnitProfile
 @register_intervention
 @dataclass
 class WeightMask(Intervention):
-    """Zero individual weight entries (unstructured / Wanda pruning).
+    """Zero individual weight entries (unstructured / Wanda pruning). Weights are restored exactly.
 
-    ``masks`` maps a parameter name (see :func:`mechbias.core.weights.named_params`)
-    to a flat index tensor of entries to zero. Weights are restored exactly.
+    Args:
+        masks: a parameter name (see :func:`mechbias.core.weights.named_params`) -> a flat index tensor of
+            entries to zero.
+        label: a name for tables and figures.
     """
 
     masks: dict[str, Tensor]
@@ -80,7 +82,7 @@ class WeightMask(Intervention):
     def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per matrix) and ``matched`` (per matrix, the same number of unselected entries
-        in each of 20 quantile bins of the Wanda score |W_ij| ||X_j||, ||X|| from the selection neutral texts)."""
+        in each of 20 quantile bins of the Wanda score ``|W_ij| ||X_j||``, ``||X||`` from the selection neutral texts)."""
         out = super().controls(model, n, seed, profile=profile, kinds=kinds)
         if profile is None or "matched" not in kinds or n <= 0:
             return out
@@ -125,7 +127,13 @@ class WeightMask(Intervention):
 @register_intervention
 @dataclass
 class WeightEdit(Intervention):
-    """Add ``scale * delta`` to parameters (a GRADIEND edit); restored exactly."""
+    """Add ``scale * delta`` to parameters (a GRADIEND edit); restored exactly.
+
+    Args:
+        deltas: parameter name -> the tensor added.
+        scale: the edit's multiplier.
+        label: a name for tables and figures.
+    """
 
     deltas: dict[str, Tensor]
     scale: float = 1.0

@@ -36,7 +36,12 @@ _METHODS: dict[str, type["Method"]] = {}
 
 @dataclass
 class MethodConfig:
-    """Base of method configurations; subclasses add fields and override :meth:`validate`."""
+    """Base of method configurations; subclasses add fields and override :meth:`validate`.
+
+    Args:
+        precision: compute precision of the selection: ``"exact"`` (float32) or ``"fast"`` (bfloat16
+            autocast; choices only, every reported number is computed exact).
+    """
 
     precision: str = field(default="exact", kw_only=True, metadata={
         "help": "compute precision of the selection: exact (float32) or fast (bfloat16 autocast; choices only, "
@@ -55,7 +60,16 @@ class MethodConfig:
 
 @dataclass
 class Selection:
-    """What a method chose on one context: the intervention and the results behind it."""
+    """What a method chose on one context: the intervention and the results behind it.
+
+    Args:
+        context: the context it was selected on.
+        axis: the axis.
+        intervention: the chosen intervention.
+        artifacts: the method's intermediate results (attributions, sweeps, training curves).
+        summary: a few numbers for tables.
+        controls: the method's own controls (name -> draws), evaluated beside the generic ones.
+    """
 
     context: str
     axis: str
@@ -76,7 +90,16 @@ class Selection:
 
 
 class Method:
-    """Base class of the registered methods (see the module docstring)."""
+    """Base class of the registered methods (see the module docstring).
+
+    A method instance is a selector: ``method(model, context, axis)`` selects on the context's selection
+    split and returns the intervention; ``method.selections`` keeps what it chose.
+
+    Args:
+        config: the method's ``Config`` (its CLI flags); ``None`` = the defaults.
+        seed: seed of the splits and any sampling.
+        log: a callable that receives progress lines.
+    """
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
@@ -152,7 +175,14 @@ class Method:
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry (the CLI and the study read it)."""
+    """Class decorator: add a method to the registry (the CLI and the study read it).
+
+    Args:
+        cls: a :class:`Method` subclass with a unique ``name`` and a ``Config`` dataclass.
+
+    Returns:
+        ``cls`` unchanged.
+    """
     if not cls.name or not cls.name.replace("_", "").isalnum():
         raise ValueError(f"{cls.__name__} needs a name of letters, digits and underscores")
     if cls.name in _METHODS and _METHODS[cls.name] is not cls:
@@ -162,11 +192,26 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def registered_methods() -> dict[str, type[Method]]:
-    """The registered methods, in registration order."""
+    """The registered methods, in registration order.
+
+    Returns:
+        A dict from method name to method class.
+    """
     return dict(_METHODS)
 
 
 def get_method(name: str) -> type[Method]:
+    """The registered method class named ``name``.
+
+    Args:
+        name: a key of :func:`registered_methods` (``"ig2"``, ``"patching"``, ``"prune"``, ...).
+
+    Returns:
+        The method class; call it with its ``Config`` (or nothing, for the defaults) to get a selector.
+
+    Raises:
+        ValueError: no method of that name (the message lists the registered ones).
+    """
     if name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(_METHODS)}")
     return _METHODS[name]

@@ -65,7 +65,7 @@ class ErasureIntervention(Intervention):
 
     def overlap(self, other: Intervention) -> dict | None:
         """Subspace overlap: the mean squared cosine of the principal angles between the erased directions
-        (1 for the same subspace, 0 for orthogonal ones; |cosine|^2 for rank 1)."""
+        (1 for the same subspace, 0 for orthogonal ones; the squared cosine for rank 1)."""
         if not isinstance(other, ErasureIntervention):
             return None
         qa, _ = torch.linalg.qr(self.proj_left.double())
@@ -140,6 +140,7 @@ def fit_eraser(x: Tensor, z: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor |
 
 @dataclass
 class LeaceConfig(MethodConfig):
+    """LEACE settings (the ``mechbias erase`` flags)."""
     layer: int | None = field(default=None, metadata={"help": "residual stream before this layer (none: the middle "
                                                               "layer)"})
     position: str = field(default="last", metadata={
@@ -160,6 +161,7 @@ class LeaceConfig(MethodConfig):
 
 @register_method
 class Leace(Method):
+    """LEACE concept erasure as a registered method: the baseline every method is compared with."""
     name = "erase"
     title = "LEACE concept erasure"
     summary = ("The least-squares concept eraser (LEACE) of the name's group, fitted on the residual stream of the "

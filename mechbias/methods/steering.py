@@ -132,6 +132,7 @@ class DirectionIntervention(Intervention):
 
 @dataclass
 class SteeringConfig(MethodConfig):
+    """Activation steering settings (the ``mechbias steer`` flags)."""
     layer: int | None = field(default=None, metadata={"help": "residual stream before this layer (none: the middle "
                                                               "layer)"})
     position: str = field(default="last", metadata={
@@ -165,6 +166,7 @@ def group_mean_difference(model, prompts, layer: int, position: str = "last") ->
 
 @register_method
 class Steering(Method):
+    """Activation steering as a registered method: ablate (or add along) the group-mean difference direction at one layer."""
     name = "steer"
     title = "Activation steering"
     summary = ("The mean difference of the residual stream between group-A and group-B prompts of the context's "

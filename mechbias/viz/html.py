@@ -38,10 +38,12 @@ document.addEventListener('mousemove',function(e){tip.style.left=(e.clientX+14)+
 
 
 def esc(x) -> str:
+    """HTML-escape a value's string form."""
     return html.escape(str(x), quote=True)
 
 
 def fmt(v, digits: int = 3, signed: bool = True) -> str:
+    """A number for a table cell (``digits`` decimals, signed by default; a dash for None or NaN)."""
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
     if isinstance(v, float):
@@ -124,6 +126,7 @@ def matrix_groups(cells: Sequence[dict]) -> list[tuple[str, list[dict]]]:
 
 def svg_bars(values: Sequence[float], labels: Sequence[str], tips: Sequence[str], *, width: int = 900,
              height: int = 160, ylabel: str = "") -> str:
+    """A horizontal bar chart as inline SVG, with a tooltip per bar."""
     n = max(len(values), 1)
     vmax = max([abs(v) for v in values] + [1e-12])
     bw = (width - 50) / n
@@ -157,6 +160,7 @@ def svg_heatmap(mat: np.ndarray, row_label: str, col_label: str, tip_of, *, cell
 
 def svg_curve(xs: Sequence[float], ys: Sequence[float], tips: Sequence[str], *, width: int = 420, height: int = 200,
               xlabel: str = "", ylabel: str = "") -> str:
+    """A line chart as inline SVG, with a tooltip per point."""
     if not xs:
         return ""
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
@@ -182,6 +186,7 @@ def svg_curve(xs: Sequence[float], ys: Sequence[float], tips: Sequence[str], *, 
 
 
 def page(title: str, body: Sequence[str]) -> str:
+    """A self-contained HTML page (inline style and script, no network)."""
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>" + esc(title) + "</title><style>"
             + CSS + "</style></head><body><div id='tip'></div><h1>" + esc(title) + "</h1>" + "".join(body)
             + "<script>" + JS + "</script></body></html>")

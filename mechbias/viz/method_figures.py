@@ -195,6 +195,7 @@ def plot_patching(result, template: int | None = None):
 
 
 def plot_grid(mat, axes, title: str):
+    """A heat map of a layer x unit grid."""
     plt = pyplot()
     m = np.asarray(mat)
     if m.ndim == 3:
@@ -227,6 +228,7 @@ def plot_layer_profiles(profiles: dict, title: str, ylabel: str = "largest |mean
 
 
 def plot_correlation_matrix(df, title: str, value: str = "spearman"):
+    """A heat map of pairwise correlations between methods' unit rankings."""
     plt = pyplot()
     names = list(dict.fromkeys(df["a"]))
     n = len(names)

@@ -12,6 +12,7 @@ import numpy as np
 
 
 def pyplot():
+    """matplotlib's pyplot, imported on first use (so ``import mechbias`` stays light)."""
     import matplotlib
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):

@@ -1,4 +1,4 @@
-"""BBQ (Parrish et al., 2022) from its public JSONL files (one object per line, e.g. ``Gender_identity.jsonl``).
+r"""BBQ (Parrish et al., 2022) from its public JSONL files (one object per line, e.g. ``Gender_identity.jsonl``).
 
 Fields used: ``example_id``, ``question_index``, ``question_polarity`` (``neg`` /
 ``nonneg``), ``context_condition`` (``ambig`` / ``disambig``), ``category``,
@@ -8,7 +8,7 @@ index of the bias-target answer, as in BBQ's ``additional_metadata.csv``)
 overrides the match of ``answer_info`` group labels to the stereotyped groups.
 
 A causal model answers with the option whose text has the highest
-log-likelihood after ``"{context} {question}\\nAnswer:"`` (summed over its
+log-likelihood after ``"{context} {question}\nAnswer:"`` (summed over its
 tokens, lm-eval's ``acc`` convention). Metrics, per context condition, overall
 and per category:
 
@@ -117,6 +117,7 @@ def _read_bbq(paths, skip_unresolved: bool) -> tuple[list[dict], int]:
 
 
 def bbq_prompt(row: dict) -> str:
+    """The multiple-choice prompt of one BBQ item (context, question, three answers)."""
     return f"{row['context']} {row['question']}\nAnswer:"
 
 
@@ -151,6 +152,7 @@ def _bias_amb(o: Outcomes, idx: np.ndarray) -> float:
 
 def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0,
               skip_unresolved: bool = False) -> BenchResult:
+    """BBQ accuracy and bias scores (ambiguous and disambiguated), with and without ``intervention``."""
     rows, skipped = _read_bbq(paths, skip_unresolved)
 
     def run(m) -> Outcomes:

@@ -51,6 +51,7 @@ Metric = Callable[[Outcomes, np.ndarray], float]  # (outcomes, item indices) -> 
 
 @dataclass
 class MetricRow:
+    """One benchmark metric on one subset: unmodified, under the intervention and their paired difference."""
     benchmark: str
     metric: str
     subset: str  # "all" or a category / bias type / condition
@@ -72,6 +73,7 @@ class MetricRow:
 
 @dataclass
 class BenchResult:
+    """A benchmark's metric rows, per-item scores and metadata."""
     benchmark: str
     rows: list[MetricRow]
     per_item: list[dict] = field(default_factory=list)

@@ -22,6 +22,7 @@ def _score(o: Outcomes, idx: np.ndarray) -> float:
 
 def crows_bench(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> BenchResult:
+    """CrowS-Pairs metric rows (stereotype score per bias type), with and without ``intervention``."""
     rows = read_pairs(path)
     stereo, other = stereo_and_other(rows)
 

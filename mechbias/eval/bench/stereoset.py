@@ -119,6 +119,7 @@ METRICS = {"SS": (_ss, "%"), "LMS": (_lms, "%"), "ICAT": (_icat, "")}
 
 def stereoset_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                     seed: int = 0) -> BenchResult:
+    """StereoSet intrasentence SS, LM score and ICAT, with and without ``intervention``."""
     examples = read_stereoset(path)
 
     masked = is_masked_lm(model)

@@ -28,7 +28,7 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
                 alphas: Sequence[float] = DEFAULT_ALPHAS, max_ppl_increase: float = 0.05,
                 neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> dict:
     """Score every (h, α) on the training context's selection prompts (bias gap) and the neutral set
-    (perplexity); choose the smallest |gap| whose perplexity rises by at most ``max_ppl_increase``
+    (perplexity); choose the smallest absolute gap whose perplexity rises by at most ``max_ppl_increase``
     (relative). The paper's full grid is ``H_GRID`` x ``ALPHA_GRID``."""
     ctx = load_context(res.context)
     prompts = ctx.prompts(res.axis, templates="selection", names="selection", seed=seed)
@@ -101,8 +101,8 @@ def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHA
     alpha is chosen on the training context's selection prompts and selection neutral texts: among the
     ``alphas`` whose h = +1 and h = -1 edits raise selection perplexity by at most ``max_ppl_increase``
     (relative; the smallest alpha if none does), those where h = +1 and
-    h = -1 move the selection gap in opposite directions, the one whose smaller |change| is largest (the
-    edit is still in its linear range there); if none, the one with the largest |change(+1) - change(-1)|.
+    h = -1 move the selection gap in opposite directions, the one whose smaller absolute change is largest (the
+    edit is still in its linear range there); if none, the one with the largest ``|change(+1) - change(-1)|``.
     Then each of the three edits is measured on the held-out names and templates with the design's
     bootstrap CI, and its perplexity change on the reporting neutral texts."""
     ctx = load_context(res.context)

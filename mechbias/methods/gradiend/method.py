@@ -19,6 +19,7 @@ from .train import GradiendConfig, evaluate_feature, train_gradiend
 
 @register_method
 class Gradiend(Method):
+    """GRADIEND as a registered method: train the feature on a context, choose the weight edit on its selection split."""
     name = "gradiend"
     title = "GRADIEND"
     summary = ("A one-neuron encoder-decoder trained on gradients of factual vs counterfactual group words on the "

@@ -147,6 +147,7 @@ class GradientPool:
 
 
 def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
+    """Bytes the gradient pool of ``n_names`` names needs at ``dtype``."""
     return 2 * n_names * ps.numel * torch.empty(0, dtype=dtype).element_size()
 
 

@@ -22,6 +22,7 @@ FEATURE_SUFFIX = {
 
 @dataclass
 class FeatureText:
+    """One GRADIEND training text: its group, and the factual and counterfactual next tokens."""
     text: str
     group: int          # 0 = group A, 1 = group B, -1 = neutral
     factual: int        # token id of the factual next token

@@ -222,6 +222,7 @@ def batch_schedule(steps: int, neutral: float) -> list[int]:
 
 
 def stable_int(seed: int, key: str) -> int:
+    """A 31-bit integer from a seed and a key, the same on every machine."""
     return int(stable_hash(seed, key)[:8], 16)
 
 

@@ -150,6 +150,7 @@ class _Gap(torch.autograd.Function):
 
 
 def gap_fn(d1: int, d2: int, kind: str):
+    """The demographic gap of logits as a function, by ``kind`` (``prob``, ``abs_prob``, ``logprob``, ``logit``, ``target_prob``)."""
     if kind not in ("prob", "abs_prob", "logprob", "logit", "target_prob"):
         raise ValueError(f"unknown gap kind {kind!r}; choose from prob, abs_prob, logprob, logit, target_prob")
     return lambda lg: _Gap.apply(lg.reshape(-1, lg.shape[-1]), d1, d2, kind).reshape(lg.shape[:-1])
@@ -172,9 +173,16 @@ def ig2_prompt(
     """IG² of every neuron at the prediction position of one prompt (see module docstring).
 
     Args:
+        model: the model.
         tokens: 1-D token ids (BOS included); the gap is read after the last token (a masked LM: at the
             prompt's mask, inserted after the text when it has none).
-        d1, d2: token ids of the two predictions.
+        d1: token id of the first prediction.
+        d2: token id of the second prediction.
+        kind: the gap (:func:`gap_fn`): ``"prob"`` is the paper's probability difference.
+        steps: Riemann steps of the path integral (the paper: 20).
+        rule: the Riemann rule: ``"left"`` (the authors' code), ``"right"``, ``"middle"``, ``"trapezoid"``.
+        layers: the layers attributed (default all).
+        method: ``"fast"`` (all layers and steps in batched passes) or ``"reference"`` (the slow obvious loop over layers and steps).
         internal_batch_size: maximum rows per forward pass of the fast path
             (like captum's knob); ``None`` puts all layers and steps in one pass.
         position: ``"last"`` (the paper: the prediction position only) or ``"all"``
@@ -354,7 +362,7 @@ class IG2Result(Result):
         return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(vals, idx)]
 
     def completeness_error(self) -> Tensor:
-        """Per layer: mean |sum(attr) - ΔG| / mean |ΔG| over units (relative error)."""
+        """Per layer: ``mean |sum(attr) - ΔG| / mean |ΔG|`` over units (relative error)."""
         c = self.completeness.double()
         err = (c[..., 0] - c[..., 1]).abs().mean(0)
         scale = c[..., 1].abs().mean(0).clamp_min(1e-12)

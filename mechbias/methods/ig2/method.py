@@ -26,6 +26,7 @@ KINDS = ("prob", "abs_prob", "logprob", "logit")
 
 @dataclass
 class IG2Config(MethodConfig):
+    """IG² + BNS settings (the ``mechbias ig2`` flags); the defaults are the paper's."""
     mode: str = field(default="contrast", metadata={
         "help": "units: contrast (name pairs on the context's templates), demographic (outcome-paired "
                 "demographic-prediction prompts) or demographic-single (the paper's single prompts)",
@@ -62,6 +63,7 @@ class IG2Config(MethodConfig):
 
 @register_method
 class IG2(Method):
+    """IG² + Bias Neuron Suppression as a registered method: attribute, select neurons, suppress them."""
     name = "ig2"
     title = "IG² + BNS"
     summary = ("IG² attributions of MLP neurons on name pairs of the context's selection templates, the paper's "

@@ -83,7 +83,7 @@ def verify(
     Per row, absolute first: ``change`` = mean gap after - mean gap before, with a t interval
     (``ci_low``, ``ci_high``, ``p_value``, ``min_detectable``) from :func:`~mechbias.eval.factors.factor_estimate`
     over the units' crossed factors (templates and names, or templates and outcome words); then
-    ``relative_change`` = change / |gap before| with its interval, only where the gap before has a CI
+    ``relative_change`` = change / ``|gap before|`` with its interval, only where the gap before has a CI
     that excludes 0 (else None: not estimable); for IG² and IG, ``minus_random``: their change minus
     the random neurons' change on the same units, with its interval.
     """

@@ -215,6 +215,7 @@ def sweep_variants(model, component: str, seq_len: int, neurons: Sequence[tuple[
 
 
 def ld_metric(model, pairs: PromptPairs):
+    """The logit difference of the pairs' answers, as a function of the final logits."""
     pos = single_token(model, pairs.positive, "positive answer (patching needs single-token answers)")
     neg = single_token(model, pairs.negative, "negative answer (patching needs single-token answers)")
     return lambda lg: lg[:, pos] - lg[:, neg]
@@ -257,7 +258,7 @@ class PatchResult(Result):
         return torch.nanmean(self.effect(), 0)
 
     def top(self, k: int = 10, n_boot: int = 1000, seed: int = 0) -> list[dict]:
-        """The k cells with the largest |mean effect|, with a 95% CI over the pairs' templates and names."""
+        """The k cells with the largest absolute mean effect, with a 95% CI over the pairs' templates and names."""
         eff = self.effect()
         m = torch.nanmean(eff, 0)
         flat = m.flatten().nan_to_num(0.0)
@@ -273,7 +274,7 @@ class PatchResult(Result):
         return out
 
     def layer_profile(self) -> Tensor:
-        """Per layer: the largest |mean effect| over the other axes (signed)."""
+        """Per layer: the largest absolute mean effect over the other axes (signed)."""
         m = self.mean_effect().nan_to_num(0.0)
         flat = m.reshape(m.shape[0], -1)
         idx = flat.abs().argmax(1)

@@ -22,6 +22,7 @@ DIRECTIONS = ("denoise", "noise")
 
 @dataclass
 class PatchingConfig(MethodConfig):
+    """Activation and attribution patching settings (the ``mechbias patch`` flags)."""
     pairs: int = field(default=6, metadata={"help": "equal-token-length name pairs of the selection split"})
     top_heads: int = field(default=5, metadata={"help": "heads ablated: the top-k by |patching effect|"})
     direction: str = field(default="denoise", metadata={"help": "patching direction of the head sweep",
@@ -42,6 +43,7 @@ class PatchingConfig(MethodConfig):
 
 @register_method
 class Patching(Method):
+    """Patching as a registered method: sweep heads, rank them and ablate the top ones."""
     name = "patch"
     title = "Patching-selected heads"
     summary = ("Exact activation patching of every head (hook_z) on equal-length name pairs of the context's "

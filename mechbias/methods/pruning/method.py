@@ -17,6 +17,7 @@ from .selection import PruneConfig, candidates
 
 @register_method
 class Pruning(Method):
+    """Pruning of neurons, Wanda weights or heads as a registered method."""
     name = "prune"
     title = "Pruning"
     summary = ("Components scored separately on group-A and group-B prompts of the context's selection split; the "

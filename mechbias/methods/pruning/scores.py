@@ -1,4 +1,4 @@
-"""Per-context pruning of neurons, weights and attention heads (Breaking Down Bias).
+r"""Per-context pruning of neurons, weights and attention heads (Breaking Down Bias).
 
 Ma, Salinas, Henderson, Nyarko, *Breaking Down Bias: On The Limits of
 Generalizable Pruning Strategies* (FAccT 2025). Components are scored
@@ -6,14 +6,14 @@ separately on prompts with group-A and group-B names from a context's
 selection split, and the pruned set is a **set difference**: the top-p% for
 the *target* group minus the top-q% for the other group (components specific
 to processing the target group's prompts). The paper's code builds both
-one-sided versions (its "Black" version prunes Top(S_Black) \\ Top(S_White));
+one-sided versions (its "Black" version prunes Top(S_Black) \ Top(S_White));
 which side carries a bias is not known in advance, so the default here,
 ``target="both"``, prunes the union of the two set differences, ranked by
 |S_A - S_B|; ``"disfavoured"``, ``"favoured"`` or a group name give one side.
 
 Units:
 
-* **neurons** (``blocks.{l}.mlp.hook_post``): score = mean |activation| over
+* **neurons** (``blocks.{l}.mlp.hook_post``): score = mean ``|activation|`` over
   tokens x the L2 norm of the neuron's ``W_out`` row (``activation``), or
   |activation x d score / d activation| summed over positions (``attribution``);
   pruned by zeroing at all positions. Defaults p = 40%, q = 35% (the
@@ -137,8 +137,8 @@ def _accumulate(model, prompts: PromptSet, per_row, *, grad: bool = False, seqs=
 def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> GroupStats:
     """Per (template, group): sums of neuron scores ``[n_layers, d_mlp]`` over prompts.
 
-    ``activation``: mean |activation| over positions x ||W_out row||;
-    ``attribution``: |sum over positions of activation x d(score)/d(activation)|;
+    ``activation``: mean ``|activation|`` over positions x ``||W_out row||``;
+    ``attribution``: ``|sum over positions of activation x d(score)/d(activation)|``;
     ``signed_attribution``: the same without the absolute value. Magnitude scores
     miss components that matter for both groups with opposite signs (a neuron
     that pushes group A up and group B down is in both top sets, so the set
