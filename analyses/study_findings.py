@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -30,9 +31,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from mechbias.apps.study import summary_rows  # noqa: E402
 from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table  # noqa: E402
 from mechbias.eval.stats import benjamini_hochberg  # noqa: E402
 from mechbias.eval.transfer import TransferMatrix, transfer_estimate  # noqa: E402
+from mechbias.viz.plotting import plot_methods_summary  # noqa: E402
 
 
 def _ci(e: dict, key: str = "estimate", fmt: str = "{:+.3f}") -> str:
@@ -189,10 +192,30 @@ def plot_tests(methods: list[dict]):
     return fig
 
 
+def summary_figure(study: Path, methods: list[dict]):
+    """The study's methods summary figure, redrawn from ``study/steps/*/summary.json``; the within- and
+    cross-context CIs come from this script's contrasts (``methods``) where a summary predates them."""
+    names = json.loads((study / "steps" / "index.json").read_text())["steps"]
+    steps = [SimpleNamespace(name=n, title=n) for n in names if n not in ("baseline", "summary")]
+    numbers: list[dict] = []
+    summary_rows(study, steps, numbers)  # type: ignore[arg-type]
+    by_title = {m["method"]: m for m in methods}
+    for row in numbers:
+        m = by_title.get(row["method"])
+        for key in ("within", "cross"):
+            if m and not row.get(f"{key}_ci"):
+                row[f"{key}_ci"] = [m[key]["ci_low"], m[key]["ci_high"]]
+    axis = json.loads((study / "axis_choice.json").read_text())["axis"]
+    return plot_methods_summary(numbers, axis)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", type=Path)
     ap.add_argument("--figure", type=Path, default=None)
+    ap.add_argument("--summary-figure", type=Path, default=None,
+                    help="also redraw the study's methods summary (gap removed within and across contexts with 95%% "
+                         "CIs, perplexity change) from the committed step summaries")
     args = ap.parse_args()
     if not (args.study / "steps" / "baseline" / "summary.json").exists():
         raise SystemExit(f"{args.study} is not a finished study folder (no steps/baseline/summary.json)")
@@ -201,6 +224,8 @@ def main() -> None:
     atomic_write_text(json.dumps(methods, indent=1, default=float), args.study / "findings.json")
     if args.figure:
         atomic_savefig(plot_tests(methods), args.figure)
+    if args.summary_figure:
+        atomic_savefig(summary_figure(args.study, methods), args.summary_figure)
     print(text)
 
 

@@ -284,7 +284,7 @@ def plot_methods_summary(rows, axis: str = ""):
     ax.set_xscale("symlog", linthresh=1.0)  # costs span 0.01 to 100
     ax.set_xlabel("perplexity change (neutral text; symlog)")
     ax.set_title("Capability cost", fontsize=10)
-    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    ax.legend(fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     fig.tight_layout()
     return fig
 
