@@ -18,7 +18,7 @@ from mechbias.eval.bench.common import metric_rows
 from mechbias.eval.bench.stereoset import METRICS as SS_METRICS
 from mechbias.eval.bench.winobias import METRICS as WB_METRICS
 from mechbias.eval.bench.winobias import parse_line, winobias_prompt
-from mechbias.eval.scoring import continuation_logprob, encode_pair
+from mechbias.eval.scoring import continuation_logprob, continuation_logprob_reference, encode_pair
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import NeuronIntervention
 
@@ -263,3 +263,39 @@ def test_card_command_writes_the_numbers_of_the_benchmarks(tmp_path, capsys, mon
                  "--out", str(tmp_path / "c2")]) == 2
     assert "both --winobias-pro and --winobias-anti" in capsys.readouterr().err
     assert main(["card", "--model", "tiny", "--tasks", "no_such_task_xyz", "--out", str(tmp_path / "c3")]) == 2
+
+
+PAIRS = [(c, x) for c in ("Should the bank approve the loan for Emily", "The manager said that",
+                          "Is the tenant reliable? Answer:")
+         for x in (" Yes", " No", " yes it should", " she", " he will come", " definitely not at all")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "native"])
+def test_shared_prefix_continuations_equal_full_sequences(arch, tiny, tiny_native):
+    """Contexts run once into a KV cache and answers of 1-5 tokens read from one partial unembedding equal the
+    full-sequence path (the native model has no KV cache and falls back to it); a pair whose whole text is
+    shorter than the widest continuation is scored on the full path inside the same call."""
+    model = tiny if arch == "llama" else tiny_native
+    pairs = PAIRS + [("Hi", " there friend of mine today")]
+    ref = continuation_logprob_reference(model, pairs, max_tokens=64)
+    for share in (False, True):
+        fast = continuation_logprob(model, pairs, max_tokens=64, share_prefix=share)
+        assert [c.n_tokens for c in fast] == [c.n_tokens for c in ref] and len({c.n_tokens for c in ref}) >= 4
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref)) < 1e-4
+        assert [c.greedy for c in fast] == [c.greedy for c in ref]
+    with maybe_apply(IV, model):  # under an intervention too (its hooks see the cached prefix)
+        f2 = continuation_logprob(model, PAIRS, share_prefix=True)
+        r2 = continuation_logprob_reference(model, PAIRS)
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, r2)) < 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, fast)) > 1e-3  # the intervention changed them
+
+
+@pytest.mark.real
+def test_shared_prefix_bbq_continuations_equal_full_sequences_on_the_real_model(real):
+    rows = read_bbq(DATA / "bbq_small.jsonl")
+    pairs = [(f"{r['context']} {r['question']}\nAnswer:", " " + r[f"ans{k}"]) for r in rows for k in range(3)]
+    ref = continuation_logprob_reference(real, pairs)
+    for share in (False, True):
+        fast = continuation_logprob(real, pairs, share_prefix=share)
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref)) < 1e-3
+        assert [c.greedy for c in fast] == [c.greedy for c in ref]

@@ -95,7 +95,7 @@ def load_model(
         **kw: other keywords (``device_map``, ...) are passed to ``boot_transformers`` for hub models.
 
     Returns:
-        The model, with ``model.label`` naming it (saved interventions record it).
+        The model in eval mode (:func:`model_label` gives the name saved interventions record).
 
     Raises:
         ModelLoadError: a model package is missing or damaged, or a hub model cannot be loaded offline.

@@ -37,7 +37,7 @@ from contextvars import ContextVar
 from typing import Callable, Iterable, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor
 
 from .families import is_masked_lm
@@ -147,12 +147,13 @@ def common_prefix_len(seqs: Sequence[Tensor]) -> int:
 def map_last_logits(
     model,
     seqs: Sequence[Int[Tensor, " p"]],
-    readout: Callable[[Float[Tensor, "b k v"]], Tensor],
+    readout: Callable[..., Tensor],
     *,
     n_last: int = 1,
     prefix_groups: Iterable[Sequence[int]] | None = None,
     max_tokens: int | None = None,
     progress: bool = False,
+    readout_rows: bool = False,
 ) -> Tensor:
     """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
 
@@ -167,12 +168,16 @@ def map_last_logits(
         n_last: how many final positions' logits each readout sees.
         max_tokens: tokens per batch (default: sized to the model and device).
         progress: show a progress bar.
+        readout_rows: call ``readout(logits, rows)``, where ``rows`` are the indices into ``seqs`` of the
+            batch's sequences (for a readout that needs per-sequence targets).
 
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
     """
     max_tokens = tokens_per_batch(model, max_tokens)
     if is_masked_lm(model):
+        if readout_rows:
+            raise ValueError("readout_rows is for causal models")
         return _map_masked(model, seqs, readout, n_last=n_last, max_tokens=max_tokens)
     n = len(seqs)
     results: list[Tensor | None] = [None] * n
@@ -211,7 +216,8 @@ def map_last_logits(
                 else:
                     with forward_window(0, total), last_position_unembed(model, n_last):
                         logits = model(batch)
-                out = readout(logits[:, -n_last:].float())
+                last = logits[:, -n_last:].float()
+                out = readout(last, rows) if readout_rows else readout(last)
                 for k, i in enumerate(rows):
                     results[i] = out[k].detach().cpu()
                 done += len(rows)
