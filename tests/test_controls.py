@@ -4,6 +4,7 @@ says it matches (size per layer, ablation cost, score quantiles), unlike a unifo
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from mechbias.core.weights import linear_layers, named_params, w_out_row_norms
 from mechbias.interventions.profile import unit_profile
@@ -84,16 +85,59 @@ def test_neuron_controls_match_magnitude_and_cost(tiny, profile):
     if unmatched:
         assert ctl["unmatched_only"][0].as_pairs() == sorted(unmatched)
     assert max(gap(d) for d in ctl["matched"]) < min(gap(d) for d in ctl["random"])
-    cost = ctl["matched_cost"][0]
-    for l, idx in cost.neurons.items():  # brute force: the closest-cost candidate among the 8 nearest in size
-        taken, expected = set(top[l]), set()
-        for i in sorted(top[l]):
-            pool = [int(x) for x in np.argsort(np.abs(logm[l] - logm[l, i])) if int(x) not in taken][:8]
-            target = profile.neuron_cost(tiny, l, i)
-            best = min(pool, key=lambda c: abs(profile.neuron_cost(tiny, l, c) - target))
-            expected.add(best)
-            taken.add(best)
-        assert set(idx) == expected
+    _check_cost_match(tiny, profile, top, ctl["matched_cost"])
+
+
+def _check_cost_match(model, profile, top, draws):
+    """Brute force: each drawn neuron is one of the 8 unselected neurons closest in log magnitude to a selected
+    neuron of its layer and lies within the caliper (0.2 SD of those candidates' costs) of its cost; a selected
+    neuron with no candidate inside the caliper is unmatched and enters every draw as itself."""
+    logm = np.log(profile.neuron_magnitude.double().numpy())
+    pools = {(l, i): [int(x) for x in np.argsort(np.abs(logm[l] - logm[l, i]), kind="stable")
+                      if int(x) not in top[l]][:8] for l in top for i in top[l]}
+    cost = {(l, j): profile.neuron_cost(model, l, j) for (l, i), pool in pools.items() for j in [i, *pool]}
+    cand = sorted({(l, j) for (l, _), pool in pools.items() for j in pool})
+    cal = 0.2 * np.std([cost[c] for c in cand])
+    unmatched = {(l, i) for (l, i), pool in pools.items() if min(abs(cost[(l, j)] - cost[(l, i)]) for j in pool) > cal}
+    info = draws[0].match_info
+    assert info["caliper_log"] == pytest.approx(cal)
+    assert {tuple(u) for u in info["unmatched"]} == unmatched
+    sel_z, ctl_z = [], []
+    crowded = 0
+    for d in draws:
+        assert d.match_info is info and {l: len(v) for l, v in d.neurons.items()} == {l: len(top[l]) for l in top}
+        for l, idx in d.neurons.items():
+            kept = [i for i in top[l] if i in idx]
+            assert {i for i in top[l] if (l, i) in unmatched} <= set(kept)  # unmatched neurons kept as themselves
+            crowded += len(kept) - sum((l, i) in unmatched for i in top[l])
+            matched, drawn = [i for i in top[l] if i not in kept], [j for j in idx if j not in top[l]]
+            # a perfect matching of the matched neurons to the drawn ones exists along the allowed edges
+            allowed = np.array([[j in pools[(l, i)] and abs(cost[(l, j)] - cost[(l, i)]) <= cal + 1e-12
+                                 for j in drawn] for i in matched], dtype=bool).reshape(len(matched), len(drawn))
+            rows, cols = linear_sum_assignment(~allowed)
+            assert allowed[rows, cols].sum() == len(matched) == len(drawn)
+            sel_z += [cost[(l, i)] for i in matched]
+            ctl_z += [cost[(l, j)] for j in drawn]
+    sd = np.std([cost[c] for c in cand])
+    assert info["balance_smd"] == pytest.approx((np.mean(sel_z) - np.mean(ctl_z)) / sd)
+    assert abs(info["balance_smd"]) <= 0.2 + 1e-12
+    assert info["kept_for_want_of_a_free_match"] == crowded
+    return unmatched
+
+
+def test_cost_matched_control_keeps_a_planted_hub_as_itself(tiny):
+    """A selected neuron whose ablation costs far more than any candidate (the embedded model's hub costs +5.24
+    perplexity against its neighbours' -0.10 to +0.76) is unmatched and kept as itself in every draw, and
+    listed; the other neurons are matched within the caliper, in several draws that differ."""
+    prof = unit_profile(tiny, TEXTS)
+    mag = prof.neuron_magnitude
+    top = {l: [int(i) for i in mag[l].argsort(descending=True)[:3]] for l in range(tiny.cfg.n_layers)}
+    hub = (1, top[1][0])
+    prof.neuron_costs[hub] = prof.neuron_cost(tiny, *hub) + 1e3  # planted: the cache is what matching reads
+    draws = NeuronIntervention(top).controls(tiny, 4, seed=0, profile=prof, kinds=("matched_cost",))["matched_cost"]
+    unmatched = _check_cost_match(tiny, prof, top, draws)
+    assert hub in unmatched and len(draws) == 4
+    assert len({tuple(sorted(d.as_pairs())) for d in draws}) > 1  # the draws are random within the caliper
 
 
 def test_neuron_cost_is_a_perplexity_change(tiny, profile):

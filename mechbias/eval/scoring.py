@@ -79,8 +79,8 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
     """log P(continuation | context) for each ``(context, continuation)`` pair.
 
     Full sequences run in length buckets, and only the positions the continuations are read at are
-    unembedded (1.4x faster than unembedding every position on BBQ with the embedded model,
-    ``benchmarks/continuations.py``). With ``share_prefix`` (and a model whose KV-cache fast path passed its
+    unembedded (1.4-2.0x faster than unembedding every position, on BBQ with the embedded model in two
+    runs of ``benchmarks/continuations.py``). With ``share_prefix`` (and a model whose KV-cache fast path passed its
     self-check), pairs with the same context run that context once into a KV cache and only their
     continuations after it: half the FLOPs on BBQ, but each context's few answers then run as small batches,
     which on a CPU took 2x longer, so it is not the default. Every path agrees with

@@ -153,3 +153,73 @@ def match_record(covariate: str, caliper_log, unmatched: list, n_components: int
             "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
             "balance_note": f"mean log covariate of the matched selected units minus their controls, in SDs of "
                             f"{scale} (|d| <= the caliper by construction)"}
+
+
+def cost_match(model, profile: UnitProfile, neurons: dict[int, list[int]], n_draws: int, seed: int, *,
+               k: int = 8, caliper_sd: float = CALIPER_SD) -> tuple[list[dict[int, list[int]]], dict]:
+    """Draws of neurons matched to ``neurons`` on **ablation cost**, within a caliper.
+
+    Each selected neuron's candidates are the ``k`` unselected neurons of its layer closest in log magnitude;
+    the ablation cost of each (the perplexity change when it alone is zeroed, :meth:`UnitProfile.neuron_cost`)
+    is measured once. The caliper is ``caliper_sd`` SDs of the candidates' costs (the neurons a match is drawn
+    from). A selected neuron with no candidate inside its caliper (a hub whose ablation costs far more than
+    every neighbour) is **unmatched** and enters each draw as itself, as in :func:`caliper_match`; every other
+    neuron gets a candidate drawn at random among those inside the caliper, without reuse within a draw. Where
+    earlier matches of the same draw took all of them, the neuron enters that draw as itself too (counted in
+    ``kept_for_want_of_a_free_match``), so no drawn neuron lies outside its caliper.
+
+    Returns:
+        ``(draws, info)``: one ``{layer: [neurons]}`` per draw, and the :func:`match_record` of the matching
+        (covariate, caliper, unmatched neurons, balance in SDs of the candidates' costs).
+    """
+    pools: dict[tuple[int, int], list[int]] = {}
+    cost: dict[tuple[int, int], float] = {}
+    for layer, idx in neurons.items():
+        mag = np.log(np.clip(profile.neuron_magnitude[layer].double().numpy(), 1e-12, None))
+        sel = set(int(i) for i in idx)
+        for i in idx:
+            pool = [int(j) for j in np.argsort(np.abs(mag - mag[i]), kind="stable") if int(j) not in sel][:k]
+            if not pool:
+                raise NoMatchedControl("not enough unselected neurons to draw a cost-matched control")
+            pools[(layer, int(i))] = pool
+            for u in [int(i), *pool]:
+                if (layer, u) not in cost:
+                    cost[(layer, u)] = float(profile.neuron_cost(model, layer, u))
+    cand = sorted({(layer, j) for (layer, _), pool in pools.items() for j in pool})
+    sd = float(np.std([cost[c] for c in cand])) or 1.0
+    caliper = caliper_sd * sd
+    unmatched = [[layer, i] for (layer, i), pool in pools.items()
+                 if min(abs(cost[(layer, j)] - cost[(layer, i)]) for j in pool) > caliper]
+    skip = {tuple(u) for u in unmatched}
+    draws: list[dict[int, list[int]]] = []
+    sel_z, ctl_z = [], []
+    crowded = 0
+    for d in range(n_draws):
+        rng = np.random.default_rng(seed + 307 * (d + 1))
+        drawn: dict[int, list[int]] = {}
+        for layer, idx in neurons.items():
+            taken = set(int(i) for i in idx)
+            chosen = []
+            for i in idx:
+                key = (layer, int(i))
+                if key in skip:
+                    chosen.append(int(i))
+                    continue
+                inside = [j for j in pools[key] if j not in taken and abs(cost[(layer, j)] - cost[key]) <= caliper]
+                if not inside:  # its candidates inside the caliper went to earlier matches of this draw
+                    chosen.append(int(i))
+                    crowded += 1
+                    continue
+                j = int(rng.choice(inside))
+                chosen.append(j)
+                taken.add(j)
+                sel_z.append(cost[key] / sd)
+                ctl_z.append(cost[(layer, j)] / sd)
+            drawn[layer] = chosen
+        draws.append(drawn)
+    n_units = sum(len(v) for v in neurons.values())
+    info = match_record("ablation cost (perplexity change on the selection neutral texts)", caliper, unmatched,
+                        n_units, n_draws, sel_z, ctl_z, "the candidates' costs",
+                        candidates=f"the {k} unselected neurons of the layer closest in log magnitude",
+                        cost_sd=sd, kept_for_want_of_a_free_match=crowded)
+    return draws, info

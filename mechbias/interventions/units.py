@@ -13,7 +13,7 @@ from ..core.window import local_positions
 from ..core.sites import Site
 from ..core.weights import linear_slot
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
-from .profile import CALIPER_SD, UnitProfile, caliper_match, match_record
+from .profile import CALIPER_SD, UnitProfile, caliper_match, cost_match, match_record
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -133,9 +133,9 @@ class NeuronIntervention(Intervention):
     def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per layer), ``matched`` (per layer, among the 5 unselected neurons closest in
-        mean ``|activation| x ||W_out row||``) and ``matched_cost`` (per layer, of the 8 closest in magnitude
-        the one whose own ablation cost is closest; one draw, the costs are measured on the selection
-        neutral texts)."""
+        mean ``|activation| x ||W_out row||``, within a caliper) and ``matched_cost`` (:func:`cost_match`: per
+        layer, among the 8 closest in magnitude, one whose own ablation cost lies within a caliper of the
+        selected neuron's; ``n`` draws, the costs measured once on the selection neutral texts)."""
         out = super().controls(model, n, seed, profile=profile, kinds=kinds)
         if profile is None:
             return out
@@ -174,23 +174,15 @@ class NeuronIntervention(Intervention):
                                           label="the selection's unmatched units alone")
                 only.match_info = info
                 out["unmatched_only"] = [only]
-        if "matched_cost" in kinds:
-            drawn = {}
-            for l, idx in self.neurons.items():
-                mag = np.log(np.clip(profile.neuron_magnitude[l].double().numpy(), 1e-12, None))
-                taken = set(idx)
-                chosen = []
-                for i in idx:
-                    target = profile.neuron_cost(model, l, i)
-                    pool = [int(j) for j in np.argsort(np.abs(mag - mag[i])) if int(j) not in taken][:8]
-                    if not pool:
-                        return out
-                    j = min(pool, key=lambda c: abs(profile.neuron_cost(model, l, c) - target))
-                    chosen.append(j)
-                    taken.add(j)
-                drawn[l] = chosen
-            out["matched_cost"] = [NeuronIntervention(drawn, self.factor, self.positions,
-                                                      label="neurons matched on ablation cost")]
+        if "matched_cost" in kinds and n > 0:
+            cost_draws, cost_info = cost_match(model, profile, self.neurons, n, seed)
+            out["matched_cost"] = []
+            for drawn_cost in cost_draws:
+                d = NeuronIntervention(drawn_cost, self.factor, self.positions,
+                                       label="neurons matched on ablation cost (caliper 0.2 SD of the candidates' "
+                                             "costs; unmatched units kept as themselves)")
+                d.match_info = cost_info
+                out["matched_cost"].append(d)
         return out
 
     def describe(self) -> str:
