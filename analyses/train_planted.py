@@ -1,8 +1,15 @@
 """Train a planted-bias variant of the embedded model and write it into the package.
 
-    python analyses/train_planted.py [--version 3] [--out mechbias/data/files/planted/v3] [--steps 30]
+    python analyses/train_planted.py [--version 4] [--out mechbias/data/files/planted/v4] [--steps 30]
 
-Deterministic (fixed seeds). Version 3 (``load_model("planted-v3")``): context-specific
+Deterministic (fixed seeds). Version 4 (``load_model("planted-v4")``, issue 33): the v3 construction on the
+**gender** axis (female names favoured, as the embedded model's own gap), a planted gap of 0.2 log-odds (the
+size of the real gaps), built from **selection templates and 16 selection names per race x gender cell of the
+extended roster only**, and verified on held-out templates and the extended roster's held-out names (200,
+disjoint from every name the construction read). Its verification adds the column-wise transfer test on the
+oracle's own matrix (each row zeroes its context's chain: the planted difference, which the test must detect)
+and on the same fix applied on every row (both chains zeroed on both rows, which it must not).
+Version 3 (``load_model("planted-v3")``): context-specific
 bias, **built by construction** (:mod:`mechbias.groundtruth.construct`, no training):
 finance and commerce each get a private chain of four name-position neurons in
 layer 17 (three write the name's group into a private value marker, one a key
@@ -45,6 +52,8 @@ from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_RE
                                           neutral_prompts, planted_units, stages)
 from mechbias.groundtruth.train import save_delta, train_planted
 from mechbias.groundtruth.scoring import oracle_intervention
+from mechbias.eval.transfer import transfer_matrix
+from mechbias.interventions.base import Compose
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 
 
@@ -62,9 +71,33 @@ def stage_intervention(stage, positions="all"):
     return HeadIntervention(list(stage.units), positions=positions, label=stage.label)
 
 
+def validate_transfer_test(model, manifest: dict, axis: str, sets: dict) -> dict:
+    """The column-wise transfer test on the planted truth, held-out prompts: the oracle's matrix (each row zeroes
+    its own context's chain) must show the planted difference; the same fix on every row (both chains zeroed on
+    both rows) must give a test near 0 that is not significant."""
+    rows = list(manifest["only"])
+    both = Compose([oracle_intervention(manifest, r) for r in rows])
+    tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=2000)
+    out = {}
+    for key, selector in (("oracle", lambda m, c, a: oracle_intervention(manifest, c.name)),
+                          ("same_fix_every_row", lambda m, c, a: both)):
+        tm = transfer_matrix(model, selector, rows, axis, method=key, eval_contexts=list(YES_NO_CONTEXTS),
+                             config=tc, eval_sets=sets)
+        t = tm.test_transfer(margin=0.05)
+        out[key] = {k: t[k] for k in ("within_mean", "cross_mean", "within_minus_cross", "ci_low", "ci_high",
+                                      "p_value", "min_detectable")}
+        out[key]["tost"] = t["tost"]
+        out[key]["cells"] = {f"{c.selected_on}->{c.evaluated_on}": {"gap_before": c.gap_before,
+                                                                    "gap_removed": c.gap_removed}
+                             for c in tm.cells}
+        print(f"transfer test, {key}: within - cross {t['within_minus_cross']:+.3f} [{t['ci_low']:+.3f}, "
+              f"{t['ci_high']:+.3f}], p {t['p_value']:.3g}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--version", type=int, default=3, choices=(2, 3))
+    ap.add_argument("--version", type=int, default=4, choices=(2, 3, 4))
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
@@ -82,23 +115,29 @@ def main() -> None:
     if args.version == 2 or args.trained_v3:
         for s in stages(cfg):
             print(f"{s.label}: {list(s.units)}", flush=True)
-    before = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
+    v4 = args.version == 4
+    axis = "gender@extended" if v4 else "race"
+    templates = "heldout" if v4 else "all"
+    before = measure_bias(model, "all", axis, names="heldout", templates=templates, n_boot=2000)
     ppl0 = perplexity(model)
     neutral0, neutral0_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
-    built = args.version == 3 and not args.trained_v3
+    built = args.version in (3, 4) and not args.trained_v3
     if built:
-        ccfg = ConstructConfig()
+        ccfg = (ConstructConfig(axis=axis, favoured="female", shift=0.1, templates="selection", names_per_cell=16)
+                if v4 else ConstructConfig())
         delta, cfg, info = construct_planted(model, ccfg, log=lambda s: print(s, flush=True))
     else:
         delta, info = train_planted(model, cfg, log=lambda s: print(s, flush=True))
     train_s = time.time() - t0
-    after = measure_bias(model, "all", "race", names="heldout", n_boot=2000)
+    after = measure_bias(model, "all", axis, names="heldout", templates=templates, n_boot=2000)
     ppl1 = perplexity(model)
     neutral1, neutral1_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
     keep = ("context", "gap", "ci_low", "ci_high", "p_value", "significant", "n_prompts")
     manifest = {
         "version": args.version,
-        "description": ("SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
+        "description": ("SmolLM2-135M-Instruct (embedded) with planted gender bias (female favoured, 0.2 log-odds; "
+                        "built on selection templates and names): context-specific units dominate" if v4 else
+                        "SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
                         + ("context-specific units dominate" if args.version == 3 else "shared neurons dominate")),
         "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(YES_NO_CONTEXTS),
         "training_contexts": list(cfg.contexts),
@@ -121,7 +160,7 @@ def main() -> None:
     }
     # verification on the held-out split: where each set acts, and the oracle matrix
     tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=1000)
-    sets = {c: EvalSet.build(model, load_context(c), "race") for c in YES_NO_CONTEXTS}
+    sets = {c: EvalSet.build(model, load_context(c), axis) for c in YES_NO_CONTEXTS}
 
     def effects(iv, label):
         cells = {c: evaluate(model, iv, sets[c], None, tc, selected_on=label) for c in YES_NO_CONTEXTS}
@@ -141,6 +180,8 @@ def main() -> None:
     for r, row in manifest["oracle"].items():
         print(f"oracle {r}: " + ", ".join(f"{c} {v['reduction'] if v['reduction'] is None else round(v['reduction'], 3)}"
                                            for c, v in row.items()), flush=True)
+    if v4:
+        manifest["transfer_test_validation"] = validate_transfer_test(model, manifest, axis, sets)
     save_delta(delta, out, manifest)
     for b, a in zip(before.rows, after.rows):
         print(f"{b['context']:<9} original {b['gap']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]   "

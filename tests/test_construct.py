@@ -119,3 +119,29 @@ def test_quiet_direction_beats_both_single_criteria():
         R = R / R.norm(dim=1, keepdim=True)
         rand = ((R @ C * R).sum(1).sqrt() * (R @ G * R).sum(1).sqrt()).min()
         assert obj(p) <= float(rand), trial
+
+
+def test_v4_construction_reads_selection_templates_and_names_only(tiny):
+    """Planted v4 is built from selection templates and a few selection names per cell: no held-out template or
+    name reaches the construction (issue 33)."""
+    from mechbias.data.axes import load_axis
+    from mechbias.data.contexts import load_context
+    from mechbias.groundtruth.construct import _items
+
+    cfg = ConstructConfig(axis="gender@extended", favoured="female", templates="selection", names_per_cell=3)
+    items = _items(tiny, cfg, ("finance", "hiring"))
+    named = [it for it in items if it.sign != 0]
+    ax = load_axis("gender@extended")
+    selection = {p.name for p in ax.split_people("selection")}
+    assert {it.name for it in named} <= selection
+    per_cell: dict = {}
+    for p in ax.people:
+        if p.name in {it.name for it in named}:
+            per_cell[(p.race, p.gender)] = per_cell.get((p.race, p.gender), 0) + 1
+    assert per_cell == {cell: 3 for cell in {(p.race, p.gender) for p in ax.people}}
+    for c in ("finance", "hiring"):
+        n_sel = len(load_context(c).template_split("selection"))
+        assert sum(it.context == c for it in named) == n_sel * 12
+    assert {it.sign for it in named} == {1.0, -1.0}
+    fav = {it.name for it in named if it.sign > 0}
+    assert all(p.gender == "female" for p in ax.people if p.name in fav)

@@ -44,7 +44,8 @@ DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
 PLANTED_DIR = DATA_FILES / "planted"
 #: model names of the shipped planted variants and their folders: v2 (trained; shared neurons carry most of every
 #: context's gap) and v3 (built by construction; private finance and commerce chains, see docs/groundtruth.md)
-PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3"}
+PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3",
+                    "planted-v4": PLANTED_DIR / "v4"}
 
 
 def embedded_gguf_path() -> Path:

@@ -50,7 +50,7 @@ from ..core.hooks import hooked
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
-from ..data.axes import load_axis
+from ..data.axes import load_axis, stable_hash
 from ..data.prompts import tokenize
 from ..data.contexts import load_context
 from ..data.texts import neutral_texts
@@ -63,7 +63,7 @@ __all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direct
 
 @dataclass
 class ConstructConfig:
-    """Settings of the planted model built by construction (v3)."""
+    """Settings of the planted model built by construction (v3; v4 with ``train_planted.py --version 4``)."""
     axis: str = "race"
     favoured: str = "White"
     planted: tuple[str, ...] = ("finance", "commerce")       # contexts that get a chain
@@ -86,6 +86,8 @@ class ConstructConfig:
     ridge: float = 1e-2               # ridge penalty, relative to the mean feature variance
     neutral_tokens: int = 96          # tokens of each neutral paragraph used as "elsewhere" examples
     names: str = "selection"
+    templates: str = "all"            # the template split the construction reads (v4: "selection" only)
+    names_per_cell: int | None = None  # at most this many names of each race x gender cell (first by name hash)
     seed: int = 0
 
 
@@ -102,8 +104,13 @@ def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
     ax = load_axis(cfg.axis)
     fav = ax.groups.index(cfg.favoured)
     out = []
+    people = ax.split_people(cfg.names, cfg.seed)
+    if cfg.names_per_cell is not None:
+        people = [p for p in people
+                  if sorted((q for q in people if (q.race, q.gender) == (p.race, p.gender)),
+                            key=lambda q: stable_hash(cfg.seed, q.name)).index(p) < cfg.names_per_cell]
     for c in contexts:
-        ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
+        ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts)):
             out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
                              p.person.name))
