@@ -36,6 +36,7 @@ import torch
 
 from mechbias.core.models import load_model, planted_manifest
 from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
+from mechbias.data.axes import load_axis
 from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
 from mechbias.eval.cells import EvalSet, TransferConfig
@@ -89,6 +90,8 @@ def main() -> None:
     cfg = planted_manifest(model)
     truth = truth_units(cfg)
     rows_ctx = ["finance", "commerce"]
+    axis = cfg.get("axis", "race")  # v4: "gender@extended"; held-out names of that roster in every cell
+    fav = load_axis(axis).groups.index(cfg.get("favoured", "White"))
     L, H, D = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_mlp
     recovery: list[dict] = []
 
@@ -103,10 +106,10 @@ def main() -> None:
     # 1. unit recovery from each method's ranking (selection split of each context)
     pairs_per = 3 if args.quick else 4
     for c in ([] if args.no_recovery else rows_ctx):
-        res = run_ig2(model, contrast_units(c, "race", favoured=0, pairs_per_template=pairs_per), steps=20,
+        res = run_ig2(model, contrast_units(c, axis, favoured=fav, pairs_per_template=pairs_per), steps=20,
                       kind="logit")
         add("IG² (prediction position, as the paper)", c, ranked_units(res.aggregate()), "neurons")
-        pairs = make_pairs(model, c, "race", templates="selection", names="selection", max_pairs=12)
+        pairs = make_pairs(model, c, axis, templates="selection", names="selection", max_pairs=12)
         atp = attribution_patch(model, pairs, components=("neurons", "heads"))
         add("AtP", c, ranked_units(torch.nanmean(atp.estimates["neurons"], 0).abs()), "neurons")
         add("AtP", c, ranked_units(torch.nanmean(atp.estimates["heads"], 0).abs()), "heads")
@@ -116,16 +119,16 @@ def main() -> None:
                           ("pruning score: activation (paper)", PruneConfig(unit="neuron", k=None, common=None)),
                           ("pruning score: attention to the name", PruneConfig(unit="head", k=None, common=None,
                                                                                select="sum"))):
-            cand = candidates(model, load_context(c), "race", pc)
+            cand = candidates(model, load_context(c), axis, pc)
             add(label, c, cand.items, "neurons" if pc.unit == "neuron" else "heads")
     if args.all_positions and not args.no_recovery:  # the extension costs ~sequence-length times IG²: finance, one pair per template
-        res = run_ig2(model, contrast_units("finance", "race", favoured=0, pairs_per_template=1), steps=20,
+        res = run_ig2(model, contrast_units("finance", axis, favoured=fav, pairs_per_template=1), steps=20,
                       kind="logit", position="all", internal_batch_size=64)
         add("IG² (all positions, extension)", "finance", ranked_units(res.aggregate()), "neurons")
 
     # 2. transfer-matrix recovery
-    eval_sets = {c: EvalSet.build(model, load_context(c), "race") for c in YES_NO_CONTEXTS}
-    oracle = oracle_matrix(model, cfg, rows_ctx, "race", eval_contexts=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
+    eval_sets = {c: EvalSet.build(model, load_context(c), axis) for c in YES_NO_CONTEXTS}
+    oracle = oracle_matrix(model, cfg, rows_ctx, axis, eval_contexts=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
     say(f"oracle: test {oracle.transfer_test['within_minus_cross']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
@@ -154,7 +157,7 @@ def main() -> None:
     tcfg = TransferConfig(n_random=1, controls=("random",), capability=False, n_boot=1000)
     matrices, transfer = [], []
     for label, method in methods.items():
-        tm = transfer_matrix(model, method, rows_ctx, "race", method=label, eval_contexts=list(YES_NO_CONTEXTS),
+        tm = transfer_matrix(model, method, rows_ctx, axis, method=label, eval_contexts=list(YES_NO_CONTEXTS),
                              config=tcfg, eval_sets=eval_sets)
         rec = matrix_recovery(tm, oracle)
         for c, sel in method.selections.items():
@@ -222,6 +225,9 @@ def report(gt: GroundTruthResult) -> str:
             "median rank": f"{r['median_rank']:.0f}"} for r in gt.rows]
     mats = [{"method": m["method"], "Pearson r [95% CI]": _ci(m["pearson"], *m["pearson_ci"]),
              "MAE [95% CI]": _ci(m["mae"], *m["mae_ci"], fmt="{:.3f}"),
+             "sensitivity [95% CI]": _ci(m["sensitivity"], *m["sensitivity_ci"], fmt="{:.2f}")
+             if "sensitivity" in m else "",
+             "leakage [95% CI]": _ci(m["leakage"], *m["leakage_ci"], fmt="{:+.3f}") if "leakage" in m else "",
              "within - cross, within columns [95% CI]": _ci(m["within_minus_cross"], m["ci_low"], m["ci_high"], fmt="{:+.3f}"),
              "MDD": f"{m['min_detectable']:.3f}", "detects": "yes" if m["detects"] else "no",
              "planted units selected": "; ".join(f"{k} {v['hits']}/{v['n']}" + _units(v)

@@ -166,4 +166,13 @@ def test_matrix_recovery_agrees_with_its_cells_and_detects_only_a_context_specif
         assert rec["pearson_ci"][0] <= rec["pearson"] <= rec["pearson_ci"][1]
         assert rec["mae_ci"][0] <= rec["mae"] <= rec["mae_ci"][1]
         assert rec["detects"] is detects, rec
+        diag = np.array([r == c for r, c in cells])  # sensitivity and leakage from the cells, by hand
+        assert rec["sensitivity"] == pytest.approx(m[diag].mean() / o[diag].mean(), abs=1e-9)
+        assert rec["leakage"] == pytest.approx(m[~diag].mean() - o[~diag].mean(), abs=1e-9)
+        assert rec["sensitivity_ci"][0] <= rec["sensitivity"] <= rec["sensitivity_ci"][1]
+        assert rec["leakage_ci"][0] <= rec["leakage"] <= rec["leakage_ci"][1]
     assert matrix_recovery(good, oracle, n_boot=400)["mae"] < 0.15 < matrix_recovery(shared, oracle, n_boot=400)["mae"]
+    # the shared matrix removes half the diagonal and leaks about 0.27 into the off-diagonal cells
+    flat_rec, good_rec = matrix_recovery(shared, oracle, n_boot=400), matrix_recovery(good, oracle, n_boot=400)
+    assert flat_rec["sensitivity_ci"][1] < 0.8 and flat_rec["leakage_ci"][0] > 0.1
+    assert good_rec["sensitivity_ci"][0] < 1.0 < good_rec["sensitivity_ci"][1] and good_rec["leakage_ci"][0] < 0 < good_rec["leakage_ci"][1]
