@@ -51,11 +51,12 @@ from mechbias.methods.patching import attribution_patch
 from mechbias.methods.patching.method import Patching, PatchingConfig
 from mechbias.methods.pruning import PruneConfig, candidates
 from mechbias.methods.pruning.method import Pruning
+from mechbias.methods.leace import Leace, LeaceConfig
 from mechbias.methods.steering import Steering, SteeringConfig
 
 NEURON_KINDS = ("neuron@name", "neuron@last")
 MATRIX_METHODS = ("ig2", "patching", "prune_neuron", "prune_neuron_paper", "prune_weight", "prune_head", "steering",
-                  "gradiend")
+                  "gradiend", "leace")
 
 
 def selected_units(iv) -> dict[str, set]:
@@ -147,6 +148,7 @@ def main() -> None:
         "prune_head": ("Head pruning (attention to the name)",
                        lambda: Pruning(PruneConfig(unit="head", k=2, head_mode="z", common=None))),
         "steering": ("Steering (mean difference)", lambda: Steering(SteeringConfig())),
+        "leace": ("LEACE concept erasure (baseline)", lambda: Leace(LeaceConfig())),
         # all down-projections (the planted units sit in layers 17-18, outside down-late's last quarter); one seed
         # and no shuffled-label control to keep the run within ~an hour on 2 CPU threads
         "gradiend": ("GRADIEND (all down-projections)",

@@ -31,7 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mechbias.apps.study import summary_rows  # noqa: E402
+from mechbias.apps.study_report import summary_rows  # noqa: E402
 from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table  # noqa: E402
 from mechbias.eval.stats import benjamini_hochberg  # noqa: E402
 from mechbias.eval.transfer import TransferMatrix, transfer_estimate  # noqa: E402

@@ -102,6 +102,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--trained-v3", action="store_true", help="v3 by the gradient trainer (missed its targets)")
+    # v4's defaults are the shipped model's; its held-out gap fell short of 0.1 (docs/groundtruth.md): the next
+    # attempt is --shift 0.3 --names-per-cell 32 --fit-contexts finance commerce hiring housing
+    ap.add_argument("--shift", type=float, default=0.1,
+                    help="v4: per-group score shift on the fitting prompts (planted gap 2 x shift there)")
+    ap.add_argument("--names-per-cell", type=int, default=16, help="v4: selection names per race x gender cell")
+    ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
+                    help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
     args = ap.parse_args()
     out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
@@ -123,7 +130,8 @@ def main() -> None:
     neutral0, neutral0_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
     built = args.version in (3, 4) and not args.trained_v3
     if built:
-        ccfg = (ConstructConfig(axis=axis, favoured="female", shift=0.1, templates="selection", names_per_cell=16)
+        ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
+                                names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts))
                 if v4 else ConstructConfig())
         delta, cfg, info = construct_planted(model, ccfg, log=lambda s: print(s, flush=True))
     else:

@@ -26,12 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
 from ..core.models import model_label
 from ..core.precision import PRECISIONS, check_precision
 from ..core.work import achieved_rate, matmul_peak, torch_threads
-from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
+from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
 from ..eval.cells import TransferConfig
@@ -45,6 +43,7 @@ from .jobs import (JobStore, RunReport, critical_path, data_fingerprint, default
                    run_planners)
 from .study_jobs import choose_axis  # noqa: F401 - part of this module's interface
 from .study_jobs import Shared, axis_planner, baseline_planner, method_planner, model_meta
+from .study_report import baseline_report, summary_report, summary_rows, transfer_md
 from .workflow import write_method_outputs
 
 DEFAULT_CONTEXTS = ("finance", "commerce")
@@ -148,27 +147,6 @@ class Step:
 # baseline
 # ----------------------------------------------------------------------------
 
-def _baseline_report(summary: dict, fig: Callable[[str], str]) -> str:
-    r0 = summary["rows"][0]
-    lines = [
-        "Bias gap = mean over prompts of log P(favourable answer) - log P(unfavourable answer), group A minus group "
-        "B (positive: group A is favoured). 95% CIs from a crossed bootstrap over names and templates. "
-        f"{r0['n_templates']} templates x {r0['n_names_a'] + r0['n_names_b']} names per context. Detectable: the "
-        "gap a test at 0.05 finds with power 0.8 (read it before the methods: a method cannot be shown to remove "
-        "less than this); p (BH): Benjamini-Hochberg over the rows.", "",
-        "| context | axis | gap | 95% CI | p | p (BH) | detectable | effect size (SD of name means) | significant |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary["rows"]:
-        bh = f"{r['p_bh']:.3f}" if "p_bh" in r else "-"
-        mde = f"{r['min_detectable']:.3f}" if "min_detectable" in r else "-"
-        lines.append(f"| {r['context']} | {r['axis']} ({r['group_a']} - {r['group_b']}) | {r['gap']:+.3f} | "
-                     f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_value']:.3f} | {bh} | {mde} | "
-                     f"{r['effect_size']:+.2f} | {'yes' if r['significant'] else 'no'} |")
-    lines += ["", f"![baseline bias]({fig('baseline_bias.png')})"]
-    return "\n".join(lines)
-
-
 def _baseline_step() -> Step:
     def plan(shared: Shared, cfg: StudyConfig, meta: dict):
         return baseline_planner(shared.salt, list(cfg.contexts), list(cfg.axes), cfg.seed, cfg.n_boot)
@@ -177,7 +155,7 @@ def _baseline_step() -> Step:
         _copy_tree(value["files"], out)
         return {"rows": value["rows"], "figures": value["figures"]}
 
-    return Step("baseline", "Baseline bias per context and axis", plan, write, _baseline_report)
+    return Step("baseline", "Baseline bias per context and axis", plan, write, baseline_report)
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -188,15 +166,6 @@ def _copy_tree(src: Path, dst: Path) -> None:
 # ----------------------------------------------------------------------------
 # method steps
 # ----------------------------------------------------------------------------
-
-def _transfer_md(cells: list[dict], fig: Callable[[str], str], name: str) -> str:
-    rows = [{"selected on": c["selected_on"], "evaluated on": c["evaluated_on"], "gap before": c["gap_before"],
-             "gap change": c["gap_change"],
-             "95% CI": f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]", "p (BH)": c.get("p_adjusted"),
-             "random control": c.get("random_gap_change"), "reduction": c["reduction"],
-             "Δppl": c.get("perplexity_change"), "components": c["n_components"]} for c in cells]
-    return "\n".join([markdown_table(rows), "", f"![{name}]({fig(name)})"])
-
 
 def _method_step(name: str, cls, config, extras: dict) -> Step:
     title = extras.get("title", cls.title)
@@ -221,7 +190,7 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
         return "\n".join([text, "", "**Transfer** (intervention chosen on the row context's selection split; "
                           "evaluated on held-out names and templates of each column context; gap change = after - "
                           "before, 95% paired crossed-bootstrap CI; random control: the intervention's own random "
-                          "draw of the same size):", "", _transfer_md(summary["transfer"], fig, summary["figures"][0])])
+                          "draw of the same size):", "", transfer_md(summary["transfer"], fig, summary["figures"][0])])
 
     return Step(name, title, plan, write, report, config)
 
@@ -229,61 +198,6 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
 # ----------------------------------------------------------------------------
 # summary
 # ----------------------------------------------------------------------------
-
-def _summary_report(summary: dict, fig) -> str:
-    return "\n".join(["Mean change of the gap (after - before, held-out names and templates) on the diagonal "
-                      "(selected and evaluated on the same context) and off it (another context), with the random "
-                      "control and the capability cost (mean perplexity change on the neutral text). Means of "
-                      "absolute changes, not of ratios.", "",
-                      markdown_table(summary["rows"]), "", f"![methods]({fig('methods_summary.png')})"])
-
-
-def _with_ci(value, ci) -> str:
-    if value is None or not ci or ci[0] is None:
-        return "-"
-    return f"{value:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
-def summary_rows(out: Path, steps: list[Step], plot: list[dict] | None = None) -> list[dict]:
-    """One row per finished method step: mean gap change on and off the diagonal, the gap removed within and
-    across contexts with CIs, controls, capability. ``plot``, if given, receives the numbers the methods
-    figure draws."""
-    rows = []
-    plot = plot if plot is not None else []
-    for st in steps:
-        f = out / "steps" / st.name / "summary.json"
-        if not f.exists():
-            continue
-        s = json.loads(f.read_text())
-        cells = s.get("transfer")
-        if not cells:
-            continue
-        diag = [c for c in cells if c["selected_on"] == c["evaluated_on"]]
-        off = [c for c in cells if c["selected_on"] != c["evaluated_on"]]
-
-        def mean(xs, k):
-            v = [x[k] for x in xs if x.get(k) is not None]
-            return float(np.mean(v)) if v else float("nan")
-
-        tt = s.get("transfer_test") or {}
-        rows.append({"method": s.get("title", st.title), "diagonal": mean(diag, "gap_change"),
-                     "off-diagonal": mean(off, "gap_change"), "random (diag)": mean(diag, "random_gap_change"),
-                     "random (off)": mean(off, "random_gap_change"), "gap before (diag)": mean(diag, "gap_before"),
-                     "Δppl": mean(cells, "perplexity_change"), "Δppl random": mean(cells, "random_perplexity_change"),
-                     "diagonal cells with CI excluding 0":
-                         f"{sum((c['ci_high'] < 0) or (c['ci_low'] > 0) for c in diag)}/{len(diag)}",
-                     # what the figure draws: gap removed within and across contexts (the transfer test's
-                     # column-wise means) with their 95% CIs, and the random control's removal
-                     "removed within [95% CI]": _with_ci(tt.get("within_mean"), tt.get("within_ci")),
-                     "removed cross [95% CI]": _with_ci(tt.get("cross_mean"), tt.get("cross_ci")),
-                     "random removed (within / cross)": f"{mean(diag, 'random_gap_removed'):+.3f} / "
-                                                        f"{mean(off, 'random_gap_removed'):+.3f}"})
-        plot.append({"method": s.get("title", st.title), "within": tt.get("within_mean"),
-                     "within_ci": tt.get("within_ci"), "cross": tt.get("cross_mean"), "cross_ci": tt.get("cross_ci"),
-                     "random_within": mean(diag, "random_gap_removed"), "random_cross": mean(off, "random_gap_removed"),
-                     "ppl": mean(cells, "perplexity_change"), "ppl_random": mean(cells, "random_perplexity_change")})
-    return rows
-
 
 def study_steps(cfg: StudyConfig) -> list[Step]:
     """The study's method steps and the baseline, in order (the summary is written after them)."""
@@ -476,7 +390,7 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
              f"{cfg.n_random} draws per control and cell"
              f"{' (full study)' if cfg.full else ' (default study; --full for every context and variant)'}"
              f"{' (quick configuration)' if cfg.quick else ''}.", ""]
-    summary_step = Step("summary", SUMMARY_TITLE, lambda *a: None, lambda *a: {}, _summary_report)
+    summary_step = Step("summary", SUMMARY_TITLE, lambda *a: None, lambda *a: {}, summary_report)
     for st in [*steps, summary_step]:
         done = out / "steps" / st.name / "summary.json"
         if not done.exists():
