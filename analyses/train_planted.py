@@ -3,10 +3,11 @@
     python analyses/train_planted.py [--version 4] [--out mechbias/data/files/planted/v4] [--steps 30]
 
 Deterministic (fixed seeds). Version 4 (``load_model("planted-v4")``, issue 33): the v3 construction on the
-**gender** axis (female names favoured, as the embedded model's own gap), a planted gap of 0.2 log-odds (the
-size of the real gaps), built from **selection templates and 16 selection names per race x gender cell of the
-extended roster only**, and verified on held-out templates and the extended roster's held-out names (200,
-disjoint from every name the construction read). Its verification adds the column-wise transfer test on the
+**gender** axis (female names favoured, as the embedded model's own gap), a planted gap of 0.2 log-odds on the
+fitting prompts (about 0.06 on held-out prompts), built from **selection templates and 16 selection names per
+race x gender cell of the extended roster only** (finance, commerce and hiring; housing is never seen), and
+verified on held-out templates and the extended roster's held-out names (200, disjoint from every name the
+construction read). Its verification adds the column-wise transfer test on the
 oracle's own matrix (each row zeroes its context's chain: the planted difference, which the test must detect)
 and on the same fix applied on every row (both chains zeroed on both rows, which it must not).
 Version 3 (``load_model("planted-v3")``): context-specific
