@@ -27,7 +27,7 @@ def main() -> int:
     nb = nbformat.read(SOURCE, as_version=4)
     os.environ["MECHBIAS_NOTEBOOK_SMALL"] = "1"
     os.environ.pop("MECHBIAS_NOTEBOOK_MODEL", None)
-    os.environ["MPLBACKEND"] = "Agg"
+    os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend: figures become outputs the docs show
     t0 = time.perf_counter()
     work = ROOT / "results" / "quickstart_run"
     work.mkdir(parents=True, exist_ok=True)
