@@ -103,8 +103,8 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
     width = max(len(cont) for _, cont in enc)  # positions read: the last `width` predictions of every row
     fits = [i for i, (ctx, cont) in enumerate(enc) if len(ctx) + len(cont) > width]
     out: list[Continuation | None] = [None] * len(enc)
-    if len(fits) < len(enc):  # a row shorter than the widest continuation: full sequences for those rows
-        rest = [i for i in range(len(enc)) if i not in set(fits)]
+    rest = [i for i, (ctx, cont) in enumerate(enc) if len(ctx) + len(cont) <= width]
+    if rest:  # a row shorter than the widest continuation: full sequences for those rows
         for i, c in zip(rest, _continuations_full(model, [enc[i] for i in rest], max_tokens)):
             out[i] = c
     if not fits:
