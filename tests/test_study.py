@@ -77,6 +77,12 @@ def test_study_settings_are_checked_before_any_work():
         StudyConfig(workers=0)
     assert StudyConfig().contexts == ("finance", "commerce")
     assert len(StudyConfig(full=True).contexts) > 2
+    with pytest.raises(ValueError, match="--random must be"):
+        StudyConfig(n_random=-1)
+    # draws per control: 2 by default, 50 in the complete study (a rank p-value can then reach 0.02), 1 quick;
+    # a stated count wins
+    assert [StudyConfig(**kw).n_random for kw in ({}, {"full": True}, {"quick": True}, {"full": True, "n_random": 3})
+            ] == [2, 50, 1, 3]
 
 
 def test_user_yaml_contexts_work_in_method_commands_and_the_study(tmp_path):

@@ -65,7 +65,8 @@ class StudyConfig:
                 "(float32). Every reported number (baselines, cells, controls, perplexity) is computed exact",
         "choices": ("auto", *PRECISIONS)})
     n_boot: int = field(default=2000, metadata={"flag": "--boot", "help": "bootstrap replicates"})
-    n_random: int = field(default=2, metadata={"flag": "--random", "help": "draws per control and cell"})
+    n_random: int | None = field(default=None, metadata={
+        "flag": "--random", "help": "draws per control and cell (none: 2; 50 with --full; 1 with --quick)"})
     full: bool = field(default=False, metadata={
         "help": "every context, method variant and control (the complete study); default: finance vs. commerce, "
                 "one variant per method"})
@@ -108,8 +109,10 @@ class StudyConfig:
             raise ValueError(f"unknown methods {bad}; registered: {sorted(known)}")
         if self.quick and self.n_boot == 2000:
             self.n_boot = 300
-        if self.quick and self.n_random == 2:
-            self.n_random = 1
+        if self.n_random is None:
+            self.n_random = 1 if self.quick else 50 if self.full else 2
+        if self.n_random < 0:
+            raise ValueError(f"--random must be >= 0, not {self.n_random}")
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers must be >= 1, not {self.workers}")
         if self.threads is not None and self.threads < 1:
