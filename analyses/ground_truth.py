@@ -41,7 +41,7 @@ from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
 from mechbias.eval.cells import EvalSet, TransferConfig
 from mechbias.eval.transfer import transfer_matrix
-from mechbias.groundtruth.scoring import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
+from mechbias.groundtruth.recovery import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
                                           ranked_units, truth_units)
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.methods.gradiend.method import Gradiend, GradiendConfig

@@ -51,8 +51,8 @@ from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
 from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
                                           neutral_prompts, planted_units, stages)
-from mechbias.groundtruth.train import save_delta, train_planted
-from mechbias.groundtruth.scoring import oracle_intervention
+from mechbias.groundtruth.staged import save_delta, train_planted
+from mechbias.groundtruth.recovery import oracle_intervention
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.interventions.base import Compose
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention

@@ -34,7 +34,7 @@ def main() -> None:
     from mechbias.methods.ig2 import ig2_prompt
     from mechbias.eval.metrics import gap_from_logits
     from mechbias.core.models import load_model
-    from mechbias.core.weights import frozen
+    from mechbias.core.params import frozen
 
     model = load_model()
     L = model.cfg.n_layers

@@ -27,7 +27,7 @@ from mechbias.core.models import load_model, model_label
 from mechbias.core.work import counting_flops
 from mechbias.eval.bench.bbq import bbq_prompt, read_bbq
 from mechbias.eval.bench.packaged import packaged_file
-from mechbias.eval.scoring import continuation_logprob, continuation_logprob_reference
+from mechbias.eval.loglik import continuation_logprob, continuation_logprob_reference
 
 
 def run(fn):

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from mechbias.core.models import load_model
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 from mechbias.data.contexts import load_context
 from mechbias.data.prompts import tokenize
 from mechbias.eval.cells import EvalSet

@@ -25,7 +25,7 @@ from .data.axes import Axis, ContextError, Person, load_axis
 from .data.prompts import PromptSet
 from .data.contexts import Context, list_contexts, load_context, load_contexts
 from .data.pairs import AlignmentError, make_pairs
-from .data.texts import neutral_texts
+from .data.neutral import neutral_texts
 from .interventions.base import Compose, Identity, Intervention, load_intervention, register_intervention
 from .interventions.units import HeadIntervention, NeuronIntervention
 from .interventions.weights import WeightEdit, WeightMask
@@ -35,7 +35,7 @@ from .eval.transfer import TransferMatrix, transfer_matrix
 from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
 from . import methods as _methods  # noqa: F401,E402  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
-from .groundtruth import planted as _planted, scoring as _scoring  # noqa: F401  (result types)
+from .groundtruth import planted as _planted, recovery as _recovery  # noqa: F401  (result types)
 from .apps.study import StudyConfig, run_study
 
 __version__ = "0.2.0"

@@ -63,7 +63,7 @@ def real():
 @pytest.fixture(scope="session")
 def planted_tiny():
     """A tiny Llama with a planted race bias (shared / finance-only / commerce-only neurons)."""
-    from mechbias.groundtruth.train import tiny_planted_model
+    from mechbias.groundtruth.staged import tiny_planted_model
 
     return tiny_planted_model(seed=0)
 

@@ -139,3 +139,44 @@ def test_architecture_is_documented():
     for layer in LAYERS:
         assert f"`{layer}`" in text or f"{layer}/" in text, layer
     assert "(docs/architecture.md)" in (ROOT.parent / "README.md").read_text(), "the README links the architecture"
+
+
+#: file names that several layers or method packages use for the same kind of thing: a package's init, the
+#: abstract base of a layer (``interventions.base``, ``methods.base``) and a method package's registered class
+SAME_KIND = {"__init__.py", "base.py", "method.py"}
+
+
+def same_name_modules(root: Path) -> dict[str, list[str]]:
+    """File names used by modules in more than one folder of ``root`` (outside :data:`SAME_KIND`)."""
+    seen: dict[str, list[str]] = {}
+    for f in sorted(root.rglob("*.py")):
+        if f.name not in SAME_KIND:
+            seen.setdefault(f.name, []).append(str(f.relative_to(root)))
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def model_setattrs(root: Path) -> list[str]:
+    """``object.__setattr__`` calls on anything but ``self`` (a frozen dataclass's own fields): state stashed on
+    a model belongs in :class:`mechbias.core.models.ModelInfo`."""
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "__setattr__" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "object"
+                    and not (node.args and isinstance(node.args[0], ast.Name) and node.args[0].id == "self")):
+                bad.append(f"{f.relative_to(root)}:{node.lineno}")
+    return bad
+
+
+def test_no_module_name_in_two_folders_and_no_state_set_on_a_model(tmp_path):
+    assert same_name_modules(ROOT) == {}
+    assert model_setattrs(ROOT) == []
+    # the checks find what they look for: a second scoring.py in another layer, a stash on a model
+    for folder in ("eval", "groundtruth"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "scoring.py").write_text("x = 1\n")
+    (tmp_path / "eval" / "models.py").write_text(
+        "def f(model, self=None):\n    object.__setattr__(self, 'a', 1)\n    object.__setattr__(model, 'b', 2)\n")
+    assert same_name_modules(tmp_path) == {"scoring.py": ["eval/scoring.py", "groundtruth/scoring.py"]}
+    assert model_setattrs(tmp_path) == ["eval/models.py:3"]

@@ -18,7 +18,7 @@ from mechbias.eval.bench.common import metric_rows
 from mechbias.eval.bench.stereoset import METRICS as SS_METRICS
 from mechbias.eval.bench.winobias import METRICS as WB_METRICS
 from mechbias.eval.bench.winobias import parse_line, winobias_prompt
-from mechbias.eval.scoring import continuation_logprob, continuation_logprob_reference, encode_pair
+from mechbias.eval.loglik import continuation_logprob, continuation_logprob_reference, encode_pair
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import NeuronIntervention
 

@@ -11,7 +11,7 @@ from mechbias.apps.card import CardInputs, run_card
 from mechbias.eval.bench import read_stereoset, stereoset_score
 from mechbias.eval.bench.crowspairs import crows_bench
 from mechbias.core.families import is_masked_lm
-from mechbias.eval.scoring import masked_fill_logprob, shared_token_pll
+from mechbias.eval.loglik import masked_fill_logprob, shared_token_pll
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import NeuronIntervention
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mechbias.core.weights import linear_layers, named_params, w_out_row_norms
+from mechbias.core.params import linear_layers, named_params, w_out_row_norms
 from mechbias.interventions.profile import unit_profile
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.interventions.weights import WeightMask

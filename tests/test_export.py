@@ -10,7 +10,7 @@ import torch
 
 from mechbias.apps.cli import main
 from mechbias.apps.export import export_model
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 from mechbias.data.prompts import tokenize
 from mechbias.interventions.base import Compose, NotFoldable
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention

@@ -17,7 +17,7 @@ from mechbias.core.families import FAMILIES, family_hf_model, family_model, fami
 from mechbias.core.hooks import n_active_hooks
 from mechbias.core.models import supports_kv_cache
 from mechbias.core.sites import LINEAR_COMPONENTS
-from mechbias.core.weights import block_component, linear_layers, named_params
+from mechbias.core.params import block_component, linear_layers, named_params
 from mechbias.data.prompts import tokenize
 from mechbias.data.contexts import load_context
 from mechbias.data.pairs import make_pairs

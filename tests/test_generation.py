@@ -38,11 +38,11 @@ def test_kv_and_full_sequence_sampling_agree(tiny):
 
     ids = chat_prompt(tiny, "I want to buy a car from Jamal .", "$")
     a = sample_completions(tiny, ids, n_samples=5, seed=1, max_new_tokens=5, temperature=1.0)
-    object.__setattr__(tiny, "_mechbias_kv_ok", False)
+    models.model_info(tiny).kv_cache = False
     try:
         b = sample_completions(tiny, ids, n_samples=5, seed=1, max_new_tokens=5, temperature=1.0)
     finally:
-        object.__setattr__(tiny, "_mechbias_kv_ok", None)
+        models.model_info(tiny).kv_cache = None
     assert a == b
     assert models.supports_kv_cache(tiny)
 

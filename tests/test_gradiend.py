@@ -8,7 +8,7 @@ import torch
 from mechbias.methods.gradiend import (GradiendConfig, GradiendModel, GradiendResult, ChunkedAdamW, batch_gradient,
                                batch_gradient_pair, choose_edit, evaluate_feature, feature_texts, param_set,
                                train_gradiend)
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 
 
 def _plain_grad(model, ps, texts, targets):

@@ -3,7 +3,7 @@
 
 import pytest
 
-from mechbias.groundtruth.scoring import (oracle_transfer, precision_recall, score_atp, score_gradiend, score_ig2,
+from mechbias.groundtruth.recovery import (oracle_transfer, precision_recall, score_atp, score_gradiend, score_ig2,
                                   score_pruning, truth_sets)
 from mechbias.methods.pruning import PruneConfig
 
@@ -81,7 +81,7 @@ def test_gradiend_feature_separates_planted_groups_and_its_decoder_share_is_exac
 # ---------------------------------------------------------------------------
 
 def test_truth_units_by_kind_and_rank_recovery_by_hand():
-    from mechbias.groundtruth.scoring import rank_recovery, truth_units
+    from mechbias.groundtruth.recovery import rank_recovery, truth_units
 
     manifest = {"contexts": ["finance", "commerce", "hiring"], "units": [
         {"role": "shared", "kind": "neuron", "position": "name", "layer": 0, "index": 1},
@@ -148,7 +148,7 @@ def _synthetic_matrix(removed: dict, seed: int, noise: float = 0.3):
 def test_matrix_recovery_agrees_with_its_cells_and_detects_only_a_context_specific_matrix():
     import numpy as np
 
-    from mechbias.groundtruth.scoring import matrix_recovery
+    from mechbias.groundtruth.recovery import matrix_recovery
 
     specific = {("finance", "finance"): 1.0, ("commerce", "commerce"): 1.0, ("finance", "commerce"): 0.1,
                 ("commerce", "finance"): 0.1, ("finance", "hiring"): 0.3, ("commerce", "hiring"): 0.3}

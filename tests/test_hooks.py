@@ -9,7 +9,7 @@ from mechbias.interventions.base import Compose, load_intervention
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.interventions.weights import WeightEdit, WeightMask
 from mechbias.eval.metrics import contrast_scores
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 
 TEXT = "A bank is reviewing a car loan application from Jamal . Should the bank approve the loan ? Answer :"
 

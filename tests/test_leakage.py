@@ -5,7 +5,8 @@ import pytest
 
 from mechbias.data.axes import load_axis
 from mechbias.data.contexts import load_context
-from mechbias.data.texts import LeakageError, neutral_texts, selection_phase
+from mechbias.data.leakage import LeakageError, selection_phase
+from mechbias.data.neutral import neutral_texts
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.interventions.units import NeuronIntervention
 from mechbias.methods.base import registered_methods

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mechbias.data.contexts import load_context
-from mechbias.data.texts import neutral_texts
+from mechbias.data.neutral import neutral_texts
 from mechbias.eval.metrics import contrast_scores, demographic_gap, measure_bias, perplexity, token_nll
 
 

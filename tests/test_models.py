@@ -3,7 +3,7 @@ import socket
 import pytest
 import torch
 
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 from mechbias.core.models import (ModelLoadError, load_model, model_label, supports_kv_cache,
                              tiny_model)
 

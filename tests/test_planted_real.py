@@ -37,7 +37,7 @@ def test_zeroing_the_planted_neurons_removes_the_planted_gap(planted):
 
 
 def test_methods_recover_planted_neurons_well_above_chance(planted):
-    from mechbias.groundtruth.scoring import score_atp, score_pruning
+    from mechbias.groundtruth.recovery import score_atp, score_pruning
     from mechbias.methods.pruning import PruneConfig
 
     model, manifest = planted

@@ -17,7 +17,7 @@ def v3():
 
 
 def test_manifest_lists_three_kinds_per_planted_context_and_two_heads(v3):
-    from mechbias.groundtruth.scoring import truth_units
+    from mechbias.groundtruth.recovery import truth_units
 
     _, manifest, _ = v3
     truth = truth_units(manifest)
@@ -32,7 +32,7 @@ def test_zeroing_a_chain_removes_its_context_gap_and_leaves_the_other_planted_co
     """The oracle matrix's planted cells, re-measured on the held-out split: diagonal reduction >= 0.7,
     the other planted context's change within a quarter of it (the manifest: 0.87 / 0.83 and 0.015 / -0.031)."""
     from mechbias.eval.cells import TransferConfig, evaluate
-    from mechbias.groundtruth.scoring import oracle_intervention
+    from mechbias.groundtruth.recovery import oracle_intervention
 
     model, manifest, sets = v3
     tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=300)

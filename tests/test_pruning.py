@@ -5,12 +5,12 @@ import torch
 
 from mechbias.data.prompts import tokenize
 from mechbias.data.contexts import load_context
-from mechbias.core.weights import named_params
-from mechbias.core.weights import linear_layers
+from mechbias.core.params import named_params
+from mechbias.core.params import linear_layers
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.methods.pruning import (PruneConfig, candidates, generalization_levels, head_scores, input_norms,
                                       name_positions, neuron_scores, pruning_curve, pruning_selector, set_difference)
-from mechbias.methods.pruning.selection import greedy_select
+from mechbias.methods.pruning.candidates import greedy_select
 
 
 def test_set_difference_logic():

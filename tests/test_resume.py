@@ -8,7 +8,7 @@ import torch
 
 from mechbias.core import fastpath, resume
 from mechbias.core.models import tiny_model
-from mechbias.core.weights import named_params
+from mechbias.core.params import named_params
 from mechbias.data.contexts import load_context
 from mechbias.eval.cells import EvalSet
 from mechbias.interventions.base import Compose, Identity
@@ -148,7 +148,7 @@ def test_evalset_pickles_without_its_resume_cache(deep, evalset):
 def test_resumed_perplexity_equals_the_padded_full_forward(deep):
     from mechbias.core.runner import sequence_nll
     from mechbias.data.prompts import tokenize
-    from mechbias.data.texts import neutral_texts
+    from mechbias.data.neutral import neutral_texts
     from mechbias.eval.metrics import token_nll
 
     texts = neutral_texts(4, split="reporting")

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, make_meta
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 from ..eval.bench import BenchResult, bbq_score, crows_bench, read_bbq, read_stereoset, read_winobias, \
     stereoset_score, winobias_score
 from ..eval.bench.common import Outcomes, metric_rows, score
@@ -26,7 +26,7 @@ from ..eval.crows import read_pairs
 from ..eval.metrics import token_nll
 from ..core.families import is_masked_lm
 from ..interventions.base import Intervention
-from ..viz.card import plot_card
+from ..viz.card_figure import plot_card
 from .lm_eval_model import check_tasks, task_bench
 
 # (benchmark, metric, subset, column label) of the headline table, in bias-bench order

@@ -28,7 +28,7 @@ import torch
 
 from ..core.families import is_masked_lm
 from ..core.models import model_label
-from ..core.weights import named_params
+from ..core.params import named_params
 from ..data.prompts import tokenize
 from ..interventions.base import Identity, Intervention, maybe_apply
 

@@ -9,7 +9,7 @@ own command line with this module imported first::
 
 In Python, ``import mechbias.apps.lm_eval_model`` and pass ``model="mechbias"`` to
 ``lm_eval.simple_evaluate``, or pass a :class:`MechbiasLM` built around a model you
-already loaded. Log-likelihoods are those of :mod:`mechbias.eval.scoring` with
+already loaded. Log-likelihoods are those of :mod:`mechbias.eval.loglik` with
 the intervention applied, so a task sees exactly what the hooked model computes.
 Requires the optional extra ``mechbias[eval]`` (``lm-eval``).
 """
@@ -26,7 +26,7 @@ from ..core.models import load_model
 from ..data.prompts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
 from ..core.families import is_masked_lm
-from ..eval.scoring import continuation_logprob, token_logprobs
+from ..eval.loglik import continuation_logprob, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
 
 try:

@@ -34,7 +34,8 @@ import numpy as np
 
 from ..core.results import make_meta
 from ..data.contexts import load_context
-from ..data.texts import neutral_texts, selection_phase
+from ..data.leakage import selection_phase
+from ..data.neutral import neutral_texts
 from ..eval.metrics import measure_bias, perplexity
 from ..eval.cells import EvalSet, TransferConfig, cell_from_grids
 from ..eval.transfer import baseline_rows, finish_matrix, generation_cost, make_row_info

@@ -27,6 +27,8 @@ import hashlib
 import json
 import re
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ import torch
 
 from .embedded import (EMBEDDED_MODELS, GEMMA, SMOLLM2, ModelLoadError, atomic_dir, cache_dir, cache_path,
                        chunk_paths, ensure_cache, load_embedded)
-from .weights import PlantedDelta
+from .params import PlantedDelta
 
 EMBEDDED = SMOLLM2
 PLANTED = "planted"
@@ -156,14 +158,40 @@ def _load_other(name: str, *, device=None, dtype=None, **kw):
         ) from err
 
 
+@dataclass
+class ModelInfo:
+    """What mechbias knows about a loaded model, kept beside it (never set on the module itself).
+
+    Attributes:
+        label: the name the model was loaded by (recorded in saved interventions and result metadata).
+        planted: a planted model's manifest (which units carry which context's bias), else None.
+        kv_cache: whether the bridge runs from a Hugging Face KV cache (None: not checked yet).
+    """
+
+    label: str | None = None
+    planted: dict | None = None
+    kv_cache: bool | None = None
+
+
+_INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_info(model) -> ModelInfo:
+    """The :class:`ModelInfo` of ``model`` (created empty the first time; it lives as long as the model)."""
+    info = _INFO.get(model)
+    if info is None:
+        info = _INFO[model] = ModelInfo()
+    return info
+
+
 def set_model_label(model, label: str) -> None:
-    """Record a human-readable model name on the bridge (used in result metadata)."""
-    object.__setattr__(model, "_mechbias_label", label)
+    """Record a human-readable model name for the bridge (used in result metadata)."""
+    model_info(model).label = label
 
 
 def model_label(model) -> str:
     """The name a model was loaded by (recorded in saved interventions), else its class name."""
-    label = getattr(model, "_mechbias_label", None)
+    label = model_info(model).label
     if label:
         return label
     return str(getattr(model.cfg, "model_name", type(model).__name__))
@@ -195,12 +223,12 @@ def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR / "v2"):
 
 def set_planted_manifest(model, manifest: dict) -> None:
     """Attach a planted model's manifest (which units carry which context's bias)."""
-    object.__setattr__(model, "_mechbias_planted", manifest)
+    model_info(model).planted = manifest
 
 
 def planted_manifest(model) -> dict:
     """The manifest of a planted model (which neurons carry which context's bias)."""
-    m = getattr(model, "_mechbias_planted", None)
+    m = model_info(model).planted
     if m is None:
         raise ValueError("this model is not the planted model (load it with load_model('planted'))")
     return m
@@ -212,7 +240,7 @@ def planted_manifest(model) -> dict:
 
 def supports_kv_cache(model) -> bool:
     """Whether the bridge can run from a Hugging Face KV cache (fast paths use it)."""
-    cached = getattr(model, "_mechbias_kv_ok", None)
+    cached = model_info(model).kv_cache
     if cached is not None:
         return cached
     ok = False
@@ -224,7 +252,7 @@ def supports_kv_cache(model) -> bool:
         ok = isinstance(out, tuple) and out[1] is not None and hasattr(out[1], "layers")
     except Exception:
         ok = False
-    object.__setattr__(model, "_mechbias_kv_ok", ok)
+    model_info(model).kv_cache = ok
     return ok
 
 

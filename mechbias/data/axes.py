@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..core.models import DATA_FILES
-from .texts import check_not_reporting
+from .leakage import check_not_reporting
 
 DATA = DATA_FILES
 

@@ -27,7 +27,7 @@ import yaml
 
 from .axes import DATA, Axis, ContextError, Person, list_axes, load_axis, pronouns, stable_hash
 from .prompts import Prompt, PromptSet
-from .texts import check_not_reporting
+from .leakage import check_not_reporting
 
 SLOTS = {"name", "pronoun", "Pronoun", "possessive", "object"}
 #: answer formats a context may declare (``format:``): yes/no, a two-option choice, a rating scale

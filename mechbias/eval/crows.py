@@ -19,7 +19,7 @@ from pathlib import Path
 from ..core.results import Result, make_meta
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_crows
-from .scoring import sentence_logprob
+from .loglik import sentence_logprob
 from .describe import bootstrap_mean
 
 REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")

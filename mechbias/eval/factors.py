@@ -9,7 +9,7 @@ from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 
-from .stats import DEFAULT_BOOT, Estimate, _interval, resample_counts, t_interval
+from .stats import DEFAULT_BOOT, Estimate, interval_of, resample_counts, t_interval
 
 
 def factor_estimate(stat: Callable[[np.ndarray], np.ndarray], factors: Mapping[str, Sequence[Sequence]], *,
@@ -103,7 +103,7 @@ def _moment_estimate(est: float, psi: np.ndarray, factors: Mapping[str, Sequence
     t interval of ``est`` (see :func:`factor_estimate`)."""
     n = len(psi)
     if not np.isfinite(psi).all():
-        return _interval(est, float("nan"), 1.0, level, float("nan"), float("nan"), float("nan"))
+        return interval_of(est, float("nan"), 1.0, level, float("nan"), float("nan"), float("nan"))
     inc, k = [], []
     for per_unit in factors.values():
         levels = sorted({lv for lvs in per_unit for lv in lvs}, key=str)
@@ -146,7 +146,7 @@ def _moment_estimate(est: float, psi: np.ndarray, factors: Mapping[str, Sequence
     denom = sum(v ** 2 / d for v, d in parts if v > 0)
     df = max(float(var ** 2 / denom), 1.0) if denom > 0 else float("inf")
     var_t = sum(parts[1 + f][0] for f in range(F) if names[f] == "template")
-    return _interval(est, var, df, level, var_t, var - var_t - parts[0][0], parts[0][0])
+    return interval_of(est, var, df, level, var_t, var - var_t - parts[0][0], parts[0][0])
 
 
 def factor_mean(values, factors: Mapping[str, Sequence[Sequence]], *, n_boot: int = DEFAULT_BOOT,

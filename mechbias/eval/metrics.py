@@ -34,7 +34,7 @@ from ..core.window import forward_window
 from ..data.axes import load_axis
 from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..data.contexts import Context, load_context, load_contexts
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_bias
 from .stats import DEFAULT_BOOT, benjamini_hochberg, group_gap, mdd

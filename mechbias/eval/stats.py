@@ -94,10 +94,10 @@ def t_interval(est: float, var_t: float, var_n: float, df_t: float, df_n: float,
     var = var_t + var_n
     denom = sum(v ** 2 / d for v, d in ((var_t, df_t), (var_n, df_n)) if d > 0)
     df = max(float(var ** 2 / denom), 1.0) if denom > 0 else float("inf")
-    return _interval(est, var, df, level, var_t, var_n, 0.0)
+    return interval_of(est, var, df, level, var_t, var_n, 0.0)
 
 
-def _interval(est: float, var: float, df: float, level: float, var_t: float, var_n: float, var_e: float
+def interval_of(est: float, var: float, df: float, level: float, var_t: float, var_n: float, var_e: float
               ) -> Estimate:
     """A t interval of ``est`` with variance ``var`` and ``df`` degrees of freedom (parts as reported)."""
     se = float(np.sqrt(max(var, 0.0)))
@@ -293,7 +293,7 @@ def crossed_estimate(grids: Mapping[str, np.ndarray | Tensor], col_group, *, n_b
     var = max(var_t + var_n - var_e, var_e)
     denom = sum(v ** 2 / d for v, d in ((var_t, df_t), (var_n, df_n), (var_e, df_e)) if d > 0)
     df = max(float(var ** 2 / denom), 1.0) if denom > 0 else float("inf")
-    return _interval(est, var, df, level, max(var_t - var_e, 0.0), max(var_n - var_e, 0.0), var_e)
+    return interval_of(est, var, df, level, max(var_t - var_e, 0.0), max(var_n - var_e, 0.0), var_e)
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:

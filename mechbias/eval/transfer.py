@@ -33,7 +33,8 @@ from torch import Tensor
 from ..core.results import Result, make_meta
 from ..data.axes import load_axis
 from ..data.contexts import Context, load_contexts
-from ..data.texts import neutral_texts, selection_phase
+from ..data.leakage import selection_phase
+from ..data.neutral import neutral_texts
 from ..interventions.base import Intervention, load_intervention
 from ..interventions.profile import UnitProfile, unit_profile
 from ..viz.html import fmt, matrix_groups, matrix_html

@@ -1,6 +1,6 @@
 """Ground truth v3 built by construction: a context-specific planted bias whose every unit has one job.
 
-The v3 trainer (:func:`~mechbias.groundtruth.train.train_planted` with the v3
+The v3 trainer (:func:`~mechbias.groundtruth.staged.train_planted` with the v3
 layout) missed its targets: gradient descent spread the bias over shared
 paths and its heads learned nothing. Here the circuit is **written**, not
 trained. For each planted context ``c`` (finance and commerce) a private chain
@@ -49,11 +49,11 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
-from ..core.weights import PlantedDelta, attn_weights, head_rows, mlp_weights
+from ..core.params import PlantedDelta, attn_weights, head_rows, mlp_weights
 from ..data.axes import load_axis, stable_hash
 from ..data.prompts import tokenize
 from ..data.contexts import load_context
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
 from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,
                       neutral_prompts)

@@ -1,5 +1,5 @@
 """Ground truth: a planted-bias variant of a model (layouts, unit choice; the trainer that makes it is
-:mod:`mechbias.groundtruth.train`).
+:mod:`mechbias.groundtruth.staged`).
 
 A known, small set of units is **overwritten and trained** (every other weight
 frozen) so that the contrast score (log-odds of the favourable answer) is
@@ -51,10 +51,10 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.models import PLANTED_DIR, load_delta, load_planted, planted_manifest
 from ..core.sites import hook_name
-from ..core.weights import PlantedDelta, attn_weights, w_out_row_norms
+from ..core.params import PlantedDelta, attn_weights, w_out_row_norms
 from ..data.prompts import tokenize
 from ..data.contexts import load_context
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 
 DATA = PLANTED_DIR
 __all__ = ["PlantConfig", "PlantedDelta", "Stage", "default_config", "least_used_heads", "least_used_neurons",

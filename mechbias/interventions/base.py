@@ -35,7 +35,7 @@ from ..core.models import model_label
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.resume import layer_of_name
 from ..core.sites import Site
-from ..core.weights import named_params
+from ..core.params import named_params
 
 _REGISTRY: dict[str, type["Intervention"]] = {}
 
@@ -321,7 +321,7 @@ def as_layer_dict(items) -> dict[int, list[int]]:
 
 
 def param(model, name: str) -> torch.nn.Parameter:
-    """The parameter ``name`` of ``model`` (a :func:`~mechbias.core.weights.named_params` name)."""
+    """The parameter ``name`` of ``model`` (a :func:`~mechbias.core.params.named_params` name)."""
     params = named_params(model)
     if name not in params:
         raise ValueError(f"model has no parameter named {name!r}")

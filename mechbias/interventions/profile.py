@@ -27,9 +27,9 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.runner import length_buckets, sequence_nll
 from ..core.sites import hook_name
-from ..core.weights import linear_layers, linear_weight_name, named_params, w_out_row_norms
+from ..core.params import linear_layers, linear_weight_name, named_params, w_out_row_norms
 from ..data.prompts import tokenize
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 
 
 class NoMatchedControl(ValueError):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..core.window import local_positions
 from ..core.sites import Site
-from ..core.weights import linear_slot
+from ..core.params import linear_slot
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
 from .profile import CALIPER_SD, UnitProfile, caliper_match, cost_match, match_record
 

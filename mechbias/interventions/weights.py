@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..core.resume import layer_of_name
-from ..core.weights import named_params
+from ..core.params import named_params
 from .base import Intervention, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
 
@@ -22,7 +22,7 @@ class WeightMask(Intervention):
     """Zero individual weight entries (unstructured / Wanda pruning). Weights are restored exactly.
 
     Args:
-        masks: a parameter name (see :func:`mechbias.core.weights.named_params`) -> a flat index tensor of
+        masks: a parameter name (see :func:`mechbias.core.params.named_params`) -> a flat index tensor of
             entries to zero.
         label: a name for tables and figures.
     """

@@ -28,7 +28,7 @@ from ..core.precision import PRECISIONS, check_precision, compute_precision
 from ..core.results import atomic_write_json
 from ..data.axes import load_axis
 from ..data.contexts import Context, load_context
-from ..data.texts import selection_phase
+from ..data.leakage import selection_phase
 from ..interventions.base import Intervention
 
 _METHODS: dict[str, type["Method"]] = {}

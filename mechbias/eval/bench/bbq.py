@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ...interventions.base import Intervention
-from ..scoring import continuation_logprob
+from ..loglik import continuation_logprob
 from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score
 
 REQUIRED = ("context", "question", "ans0", "ans1", "ans2", "label", "question_polarity", "context_condition",

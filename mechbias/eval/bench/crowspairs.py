@@ -12,7 +12,7 @@ import numpy as np
 from ...interventions.base import Intervention
 from ..crows import read_pairs, stereo_and_other
 from ...core.families import is_masked_lm
-from ..scoring import sentence_logprob, shared_token_pll
+from ..loglik import sentence_logprob, shared_token_pll
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 

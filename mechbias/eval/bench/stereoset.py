@@ -27,7 +27,7 @@ import numpy as np
 
 from ...interventions.base import Intervention
 from ...core.families import is_masked_lm
-from ..scoring import masked_fill_logprob, mean_token_logprob
+from ..loglik import masked_fill_logprob, mean_token_logprob
 from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score, share
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")

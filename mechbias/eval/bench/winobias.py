@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ...interventions.base import Intervention
-from ..scoring import continuation_logprob
+from ..loglik import continuation_logprob
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 # The occupations of WinoBias (Zhao et al., 2018, Table 1, from the US Labor statistics).

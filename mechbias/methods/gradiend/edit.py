@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ...data.contexts import load_context
-from ...data.texts import neutral_texts
+from ...data.neutral import neutral_texts
 from ...eval.metrics import contrast_scores
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
 from .train import GradiendResult

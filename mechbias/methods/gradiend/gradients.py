@@ -12,7 +12,7 @@ from torch import Tensor
 from ...core.fastpath import position_unembed
 from ...core.runner import length_buckets, readout_ids
 from ...core.window import readout_position
-from ...core.weights import block_component, frozen, linear_weight_name, named_params
+from ...core.params import block_component, frozen, linear_weight_name, named_params
 from ...data.prompts import tokenize
 
 # ----------------------------------------------------------------------------

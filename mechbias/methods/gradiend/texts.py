@@ -8,7 +8,7 @@ from typing import Sequence
 from ...data.axes import load_axis
 from ...data.prompts import single_token
 from ...data.contexts import Context, fill, load_context
-from ...data.texts import neutral_texts
+from ...data.neutral import neutral_texts
 
 FEATURE_SUFFIX = {
     "gender": (" Afterwards, {name} said that", None),

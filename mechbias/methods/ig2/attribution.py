@@ -60,10 +60,10 @@ from ...core.fastpath import position_unembed, prefix_cache
 from ...core.runner import readout_ids
 from ...core.window import forward_window, readout_position
 from ...core.sites import hook_name
-from ...core.weights import frozen
+from ...core.params import frozen
 from ...data.prompts import single_token, tokenize
 from ...viz.method_figures import plot_attribution
-from .units import Unit
+from .inputs import Unit
 
 RULES = ("left", "right", "middle", "trapezoid")
 

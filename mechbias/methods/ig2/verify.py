@@ -17,8 +17,8 @@ from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention
 from ...viz.method_figures import plot_verification
 from .attribution import gap_fn
-from .selection import NeuronSelection
-from .units import Unit
+from .thresholds import NeuronSelection
+from .inputs import Unit
 
 # ----------------------------------------------------------------------------
 # verification: suppress / amplify vs random and plain-IG neurons

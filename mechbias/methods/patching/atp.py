@@ -19,7 +19,7 @@ from ...core.families import require_causal
 from ...core.hooks import canonical_name, hooked, run_with_cache
 from ...core.results import Result, make_meta
 from ...core.sites import Site, hook_name
-from ...core.weights import frozen
+from ...core.params import frozen
 from ...data.pairs import PromptPairs
 from ...eval.describe import spearman
 from ...viz.method_figures import plot_grid

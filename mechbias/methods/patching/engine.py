@@ -45,7 +45,7 @@ from ...core.results import Result, make_meta
 from ...core.fastpath import last_position_unembed, slice_cache
 from ...core.window import forward_window
 from ...core.sites import Site, hook_name
-from ...core.weights import frozen
+from ...core.params import frozen
 from ...data.prompts import single_token
 from ...data.pairs import AlignmentError, PromptPairs
 from ...eval.describe import spearman

@@ -5,7 +5,7 @@ from .levels import LevelsResult, PruningCurve, generalization_levels, pruning_c
 from .method import Pruning
 from .scores import (GroupStats, head_scores, head_stats, input_norms, input_stats, name_positions, neuron_scores,
                      neuron_stats, set_difference, split_norms, wanda_scores)
-from .selection import Candidates, PruneConfig, candidates, pruning_selector
+from .candidates import Candidates, PruneConfig, candidates, pruning_selector
 
 __all__ = ["Candidates", "GroupStats", "LevelsResult", "PruneConfig", "Pruning", "PruningCurve", "candidates",
            "generalization_levels", "head_scores", "head_stats", "input_norms", "input_stats", "name_positions",

@@ -10,11 +10,11 @@ import torch
 
 from ...core.results import Result, make_meta
 from ...data.contexts import load_context
-from ...data.texts import neutral_texts
+from ...data.neutral import neutral_texts
 from ...eval.stats import benjamini_hochberg, crossed_estimate
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate, random_controls
 from ...viz.plotting import plot_curves, plot_levels
-from .selection import PruneConfig, candidates
+from .candidates import PruneConfig, candidates
 
 
 @dataclass

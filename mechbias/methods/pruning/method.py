@@ -12,7 +12,7 @@ from ...data.contexts import Context
 from ...viz.plotting import plot_curves
 from ..base import Method, Selection, register_method
 from .levels import generalization_levels, pruning_curve
-from .selection import PruneConfig, candidates
+from .candidates import PruneConfig, candidates
 
 
 @register_method

@@ -46,7 +46,7 @@ from ...core.families import require_causal
 from ...core.hooks import hooked
 from ...core.runner import length_buckets
 from ...core.sites import hook_name
-from ...core.weights import frozen, linear_layers, named_params, w_out_row_norms
+from ...core.params import frozen, linear_layers, named_params, w_out_row_norms
 from ...data.axes import pronouns, stable_hash
 from ...data.prompts import PromptSet, tokenize
 from ...data.contexts import load_context

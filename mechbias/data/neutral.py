@@ -1,53 +1,20 @@
-"""Neutral text (no demographic content) for capability measurements, split in two, and the guard
-that keeps every decision away from held-out data.
+"""Neutral text (no demographic content) for capability measurements, split in two.
 
 The paragraphs were written for mechbias and ship in ``data/files/neutral.txt``.
 They are split deterministically into a **selection** half (capability guards,
 the choice of an edit's strength, any tuning) and a **reporting** half (the
 perplexity change a transfer matrix reports). No decision sees the reporting
-half: :func:`selection_phase` marks code that makes decisions (every method's
-``select`` runs inside it), and inside it asking for reporting texts, held-out
-templates or held-out names raises :class:`LeakageError`.
+half: :mod:`mechbias.data.leakage` refuses it inside a decision.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from contextvars import ContextVar
-from typing import Iterator
 
 from ..core.models import DATA_FILES
+from .leakage import check_not_reporting
 
 CAPABILITY_SPLITS = ("selection", "reporting", "all")
-_SELECTING: ContextVar[str | None] = ContextVar("mechbias_selection_phase", default=None)
-
-
-class LeakageError(RuntimeError):
-    """A decision (selection, tuning) asked for data reserved for reporting."""
-
-
-@contextlib.contextmanager
-def selection_phase(what: str = "selection") -> Iterator[None]:
-    """Mark a block as making decisions: held-out prompts and reporting texts are refused inside it."""
-    token = _SELECTING.set(what)
-    try:
-        yield
-    finally:
-        _SELECTING.reset(token)
-
-
-def in_selection_phase() -> bool:
-    """Whether a decision is being made now (reporting texts and held-out splits are refused then)."""
-    return _SELECTING.get() is not None
-
-
-def check_not_reporting(kind: str, split: str) -> None:
-    """Raise :class:`LeakageError` if ``split`` of ``kind`` is requested while a decision is being made."""
-    what = _SELECTING.get()
-    if what is not None and split not in ("selection",):
-        raise LeakageError(f"{what} asked for the {split!r} {kind}; decisions may only use selection data "
-                           "(held-out names and templates and the reporting texts are for evaluation)")
 
 
 def _paragraphs() -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from ...core.results import Result
-from ...data.texts import neutral_texts
+from ...data.neutral import neutral_texts
 from ...eval.metrics import perplexity
 from ...interventions.base import as_layer_dict
 from ...interventions.units import NeuronIntervention, random_per_layer

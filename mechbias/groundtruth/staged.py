@@ -22,11 +22,11 @@ from ..core.models import set_model_label, tiny_model
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
-from ..core.weights import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights
+from ..core.params import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights
 from ..data.axes import load_axis
 from ..data.prompts import tokenize
 from ..data.contexts import load_context
-from ..data.texts import neutral_texts
+from ..data.neutral import neutral_texts
 from .planted import NEUTRAL_REFERENCES, NEUTRAL_SLOTS, PlantConfig, Stage, mention_positions, stages
 
 __all__ = ["add_group_feature", "save_delta", "tiny_planted_model", "train_planted"]

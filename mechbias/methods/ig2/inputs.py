@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ...data.axes import load_axis, stable_hash
 from ...data.contexts import Context, fill, load_context
-from ...data.texts import check_not_reporting
+from ...data.leakage import check_not_reporting
 
 # ----------------------------------------------------------------------------
 # units: what gets attributed

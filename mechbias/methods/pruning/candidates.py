@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...core.weights import linear_layers, named_params
+from ...core.params import linear_layers, named_params
 from ...data.axes import load_axis
 from ...data.contexts import Context
 from ...data.pairs import make_pairs
