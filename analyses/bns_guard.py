@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--max-ppl must be > 0")
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
-    say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
+    say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)
 
     model = load_model(args.model)
     method = GuardedIG2(IG2Config(pairs=args.pairs, plain_ig=False, verify_random=0), args.max_ppl, log=say)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import csv
+import hashlib
 import sys
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path

@@ -47,7 +47,7 @@ def main() -> None:
         rows.append((sd_tg, hit_old / args.sims, hit_new / args.sims, np.mean(w_old), np.mean(w_new), se))
     print("| template x group SD | percentile crossed bootstrap | t interval (mechbias) | mean width (old / new) |"
           "\n|---|---|---|---|")
-    for sd, a, b, wa, wb, se in rows:
+    for sd, a, b, wa, wb, _se in rows:
         print(f"| {sd} | {a:.3f} | {b:.3f} | {wa:.3f} / {wb:.3f} |")
     print(f"\n{args.sims} data sets each (Monte Carlo SE of a coverage near 0.95: {rows[0][5]:.3f}); 5 templates, "
           "16 + 16 names, true gap 0.15, name SD 0.3, template SD 0.5, residual SD 0.2.")

@@ -41,17 +41,23 @@ from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
 from mechbias.eval.cells import EvalSet, TransferConfig
 from mechbias.eval.transfer import transfer_matrix
-from mechbias.groundtruth.recovery import (GroundTruthResult, matrix_recovery, oracle_matrix, rank_recovery,
-                                          ranked_units, truth_units)
+from mechbias.groundtruth.recovery import (
+    GroundTruthResult,
+    matrix_recovery,
+    oracle_matrix,
+    rank_recovery,
+    ranked_units,
+    truth_units,
+)
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.methods.gradiend.method import Gradiend, GradiendConfig
 from mechbias.methods.ig2 import contrast_units, run_ig2
 from mechbias.methods.ig2.method import IG2, IG2Config
+from mechbias.methods.leace import Leace, LeaceConfig
 from mechbias.methods.patching import attribution_patch
 from mechbias.methods.patching.method import Patching, PatchingConfig
 from mechbias.methods.pruning import PruneConfig, candidates
 from mechbias.methods.pruning.method import Pruning
-from mechbias.methods.leace import Leace, LeaceConfig
 from mechbias.methods.steering import Steering, SteeringConfig
 
 NEURON_KINDS = ("neuron@name", "neuron@last")
@@ -86,7 +92,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
-    say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
+    say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)
     model = load_model(args.model)
     cfg = planted_manifest(model)
     truth = truth_units(cfg)

@@ -64,7 +64,7 @@ def main() -> None:
             atomic_savefig(fig, args.figures / f"ig2_overlap_{axis}.png")
     df = pd.DataFrame(rows)
     df.to_csv(args.out / "verification.csv", index=False)
-    ci = lambda v, lo, hi, f="{:+.4f}": f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"  # noqa: E731
+    ci = lambda v, lo, hi, f="{:+.4f}": f"{f.format(v)} [{f.format(lo)}, {f.format(hi)}]"
     table = [{"context": r["context"], "axis": r["axis"], "neurons": r["neurons"], "operation": r["operation"],
               "n": r["n_neurons"], "gap before": ci(r["gap_before"], *r["gap_before_ci"]),
               "change": ci(r["change"], r["ci_low"], r["ci_high"]),

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         fac["name_a"] += f["name_a"]
         fac["name_b"] += f["name_b"]
     b, a, r = np.concatenate(before), np.concatenate(after), np.concatenate(rnd)
-    est = lambda v: factor_estimate(weighted_mean(v), fac, n_boot=args.boot, seed=0)  # noqa: E731
+    est = lambda v: factor_estimate(weighted_mean(v), fac, n_boot=args.boot, seed=0)
     pooled = {"gap before": est(b), "IG² suppress: change": est(a - b), "random: change": est(r - b),
               "IG² minus random": est(a - r), "gap after (IG²)": est(a)}
     prow = [{"pooled over " + ", ".join(args.contexts): k,

@@ -18,8 +18,8 @@ import torch
 from mechbias.core.hooks import hooked
 from mechbias.core.models import load_delta, load_model
 from mechbias.core.sites import hook_name
-from mechbias.data.prompts import tokenize
 from mechbias.data.contexts import load_context
+from mechbias.data.prompts import tokenize
 from mechbias.groundtruth.planted import mention_positions
 
 
@@ -42,14 +42,14 @@ def main() -> None:
     p, e = U[:, 0], Vt[0]
     ps = list(load_context("finance").prompts("race", templates="selection", names="selection"))[:40]
     rows = []
-    for pr, t in zip(ps, tokenize(m, [x.text for x in ps])):
+    for pr, t in zip(ps, tokenize(m, [x.text for x in ps]), strict=True):
         pos = mention_positions(m, pr.text, pr.person.name)
         st: dict = {}
-        fwd = [(hook_name("in:attn.v", l), lambda a, hook: st.__setitem__("x", a[0].double())),
-               (hook_name("v", l), lambda a, hook: st.__setitem__("v", a[0].double())),
-               (hook_name("z", l), lambda a, hook: st.__setitem__("z", a[0].double())),
-               (hook_name("resid_pre", l + 1), lambda a, hook: st.__setitem__("after", a[0].double())),
-               (hook_name("resid_pre", args.read_layer), lambda a, hook: st.__setitem__("read", a[0].double()))]
+        fwd = [(hook_name("in:attn.v", l), lambda a, hook, st=st: st.__setitem__("x", a[0].double())),
+               (hook_name("v", l), lambda a, hook, st=st: st.__setitem__("v", a[0].double())),
+               (hook_name("z", l), lambda a, hook, st=st: st.__setitem__("z", a[0].double())),
+               (hook_name("resid_pre", l + 1), lambda a, hook, st=st: st.__setitem__("after", a[0].double())),
+               (hook_name("resid_pre", args.read_layer), lambda a, hook, st=st: st.__setitem__("read", a[0].double()))]
         with torch.no_grad(), hooked(m, fwd):
             m(t[None])
         rows.append((1.0 if pr.group == 0 else -1.0, float((st["x"][pos] @ w_v.T @ e).mean()),

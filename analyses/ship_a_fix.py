@@ -98,13 +98,13 @@ def main() -> None:
     hooked = lm_eval_samples("mechbias", f"intervention={args.intervention.resolve()}", tmp / "mechbias")
     plain = lm_eval_samples("hf", f"pretrained={(args.out / 'model').resolve()},dtype=float32", tmp / "hf")
     report["seconds"]["lm_eval_three_runs"] = round(time.time() - t, 1)
-    diffs = [abs(float(a[0][0]) - float(b[0][0])) for x, y in zip(hooked, plain) for a, b in zip(x["resps"], y["resps"])]
+    diffs = [abs(float(a[0][0]) - float(b[0][0])) for x, y in zip(hooked, plain, strict=True) for a, b in zip(x["resps"], y["resps"], strict=True)]
     report["lm_eval"] = {"task": "mb_facts", "docs": len(hooked),
                          "acc_mechbias_unmodified": sum(s["acc"] for s in base) / len(base),
                          "acc_mechbias_intervention": sum(s["acc"] for s in hooked) / len(hooked),
                          "acc_hf_exported": sum(s["acc"] for s in plain) / len(plain),
                          "max_abs_loglik_diff": max(diffs), "same_choices": all(
-                             x["acc"] == y["acc"] for x, y in zip(hooked, plain))}
+                             x["acc"] == y["acc"] for x, y in zip(hooked, plain, strict=True))}
     atomic_write_json(report, args.out / "ship.json")
     print(json.dumps({k: v for k, v in report.items() if k != "card"}, indent=2))
     print((args.out / "card" / "card.md").read_text().split("\n## ")[0])

@@ -28,14 +28,14 @@ from types import SimpleNamespace
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from mechbias.apps.study_report import summary_rows  # noqa: E402
-from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table  # noqa: E402
-from mechbias.eval.stats import benjamini_hochberg  # noqa: E402
-from mechbias.eval.transfer import TransferMatrix, transfer_estimate  # noqa: E402
-from mechbias.viz.plotting import plot_methods_summary  # noqa: E402
+from mechbias.apps.study_report import summary_rows
+from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table
+from mechbias.eval.stats import benjamini_hochberg
+from mechbias.eval.transfer import TransferMatrix, transfer_estimate
+from mechbias.viz.plotting import plot_methods_summary
 
 
 def _ci(e: dict, key: str = "estimate", fmt: str = "{:+.3f}") -> str:
@@ -73,7 +73,7 @@ def method_rows(tm: TransferMatrix) -> dict:
 def baseline_table(study: Path) -> tuple[str, list[dict]]:
     rows = json.loads((study / "steps" / "baseline" / "summary.json").read_text())["rows"]
     adj = benjamini_hochberg([r["p_value"] for r in rows])
-    for r, a in zip(rows, adj):
+    for r, a in zip(rows, adj, strict=True):
         r["p_adjusted"] = a
     table = [{"context": r["context"], "axis": f"{r['axis']} ({r['group_a']} - {r['group_b']})",
               "gap [95% CI]": f"{r['gap']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]",
@@ -107,7 +107,7 @@ def findings(study: Path) -> tuple[str, list[dict]]:
             methods.append({"step": step.name, **method_rows(tm), "method": title})
     adj = benjamini_hochberg([m["test"]["p_value"] if m["test"].get("p_value") is not None else float("nan")
                               for m in methods])
-    for m, a in zip(methods, adj):
+    for m, a in zip(methods, adj, strict=True):
         m["test_p_adjusted"] = a
     effects, beats, tests = [], [], []
     for m in methods:
@@ -164,7 +164,7 @@ def plot_tests(methods: list[dict]):
     fig, (ax0, ax) = plt.subplots(1, 2, figsize=(12, 0.55 * len(methods) + 1.6), sharey=True,
                                   gridspec_kw={"width_ratios": [1, 1]})
     y = np.arange(len(methods))[::-1]
-    for yi, m in zip(y, methods):
+    for yi, m in zip(y, methods, strict=True):
         for e, dy, face, lab in ((m["within"], 0.12, "C0", "within context"),
                                  (m["cross"], -0.12, "white", "cross context")):
             if e is None:

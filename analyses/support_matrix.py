@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mechbias.core.families import FAMILIES  # noqa: E402
+from mechbias.core.families import FAMILIES
 
 METHODS = ["bias metric", "IG²", "patching resid_pre", "patching mlp_out", "patching attn_out", "patching heads", "AtP",
            "neuron ablation", "head ablation", "neuron scores", "head scores", "Wanda norms", "GRADIEND gradients",

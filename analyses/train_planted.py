@@ -46,14 +46,20 @@ import torch
 from mechbias.core.models import PLANTED_DIR, load_model
 from mechbias.core.results import package_versions
 from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
-from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
-from mechbias.groundtruth.construct import ConstructConfig, construct_planted
-from mechbias.groundtruth.planted import (HELDOUT_NEUTRAL_REFERENCES, NEUTRAL_REFERENCES, default_config,
-                                          neutral_prompts, planted_units, stages)
-from mechbias.groundtruth.staged import save_delta, train_planted
-from mechbias.groundtruth.recovery import oracle_intervention
+from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.transfer import transfer_matrix
+from mechbias.groundtruth.construct import ConstructConfig, construct_planted
+from mechbias.groundtruth.planted import (
+    HELDOUT_NEUTRAL_REFERENCES,
+    NEUTRAL_REFERENCES,
+    default_config,
+    neutral_prompts,
+    planted_units,
+    stages,
+)
+from mechbias.groundtruth.recovery import oracle_intervention
+from mechbias.groundtruth.staged import save_delta, train_planted
 from mechbias.interventions.base import Compose
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 
@@ -192,7 +198,7 @@ def main() -> None:
     if v4:
         manifest["transfer_test_validation"] = validate_transfer_test(model, manifest, axis, sets)
     save_delta(delta, out, manifest)
-    for b, a in zip(before.rows, after.rows):
+    for b, a in zip(before.rows, after.rows, strict=True):
         print(f"{b['context']:<9} original {b['gap']:+.3f} [{b['ci_low']:+.3f}, {b['ci_high']:+.3f}]   "
               f"planted {a['gap']:+.3f} [{a['ci_low']:+.3f}, {a['ci_high']:+.3f}]")
     print(f"perplexity {ppl0:.2f} -> {ppl1:.2f}; neutral-prompt score shift mean "

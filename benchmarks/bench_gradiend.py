@@ -35,8 +35,8 @@ def run_mechbias(texts: int, steps: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.methods.gradiend import GradiendConfig, batch_gradient, feature_texts, param_set, train_gradiend
     from mechbias.core.models import load_model
+    from mechbias.methods.gradiend import GradiendConfig, batch_gradient, feature_texts, param_set, train_gradiend
 
     model = load_model()
     ps = param_set(model, "mlp")
@@ -59,8 +59,8 @@ def run_gradiend_package(texts: int) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
-    from mechbias.methods.gradiend import feature_texts, param_set
     from mechbias.core.models import ensure_embedded_cache, load_model
+    from mechbias.methods.gradiend import feature_texts, param_set
 
     folder = str(ensure_embedded_cache())
     ours = load_model()
@@ -76,7 +76,7 @@ def run_gradiend_package(texts: int) -> dict:
     m = TextPredictionModelWithGradiend.from_pretrained(folder, params=params)
     m.create_gradients(data[0].text, labels[0])  # warm-up
     t = time.perf_counter()
-    for d, lab in zip(data, labels):
+    for d, lab in zip(data, labels, strict=True):
         m.create_gradients(d.text, lab)
     tps = len(data) / (time.perf_counter() - t)
     return {"texts_per_second": tps, "peak_rss_gib": _peak_rss_gib()}

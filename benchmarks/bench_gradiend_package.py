@@ -51,8 +51,7 @@ def main() -> None:
     from mechbias.core.params import named_params
     from mechbias.data.axes import load_axis
     from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, h_direction, param_set, train_gradiend
-    from mechbias.methods.gradiend.package import (from_package, oriented, package_frame, package_speed,
-                                                   selection_sign)
+    from mechbias.methods.gradiend.package import from_package, oriented, package_frame, package_speed, selection_sign
 
     model = tiny_model(arch="llama", seed=0, tokenizer="smollm2") if args.model == "tiny" else load_model()
     params = "mlp" if args.model == "tiny" else "down-late"

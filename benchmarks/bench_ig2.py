@@ -30,11 +30,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from mechbias.data.contexts import load_context
-    from mechbias.methods.ig2 import ig2_prompt
-    from mechbias.eval.metrics import gap_from_logits
     from mechbias.core.models import load_model
     from mechbias.core.params import frozen
+    from mechbias.data.contexts import load_context
+    from mechbias.eval.metrics import gap_from_logits
+    from mechbias.methods.ig2 import ig2_prompt
 
     model = load_model()
     L = model.cfg.n_layers
@@ -51,8 +51,8 @@ def main() -> None:
         with frozen(model):
             for l in layers:
                 def forward(gate, ids, l=l):
-                    def hook(a, hook):
-                        return torch.cat([a[:, :-1], a[:, -1:] * gate[:, :, None]], dim=1)
+                    def hook(act, hook):
+                        return torch.cat([act[:, :-1], act[:, -1:] * gate[:, :, None]], dim=1)
 
                     with model.hooks(fwd_hooks=[(f"blocks.{l}.mlp.hook_post", hook)]):
                         logits = model(ids.expand(gate.shape[0], -1))

@@ -29,8 +29,8 @@ def main() -> None:
 
     from transformer_lens import patching as tlp
 
-    from mechbias.data.pairs import PromptPairs, make_pairs
     from mechbias.core.models import load_model
+    from mechbias.data.pairs import PromptPairs, make_pairs
     from mechbias.methods.patching import patch_sweep
 
     model = load_model()

@@ -17,9 +17,9 @@ import torch
 
 def main() -> None:
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
+    from mechbias.core.models import load_model
     from mechbias.data.contexts import load_context
     from mechbias.eval.metrics import contrast_scores
-    from mechbias.core.models import load_model
     from mechbias.methods.pruning import PruneConfig, candidates
 
     model = load_model()

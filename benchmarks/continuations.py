@@ -55,7 +55,7 @@ def main() -> None:
     print(f"{len(rows)} BBQ items, {len(pairs)} continuations on {model_label(model)} (2 threads)")
     for key, (out, flops, sec) in {"full": (ref, ref_flops, ref_s), "answers_only": (part, part_flops, part_s),
                                    "shared": (fast, fast_flops, fast_s)}.items():
-        diff = max(abs(a.logprob - b.logprob) for a, b in zip(out, ref))
+        diff = max(abs(a.logprob - b.logprob) for a, b in zip(out, ref, strict=True))
         res[key] = {"tflop": flops / 1e12, "seconds": sec, "work_vs_full": ref_flops / max(flops, 1),
                     "speed_vs_full": ref_s / sec, "max_abs_logprob_difference": diff}
         print(f"  {key:13s} {flops / 1e12:6.2f} TFLOP {sec:7.1f} s   work {ref_flops / max(flops, 1):.2f}x less, "

@@ -64,10 +64,10 @@ def main() -> None:
           f"{'work x':>6s} {'capture s':>9s} {'max|diff|':>9s}")
     for band, layer in bands.items():
         fresh = EvalSet(es.context, es.prompts, es.before, es.col_group)
-        _, cap = timed(lambda: fresh._passes(model)[0][0].resid(layer))
+        _, cap = timed(lambda fresh=fresh, layer=layer: fresh._passes(model)[0][0].resid(layer))
         for kind, iv in kinds(model, layer).items():
-            full, t_full = timed(lambda: fresh.scores(model, iv, resume=False))
-            fast, t_fast = timed(lambda: fresh.scores(model, iv))
+            full, t_full = timed(lambda fresh=fresh, iv=iv: fresh.scores(model, iv, resume=False))
+            fast, t_fast = timed(lambda fresh=fresh, iv=iv: fresh.scores(model, iv))
             row = {"kind": kind, "band": band, "layer": layer, "full_s": t_full, "resumed_s": t_fast,
                    "time_ratio": t_full / t_fast, "work_full": n * tokens, "work_resumed": (n - layer) * tokens,
                    "work_ratio": n / (n - layer), "capture_s": cap, "capture_work": layer * tokens,

@@ -19,7 +19,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "analyses"))
 
-import mechbias  # noqa: E402
+import mechbias
 
 project = "mechbias"
 author = "the mechbias authors"

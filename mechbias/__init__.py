@@ -33,7 +33,7 @@ from .eval.metrics import BiasResult, contrast_scores, demographic_gap, favoured
 from .eval.cells import Cell, EvalSet, TransferConfig, evaluate
 from .eval.transfer import TransferMatrix, transfer_matrix
 from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
-from . import methods as _methods  # noqa: F401,E402  (registers every method)
+from . import methods as _methods  # noqa: F401  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
 from .groundtruth import planted as _planted, recovery as _recovery  # noqa: F401  (result types)
 from .apps.study import StudyConfig, run_study
@@ -41,11 +41,55 @@ from .apps.study import StudyConfig, run_study
 __version__ = "0.2.0"
 
 __all__ = [
-    "AlignmentError", "Axis", "BiasResult", "Cell", "Compose", "Context", "ContextError", "EMBEDDED", "EvalSet",
-    "HeadIntervention", "HookNameError", "Identity", "Intervention", "Method", "MethodConfig", "ModelLoadError",
-    "NeuronIntervention", "Person", "PromptSet", "Result", "Selection", "Site", "StudyConfig", "TransferConfig",
-    "TransferMatrix", "WeightEdit", "WeightMask", "contrast_scores", "demographic_gap", "evaluate", "favoured_group",
-    "get_method", "hooked", "list_contexts", "load_axis", "load_context", "load_contexts", "load_intervention",
-    "load_model", "make_pairs", "measure_bias", "n_active_hooks", "registered_methods", "neutral_texts", "perplexity",
-    "register_intervention", "register_method", "run_study", "set_seed", "tiny_model", "transfer_matrix",
+    "EMBEDDED",
+    "AlignmentError",
+    "Axis",
+    "BiasResult",
+    "Cell",
+    "Compose",
+    "Context",
+    "ContextError",
+    "EvalSet",
+    "HeadIntervention",
+    "HookNameError",
+    "Identity",
+    "Intervention",
+    "Method",
+    "MethodConfig",
+    "ModelLoadError",
+    "NeuronIntervention",
+    "Person",
+    "PromptSet",
+    "Result",
+    "Selection",
+    "Site",
+    "StudyConfig",
+    "TransferConfig",
+    "TransferMatrix",
+    "WeightEdit",
+    "WeightMask",
+    "contrast_scores",
+    "demographic_gap",
+    "evaluate",
+    "favoured_group",
+    "get_method",
+    "hooked",
+    "list_contexts",
+    "load_axis",
+    "load_context",
+    "load_contexts",
+    "load_intervention",
+    "load_model",
+    "make_pairs",
+    "measure_bias",
+    "n_active_hooks",
+    "neutral_texts",
+    "perplexity",
+    "register_intervention",
+    "register_method",
+    "registered_methods",
+    "run_study",
+    "set_seed",
+    "tiny_model",
+    "transfer_matrix",
 ]

@@ -87,7 +87,7 @@ def test_no_import_cycles():
         path.append(v)
         for w in edges.get(v, ()):
             if state.get(w) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(w):] + [w]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(w):], w]))
             if w not in state:
                 visit(w)
         path.pop()

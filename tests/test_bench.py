@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from mechbias.apps.card import CardInputs
 from mechbias.apps.cli import main
 from mechbias.eval.bench import bbq_score, read_bbq, read_stereoset, read_winobias, stereoset_score, winobias_score
-from mechbias.apps.card import CardInputs
 from mechbias.eval.bench.bbq import _bias_amb, _bias_dis, bbq_outcomes, bbq_skipped
-from mechbias.eval.bench.packaged import packaged_file
 from mechbias.eval.bench.common import metric_rows
+from mechbias.eval.bench.packaged import packaged_file
 from mechbias.eval.bench.stereoset import METRICS as SS_METRICS
 from mechbias.eval.bench.winobias import METRICS as WB_METRICS
 from mechbias.eval.bench.winobias import parse_line, winobias_prompt
@@ -60,7 +60,7 @@ def test_stereoset_scores_equal_a_plain_forward(tiny):
         assert getattr(res.row("SS"), col) == pytest.approx(ss)
         assert getattr(res.row("LMS"), col) == pytest.approx(lms)
         assert getattr(res.row("ICAT"), col) == pytest.approx(lms * min(ss, 100 - ss) / 50)
-        for k, e in enumerate(ex):
+        for k, _e in enumerate(ex):
             assert res.per_item[k][f"stereo_{col}"] == pytest.approx(s[k], abs=1e-5)
     prof = res.row("SS", "profession")
     assert prof.n_items == 3 and prof.n_clusters == 2  # clusters are target terms
@@ -276,18 +276,18 @@ def test_shared_prefix_continuations_equal_full_sequences(arch, tiny, tiny_nativ
     full-sequence path (the native model has no KV cache and falls back to it); a pair whose whole text is
     shorter than the widest continuation is scored on the full path inside the same call."""
     model = tiny if arch == "llama" else tiny_native
-    pairs = PAIRS + [("Hi", " there friend of mine today")]
+    pairs = [*PAIRS, ("Hi", " there friend of mine today")]
     ref = continuation_logprob_reference(model, pairs, max_tokens=64)
     for share in (False, True):
         fast = continuation_logprob(model, pairs, max_tokens=64, share_prefix=share)
         assert [c.n_tokens for c in fast] == [c.n_tokens for c in ref] and len({c.n_tokens for c in ref}) >= 4
-        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref)) < 1e-4
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref, strict=True)) < 1e-4
         assert [c.greedy for c in fast] == [c.greedy for c in ref]
     with maybe_apply(IV, model):  # under an intervention too (its hooks see the cached prefix)
         f2 = continuation_logprob(model, PAIRS, share_prefix=True)
         r2 = continuation_logprob_reference(model, PAIRS)
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, r2)) < 1e-4
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, fast)) > 1e-3  # the intervention changed them
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, r2, strict=True)) < 1e-4
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(f2, fast, strict=True)) > 1e-3  # the intervention changed them
 
 
 @pytest.mark.real
@@ -297,5 +297,5 @@ def test_shared_prefix_bbq_continuations_equal_full_sequences_on_the_real_model(
     ref = continuation_logprob_reference(real, pairs)
     for share in (False, True):
         fast = continuation_logprob(real, pairs, share_prefix=share)
-        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref)) < 1e-3
+        assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref, strict=True)) < 1e-3
         assert [c.greedy for c in fast] == [c.greedy for c in ref]

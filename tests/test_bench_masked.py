@@ -8,16 +8,15 @@ import pytest
 import torch
 
 from mechbias.apps.card import CardInputs, run_card
+from mechbias.core.families import is_masked_lm
 from mechbias.eval.bench import read_stereoset, stereoset_score
 from mechbias.eval.bench.crowspairs import crows_bench
-from mechbias.core.families import is_masked_lm
 from mechbias.eval.loglik import masked_fill_logprob, shared_token_pll
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import NeuronIntervention
 
 DATA = Path(__file__).parent / "data"
-WORDS = ("the a man woman he she doctor nurse is was good bad at work . , poor rich people are lazy smart chess "
-         "player quiet loud every i know shy social my mother very caring strict manager harsh kind meeting").split()
+WORDS = ["the", "a", "man", "woman", "he", "she", "doctor", "nurse", "is", "was", "good", "bad", "at", "work", ".", ",", "poor", "rich", "people", "are", "lazy", "smart", "chess", "player", "quiet", "loud", "every", "i", "know", "shy", "social", "my", "mother", "very", "caring", "strict", "manager", "harsh", "kind", "meeting"]
 
 
 @pytest.fixture(scope="module")

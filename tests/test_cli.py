@@ -110,7 +110,7 @@ def test_bad_settings_are_refused_before_a_model_loads(tmp_path, capsys, monkeyp
              (["ig2", "--select-on", "finance", "--steps", "0"], "steps"),
              (["bias", "--intervention", str(tmp_path / "none")], "no saved intervention")]
     for argv, msg in cases:
-        assert main(argv + ["--model", "tiny", "--out", str(tmp_path)]) == 2, argv
+        assert main([*argv, "--model", "tiny", "--out", str(tmp_path)]) == 2, argv
         assert msg in capsys.readouterr().err, argv
 
 

@@ -102,7 +102,7 @@ def test_quiet_direction_beats_both_single_criteria():
         G = B @ B.T + 1e-4 * torch.eye(24, dtype=torch.float64)
         avoid = torch.randn(2, 24, generator=g, dtype=torch.float64)
         p, info = quiet_direction(C, G, avoid)
-        obj = lambda q: float((q @ C @ q).sqrt() * (q @ G @ q).sqrt())  # noqa: E731
+        obj = lambda q, C=C, G=G: float((q @ C @ q).sqrt() * (q @ G @ q).sqrt())
         assert abs(float(p.norm()) - 1) < 1e-9
         assert float((avoid @ p).abs().max()) < 1e-6
         Q = torch.linalg.qr(avoid.T)[0]

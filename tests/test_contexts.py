@@ -1,10 +1,10 @@
-import torch
 import pytest
+import torch
 
 from mechbias.data.axes import ContextError, load_axis
-from mechbias.data.prompts import single_token
 from mechbias.data.contexts import BUILTIN_CONTEXTS, YES_NO_CONTEXTS, fill, list_contexts, load_context
 from mechbias.data.pairs import AlignmentError, make_pairs
+from mechbias.data.prompts import single_token
 
 
 def test_builtin_contexts_load_and_are_well_formed():
@@ -24,7 +24,7 @@ def test_builtin_contexts_load_and_are_well_formed():
         c = load_context(n)
         assert (c.positive, c.negative) == answers and len(c.templates) == 30
         assert len(c.template_split("selection")) == len(c.template_split("heldout")) == 15
-    assert YES_NO_CONTEXTS == BUILTIN_CONTEXTS[:4]
+    assert BUILTIN_CONTEXTS[:4] == YES_NO_CONTEXTS
 
 
 def test_tiny_vocabulary_is_frozen_and_the_data_vocabulary_covers_everything(tiny):
@@ -71,7 +71,7 @@ def test_prompt_grid_and_groups():
     c = load_context("commerce")
     ps = c.prompts("gender", templates=[0, 1], names="selection")
     assert len(ps) == 2 * 32
-    mat, t_ids, names, col_group = ps.grid(ps.groups.double())
+    mat, t_ids, _names, col_group = ps.grid(ps.groups.double())
     assert mat.shape == (2, 32) and t_ids == [0, 1]
     assert set(col_group.tolist()) == {0, 1}
     assert all(p.person.name in p.text for p in ps)
@@ -184,7 +184,7 @@ def test_incomplete_crossed_design():
     assert max(counts) - min(counts) <= 1  # every template meets every race x gender cell in (near) equal shares
     per_name = Counter(p.person.name for p in half)
     assert set(per_name.values()) == {5} and len(per_name) == 200  # every name meets 15 / 3 templates
-    mat, t_ids, names, col_group = half.grid(torch.arange(len(half), dtype=torch.float64))
+    mat, _t_ids, _names, _col_group = half.grid(torch.arange(len(half), dtype=torch.float64))
     assert mat.shape == (15, 200) and int(torch.isnan(mat).sum()) == 15 * 200 - len(half)
     with pytest.raises(ValueError, match="not a full templates x names grid"):
         full.subset(range(len(full) - 1)).grid(torch.zeros(len(full) - 1))

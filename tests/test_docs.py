@@ -44,9 +44,7 @@ def test_every_relative_link_resolves(md):
     for target in _links(md):
         path, _, anchor = target.partition("#")
         dest = (md.parent / path).resolve() if path else md
-        if not dest.exists():
-            bad.append(target)
-        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in _anchors(dest)):
             bad.append(target)
     assert not bad, f"{md.name}: unresolved links {bad}"
 

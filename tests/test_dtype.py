@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mechbias.core.families import family_model
-from mechbias.data.prompts import single_token, tokenize
 from mechbias.data.contexts import load_context
 from mechbias.data.pairs import make_pairs
+from mechbias.data.prompts import single_token, tokenize
 from mechbias.eval.metrics import contrast_scores
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import ig2_prompt
@@ -106,9 +106,8 @@ def test_tokens_per_batch_follows_free_memory_on_cuda_and_overrides(tiny, monkey
     assert tokens_per_batch(fake) == runner.tokens_for_memory(40 * 2**30, fake.cfg, 2) > DEFAULT_TOKENS_PER_BATCH
     with batch_tokens(100):
         assert tokens_per_batch(fake) == 100
-    with pytest.raises(ValueError):
-        with batch_tokens(0):
-            pass
+    with pytest.raises(ValueError), batch_tokens(0):
+        pass
 
     seqs = tokenize(tiny, load_context("finance").prompts("race", templates=[0, 1], names="selection").texts)
     whole = map_last_logits(tiny, seqs, lambda lg: lg[:, -1, :5])

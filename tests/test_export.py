@@ -59,7 +59,7 @@ def test_exported_llama_gives_the_hooked_logits(tiny, tmp_path, kind):
     base, hooked = _logits(tiny), _logits(tiny, iv)
     summary = export_model(tiny, iv, tmp_path / "m")
     plain = _plain(tmp_path / "m", tiny)
-    for b, h, p in zip(base, hooked, plain):
+    for b, h, p in zip(base, hooked, plain, strict=True):
         assert (h - b).abs().max() > 1e-3  # the intervention changes the model ...
         torch.testing.assert_close(p, h, atol=2e-5, rtol=0)  # ... and the checkpoint carries the change
     assert summary["max_abs_logit_diff"] < 2e-5
@@ -88,7 +88,7 @@ def test_exported_gpt2_folds_conv1d_and_the_fused_qkv(tmp_path):
                             HeadIntervention({0: [1, 3]}, mode="q")]):
         hooked, base = _logits(model, iv), _logits(model)
         export_model(model, iv, tmp_path / str(i))
-        for b, h, p in zip(base, hooked, _plain(tmp_path / str(i), model)):
+        for b, h, p in zip(base, hooked, _plain(tmp_path / str(i), model), strict=True):
             assert (h - b).abs().max() > 1e-4
             torch.testing.assert_close(p, h, atol=2e-5, rtol=0)
 
@@ -98,7 +98,7 @@ def test_unfoldable_interventions_are_refused_and_nothing_is_written(tiny, tmp_p
     for iv in [NeuronIntervention({0: [1]}, positions="last"), HeadIntervention({0: [1]}, positions=[2, 3]),
                DirectionIntervention(1, d, mode="ablate"), DirectionIntervention(1, d, mode="add", alpha=2.0),
                Compose([NeuronIntervention({0: [1]}), DirectionIntervention(1, d)])]:
-        with pytest.raises(NotFoldable, match="positions|residual stream"):
+        with pytest.raises(NotFoldable, match=r"positions|residual stream"):
             iv.check_foldable()
         with pytest.raises(NotFoldable):
             export_model(tiny, iv, tmp_path / "m")
@@ -136,7 +136,7 @@ def test_export_command(tmp_path, capsys, monkeypatch):
     assert main(["export", "--model", "tiny", "--intervention", str(tmp_path / "iv"), "--out",
                  str(tmp_path / "m"), "--threads", "1"]) == 0
     tiny = tiny_model()
-    for h, p in zip(_logits(tiny, NeuronIntervention({0: [1, 5]})), _plain(tmp_path / "m", tiny)):
+    for h, p in zip(_logits(tiny, NeuronIntervention({0: [1, 5]})), _plain(tmp_path / "m", tiny), strict=True):
         torch.testing.assert_close(p, h, atol=2e-5, rtol=0)
     # refused before any model is loaded: an unfoldable intervention, and a non-empty --out
     DirectionIntervention(1, torch.ones(64)).save(tmp_path / "steer")
@@ -156,7 +156,7 @@ def test_exported_embedded_model_gives_the_hooked_logits(real, tmp_path):
     summary = export_model(real, iv, tmp_path / "m")
     assert summary["architecture"] == "LlamaForCausalLM"
     hooked, base = _logits(real, iv), _logits(real)
-    for b, h, p in zip(base, hooked, _plain(tmp_path / "m", real)):
+    for b, h, p in zip(base, hooked, _plain(tmp_path / "m", real), strict=True):
         assert (h - b).abs().max() > 1e-2
         torch.testing.assert_close(p, h, atol=1e-4, rtol=0)
 

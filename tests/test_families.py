@@ -16,17 +16,16 @@ from transformer_lens import patching as tlp
 from mechbias.core.families import FAMILIES, family_hf_model, family_model, family_of, is_masked_lm
 from mechbias.core.hooks import n_active_hooks
 from mechbias.core.models import supports_kv_cache
-from mechbias.core.sites import LINEAR_COMPONENTS
 from mechbias.core.params import block_component, linear_layers, named_params
-from mechbias.data.prompts import tokenize
+from mechbias.core.sites import LINEAR_COMPONENTS, Site
 from mechbias.data.contexts import load_context
 from mechbias.data.pairs import make_pairs
+from mechbias.data.prompts import tokenize
 from mechbias.eval.metrics import contrast_scores
 from mechbias.interventions.base import maybe_apply
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import ig2_prompt
-from mechbias.core.sites import Site
 from mechbias.methods.patching import attribution_patch, patch_sweep, run_variants
 from mechbias.methods.pruning.scores import head_scores, input_norms, name_positions, neuron_scores
 
@@ -172,10 +171,10 @@ def test_gradiend_gradient_equals_plain_autograd(fam, support):
     hf = _plain(name)
     params = dict(hf.named_parameters())
     loss = 0
-    for t, y in zip(texts, targets):
+    for t, y in zip(texts, targets, strict=True):
         lg = hf(tokenize(model, [t])[0][None]).logits[0, -1]
         loss = loss + torch.nn.functional.cross_entropy(lg[None], torch.tensor([y])) / len(texts)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
     parts = []
     for n in ps.names:  # the bridge splits fused matrices; take the part from the fused HF gradient
         if n in grads:
@@ -261,13 +260,13 @@ def test_wanda_input_norms_equal_the_inputs_of_the_weights_that_run(anyfam, supp
             mod = block_component(model, l, comp)
             lin = getattr(mod, "original_component", None) if mod is not None else None
             if lin is not None:
-                owners[[n for n, p in params.items() if p is lin.weight][0]] = lin
+                owners[next(n for n, p in params.items() if p is lin.weight)] = lin
     assert set(owners) == {n for n, _, _, _ in layers}
     sums: dict = {}
     count = [0.0, 0.0]
-    for text, g in zip(ps.texts, ps.groups.tolist()):
+    for text, g in zip(ps.texts, ps.groups.tolist(), strict=True):
         seen = {}
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0].detach()))
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n, seen=seen: seen.__setitem__(n, args[0].detach()))
                    for n, m in owners.items()]
         ids = tokenize(model, [text])[0][None]
         try:
@@ -338,7 +337,7 @@ def test_pruning_scores_equal_plain_hf_activations_and_attention(fam, support):
     count = [0, 0]
     for p in ps:
         seen = {}
-        handles = [d.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0].detach()))
+        handles = [d.register_forward_pre_hook(lambda mod, args, l=l, seen=seen: seen.__setitem__(l, args[0].detach()))
                    for l, d in enumerate(downs)]
         try:
             with torch.no_grad():
@@ -372,7 +371,7 @@ def test_gradiend_edit_equals_a_plain_weight_edit(anyfam, support):
     name, model = anyfam
     ps = param_set(model, "mlp")
     gen = torch.Generator().manual_seed(3)
-    deltas = {n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes)}
+    deltas = {n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes, strict=True)}
     ids = tokenize(model, [TEXT])[0][None]
     before = {n: p.detach().clone() for n, p in named_params(model).items()}
     hf = _plain(name)
@@ -410,7 +409,7 @@ def test_export_gives_the_hooked_logits(anyfam, kind, tmp_path, support):
     gen = torch.Generator().manual_seed(5)
     iv = {"neurons": NeuronIntervention({0: [1, 5, 9], 1: [7, 30]}),
           "heads q": HeadIntervention({0: [0, 3], 1: [1]}, mode="q"),
-          "gradiend edit": WeightEdit({n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes)},
+          "gradiend edit": WeightEdit({n: torch.randn(s, generator=gen) * 0.05 for n, s in zip(ps.names, ps.shapes, strict=True)},
                                       scale=0.5)}[kind]
     ids = tokenize(model, [TEXT])[0][None]
     with torch.no_grad():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mechbias.data.contexts import load_context
-from mechbias.eval.generation import generation_bias, inlier_ratio, parse_number, sample_completions, chat_prompt
+from mechbias.eval.generation import chat_prompt, generation_bias, inlier_ratio, parse_number, sample_completions
 from mechbias.interventions.units import NeuronIntervention
 
 

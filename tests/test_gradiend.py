@@ -5,10 +5,20 @@ exact weight restoration, and a feature that separates the groups on held-out da
 import pytest
 import torch
 
-from mechbias.methods.gradiend import (GradiendConfig, GradiendModel, GradiendResult, ChunkedAdamW, batch_gradient,
-                               batch_gradient_pair, choose_edit, evaluate_feature, feature_texts, param_set,
-                               train_gradiend)
 from mechbias.core.params import named_params
+from mechbias.methods.gradiend import (
+    ChunkedAdamW,
+    GradiendConfig,
+    GradiendModel,
+    GradiendResult,
+    batch_gradient,
+    batch_gradient_pair,
+    choose_edit,
+    evaluate_feature,
+    feature_texts,
+    param_set,
+    train_gradiend,
+)
 
 
 def _plain_grad(model, ps, texts, targets):
@@ -19,7 +29,7 @@ def _plain_grad(model, ps, texts, targets):
     # the same tensors under their Hugging Face names
     wanted = [next(p for n, p in params.items() if p is live[name]) for name in ps.names]
     loss = 0.0
-    for t, y in zip(texts, targets):
+    for t, y in zip(texts, targets, strict=True):
         ids = model.to_tokens(t)
         lg = hf(ids).logits[0, -1]
         loss = loss + torch.nn.functional.cross_entropy(lg[None], torch.tensor([y]))
@@ -61,7 +71,7 @@ def test_closed_form_adamw_matches_torch():
     net = Net()
     ref_opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
     opt = ChunkedAdamW(gm, 1e-2, 1e-2, moment_dtype=torch.float32, chunk=7)
-    for step in range(5):
+    for _step in range(5):
         g, t = torch.randn(n), torch.randn(n)
         loss_ref = torch.nn.functional.mse_loss(net(g), t)
         ref_opt.zero_grad()
@@ -143,9 +153,9 @@ def test_choose_edit_grid(tiny, trained):
 def _synthetic_pool(scales=(1.0, 1.0, 1.0), seed=0):
     """Two groups of 16 names over three 'matrices' of very different gradient scale: the target is
     +d or -d (plus noise), the factual input carries a group direction (plus noise)."""
-    from mechbias.methods.gradiend import GradientPool, ParamSet
-
     import numpy as np
+
+    from mechbias.methods.gradiend import GradientPool, ParamSet
 
     g = torch.Generator().manual_seed(seed)
     sizes = [30, 50, 20]
@@ -177,7 +187,7 @@ def test_normaliser_by_hand_and_fold_back_is_exact():
     assert float(nz.out_scale[1]) == pytest.approx(TARGET_SCALE / float(pool.T[tr][:, 30:80].double().pow(2).mean().sqrt()),
                                                    rel=1e-5)
     cfg = GradiendConfig(steps=60, seeds=(0,), eval_every=10, lr=1e-2, neutral=0)
-    gm, info, hist, curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
+    gm, _info, _hist, _curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
     raw = nz.fold(gm)
     for row in pool.F[:6]:
         assert raw.encode(row) == pytest.approx(gm.encode(nz.inputs(row)), abs=1e-5)
@@ -218,7 +228,7 @@ def test_training_converges_on_the_pool():
     cfg = GradiendConfig(steps=200, seeds=(0,), eval_every=10, patience=50, lr=3e-3, neutral=0)
     tr = ~pool.validation
     nz = Normalizer.fit(pool.F[tr], pool.T[tr], sizes)
-    _, info, hist, curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
+    _, info, _hist, _curve = train_on_pool(pool, cfg, seed=0, normalizer=nz, progress=False)
     assert info["loss_last"] < 0.5 * info["loss_first"] and abs(info["val_pearson"]) > 0.99
 
 
@@ -252,7 +262,7 @@ def test_pool_rows_and_shuffled_labels_equal_direct_gradients(tiny):
     assert list(pool.groups[n_names:]) == [NEUTRAL] * len(rows) and len(rows) >= 8
     # half of the neutral paragraphs validate, whole paragraphs on one side
     para_val = {}
-    for (para, _), v in zip(rows, pool.validation[n_names:]):
+    for (para, _), v in zip(rows, pool.validation[n_names:], strict=True):
         assert para_val.setdefault(para, v) == v
     assert sum(para_val.values()) == len(para_val) // 2
     for j in (0, len(rows) - 1):

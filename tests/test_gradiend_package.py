@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from gradiend import TextPredictionTrainer, TrainingArguments
 from gradiend.trainer.text.prediction import dataset as gradiend_dataset
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
@@ -16,8 +15,7 @@ from mechbias.core.params import named_params
 from mechbias.data.axes import load_axis
 from mechbias.data.prompts import tokenize
 from mechbias.methods.gradiend import batch_gradient, param_set
-from mechbias.methods.gradiend.package import (PAD_TO, from_package, oriented, package_frame,
-                                               package_speed)
+from mechbias.methods.gradiend.package import PAD_TO, from_package, oriented, package_frame, package_speed
 
 
 def _rel(a, b):
@@ -104,7 +102,7 @@ def test_package_model_reads_out_exactly(trained):
 
 
 def test_package_frame_splits_match_mechbias(trained):
-    model, ps, df, mwg = trained
+    _model, _ps, df, _mwg = trained
     assert set(df["split"]) == {"train", "validation", "test"}
     # names never cross between the training splits and the held-out split
     assert not set(df.loc[df.split == "test", "name"]) & set(df.loc[df.split != "test", "name"])

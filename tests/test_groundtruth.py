@@ -3,8 +3,15 @@
 
 import pytest
 
-from mechbias.groundtruth.recovery import (oracle_transfer, precision_recall, score_atp, score_gradiend, score_ig2,
-                                  score_pruning, truth_sets)
+from mechbias.groundtruth.recovery import (
+    oracle_transfer,
+    precision_recall,
+    score_atp,
+    score_gradiend,
+    score_ig2,
+    score_pruning,
+    truth_sets,
+)
 from mechbias.methods.pruning import PruneConfig
 
 

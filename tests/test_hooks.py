@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from mechbias.data.contexts import load_context
 from mechbias.core.hooks import hooked, n_active_hooks
+from mechbias.core.params import named_params
+from mechbias.data.contexts import load_context
+from mechbias.eval.metrics import contrast_scores
 from mechbias.interventions.base import Compose, load_intervention
 from mechbias.interventions.units import HeadIntervention, NeuronIntervention
 from mechbias.interventions.weights import WeightEdit, WeightMask
-from mechbias.eval.metrics import contrast_scores
-from mechbias.core.params import named_params
 
 TEXT = "A bank is reviewing a car loan application from Jamal . Should the bank approve the loan ? Answer :"
 
@@ -28,15 +28,13 @@ def test_exception_inside_hooks_leaves_no_hook_and_identical_logits(fixture, req
     def boom(act, hook):
         return act * 0
 
-    with pytest.raises(RuntimeError, match="inside"):
-        with hooked(m, [("blocks.0.mlp.hook_post", boom)], [("blocks.1.hook_resid_pre", lambda g, hook: None)]):
-            assert n_active_hooks(m) > n0
-            raise RuntimeError("failure inside the block")
+    with pytest.raises(RuntimeError, match="inside"), hooked(m, [("blocks.0.mlp.hook_post", boom)], [("blocks.1.hook_resid_pre", lambda g, hook: None)]):
+        assert n_active_hooks(m) > n0
+        raise RuntimeError("failure inside the block")
     assert n_active_hooks(m) == n0
     assert torch.equal(_logits(m), before)
-    with pytest.raises(RuntimeError):
-        with NeuronIntervention({0: [1, 2]}).apply(m):
-            raise RuntimeError("again")
+    with pytest.raises(RuntimeError), NeuronIntervention({0: [1, 2]}).apply(m):
+        raise RuntimeError("again")
     assert n_active_hooks(m) == n0 and torch.equal(_logits(m), before)
 
 
@@ -82,10 +80,9 @@ def test_weight_interventions_restore_bit_for_bit(tiny):
     before = {n: p.detach().clone() for n, p in params.items()}
     name = "model.layers.0.mlp.up_proj.weight"
     delta = torch.randn_like(params[name]) * 0.1
-    with pytest.raises(ValueError):
-        with WeightEdit({name: delta}, scale=0.7).apply(tiny):
-            assert not torch.equal(params[name], before[name])
-            raise ValueError("boom")
+    with pytest.raises(ValueError), WeightEdit({name: delta}, scale=0.7).apply(tiny):
+        assert not torch.equal(params[name], before[name])
+        raise ValueError("boom")
     with WeightMask({name: torch.arange(0, 500, 3)}).apply(tiny):
         assert (params[name].view(-1)[torch.arange(0, 500, 3)] == 0).all()
     assert all(torch.equal(p, before[n]) for n, p in params.items())
@@ -129,15 +126,12 @@ def test_interventions_save_and_load(tmp_path, tiny):
 
 
 def test_bad_interventions_are_refused(tiny):
-    with pytest.raises(ValueError, match="outside"):
-        with NeuronIntervention({7: [0]}).apply(tiny):
-            pass
-    with pytest.raises(ValueError, match="out of range"):
-        with HeadIntervention({0: [99]}).apply(tiny):
-            pass
-    with pytest.raises(ValueError, match="no parameter"):
-        with WeightMask({"not.a.param": torch.tensor([0])}).apply(tiny):
-            pass
+    with pytest.raises(ValueError, match="outside"), NeuronIntervention({7: [0]}).apply(tiny):
+        pass
+    with pytest.raises(ValueError, match="out of range"), HeadIntervention({0: [99]}).apply(tiny):
+        pass
+    with pytest.raises(ValueError, match="no parameter"), WeightMask({"not.a.param": torch.tensor([0])}).apply(tiny):
+        pass
     with pytest.raises(FileNotFoundError):
         load_intervention("/nonexistent/intervention")
 
@@ -147,8 +141,8 @@ def test_result_load_works_without_importing_the_defining_module(tmp_path, tiny)
     import subprocess
     import sys
 
-    from mechbias.methods.patching import attribution_patch
     from mechbias.data.pairs import make_pairs
+    from mechbias.methods.patching import attribution_patch
 
     pairs = make_pairs(tiny, "finance", "race", templates=[0], max_pairs=2)
     attribution_patch(tiny, pairs, components=("heads",)).save(tmp_path / "atp")
@@ -166,14 +160,14 @@ def test_a_misspelled_hook_raises_and_names_the_closest(fixture, request):
 
     m = request.getfixturevalue(fixture)
     n0 = n_active_hooks(m)
-    with pytest.raises(HookNameError, match=r"blocks\.0\.mlp\.hook_post"):
-        with hooked(m, [("blocks.0.mlp.hook_pots", lambda a, hook: a)]):
-            pass
+    with pytest.raises(HookNameError, match=r"blocks\.0\.mlp\.hook_post"), hooked(m, [("blocks.0.mlp.hook_pots", lambda a, hook: a)]):
+        pass
     with pytest.raises(HookNameError, match="no hook point"):
         run_with_cache(m, m.to_tokens(TEXT), ["blocks.7.hook_resid_pre"])
-    with pytest.raises(HookNameError):  # a layer the model does not have, through an intervention
-        with NeuronIntervention({0: [1]}).apply(m), hooked(m, [(Site(5, "post"), lambda a, hook: a)]):
-            pass
+    # a layer the model does not have, through an intervention
+    with (pytest.raises(HookNameError), NeuronIntervention({0: [1]}).apply(m),
+          hooked(m, [(Site(5, "post"), lambda a, hook: a)])):
+        pass
     assert n_active_hooks(m) == n0
     with pytest.raises(ValueError, match="unknown site point"):
         Site(0, "mlp_post")

@@ -3,8 +3,17 @@
 import pytest
 import torch
 
-from mechbias.methods.ig2 import (IG2Result, NeuronSelection, contrast_units, demographic_units, ig2_prompt,
-                                  integration_points, run_ig2, select_neurons, verify)
+from mechbias.methods.ig2 import (
+    IG2Result,
+    NeuronSelection,
+    contrast_units,
+    demographic_units,
+    ig2_prompt,
+    integration_points,
+    run_ig2,
+    select_neurons,
+    verify,
+)
 
 TEXT = "The bank approved the loan application . Was the applicant White or Black ? The applicant was"
 
@@ -268,4 +277,4 @@ def test_pooled_verification_rebuilds_the_method_units_and_pools_them(tiny, tmp_
         assert abs(ref["change"]) > 1e-4  # a value that could have disagreed
         changes.append(ref["change"]), sizes.append(row["units"])
     pooled = out["pooled"]["IG² suppress: change"]["estimate"]
-    assert pooled == pytest.approx(sum(c * n for c, n in zip(changes, sizes)) / sum(sizes), abs=1e-9)
+    assert pooled == pytest.approx(sum(c * n for c, n in zip(changes, sizes, strict=True)) / sum(sizes), abs=1e-9)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from mechbias.apps.executors import InProcess, RayExecutor
 from mechbias.apps import jobs as jobs_mod
 from mechbias.apps import store as store_mod
+from mechbias.apps.executors import InProcess, RayExecutor
 from mechbias.apps.jobs import Job, JobStore, job_kind, run_planners
 from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
@@ -90,7 +90,7 @@ def test_a_part_written_by_code_whose_class_moved_gives_a_clear_error(tmp_path):
     assert isinstance(store.load(a), _Moved)  # the class is still here: it loads
     saved = globals().pop("_Moved")
     try:
-        with pytest.raises(RuntimeError, match="written by other code .* delete .* to recompute it"):
+        with pytest.raises(RuntimeError, match=r"written by other code .* delete .* to recompute it"):
             store.load(a)
     finally:
         globals()["_Moved"] = saved

@@ -112,7 +112,7 @@ def test_the_intervention_equals_a_plain_hooked_forward_and_restores_the_model(t
                 hooked = tiny(ids)
             after = tiny(ids)
 
-        def plain(act, hook):
+        def plain(act, hook, positions=positions):
             out = act.clone()
             sl = slice(None) if positions == "all" else slice(-1, None)
             delta = act[:, sl].double() - bias.double()

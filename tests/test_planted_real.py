@@ -25,8 +25,8 @@ def test_planted_model_loads_offline_with_large_planted_gaps(planted):
 
 
 def test_zeroing_the_planted_neurons_removes_the_planted_gap(planted):
-    from mechbias.interventions.units import NeuronIntervention
     from mechbias.eval.metrics import measure_bias
+    from mechbias.interventions.units import NeuronIntervention
 
     model, manifest = planted
     every = [tuple(n) for n in manifest["shared"]] + [tuple(n) for v in manifest["only"].values() for n in v]

@@ -22,9 +22,8 @@ def test_fast_runs_matmuls_in_bfloat16_and_exact_turns_a_callers_autocast_off(ti
         assert (x @ w).dtype == torch.bfloat16
         with compute_precision(tiny, "exact"):
             assert (x @ w).dtype == torch.float32
-    with pytest.raises(ValueError, match="precision"):
-        with compute_precision(tiny, "half"):
-            pass
+    with pytest.raises(ValueError, match="precision"), compute_precision(tiny, "half"):
+        pass
     with pytest.raises(ValueError, match="precision"):
         PruneConfig(precision="bf16")
 

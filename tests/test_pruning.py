@@ -3,13 +3,22 @@
 import pytest
 import torch
 
-from mechbias.data.prompts import tokenize
+from mechbias.core.params import linear_layers, named_params
 from mechbias.data.contexts import load_context
-from mechbias.core.params import named_params
-from mechbias.core.params import linear_layers
+from mechbias.data.prompts import tokenize
 from mechbias.eval.transfer import transfer_matrix
-from mechbias.methods.pruning import (PruneConfig, candidates, generalization_levels, head_scores, input_norms,
-                                      name_positions, neuron_scores, pruning_curve, pruning_selector, set_difference)
+from mechbias.methods.pruning import (
+    PruneConfig,
+    candidates,
+    generalization_levels,
+    head_scores,
+    input_norms,
+    name_positions,
+    neuron_scores,
+    pruning_curve,
+    pruning_selector,
+    set_difference,
+)
 from mechbias.methods.pruning.candidates import greedy_select
 
 
@@ -91,14 +100,14 @@ def test_selected_pruning_beats_random_on_a_planted_model(planted_tiny):
 
 
 def test_levels_and_curves(planted_tiny):
-    model, cfg = planted_tiny
+    model, _cfg = planted_tiny
     pc = PruneConfig(unit="neuron", k=6, score="signed_attribution", select="difference")
     lv = generalization_levels(model, ["finance", "commerce"], "race", pc, n_random=1, max_l0_templates=2, n_boot=200)
     # every level is evaluated on the same prompts: each L0 template with held-out names
     assert {(r["context"], r["level"]) for r in lv.rows} == {(c, lvl) for c in ("finance", "commerce")
                                                              for lvl in ("L0", "L1", "L2")}
     by = {(r["context"], r["level"], r["template"]): r for r in lv.rows}
-    for (c, lvl, t), r in by.items():
+    for (c, _lvl, t), r in by.items():
         assert r["gap_before"] == by[(c, "L0", t)]["gap_before"]  # same prompts, same baseline
     assert {t["comparison"] for t in lv.tests} == {"L0 - L1 (bias removed)", "L0 - L2 (bias removed)",
                                                    "L1 - L2 (bias removed)"}
@@ -225,12 +234,12 @@ def test_wanda_chat_calibration_runs_on_the_chat_turn_and_a_sampled_reply(tiny):
         assert calibration_mode(tiny, "auto") == "chat"
         seqs = calibration_seqs(tiny, ps, response_tokens=4, seed=0)
         norms = input_norms(tiny, ps, calibration="chat", response_tokens=4)
-        for p, s in zip(ps, seqs):
+        for p, s in zip(ps, seqs, strict=True):
             head = chat_prompt(tiny, p.text)
             assert torch.equal(s[: len(head)], head) and len(head) < len(s) <= len(head) + 4
             assert tok.decode(head).endswith(". assistant :") and len(head) > len(tokenize(tiny, [p.text])[0])
         xs: dict[str, list] = {}
-        for p, s in zip(ps, seqs):
+        for p, s in zip(ps, seqs, strict=True):
             if p.group != 0:
                 continue
             _, cache = tiny.run_with_cache(s[None])

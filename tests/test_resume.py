@@ -147,8 +147,8 @@ def test_evalset_pickles_without_its_resume_cache(deep, evalset):
 
 def test_resumed_perplexity_equals_the_padded_full_forward(deep):
     from mechbias.core.runner import sequence_nll
-    from mechbias.data.prompts import tokenize
     from mechbias.data.neutral import neutral_texts
+    from mechbias.data.prompts import tokenize
     from mechbias.eval.metrics import token_nll
 
     texts = neutral_texts(4, split="reporting")
@@ -156,7 +156,7 @@ def test_resumed_perplexity_equals_the_padded_full_forward(deep):
     base_nll, base_n = token_nll(deep, texts)
     ref, ref_n = sequence_nll(deep, seqs)
     assert base_n == ref_n and base_nll == pytest.approx(ref, rel=1e-6)
-    for name, (iv, first) in _interventions(deep).items():
+    for name, (iv, _first) in _interventions(deep).items():
         if str(iv.positions) != "all":
             continue
         with iv.apply(deep):

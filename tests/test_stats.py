@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from mechbias.eval.cells import Cell, Effect
 from mechbias.eval.factors import factor_estimate, factor_mean, weighted_mean
 from mechbias.eval.stats import benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
-from mechbias.eval.cells import Cell, Effect
 from mechbias.eval.transfer import TransferMatrix
 
 
@@ -57,7 +57,7 @@ def _pair_units(rng, T=5, per_template=6, n=16, delta=0.2, sd_t=0.3, sd_n=0.3, s
     ta, na, nb = rng.normal(0, sd_t, T), rng.normal(0, sd_n, n), rng.normal(0, sd_n, n)
     vals, fac = [], {"template": [], "name_a": [], "name_b": []}
     for t in range(T):
-        for a, b in zip(rng.choice(n, per_template, replace=False), rng.choice(n, per_template, replace=False)):
+        for a, b in zip(rng.choice(n, per_template, replace=False), rng.choice(n, per_template, replace=False), strict=True):
             vals.append(delta + ta[t] + na[a] - nb[b] + rng.normal(0, sd_e))
             fac["template"].append([t]), fac["name_a"].append([a]), fac["name_b"].append([b])
     return np.array(vals), fac
@@ -195,7 +195,7 @@ def test_benjamini_hochberg_matches_its_definition():
     finite = [(x, i) for i, x in enumerate(p) if np.isfinite(x)]
     m = len(finite)
     ranked = sorted(finite)
-    for r, (x, i) in enumerate(ranked, start=1):  # adj_(r) = min over j >= r of p_(j) m / j
+    for r, (_x, i) in enumerate(ranked, start=1):  # adj_(r) = min over j >= r of p_(j) m / j
         expected = min(1.0, min(ranked[j - 1][0] * m / j for j in range(r, m + 1)))
         assert adj[i] == pytest.approx(expected)
     assert np.isnan(adj[4])
@@ -285,7 +285,7 @@ def test_tost_ratio_and_the_detectable_difference_at_the_bh_level():
     tm = _matrix(rng, 0.3, 0.3)  # transfers fully: cross / within = 1
     t = tm.test_transfer(margin=0.15, family_size=8)
     assert t["tost"]["margin"] == 0.15
-    assert t["tost"]["equivalent"] == (-0.15 < t["tost"]["ci_low_90"] and t["tost"]["ci_high_90"] < 0.15)
+    assert t["tost"]["equivalent"] == (t["tost"]["ci_low_90"] > -0.15 and t["tost"]["ci_high_90"] < 0.15)
     assert t["min_detectable_bh"] > t["min_detectable"]  # at 0.05 / 8 more is needed to be seen
     assert t["alpha_bh"] == pytest.approx(0.05 / 8)
     r = t["ratio"]

@@ -68,10 +68,9 @@ def test_last_position_steering_survives_prefix_sharing(tiny):
 def test_restores_the_model_bit_for_bit(tiny):
     before, n0 = _logits(tiny), n_active_hooks(tiny)
     iv = DirectionIntervention(0, torch.randn(tiny.cfg.d_model), mode="add", alpha=3.0)
-    with pytest.raises(RuntimeError, match="inside"):
-        with iv.apply(tiny):
-            assert n_active_hooks(tiny) > n0
-            raise RuntimeError("failure inside the block")
+    with pytest.raises(RuntimeError, match="inside"), iv.apply(tiny):
+        assert n_active_hooks(tiny) > n0
+        raise RuntimeError("failure inside the block")
     assert n_active_hooks(tiny) == n0 and torch.equal(_logits(tiny), before)
 
 
@@ -91,9 +90,8 @@ def test_random_control_saving_and_validation(tiny, tmp_path):
     with back.apply(tiny):
         b = _logits(tiny)
     assert torch.equal(a, b)
-    with pytest.raises(ValueError, match="outside"):
-        with DirectionIntervention(9, d).apply(tiny):
-            pass
+    with pytest.raises(ValueError, match="outside"), DirectionIntervention(9, d).apply(tiny):
+        pass
     with pytest.raises(ValueError, match="non-zero"):
         DirectionIntervention(0, torch.zeros(tiny.cfg.d_model))
     with pytest.raises(ValueError, match="mode"):

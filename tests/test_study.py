@@ -123,12 +123,12 @@ def test_a_rerun_with_other_steps_reports_only_its_own_and_rechooses_the_axis(tm
     out = tmp_path / "s"
     base = ["study", "--model", "tiny", "--quick", "--contexts", "finance", "commerce", "--workers", "1",
             "--out", str(out)]
-    assert main(base + ["--axis", "auto", "--methods", "prune"]) == 0
+    assert main([*base, "--axis", "auto", "--methods", "prune"]) == 0
     pruning_title = json.loads((out / "steps" / "prune_neuron_paper" / "summary.json").read_text())["title"]
     assert pruning_title in study_html(out)
     choice = json.loads((out / "axis_choice.json").read_text())
     assert choice["key"]["contexts"] == ["finance", "commerce"] and choice["key"]["seed"] == 0
-    assert main(base + ["--axis", "auto", "--methods", "steer", "--seed", "1"]) == 0
+    assert main([*base, "--axis", "auto", "--methods", "steer", "--seed", "1"]) == 0
     html = study_html(out)
     assert (out / "steps" / "prune_neuron_paper" / "summary.json").exists()  # kept on disk, not deleted
     assert pruning_title not in html  # but not reported as part of this run
@@ -150,10 +150,10 @@ def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
     b = json.loads((cli / "transfer.json").read_text())
     assert a["config"]["precision"] == b["config"]["precision"] == "fast"  # neuron pruning selects fast by default
     assert a["transfer_config"]["controls"] == b["transfer_config"]["controls"]
-    key = lambda c: (c["selected_on"], c["evaluated_on"])  # noqa: E731
+    key = lambda c: (c["selected_on"], c["evaluated_on"])
     ca, cb = sorted(a["cells"], key=key), sorted(b["cells"], key=key)
     assert [key(c) for c in ca] == [key(c) for c in cb] and len(ca) == 4
-    for x, y in zip(ca, cb):
+    for x, y in zip(ca, cb, strict=True):
         for k in ("gap_before", "gap_after", "gap_change", "ci_low", "ci_high", "p_value", "n_components"):
             assert abs(x[k] - y[k]) <= 1e-9, (key(x), k, x[k], y[k])
         assert x["controls"].keys() == y["controls"].keys() and x["controls"]
@@ -165,8 +165,8 @@ def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
     from mechbias.core.models import load_model
     from mechbias.eval.cells import TransferConfig
     from mechbias.eval.transfer import transfer_matrix
-    from mechbias.methods.pruning.method import Pruning
     from mechbias.methods.pruning.candidates import PruneConfig
+    from mechbias.methods.pruning.method import Pruning
 
     method = Pruning(PruneConfig(unit="neuron", k=None, score="activation", precision="fast"), seed=0)
     tm = transfer_matrix(load_model("tiny"), method, ["finance", "commerce"], "race",

@@ -10,21 +10,30 @@ differences with their CIs). Every file is read and checked before the model loa
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..core.families import is_masked_lm
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, make_meta
 from ..data.neutral import neutral_texts
-from ..eval.bench import BenchResult, bbq_score, crows_bench, read_bbq, read_stereoset, read_winobias, \
-    stereoset_score, winobias_score
+from ..eval.bench import (
+    BenchResult,
+    bbq_score,
+    crows_bench,
+    read_bbq,
+    read_stereoset,
+    read_winobias,
+    stereoset_score,
+    winobias_score,
+)
 from ..eval.bench.common import Outcomes, metric_rows, score
 from ..eval.bench.packaged import REGISTRY, resolve
 from ..eval.crows import read_pairs
 from ..eval.metrics import token_nll
-from ..core.families import is_masked_lm
 from ..interventions.base import Intervention
 from ..viz.card_figure import plot_card
 from .lm_eval_model import check_tasks, task_bench

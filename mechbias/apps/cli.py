@@ -23,9 +23,9 @@ from ..core.models import ModelLoadError, cache_dir, load_model, model_label
 from ..core.results import atomic_savefig, atomic_write_json
 from ..data.axes import ContextError, load_axis
 from ..data.contexts import load_contexts
+from ..eval.cells import TransferConfig
 from ..eval.crows import crows_score, read_pairs
 from ..eval.metrics import measure_bias
-from ..eval.cells import TransferConfig
 from ..interventions.base import NotFoldable, check_model, load_intervention
 from ..methods.base import Method, registered_methods
 from .card import CardInputs, run_card

@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def _unwrap(tp) -> tuple[Any, bool, bool]:

@@ -116,7 +116,7 @@ class RayExecutor:
             self.free.append(actor)
             try:
                 out.append((job, self.ray.get(ref)))
-            except Exception:  # noqa: BLE001 - a worker that cannot run at all (e.g. the model fails to load)
+            except Exception:
                 out.append((job, JobOutput({}, {}, {}, traceback.format_exc())))
         return out
 

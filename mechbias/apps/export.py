@@ -20,9 +20,9 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Sequence
 from importlib.metadata import version as _pkg_version
-from typing import Sequence
+from pathlib import Path
 
 import torch
 

@@ -42,24 +42,42 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from importlib.metadata import PackageNotFoundError
-from importlib.metadata import version as _pkg_version
 from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import set_seed
 from ..core.work import counting_flops
 from .store import JobOutput, JobStore, StoreWarning, code_fingerprint, code_stamp, store_key
 
-__all__ = ["Job", "JobKind", "JobOutput", "JobStore", "RunReport", "Results", "StoreWarning", "WorkerContext",
-           "code_fingerprint", "code_stamp", "critical_path", "data_fingerprint", "execute", "job_kind", "job_kinds",
-           "model_fingerprint", "run_planners", "store_key"]
+__all__ = [
+    "Job",
+    "JobKind",
+    "JobOutput",
+    "JobStore",
+    "Results",
+    "RunReport",
+    "StoreWarning",
+    "WorkerContext",
+    "code_fingerprint",
+    "code_stamp",
+    "critical_path",
+    "data_fingerprint",
+    "execute",
+    "job_kind",
+    "job_kinds",
+    "model_fingerprint",
+    "run_planners",
+    "store_key",
+]
 
 try:
     _MECHBIAS_VERSION = _pkg_version("mechbias")
@@ -118,7 +136,7 @@ class Job:
 
     kind: str
     params: dict
-    deps: dict[str, tuple["Job", str]] = field(default_factory=dict)
+    deps: dict[str, tuple[Job, str]] = field(default_factory=dict)
     label: str = ""
     inputs: dict = field(default_factory=dict)
     salt: str = ""
@@ -196,7 +214,7 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
         try:
             with counting_flops() as work:
                 parts = _KINDS[kind].fn(ctx, params, {**deps, **inputs})
-        except Exception:  # noqa: BLE001 - recorded and reported by the driver
+        except Exception:
             if reraise:
                 raise
             return JobOutput({}, {}, meta, traceback.format_exc())
@@ -272,7 +290,7 @@ def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, pro
             except StopIteration as stop:
                 report.values[name] = stop.value
                 return
-            except Exception:  # noqa: BLE001 - a planner's own error (e.g. assembling) ends that planner only
+            except Exception:
                 report.failed.setdefault(name, []).append({"label": f"{name} (planner)", "key": "",
                                                            "error": traceback.format_exc()})
                 return
@@ -344,7 +362,7 @@ def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, pro
                 for name in owners.pop(job.key, []):
                     if name not in waiting:
                         continue
-                    batch, pending = waiting[name]
+                    _batch, pending = waiting[name]
                     pending.discard(job.key)
                     if not pending:
                         del waiting[name]

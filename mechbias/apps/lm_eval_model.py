@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.families import is_masked_lm
 from ..core.models import load_model
 from ..data.prompts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
-from ..core.families import is_masked_lm
 from ..eval.loglik import continuation_logprob, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
 
@@ -81,7 +81,7 @@ class MechbiasLM(LM):
         self.max_gen_toks = int(max_gen_toks)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "MechbiasLM":
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> MechbiasLM:
         args: dict[str, Any] = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv.strip()) if arg_string else {}
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**args, **extra)

@@ -8,6 +8,7 @@ is stamped with a fingerprint of mechbias's source code (:func:`code_fingerprint
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -159,10 +160,8 @@ class JobStore:
             return True
         aside = self.root / "_rejected" / f"{job.kind}-{job.key[:16]}-{uuid.uuid4().hex[:8]}"
         aside.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with contextlib.suppress(OSError):  # another process moved or replaced it first
             os.replace(self.path(job), aside)
-        except OSError:
-            pass  # another process moved or replaced it first
         warnings.warn(f"job store: {job.label} at {self.path(job)}: {problem}; moved to {aside} and recomputed",
                       StoreWarning, stacklevel=2)
         return False

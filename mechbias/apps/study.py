@@ -22,14 +22,15 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..core.models import model_label
 from ..core.precision import PRECISIONS, check_precision
-from ..core.work import achieved_rate, matmul_peak, torch_threads
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text
+from ..core.work import achieved_rate, matmul_peak, torch_threads
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
 from ..eval.cells import TransferConfig
@@ -39,10 +40,15 @@ from ..methods.base import registered_methods
 from ..viz.html import study_html
 from ..viz.plotting import plot_methods_summary
 from .executors import InProcess, RayExecutor
-from .jobs import (JobStore, RunReport, critical_path, data_fingerprint, default_workers, model_fingerprint,
-                   run_planners)
-from .study_jobs import choose_axis  # noqa: F401 - part of this module's interface
-from .study_jobs import Shared, axis_planner, baseline_planner, method_planner, model_meta
+from .jobs import JobStore, RunReport, critical_path, data_fingerprint, default_workers, model_fingerprint, run_planners
+from .study_jobs import (
+    Shared,
+    axis_planner,
+    baseline_planner,
+    choose_axis,  # noqa: F401 - part of this module's interface
+    method_planner,
+    model_meta,
+)
 from .study_report import baseline_report, summary_report, summary_rows, transfer_md
 from .workflow import write_method_outputs
 
@@ -319,11 +325,11 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     for t in tests:
         t.update(family_size=len(tests), alpha_bh=0.05 / len(tests),
                  min_detectable_bh=mdd(t["se"], t["df"], 0.05 / len(tests)))
-    for p_adj, t in zip(benjamini_hochberg([t["p_value"] for t in tests]), tests):
+    for p_adj, t in zip(benjamini_hochberg([t["p_value"] for t in tests]), tests, strict=True):
         t["p_adjusted"] = p_adj
     # gatekeeping over the family: a method's transfer is read only where its within-context removal survives
     # Benjamini-Hochberg across the methods
-    for p_adj, t in zip(benjamini_hochberg([t["within_p_value"] for t in tests]), tests):
+    for p_adj, t in zip(benjamini_hochberg([t["within_p_value"] for t in tests]), tests, strict=True):
         t["within_p_adjusted"] = p_adj
         t["gated"] = bool(p_adj < 0.05)
         if t["gated"]:

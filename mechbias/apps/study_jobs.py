@@ -36,13 +36,12 @@ from ..core.results import make_meta
 from ..data.contexts import load_context
 from ..data.leakage import selection_phase
 from ..data.neutral import neutral_texts
-from ..eval.metrics import measure_bias, perplexity
 from ..eval.cells import EvalSet, TransferConfig, cell_from_grids
+from ..eval.metrics import measure_bias, perplexity
 from ..eval.transfer import baseline_rows, finish_matrix, generation_cost, make_row_info
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind
-
 
 # ----------------------------------------------------------------------------
 # job kinds

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
+from ..core.models import model_label
 from ..core.results import atomic_savefig, atomic_write_json
 from ..data.contexts import Context, load_contexts
 from ..eval.cells import TransferConfig
 from ..eval.transfer import TransferMatrix
 from ..interventions.base import model_identity
-from ..core.models import model_label
 from ..methods.base import Method, MethodConfig
 from .executors import InProcess
 from .jobs import JobStore, data_fingerprint, model_fingerprint, run_planners
@@ -58,7 +58,7 @@ def write_method_outputs(name: str, title: str, description: str, config: dict, 
                                   **s.summary} for k, s in selections.items()},
                "analysis": analysis, "transfer": short_cells(tm), "transfer_test": tm.transfer_test,
                "rows": tm.row_info,
-               "figures": [fig] + list(analysis.get("figures", []))}
+               "figures": [fig, *list(analysis.get("figures", []))]}
     atomic_write_json(summary, out / f"{name}.json")
     return summary
 

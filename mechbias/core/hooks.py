@@ -14,11 +14,12 @@ from __future__ import annotations
 import contextlib
 import difflib
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from .sites import Site
 
-HookTarget = Union[str, Site]
+HookTarget = str | Site
 HookList = Sequence[tuple[HookTarget, Callable]]
 
 
@@ -37,7 +38,7 @@ def closest_hook_names(model, name: str, n: int = 3) -> list[str]:
 
 # the bridge rebuilds hook_dict on every access (milliseconds on a 30-layer model, and hooks are installed
 # several times per forward pass), so the names are kept per model and re-read once before a name is refused
-_NAMES: "weakref.WeakKeyDictionary[Any, frozenset[str]]" = weakref.WeakKeyDictionary()
+_NAMES: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _hook_names(model, refresh: bool = False) -> frozenset[str]:
@@ -78,8 +79,8 @@ def hooked(model, fwd: HookList = (), bwd: HookList = ()) -> Iterator[Any]:
     """
     fwd_names = check_hook_names(model, [t for t, _ in fwd])
     bwd_names = check_hook_names(model, [t for t, _ in bwd])
-    fwd_hooks = [(n, fn) for n, (_, fn) in zip(fwd_names, fwd)]
-    bwd_hooks = [(n, fn) for n, (_, fn) in zip(bwd_names, bwd)]
+    fwd_hooks = [(n, fn) for n, (_, fn) in zip(fwd_names, fwd, strict=True)]
+    bwd_hooks = [(n, fn) for n, (_, fn) in zip(bwd_names, bwd, strict=True)]
     with model.hooks(fwd_hooks=fwd_hooks, bwd_hooks=bwd_hooks):
         yield model
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import os
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +34,18 @@ from typing import Any
 
 import torch
 
-from .embedded import (EMBEDDED_MODELS, GEMMA, SMOLLM2, ModelLoadError, atomic_dir, cache_dir, cache_path,
-                       chunk_paths, ensure_cache, load_embedded)
+from .embedded import (
+    EMBEDDED_MODELS,
+    GEMMA,
+    SMOLLM2,
+    ModelLoadError,
+    atomic_dir,
+    cache_dir,
+    cache_path,
+    chunk_paths,
+    ensure_cache,
+    load_embedded,
+)
 from .params import PlantedDelta
 
 EMBEDDED = SMOLLM2
@@ -299,7 +309,7 @@ def word_tokenizer(*, masked: bool = False, base_only: bool = False):
     target = cache_dir() / f"tiny-tokenizer-{'masked-' if masked else ''}{key}"
 
     def build(tmp: Path) -> None:
-        from tokenizers import Tokenizer, models, pre_tokenizers, processors, decoders
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
 
         specials = _MASKED_SPECIALS if masked else _SPECIALS
@@ -359,8 +369,8 @@ def tiny_model(
     Returns:
         The model, in eval mode.
     """
-    from transformers import AutoTokenizer
     from transformer_lens import TransformerBridge
+    from transformers import AutoTokenizer
 
     if tokenizer == "words":
         # the frozen base vocabulary: a tiny model stays the same model when the data gains words (they read as

@@ -159,7 +159,7 @@ class PlantedDelta:
         return out
 
     @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> "PlantedDelta":
+    def from_tensors(cls, t: dict[str, Tensor]) -> PlantedDelta:
         layers: dict = {}
         heads: dict = {}
         for key, v in t.items():
@@ -171,7 +171,7 @@ class PlantedDelta:
         return cls(layers, heads)
 
     @classmethod
-    def capture(cls, model, neurons, heads=()) -> "PlantedDelta":
+    def capture(cls, model, neurons, heads=()) -> PlantedDelta:
         """The current values of the given ``(layer, neuron)`` and ``(layer, head)`` pairs."""
         layers: dict = {}
         for l in sorted({l for l, _ in neurons}):

@@ -10,9 +10,10 @@ commit). Each file is written to a temporary name and renamed, and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import html
 import datetime as _dt
+import html
 import json
 import os
 import random
@@ -32,7 +33,7 @@ from .models import model_label
 # every Result subclass registers itself here when its module is imported; importing any
 # part of mechbias imports the whole package (mechbias/__init__.py), so the registry is
 # complete before Result.load runs
-_RESULT_TYPES: dict[str, type["Result"]] = {}
+_RESULT_TYPES: dict[str, type[Result]] = {}
 
 
 # ----------------------------------------------------------------------------
@@ -159,10 +160,8 @@ def package_versions() -> dict[str, str]:
 
     out = {}
     for name in ("mechbias", "torch", "transformer-lens", "transformers", "numpy"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -226,7 +225,7 @@ class Result:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "Result":
+    def load(cls, path: str | Path) -> Result:
         """Load a result saved with :meth:`save` (any subclass, chosen by ``result_type``)."""
         path = Path(path)
         meta_path = path / "result.json"
@@ -242,7 +241,7 @@ class Result:
         return klass._load_fields(path, d)
 
     @classmethod
-    def _load_fields(cls, path: Path, d: dict | None = None) -> "Result":
+    def _load_fields(cls, path: Path, d: dict | None = None) -> Result:
         """The generic part of :meth:`load`: result.json and tensors.safetensors into ``cls``."""
         path = Path(path)
         d = dict(d if d is not None else json.loads((path / "result.json").read_text()))

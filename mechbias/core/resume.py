@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -133,7 +134,7 @@ class ResumeCache:
         device = self.model.cfg.device
         resid = self.resid(layer) if layer > 0 else [None] * len(self.buckets)
         results: list[Tensor | None] = [None] * len(self.seqs)
-        for bucket, r in zip(self.buckets, resid):
+        for bucket, r in zip(self.buckets, resid, strict=True):
             total = len(self.seqs[bucket[0]])
             with forward_window(0, total), (trim() if trim is not None else contextlib.nullcontext()):
                 if r is None:

@@ -33,16 +33,16 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
-from typing import Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from .families import is_masked_lm
+from .fastpath import last_position_unembed, prefix_cache, use_kv_cache
 from .hooks import hooked
-from .fastpath import (last_position_unembed, prefix_cache, use_kv_cache)
 from .window import forward_window, readout_position
 
 #: Rows x tokens per forward pass on a CPU; bounds memory, tuned for a 2-core machine.
@@ -282,7 +282,7 @@ def capture(
         for bucket in length_buckets([len(s) for s in seqs], max_tokens):
             ids = torch.stack([seqs[i] for i in bucket]).to(device)
             seen: dict[str, Tensor] = {}
-            fwd = [(n, (lambda a, hook, n=n: seen.__setitem__(n, a[:, -1] if position == "last" else a.mean(1))))
+            fwd = [(n, (lambda a, hook, n=n, seen=seen: seen.__setitem__(n, a[:, -1] if position == "last" else a.mean(1))))
                    for n in names]
             with hooked(model, fwd), last_position_unembed(model, 1):
                 model(ids)

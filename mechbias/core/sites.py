@@ -15,7 +15,7 @@ before a forward pass runs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 #: point -> hook name template (``{l}`` is the layer)
 POINTS: dict[str, str] = {
@@ -50,7 +50,7 @@ LINEAR_COMPONENTS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.in
 Point = Literal["embed", "unembed_in", "unembed_out", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "q", "k",
                 "v", "z", "pattern", "post", "in:attn.q", "in:attn.k", "in:attn.v", "in:attn.o", "in:mlp.gate",
                 "in:mlp.in", "in:mlp.out"]
-Positions = Union[Literal["all", "last"], tuple[int, ...]]
+Positions = Literal["all", "last"] | tuple[int, ...]
 
 
 def hook_name(point: str, layer: int | None = None) -> str:
@@ -107,7 +107,7 @@ class Site:
     def is_head(self) -> bool:
         return self.point in HEAD_POINTS
 
-    def with_positions(self, positions) -> "Site":
+    def with_positions(self, positions) -> Site:
         return Site(self.layer, self.point, self.index, positions)
 
     def __repr__(self) -> str:

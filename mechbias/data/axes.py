@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import yaml
@@ -121,7 +121,7 @@ def stable_hash(seed: int, key: str) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _names_file(path: str = str(DATA / "names.yaml"), required: tuple[str, ...] = ("people", "pronouns", "axes")
                 ) -> dict:
     p = Path(path)
@@ -191,7 +191,7 @@ def load_axis(name: str | Axis) -> Axis:
     return _load_axis(axis, roster)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_axis(name: str, roster: str) -> Axis:
     axes = _names_file()["axes"]
     if name not in axes:

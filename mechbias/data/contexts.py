@@ -19,15 +19,15 @@ from __future__ import annotations
 import os
 import re
 import string
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import yaml
 
 from .axes import DATA, Axis, ContextError, Person, list_axes, load_axis, pronouns, stable_hash
-from .prompts import Prompt, PromptSet
 from .leakage import check_not_reporting
+from .prompts import Prompt, PromptSet
 
 SLOTS = {"name", "pronoun", "Pronoun", "possessive", "object"}
 #: answer formats a context may declare (``format:``): yes/no, a two-option choice, a rating scale
@@ -90,7 +90,7 @@ class Context:
         names: str | Sequence[Person] = "all",
         seed: int = 0,
         blocks: int = 1,
-    ) -> "PromptSet":
+    ) -> PromptSet:
         """The grid templates x names as a :class:`PromptSet` for one axis.
 
         ``blocks > 1`` gives the **incomplete crossed design**: within each race x gender cell the names are
@@ -119,7 +119,7 @@ class Context:
         ]
         return PromptSet(self.name, ax, self.positive, self.negative, items, blocks=blocks)
 
-    def demographic_prompts(self, axis: str | Axis, polarity: str | None = None) -> list["DemographicPrompt"]:
+    def demographic_prompts(self, axis: str | Axis, polarity: str | None = None) -> list[DemographicPrompt]:
         """IG²-style prompts: each template filled with each outcome word.
 
         The ``bag`` of a prompt is its outcome word (every template filled with
@@ -138,7 +138,7 @@ class Context:
         return out
 
     def numeric_prompts(self, axis: str | Axis, *, names: str | Sequence[Person] = "all",
-                        templates: Sequence[int] | None = None, seed: int = 0) -> "PromptSet":
+                        templates: Sequence[int] | None = None, seed: int = 0) -> PromptSet:
         """Numeric questions (generation metric) for the names of an axis."""
         if not self.numeric_templates:
             raise ValueError(f"context {self.name!r} has no numeric templates")

@@ -9,8 +9,8 @@ data readers (:mod:`mechbias.data.contexts`, :mod:`mechbias.data.axes`, :mod:`me
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import Iterator
 
 _SELECTING: ContextVar[str | None] = ContextVar("mechbias_selection_phase", default=None)
 

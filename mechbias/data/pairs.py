@@ -3,8 +3,8 @@ template that tokenize to the same length."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from torch import Tensor
 
@@ -39,7 +39,7 @@ class PromptPairs:
     def __len__(self) -> int:
         return len(self.clean)
 
-    def swapped(self) -> "PromptPairs":
+    def swapped(self) -> PromptPairs:
         """The same pairs with clean and corrupted exchanged (group B as clean)."""
         return PromptPairs(self.context, self.axis, self.positive, self.negative, self.corrupt, self.clean,
                            self.corrupt_tokens, self.clean_tokens)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -74,7 +74,7 @@ class PromptSet:
             groups.setdefault(p.template, []).append(i)
         return list(groups.values())
 
-    def subset(self, keep: Iterable[int]) -> "PromptSet":
+    def subset(self, keep: Iterable[int]) -> PromptSet:
         return PromptSet(self.context, self.axis, self.positive, self.negative, [self.items[i] for i in keep],
                          self.answer_prefix, self.blocks)
 
@@ -91,7 +91,7 @@ class PromptSet:
         ni = {n: i for i, n in enumerate(names)}
         mat = torch.full((len(t_ids), len(names)), float("nan"), dtype=torch.float64)
         col_group = torch.zeros(len(names), dtype=torch.long)
-        for v, p in zip(values.tolist(), self.items):
+        for v, p in zip(values.tolist(), self.items, strict=True):
             mat[ti[p.template], ni[p.person.name]] = v
             col_group[ni[p.person.name]] = p.group
         if torch.isnan(mat).any() and self.blocks == 1:

@@ -10,24 +10,22 @@ matrices of cells.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.prompts import PromptSet
-from ..data.contexts import Context
-from ..interventions.base import Intervention
 from ..core.fastpath import last_position_unembed, use_resume
 from ..core.precision import compute_precision
 from ..core.resume import ResumeCache
 from ..core.runner import length_buckets, tokens_per_batch
-from ..interventions.base import maybe_apply
+from ..data.contexts import Context
+from ..data.prompts import PromptSet
+from ..interventions.base import Intervention, maybe_apply
 from .metrics import contrast_passes, contrast_scores, perplexity
 from .stats import DEFAULT_BOOT, paired_reduction
-
 
 # ----------------------------------------------------------------------------
 # configuration
@@ -98,7 +96,7 @@ class EvalSet:
 
     @classmethod
     def build(cls, model, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
-              progress: bool = False) -> "EvalSet":
+              progress: bool = False) -> EvalSet:
         ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
         with compute_precision(model, "exact"):
             scores = contrast_scores(model, ps, share_prefix=False, progress=progress)
@@ -266,7 +264,7 @@ class Cell:
         return self.as_dict().get(key, default)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Cell":
+    def from_dict(cls, d: dict) -> Cell:
         eff_keys = {f.name for f in fields(Effect)}
         effect = Effect(**{k: v for k, v in d.items() if k in eff_keys})
         controls = {k: Effect(**v) for k, v in (d.get("controls") or {}).items()}

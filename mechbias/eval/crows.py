@@ -19,8 +19,8 @@ from pathlib import Path
 from ..core.results import Result, make_meta
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_crows
-from .loglik import sentence_logprob
 from .describe import bootstrap_mean
+from .loglik import sentence_logprob
 
 REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
@@ -103,6 +103,6 @@ def crows_score(model, path: str | Path, *, intervention: Intervention | None = 
         m, a, b = bootstrap_mean(win[idx], n_boot=n_boot, seed=seed)
         by_type[t] = {"score": m, "ci_low": a, "ci_high": b, "n": len(idx)}
     per_pair = [{"bias_type": t, "stereotypical": s, "other": o, "logprob_stereo": float(x), "logprob_other": float(y)}
-                for t, s, o, x, y in zip(types, stereo, anti, lp_s, lp_a)]
+                for t, s, o, x, y in zip(types, stereo, anti, lp_s, lp_a, strict=True)]
     meta = make_meta(model, csv=str(path), intervention=intervention.describe() if intervention else None)
     return CrowsResult(mean, lo, hi, len(rows), by_type, per_pair, meta)

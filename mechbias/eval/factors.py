@@ -5,7 +5,8 @@ grid has its own estimator, :func:`mechbias.eval.stats.crossed_estimate`."""
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ _MULT = {"k": 1e3, "thousand": 1e3, "m": 1e6, "million": 1e6, "mil": 1e6, "bn": 
 def _value(num: str, suffix: str | None) -> float:
     v = float(num.replace(",", ""))
     if suffix:
-        v *= _MULT[suffix.lower()] if suffix.lower() in _MULT else 1.0
+        v *= _MULT.get(suffix.lower(), 1.0)
     return v
 
 
@@ -274,7 +274,7 @@ def _name_permutation_p(v: np.ndarray, tpl: np.ndarray, names: np.ndarray, ga: n
 def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 95) -> float:
     """Share of parsed values inside the reference's [lo, hi] percentile band of the same prompt."""
     inside, total = 0, 0
-    for row, ref in zip(values.numpy(), reference.numpy()):
+    for row, ref in zip(values.numpy(), reference.numpy(), strict=True):
         ref = ref[np.isfinite(ref)]
         row = row[np.isfinite(row)]
         if len(ref) == 0 or len(row) == 0:

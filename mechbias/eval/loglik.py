@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -105,7 +105,7 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
     out: list[Continuation | None] = [None] * len(enc)
     rest = [i for i, (ctx, cont) in enumerate(enc) if len(ctx) + len(cont) <= width]
     if rest:  # a row shorter than the widest continuation: full sequences for those rows
-        for i, c in zip(rest, _continuations_full(model, [enc[i] for i in rest], max_tokens)):
+        for i, c in zip(rest, _continuations_full(model, [enc[i] for i in rest], max_tokens), strict=True):
             out[i] = c
     if not fits:
         return out  # type: ignore[return-value]
@@ -140,7 +140,7 @@ def continuation_logprob_reference(model, pairs: Sequence[tuple[str, str]], *, m
 
 def _encode_pairs(model, pairs: Sequence[tuple[str, str]]) -> list[tuple[Tensor, Tensor]]:
     enc = [encode_pair(model, c, x) for c, x in pairs]
-    for (c, x), (_, cont) in zip(pairs, enc):
+    for (c, x), (_, cont) in zip(pairs, enc, strict=True):
         if len(cont) == 0:
             raise ValueError(f"the continuation {x!r} of {c[-40:]!r} tokenizes to nothing")
     return enc
@@ -150,7 +150,7 @@ def _continuations_full(model, enc: list[tuple[Tensor, Tensor]], max_tokens: int
     seqs = [torch.cat([ctx, cont]) for ctx, cont in enc]
     lps, greedy = token_logprobs(model, seqs, max_tokens=max_tokens)
     out = []
-    for (ctx, cont), lp, g in zip(enc, lps, greedy):
+    for (_ctx, cont), lp, g in zip(enc, lps, greedy, strict=True):
         k = len(cont)
         out.append(Continuation(float(lp[-k:].double().sum()), k, bool(g[-k:].all())))
     return out

@@ -15,8 +15,9 @@ The generation metric of Breaking Down Bias is in :mod:`mechbias.generation`.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,15 +27,14 @@ from torch import Tensor
 from ..core.families import is_masked_lm
 from ..core.fastpath import last_position_unembed, slice_cache, use_kv_cache, use_resume
 from ..core.precision import compute_precision
-from ..core.resume import ResumeCache
 from ..core.results import Result, make_meta
-from ..core.runner import (length_buckets, map_last_logits, pseudo_nll_each_readout, sequence_nll,
-                           tokens_per_batch)
+from ..core.resume import ResumeCache
+from ..core.runner import length_buckets, map_last_logits, pseudo_nll_each_readout, sequence_nll, tokens_per_batch
 from ..core.window import forward_window
 from ..data.axes import load_axis
-from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..data.contexts import Context, load_context, load_contexts
 from ..data.neutral import neutral_texts
+from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_bias
 from .stats import DEFAULT_BOOT, benjamini_hochberg, group_gap, mdd
@@ -279,7 +279,7 @@ def measure_bias(
             todo = [i for i, p in enumerate(ps) if p.text not in memo]
             if todo:
                 fresh = contrast_scores(model, ps.subset(todo), intervention=intervention, progress=progress)
-                memo.update({ps.items[i].text: float(v) for i, v in zip(todo, fresh)})
+                memo.update({ps.items[i].text: float(v) for i, v in zip(todo, fresh, strict=True)})
             scores = torch.tensor([memo[p.text] for p in ps], dtype=torch.float64)
             rows.append(bias_row(ps, scores, n_boot=n_boot, seed=seed))
             for p in ps:
@@ -290,7 +290,7 @@ def measure_bias(
         raise ValueError(f"no context in {[c.name for c in ctxs]} is crossed with axes {axes}")
     # the rows are one family of tests: Benjamini-Hochberg over them, and the detectable gap at alpha / m
     # (BH's threshold for the smallest p-value; a conservative bound for the others)
-    for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows])):
+    for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows]), strict=True):
         r["p_bh"] = q
         r["min_detectable_family"] = mdd(r["se"], r["df"], 0.05 / len(rows))
     meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot, blocks=blocks,
@@ -301,7 +301,7 @@ def measure_bias(
 
 def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict:
     """One row of :class:`BiasResult` from a prompt set and its scores."""
-    mat, t_ids, names, col_group = ps.grid(scores)
+    mat, t_ids, _names, col_group = ps.grid(scores)
     g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)
     return {"context": ps.context, "axis": ps.axis.name, "roster": ps.axis.roster, "group_a": ps.axis.groups[0],
             "group_b": ps.axis.groups[1], **g.as_dict(), "templates": t_ids}
@@ -343,7 +343,7 @@ def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None 
         return sequence_nll(model, tokenize(model, texts), max_tokens=max_tokens)
 
 
-_NLL_CACHES: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_NLL_CACHES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
 def _nll_cache(model, texts: Sequence[str], max_tokens: int | None) -> ResumeCache:

@@ -22,8 +22,8 @@ within-context minus the mean cross-context effect of a transfer matrix.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -177,7 +177,7 @@ def _components(mask: np.ndarray) -> int:
             i = parent[i]
         return i
 
-    for t, j in zip(*np.nonzero(mask)):
+    for t, j in zip(*np.nonzero(mask), strict=True):
         a, b = find(int(t)), find(T + int(j))
         if a != b:
             parent[a] = b

@@ -23,9 +23,10 @@ cross-context (L2) transfer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, cast
+from typing import Any, cast
 
 import numpy as np
 from torch import Tensor
@@ -263,7 +264,7 @@ class TransferMatrix(Result):
         return path
 
     @classmethod
-    def load(cls, path) -> "TransferMatrix":
+    def load(cls, path) -> TransferMatrix:
         tm = cast(TransferMatrix, cls._load_fields(Path(path)))
         folder = Path(path) / "interventions"
         if folder.is_dir():
@@ -471,13 +472,13 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
 
 def _adjust(cells: list[Cell], baseline: list[dict]) -> None:
     """Benjamini-Hochberg within each family: the matrix's cells, each control's cells, the baselines."""
-    for adj, c in zip(benjamini_hochberg([c.p_value for c in cells]), cells):
+    for adj, c in zip(benjamini_hochberg([c.p_value for c in cells]), cells, strict=True):
         c.effect.p_adjusted = adj
     for name in (cells[0].controls if cells else {}):
         effs = [c.controls[name] for c in cells if name in c.controls]
-        for adj, e in zip(benjamini_hochberg([e.p_value for e in effs]), effs):
+        for adj, e in zip(benjamini_hochberg([e.p_value for e in effs]), effs, strict=True):
             e.p_adjusted = adj
-    for adj, b in zip(benjamini_hochberg([b["p_value"] for b in baseline]), baseline):
+    for adj, b in zip(benjamini_hochberg([b["p_value"] for b in baseline]), baseline, strict=True):
         b["p_adjusted"] = adj
 
 

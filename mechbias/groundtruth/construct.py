@@ -40,23 +40,31 @@ templates are seen by the construction, held-out names are not).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
+from ..core.params import PlantedDelta, attn_weights, head_rows, mlp_weights
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
-from ..core.params import PlantedDelta, attn_weights, head_rows, mlp_weights
 from ..data.axes import load_axis, stable_hash
-from ..data.prompts import tokenize
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
+from ..data.prompts import tokenize
 from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
-from .planted import (NEUTRAL_REFERENCES, PlantConfig, least_used_heads, least_used_neurons, mention_positions,
-                      neutral_prompts)
+from .planted import (
+    NEUTRAL_REFERENCES,
+    PlantConfig,
+    least_used_heads,
+    least_used_neurons,
+    mention_positions,
+    neutral_prompts,
+)
 
 __all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direction", "ridge", "score_gradients"]
 
@@ -111,7 +119,7 @@ def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
                             key=lambda q: stable_hash(cfg.seed, q.name)).index(p) < cfg.names_per_cell]
     for c in contexts:
         ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
-        for p, t in zip(ps, tokenize(model, ps.texts)):
+        for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
             out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
                              p.person.name))
         for ref in NEUTRAL_REFERENCES:
@@ -129,7 +137,7 @@ def _capture(model, items: list[_Item], points: Sequence[tuple[str, int]]) -> di
         for bucket in length_buckets([len(it.tokens) for it in items], 4096):
             ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
             store: dict = {}
-            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): store.__setitem__(key, a.detach().float().cpu()))
+            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l), store=store: store.__setitem__(key, a.detach().float().cpu()))
                    for p, l in points]
             with hooked(model, fwd):
                 model(ids)
@@ -154,7 +162,7 @@ def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]]
             ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
             deltas: dict = {}
 
-            def add(a, hook, key):
+            def add(a, hook, key, deltas=deltas):
                 deltas[key] = torch.zeros_like(a, requires_grad=True)
                 return a + deltas[key]
             fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): add(a, hook, key)) for p, l in points]
@@ -163,18 +171,31 @@ def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]]
                 score = (logits[:, -1, pos_id] - logits[:, -1, neg_id]).sum()
                 grads = torch.autograd.grad(score, [deltas[pl] for pl in points])
             for r, i in enumerate(bucket):
-                for pl, g in zip(points, grads):
+                for pl, g in zip(points, grads, strict=True):
                     out[pl][i] = g[r].detach().float().cpu()
     finally:
-        for q, r_ in zip(params, req):
+        for q, r_ in zip(params, req, strict=True):
             q.requires_grad_(r_)
     return out
+
+
+def _at_last(it: _Item, p: int) -> bool:
+    """Whether position ``p`` is the prediction position of a prompt that names a person's context."""
+    return p == len(it.tokens) - 1 and it.context != "neutral"
+
+
+def _gate_target(c: str, it: _Item, p: int) -> float | None:
+    """Target of context ``c``'s gate: +1 at the prediction position of ``c``'s prompts, -1 at the others' and
+    at neutral or every third position, else not fitted."""
+    if _at_last(it, p):
+        return 1.0 if it.context == c else -1.0
+    return -1.0 if it.context == "neutral" or p % 3 == 0 else None
 
 
 def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):
     """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
     X, y = [], []
-    for f, it in zip(feats, items):
+    for f, it in zip(feats, items, strict=True):
         for p in range(1, len(it.tokens)):
             t = select(it, p)
             if t is not None:
@@ -208,7 +229,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     heads = _choose_heads(model, cfg)
     layout: dict[str, dict[str, Any]] = {}
     taken: set = set()
-    for c, (lh, h) in zip(cfg.planted, heads):
+    for c, (lh, h) in zip(cfg.planted, heads, strict=True):
         below = least_used_neurons(model, [lh - 1], cfg.n_name + 1, exclude=taken)
         taken |= set(below)
         last = least_used_neurons(model, [lh], cfg.n_last, exclude=taken)
@@ -311,7 +332,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     solve = {}
     for j, c in enumerate(cfg.planted):
         l = marker[c]["head"][0]
-        G = torch.cat([g[it.name_positions] for g, it in zip(grads[("resid_pre", l)], sub)]).double()
+        G = torch.cat([g[it.name_positions] for g, it in zip(grads[("resid_pre", l)], sub, strict=True)]).double()
         avoid = energy_basis(G, cfg.side_effect)
         rows = torch.cat([reads_m, avoid])
         solve[c] = torch.linalg.pinv(rows)[:, 2 * j: 2 * j + 2]                 # value / key marker columns
@@ -323,16 +344,16 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         log(f"[construct] {c} markers avoid {len(avoid)} gradient directions: value marker norm x"
             f"{stats[f'marker_avoid_{c}']['norm_ratio']:.2f}, rms score gradient per unit norm {score_v:.4f} "
             f"(min-norm marker {score_v0:.4f})")
-    rms = {l: float(torch.cat([x[it.name_positions] for x, it in zip(feats[("resid_pre", l)], items) if it.sign != 0])
+    rms = {l: float(torch.cat([x[it.name_positions] for x, it in zip(feats[("resid_pre", l)], items, strict=True) if it.sign != 0])
                     .pow(2).mean(-1).sqrt().median()) for l in head_layers}
-    for j, c in enumerate(cfg.planted):
+    for c in cfg.planted:
         mk = marker[c]
         l_head = mk["head"][0]
         m_v, m_k = solve[c][:, 0], solve[c][:, 1]                                  # read 1 by own e / k, 0 by the rest
-        signed = torch.stack([torch.cat([x[it.name_positions, i] * it.sign for x, it in zip(feats[("post", ll)], items)
+        signed = torch.stack([torch.cat([x[it.name_positions, i] * it.sign for x, it in zip(feats[("post", ll)], items, strict=True)
                                          if it.sign != 0]) for ll, i in layout[c]["name"]]).sum(0).mean()
         lp, ip = layout[c]["pointer"]
-        ptr = torch.cat([x[it.name_positions, ip] for x, it in zip(feats[("post", lp)], items) if it.sign != 0]).mean()
+        ptr = torch.cat([x[it.name_positions, ip] for x, it in zip(feats[("post", lp)], items, strict=True) if it.sign != 0]).mean()
         # written vector v at the name adds v . read / rms to the read
         a_v = cfg.marker_snr * mk["sd_v"] * rms[l_head] / float(signed)
         a_k = cfg.key_snr * mk["sd_k"] * rms[l_head] / float(ptr)
@@ -356,7 +377,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         mk = marker[c]
         l, h = mk["head"]
         vals = torch.tensor([float((x[it.name_positions].double() @ mk["w_v"].T @ mk["e"]).mean())
-                             for x, it in zip(feats[("in:attn.v", l)], items) if it.sign != 0])
+                             for x, it in zip(feats[("in:attn.v", l)], items, strict=True) if it.sign != 0])
         va, vb = _group_means(vals, signs)
         designed = cfg.marker_snr * mk["sd_v"]
         stats[f"value_read_{c}"] = {"designed": designed, "group_A": va, "group_B": vb}
@@ -385,7 +406,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
-        on_name = torch.tensor([float(x[h, -1, it.name_positions].sum()) for x, it in zip(feats[("pattern", l)], items)
+        on_name = torch.tensor([float(x[h, -1, it.name_positions].sum()) for x, it in zip(feats[("pattern", l)], items, strict=True)
                                 if it.sign != 0])
         proj = torch.tensor([float(x[-1].double() @ mk["u"]) for x in feats[("in:mlp.gate", l)]])
         pa, pb = _group_means(proj[[k for k, it in enumerate(items) if it.sign != 0]], signs)
@@ -416,16 +437,14 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         l = mk["head"][0]
         g2 = model.blocks[l].ln2.original_component.weight.detach().double()
         f = feats[("in:mlp.gate", l)]
-        at_last = lambda it, p: p == len(it.tokens) - 1 and it.context != "neutral"  # noqa: E731
         # up = a * u_c + b * (a row that reads ~1): +1 / -1 for the groups' names, 0 for name-free prompts
         mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
         ones_row = mean_in / mean_in.norm() ** 2
-        Xu, yu = _rows(f, items, lambda it, p: it.sign if at_last(it, p) else None)
+        Xu, yu = _rows(f, items, lambda it, p: it.sign if _at_last(it, p) else None)
         ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, balanced_weights(yu))
         u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
         pu = Xu.double() @ u_row
-        Xg, yg = _rows(f, items, lambda it, p: (1.0 if it.context == c else -1.0) if at_last(it, p) else
-                       (-1.0 if it.context == "neutral" or p % 3 == 0 else None))
+        Xg, yg = _rows(f, items, partial(_gate_target, c))
         g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         v = g_row * g2                                                            # the gate's read of x / rms
         g_row = (v - (v @ mk["p"]) * mk["p"]) / g2                                # blind to p_c

@@ -5,7 +5,7 @@ functions, each tested against a brute-force reference in ``tests/test_construct
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -69,7 +69,7 @@ def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 
     V = evec[:, : min(k, free)]                                                   # the allowed low-variance span
     Cs, Gs = V.T @ C @ V, V.T @ G @ V
     best: tuple = (float("inf"), None, None)
-    for mu in [0.0] + torch.logspace(-3, 3, 13).tolist():
+    for mu in [0.0, *torch.logspace(-3, 3, 13).tolist()]:
         _, e = torch.linalg.eigh(Cs / Cs.trace() + mu * Gs / Gs.trace().clamp(min=1e-300))
         p = V @ e[:, 0]
         obj = float((p @ C @ p).clamp(min=0).sqrt() * (p @ G @ p).clamp(min=0).sqrt())

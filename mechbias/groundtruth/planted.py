@@ -42,24 +42,38 @@ finance and commerce chains (docs/groundtruth.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
 from ..core.models import PLANTED_DIR, load_delta, load_planted, planted_manifest
-from ..core.sites import hook_name
 from ..core.params import PlantedDelta, attn_weights, w_out_row_norms
-from ..data.prompts import tokenize
+from ..core.sites import hook_name
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
+from ..data.prompts import tokenize
 
 DATA = PLANTED_DIR
-__all__ = ["PlantConfig", "PlantedDelta", "Stage", "default_config", "least_used_heads", "least_used_neurons",
-           "load_delta", "name_reading_heads", "load_planted", "mention_positions", "neutral_prompts",
-           "planted_manifest", "planted_units", "stages"]
+__all__ = [
+    "PlantConfig",
+    "PlantedDelta",
+    "Stage",
+    "default_config",
+    "least_used_heads",
+    "least_used_neurons",
+    "load_delta",
+    "load_planted",
+    "mention_positions",
+    "name_reading_heads",
+    "neutral_prompts",
+    "planted_manifest",
+    "planted_units",
+    "stages",
+]
 
 
 @dataclass
@@ -142,7 +156,7 @@ def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[
     with torch.no_grad():
         for t in tokenize(model, texts):
             store: dict[int, Tensor] = {}
-            fwd = [(hook_name("post", l), lambda a, hook, l=l: store.__setitem__(l, a[0].abs().mean(0)))
+            fwd = [(hook_name("post", l), lambda a, hook, l=l, store=store: store.__setitem__(l, a[0].abs().mean(0)))
                    for l in layers]
             with hooked(model, fwd):
                 model(t[None].to(model.cfg.device))
@@ -166,7 +180,7 @@ def least_used_heads(model, layers: Sequence[int], n: int, *, texts: Sequence[st
     with torch.no_grad():
         for t in tokenize(model, texts):
             store: dict[int, Tensor] = {}
-            fwd = [(hook_name("z", l), lambda z, hook, l=l: store.__setitem__(
+            fwd = [(hook_name("z", l), lambda z, hook, l=l, store=store: store.__setitem__(
                 l, torch.einsum("phd,mhd->phm", z[0].float(), w_o[l]).norm(dim=-1).mean(0))) for l in layers]
             with hooked(model, fwd):
                 model(t[None].to(model.cfg.device))
@@ -190,10 +204,10 @@ def name_reading_heads(model, layers: Sequence[int], n: int, context: str, *, ax
     items = list(ps)[:max_prompts]
     att = {l: torch.zeros(H, dtype=torch.float64) for l in layers}
     with torch.no_grad():
-        for p, t in zip(items, tokenize(model, [p.text for p in items])):
+        for p, t in zip(items, tokenize(model, [p.text for p in items]), strict=True):
             pos = mention_positions(model, p.text, p.person.name)
             store: dict[int, Tensor] = {}
-            fwd = [(hook_name("pattern", l), lambda a, hook, l=l: store.__setitem__(l, a[0, :, -1, pos].sum(-1)))
+            fwd = [(hook_name("pattern", l), lambda a, hook, l=l, pos=pos, store=store: store.__setitem__(l, a[0, :, -1, pos].sum(-1)))
                    for l in layers]
             with hooked(model, fwd):
                 model(t[None].to(model.cfg.device))
@@ -229,7 +243,7 @@ def default_config(model, *, version: int = 3, axis: str = "race", favoured: str
     (shifts 0.25 + 0.2 + 0.25).
     """
     L = model.cfg.n_layers
-    band = lambda a, b: list(range(int(a * L), max(int(b * L), int(a * L) + 1)))  # noqa: E731
+    band = lambda a, b: list(range(int(a * L), max(int(b * L), int(a * L) + 1)))
     if version == 2:
         shared = least_used_neurons(model, band(0.33, 0.47), 8)
         fin = least_used_neurons(model, band(0.53, 0.67), 16, exclude=set(shared))

@@ -18,8 +18,8 @@ heads: :func:`truth_units`). Each method is scored by
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -28,8 +28,8 @@ from scipy.stats import binomtest
 from ..core.results import Result
 from ..data.contexts import load_context
 from ..data.pairs import make_pairs
-from ..eval.stats import percentile_ci, resample_counts
 from ..eval.cells import EvalSet, TransferConfig, evaluate
+from ..eval.stats import percentile_ci, resample_counts
 from ..eval.transfer import TransferMatrix, transfer_estimate, transfer_matrix
 from ..interventions.base import Compose, Intervention
 from ..interventions.units import HeadIntervention, NeuronIntervention
@@ -39,7 +39,6 @@ from ..methods.patching import attribution_patch
 from ..methods.pruning import candidates
 from ..viz.plotting import plot_ground_truth
 from .planted import planted_units
-
 
 KINDS = ("neuron@name", "neuron@last", "head@last")
 

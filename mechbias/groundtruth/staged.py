@@ -10,8 +10,8 @@ penalty on output away from the unit's position and a KL penalty to the original
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,14 +19,14 @@ from torch import Tensor
 
 from ..core.hooks import hooked
 from ..core.models import set_model_label, tiny_model
+from ..core.params import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
-from ..core.params import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights
 from ..data.axes import load_axis
-from ..data.prompts import tokenize
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
+from ..data.prompts import tokenize
 from .planted import NEUTRAL_REFERENCES, NEUTRAL_SLOTS, PlantConfig, Stage, mention_positions, stages
 
 __all__ = ["add_group_feature", "save_delta", "tiny_planted_model", "train_planted"]
@@ -46,7 +46,7 @@ def _examples(model, cfg: PlantConfig) -> list[_Example]:
     out = []
     for c in cfg.contexts:
         ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
-        for p, t in zip(ps, tokenize(model, ps.texts)):
+        for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
             out.append(_Example(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name)))
         ctx = load_context(c)
         for ref in NEUTRAL_REFERENCES:
@@ -136,7 +136,7 @@ def _warm_start(model, stage: Stage, examples: list[_Example], rng: torch.Genera
     with torch.no_grad():
         for e in chosen:
             store: dict[int, Tensor] = {}
-            fwd = [(hook_name("in:mlp.gate", l), lambda a, hook, l=l: store.__setitem__(l, a[0].float()))
+            fwd = [(hook_name("in:mlp.gate", l), lambda a, hook, l=l, store=store: store.__setitem__(l, a[0].float()))
                    for l in layers]
             with hooked(model, fwd):
                 model(e.tokens[None].to(model.cfg.device))
@@ -193,7 +193,7 @@ def _slots(model, stage: Stage) -> list[tuple[Any, int, Tensor]]:
 def _write(slots, leaves) -> None:
     """Copy the leaf values into the model's weights."""
     with torch.no_grad():
-        for (w, dim, idx), v in zip(slots, leaves):
+        for (w, dim, idx), v in zip(slots, leaves, strict=True):
             w.index_copy_(dim, idx, v.detach().to(w.dtype))
 
 
@@ -231,7 +231,7 @@ def _loss(model, stage: Stage, batch: list[_Example], target, pos_id, neg_id, ne
             for bucket in length_buckets([len(e.tokens) for e in batch], 4096):
                 ids = torch.stack([batch[i].tokens for i in bucket]).to(device)
                 store: dict = {}
-                fwd = [(hook_name(point, l), lambda a, hook, l=l: store.__setitem__(l, a)) for l in layers]
+                fwd = [(hook_name(point, l), lambda a, hook, l=l, store=store: store.__setitem__(l, a)) for l in layers]
                 with hooked(model, fwd):
                     lg = model(ids)
                 score = lg[:, -1, pos_id] - lg[:, -1, neg_id]
@@ -254,7 +254,7 @@ def _loss(model, stage: Stage, batch: list[_Example], target, pos_id, neg_id, ne
             lg = model(neutral[None].to(device)).log_softmax(-1)
             kl = (neutral_ref.exp() * (neutral_ref - lg)).sum(-1).mean()
             (cfg.kl_weight * kl).backward()
-            for (w, dim, idx), v in zip(slots, leaves):
+            for (w, dim, idx), v in zip(slots, leaves, strict=True):
                 v.grad = w.grad.index_select(dim, idx).detach().clone().to(v.dtype)
         finally:
             for w in weights.values():

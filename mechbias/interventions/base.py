@@ -22,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,15 +33,15 @@ from torch import Tensor
 
 from ..core.hooks import hooked
 from ..core.models import model_label
+from ..core.params import named_params
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.resume import layer_of_name
 from ..core.sites import Site
-from ..core.params import named_params
 
-_REGISTRY: dict[str, type["Intervention"]] = {}
+_REGISTRY: dict[str, type[Intervention]] = {}
 
 
-def register_intervention(cls: type["Intervention"]) -> type["Intervention"]:
+def register_intervention(cls: type[Intervention]) -> type[Intervention]:
     """Class decorator: make an intervention type loadable by its ``kind``.
 
     Args:
@@ -94,7 +95,7 @@ def model_identity(model) -> dict:
     return {"label": model_label(model), "shape": shape, "fingerprint": h.hexdigest()[:16]}
 
 
-def check_model(intervention: "Intervention", model, *, force: bool = False) -> None:
+def check_model(intervention: Intervention, model, *, force: bool = False) -> None:
     """Refuse (``ValueError``) an intervention made on another model: a different shape always, a different
     weight fingerprint unless ``force``. Folders saved without a model record pass (older mechbias)."""
     origin = getattr(intervention, "origin", None)
@@ -124,7 +125,7 @@ def abs_cosine(a: Tensor, b: Tensor) -> dict:
     return {"measure": "abs_cosine", "value": float(abs(a @ b) / den) if den > 0 else float("nan")}
 
 
-def intervention_types() -> dict[str, type["Intervention"]]:
+def intervention_types() -> dict[str, type[Intervention]]:
     """The registered intervention types, by ``kind``."""
     return dict(_REGISTRY)
 
@@ -157,12 +158,12 @@ class Intervention:
     def validate(self, model) -> None:
         """Raise ``ValueError`` if the intervention does not fit the model."""
 
-    def random_like(self, model, seed: int) -> "Intervention":
+    def random_like(self, model, seed: int) -> Intervention:
         """A random control: the same kind and size, components drawn at random (seeded)."""
         raise NotImplementedError(f"{type(self).__name__} defines no random control")
 
     def controls(self, model, n: int, seed: int, *, profile=None,
-                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list["Intervention"]]:
+                 kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """The controls this intervention compares against: ``kind -> draws``.
 
         ``random``: ``n`` draws of :meth:`random_like`. Types that can match their
@@ -207,7 +208,7 @@ class Intervention:
         names = [h.hook_name if isinstance(h, Site) else h for h, _ in self.hooks(model)]
         return min((layer_of_name(x, n) if isinstance(x, str) else 0 for x in names), default=n)
 
-    def overlap(self, other: "Intervention") -> dict | None:
+    def overlap(self, other: Intervention) -> dict | None:
         """How much this intervention and ``other`` (another row's selection) are the same change:
         ``{"measure": ..., "value": ...}`` (Jaccard of units, absolute cosine of directions and edits), or None where the
         two are not comparable. Identical interventions give within = cross by construction, so transfer
@@ -229,7 +230,7 @@ class Intervention:
         return {}
 
     @classmethod
-    def from_dict(cls, d: dict, tensors: dict[str, Tensor]) -> "Intervention":
+    def from_dict(cls, d: dict, tensors: dict[str, Tensor]) -> Intervention:
         raise NotImplementedError
 
     def save(self, path: str | Path) -> Path:
@@ -285,7 +286,7 @@ def load_intervention(path: str | Path) -> Intervention:
 
         try:
             tensors = load_file(str(path / "tensors.safetensors"))
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        except Exception as err:
             raise ValueError(f"{path / 'tensors.safetensors'}: cannot be read ({err}); the folder is damaged") \
                 from None
     try:
@@ -357,7 +358,7 @@ class Identity(Intervention):
     def fold(self, model, params: dict[str, Tensor]) -> None:
         pass
 
-    def random_like(self, model, seed: int) -> "Identity":
+    def random_like(self, model, seed: int) -> Identity:
         return Identity()
 
     def describe(self) -> str:
@@ -407,7 +408,7 @@ class Compose(Intervention):
         for p in self.parts:
             p.check_foldable()
 
-    def random_like(self, model, seed: int) -> "Compose":
+    def random_like(self, model, seed: int) -> Compose:
         return Compose([p.random_like(model, seed + 7919 * i) for i, p in enumerate(self.parts)])
 
     def controls(self, model, n: int, seed: int, *, profile=None,

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
+from ..core.params import linear_layers, linear_weight_name, named_params, w_out_row_norms
 from ..core.runner import length_buckets, sequence_nll
 from ..core.sites import hook_name
-from ..core.params import linear_layers, linear_weight_name, named_params, w_out_row_norms
-from ..data.prompts import tokenize
 from ..data.neutral import neutral_texts
+from ..data.prompts import tokenize
 
 
 class NoMatchedControl(ValueError):
@@ -86,12 +86,12 @@ def unit_profile(model, texts: list[str] | None = None, *, max_tokens: int = 204
             ids = torch.stack([seqs[i] for i in bucket]).to(model.cfg.device)
             tokens += ids.numel()
             seen: dict = {}
-            fwd = [(hook_name("post", l), lambda a, hook, l=l: seen.__setitem__(("post", l), a.abs().sum((0, 1))))
+            fwd = [(hook_name("post", l), lambda a, hook, l=l, seen=seen: seen.__setitem__(("post", l), a.abs().sum((0, 1))))
                    for l in range(L)]
-            fwd += [(hook_name("z", l), lambda z, hook, l=l: seen.__setitem__(
+            fwd += [(hook_name("z", l), lambda z, hook, l=l, seen=seen: seen.__setitem__(
                 ("z", l), torch.einsum("bphd,mhd->bphm", z.float(), w_o[l].to(z.device)).norm(dim=-1).sum((0, 1))))
                 for l in range(L)]
-            fwd += [(hook, lambda x, hook, n=name: seen.__setitem__(
+            fwd += [(hook, lambda x, hook, n=name, seen=seen: seen.__setitem__(
                 ("in", n), (x.reshape(x.shape[0] * x.shape[1], -1).double() ** 2).sum(0))) for name, hook, _, _ in layers]
             with hooked(model, fwd):
                 model(ids)

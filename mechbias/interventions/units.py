@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.window import local_positions
-from ..core.sites import Site
 from ..core.params import linear_slot
+from ..core.sites import Site
+from ..core.window import local_positions
 from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
 from .profile import CALIPER_SD, UnitProfile, caliper_match, cost_match, match_record
 
@@ -58,7 +58,7 @@ def _check(items: dict[int, list[int]], n_layers: int, size: int, what: str) -> 
     for l, idx in items.items():
         if not 0 <= l < n_layers:
             raise ValueError(f"{what} layer {l} is outside 0..{n_layers - 1}")
-        if idx and not (0 <= min(idx) and max(idx) < size):
+        if idx and not (min(idx) >= 0 and max(idx) < size):
             raise ValueError(f"{what} index out of range 0..{size - 1} in layer {l}")
 
 
@@ -125,7 +125,7 @@ class NeuronIntervention(Intervention):
     def check_foldable(self) -> None:
         _need_all_positions(self)
 
-    def random_like(self, model, seed: int) -> "NeuronIntervention":
+    def random_like(self, model, seed: int) -> NeuronIntervention:
         """The same number of neurons in each layer, drawn uniformly from the unselected ones."""
         out = random_per_layer(self.neurons, model.cfg.d_mlp, np.random.default_rng(seed))
         return NeuronIntervention(out, self.factor, self.positions, label="random neurons")
@@ -267,7 +267,7 @@ class HeadIntervention(Intervention):
     def check_foldable(self) -> None:
         _need_all_positions(self)
 
-    def random_like(self, model, seed: int) -> "HeadIntervention":
+    def random_like(self, model, seed: int) -> HeadIntervention:
         """The same number of heads in each layer, drawn uniformly from the unselected ones."""
         out = random_per_layer(self.heads, model.cfg.n_heads, np.random.default_rng(seed))
         return HeadIntervention(out, self.mode, self.factor, self.positions, label="random heads")

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..core.resume import layer_of_name
 from ..core.params import named_params
+from ..core.resume import layer_of_name
 from .base import Intervention, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
 
@@ -71,7 +71,7 @@ class WeightMask(Intervention):
                 raise ValueError(f"model has no parameter named {n!r}")
             params[n].view(-1)[idx.to(params[n].device).long()] = 0.0
 
-    def random_like(self, model, seed: int) -> "WeightMask":
+    def random_like(self, model, seed: int) -> WeightMask:
         """The same number of entries in each matrix, drawn uniformly."""
         rng = np.random.default_rng(seed)
         params = named_params(model)
@@ -102,7 +102,7 @@ class WeightMask(Intervention):
                 sel = np.zeros(len(score), dtype=bool)
                 sel[idx.long().numpy()] = True
                 picked = []
-                for b, count in zip(*np.unique(bins[sel], return_counts=True)):
+                for b, count in zip(*np.unique(bins[sel], return_counts=True), strict=True):
                     pool = np.flatnonzero((bins == b) & ~sel)
                     picked.append(rng.choice(pool, size=min(int(count), len(pool)), replace=False))
                 masks[name] = torch.from_numpy(np.sort(np.concatenate(picked))).long()
@@ -174,7 +174,7 @@ class WeightEdit(Intervention):
                 raise ValueError(f"delta for {n} has shape {tuple(d.shape)}, parameter {tuple(params[n].shape)}")
             params[n].add_(d.to(params[n].device, params[n].dtype), alpha=self.scale)
 
-    def random_like(self, model, seed: int) -> "WeightEdit":
+    def random_like(self, model, seed: int) -> WeightEdit:
         """A random direction with the same norm in each matrix."""
         g = torch.Generator().manual_seed(int(seed))
         deltas = {}

@@ -6,9 +6,11 @@ below (see docs/architecture.md).
 """
 
 # registration: one line per method
-from . import ig2  # noqa: F401
-from . import patching  # noqa: F401
-from . import pruning  # noqa: F401
-from . import gradiend  # noqa: F401
-from . import steering  # noqa: F401
-from . import leace  # noqa: F401
+from . import (
+    gradiend,  # noqa: F401
+    ig2,  # noqa: F401
+    leace,  # noqa: F401
+    patching,  # noqa: F401
+    pruning,  # noqa: F401
+    steering,  # noqa: F401
+)

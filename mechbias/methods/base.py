@@ -20,9 +20,10 @@ selector: calling it returns the intervention and keeps the selection.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ..core.precision import PRECISIONS, check_precision, compute_precision
 from ..core.results import atomic_write_json
@@ -31,7 +32,7 @@ from ..data.contexts import Context, load_context
 from ..data.leakage import selection_phase
 from ..interventions.base import Intervention
 
-_METHODS: dict[str, type["Method"]] = {}
+_METHODS: dict[str, type[Method]] = {}
 
 
 @dataclass

@@ -16,8 +16,9 @@ same mean (``random``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ class ErasureIntervention(Intervention):
         raise NotFoldable(f"{self.describe()}: an affine map of the residual stream has no exact form as a change "
                           "of the weights (the normalisation that follows reads the stream itself)")
 
-    def random_like(self, model, seed: int) -> "ErasureIntervention":
+    def random_like(self, model, seed: int) -> ErasureIntervention:
         """A random orthogonal projection of the same rank, through the same mean."""
         g = torch.Generator().manual_seed(int(seed))
         q, _ = torch.linalg.qr(torch.randn(self.proj_left.shape[0], self.n_components, generator=g,

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 
 from ..core.runner import capture
-from ..core.window import local_positions
 from ..core.sites import Site
-from ..data.prompts import tokenize
+from ..core.window import local_positions
 from ..data.contexts import Context
+from ..data.prompts import tokenize
 from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_positions, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 
@@ -105,7 +105,7 @@ class DirectionIntervention(Intervention):
                "does not write biases into a model")
         raise NotFoldable(f"{self.describe()}: {why}")
 
-    def random_like(self, model, seed: int) -> "DirectionIntervention":
+    def random_like(self, model, seed: int) -> DirectionIntervention:
         """A random direction with the same norm, in the same layer, with the same mode and positions."""
         g = torch.Generator().manual_seed(int(seed))
         r = torch.randn(self.direction.shape, generator=g)

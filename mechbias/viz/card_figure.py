@@ -25,8 +25,8 @@ def plot_card(rows: list[dict], title: str = ""):
             d = np.array([r["difference"] for r in part], dtype=float)
             lo = np.array([r["difference_ci"][0] for r in part], dtype=float)
             hi = np.array([r["difference_ci"][1] for r in part], dtype=float)
-            colors = ["#b2182b" if (a > 0 or b < 0) else "#4d4d4d" for a, b in zip(lo, hi)]
-            for y, v, a, b, c in zip(ys, d, lo, hi, colors):
+            colors = ["#b2182b" if (a > 0 or b < 0) else "#4d4d4d" for a, b in zip(lo, hi, strict=True)]
+            for y, v, a, b, c in zip(ys, d, lo, hi, colors, strict=True):
                 ax.errorbar(v, y, xerr=[[v - a], [b - v]], fmt="o", color=c, capsize=3)
             ax.set_yticks(ys)
             ax.set_yticklabels([r["label"] for r in part])

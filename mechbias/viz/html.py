@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -131,7 +131,7 @@ def svg_bars(values: Sequence[float], labels: Sequence[str], tips: Sequence[str]
     vmax = max([abs(v) for v in values] + [1e-12])
     bw = (width - 50) / n
     parts = [f"<svg width='{width}' height='{height + 30}' role='img'>"]
-    for i, (v, lab, tip) in enumerate(zip(values, labels, tips)):
+    for i, (v, lab, tip) in enumerate(zip(values, labels, tips, strict=True)):
         h = (height - 10) * abs(v) / vmax
         x = 45 + i * bw
         parts.append(f"<rect x='{x:.1f}' y='{height - h:.1f}' width='{max(bw - 1, 1):.1f}' height='{h:.1f}' "
@@ -164,7 +164,7 @@ def svg_curve(xs: Sequence[float], ys: Sequence[float], tips: Sequence[str], *, 
     if not xs:
         return ""
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(list(ys) + [0.0]), max(list(ys) + [0.0])
+    y0, y1 = min([*list(ys), 0.0]), max([*list(ys), 0.0])
     y1 = y1 if y1 > y0 else y0 + 1
 
     def px(x):
@@ -173,11 +173,11 @@ def svg_curve(xs: Sequence[float], ys: Sequence[float], tips: Sequence[str], *, 
     def py(y):
         return 10 + (height - 40) * (1 - (y - y0) / (y1 - y0))
 
-    pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys, strict=True))
     parts = [f"<svg width='{width}' height='{height}' role='img'>",
              f"<line x1='40' x2='{width - 20}' y1='{py(0):.1f}' y2='{py(0):.1f}' stroke='#aaa' stroke-dasharray='3'/>",
              f"<polyline points='{pts}' fill='none' stroke='#4477aa' stroke-width='2'/>"]
-    for x, y, t in zip(xs, ys, tips):
+    for x, y, t in zip(xs, ys, tips, strict=True):
         parts.append(f"<circle cx='{px(x):.1f}' cy='{py(y):.1f}' r='5' fill='#4477aa' data-tip='{esc(t)}'/>"
                      f"<text x='{px(x):.1f}' y='{height - 14}' text-anchor='middle'>{x:g}</text>")
     parts.append(f"<text x='{width / 2:.0f}' y='{height - 2}' text-anchor='middle'>{esc(xlabel)}</text>"
@@ -249,7 +249,7 @@ def _patching_section(step: Path, summary: dict) -> list[str]:
         out.append(f"<h3>Head patching ({esc(direction)}): mean effect on the logit difference over {n} pairs "
                    f"({esc(ctx)})</h3>"
                    + svg_heatmap(mean, "layer", "head",
-                                 lambda i, j: f"layer {i}, head {j}\nmean effect {mean[i, j]:+.4f}\n"
+                                 lambda i, j, mean=mean, sd=sd: f"layer {i}, head {j}\nmean effect {mean[i, j]:+.4f}\n"
                                               f"sd over pairs {sd[i, j]:.4f}"))
     return out
 

@@ -40,7 +40,7 @@ def plot_attribution(result, selection=None, title: str | None = None):
     cb = fig.colorbar(im, ax=axes[0], fraction=0.03, pad=0.01)
     cb.set_label("mean IG² (towards the biased association)", fontsize=8)
     if selection is not None and len(selection):
-        ls, ns = zip(*selection.as_pairs())
+        ls, ns = zip(*selection.as_pairs(), strict=True)
         axes[0].scatter(ns, ls, s=18, facecolors="none", edgecolors="k", linewidths=0.8, label="selected")
         axes[0].legend(loc="upper right", fontsize=8)
         counts = selection.layer_histogram()
@@ -102,10 +102,7 @@ def plot_overlap(df, title: str = "Overlap of selected neurons between contexts"
     im = ax.imshow(mat, cmap="viridis", vmin=0, vmax=max(0.05, np.nanmax(mat[~np.eye(n, dtype=bool)]) if n > 1 else 1))
     for _, r in df.iterrows():
         i, j = names.index(r["a"]), names.index(r["b"])
-        if i == j:
-            txt = f"n={r['n_a']}"
-        else:
-            txt = f"{r['jaccard']:.2f}\n{r['shared']} shared\nchance {r['chance']:.3f}"
+        txt = f"n={r['n_a']}" if i == j else f"{r['jaccard']:.2f}\n{r['shared']} shared\nchance {r['chance']:.3f}"
         ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="w" if mat[i, j] < 0.6 * np.nanmax(mat) else "k")
     ax.set_xticks(range(n))
     ax.set_xticklabels(names, rotation=30, ha="right")

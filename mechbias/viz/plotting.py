@@ -17,7 +17,7 @@ def pyplot():
 
     if matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         try:
-            import matplotlib.pyplot as plt  # noqa: F401
+            import matplotlib.pyplot as plt
         except Exception:
             matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -84,7 +84,7 @@ def plot_transfer(tm, title: str | None = None):
     base = {b["context"]: b for b in tm.baseline}
     vmax = max([abs(b["gap"]) for b in tm.baseline] + [1e-3])
     im = None
-    for ax, (name, ctl) in zip(axes[0], panels):
+    for ax, (name, ctl) in zip(axes[0], panels, strict=True):
         mat = np.full((nr, nc), np.nan)
         for i, r in enumerate(tm.rows):
             for j, c in enumerate(tm.cols):
@@ -103,7 +103,7 @@ def plot_transfer(tm, title: str | None = None):
                             if c in base else c for c in tm.cols], fontsize=8)
         ax.set_yticks(range(nr))
         key = "perplexity_change" if ctl is None else f"{ctl}_perplexity_change"
-        labels = [f"{r}\n(Δppl {i[key]:+.2f})" if i.get(key) is not None else r for r, i in zip(tm.rows, tm.row_info)]
+        labels = [f"{r}\n(Δppl {i[key]:+.2f})" if i.get(key) is not None else r for r, i in zip(tm.rows, tm.row_info, strict=True)]
         ax.set_yticklabels(labels if len(labels) == nr else tm.rows, fontsize=8)
         ax.set_xlabel("evaluated on (held-out names and templates)")
         ax.set_ylabel("selected on")
@@ -203,7 +203,7 @@ def plot_ground_truth(gt):
     ax = axes[0, 0]
     if "units" not in df:
         df["units"] = "neurons"
-    df["label"] = [f"{m} [{u}]" if u == "heads" else m for m, u in zip(df["method"], df["units"])]
+    df["label"] = [f"{m} [{u}]" if u == "heads" else m for m, u in zip(df["method"], df["units"], strict=True)]
     labels = list(dict.fromkeys(df["label"]))
     ctxs = list(dict.fromkeys(df["context"]))
     width = 0.8 / max(len(ctxs), 1)
@@ -261,9 +261,9 @@ def plot_methods_summary(rows, axis: str = ""):
                                   (0.2, "cross", "#ff7f0e", "other contexts")):
         vals = [np.nan if r.get(key) is None else r[key] for r in rows]
         lo = [v - r[f"{key}_ci"][0] if r.get(f"{key}_ci") and r[f"{key}_ci"][0] is not None else 0.0
-              for v, r in zip(vals, rows)]
+              for v, r in zip(vals, rows, strict=True)]
         hi = [r[f"{key}_ci"][1] - v if r.get(f"{key}_ci") and r[f"{key}_ci"][1] is not None else 0.0
-              for v, r in zip(vals, rows)]
+              for v, r in zip(vals, rows, strict=True)]
         ax.bar(x + dx, vals, 0.4, color=color, label=label, yerr=[lo, hi], capsize=3,
                error_kw={"elinewidth": 1, "ecolor": "#333333"})
         ax.scatter(x + dx, [r.get(f"random_{key}") for r in rows], marker="_", s=300, color="k", zorder=3,
@@ -323,7 +323,7 @@ def plot_crows(self):
     ax.errorbar(vals, ys, xerr=[np.array(vals) - lo, np.array(hi) - vals], fmt="o", color="k", capsize=3)
     ax.axvline(50, color="r", ls="--", lw=1)
     ax.set_yticks(ys)
-    ax.set_yticklabels(["all"] + types)
+    ax.set_yticklabels(["all", *types])
     ax.invert_yaxis()
     ax.set_xlabel("% pairs where the stereotypical sentence is more likely (50 = unbiased)")
     fig.tight_layout()

@@ -16,14 +16,16 @@ an aggregate over the resampled items (never a mean of per-cluster ratios).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
 from ..stats import benjamini_hochberg, bootstrap_p, check_boot, percentile_ci
+
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
     """``(where, object)`` for every non-empty line of a UTF-8 JSONL file (``where`` = ``path:line``); a line
@@ -139,7 +141,7 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
         for head in (True, False):
             fam = [r for r in rows if r.metric == mname and r.difference_p is not None
                    and (r.subset in primary) == head]
-            for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam])):
+            for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam]), strict=True):
                 r.difference_p_adjusted = adj
     return rows
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ...core.families import is_masked_lm
 from ...interventions.base import Intervention
 from ..crows import read_pairs, stereo_and_other
-from ...core.families import is_masked_lm
 from ..loglik import sentence_logprob, shared_token_pll
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
@@ -30,7 +30,7 @@ def crows_bench(model, path: str | Path, *, intervention: Intervention | None = 
 
     def run(m) -> Outcomes:
         if masked:  # the paper's score: pseudo-log-likelihood of the tokens the two sentences share
-            pairs = np.array([shared_token_pll(m, s, o) for s, o in zip(stereo, other)])
+            pairs = np.array([shared_token_pll(m, s, o) for s, o in zip(stereo, other, strict=True)])
             return {"stereo": pairs[:, 0], "other": pairs[:, 1]}
         return {"stereo": sentence_logprob(m, stereo).numpy(), "other": sentence_logprob(m, other).numpy()}
 

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ...interventions.base import Intervention
 from ...core.families import is_masked_lm
+from ...interventions.base import Intervention
 from ..loglik import masked_fill_logprob, mean_token_logprob
 from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score, share
 

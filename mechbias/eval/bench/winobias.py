@@ -110,5 +110,5 @@ def winobias_score(model, pro: str | Path, anti: str | Path, *, intervention: In
                        n_boot=n_boot, seed=seed)
     per_item = [{"pro": p["sentence"], "anti": a["sentence"], "pro_correct_unmodified": bool(base["pro"][i]),
                  "anti_correct_unmodified": bool(base["anti"][i])} for i, (p, a) in enumerate(zip(pro_items,
-                                                                                                    anti_items))]
+                                                                                                    anti_items, strict=True))]
     return BenchResult("WinoBias", rows, per_item, {"pro": str(pro), "anti": str(anti), "n_pairs": n})

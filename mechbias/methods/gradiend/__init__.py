@@ -4,12 +4,34 @@ training, the edit, and the registered method."""
 from .edit import ALPHA_GRID, H_ALPHAS, H_GRID, choose_edit, decoder_share, h_direction
 from .gradients import ParamSet, batch_gradient, batch_gradient_pair, param_set
 from .method import Gradiend
-from .model import GradiendModel, ChunkedAdamW
+from .model import ChunkedAdamW, GradiendModel
 from .pool import GradientPool, Normalizer, gradient_pool
 from .texts import FEATURE_SUFFIX, FeatureText, feature_texts, neutral_feature_texts
 from .train import GradiendConfig, GradiendResult, evaluate_feature, train_gradiend
 
-__all__ = ["ALPHA_GRID", "H_ALPHAS", "h_direction", "FEATURE_SUFFIX", "FeatureText", "Gradiend", "GradiendConfig",
-           "GradiendModel", "GradiendResult", "GradientPool", "Normalizer", "gradient_pool", "H_GRID", "ParamSet", "ChunkedAdamW", "batch_gradient", "batch_gradient_pair",
-           "choose_edit", "decoder_share", "evaluate_feature", "feature_texts", "neutral_feature_texts", "param_set",
-           "train_gradiend"]
+__all__ = [
+           "ALPHA_GRID",
+           "FEATURE_SUFFIX",
+           "H_ALPHAS",
+           "H_GRID",
+           "ChunkedAdamW",
+           "FeatureText",
+           "Gradiend",
+           "GradiendConfig",
+           "GradiendModel",
+           "GradiendResult",
+           "GradientPool",
+           "Normalizer",
+           "ParamSet",
+           "batch_gradient",
+           "batch_gradient_pair",
+           "choose_edit",
+           "decoder_share",
+           "evaluate_feature",
+           "feature_texts",
+           "gradient_pool",
+           "h_direction",
+           "neutral_feature_texts",
+           "param_set",
+           "train_gradiend",
+]

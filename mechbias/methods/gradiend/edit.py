@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ...data.contexts import load_context
 from ...data.neutral import neutral_texts
-from ...eval.metrics import contrast_scores
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
+from ...eval.metrics import contrast_scores
 from .train import GradiendResult
 
 # ----------------------------------------------------------------------------

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ...core.fastpath import position_unembed
+from ...core.params import block_component, frozen, linear_weight_name, named_params
 from ...core.runner import length_buckets, readout_ids
 from ...core.window import readout_position
-from ...core.params import block_component, frozen, linear_weight_name, named_params
 from ...data.prompts import tokenize
 
 # ----------------------------------------------------------------------------
@@ -46,14 +46,14 @@ class ParamSet:
 
     def offsets(self) -> list[tuple[str, int, int]]:
         out, i = [], 0
-        for n, s in zip(self.names, self.shapes):
+        for n, s in zip(self.names, self.shapes, strict=True):
             k = math.prod(s)
             out.append((n, i, i + k))
             i += k
         return out
 
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
-        return {n: flat[a:b].view(s) for (n, a, b), s in zip(self.offsets(), self.shapes)}
+        return {n: flat[a:b].view(s) for (n, a, b), s in zip(self.offsets(), self.shapes, strict=True)}
 
 
 def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
@@ -107,7 +107,7 @@ def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[
     # .grad, added to the float32 buffer after each micro-batch (float32 accumulation across batches)
     direct = all(p.dtype == torch.float32 and p.device == flat.device for p in plist)
     with frozen(model):
-        for p, (_, a, b) in zip(plist, ps.offsets()):
+        for p, (_, a, b) in zip(plist, ps.offsets(), strict=True):
             p.requires_grad_(True)
             if direct:
                 p.grad = flat[a:b].view(p.shape)
@@ -118,7 +118,7 @@ def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[
                 loss = torch.nn.functional.cross_entropy(lg, tg[bucket].to(device), reduction="sum") / len(texts)
                 loss.backward()
                 if not direct:
-                    for p, (_, a, b) in zip(plist, ps.offsets()):
+                    for p, (_, a, b) in zip(plist, ps.offsets(), strict=True):
                         if p.grad is not None:
                             flat[a:b] += p.grad.reshape(-1).float().to(flat.device)
                             p.grad = None
@@ -157,10 +157,10 @@ def batch_gradient_pair(model, ps: ParamSet, texts: Sequence[str], factual: Sequ
                 fb, cb = f[bucket].to(device), c[bucket].to(device)
                 loss_f = torch.nn.functional.cross_entropy(lg, fb, reduction="sum") / len(texts)
                 diff = (lg.gather(1, cb[:, None]) - lg.gather(1, fb[:, None])).sum() / len(texts)
-                for p, (_, a, b) in zip(plist, ps.offsets()):
+                for p, (_, a, b) in zip(plist, ps.offsets(), strict=True):
                     p.grad = out_f[a:b].view(p.shape)
                 loss_f.backward(retain_graph=True)
-                for p, (_, a, b) in zip(plist, ps.offsets()):
+                for p, (_, a, b) in zip(plist, ps.offsets(), strict=True):
                     p.grad = out_t[a:b].view(p.shape)
                 diff.backward()
         finally:

@@ -83,7 +83,7 @@ class Gradiend(Method):
     def report(self, summary: dict, fig) -> str:
         rows = [{"trained on": r["context"], "val |Pearson| start -> kept": f"{r.get('val_pearson_start') or 0:.2f} -> "
                  f"{r['val_pearson']:.2f}", "kept step / run": f"{r.get('best_step')}/{r.get('steps_run')}",
-                 "group A h": r["stats"][list(r["stats"])[0]]["mean"], "group B h": r["stats"][list(r["stats"])[1]]["mean"],
+                 "group A h": r["stats"][next(iter(r["stats"]))]["mean"], "group B h": r["stats"][list(r["stats"])[1]]["mean"],
                  "neutral h": r["stats"].get("neutral", {}).get("mean"),
                  "held-out AUC": r.get("auc"), "held-out sign accuracy": r["sign_accuracy"],
                  "held-out Pearson": r["pearson"], "chosen h": (r["chosen"] or {}).get("h"),

@@ -38,7 +38,7 @@ class GradiendModel:
         return {"w_e": self.w_e, "b_e": torch.tensor([self.b_e]), "w_d": self.w_d, "b_d": self.b_d}
 
     @classmethod
-    def from_state(cls, d: dict[str, Tensor]) -> "GradiendModel":
+    def from_state(cls, d: dict[str, Tensor]) -> GradiendModel:
         m = cls.__new__(cls)
         m.w_e, m.b_e, m.w_d, m.b_d = d["w_e"], float(d["b_e"][0]), d["w_d"], d["b_d"]
         m.n = len(m.w_e)

@@ -14,8 +14,9 @@ filler cannot change the logits before it. ``filler=""`` gives the package's own
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import torch

@@ -52,7 +52,7 @@ class Normalizer:
     sizes: list[int] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, inputs: Tensor, targets: Tensor, sizes: list[int], target_scale: float = TARGET_SCALE) -> "Normalizer":
+    def fit(cls, inputs: Tensor, targets: Tensor, sizes: list[int], target_scale: float = TARGET_SCALE) -> Normalizer:
         """From training inputs and targets (rows: one gradient each)."""
         n = inputs.shape[1]
         mean = inputs.float().mean(0)
@@ -89,7 +89,7 @@ class Normalizer:
     def summary(self, ps: ParamSet) -> list[dict]:
         return [{"param": nme, "input_rms": 1.0 / (float(a) * math.sqrt(self.mean.numel())) if a else 0.0,
                  "target_rms": TARGET_SCALE / float(b) if b else 0.0}
-                for nme, a, b in zip(ps.names, self.in_scale, self.out_scale)]
+                for nme, a, b in zip(ps.names, self.in_scale, self.out_scale, strict=True)]
 
 
 def validation_names(ax, seed: int) -> set[str]:
@@ -124,12 +124,12 @@ class GradientPool:
     def nbytes(self) -> int:
         return self.F.numel() * self.F.element_size() + self.T.numel() * self.T.element_size()
 
-    def subset(self, rows) -> "GradientPool":
+    def subset(self, rows) -> GradientPool:
         idx = [int(i) for i in rows]
         return GradientPool(self.param_set, [self.names[i] for i in idx], self.groups[idx], self.validation[idx],
                             self.F[idx], self.T[idx], self.texts_per_name, self.seconds)
 
-    def shuffled(self, seed: int) -> "GradientPool":
+    def shuffled(self, seed: int) -> GradientPool:
         """Group labels drawn at random per name (half per group, within training and within validation);
         where a label changes, factual and counterfactual swap: F' = F - T, T' = -T. Exact: the same
         gradients the model would give for the swapped targets."""

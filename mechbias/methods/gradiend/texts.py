@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ...data.axes import load_axis
-from ...data.prompts import single_token
 from ...data.contexts import Context, fill, load_context
 from ...data.neutral import neutral_texts
+from ...data.prompts import single_token
 
 FEATURE_SUFFIX = {
     "gender": (" Afterwards, {name} said that", None),

@@ -8,8 +8,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.stats import t as t_dist
 import torch
+from scipy.stats import t as t_dist
 from torch import Tensor
 
 from ...core.results import Result, make_meta
@@ -19,7 +19,7 @@ from ...interventions.weights import WeightEdit
 from ...viz.method_figures import plot_gradiend_feature, plot_gradiend_training
 from ..base import MethodConfig
 from .gradients import ParamSet, batch_gradient, param_set
-from .model import GradiendModel, ChunkedAdamW
+from .model import ChunkedAdamW, GradiendModel
 from .pool import NEUTRAL, GradientPool, Normalizer, gradient_pool
 from .texts import feature_texts, neutral_feature_texts
 
@@ -172,7 +172,7 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
 
     def validate():
         hs = np.array([gm.encode(x) for x in vx])
-        mse = float(np.mean([float((gm.decode(h) - y).pow(2).mean()) for h, y in zip(hs, vy)]))
+        mse = float(np.mean([float((gm.decode(h) - y).pow(2).mean()) for h, y in zip(hs, vy, strict=True)]))
         r = float(np.corrcoef(hs, labels)[0, 1]) if hs.std() > 0 else 0.0
         return r, mse, hs
 
@@ -188,7 +188,7 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
         history.append({"seed": seed, "step": step, "loss": loss})
         if step % cfg.eval_every and step != cfg.steps:
             continue
-        r, mse, hs = validate()
+        r, mse, _hs = validate()
         curve.append({"seed": seed, "step": step, "val_pearson": r, "val_mse": mse})
         if progress:
             log(f"[gradiend] seed {seed} step {step}: loss {loss:.3e}, validation Pearson {r:+.3f}, MSE {mse:.3e}")

@@ -45,22 +45,21 @@ verification in :mod:`.verify`, and the registered method in :mod:`.method`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ...core.hooks import hooked, run_with_cache
-from ...core.fastpath import use_kv_cache
 from ...core.families import is_masked_lm
-from ...core.results import Result, make_meta
-from ...core.fastpath import position_unembed, prefix_cache
-from ...core.runner import readout_ids
-from ...core.window import forward_window, readout_position
-from ...core.sites import hook_name
+from ...core.fastpath import position_unembed, prefix_cache, use_kv_cache
+from ...core.hooks import hooked, run_with_cache
 from ...core.params import frozen
+from ...core.results import Result, make_meta
+from ...core.runner import readout_ids
+from ...core.sites import hook_name
+from ...core.window import forward_window, readout_position
 from ...data.prompts import single_token, tokenize
 from ...viz.method_figures import plot_attribution
 from .inputs import Unit
@@ -223,7 +222,7 @@ def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="
     for l in layers:
         base = cache[hook_name("post", l)][0, sl].detach().float()  # [positions scaled, d_mlp]
         total = torch.zeros(base.shape, dtype=torch.float64)
-        for a, c in zip(alphas.tolist(), weights.tolist()):
+        for a, c in zip(alphas.tolist(), weights.tolist(), strict=True):
             leaf = (a * base).clone().requires_grad_(True)
 
             def put(act, hook, leaf=leaf):
@@ -295,7 +294,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
                 # needs a gradient
                 return torch.cat([x, x[:1].detach().expand(n_new, *x.shape[1:])], dim=0)
 
-            def scale(act, hook, l=l, a0=a0, a1=a1, n_new=n_new):
+            def scale(act, hook, l=l, a0=a0, a1=a1, n_new=n_new, leaves=leaves):
                 base = act[0, lo : lo + n_pos].detach()  # [n_pos, d_mlp]
                 bases[l] = base.double().cpu()
                 leaf = (al[a0:a1, None, None] * base[None]).requires_grad_(True)
@@ -314,7 +313,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
             g1 = float(g[0].detach())
         grads = torch.autograd.grad(g[1:].sum(), [leaves[l] for l, _, _ in chunk])
         row = 1
-        for (l, a0, a1), gr in zip(chunk, grads):
+        for (l, a0, a1), gr in zip(chunk, grads, strict=True):
             c = weights[a0:a1]
             grad_sum[l] += (gr.double().cpu() * c[:, None, None]).sum(0)
             if a0 <= zero_idx < a1:
@@ -359,7 +358,7 @@ class IG2Result(Result):
         agg = self.aggregate()
         vals, idx = agg.flatten().topk(k)
         d = agg.shape[1]
-        return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(vals, idx)]
+        return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(vals, idx, strict=True)]
 
     def completeness_error(self) -> Tensor:
         """Per layer: ``mean |sum(attr) - ΔG| / mean |ΔG|`` over units (relative error)."""
@@ -422,7 +421,7 @@ def run_ig2(
     attrs = torch.zeros(len(units), L, d, dtype=torch.float32)
     comp = torch.zeros(len(units), L, 2, dtype=torch.float64)
     for k, u in enumerate(units):
-        for t, w in zip(u.texts, u.weights):
+        for t, w in zip(u.texts, u.weights, strict=True):
             r = memo[(t, u.d1, u.d2)]
             attrs[k] += (w * r.attr).float()
             comp[k, :, 0] += w * r.attr.sum(1)

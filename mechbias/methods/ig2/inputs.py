@@ -60,7 +60,7 @@ def demographic_units(context: Context | str, axis, *, favoured: int = 0, outcom
     if paired:
         if not pos or not neg:
             raise ValueError(f"context {ctx.name!r} needs positive and negative outcomes for paired units")
-        pairs = keep(list(zip(pos, neg)), key=lambda pn: f"{pn[0]}/{pn[1]}")
+        pairs = keep(list(zip(pos, neg, strict=True)), key=lambda pn: f"{pn[0]}/{pn[1]}")
         for pw, nw in pairs:
             for t, tpl in enumerate(tpls):
                 units.append(Unit([tpl.replace("{outcome}", pw), tpl.replace("{outcome}", nw)], [1.0, -1.0], fav,

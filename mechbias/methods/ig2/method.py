@@ -16,8 +16,8 @@ from ...eval.metrics import favoured_group
 from ...viz.method_figures import plot_overlap
 from ..base import Method, MethodConfig, Selection, register_method
 from .attribution import RULES, run_ig2
-from .thresholds import select_neurons, selection_overlap
 from .inputs import contrast_units, demographic_units
+from .thresholds import select_neurons, selection_overlap
 from .verify import verify
 
 MODES = ("contrast", "demographic", "demographic-single")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 from torch import Tensor
@@ -43,7 +43,7 @@ class NeuronSelection(Result):
         """BNS: suppress (factor 0) or amplify (factor 2) the selected neurons."""
         return NeuronIntervention(self.as_pairs(), factor=factor, positions=positions, label=label or "IG2 neurons")
 
-    def without(self, neurons: Sequence[tuple[int, int]], reason: str = "excluded") -> "NeuronSelection":
+    def without(self, neurons: Sequence[tuple[int, int]], reason: str = "excluded") -> NeuronSelection:
         """A copy without the given neurons (recorded in ``thresholds``)."""
         drop = {(int(l), int(i)) for l, i in neurons}
         kept = [[l, i] for l, i in self.as_pairs() if (l, i) not in drop]
@@ -74,7 +74,7 @@ def _prompt_sets(attrs: Tensor, frac: float) -> list[set[int]]:
     return out
 
 
-def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]", *,
+def neuron_costs(model, selection: NeuronSelection | Sequence[tuple[int, int]], *,
                  texts: Sequence[str] | None = None, max_texts: int | None = None) -> dict[tuple[int, int], float]:
     """Perplexity change on the neutral texts when each neuron alone is zeroed (all positions).
 
@@ -87,8 +87,8 @@ def neuron_costs(model, selection: "NeuronSelection | Sequence[tuple[int, int]]"
     return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}
 
 
-def capability_guard(model, selection: "NeuronSelection", max_ppl_increase: float = 0.5, *,
-                     costs: dict[tuple[int, int], float] | None = None, **kw) -> "NeuronSelection":
+def capability_guard(model, selection: NeuronSelection, max_ppl_increase: float = 0.5, *,
+                     costs: dict[tuple[int, int], float] | None = None, **kw) -> NeuronSelection:
     """Drop selected neurons whose own ablation raises neutral-text perplexity by more than
     ``max_ppl_increase`` (absolute). Not in the IG² paper; a cheap guard (one forward set per neuron).
     ``costs``: from :func:`neuron_costs`, if already measured (must cover the selection)."""
@@ -183,7 +183,7 @@ def selection_overlap(selections: dict[str, NeuronSelection], d_mlp: int, *, n_d
 
     names = list(selections)
     rows = []
-    for i, a in enumerate(names):
+    for _i, a in enumerate(names):
         for b in names:
             sa, sb = set(selections[a].as_pairs()), set(selections[b].as_pairs())
             j = len(sa & sb) / len(sa | sb) if sa | sb else float("nan")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +17,8 @@ from ...interventions.base import maybe_apply
 from ...interventions.units import NeuronIntervention
 from ...viz.method_figures import plot_verification
 from .attribution import gap_fn
-from .thresholds import NeuronSelection
 from .inputs import Unit
+from .thresholds import NeuronSelection
 
 # ----------------------------------------------------------------------------
 # verification: suppress / amplify vs random and plain-IG neurons
@@ -35,10 +35,10 @@ def unit_values(model, units: Sequence[Unit], *, kind: str = "prob", interventio
         gap = gap_fn(d1, d2, kind)
         tx = sorted({t for k in ks for t in units[k].texts})
         with maybe_apply(intervention, model):
-            vals = map_last_logits(model, tokenize(model, tx), lambda lg: gap(lg[:, -1])).double()
-        v = dict(zip(tx, vals.tolist()))
+            vals = map_last_logits(model, tokenize(model, tx), lambda lg, gap=gap: gap(lg[:, -1])).double()
+        v = dict(zip(tx, vals.tolist(), strict=True))
         for k in ks:
-            out[k] = sum(w * v[t] for t, w in zip(units[k].texts, units[k].weights))
+            out[k] = sum(w * v[t] for t, w in zip(units[k].texts, units[k].weights, strict=True))
     return out
 
 
@@ -96,7 +96,7 @@ def verify(
     n = len(units)
     b0 = base.numpy()
     fac = unit_factors(units)
-    est = lambda stat: factor_estimate(stat, fac, n_boot=n_boot, seed=seed)  # noqa: E731
+    est = lambda stat: factor_estimate(stat, fac, n_boot=n_boot, seed=seed)
     before = est(weighted_mean(b0))
     estimable = before.ci_low > 0 or before.ci_high < 0
 

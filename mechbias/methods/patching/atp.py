@@ -8,8 +8,8 @@ backward per batch of equal-length pairs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,13 +17,14 @@ from torch import Tensor
 
 from ...core.families import require_causal
 from ...core.hooks import canonical_name, hooked, run_with_cache
+from ...core.params import frozen
 from ...core.results import Result, make_meta
 from ...core.sites import Site, hook_name
-from ...core.params import frozen
 from ...data.pairs import PromptPairs
 from ...eval.describe import spearman
 from ...viz.method_figures import plot_grid
 from .engine import PatchResult, ld_metric, patch_set
+
 
 @dataclass
 class AtPResult(Result):
@@ -49,7 +50,7 @@ class AtPResult(Result):
             m = torch.nanmean(est, 0)
             for i in range(m.numel()):
                 cell = np.unravel_index(i, m.shape)
-                rows.append({"component": comp, **{a: int(c) for a, c in zip(self.axes[comp], cell)},
+                rows.append({"component": comp, **{a: int(c) for a, c in zip(self.axes[comp], cell, strict=True)},
                              "estimate": float(m.flatten()[i])})
         return pd.DataFrame(rows)
 
@@ -92,12 +93,13 @@ def attribution_patch(model, pairs: PromptPairs, *, direction: str = "denoise",
             grad_run, other_run = (corr, clean) if direction == "denoise" else (clean, corr)
             with torch.no_grad():
                 _, other_cache = run_with_cache(model, other_run, names)
-            acts, grads = {}, {}
+            acts: dict[str, Tensor] = {}
+            grads: dict[str, Tensor] = {}
 
-            def save_act(x, hook):
+            def save_act(x, hook, acts=acts):
                 acts[hook.name] = x.detach()
 
-            def save_grad(g, hook):
+            def save_grad(g, hook, grads=grads):
                 grads[hook.name] = g.detach()
 
             def leaf(x, hook):

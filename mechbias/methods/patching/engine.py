@@ -31,23 +31,22 @@ patch is a :class:`~mechbias.core.sites.Site` (layer, point, index, positions).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ...core.hooks import hooked, run_with_cache
-from ...core.fastpath import use_kv_cache
 from ...core.families import require_causal
-from ...core.results import Result, make_meta
-from ...core.fastpath import last_position_unembed, slice_cache
-from ...core.window import forward_window
-from ...core.sites import Site, hook_name
+from ...core.fastpath import last_position_unembed, slice_cache, use_kv_cache
+from ...core.hooks import hooked, run_with_cache
 from ...core.params import frozen
-from ...data.prompts import single_token
+from ...core.results import Result, make_meta
+from ...core.sites import Site, hook_name
+from ...core.window import forward_window
 from ...data.pairs import AlignmentError, PromptPairs
+from ...data.prompts import single_token
 from ...eval.describe import spearman
 from ...eval.factors import factor_mean
 from ...viz.method_figures import plot_patching
@@ -211,7 +210,7 @@ def sweep_variants(model, component: str, seq_len: int, neurons: Sequence[tuple[
         if not neurons:
             raise ValueError("the neuron sweep needs a list of (layer, neuron) pairs")
         return [(Site(int(l), "post", (int(i),)),) for l, i in neurons], (len(neurons),), ["neuron"]
-    raise ValueError(f"unknown component {component!r}; choose from {SWEEPS + ('neurons',)}")
+    raise ValueError(f"unknown component {component!r}; choose from {(*SWEEPS, 'neurons')}")
 
 
 def ld_metric(model, pairs: PromptPairs):
@@ -269,7 +268,7 @@ class PatchResult(Result):
             cell = np.unravel_index(i, m.shape)
             mean, lo, hi = factor_mean(eff.reshape(eff.shape[0], -1)[:, i].numpy(), pair_factors(self.pairs),
                                        n_boot=n_boot, seed=seed)
-            out.append({**{a: int(c) for a, c in zip(self.axes, cell)}, "effect": mean, "ci_low": lo,
+            out.append({**{a: int(c) for a, c in zip(self.axes, cell, strict=True)}, "effect": mean, "ci_low": lo,
                         "ci_high": hi, "normalized": float(norm[i])})
         return out
 
@@ -287,7 +286,7 @@ class PatchResult(Result):
         rows = []
         for i in range(m.numel()):
             cell = np.unravel_index(i, m.shape)
-            rows.append({**{a: int(c) for a, c in zip(self.axes, cell)}, "effect": float(m.flatten()[i]),
+            rows.append({**{a: int(c) for a, c in zip(self.axes, cell, strict=True)}, "effect": float(m.flatten()[i]),
                          "normalized": float(norm.flatten()[i])})
         return pd.DataFrame(rows)
 
@@ -311,7 +310,7 @@ def patch_sweep(
     metric = ld_metric(model, pairs)
     max_len = max(len(t) for t in pairs.clean_tokens)
     _, grid, axes = sweep_variants(model, component, max_len, neurons)
-    values = torch.full((len(pairs),) + grid, float("nan"), dtype=torch.float64)
+    values = torch.full((len(pairs), *grid), float("nan"), dtype=torch.float64)
     ld_clean = torch.zeros(len(pairs), dtype=torch.float64)
     ld_corr = torch.zeros(len(pairs), dtype=torch.float64)
     it = range(len(pairs))
@@ -336,7 +335,7 @@ def patch_sweep(
                 view[tuple(slice(0, n) for n in g)] = sub
     info = [{"template": c.template, "clean": c.person.name, "corrupt": r.person.name,
              "tokens": model.to_str_tokens(pairs.clean_tokens[k]), "diff": pairs.diff_positions(k)}
-            for k, (c, r) in enumerate(zip(pairs.clean, pairs.corrupt))]
+            for k, (c, r) in enumerate(zip(pairs.clean, pairs.corrupt, strict=True))]
     meta = make_meta(model, context=pairs.context, axis=pairs.axis.name, component=component, direction=direction,
                      clean_group=pairs.axis.groups[pairs.clean[0].group] if pairs.clean else None)
     return PatchResult(component, direction, axes, values, ld_clean, ld_corr, info, meta)
@@ -371,7 +370,7 @@ def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: 
     clean_ld, corr_ld = (oa, ba) if direction == "denoise" else (ba, oa)
     eff, lo, hi = factor_mean(va - ba, pair_factors([{"template": c.template, "clean": c.person.name,
                                                      "corrupt": r.person.name} for c, r in zip(pairs.clean,
-                                                                                               pairs.corrupt)]))
+                                                                                               pairs.corrupt, strict=True)]))
     return {"direction": direction, "n_patches": len(patches), "n_pairs": len(pairs), "effect": eff, "ci_low": lo,
             "ci_high": hi, "normalized": float((va.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())),
             "values": va.tolist(), "ld_clean": clean_ld.tolist(), "ld_corrupt": corr_ld.tolist()}

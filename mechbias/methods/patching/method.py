@@ -14,7 +14,7 @@ from ...data.pairs import make_pairs
 from ...interventions.units import HeadIntervention
 from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method
-from .atp import attribution_patch, atp_agreement
+from .atp import atp_agreement, attribution_patch
 from .engine import SWEEPS, compare_contexts, patch_set, patch_sweep
 
 DIRECTIONS = ("denoise", "noise")

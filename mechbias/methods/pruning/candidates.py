@@ -4,8 +4,8 @@ common-across-templates rule, and the ranked candidates a pruning intervention i
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -231,7 +231,7 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
     for name, _, _, transposed in linear_layers(model):
         w = params[name].detach().abs().cpu()
 
-        def s_of(nrm, g):
+        def s_of(nrm, g, name=name, transposed=transposed, w=w):
             n = nrm[g][name]
             return w * (n[:, None] if transposed else n[None, :])
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -11,8 +11,8 @@ import torch
 from ...core.results import Result, make_meta
 from ...data.contexts import load_context
 from ...data.neutral import neutral_texts
-from ...eval.stats import benjamini_hochberg, crossed_estimate
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate, random_controls
+from ...eval.stats import benjamini_hochberg, crossed_estimate
 from ...viz.plotting import plot_curves, plot_levels
 from .candidates import PruneConfig, candidates
 
@@ -110,7 +110,7 @@ def generalization_levels(
             tests.append({"context": name, "comparison": f"{a} - {b} (bias removed)", "estimate": est.estimate,
                           "ci_low": est.ci_low, "ci_high": est.ci_high, "p_value": est.p_value,
                           "min_detectable": est.min_detectable, "n_templates": len(stacks["before"])})
-    for adj, row in zip(benjamini_hochberg([r["p_value"] for r in tests]), tests):
+    for adj, row in zip(benjamini_hochberg([r["p_value"] for r in tests]), tests, strict=True):
         row["p_adjusted"] = adj
     meta = make_meta(model, unit=cfg.unit, axis=axis)
     return LevelsResult(cfg.unit, axis, rows, asdict(cfg), meta, tests)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-
 from typing import ClassVar
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
 from ...viz.plotting import plot_curves
 from ..base import Method, Selection, register_method
-from .levels import generalization_levels, pruning_curve
 from .candidates import PruneConfig, candidates
+from .levels import generalization_levels, pruning_curve
 
 
 @register_method

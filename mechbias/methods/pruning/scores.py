@@ -36,22 +36,21 @@ of them), evaluate on held-out templates; L2 select on context A, evaluate on B.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from ...core.families import require_causal
 from ...core.hooks import hooked
+from ...core.params import frozen, linear_layers, named_params, w_out_row_norms
 from ...core.runner import length_buckets
 from ...core.sites import hook_name
-from ...core.params import frozen, linear_layers, named_params, w_out_row_norms
 from ...data.axes import pronouns, stable_hash
-from ...data.prompts import PromptSet, tokenize
 from ...data.contexts import load_context
+from ...data.prompts import PromptSet, tokenize
 from ...eval.generation import chat_prompt, sample_completions
-
 
 # ----------------------------------------------------------------------------
 # helpers
@@ -82,7 +81,7 @@ def set_difference(target: Tensor, other: Tensor, p: float, q: float) -> Tensor:
     if target.shape != other.shape:
         raise ValueError("score tensors differ in shape")
     n = target.numel()
-    kp, kq = int(round(p * n)), int(round(q * n))
+    kp, kq = round(p * n), round(q * n)
     top_t = torch.zeros(n, dtype=torch.bool)
     top_o = torch.zeros(n, dtype=torch.bool)
     if kp > 0:
