@@ -78,7 +78,7 @@ class CardInputs:
             read_bbq(self.bbq, skip_unresolved=self.bbq_skip_unresolved)
         if (self.winobias_pro is None) != (self.winobias_anti is None):
             raise ValueError("WinoBias needs both --winobias-pro and --winobias-anti (aligned files)")
-        if self.winobias_pro:
+        if self.winobias_pro and self.winobias_anti:
             read_winobias(self.winobias_pro, self.winobias_anti)
         if self.tasks:
             check_tasks(self.tasks, self.include_path)
@@ -120,14 +120,14 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
     results: list[BenchResult] = []
     kw: dict[str, Any] = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
     steps: list[tuple[str, Callable[[], BenchResult]]] = []
-    if inputs.stereoset:
-        steps.append(("StereoSet", lambda: stereoset_score(model, inputs.stereoset, **kw)))
-    if inputs.crows:
-        steps.append(("CrowS-Pairs", lambda: crows_bench(model, inputs.crows, **kw)))
+    if (stereoset := inputs.stereoset) is not None:
+        steps.append(("StereoSet", lambda: stereoset_score(model, stereoset, **kw)))
+    if (crows := inputs.crows) is not None:
+        steps.append(("CrowS-Pairs", lambda: crows_bench(model, crows, **kw)))
     if inputs.bbq:
         steps.append(("BBQ", lambda: bbq_score(model, inputs.bbq, skip_unresolved=inputs.bbq_skip_unresolved, **kw)))
-    if inputs.winobias_pro:
-        steps.append(("WinoBias", lambda: winobias_score(model, inputs.winobias_pro, inputs.winobias_anti, **kw)))
+    if (pro := inputs.winobias_pro) is not None and (anti := inputs.winobias_anti) is not None:
+        steps.append(("WinoBias", lambda: winobias_score(model, pro, anti, **kw)))
     if inputs.perplexity:
         steps.append(("Perplexity", lambda: perplexity_bench(model, intervention, n_boot=n_boot, seed=seed)))
     if inputs.tasks:

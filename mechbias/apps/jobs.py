@@ -194,6 +194,13 @@ class WorkerContext:
     log: Callable[[str], None] = lambda s: None
 
     @property
+    def folder(self) -> Path:
+        """The job's scratch folder (set while the job runs; its files are stored with the job's value)."""
+        if self.out is None:
+            raise RuntimeError("this job has no scratch folder (WorkerContext.out is set only while a job runs)")
+        return self.out
+
+    @property
     def model(self):
         if self._model is None:
             self._model = load_model(self.model_spec["name"], **self.model_spec.get("kwargs", {}))

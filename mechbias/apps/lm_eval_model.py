@@ -77,7 +77,7 @@ class MechbiasLM(LM):
         self.model = load_model(model or None) if model is None or isinstance(model, str) else model
         if is_masked_lm(self.model):
             raise ValueError("the mechbias lm-eval model type scores causal models; this is a masked LM")
-        self.max_length = int(max_length or getattr(self.model.cfg, "n_ctx", 2048))
+        self.max_length = int(max_length or getattr(self.model.cfg, "n_ctx", None) or 2048)
         self.max_gen_toks = int(max_gen_toks)
 
     @classmethod

@@ -125,12 +125,26 @@ class StudyConfig:
             raise ValueError(f"threads must be >= 1, not {self.threads}")
         if self.address is None:
             self.address = os.environ.get("RAY_ADDRESS") or None
-        names = {"baseline"} | {n for cls in known.values() for n in cls.study_configs(self.quick, full=True)}
-        bad = [n for n in self.skip if n not in names]
+        steps = {"baseline"} | {n for cls in known.values() for n in cls.study_configs(self.quick, full=True)}
+        bad = [n for n in self.skip if n not in steps]
         if bad:
-            raise ValueError(f"--skip: unknown steps {bad}; steps: {sorted(names)}")
+            raise ValueError(f"--skip: unknown steps {bad}; steps: {sorted(steps)}")
         if self.address and self.workers == 1:
             raise ValueError("--address runs on a Ray cluster; --workers 1 runs in-process: choose one")
+
+    @property
+    def context_list(self) -> list[str]:
+        """The study's contexts (built-in names or YAML paths), as resolved when the configuration was made."""
+        if self.contexts is None:
+            raise ValueError("the study's contexts are resolved when the configuration is made")
+        return list(self.contexts)
+
+    @property
+    def draws(self) -> int:
+        """Draws per control and cell, as resolved when the configuration was made."""
+        if self.n_random is None:
+            raise ValueError("the draw count is resolved when the configuration is made")
+        return self.n_random
 
     @property
     def n_workers(self) -> int:
@@ -158,7 +172,7 @@ class Step:
 
 def _baseline_step() -> Step:
     def plan(shared: Shared, cfg: StudyConfig, meta: dict):
-        return baseline_planner(shared.salt, list(cfg.contexts), list(cfg.axes), cfg.seed, cfg.n_boot)
+        return baseline_planner(shared.salt, cfg.context_list, list(cfg.axes), cfg.seed, cfg.n_boot)
 
     def write(value: dict, out: Path) -> dict:
         _copy_tree(value["files"], out)
@@ -180,9 +194,9 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
     title = extras.get("title", cls.title)
 
     def plan(shared: Shared, cfg: StudyConfig, meta: dict):
-        tcfg = TransferConfig(n_random=cfg.n_random, n_boot=cfg.n_boot, seed=cfg.seed, **extras.get("transfer", {}))
-        rows = list(cfg.contexts)[: extras.get("rows")] if extras.get("rows") else list(cfg.contexts)
-        return method_planner(shared, name, cls, config, tcfg, rows, list(cfg.contexts), quick=cfg.quick,
+        tcfg = TransferConfig(n_random=cfg.draws, n_boot=cfg.n_boot, seed=cfg.seed, **extras.get("transfer", {}))
+        rows = cfg.context_list[: extras.get("rows")] if extras.get("rows") else cfg.context_list
+        return method_planner(shared, name, cls, config, tcfg, rows, cfg.context_list, quick=cfg.quick,
                               analyze_kw=extras.get("analyze") or {}, model_meta=meta)
 
     def write(value: dict, out: Path) -> dict:
@@ -242,7 +256,7 @@ def make_executor(model, cfg: StudyConfig, model_spec: dict | None, log=None):
 
 def study_salt(model, cfg: StudyConfig) -> str:
     """What every job depends on besides its parameters: the model's weights and the data files."""
-    user_files = [c for c in cfg.contexts if Path(c).suffix in (".yaml", ".yml")]
+    user_files = [c for c in cfg.context_list if Path(c).suffix in (".yaml", ".yml")]
     return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint(user_files)}".encode()).hexdigest()
 
 
@@ -285,7 +299,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         if cfg.axis == "auto":
             path = out / "axis_choice.json"
             # reused only for the same model, data, contexts, axes and seed (it was once reused for any of them)
-            choice_key = {"salt": salt, "contexts": list(cfg.contexts), "axes": list(cfg.axes), "seed": cfg.seed}
+            choice_key = {"salt": salt, "contexts": cfg.context_list, "axes": list(cfg.axes), "seed": cfg.seed}
             choice = None
             if path.exists():
                 try:
@@ -295,7 +309,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
                 if isinstance(saved, dict) and saved.get("key") == choice_key:
                     choice = saved
             if choice is None:
-                rep = run_planners({"axis": axis_planner(salt, list(cfg.contexts), list(cfg.axes), cfg.seed,
+                rep = run_planners({"axis": axis_planner(salt, cfg.context_list, list(cfg.axes), cfg.seed,
                                                          min(cfg.n_boot, 1000))}, store, ex, progress=progress, log=say)
                 runs.append(rep)
                 if not rep.ok:
@@ -307,7 +321,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
                 + ", ".join(f"{r['axis']}: {r['significant_contexts']} significant" for r in choice["candidates"]))
         steps = study_steps(cfg)
         atomic_write_json(asdict(cfg), out / "study_config.json")
-        shared = Shared(salt, list(cfg.contexts), cfg.axis, cfg.seed)
+        shared = Shared(salt, cfg.context_list, cfg.axis, cfg.seed)
         meta = model_meta(model)
         say(f"{len(steps)} steps on {ex.workers} worker(s), {cfg.job_threads} torch thread(s) per job; "
             f"job store {store.root}")
@@ -394,7 +408,7 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# mechbias study report", "",
-             f"Model: {model}. Contexts: {', '.join(cfg.contexts)}. Baseline axes: {', '.join(cfg.axes)}; methods and "
+             f"Model: {model}. Contexts: {', '.join(cfg.context_list)}. Baseline axes: {', '.join(cfg.axes)}; methods and "
              f"transfer matrices on the {cfg.axis} axis. Seed {cfg.seed}, {cfg.n_boot} bootstrap replicates, "
              f"{cfg.n_random} draws per control and cell"
              f"{' (full study)' if cfg.full else ' (default study; --full for every context and variant)'}"

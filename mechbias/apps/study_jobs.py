@@ -55,10 +55,10 @@ def _axis_choice(ctx: WorkerContext, p: dict, d: dict) -> dict:
 @job_kind("baseline")
 def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
     res = measure_bias(ctx.model, list(p["contexts"]), list(p["axes"]), n_boot=p["n_boot"], seed=p["seed"])
-    res.save(ctx.out / "result")
+    res.save(ctx.folder / "result")
     fig = res.plot()
-    (ctx.out / "figures").mkdir()
-    fig.savefig(ctx.out / "figures" / "baseline_bias.png", dpi=110, bbox_inches="tight")
+    (ctx.folder / "figures").mkdir()
+    fig.savefig(ctx.folder / "figures" / "baseline_bias.png", dpi=110, bbox_inches="tight")
     return {"value": res.rows}
 
 
@@ -130,7 +130,7 @@ def _analyze(ctx: WorkerContext, p: dict, d: dict) -> dict:
     # keyed by the contexts' names, as the selections and the transfer matrix are (rows may be file paths)
     method.selections = {load_context(r).name: d[f"selection/{r}"] for r in p["rows"]}
     eval_sets = {load_context(c).name: d[f"evalset/{c}"] for c in p["cols"]}
-    analysis = method.analyze(ctx.model, p["axis"], ctx.out, quick=p["quick"], transfer=d["transfer"],
+    analysis = method.analyze(ctx.model, p["axis"], ctx.folder, quick=p["quick"], transfer=d["transfer"],
                               eval_sets=eval_sets, n_boot=p["n_boot"], **d["analyze_kw"])
     return {"value": analysis}
 

@@ -132,6 +132,8 @@ def load_model(
         model = tiny_model(arch="native" if name == "tiny-native" else "llama")
         label = name
     else:
+        if name is None:  # the aliases above include None
+            raise ModelLoadError("no model name")
         model = _load_other(name, device=device, dtype=dtype, **kw)
         label = name
     model.eval()

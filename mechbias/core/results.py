@@ -167,7 +167,7 @@ def package_versions() -> dict[str, str]:
 
 def make_meta(model=None, **extra) -> dict:
     """Standard metadata block for a result."""
-    meta = {
+    meta: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": package_versions(),
         "git_commit": _git_commit(),

@@ -182,7 +182,7 @@ def map_last_logits(
     n = len(seqs)
     results: list[Tensor | None] = [None] * n
     use_prefix = prefix_groups is not None and use_kv_cache(model)
-    groups = [list(g) for g in prefix_groups] if use_prefix else [list(range(n))]
+    groups = [list(g) for g in prefix_groups] if use_prefix and prefix_groups is not None else [list(range(n))]
     done = 0
     bar = None
     if progress:

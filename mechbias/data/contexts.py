@@ -322,6 +322,7 @@ def load_context(name_or_path: str | Path | Context) -> Context:
         if path is None:
             raise ValueError(f"Unknown context {str(name_or_path)!r}; available: {list_contexts()} "
                              "(or pass the path of a YAML file)")
+    assert path is not None
     if not path.exists():
         raise FileNotFoundError(f"context file {path} does not exist")
     if not path.is_file():

@@ -199,7 +199,7 @@ def _write(slots, leaves) -> None:
 
 def _output_norms(model, stage: Stage, store: dict) -> Tensor:
     """Squared norm of the stage's units' summed output, per batch row and position ``[b, p]``."""
-    total = None
+    total: Tensor | None = None
     for l in sorted({l for l, _ in stage.units}):
         idx = torch.tensor(sorted(i for ll, i in stage.units if ll == l))
         if stage.kind == "neuron":
@@ -211,6 +211,8 @@ def _output_norms(model, stage: Stage, store: dict) -> Tensor:
             z = store[l][:, :, idx].flatten(2)                              # [b, p, n * d_head]
             out = z @ o[:, rows].T
         total = out if total is None else total + out
+    if total is None:
+        raise ValueError(f"stage {stage.label} has no units")
     return (total ** 2).sum(-1)
 
 

@@ -20,11 +20,14 @@ def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
     """Hook multiplying ``act[:, pos, index]`` (``act[:, pos, head, :]`` for heads) by ``factor``."""
 
     def hook(act, hook):
-        pos = local_positions(positions, act.shape[1])
-        if isinstance(pos, list):
-            if not pos:
+        local = local_positions(positions, act.shape[1])
+        pos: slice | Tensor
+        if isinstance(local, list):
+            if not local:
                 return None
-            pos = torch.tensor(pos, dtype=torch.long, device=act.device)[:, None]
+            pos = torch.tensor(local, dtype=torch.long, device=act.device)[:, None]
+        else:
+            pos = local
         idx = index.to(act.device)
         sel = (slice(None), pos, idx[None, :] if not isinstance(pos, slice) else idx)
         out = act.clone()

@@ -106,7 +106,7 @@ def matrix_html(cells: Sequence[dict], *, value: str = "gap_removed", title: str
                 out.append("<td>-</td>")
                 continue
             star = "*" if (c.get("p_adjusted") is not None and c["p_adjusted"] < 0.05) else ""
-            out.append(f"<td class='cell' style='background:{diverging(c.get(value), vmax)}' "
+            out.append(f"<td class='cell' style='background:{diverging(c.get(value) or 0.0, vmax)}' "
                        f"data-tip='{esc(cell_tip(c))}'>{fmt(c.get(value))}{star}<br><span class='note'>"
                        f"{_ci(c.get('ci_low'), c.get('ci_high'))}</span></td>")
         out.append("</tr>")

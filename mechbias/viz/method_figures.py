@@ -115,7 +115,8 @@ def plot_overlap(df, title: str = "Overlap of selected neurons between contexts"
 
 
 def _runs(positions):
-    runs, cur = [], []
+    runs: list[list[int]] = []
+    cur: list[int] = []
     for p in sorted(positions):
         if cur and p != cur[-1] + 1:
             runs.append(cur)

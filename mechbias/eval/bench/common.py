@@ -141,7 +141,7 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
         for head in (True, False):
             fam = [r for r in rows if r.metric == mname and r.difference_p is not None
                    and (r.subset in primary) == head]
-            for r, adj in zip(fam, benjamini_hochberg([r.difference_p for r in fam]), strict=True):
+            for r, adj in zip(fam, benjamini_hochberg([float(r.difference_p or 0.0) for r in fam]), strict=True):
                 r.difference_p_adjusted = adj
     return rows
 

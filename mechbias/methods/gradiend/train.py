@@ -257,7 +257,10 @@ def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: Gra
         X = torch.stack([nz.inputs(r) for r in pool.F])
         Y = torch.stack([nz.targets(r) for r in pool.T])
         train_pool, train_nz = dataclasses.replace(pool, F=X, T=Y), None
-    best, seeds_info, history, curve = None, [], [], []
+    best: tuple | None = None
+    seeds_info: list = []
+    history: list = []
+    curve: list = []
     for seed in cfg.seeds:
         t1 = time.time()
         gm, info, hist, cur = train_on_pool(train_pool, cfg, seed=seed, log=log, progress=progress,
@@ -271,6 +274,8 @@ def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: Gra
         key = (round(abs(info["val_pearson"]), 3), -info["val_mse"])
         if best is None or key > best[0]:
             best = (key, gm, info)
+    if best is None:
+        raise ValueError("GRADIEND: no training seed (cfg.seeds is empty)")
     _, gm, info = best
     del train_pool
     if nz is not None:

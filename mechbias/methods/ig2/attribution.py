@@ -281,7 +281,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
     grad_sum = torch.zeros(L, n_pos, d_mlp, dtype=torch.float64)
     bases: dict[int, Tensor] = {}
     g0 = torch.full((L,), float("nan"), dtype=torch.float64)
-    g1 = None
+    g1: float | None = None
     for chunk in _chunks(layers, len(alphas), cap):
         leaves: dict[int, Tensor] = {}
         hooks: list = []
@@ -322,7 +322,7 @@ def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="
     attr = torch.zeros(L, d_mlp, dtype=torch.float64)
     for l in layers:
         attr[l] = (bases[l] * grad_sum[l]).sum(0)
-    return PromptIG(attr, float(g1), g0)
+    return PromptIG(attr, float(g1 if g1 is not None else float('nan')), g0)
 
 
 # ----------------------------------------------------------------------------

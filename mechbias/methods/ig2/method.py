@@ -124,7 +124,7 @@ class IG2(Method):
             if not figures:
                 atomic_savefig(s.artifacts["attributions"].plot(sel), out / "figures" / "ig2_attributions.png")
                 figures.append("ig2_attributions.png")
-        summary = {"verification": rows, "completeness_median": float(np.median(comp)) if comp else None,
+        summary: dict[str, Any] = {"verification": rows, "completeness_median": float(np.median(comp)) if comp else None,
                    "completeness_layer0": float(np.median(comp0)) if comp0 else None,
                    "n_selected": {k: len(s.artifacts["selection"]) for k, s in self.selections.items()}}
         if len(self.selections) > 1:

@@ -130,7 +130,7 @@ def run_variants(
     for s, idx in sorted(starts.items()):
         cache = slice_cache(kv, s) if (use_kv and s > 0) else None
         inp = base_tokens[s:][None].to(device)
-        order = sorted(idx, key=lambda i: min(p.layer for p in variants[i]))
+        order = sorted(idx, key=lambda i: min(int(p.layer or 0) for p in variants[i]))
         for c in range(0, len(order), max_rows - 1):
             chunk = order[c : c + max_rows - 1]
             vals = _run_chunk(model, inp, cache, s, [variants[i] for i in chunk], src, metric)

@@ -161,12 +161,16 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
     oth = 1 - tgt
     info = {"where": f"{ctx.name}, templates {t_idx}", "target_group": ax.groups[tgt], "config": asdict(cfg)}
     per_template = cfg.common is not None and len(t_idx) > 1
+    if cfg.p is None or cfg.q is None or cfg.score is None:
+        raise ValueError("PruneConfig.validate() resolves p, q and score before candidates are scored")
+    p_frac, q_frac, score_method = cfg.p, cfg.q, cfg.score
+    need = math.ceil((cfg.common or 1.0) * len(t_idx) - 1e-9)  # templates a candidate must be selected in
 
     ps = ctx.prompts(ax, templates=t_idx, names=names, seed=cfg.seed)
     if cfg.unit == "head" and cfg.select == "greedy":
         return _greedy_candidates(model, ctx, ax, cfg, t_idx, names, info)
     if cfg.unit == "neuron":
-        stats = neuron_stats(model, ps, method=cfg.score)
+        stats = neuron_stats(model, ps, method=score_method)
     elif cfg.unit == "head" and cfg.score != "patching":
         stats = head_stats(model, ps, reduce=cfg.name_attention)
     elif cfg.unit == "weight":
@@ -200,8 +204,8 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
                 votes = torch.zeros_like(total)
                 for t in t_idx:
                     s = score([t])
-                    votes += set_difference(s[0] + s[1], torch.zeros_like(total), cfg.p, 0.0).float()
-                mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+                    votes += set_difference(s[0] + s[1], torch.zeros_like(total), p_frac, 0.0).float()
+                mask = votes >= need
             items = _rank(mask, total)
             pr = [float(total[l, i]) for l, i in items]
         else:
@@ -209,15 +213,15 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
                 diff = diff.abs()
 
             def sd(sc):
-                m = set_difference(sc[tgt], sc[oth], cfg.p, cfg.q)
-                return m | set_difference(sc[oth], sc[tgt], cfg.p, cfg.q) if both else m
+                m = set_difference(sc[tgt], sc[oth], p_frac, q_frac)
+                return m | set_difference(sc[oth], sc[tgt], p_frac, q_frac) if both else m
 
             mask = sd(pooled)
             if per_template:
                 votes = torch.zeros_like(diff)
                 for t in t_idx:
                     votes += sd(score([t])).float()
-                mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+                mask = votes >= need
             items = _rank(mask, diff)
             pr = [float(diff[l, i]) for l, i in items]
         return Candidates(cfg.unit, items, pr, "both" if (both and cfg.select != "sum") else ax.groups[tgt], info)
@@ -236,8 +240,8 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
             return w * (n[:, None] if transposed else n[None, :])
 
         def sd_weights(a, b):
-            m = set_difference(a, b, cfg.p, cfg.q)
-            return m | set_difference(b, a, cfg.p, cfg.q) if both else m
+            m = set_difference(a, b, p_frac, q_frac)
+            return m | set_difference(b, a, p_frac, q_frac) if both else m
 
         st, so = s_of(norms, tgt), s_of(norms, oth)
         mask = sd_weights(st, so)
@@ -245,7 +249,7 @@ def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: S
             votes = torch.zeros_like(st)
             for nt in per_t:
                 votes += sd_weights(s_of(nt, tgt), s_of(nt, oth)).float()
-            mask = votes >= math.ceil(cfg.common * len(t_idx) - 1e-9)
+            mask = votes >= need
         flat = mask.flatten().nonzero().flatten()
         if len(flat):
             d = ((st - so) / st.mean().clamp_min(1e-12)).flatten()[flat]  # scale-free priority

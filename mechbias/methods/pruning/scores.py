@@ -150,7 +150,7 @@ def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> Gr
         w_out_norm = torch.stack([w_out_row_norms(model, l) for l in range(L)]).double()  # [L, d]
 
         def per_row(ids):
-            acc = {}
+            acc: dict[int, Tensor] = {}
             fwd = [(hook_name("post", l), lambda a, hook, l=l: acc.__setitem__(l, a.abs().mean(1)))
                    for l in range(L)]
             with torch.no_grad(), hooked(model, fwd):
@@ -165,8 +165,9 @@ def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> Gr
         neg = model.to_single_token(prompts.negative)
 
         def per_row(ids):
-            acts, grads = {}, {}
-            fwd = [(hook_name("embed"), lambda x, hook: x.detach().requires_grad_(True))]
+            acts: dict[int, Tensor] = {}
+            grads: dict[int, Tensor] = {}
+            fwd: list = [(hook_name("embed"), lambda x, hook: x.detach().requires_grad_(True))]
             fwd += [(hook_name("post", l), lambda x, hook, l=l: acts.__setitem__(l, x.detach()))
                     for l in range(L)]
             bwd = [(hook_name("post", l), lambda g, hook, l=l: grads.__setitem__(l, g.detach()))
@@ -203,7 +204,7 @@ def head_stats(model, prompts: PromptSet, *, reduce: str = "mean") -> GroupStats
     state: dict[str, list[int]] = {}
 
     def per_row(ids):
-        att = {}
+        att: dict[int, Tensor] = {}
         fwd = [(hook_name("pattern", l), lambda pat, hook, l=l: att.__setitem__(l, pat[:, :, -1, :]))
                for l in range(L)]
         with torch.no_grad(), hooked(model, fwd):
@@ -267,7 +268,7 @@ def input_stats(model, prompts: PromptSet, *, calibration: str = "prompt", respo
     mode = calibration_mode(model, calibration)
 
     def per_row(ids):
-        seen = {}
+        seen: dict[str, Tensor] = {}
         fwd = [(hook, lambda x, hook, n=name: seen.__setitem__(n, (x.reshape(x.shape[0], x.shape[1], -1).double() ** 2)
                                                                .sum(1).cpu()))
                for name, hook, _, _ in layers]
