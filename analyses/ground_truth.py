@@ -86,6 +86,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=MATRIX_METHODS, default=list(MATRIX_METHODS),
                     help="methods of the transfer-matrix recovery (default: all)")
     ap.add_argument("--no-recovery", action="store_true", help="skip the unit recovery (part 1)")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="random-control draws per cell (0: none; sensitivity and leakage do not read them)")
     ap.add_argument("--merge", type=Path, default=None,
                     help="a previous run's OUT: keep its unit recovery and the matrices of methods not rerun "
                          "(its oracle must equal this run's)")
@@ -162,8 +164,40 @@ def main() -> None:
                                                      shuffled_control=False))),
     }
     methods = {every[k][0]: every[k][1]() for k in MATRIX_METHODS if k in args.methods}
-    tcfg = TransferConfig(n_random=1, controls=("random",), capability=False, n_boot=1000)
-    matrices, transfer = [], []
+    tcfg = TransferConfig(n_random=args.draws, controls=("random",) if args.draws else (), capability=False,
+                          n_boot=1000)
+    matrices: list[dict] = []
+    transfer: list[dict] = []
+    oracle_rows: list[dict] = []
+
+    def write() -> None:
+        """Save every method finished so far (after each one: a stopped run keeps what it measured)."""
+        mats, trans, secs, rec_rows = list(matrices), transfer + oracle_rows, round(time.time() - t0), recovery
+        if args.merge is not None:
+            old = GroundTruthResult.load(args.merge)
+            if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
+                    "within_minus_cross", float("nan")) - oracle.transfer_test["within_minus_cross"]) > 1e-5:
+                raise SystemExit(f"--merge {args.merge}: another model or oracle; not merged")
+            rerun = {m["method"] for m in mats}
+            rec_rows = old.rows + recovery
+            mats = [m for m in old.meta.get("matrices", []) if m["method"] not in rerun] + mats
+            trans = [t for t in old.transfer if t["method"] not in rerun and t["method"] != "oracle"] + trans
+            secs += int(old.meta.get("seconds", 0))
+        gt = GroundTruthResult(rec_rows, trans, {"model": args.model, "rows": rows_ctx,
+                                                 "columns": list(YES_NO_CONTEXTS), "seconds": secs,
+                                                 "oracle_test": oracle.transfer_test, "matrices": mats})
+        gt.save(args.out)
+        fig = gt.plot()
+        atomic_savefig(fig, args.out / "ground_truth.png", close=False)
+        if args.figures:
+            atomic_savefig(fig, args.figures / "ground_truth.png")
+        atomic_write_text(report(gt), args.out / "ground_truth.md")
+
+    for cell in oracle.cells:
+        oracle_rows.append({"method": "oracle", "selected_on": cell.selected_on, "evaluated_on": cell.evaluated_on,
+                            "gap_removed": cell.gap_removed, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
+                            "reduction": cell.reduction, "oracle_gap_removed": cell.gap_removed,
+                            "oracle_reduction": cell.reduction})
     for label, method in methods.items():
         tm = transfer_matrix(model, method, rows_ctx, axis, method=label, eval_contexts=list(YES_NO_CONTEXTS),
                              config=tcfg, eval_sets=eval_sets)
@@ -184,34 +218,12 @@ def main() -> None:
                              "reduction": cell.reduction, "random_gap_removed": cell.controls["random"].gap_removed
                              if "random" in cell.controls else None,
                              "oracle_gap_removed": o.gap_removed, "oracle_reduction": o.reduction})
-        say(f"{label}: r {rec['pearson']:+.2f} {rec['pearson_ci']}, MAE {rec['mae']:.3f}, test "
-            f"{rec['within_minus_cross']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] "
+        say(f"{label}: r {rec['pearson']:+.2f} {rec['pearson_ci']}, MAE {rec['mae']:.3f}, sensitivity "
+            f"{rec['sensitivity']:.2f} {rec['sensitivity_ci']}, leakage {rec['leakage']:+.3f} {rec['leakage_ci']}, "
+            f"test {rec['within_minus_cross']:+.3f} [{rec['ci_low']:+.3f}, {rec['ci_high']:+.3f}] "
             f"detects={rec['detects']}")
-    for cell in oracle.cells:
-        transfer.append({"method": "oracle", "selected_on": cell.selected_on, "evaluated_on": cell.evaluated_on,
-                         "gap_removed": cell.gap_removed, "ci_low": cell.ci_low, "ci_high": cell.ci_high,
-                         "reduction": cell.reduction, "oracle_gap_removed": cell.gap_removed,
-                         "oracle_reduction": cell.reduction})
-    seconds = round(time.time() - t0)
-    if args.merge is not None:
-        old = GroundTruthResult.load(args.merge)
-        if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
-                "within_minus_cross", float("nan")) - oracle.transfer_test["within_minus_cross"]) > 1e-5:
-            raise SystemExit(f"--merge {args.merge}: another model or oracle; not merged")
-        rerun = {m["method"] for m in matrices}
-        recovery = old.rows + recovery
-        matrices = [m for m in old.meta.get("matrices", []) if m["method"] not in rerun] + matrices
-        transfer = [t for t in old.transfer if t["method"] not in rerun and t["method"] != "oracle"] + transfer
-        seconds += int(old.meta.get("seconds", 0))
-    gt = GroundTruthResult(recovery, transfer, {"model": args.model, "rows": rows_ctx,
-                                                "columns": list(YES_NO_CONTEXTS), "seconds": seconds,
-                                                "oracle_test": oracle.transfer_test, "matrices": matrices})
-    gt.save(args.out)
-    fig = gt.plot()
-    atomic_savefig(fig, args.out / "ground_truth.png", close=False)
-    if args.figures:
-        atomic_savefig(fig, args.figures / "ground_truth.png")
-    atomic_write_text(report(gt), args.out / "ground_truth.md")
+        write()
+    write()
     say(f"wrote {args.out}")
 
 
