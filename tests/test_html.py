@@ -49,3 +49,29 @@ def test_results_render_as_rich_tables():
     res = CrowsResult(55.0, 40.0, 70.0, 10, {}, per_pair=[{"bias_type": "race", "logprob_stereo": -3.25}])
     out = res._repr_html_()
     assert out.startswith("<b>CrowsResult</b>") and "-3.25" in out and "race" in out
+
+
+def _step(root, name: str, summary: dict) -> None:
+    import json
+
+    d = root / "steps" / name
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"title": name, "transfer": CELLS, **summary}))
+
+
+def test_methods_render_their_own_report_sections(tmp_path):
+    """The study page lays out what each registered method renders from its own step (viz never reads a
+    method's files): a pruning curve from the pruning step's summary, nothing for a name no method holds."""
+    from mechbias.apps.study import method_sections
+    from mechbias.viz.html import study_html
+
+    curve = [{"k": 2, "gap_change": 0.04}, {"k": 5, "gap_change": 0.09}, {"k": 10, "gap_change": 0.125}]
+    _step(tmp_path, "prune_head", {"method": "prune", "analysis": {"curve": curve}})
+    _step(tmp_path, "mystery", {"method": "no-such-method"})
+    with_sections = study_html(tmp_path, sections=method_sections)
+    plain = study_html(tmp_path)
+    assert "<h3>Pruning curve</h3>" in with_sections and "<h3>Pruning curve</h3>" not in plain
+    # the curve's points carry their numbers: one tooltip per k, in order
+    tips = re.findall(r'&quot;k&quot;: (\d+)', with_sections)
+    assert tips == ["2", "5", "10"]
+    assert with_sections.count("data-matrix=") == plain.count("data-matrix=") == 2

@@ -170,6 +170,12 @@ class Step:
 # baseline
 # ----------------------------------------------------------------------------
 
+def method_sections(step: Path, summary: dict) -> list[str]:
+    """The interactive report's sections that a step's registered method renders itself (none for others)."""
+    cls = registered_methods().get(summary.get("method", ""))
+    return cls.html(step, summary) if cls is not None else []
+
+
 def _baseline_step() -> Step:
     def plan(shared: Shared, cfg: StudyConfig, meta: dict):
         return baseline_planner(shared.salt, cfg.context_list, list(cfg.axes), cfg.seed, cfg.n_boot)
@@ -376,7 +382,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     work.update(achieved_rate(work))
     atomic_write_json(work, out / "work.json")
     write_report(out, cfg, steps, work, figures=figures, model=model_label(model))
-    atomic_write_text(study_html(out), out / "report.html")
+    atomic_write_text(study_html(out, sections=method_sections), out / "report.html")
     say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} and report.html "
         f"(total {time.time() - t0:.0f} s)")
     if work["jobs_by_other_code"]:

@@ -138,6 +138,13 @@ class Method:
         return ""
 
     @classmethod
+    def html(cls, step: Path, summary: dict) -> list[str]:
+        """The method's own sections of the interactive study report for one finished step: HTML fragments built
+        from the step's summary and the files this method wrote under ``step`` (rendering helpers are in
+        :mod:`mechbias.viz.html`). The default adds none."""
+        return []
+
+    @classmethod
     def study_configs(cls, quick: bool = False, full: bool = True) -> Mapping[str, MethodConfig]:
         """The variants the study runs: step name -> config (``full=False``: the default study's variant,
         at settings that keep it within its time budget)."""

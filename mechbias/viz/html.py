@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -208,7 +208,8 @@ def records_html(rows: Sequence[dict], columns: Sequence[str] | None = None, max
     return "".join(out) + "</table>"
 
 
-def _load_tensor(folder: Path, key: str):
+def load_tensor(folder: Path, key: str) -> np.ndarray | None:
+    """Tensor ``key`` of a saved result folder (``tensors.safetensors``) as float64 numpy, or None if absent."""
     f = folder / "tensors.safetensors"
     if not f.exists():
         return None
@@ -218,55 +219,21 @@ def _load_tensor(folder: Path, key: str):
     return t[key].double().numpy() if key in t else None
 
 
-def _ig2_section(step: Path, summary: dict) -> list[str]:
-    out = []
-    for ctx in summary.get("selections", {}):
-        attr = _load_tensor(step / "selections" / ctx / "attributions", "attributions")  # [prompts, layers, neurons]
-        if attr is None:
-            continue
-        per_layer = np.abs(attr).sum(axis=(0, 2)) / attr.shape[0]
-        chosen = summary["selections"][ctx].get("selected_neurons", [])
-        tips = [f"layer {l}: mean over prompts of sum |IG2| = {v:.4g}\nselected neurons here: "
-                f"{[n for (ll, n) in chosen if ll == l] or 'none'}" for l, v in enumerate(per_layer)]
-        out.append(f"<h3>IG² attribution per layer ({esc(ctx)})</h3>"
-                   + svg_bars(per_layer.tolist(), [str(i) for i in range(len(per_layer))], tips,
-                              ylabel="sum |IG²| per prompt"))
-    return out
+#: a method's own HTML sections for one finished step: (step folder, step summary) -> HTML fragments
+Sections = Callable[[Path, dict], list[str]]
 
 
-def _patching_section(step: Path, summary: dict) -> list[str]:
-    out = []
-    for ctx in summary.get("selections", {}):
-        folder = step / "selections" / ctx / "sweep_heads"
-        vals = _load_tensor(folder, "values")  # [pairs, layers, heads]: the patched metric
-        if vals is None:
-            continue
-        direction = json.loads((folder / "result.json").read_text()).get("direction", "denoise")
-        base = _load_tensor(folder, "ld_corrupt" if direction == "denoise" else "ld_clean")
-        eff = vals - base[:, None, None]  # patched minus unpatched, per pair
-        mean, sd = eff.mean(0), eff.std(0, ddof=1) if eff.shape[0] > 1 else np.zeros(eff.shape[1:])
-        n = eff.shape[0]
-        out.append(f"<h3>Head patching ({esc(direction)}): mean effect on the logit difference over {n} pairs "
-                   f"({esc(ctx)})</h3>"
-                   + svg_heatmap(mean, "layer", "head",
-                                 lambda i, j, mean=mean, sd=sd: f"layer {i}, head {j}\nmean effect {mean[i, j]:+.4f}\n"
-                                              f"sd over pairs {sd[i, j]:.4f}"))
-    return out
+def study_html(out: str | Path, sections: Sections | None = None) -> str:
+    """The interactive report of a finished study folder (``OUT/steps/*/summary.json``).
 
+    Args:
+        out: the study folder.
+        sections: a method's own sections for a step (the study passes each registered method's
+            :meth:`~mechbias.methods.base.Method.html`); viz only renders them.
 
-def _curve_section(summary: dict) -> list[str]:
-    rows = (summary.get("analysis") or {}).get("curve") or []
-    if not rows:
-        return []
-    xs = [float(r.get("k", r.get("n_components", i))) for i, r in enumerate(rows)]
-    ys = [float(r.get("gap_change", 0.0)) for r in rows]
-    tips = [json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                        if not isinstance(v, (dict, list))}, indent=1) for r in rows]
-    return ["<h3>Pruning curve</h3>" + svg_curve(xs, ys, tips, xlabel="pruned components", ylabel="gap change")]
-
-
-def study_html(out: str | Path) -> str:
-    """The interactive report of a finished study folder (``OUT/steps/*/summary.json``)."""
+    Returns:
+        The self-contained HTML page.
+    """
     out = Path(out)
     steps = sorted(p.parent for p in (out / "steps").glob("*/summary.json"))
     index = out / "steps" / "index.json"
@@ -305,5 +272,6 @@ def study_html(out: str | Path) -> str:
             body.append(f"<p>Within minus cross-context bias removed (within columns): {fmt(est)} "
                         f"{_ci(tt.get('ci_low'), tt.get('ci_high'))}, p {fmt(tt.get('p_value'), signed=False)}, "
                         f"minimal detectable difference {fmt(tt.get('min_detectable'), signed=False)}.</p>")
-        body += _ig2_section(step, s) + _patching_section(step, s) + _curve_section(s)
+        if sections is not None:
+            body += sections(step, s)
     return page("mechbias study report", body)

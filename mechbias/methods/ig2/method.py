@@ -13,6 +13,7 @@ from ...core.results import atomic_savefig, markdown_table
 from ...data.axes import load_axis
 from ...data.contexts import Context
 from ...eval.metrics import favoured_group
+from ...viz.html import esc, load_tensor, svg_bars
 from ...viz.method_figures import plot_overlap
 from ..base import Method, MethodConfig, Selection, register_method
 from .attribution import RULES, run_ig2
@@ -136,6 +137,23 @@ class IG2(Method):
             summary["overlap"] = ov.to_dict(orient="records")
         summary["figures"] = figures
         return summary
+
+    @classmethod
+    def html(cls, step: Path, summary: dict) -> list[str]:
+        """Per selection row: the IG² attribution summed per layer, with the selected neurons in each tooltip."""
+        out = []
+        for ctx in summary.get("selections", {}):
+            attr = load_tensor(step / "selections" / ctx / "attributions", "attributions")  # [prompts, L, neurons]
+            if attr is None:
+                continue
+            per_layer = np.abs(attr).sum(axis=(0, 2)) / attr.shape[0]
+            chosen = summary["selections"][ctx].get("selected_neurons", [])
+            tips = [f"layer {l}: mean over prompts of sum |IG2| = {v:.4g}\nselected neurons here: "
+                    f"{[n for (ll, n) in chosen if ll == l] or 'none'}" for l, v in enumerate(per_layer)]
+            out.append(f"<h3>IG² attribution per layer ({esc(ctx)})</h3>"
+                       + svg_bars(per_layer.tolist(), [str(i) for i in range(len(per_layer))], tips,
+                                  ylabel="sum |IG²| per prompt"))
+        return out
 
     def report(self, summary: dict, fig) -> str:
         parts = [f"{self.summary} Verification on held-out names and templates: change of the attributed gap "

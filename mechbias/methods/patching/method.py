@@ -3,15 +3,19 @@ score most on a context's selection pairs are ablated (``hook_z``)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ...core.results import atomic_savefig, markdown_table
 from ...core.sites import Site
 from ...data.contexts import Context
 from ...data.pairs import make_pairs
 from ...interventions.units import HeadIntervention
+from ...viz.html import esc, load_tensor, svg_heatmap
 from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method
 from .atp import atp_agreement, attribution_patch
@@ -108,6 +112,29 @@ class Patching(Method):
                                                                          "normalized")}}
                                      for k, s in self.selections.items() for r in s.summary["set_patching"]])
         return summary
+
+    @classmethod
+    def html(cls, step: Path, summary: dict) -> list[str]:
+        """Per selection row: the head sweep's mean effect on the logit difference as a layer x head heatmap."""
+        out = []
+        for ctx in summary.get("selections", {}):
+            folder = step / "selections" / ctx / "sweep_heads"
+            vals = load_tensor(folder, "values")  # [pairs, layers, heads]: the patched metric
+            if vals is None:
+                continue
+            direction = json.loads((folder / "result.json").read_text()).get("direction", "denoise")
+            base = load_tensor(folder, "ld_corrupt" if direction == "denoise" else "ld_clean")
+            if base is None:
+                continue
+            eff = vals - base[:, None, None]  # patched minus unpatched, per pair
+            mean = eff.mean(0)
+            sd = eff.std(0, ddof=1) if eff.shape[0] > 1 else np.zeros(eff.shape[1:])
+            out.append(f"<h3>Head patching ({esc(direction)}): mean effect on the logit difference over "
+                       f"{eff.shape[0]} pairs ({esc(ctx)})</h3>"
+                       + svg_heatmap(mean, "layer", "head",
+                                     lambda i, j, mean=mean, sd=sd: f"layer {i}, head {j}\nmean effect "
+                                                                    f"{mean[i, j]:+.4f}\nsd over pairs {sd[i, j]:.4f}"))
+        return out
 
     def report(self, summary: dict, fig) -> str:
         parts = [f"{self.summary} Clean = group A's name, corrupted = the other group's name of the same token "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import ClassVar
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
+from ...viz.html import svg_curve
 from ...viz.plotting import plot_curves
 from ..base import Method, Selection, register_method
 from .candidates import PruneConfig, candidates
@@ -70,6 +72,18 @@ class Pruning(Method):
             summary["figures"].append(fig)
             summary["curve"] = cv.rows
         return summary
+
+    @classmethod
+    def html(cls, step: Path, summary: dict) -> list[str]:
+        """The pruning curve (bias change against the number of pruned components), one point per k."""
+        rows = (summary.get("analysis") or {}).get("curve") or []
+        if not rows:
+            return []
+        xs = [float(r.get("k", r.get("n_components", i))) for i, r in enumerate(rows)]
+        ys = [float(r.get("gap_change", 0.0)) for r in rows]
+        tips = [json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                            if not isinstance(v, (dict, list))}, indent=1) for r in rows]
+        return ["<h3>Pruning curve</h3>" + svg_curve(xs, ys, tips, xlabel="pruned components", ylabel="gap change")]
 
     def report(self, summary: dict, fig) -> str:
         lines = [f"{self.summary}", "", f"Settings: `{summary.get('config')}`.", ""]
