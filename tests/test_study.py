@@ -130,6 +130,10 @@ def test_a_rerun_with_other_steps_reports_only_its_own_and_rechooses_the_axis(tm
     assert choice["key"]["contexts"] == ["finance", "commerce"] and choice["key"]["seed"] == 0
     assert main([*base, "--axis", "auto", "--methods", "steer", "--seed", "1"]) == 0
     html = study_html(out)
+    # steering renders its own section (methods/steering.py alone): its rows and the |cosine| between them
+    page = (out / "report.html").read_text()
+    assert "<h3>Steering directions</h3>" in page and "finance vs commerce" in page
+    assert "<h3>Steering directions</h3>" not in html  # study_html without the methods' sections
     assert (out / "steps" / "prune_neuron_paper" / "summary.json").exists()  # kept on disk, not deleted
     assert pruning_title not in html  # but not reported as part of this run
     assert json.loads((out / "axis_choice.json").read_text())["key"]["seed"] == 1  # chosen again for seed 1

@@ -15,7 +15,9 @@ config, the selection and the registration. Nothing else in mechbias names it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +29,7 @@ from ..core.window import local_positions
 from ..data.contexts import Context
 from ..data.prompts import tokenize
 from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_positions, register_intervention
+from ..viz.html import records_html
 from .base import Method, MethodConfig, Selection, register_method
 
 MODES = ("ablate", "add")
@@ -185,6 +188,22 @@ class Steering(Method):
                                                       "n_prompts": len(ps), "position": c.position})
 
     in_default_study = False  # not one of the four methods of the default study; --full runs it
+
+    @classmethod
+    def html(cls, step: Path, summary: dict) -> list[str]:
+        """The steering directions: per row its layer, norm and prompt count, and how alike the rows' directions
+        are (|cosine|, from the transfer matrix's overlap): alike directions transfer alike by construction."""
+        sel = summary.get("selections", {})
+        if not sel:
+            return []
+        rows = [{"selected on": ctx, "layer": s.get("layer"), "|direction|": s.get("direction_norm"),
+                 "prompts": s.get("n_prompts"), "read at": s.get("position")} for ctx, s in sel.items()]
+        tfile = step / "transfer.json"
+        overlap = (json.loads(tfile.read_text()).get("transfer_test") or {}).get("overlap", {}) if tfile.exists() else {}
+        cos = [{"rows": pair.replace("|", " vs "), "|cosine|": v.get("value")} for pair, v in overlap.items()
+               if isinstance(v, dict) and v.get("measure") == "abs_cosine"]
+        return ["<h3>Steering directions</h3>" + records_html(rows)
+                + (records_html(cos) if cos else "<p class='note'>One row: no pair of directions to compare.</p>")]
 
     @classmethod
     def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, SteeringConfig]:
