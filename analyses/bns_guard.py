@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model)
     method = GuardedIG2(IG2Config(pairs=args.pairs, plain_ig=False, verify_random=0), args.max_ppl, log=say)
     cfg = TransferConfig(n_random=args.random, controls=("random", "matched"), n_boot=args.boot)
-    tm = transfer_matrix(model, method, args.contexts, args.axis, eval_contexts=list(YES_NO_CONTEXTS),
+    tm = transfer_matrix(model, method, args.contexts, args.axis, evaluate_on=list(YES_NO_CONTEXTS),
                          method=f"IG² + BNS, capability guard ≤ {args.max_ppl} ppl", config=cfg, log=say)
     tm.save(args.out / "transfer")
     fig = tm.plot()

@@ -137,7 +137,7 @@ def main() -> None:
 
     # 2. transfer-matrix recovery
     eval_sets = {c: EvalSet.build(model, load_context(c), axis) for c in YES_NO_CONTEXTS}
-    oracle = oracle_matrix(model, cfg, rows_ctx, axis, eval_contexts=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
+    oracle = oracle_matrix(model, cfg, rows_ctx, axis, evaluate_on=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
     say(f"oracle: test {oracle.transfer_test['within_minus_cross']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
@@ -199,7 +199,7 @@ def main() -> None:
                             "reduction": cell.reduction, "oracle_gap_removed": cell.gap_removed,
                             "oracle_reduction": cell.reduction})
     for label, method in methods.items():
-        tm = transfer_matrix(model, method, rows_ctx, axis, method=label, eval_contexts=list(YES_NO_CONTEXTS),
+        tm = transfer_matrix(model, method, rows_ctx, axis, method=label, evaluate_on=list(YES_NO_CONTEXTS),
                              config=tcfg, eval_sets=eval_sets)
         rec = matrix_recovery(tm, oracle)
         for c, sel in method.selections.items():

@@ -88,7 +88,7 @@ def validate_transfer_test(model, manifest: dict, axis: str, sets: dict) -> dict
     out = {}
     for key, selector in (("oracle", lambda m, c, a: oracle_intervention(manifest, c.name)),
                           ("same_fix_every_row", lambda m, c, a: both)):
-        tm = transfer_matrix(model, selector, rows, axis, method=key, eval_contexts=list(YES_NO_CONTEXTS),
+        tm = transfer_matrix(model, selector, rows, axis, method=key, evaluate_on=list(YES_NO_CONTEXTS),
                              config=tc, eval_sets=sets)
         t = tm.test_transfer(margin=0.05)
         out[key] = {k: t[k] for k in ("within_mean", "cross_mean", "within_minus_cross", "ci_low", "ci_high",

@@ -28,7 +28,7 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys):
 
 
 def test_ig2_command(tmp_path):
-    rc = main(["ig2", "--model", "tiny", "--context", "finance", "--axis", "race", "--pairs", "3",
+    rc = main(["ig2", "--model", "tiny", "--select-on", "finance", "--axis", "race", "--pairs", "3",
                "--steps", "4", "--verify-random", "1", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "ig2.json").read_text())
@@ -45,7 +45,7 @@ def test_ig2_command(tmp_path):
 
 
 def test_patch_command(tmp_path):
-    rc = main(["patch", "--model", "tiny", "--context", "finance", "--axis", "gender", "--pairs", "3",
+    rc = main(["patch", "--model", "tiny", "--select-on", "finance", "--axis", "gender", "--pairs", "3",
                "--components", "resid_pre", "heads", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
     data = json.loads((tmp_path / "patch.json").read_text())
@@ -84,10 +84,14 @@ def test_method_commands_refuse_flags_they_do_not_use(tmp_path, capsys):
     """--intervention was accepted by prune/ig2/patch/gradiend and silently ignored; now it is refused."""
     for cmd in ("prune", "ig2", "patch", "gradiend"):
         with pytest.raises(SystemExit) as err:
-            main([cmd, "--model", "tiny", "--select-on", "finance", "--intervention", str(tmp_path),
-                  "--out", str(tmp_path)])
+            main([cmd, "--model", "tiny", "--select-on", "finance", "--axis", "gender", "--intervention",
+                  str(tmp_path), "--out", str(tmp_path)])
         assert err.value.code == 2
         assert "unrecognized arguments: --intervention" in capsys.readouterr().err
+    # there is no default axis (the library has none either): a method command must say which one
+    with pytest.raises(SystemExit) as err:
+        main(["prune", "--model", "tiny", "--select-on", "finance", "--out", str(tmp_path)])
+    assert err.value.code == 2 and "the following arguments are required: --axis" in capsys.readouterr().err
 
 
 def test_no_random_control_is_allowed(tmp_path):
@@ -103,11 +107,12 @@ def test_bad_settings_are_refused_before_a_model_loads(tmp_path, capsys, monkeyp
     from mechbias.apps import cli
 
     monkeypatch.setattr(cli, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
-    cases = [(["prune", "--select-on", "astrology"], "Unknown context"),
+    cases = [(["prune", "--select-on", "astrology", "--axis", "gender"], "Unknown context"),
              (["prune", "--select-on", "finance", "--axis", "height"], "Unknown axis"),
-             (["prune", "--select-on", "finance", "--common", "0"], "common is a fraction"),
-             (["prune", "--select-on", "finance", "--unit", "weight", "--score", "attention"], "does not apply"),
-             (["ig2", "--select-on", "finance", "--steps", "0"], "steps"),
+             (["prune", "--select-on", "finance", "--axis", "gender", "--common", "0"], "common is a fraction"),
+             (["prune", "--select-on", "finance", "--axis", "gender", "--unit", "weight", "--score", "attention"],
+              "does not apply"),
+             (["ig2", "--select-on", "finance", "--axis", "gender", "--steps", "0"], "steps"),
              (["bias", "--intervention", str(tmp_path / "none")], "no saved intervention")]
     for argv, msg in cases:
         assert main([*argv, "--model", "tiny", "--out", str(tmp_path)]) == 2, argv
@@ -115,7 +120,7 @@ def test_bad_settings_are_refused_before_a_model_loads(tmp_path, capsys, monkeyp
 
 
 def test_gradiend_command(tmp_path):
-    rc = main(["gradiend", "--model", "tiny", "--train-on", "finance", "--axis", "gender", "--evaluate-on", "finance",
+    rc = main(["gradiend", "--model", "tiny", "--select-on", "finance", "--axis", "gender", "--evaluate-on", "finance",
                "hiring", "--steps", "6", "--batch", "6", "--seeds", "0", "--lr", "1e-3", "--h", "-1", "1",
                "--alpha", "0.01", "--max-ppl-increase", "10", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
@@ -188,3 +193,19 @@ def test_every_command_help_shows_an_example_and_version_prints(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("mechbias ")
+
+
+def test_one_vocabulary_for_the_contexts_of_a_matrix():
+    """The library and the CLI say select_on / evaluate_on (--select-on / --evaluate-on); the earlier keyword
+    names are refused with the new ones named, and there is no default axis, before any work."""
+    from mechbias.eval.transfer import transfer_matrix
+
+    def never(model, context, axis):
+        raise AssertionError("selected")
+
+    with pytest.raises(TypeError, match="eval_contexts= is now evaluate_on="):
+        transfer_matrix(None, never, ["finance"], "gender", eval_contexts=["commerce"])
+    with pytest.raises(TypeError, match="contexts= is now select_on="):
+        transfer_matrix(None, never, axis="gender", contexts=["finance"])
+    with pytest.raises(ValueError, match="needs the axis"):
+        transfer_matrix(None, never, ["finance"])

@@ -81,7 +81,7 @@ B = ["bias", "--model", "tiny", "--contexts", "finance", "--axis", "gender"]
 CROWS = ["crows", "--model", "tiny"]
 CARD = ["card", "--model", "tiny", "--no-perplexity"]
 EXPORT = ["export", "--model", "tiny"]
-PRUNE = ["prune", "--model", "tiny", "--select-on", "finance"]
+PRUNE = ["prune", "--model", "tiny", "--axis", "gender", "--select-on", "finance"]
 
 # (id, argv with {f} for the made file or folder and {out} for a fresh output folder, maker, expected words)
 CASES = [
@@ -155,15 +155,15 @@ CASES = [
      _iv(lambda: NeuronIntervention({0: [1]}), "truncate"), "not valid JSON"),
     ("export over a file", [*EXPORT, "--intervention", "{d}/iv", "--out", "{f}"],
      lambda d: (_iv(lambda: NeuronIntervention({0: [1]}))(d), _yaml("taken.bin", "x")(d))[1], "is a file"),
-    ("prune unknown context", ["prune", "--model", "tiny", "--select-on", "astrology", "--out", "{out}"], None,
+    ("prune unknown context", ["prune", "--model", "tiny", "--axis", "gender", "--select-on", "astrology", "--out", "{out}"], None,
      "Unknown context"),
     ("prune context twice", [*PRUNE, "finance", "--out", "{out}"], None, "twice"),
     ("prune k 0", [*PRUNE, "--k", "0", "--out", "{out}"], None, "k"),
-    ("prune user yaml with a path as name", ["prune", "--model", "tiny", "--select-on", "{f}", "--out", "{out}"],
+    ("prune user yaml with a path as name", ["prune", "--model", "tiny", "--axis", "gender", "--select-on", "{f}", "--out", "{out}"],
      _yaml("c.yaml", _ctx(**{"name: finance": "name: ../x"})), "name"),
-    ("gradiend layers past the model", ["gradiend", "--model", "tiny", "--select-on", "finance", "--layers", "999",
+    ("gradiend layers past the model", ["gradiend", "--model", "tiny", "--axis", "gender", "--select-on", "finance", "--layers", "999",
                                         "--out", "{out}"], None, "999"),
-    ("steer layer past the model", ["steer", "--model", "tiny", "--select-on", "finance", "--layer", "999",
+    ("steer layer past the model", ["steer", "--model", "tiny", "--axis", "gender", "--select-on", "finance", "--layer", "999",
                                     "--out", "{out}"], None, "999"),
     ("study workers 0", ["study", "--model", "tiny", "--workers", "0", "--out", "{out}"], None, "workers"),
     ("study unknown context", ["study", "--model", "tiny", "--contexts", "astrology", "--out", "{out}"], None,

@@ -148,7 +148,7 @@ def _synthetic_matrix(removed: dict, seed: int, noise: float = 0.3):
                   for r in ("finance", "commerce")}
         sets[c] = _GridSet(c, before, g, afters)
     return transfer_matrix(None, lambda m, ctx, a: Tagged(row=ctx.name), ["finance", "commerce"], "race",
-                           eval_contexts=list(gaps), eval_sets=sets,
+                           evaluate_on=list(gaps), eval_sets=sets,
                            config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=400))
 
 

@@ -202,7 +202,7 @@ def test_cli_ig2_runs_end_to_end_on_a_tiny_bert_folder(tmp_path):
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mechbias.apps.cli", "ig2", "--model", str(folder), "--context", "finance",
+    cmd = [sys.executable, "-m", "mechbias.apps.cli", "ig2", "--model", str(folder), "--select-on", "finance",
            "--axis", "race", "--out", str(out), "--pairs", "3", "--steps", "3", "--random", "1",
            "--controls", "random", "--boot", "50", "--verify-random", "1", "--no-plain-ig", "--threads", "1",
            "--neutral-texts", "2"]

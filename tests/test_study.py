@@ -94,7 +94,7 @@ def test_user_yaml_contexts_work_in_method_commands_and_the_study(tmp_path):
     yaml_file = tmp_path / "mine.yaml"
     yaml_file.write_text(finance.replace("name: finance", "name: mycredit"))
     assert main(["prune", "--model", "tiny", "--select-on", str(yaml_file), "--evaluate-on", str(yaml_file),
-                 "finance", "--k", "5", "--random", "1", "--boot", "100", "--out", str(tmp_path / "p")]) == 0
+                 "finance", "--axis", "gender", "--k", "5", "--random", "1", "--boot", "100", "--out", str(tmp_path / "p")]) == 0
     cells = json.loads((tmp_path / "p" / "transfer.json").read_text())["cells"]
     assert {(c["selected_on"], c["evaluated_on"]) for c in cells} == {("mycredit", "mycredit"),
                                                                       ("mycredit", "finance")}

@@ -369,11 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"{cls.title}: select per context, transfer matrix, the method's analyses",
                            description=cls.summary)
         _model_args(p)
-        p.add_argument("--select-on", "--context", "--train-on", dest="select_on", nargs="+", required=True,
+        p.add_argument("--select-on", dest="select_on", nargs="+", required=True,
                        help="contexts to select on (names or YAML paths; 'all' = built-ins)")
         p.add_argument("--evaluate-on", nargs="+", default=None,
                        help="contexts to evaluate on (default: the --select-on contexts; 'all' = built-ins)")
-        p.add_argument("--axis", default="gender", help="demographic axis")
+        p.add_argument("--axis", required=True,
+                       help="demographic axis: race or gender, optionally @roster (required: there is no default)")
         add_config_arguments(p, TransferConfig, dest_prefix="transfer", title="evaluation (transfer engine)")
         add_config_arguments(p, cls.Config, skip=("seed",), title=f"{cls.title} settings")
         p.set_defaults(func=_method_command(cls))

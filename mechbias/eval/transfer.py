@@ -320,11 +320,11 @@ def _num(v) -> float:
 def transfer_matrix(
     model,
     selector: Selector,
-    contexts: Sequence[str | Context] | None = None,
+    select_on: Sequence[str | Context] | None = None,
     axis: str | None = None,
     *,
     method: str = "",
-    eval_contexts: Sequence[str | Context] | None = None,
+    evaluate_on: Sequence[str | Context] | None = None,
     config: TransferConfig | None = None,
     eval_sets: dict[str, EvalSet] | None = None,
     profile: UnitProfile | None = None,
@@ -332,7 +332,7 @@ def transfer_matrix(
     log: Callable[[str], None] | None = None,
     **overrides,
 ) -> TransferMatrix:
-    """Select on each context of ``contexts`` and evaluate on each of ``eval_contexts`` (default: the same).
+    """Select on each context of ``select_on`` and evaluate on each of ``evaluate_on`` (default: the same).
 
     ``selector(model, context, axis)`` returns the intervention chosen on the context's selection split;
     every cell evaluates it on the held-out names and templates of one evaluation context, beside its
@@ -342,10 +342,10 @@ def transfer_matrix(
     Args:
         model: a model from :func:`~mechbias.load_model`.
         selector: a method instance or any callable ``(model, context, axis) -> Intervention``.
-        contexts: the contexts to select on (rows).
-        axis: ``"race"`` or ``"gender"`` (optionally ``@roster``); default race.
+        select_on: the contexts to select on (rows).
+        axis: ``"race"`` or ``"gender"`` (optionally ``@roster``); required (there is no default axis).
         method: the label the matrix carries in tables and figures.
-        eval_contexts: the contexts to evaluate on (columns); default the same as ``contexts``.
+        evaluate_on: the contexts to evaluate on (columns); default the same as ``select_on``.
         config: a :class:`~mechbias.TransferConfig` (controls, draws, bootstrap, capability texts).
         eval_sets: precomputed baseline evaluations to share between methods (context -> EvalSet).
         profile: the unit sizes and ablation costs matched controls are drawn from (measured on the
@@ -361,14 +361,20 @@ def transfer_matrix(
         >>> tm = transfer_matrix(model, get_method("ig2")(), ["finance", "commerce"], "gender")  # doctest: +SKIP
         >>> tm.test_transfer(margin=0.05)["within_minus_cross"]                               # doctest: +SKIP
     """
+    renamed = {"contexts": "select_on", "eval_contexts": "evaluate_on"}
+    if old := [k for k in overrides if k in renamed]:
+        raise TypeError(f"transfer_matrix: {', '.join(f'{k}= is now {renamed[k]}=' for k in old)} (the CLI's "
+                        "--select-on / --evaluate-on)")
     if axis is None:
         raise ValueError("transfer_matrix needs the axis: 'race' or 'gender' (there is no default, so a matrix "
                          "never silently measures another axis than the one its caller studies)")
     cfg = config if config is not None else TransferConfig(**overrides)
     if config is not None and overrides:
         raise ValueError("pass either config or keyword overrides, not both")
-    rows = load_contexts(contexts)
-    cols = load_contexts(eval_contexts) if eval_contexts is not None else rows
+    if select_on is None:
+        raise ValueError("transfer_matrix needs the contexts to select on (select_on)")
+    rows = load_contexts(select_on)
+    cols = load_contexts(evaluate_on) if evaluate_on is not None else rows
     load_axis(axis)
     say = log or (lambda s: None)
     eval_sets = dict(eval_sets or {})

@@ -70,11 +70,11 @@ def oracle_intervention(cfg, context: str) -> Intervention:
     return parts[0] if len(parts) == 1 else Compose(parts)
 
 
-def oracle_matrix(model, cfg, contexts: Sequence[str], axis: str, *, eval_contexts: Sequence[str] | None = None,
+def oracle_matrix(model, cfg, select_on: Sequence[str], axis: str, *, evaluate_on: Sequence[str] | None = None,
                   eval_sets=None, n_boot: int = 1000, seed: int = 0) -> TransferMatrix:
     """The transfer matrix of the oracle selection (what a perfect method would achieve), no controls."""
-    return transfer_matrix(model, lambda m, c, a: oracle_intervention(cfg, c if isinstance(c, str) else c.name), list(contexts),
-                           axis, method="oracle (planted units)", eval_contexts=eval_contexts, eval_sets=eval_sets,
+    return transfer_matrix(model, lambda m, c, a: oracle_intervention(cfg, c if isinstance(c, str) else c.name), list(select_on),
+                           axis, method="oracle (planted units)", evaluate_on=evaluate_on, eval_sets=eval_sets,
                            config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=n_boot, seed=seed))
 
 

@@ -192,7 +192,7 @@ class Steering(Method):
     @classmethod
     def html(cls, step: Path, summary: dict) -> list[str]:
         """The steering directions: per row its layer, norm and prompt count, and how alike the rows' directions
-        are (|cosine|, from the transfer matrix's overlap): alike directions transfer alike by construction."""
+        are (``|cosine|``, from the transfer matrix's overlap): alike directions transfer alike by construction."""
         sel = summary.get("selections", {})
         if not sel:
             return []

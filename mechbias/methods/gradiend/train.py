@@ -226,7 +226,7 @@ def stable_int(seed: int, key: str) -> int:
     return int(stable_hash(seed, key)[:8], 16)
 
 
-def train_gradiend(model, context: Context | str, axis: str = "gender", cfg: GradiendConfig | None = None, *,
+def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig | None = None, *,
                    progress: bool = True, log=print, shuffle_labels: bool = False,
                    pool: GradientPool | None = None) -> GradiendResult:
     """Train GRADIEND on a context's selection split; choose the checkpoint and the seed on its validation
