@@ -163,7 +163,7 @@ def main() -> None:
                      lambda: Gradiend(GradiendConfig(params="down", steps=60 if args.quick else 400, seeds=(0,),
                                                      shuffled_control=False))),
     }
-    methods = {every[k][0]: every[k][1]() for k in MATRIX_METHODS if k in args.methods}
+    methods = {every[k][0]: every[k][1]() for k in dict.fromkeys(args.methods)}  # in the order asked
     tcfg = TransferConfig(n_random=args.draws, controls=("random",) if args.draws else (), capability=False,
                           n_boot=1000)
     matrices: list[dict] = []
