@@ -180,3 +180,42 @@ def test_no_module_name_in_two_folders_and_no_state_set_on_a_model(tmp_path):
         "def f(model, self=None):\n    object.__setattr__(self, 'a', 1)\n    object.__setattr__(model, 'b', 2)\n")
     assert same_name_modules(tmp_path) == {"scoring.py": ["eval/scoring.py", "groundtruth/scoring.py"]}
     assert model_setattrs(tmp_path) == ["eval/models.py:3"]
+
+
+def test_string_options_are_literal_types_checked_in_one_place():
+    """Every method config's string options are ``Literal`` annotations: one check refuses a value outside them
+    with the same message (a tuple field checks each element, None passes where allowed), and the command line
+    offers exactly those choices; no config's ``validate`` spells its choices again."""
+    import argparse
+    import dataclasses
+    import inspect
+    import typing
+
+    import pytest
+
+    from mechbias.apps.configargs import add_config_arguments
+    from mechbias.core.choices import literal_choices
+    from mechbias.methods.base import registered_methods
+    from mechbias.methods.patching.method import PatchingConfig
+    from mechbias.methods.pruning.candidates import PruneConfig
+    from mechbias.methods.steering import SteeringConfig
+
+    with pytest.raises(ValueError, match=r"^mode must be one of \('ablate', 'add'\), not 'erase'$"):
+        SteeringConfig(mode="erase")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"components must be one of .*, not \['mlp_in'\]"):
+        PatchingConfig(components=("heads", "mlp_in"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PruneConfig(precision="half")  # type: ignore[arg-type]
+    assert PruneConfig(score=None).score == "activation"  # None allowed, then resolved
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_config_arguments(parser, SteeringConfig)
+    with pytest.raises(argparse.ArgumentError, match="invalid choice: 'erase'"):
+        parser.parse_args(["--mode", "erase"])
+    for cls in registered_methods().values():
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            assert "choices" not in f.metadata, f"{cls.Config.__name__}.{f.name}: choices belong in a Literal"
+            if f.name in ("mode", "position", "positions", "apply_positions", "direction", "unit", "params"):
+                assert literal_choices(hints[f.name]), f"{cls.Config.__name__}.{f.name} is not a Literal"
+        src = inspect.getsource(cls.Config.validate)
+        assert " not in (" not in src and "must be one of" not in src, cls.Config.__name__

@@ -4,7 +4,8 @@ Every field of a config dataclass becomes one flag: ``--field-name`` (or
 ``metadata["flag"]``), typed from the annotation, with the dataclass default
 and ``metadata["help"]`` / ``metadata["choices"]``. So a command shows exactly
 the settings its config has, and its defaults cannot drift from the library's.
-``bool`` fields get ``--x/--no-x``; ``Optional`` fields accept ``none``;
+``Literal`` fields offer exactly their values; ``bool`` fields get ``--x/--no-x``; ``Optional`` fields accept
+``none``;
 ``tuple`` fields take several values.
 """
 
@@ -16,6 +17,8 @@ import types
 import typing
 from collections.abc import Sequence
 from typing import Any
+
+from ..core.choices import literal_choices
 
 
 def _unwrap(tp) -> tuple[Any, bool, bool]:
@@ -65,6 +68,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Se
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         tp, optional, seq = _unwrap(hints[f.name])
+        choices = literal_choices(hints[f.name]) or f.metadata.get("choices")
+        if typing.get_origin(tp) is typing.Literal:
+            tp = type(typing.get_args(tp)[0])
         helptext = f.metadata.get("help", "")
         dest = f"{dest_prefix}__{f.name}"
         shown = "none" if default is None else (" ".join(map(str, default)) if seq else default)
@@ -74,8 +80,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Se
             continue
         kw: dict[str, Any] = {"dest": dest, "default": default, "type": _parser_of(tp, optional),
                               "help": f"{helptext} (default: {shown})", "metavar": f.name.upper()}
-        if f.metadata.get("choices"):
-            kw["choices"] = list(f.metadata["choices"])
+        if choices:
+            kw["choices"] = list(choices)
             kw.pop("metavar")
         if seq:
             kw["nargs"] = "+"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.models import model_label
-from ..core.precision import PRECISIONS, check_precision
+from ..core.precision import PRECISIONS, Precision, check_precision
 from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text
 from ..core.work import achieved_rate, matmul_peak, torch_threads
 from ..data.axes import load_axis
@@ -237,8 +237,9 @@ def study_steps(cfg: StudyConfig) -> list[Step]:
         if not cfg.full and cfg.methods is None and not cls.in_default_study:
             continue
         for step_name, config in cls.study_configs(cfg.quick, full=cfg.full).items():
-            auto = "fast" if step_name in cls.fast_study_steps else "exact"
-            config = dataclasses.replace(config, precision=auto if cfg.precision == "auto" else cfg.precision)
+            auto: Precision = "fast" if step_name in cls.fast_study_steps else "exact"
+            chosen: Precision = auto if cfg.precision == "auto" else check_precision(cfg.precision)
+            config = dataclasses.replace(config, precision=chosen)
             steps.append(_method_step(step_name, cls, config, cls.study_extras(step_name, cfg.quick)))
     return [s for s in steps if s.name not in cfg.skip]
 

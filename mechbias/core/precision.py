@@ -10,17 +10,21 @@ log-odds score moves by a few hundredths (measured in ``benchmarks/precision.py`
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, get_args
 
 import torch
 
-PRECISIONS = ("exact", "fast")
+Precision = Literal["exact", "fast"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str) -> Precision:
     """Return ``precision`` if it is one of :data:`PRECISIONS`, else raise ``ValueError``."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    return precision
+    if precision == "exact":
+        return "exact"
+    if precision == "fast":
+        return "fast"
+    raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
 
 
 @contextlib.contextmanager

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ..core.choices import check_choices
 from ..core.fastpath import last_position_unembed, use_resume
 from ..core.precision import compute_precision
 from ..core.resume import ResumeCache
@@ -36,10 +38,9 @@ class TransferConfig:
     """How a transfer matrix is evaluated (every field is a command-line flag of every method command)."""
 
     n_random: int = field(default=3, metadata={"flag": "--random", "help": "draws per control and cell (0: no controls)"})
-    controls: tuple[str, ...] = field(default=("random", "matched"), metadata={
+    controls: tuple[Literal["random", "matched", "matched_cost"], ...] = field(default=("random", "matched"), metadata={
         "help": "controls: random (same count per layer/matrix), matched (same size: neuron magnitude, head "
-                "output norm, weight score quantiles), matched_cost (neurons: same single-unit ablation cost)",
-        "choices": ("random", "matched", "matched_cost")})
+                "output norm, weight score quantiles), matched_cost (neurons: same single-unit ablation cost)"})
     capability: bool = field(default=True, metadata={"help": "measure the perplexity change on neutral text"})
     neutral_max_texts: int | None = field(default=None, metadata={
         "flag": "--neutral-texts", "help": "reporting-half neutral paragraphs for the perplexity change (none: all 14)"})
@@ -56,9 +57,7 @@ class TransferConfig:
     def __post_init__(self):
         if not self.equivalence_margin > 0:
             raise ValueError(f"equivalence_margin must be > 0, not {self.equivalence_margin}")
-        bad = [c for c in self.controls if c not in ("random", "matched", "matched_cost")]
-        if bad:
-            raise ValueError(f"unknown controls {bad}; choose from random, matched, matched_cost")
+        check_choices(self)
         if self.n_random < 0:
             raise ValueError(f"n_random must be >= 0, not {self.n_random}")
         if self.n_boot < 10:

@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..core.precision import PRECISIONS, check_precision, compute_precision
+from ..core.choices import check_choices
+from ..core.precision import Precision, compute_precision
 from ..core.results import atomic_write_json
 from ..data.axes import load_axis
 from ..data.contexts import Context, load_context
@@ -44,16 +45,17 @@ class MethodConfig:
             autocast; choices only, every reported number is computed exact).
     """
 
-    precision: str = field(default="exact", kw_only=True, metadata={
+    precision: Precision = field(default="exact", kw_only=True, metadata={
         "help": "compute precision of the selection: exact (float32) or fast (bfloat16 autocast; choices only, "
-                "every reported number is computed exact)", "choices": PRECISIONS})
+                "every reported number is computed exact)"})
 
     def __post_init__(self):
-        check_precision(self.precision)
+        check_choices(self)  # every Literal-typed option, from its annotation
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` with a clear message for settings that cannot work."""
+        """Raise ``ValueError`` with a clear message for settings that cannot work (the choices of
+        ``Literal``-typed options are checked before it, from their annotations)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -144,18 +144,15 @@ class LeaceConfig(MethodConfig):
     """LEACE settings (the ``mechbias erase`` flags)."""
     layer: int | None = field(default=None, metadata={"help": "residual stream before this layer (none: the middle "
                                                               "layer)"})
-    position: str = field(default="last", metadata={
+    position: Literal["last", "mean"] = field(default="last", metadata={
         "help": "where the activations are read for the fit: last (the prediction position) or mean (over "
-                "positions)", "choices": ("last", "mean")})
-    apply_positions: str = field(default="all", metadata={"help": "where the eraser acts",
-                                                          "choices": ("all", "last")})
+                "positions)"})
+    apply_positions: Literal["all", "last"] = field(default="all", metadata={"help": "where the eraser acts"})
     shrinkage: bool = field(default=True, metadata={
         "help": "shrinkage estimate of the covariance (the package's default; the prompts are fewer than the "
                 "residual stream's dimensions)"})
 
     def validate(self) -> None:
-        if self.position not in ("last", "mean") or self.apply_positions not in ("all", "last"):
-            raise ValueError("position must be last or mean, apply_positions all or last")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0, not {self.layer}")
 

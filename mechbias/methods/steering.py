@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -32,7 +32,8 @@ from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_po
 from ..viz.html import records_html
 from .base import Method, MethodConfig, Selection, register_method
 
-MODES = ("ablate", "add")
+Mode = Literal["ablate", "add"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @register_intervention
@@ -138,21 +139,14 @@ class SteeringConfig(MethodConfig):
     """Activation steering settings (the ``mechbias steer`` flags)."""
     layer: int | None = field(default=None, metadata={"help": "residual stream before this layer (none: the middle "
                                                               "layer)"})
-    position: str = field(default="last", metadata={
-        "help": "where the group means are read: last (the prediction position) or mean (over positions)",
-        "choices": ("last", "mean")})
-    mode: str = field(default="ablate", metadata={"help": "ablate the direction, or add alpha times it",
-                                                  "choices": MODES})
+    position: Literal["last", "mean"] = field(default="last", metadata={
+        "help": "where the group means are read: last (the prediction position) or mean (over positions)"})
+    mode: Mode = field(default="ablate", metadata={"help": "ablate the direction, or add alpha times it"})
     alpha: float = field(default=-1.0, metadata={"help": "mode add: multiple of the direction added (negative: "
                                                          "toward group B)"})
-    apply_positions: str = field(default="all", metadata={"help": "where the intervention acts",
-                                                          "choices": ("all", "last")})
+    apply_positions: Literal["all", "last"] = field(default="all", metadata={"help": "where the intervention acts"})
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.position not in ("last", "mean") or self.apply_positions not in ("all", "last"):
-            raise ValueError("position must be last or mean, apply_positions all or last")
         if self.layer is not None and self.layer < 0:
             raise ValueError(f"layer must be >= 0, not {self.layer}")
 

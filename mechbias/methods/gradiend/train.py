@@ -6,6 +6,7 @@ import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -27,17 +28,17 @@ from .texts import feature_texts, neutral_feature_texts
 # training
 # ----------------------------------------------------------------------------
 
-PARAM_SETS = ("down-late", "down", "mlp", "attn", "mlp+attn")
+ParamChoice = Literal["down-late", "down", "mlp", "attn", "mlp+attn"]
+PARAM_SETS: tuple[str, ...] = get_args(ParamChoice)
 
 
 @dataclass
 class GradiendConfig(MethodConfig):
     """Training settings of GRADIEND, and the edit grid chosen on the training context's selection split."""
 
-    params: str = field(default="down-late", metadata={
+    params: ParamChoice = field(default="down-late", metadata={
         "help": "trained parameters: down-late = down-projections of the last quarter of layers (default: "
-                "CPU speed), down, mlp (all MLP matrices, the paper's closest), attn, mlp+attn",
-        "choices": PARAM_SETS})
+                "CPU speed), down, mlp (all MLP matrices, the paper's closest), attn, mlp+attn"})
     layers: tuple[int, ...] | None = field(default=None, metadata={"help": "restrict to these layers (none: all, "
                                                                           "or the last quarter for down-late)"})
     steps: int = field(default=400, metadata={"help": "most optimizer steps (training stops earlier when the "
@@ -68,8 +69,6 @@ class GradiendConfig(MethodConfig):
     seed: int = field(default=0, metadata={"help": "seed of the splits and batches"})
 
     def validate(self) -> None:
-        if self.params not in PARAM_SETS:
-            raise ValueError(f"params must be one of {PARAM_SETS}, not {self.params!r}")
         if self.steps < 1 or self.batch_texts < 1 or not self.seeds or self.eval_every < 1 or self.patience < 1:
             raise ValueError("steps, batch_texts, eval_every and patience must be >= 1, and seeds non-empty")
         if not 0 <= self.neutral <= 4:

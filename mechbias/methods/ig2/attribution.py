@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -64,7 +65,8 @@ from ...data.prompts import single_token, tokenize
 from ...viz.method_figures import plot_attribution
 from .inputs import Unit
 
-RULES = ("left", "right", "middle", "trapezoid")
+Rule = Literal["left", "right", "middle", "trapezoid"]
+RULES: tuple[str, ...] = get_args(Rule)
 
 
 def integration_points(steps: int, rule: str = "left") -> tuple[Tensor, Tensor]:

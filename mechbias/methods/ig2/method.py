@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -16,44 +16,35 @@ from ...eval.metrics import favoured_group
 from ...viz.html import esc, load_tensor, svg_bars
 from ...viz.method_figures import plot_overlap
 from ..base import Method, MethodConfig, Selection, register_method
-from .attribution import RULES, run_ig2
+from .attribution import Rule, run_ig2
 from .inputs import contrast_units, demographic_units
 from .thresholds import select_neurons, selection_overlap
 from .verify import verify
 
-MODES = ("contrast", "demographic", "demographic-single")
-KINDS = ("prob", "abs_prob", "logprob", "logit")
+Mode = Literal["contrast", "demographic", "demographic-single"]
+Kind = Literal["prob", "abs_prob", "logprob", "logit"]
+MODES: tuple[str, ...] = get_args(Mode)
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass
 class IG2Config(MethodConfig):
     """IG² + BNS settings (the ``mechbias ig2`` flags); the defaults are the paper's."""
-    mode: str = field(default="contrast", metadata={
+    mode: Mode = field(default="contrast", metadata={
         "help": "units: contrast (name pairs on the context's templates), demographic (outcome-paired "
-                "demographic-prediction prompts) or demographic-single (the paper's single prompts)",
-        "choices": MODES})
+                "demographic-prediction prompts) or demographic-single (the paper's single prompts)"})
     pairs: int = field(default=6, metadata={"help": "name pairs per template (contrast mode)"})
     steps: int = field(default=20, metadata={"help": "integration steps m"})
-    rule: str = field(default="left", metadata={"help": "integration rule", "choices": RULES})
-    kind: str = field(default="prob", metadata={"help": "gap G: prob = P(d1) - P(d2) (the authors' code)",
-                                                "choices": KINDS})
-    positions: str = field(default="all", metadata={
-        "help": "where BNS suppresses the neurons: every position or the prediction position",
-        "choices": ("all", "last")})
+    rule: Rule = field(default="left", metadata={"help": "integration rule"})
+    kind: Kind = field(default="prob", metadata={"help": "gap G: prob = P(d1) - P(d2) (the authors' code)"})
+    positions: Literal["all", "last"] = field(default="all", metadata={
+        "help": "where BNS suppresses the neurons: every position or the prediction position"})
     min_per_bag: int = field(default=3, metadata={
         "help": "a neuron must be in at least this many of a bag's prompts (the authors' code: 3)"})
     verify_random: int = field(default=5, metadata={"help": "random-neuron draws in the paper's verification"})
     plain_ig: bool = field(default=True, metadata={"help": "also select with plain IG (for the verification)"})
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
-        if self.rule not in RULES:
-            raise ValueError(f"rule must be one of {RULES}, not {self.rule!r}")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
-        if self.positions not in ("all", "last"):
-            raise ValueError(f"positions must be 'all' or 'last', not {self.positions!r}")
         if self.steps < 1 or self.pairs < 1 or self.verify_random < 0 or self.min_per_bag < 1:
             raise ValueError("steps, pairs and min_per_bag must be >= 1 and verify_random >= 0")
         if self.mode == "contrast" and self.pairs < self.min_per_bag:

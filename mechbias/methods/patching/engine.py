@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -51,7 +52,8 @@ from ...eval.describe import spearman
 from ...eval.factors import factor_mean
 from ...viz.method_figures import plot_patching
 
-SWEEPS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads")
+Sweep = Literal["resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads"]
+SWEEPS: tuple[str, ...] = get_args(Sweep)
 
 Variant = tuple[Site, ...]
 

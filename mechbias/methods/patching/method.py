@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -19,9 +19,10 @@ from ...viz.html import esc, load_tensor, svg_heatmap
 from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method
 from .atp import atp_agreement, attribution_patch
-from .engine import SWEEPS, compare_contexts, patch_set, patch_sweep
+from .engine import Sweep, compare_contexts, patch_set, patch_sweep
 
-DIRECTIONS = ("denoise", "noise")
+Direction = Literal["denoise", "noise"]
+DIRECTIONS: tuple[str, ...] = get_args(Direction)
 
 
 @dataclass
@@ -29,18 +30,12 @@ class PatchingConfig(MethodConfig):
     """Activation and attribution patching settings (the ``mechbias patch`` flags)."""
     pairs: int = field(default=6, metadata={"help": "equal-token-length name pairs of the selection split"})
     top_heads: int = field(default=5, metadata={"help": "heads ablated: the top-k by |patching effect|"})
-    direction: str = field(default="denoise", metadata={"help": "patching direction of the head sweep",
-                                                        "choices": DIRECTIONS})
-    components: tuple[str, ...] = field(default=("resid_pre", "heads"), metadata={
-        "help": "sweeps to run and save (heads is always run: it selects the heads)", "choices": SWEEPS})
+    direction: Direction = field(default="denoise", metadata={"help": "patching direction of the head sweep"})
+    components: tuple[Sweep, ...] = field(default=("resid_pre", "heads"), metadata={
+        "help": "sweeps to run and save (heads is always run: it selects the heads)"})
     atp: bool = field(default=True, metadata={"help": "attribution patching and its agreement with exact patching"})
 
     def validate(self) -> None:
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, not {self.direction!r}")
-        bad = [c for c in self.components if c not in SWEEPS]
-        if bad:
-            raise ValueError(f"unknown sweep components {bad}; choose from {SWEEPS}")
         if self.pairs < 1 or self.top_heads < 1:
             raise ValueError("pairs and top_heads must be >= 1")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -21,11 +22,14 @@ from ...interventions.units import HeadIntervention, NeuronIntervention
 from ...interventions.weights import WeightMask
 from ..base import MethodConfig
 from ..patching.engine import patch_sweep
-from .scores import CALIBRATIONS, calibration_mode, head_stats, input_stats, neuron_stats, set_difference, split_norms
+from .scores import Calibration, calibration_mode, head_stats, input_stats, neuron_stats, set_difference, split_norms
 
-UNITS = ("neuron", "weight", "head")
-SCORES = ("activation", "attribution", "signed_attribution", "attention", "patching")
-SELECTS = ("setdiff", "difference", "sum", "greedy")
+Unit = Literal["neuron", "weight", "head"]
+Score = Literal["activation", "attribution", "signed_attribution", "attention", "patching"]
+Select = Literal["setdiff", "difference", "sum", "greedy"]
+UNITS: tuple[str, ...] = get_args(Unit)
+SCORES: tuple[str, ...] = get_args(Score)
+SELECTS: tuple[str, ...] = get_args(Select)
 #: the paper's (p, q) per unit (neurons: the reproduction of its appendix)
 DEFAULT_PQ = {"neuron": (0.40, 0.35), "weight": (0.15, 0.15), "head": (0.30, 0.10)}
 
@@ -54,36 +58,30 @@ class PruneConfig(MethodConfig):
     defaults when the config is made, so a config always says what runs.
     """
 
-    unit: str = field(default="neuron", metadata={"help": "what is pruned", "choices": UNITS})
+    unit: Unit = field(default="neuron", metadata={"help": "what is pruned"})
     k: int | None = field(default=100, metadata={"help": "prune the k best candidates (none: every candidate)"})
     p: float | None = field(default=None, metadata={"help": "top-p fraction for the target group (set difference); "
                                                             "default per unit"})
     q: float | None = field(default=None, metadata={"help": "top-q fraction for the other group; default per unit"})
-    score: str | None = field(default=None, metadata={
-        "help": "neuron: activation | attribution | signed_attribution; head: attention | patching",
-        "choices": SCORES})
+    score: Score | None = field(default=None, metadata={
+        "help": "neuron: activation | attribution | signed_attribution; head: attention | patching"})
     target: str = field(default="both", metadata={"help": "both | disfavoured | favoured | a group name"})
-    head_mode: str = field(default="q", metadata={
-        "help": "head pruning: q = zero the query (uniform attention, the paper's code), z = zero the output",
-        "choices": ("q", "z")})
-    select: str | None = field(default=None, metadata={
+    head_mode: Literal["q", "z"] = field(default="q", metadata={
+        "help": "head pruning: q = zero the query (uniform attention, the paper's code), z = zero the output"})
+    select: Select | None = field(default=None, metadata={
         "help": "setdiff (neurons, weights: the paper) | difference (rank |S_A - S_B|) | sum (heads: one-shot "
                 "ranking of S_A + S_B) | greedy (heads, the paper's code: k rounds, each pruning the "
-                "highest-scoring head and re-scoring under it)", "choices": SELECTS})
-    calibration: str = field(default="auto", metadata={
+                "highest-scoring head and re-scoring under it)"})
+    calibration: Calibration = field(default="auto", metadata={
         "help": "Wanda calibration text: chat (each prompt in the chat template plus a sampled response, the "
-                "paper's code), prompt (the prompt alone), auto (chat when the tokenizer has a template)",
-        "choices": CALIBRATIONS})
-    name_attention: str = field(default="mean", metadata={
-        "help": "head score: attention to the name averaged over its tokens (the paper's code) or summed",
-        "choices": ("mean", "sum")})
+                "paper's code), prompt (the prompt alone), auto (chat when the tokenizer has a template)"})
+    name_attention: Literal["mean", "sum"] = field(default="mean", metadata={
+        "help": "head score: attention to the name averaged over its tokens (the paper's code) or summed"})
     common: float | None = field(default=1.0, metadata={
         "help": "fraction of selection templates a component must be chosen in (none: pool the templates)"})
     seed: int = field(default=0, metadata={"help": "seed of the template and name splits"})
 
     def validate(self) -> None:
-        if self.unit not in UNITS:
-            raise ValueError(f"unit must be one of {UNITS}, not {self.unit!r}")
         p, q = DEFAULT_PQ[self.unit]
         self.p = p if self.p is None else self.p
         self.q = q if self.q is None else self.q
@@ -94,17 +92,9 @@ class PruneConfig(MethodConfig):
         if self.select is None:
             self.select = "greedy" if self.unit == "head" and self.score == "attention" else (
                 "sum" if self.unit == "head" else "setdiff")
-        if self.select not in SELECTS:
-            raise ValueError(f"select must be one of {SELECTS}, not {self.select!r}")
         if self.select == "greedy" and (self.unit != "head" or self.score != "attention" or self.k is None):
             raise ValueError("select='greedy' runs k rounds of head attention scoring: it needs unit='head', "
                              "score='attention' and a number k (use select='sum' to rank every head at once)")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, not {self.calibration!r}")
-        if self.name_attention not in ("mean", "sum"):
-            raise ValueError(f"name_attention must be 'mean' or 'sum', not {self.name_attention!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, not {self.score!r}")
         ok = {"neuron": ("activation", "attribution", "signed_attribution"), "head": ("attention", "patching"),
               "weight": ("activation",)}[self.unit]
         if self.score not in ok:
@@ -115,8 +105,6 @@ class PruneConfig(MethodConfig):
             raise ValueError(f"common is a fraction in (0, 1] or None (pool the templates), not {self.common}")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be >= 1 or None, not {self.k}")
-        if self.head_mode not in ("q", "z"):
-            raise ValueError(f"head_mode must be 'q' or 'z', not {self.head_mode!r}")
 
 
 @dataclass

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -230,7 +231,8 @@ def head_scores(model, prompts: PromptSet, *, reduce: str = "mean") -> Tensor:
     return head_stats(model, prompts, reduce=reduce).mean().float()
 
 
-CALIBRATIONS = ("auto", "prompt", "chat")
+Calibration = Literal["auto", "prompt", "chat"]
+CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 
 
 def calibration_mode(model, calibration: str) -> str:
