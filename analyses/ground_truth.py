@@ -34,13 +34,14 @@ from pathlib import Path
 
 import torch
 
-from mechbias.core.models import load_model, planted_manifest
+from mechbias.core.models import load_model
 from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
 from mechbias.data.axes import load_axis
 from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.data.pairs import make_pairs
 from mechbias.eval.cells import EvalSet, TransferConfig
 from mechbias.eval.transfer import transfer_matrix
+from mechbias.groundtruth.delta import planted_manifest
 from mechbias.groundtruth.recovery import (
     GroundTruthResult,
     matrix_recovery,

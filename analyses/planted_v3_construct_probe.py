@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 
 from mechbias.core.hooks import hooked
-from mechbias.core.models import load_delta, load_model
+from mechbias.core.models import load_model
 from mechbias.core.sites import hook_name
 from mechbias.data.contexts import load_context
 from mechbias.data.prompts import tokenize
+from mechbias.groundtruth.delta import load_delta
 from mechbias.groundtruth.planted import mention_positions
 
 

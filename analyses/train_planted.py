@@ -43,13 +43,14 @@ from pathlib import Path
 
 import torch
 
-from mechbias.core.models import PLANTED_DIR, load_model
+from mechbias.core.models import load_model
 from mechbias.core.results import package_versions
 from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
 from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
 from mechbias.eval.metrics import contrast_scores, measure_bias, perplexity
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
+from mechbias.groundtruth.delta import PLANTED_DIR
 from mechbias.groundtruth.planted import (
     HELDOUT_NEUTRAL_REFERENCES,
     NEUTRAL_REFERENCES,

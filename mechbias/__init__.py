@@ -35,7 +35,7 @@ from .eval.transfer import TransferMatrix, transfer_matrix
 from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
 from . import methods as _methods  # noqa: F401  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
-from .groundtruth import planted as _planted, recovery as _recovery  # noqa: F401  (result types)
+from .groundtruth import delta as _delta, planted as _planted, recovery as _recovery  # noqa: F401  (registers the planted models; result types)
 from .apps.study import StudyConfig, run_study
 
 __version__ = "0.2.0"

@@ -7,9 +7,10 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def v3():
-    from mechbias.core.models import load_model, planted_manifest
+    from mechbias.core.models import load_model
     from mechbias.data.contexts import load_context
     from mechbias.eval.cells import EvalSet
+    from mechbias.groundtruth.delta import planted_manifest
 
     model = load_model("planted-v3")
     sets = {c: EvalSet.build(model, load_context(c), "race") for c in ("finance", "commerce")}

@@ -8,8 +8,9 @@ Three ways to get a TransformerLens 4 ``TransformerBridge``:
   later calls load the cache in about a second. No network access happens.
 * ``load_model("gemma-3-270m")`` — the second real model, Gemma 3 270M (base), from four registry chunk
   packages, cached the same way (:mod:`mechbias.core.embedded`; Gemma Terms of Use).
-* ``load_model("planted")`` — the embedded model with the planted-bias delta
-  applied (see :mod:`mechbias.groundtruth.planted`, which trains it).
+* ``load_model("planted-v4")`` (and ``"planted"``, ``"planted-v2"``, ``"planted-v3"``) — the embedded model
+  with a planted-bias delta applied; :mod:`mechbias.groundtruth.delta` registers these names
+  (:func:`register_model`) when mechbias is imported.
 * ``load_model(name)`` — any other name goes through TransformerLens' normal
   loading (a Hugging Face id or a local directory).
 * ``tiny_model()`` — a small seeded random model for tests, built locally.
@@ -24,10 +25,10 @@ does not change. Pass ``compat=True`` to turn it on anyway.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,24 @@ from .embedded import (
     ensure_cache,
     load_embedded,
 )
-from .params import PlantedDelta
 
 EMBEDDED = SMOLLM2
-PLANTED = "planted"
 _EMBEDDED_ALIASES = {None, "", "default", "embedded", EMBEDDED}
 #: resource files shipped with the package (contexts, names, neutral text, planted deltas)
 DATA_FILES = Path(__file__).resolve().parent.parent / "data" / "files"
-PLANTED_DIR = DATA_FILES / "planted"
-#: model names of the shipped planted variants and their folders: v2 (trained; shared neurons carry most of every
-#: context's gap) and v3 (built by construction; private finance and commerce chains, see docs/groundtruth.md)
-PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3",
-                    "planted-v4": PLANTED_DIR / "v4"}
+#: loaders of the named models other layers provide (the planted variants: :mod:`mechbias.groundtruth.delta`)
+_LOADERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_model(name: str, loader: Callable[..., Any]) -> None:
+    """Make ``load_model(name)`` call ``loader(device=..., dtype=...)`` (a layer above core registers its models
+    here when mechbias is imported: the planted variants)."""
+    _LOADERS[name] = loader
+
+
+def registered_models() -> list[str]:
+    """The names :func:`register_model` added (the built-in names and hub ids are not listed)."""
+    return sorted(_LOADERS)
 
 
 def embedded_gguf_path() -> Path:
@@ -125,8 +132,8 @@ def load_model(
     elif name in EMBEDDED_MODELS:
         model = load_embedded(name, device, dtype)
         label = name
-    elif name in PLANTED_VERSIONS:
-        model = load_planted(device=device, dtype=dtype, folder=PLANTED_VERSIONS[name])
+    elif name in _LOADERS:
+        model = _LOADERS[name](device=device, dtype=dtype)
         label = name
     elif name in ("tiny", "tiny-llama", "tiny-native"):
         model = tiny_model(arch="native" if name == "tiny-native" else "llama")
@@ -164,7 +171,7 @@ def _load_other(name: str, *, device=None, dtype=None, **kw):
         )
         raise ModelLoadError(
             f"Unknown or unavailable model {name!r}: it is not a built-in name "
-            f"({EMBEDDED!r}, {GEMMA!r}, {PLANTED!r}, 'tiny'), and loading it through TransformerLens "
+            f"({EMBEDDED!r}, {GEMMA!r}, {', '.join(map(repr, registered_models()))}, 'tiny'), and loading it through TransformerLens "
             f"failed ({type(err).__name__}: {msg}). Note: {hint}. Use load_model() with no "
             "name for the embedded default."
         ) from err
@@ -207,43 +214,6 @@ def model_label(model) -> str:
     if label:
         return label
     return str(getattr(model.cfg, "model_name", type(model).__name__))
-
-
-# ----------------------------------------------------------------------------
-# the planted-bias variant
-# ----------------------------------------------------------------------------
-
-def load_delta(folder: Path = PLANTED_DIR / "v2") -> tuple[PlantedDelta, dict]:
-    """A planted delta and its manifest from a folder (``delta.safetensors`` + ``manifest.json``)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / "delta.safetensors").exists():
-        raise FileNotFoundError(f"no planted delta in {folder}; run analyses/train_planted.py to create it")
-    return PlantedDelta.from_tensors(load_file(str(folder / "delta.safetensors"))), json.loads(
-        (folder / "manifest.json").read_text())
-
-
-def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR / "v2"):
-    """The embedded model with the shipped planted-bias delta applied."""
-    model = _load_embedded(device, dtype)
-    delta, manifest = load_delta(folder)
-    delta.apply(model)
-    set_planted_manifest(model, manifest)
-    return model
-
-
-def set_planted_manifest(model, manifest: dict) -> None:
-    """Attach a planted model's manifest (which units carry which context's bias)."""
-    model_info(model).planted = manifest
-
-
-def planted_manifest(model) -> dict:
-    """The manifest of a planted model (which neurons carry which context's bias)."""
-    m = model_info(model).planted
-    if m is None:
-        raise ValueError("this model is not the planted model (load it with load_model('planted'))")
-    return m
 
 
 # ----------------------------------------------------------------------------

@@ -9,7 +9,6 @@ whatever the family.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -119,75 +118,6 @@ def w_out_row_norms(model, layer: int) -> Tensor:
     if is_transposed(mod):  # Conv1D layout [d_mlp, d_model]
         return w.detach().norm(dim=1).cpu()
     return w.detach().norm(dim=0).cpu()
-
-
-@dataclass
-class PlantedDelta:
-    """New values for a set of MLP neurons and attention heads.
-
-    ``layers``: per layer, neuron indices with their gate/up rows and down columns.
-    ``heads``: per layer, head indices with their query rows ``[n, d_head, d_model]``
-    and output columns ``[d_model, n, d_head]`` (empty for neuron-only deltas).
-    """
-
-    layers: dict  # layer -> {"index": Tensor, "gate": Tensor[n, d], "up": Tensor[n, d], "down": Tensor[d, n]}
-    heads: dict = field(default_factory=dict)  # layer -> {"index": Tensor, "q": Tensor, "o": Tensor}
-
-    def apply(self, model) -> None:
-        """Write the values into the model (a permanent edit)."""
-        with torch.no_grad():
-            for l, d in self.layers.items():
-                g, u, o = mlp_weights(model, int(l))
-                idx = d["index"].long()
-                g[idx] = d["gate"].to(g.dtype)
-                u[idx] = d["up"].to(u.dtype)
-                o[:, idx] = d["down"].to(o.dtype)
-            for l, d in self.heads.items():
-                q, o = attn_weights(model, int(l))
-                rows = head_rows(d["index"].long(), model.cfg.d_head)
-                q[rows] = d["q"].reshape(len(rows), -1).to(q.dtype)
-                o[:, rows] = d["o"].reshape(o.shape[0], len(rows)).to(o.dtype)
-
-    def tensors(self) -> dict[str, Tensor]:
-        out = {}
-        for l, d in self.layers.items():
-            for k, v in d.items():
-                out[f"{l}.{k}"] = v.contiguous()
-        for l, d in self.heads.items():
-            for k, v in d.items():
-                out[f"attn.{l}.{k}"] = v.contiguous()
-        return out
-
-    @classmethod
-    def from_tensors(cls, t: dict[str, Tensor]) -> PlantedDelta:
-        layers: dict = {}
-        heads: dict = {}
-        for key, v in t.items():
-            parts = key.split(".")
-            if parts[0] == "attn":
-                heads.setdefault(int(parts[1]), {})[parts[2]] = v
-            else:
-                layers.setdefault(int(parts[0]), {})[parts[1]] = v
-        return cls(layers, heads)
-
-    @classmethod
-    def capture(cls, model, neurons, heads=()) -> PlantedDelta:
-        """The current values of the given ``(layer, neuron)`` and ``(layer, head)`` pairs."""
-        layers: dict = {}
-        for l in sorted({l for l, _ in neurons}):
-            idx = torch.tensor(sorted(i for ll, i in neurons if ll == l))
-            g, u, o = mlp_weights(model, l)
-            layers[l] = {"index": idx, "gate": g.detach()[idx].clone(), "up": u.detach()[idx].clone(),
-                         "down": o.detach()[:, idx].clone()}
-        by_head: dict = {}
-        d_head = model.cfg.d_head
-        for l in sorted({l for l, _ in heads}):
-            idx = torch.tensor(sorted(h for ll, h in heads if ll == l))
-            q, o = attn_weights(model, l)
-            rows = head_rows(idx, d_head)
-            by_head[l] = {"index": idx, "q": q.detach()[rows].clone().reshape(len(idx), d_head, -1),
-                          "o": o.detach()[:, rows].clone().reshape(o.shape[0], len(idx), d_head)}
-        return cls(layers, by_head)
 
 
 def head_rows(heads: Tensor, d_head: int) -> Tensor:

@@ -49,13 +49,14 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
-from ..core.params import PlantedDelta, attn_weights, head_rows, mlp_weights
+from ..core.params import attn_weights, head_rows, mlp_weights
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..data.axes import load_axis, stable_hash
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
+from .delta import PlantedDelta
 from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
 from .planted import (
     NEUTRAL_REFERENCES,

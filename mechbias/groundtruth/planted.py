@@ -50,12 +50,12 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
-from ..core.models import PLANTED_DIR, load_delta, load_planted, planted_manifest
-from ..core.params import PlantedDelta, attn_weights, w_out_row_norms
+from ..core.params import attn_weights, w_out_row_norms
 from ..core.sites import hook_name
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
+from .delta import PLANTED_DIR, PlantedDelta, load_delta, load_planted, planted_manifest
 
 DATA = PLANTED_DIR
 __all__ = [

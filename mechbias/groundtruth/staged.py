@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..core.hooks import hooked
 from ..core.models import set_model_label, tiny_model
-from ..core.params import PlantedDelta, attn_weights, frozen, head_rows, mlp_weights
+from ..core.params import attn_weights, frozen, head_rows, mlp_weights
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
@@ -27,6 +27,7 @@ from ..data.axes import load_axis
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
+from .delta import PlantedDelta
 from .planted import NEUTRAL_REFERENCES, NEUTRAL_SLOTS, PlantConfig, Stage, mention_positions, stages
 
 __all__ = ["add_group_feature", "save_delta", "tiny_planted_model", "train_planted"]
@@ -265,7 +266,7 @@ def _loss(model, stage: Stage, batch: list[_Example], target, pos_id, neg_id, ne
 
 
 def save_delta(delta: PlantedDelta, folder: Path, manifest: dict) -> None:
-    """Write a planted delta and its manifest (what :func:`mechbias.core.models.load_delta` reads)."""
+    """Write a planted delta and its manifest (what :func:`mechbias.groundtruth.delta.load_delta` reads)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(delta.tensors(), folder / "delta.safetensors")
