@@ -47,8 +47,9 @@ def main() -> None:
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     from mechbias.apps.export import export_model
-    from mechbias.core.models import load_model, tiny_model
+    from mechbias.core.models import load_model
     from mechbias.core.params import named_params
+    from mechbias.core.testing import tiny_model
     from mechbias.data.axes import load_axis
     from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, h_direction, param_set, train_gradiend
     from mechbias.methods.gradiend.package import from_package, oriented, package_frame, package_speed, selection_sign

@@ -18,7 +18,8 @@ Quick start::
 """
 
 from .core.hooks import HookNameError, hooked, n_active_hooks
-from .core.models import EMBEDDED, ModelLoadError, load_model, tiny_model
+from .core.models import EMBEDDED, ModelLoadError, load_model
+from .core.testing import tiny_model
 from .core.results import Result, set_seed
 from .core.sites import Site
 from .data.axes import Axis, ContextError, Person, load_axis

@@ -39,7 +39,7 @@ def pytest_sessionfinish(session):
 @pytest.fixture(scope="session")
 def tiny():
     """A 2-layer random Llama (Hugging Face backed: KV cache, same adapter as the real model)."""
-    from mechbias.core.models import tiny_model
+    from mechbias.core.testing import tiny_model
 
     return tiny_model(arch="llama", seed=0)
 
@@ -47,7 +47,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_native():
     """A 2-layer TransformerLens-native model built with TransformerBridge.boot_native."""
-    from mechbias.core.models import tiny_model
+    from mechbias.core.testing import tiny_model
 
     return tiny_model(arch="native", seed=0)
 

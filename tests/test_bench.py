@@ -234,7 +234,7 @@ def test_cluster_bootstrap_resamples_clusters_and_pairs_the_difference():
 
 
 def test_card_command_writes_the_numbers_of_the_benchmarks(tmp_path, capsys, monkeypatch):
-    from mechbias.core.models import tiny_model
+    from mechbias.core.testing import tiny_model
 
     IV.save(tmp_path / "iv")
     args = ["card", "--model", "tiny", "--threads", "1", "--intervention", str(tmp_path / "iv"),

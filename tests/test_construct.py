@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mechbias.core.models import tiny_model
+from mechbias.core.testing import tiny_model
 from mechbias.groundtruth.construct import ConstructConfig, construct_planted
 from mechbias.groundtruth.linalg import ridge
 

@@ -28,7 +28,7 @@ def test_builtin_contexts_load_and_are_well_formed():
 
 
 def test_tiny_vocabulary_is_frozen_and_the_data_vocabulary_covers_everything(tiny):
-    from mechbias.core.models import TINY_VOCAB, _builtin_words, word_tokenizer
+    from mechbias.core.testing import TINY_VOCAB, _builtin_words, word_tokenizer
 
     base = [w for w in TINY_VOCAB.read_text().splitlines() if w and not w.startswith("# ")]
     words = _builtin_words()

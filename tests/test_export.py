@@ -70,7 +70,7 @@ def _tiny_gpt2():
     from transformer_lens import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from mechbias.core.models import word_tokenizer
+    from mechbias.core.testing import word_tokenizer
 
     tok = word_tokenizer()
     cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=2, n_head=4, n_positions=128,
@@ -130,7 +130,7 @@ def test_the_checkpoint_loads_without_mechbias(tiny, tmp_path):
 
 
 def test_export_command(tmp_path, capsys, monkeypatch):
-    from mechbias.core.models import tiny_model
+    from mechbias.core.testing import tiny_model
 
     NeuronIntervention({0: [1, 5]}).save(tmp_path / "iv")
     assert main(["export", "--model", "tiny", "--intervention", str(tmp_path / "iv"), "--out",

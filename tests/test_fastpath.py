@@ -12,8 +12,8 @@ import torch
 
 from mechbias.core import fastpath
 from mechbias.core.fastpath import FastPathError, fast_path_report, fast_path_status, prefix_cache, use_kv_cache
-from mechbias.core.models import tiny_model
 from mechbias.core.results import make_meta
+from mechbias.core.testing import tiny_model
 from mechbias.data.contexts import load_context
 from mechbias.eval.metrics import contrast_scores
 

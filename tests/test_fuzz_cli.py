@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mechbias.apps.cli import main
-from mechbias.core.models import tiny_model
+from mechbias.core.testing import tiny_model
 from mechbias.interventions.base import model_identity
 from mechbias.interventions.units import NeuronIntervention
 from mechbias.interventions.weights import WeightMask

@@ -10,8 +10,8 @@ from gradiend.trainer.text.prediction import dataset as gradiend_dataset
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from mechbias.apps.export import export_model
-from mechbias.core.models import tiny_model
 from mechbias.core.params import named_params
+from mechbias.core.testing import tiny_model
 from mechbias.data.axes import load_axis
 from mechbias.data.prompts import tokenize
 from mechbias.methods.gradiend import batch_gradient, param_set

@@ -3,8 +3,9 @@ import socket
 import pytest
 import torch
 
-from mechbias.core.models import ModelLoadError, load_model, model_label, supports_kv_cache, tiny_model
+from mechbias.core.models import ModelLoadError, load_model, model_label, supports_kv_cache
 from mechbias.core.params import named_params
+from mechbias.core.testing import tiny_model
 
 
 def test_tiny_models_are_seeded_and_deterministic():

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from mechbias.core import fastpath, resume
-from mechbias.core.models import tiny_model
 from mechbias.core.params import named_params
+from mechbias.core.testing import tiny_model
 from mechbias.data.contexts import load_context
 from mechbias.eval.cells import EvalSet
 from mechbias.interventions.base import Compose, Identity

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from ..core.embedded import cache_dir
 from ..core.fastpath import FAST_PATHS, fast_path_status, library_versions
-from ..core.models import ModelLoadError, cache_dir, load_model, model_label
+from ..core.models import ModelLoadError, load_model, model_label
 from ..core.results import atomic_savefig, atomic_write_json
 from ..data.axes import ContextError, load_axis
 from ..data.contexts import load_contexts

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .models import set_model_label, word_tokenizer
+from .models import set_model_label
+from .testing import word_tokenizer
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from ..core.hooks import hooked
-from ..core.models import set_model_label, tiny_model
+from ..core.models import set_model_label
 from ..core.params import attn_weights, frozen, head_rows, mlp_weights
 from ..core.results import atomic_save_tensors, atomic_write_json
 from ..core.runner import length_buckets, map_last_logits
 from ..core.sites import hook_name
+from ..core.testing import tiny_model
 from ..data.axes import load_axis
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
