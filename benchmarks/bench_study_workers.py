@@ -30,7 +30,7 @@ def one(model, spec, workers: int, threads: int, out: Path, quick: bool, methods
         shutil.rmtree(out)
     cfg = StudyConfig(quick=quick, workers=workers, threads=threads, axis="gender", methods=methods)
     t = time.time()
-    rc = run_study(model, cfg, out, model_spec=spec, progress=False)
+    rc = run_study(model, cfg, out, model_spec=spec, progress=False).exit_code
     wall = time.time() - t
     work = json.loads((out / "work.json").read_text())
     return {"rc": rc, "wall": wall, **work}

@@ -37,7 +37,7 @@ from .methods.base import Method, MethodConfig, Selection, get_method, register_
 from . import methods as _methods  # noqa: F401  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
 from .groundtruth import delta as _delta, planted as _planted, recovery as _recovery  # noqa: F401  (registers the planted models; result types)
-from .apps.study import StudyConfig, run_study
+from .apps.study import StudyConfig, StudyResult, run_study
 
 __version__ = "0.2.0"
 
@@ -65,6 +65,7 @@ __all__ = [
     "Selection",
     "Site",
     "StudyConfig",
+    "StudyResult",
     "TransferConfig",
     "TransferMatrix",
     "WeightEdit",

@@ -262,8 +262,25 @@ def reference(tmp_path_factory):
     """The tiny quick study on one worker, in-process."""
     out = tmp_path_factory.mktemp("ref")
     model = load_model("tiny")
-    assert run_study(model, StudyConfig(**CFG, workers=1), out, progress=False) == 0
+    assert run_study(model, StudyConfig(**CFG, workers=1), out, progress=False).ok
     return model, out, _results(out)
+
+
+def test_a_study_with_a_failed_job_says_so_in_its_result(tmp_path, monkeypatch):
+    """A job that raises does not stop the others: run_study's StudyResult is not ok, names the failed step,
+    and the command line exits 1; the failures are in failed.json."""
+    from mechbias.methods.steering import Steering
+
+    def broken(self, model, context, axis):
+        raise RuntimeError("a broken selection")
+
+    monkeypatch.setattr(Steering, "select", broken)
+    model = load_model("tiny")
+    cfg = StudyConfig(**{**CFG, "methods": ("steer",)}, workers=1)
+    res = run_study(model, cfg, tmp_path, progress=False)
+    assert not res.ok and res.exit_code == 1 and res.out == tmp_path
+    assert list(res.failed) == ["steering"] and all("select" in label for label in res.failed["steering"])
+    assert set(json.loads((tmp_path / "failed.json").read_text())) == {"steering"}
 
 
 def test_interrupted_study_resumes_with_identical_results(reference, tmp_path):
@@ -283,12 +300,12 @@ def test_interrupted_study_resumes_with_identical_results(reference, tmp_path):
         run_study(model, cfg, tmp_path, executor=Interrupting(model, {"name": "tiny"}, threads=1), progress=False)
     done_before = sum(1 for _ in (tmp_path / "jobs").rglob("job.json"))
     assert done_before == 5  # the five jobs that finished before the interruption were kept
-    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False) == 0
+    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False).ok
     work = json.loads((tmp_path / "work.json").read_text())
     assert work["reused"] == done_before  # nothing finished was computed again
     assert _results(tmp_path) == ref
     # a rerun with nothing changed computes nothing and writes the same results
-    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False) == 0
+    assert run_study(model, StudyConfig(**CFG, workers=1), tmp_path, progress=False).ok
     assert json.loads((tmp_path / "work.json").read_text())["computed_now"] == 0
     assert _results(tmp_path) == ref
 
@@ -315,7 +332,7 @@ def test_two_ray_workers_survive_a_killed_worker_with_identical_results(referenc
     t.start()
     try:
         pids = ex.pids()
-        assert run_study(model, StudyConfig(**CFG, workers=2), tmp_path / "out", executor=ex, progress=False) == 0
+        assert run_study(model, StudyConfig(**CFG, workers=2), tmp_path / "out", executor=ex, progress=False).ok
         assert killed and killed[0] in pids  # one of the study's workers died in a job ...
         assert set(ex.pids()) != set(pids)  # ... and Ray restarted it
     finally:
@@ -333,7 +350,7 @@ def test_study_runs_across_a_two_node_ray_cluster(reference, tmp_path):
         ray.init(address=cluster.address, log_to_driver=False)
         model = load_model("tiny")
         cfg = StudyConfig(**CFG, workers=2, address=cluster.address)
-        assert run_study(model, cfg, tmp_path, progress=False) == 0
+        assert run_study(model, cfg, tmp_path, progress=False).ok
         nodes = {json.loads(p.read_text())["node"] for p in (tmp_path / "jobs").rglob("job.json")}
         assert len(nodes) == 2  # jobs ran on both nodes
     finally:

@@ -269,7 +269,7 @@ def cmd_study(args) -> int:
     cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
     model = _load(args)
     return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say,
-                     model_spec={"name": args.model or ""})
+                     model_spec={"name": args.model or ""}).exit_code
 
 
 def _version() -> str:

@@ -267,9 +267,34 @@ def study_salt(model, cfg: StudyConfig) -> str:
     return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint(user_files)}".encode()).hexdigest()
 
 
+@dataclass
+class StudyResult:
+    """What :func:`run_study` did.
+
+    Args:
+        out: the study folder (``report.md``, ``report.html``, ``steps/``, ``work.json``).
+        ok: every job finished (``exit_code`` 0); otherwise the failed jobs are in ``out / "failed.json"``.
+        failed: step name -> the labels of its failed jobs (empty when ``ok``).
+        steps: the steps this run reported.
+        work: jobs computed and reused, seconds by kind, the critical path (``work.json``; empty when the run
+            stopped before the method steps).
+    """
+
+    out: Path
+    ok: bool
+    failed: dict[str, list[str]] = field(default_factory=dict)
+    steps: list[str] = field(default_factory=list)
+    work: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        """The command line's exit status: 0 when every job finished, else 1."""
+        return 0 if self.ok else 1
+
+
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
               log: Callable[[str], None] | None = None, model_spec: dict | None = None, executor=None,
-              progress: bool = True) -> int:
+              progress: bool = True) -> StudyResult:
     """Run (or resume) the study: every configured method through the transfer engine, as content-addressed jobs.
 
     Args:
@@ -285,7 +310,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         progress: show a progress bar.
 
     Returns:
-        0, or 1 when some jobs failed (listed in ``OUT/failed.json``).
+        A :class:`StudyResult` (``.ok`` is False when some jobs failed; they are listed in ``OUT/failed.json``).
     """
     say = log or (lambda s: None)
     out = Path(out)
@@ -320,7 +345,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
                                                          min(cfg.n_boot, 1000))}, store, ex, progress=progress, log=say)
                 runs.append(rep)
                 if not rep.ok:
-                    return _failed(out, [rep], say)
+                    return StudyResult(out, False, _failed(out, [rep], say))
                 choice = {**rep.values["axis"], "key": choice_key}
                 atomic_write_json(choice, path)
             cfg.axis = choice["axis"]
@@ -389,15 +414,16 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     if work["jobs_by_other_code"]:
         say(f"warning: {work['jobs_by_other_code']} of {work['jobs']} jobs were computed by other versions of "
             "mechbias's code (report.md, Work): results may mix code versions")
+    reported = [st.name for st in steps if st.name in rep.values]
     if not rep.ok:
-        return _failed(out, runs, say)
+        return StudyResult(out, False, _failed(out, runs, say), reported, work)
     failed = out / "failed.json"
     if failed.exists():
         failed.unlink()
-    return 0
+    return StudyResult(out, True, {}, reported, work)
 
 
-def _failed(out: Path, runs: list[RunReport], say) -> int:
+def _failed(out: Path, runs: list[RunReport], say) -> dict[str, list[str]]:
     failed = {k: v for r in runs for k, v in r.failed.items()}
     atomic_write_json(failed, out / "failed.json")
     for step, jobs in failed.items():
@@ -406,7 +432,7 @@ def _failed(out: Path, runs: list[RunReport], say) -> int:
             say(f"FAILED {step}: {j['label']}: {last[0]}")
     say(f"{sum(len(v) for v in failed.values())} job(s) failed in {len(failed)} step(s); the others are saved. "
         f"Details: {out / 'failed.json'} and the job store's _errors/")
-    return 1
+    return {step: [j["label"] for j in jobs] for step, jobs in failed.items()}
 
 
 def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, figures: Path | None = None,
