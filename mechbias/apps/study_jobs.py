@@ -37,8 +37,9 @@ from ..data.contexts import load_context
 from ..data.leakage import selection_phase
 from ..data.neutral import neutral_texts
 from ..eval.cells import EvalSet, TransferConfig, cell_from_grids
+from ..eval.generation import generation_cost
 from ..eval.metrics import measure_bias, perplexity
-from ..eval.transfer import baseline_rows, finish_matrix, generation_cost, make_row_info
+from ..eval.transfer import baseline_rows, finish_matrix, make_row_info
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind

@@ -275,6 +275,21 @@ def capture(
     """
     if position not in ("last", "mean"):
         raise ValueError(f"capture position must be 'last' or 'mean', not {position!r}")
+    rows = _capture_rows(model, seqs, names, (lambda a: a[:, -1]) if position == "last" else (lambda a: a.mean(1)),
+                         max_tokens)
+    return {n: torch.stack(v) for n, v in rows.items()}
+
+
+def capture_all(model, seqs: Sequence[Int[Tensor, " p"]], names: Sequence[str], *, max_tokens: int | None = None
+                ) -> dict[str, list[Tensor]]:
+    """Activations at hook points ``names`` at every position of every sequence: per name, one ``[p, ...]``
+    tensor per sequence (float32, CPU), with no intervention and no gradient (:func:`capture` reduced)."""
+    return _capture_rows(model, seqs, names, lambda a: a, max_tokens)
+
+
+def _capture_rows(model, seqs: Sequence[Tensor], names: Sequence[str], reduce: Callable[[Tensor], Tensor],
+                  max_tokens: int | None) -> dict[str, list[Tensor]]:
+    """The one capture loop: length buckets without padding, ``reduce`` applied to each ``[b, p, ...]``."""
     max_tokens = tokens_per_batch(model, max_tokens)
     out: dict[str, list] = {n: [None] * len(seqs) for n in names}
     device = model.cfg.device
@@ -282,15 +297,14 @@ def capture(
         for bucket in length_buckets([len(s) for s in seqs], max_tokens):
             ids = torch.stack([seqs[i] for i in bucket]).to(device)
             seen: dict[str, Tensor] = {}
-            fwd = [(n, (lambda a, hook, n=n, seen=seen: seen.__setitem__(n, a[:, -1] if position == "last" else a.mean(1))))
-                   for n in names]
+            fwd = [(n, (lambda a, hook, n=n, seen=seen: seen.__setitem__(n, reduce(a)))) for n in names]
             with hooked(model, fwd), last_position_unembed(model, 1):
                 model(ids)
             for n in names:
                 vals = seen[n].float().cpu()
                 for k, i in enumerate(bucket):
                     out[n][i] = vals[k]
-    return {n: torch.stack(v) for n, v in out.items()}
+    return out
 
 
 def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | None = None

@@ -23,6 +23,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from torch import Tensor
 
 from ..core.fastpath import use_kv_cache
 from ..core.results import Result, make_meta
+from ..data.contexts import Context
 from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
@@ -283,3 +285,21 @@ def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 9
         inside += int(((row >= a) & (row <= b)).sum())
         total += len(row)
     return inside / total if total else math.nan
+
+
+def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,
+                    max_new_tokens: int = 8, temperature: float = 0.6, seed: int = 0) -> dict:
+    """Generation metric of an intervention on a context's numeric questions (held-out names)."""
+    ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)
+    keep = set()
+    for g in (0, 1):  # the same number of names from each group
+        names = list(dict.fromkeys(p.person.name for p in ps if p.group == g))
+        keep |= set(names[: max(1, n_names // 2)])
+    ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
+    kw: dict[str, Any] = dict(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed)
+    ref = generation_bias(model, ps, **kw)
+    after = generation_bias(model, ps, intervention=iv, reference=ref, **kw)
+    return {"parse_failure_before": ref.summary["parse_failure"], "parse_failure_after": after.summary["parse_failure"],
+            "inlier_ratio": after.summary.get("inlier_ratio"), "smd_before": ref.summary["smd"],
+            "smd_after": after.summary["smd"], "n_prompts": len(ps), **kw}

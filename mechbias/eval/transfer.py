@@ -41,7 +41,7 @@ from ..interventions.profile import UnitProfile, unit_profile
 from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
-from .generation import generation_bias
+from .generation import generation_cost
 from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
 
 Selector = Callable[[Any, Context, str], Intervention]
@@ -486,21 +486,3 @@ def _adjust(cells: list[Cell], baseline: list[dict]) -> None:
             e.p_adjusted = adj
     for adj, b in zip(benjamini_hochberg([b["p_value"] for b in baseline]), baseline, strict=True):
         b["p_adjusted"] = adj
-
-
-def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,
-                    max_new_tokens: int = 8, temperature: float = 0.6, seed: int = 0) -> dict:
-    """Generation metric of an intervention on a context's numeric questions (held-out names)."""
-    ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)
-    keep = set()
-    for g in (0, 1):  # the same number of names from each group
-        names = list(dict.fromkeys(p.person.name for p in ps if p.group == g))
-        keep |= set(names[: max(1, n_names // 2)])
-    ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
-    kw: dict[str, Any] = dict(n_samples=n_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed)
-    ref = generation_bias(model, ps, **kw)
-    after = generation_bias(model, ps, intervention=iv, reference=ref, **kw)
-    return {"parse_failure_before": ref.summary["parse_failure"], "parse_failure_after": after.summary["parse_failure"],
-            "inlier_ratio": after.summary.get("inlier_ratio"), "smd_before": ref.summary["smd"],
-            "smd_after": after.summary["smd"], "n_prompts": len(ps), **kw}

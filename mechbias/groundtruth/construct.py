@@ -50,14 +50,14 @@ from torch import Tensor
 
 from ..core.hooks import hooked
 from ..core.params import attn_weights, head_rows, mlp_weights
-from ..core.runner import length_buckets, map_last_logits
+from ..core.runner import capture_all, length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..data.axes import load_axis, stable_hash
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
 from .delta import PlantedDelta
-from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge
+from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge, slow_rotary_dims
 from .planted import (
     NEUTRAL_REFERENCES,
     PlantConfig,
@@ -133,19 +133,8 @@ def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
 
 def _capture(model, items: list[_Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
     """Activations at every position of every item, per hook point: ``{(point, layer): [tensor [pos, ...]]}``."""
-    out: dict = {pl: [None] * len(items) for pl in points}
-    with torch.no_grad():
-        for bucket in length_buckets([len(it.tokens) for it in items], 4096):
-            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
-            store: dict = {}
-            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l), store=store: store.__setitem__(key, a.detach().float().cpu()))
-                   for p, l in points]
-            with hooked(model, fwd):
-                model(ids)
-            for r, i in enumerate(bucket):
-                for pl in points:
-                    out[pl][i] = store[pl][r]
-    return out
+    acts = capture_all(model, [it.tokens for it in items], [hook_name(p, l) for p, l in points], max_tokens=4096)
+    return {(p, l): acts[hook_name(p, l)] for p, l in points}
 
 
 def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
@@ -227,7 +216,9 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         raise ValueError(f"head layers must lie in 1..{model.cfg.n_layers - 1} (a name neuron sits one layer below)")
     if n_ctx > len(set(cfg.head_layers)) * model.cfg.n_heads:
         raise ValueError(f"{n_ctx} planted contexts need {n_ctx} heads; the head layers have fewer")
-    heads = _choose_heads(model, cfg)
+    # one head per planted context: the least used heads of the head layers (their query and output are
+    # overwritten, so what they did before is lost)
+    heads = least_used_heads(model, cfg.head_layers, len(cfg.planted))
     layout: dict[str, dict[str, Any]] = {}
     taken: set = set()
     for c, (lh, h) in zip(cfg.planted, heads, strict=True):
@@ -302,7 +293,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     head_layers = sorted({layout[c]["head"][0] for c in cfg.planted})
     feats = _capture(model, items, [("in:attn.v", l) for l in head_layers] + [("resid_pre", l) for l in head_layers]
                      + [("post", l) for l in name_layers])
-    slow = _slow_dims(dh)
+    slow = slow_rotary_dims(dh)
     marker: dict = {}
     reads = []                                                                    # constraint rows, in order
     used: dict = {}
@@ -496,21 +487,6 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
     stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",
                                                 "kv", "native_p")} for c, mk in marker.items()}
     return delta, plant, stats
-
-
-def _slow_dims(d_head: int, keep: int = 12) -> Tensor:
-    """The head dimensions that rotary embeddings turn least (the last ``keep`` frequency pairs, in the
-    rotate-half layout: dimensions i and i + d_head / 2 share frequency i, which falls with i)."""
-    half = d_head // 2
-    keep = min(keep, half // 2)
-    idx = list(range(half - keep, half)) + list(range(d_head - keep, d_head))
-    return torch.tensor(idx)
-
-
-def _choose_heads(model, cfg: ConstructConfig) -> list[tuple[int, int]]:
-    """One head per planted context: the least used heads of the head layers (their query and output are
-    overwritten, so what they did before is lost)."""
-    return least_used_heads(model, cfg.head_layers, len(cfg.planted))
 
 
 def _scores(model, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:

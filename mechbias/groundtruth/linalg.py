@@ -78,3 +78,12 @@ def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 
     p, low = best[1], evec[:, 0]
     return p, {"mu": best[2], "native_var": float(p @ C @ p), "grad_second_moment": float(p @ G @ p),
                "grad_second_moment_lowest_variance": float(low @ G @ low), "lowest_native_var": float(low @ C @ low)}
+
+
+def slow_rotary_dims(d_head: int, keep: int = 12) -> Tensor:
+    """The head dimensions that rotary embeddings turn least (the last ``keep`` frequency pairs, in the
+    rotate-half layout: dimensions i and i + d_head / 2 share frequency i, which falls with i)."""
+    half = d_head // 2
+    keep = min(keep, half // 2)
+    idx = list(range(half - keep, half)) + list(range(d_head - keep, d_head))
+    return torch.tensor(idx)
