@@ -170,6 +170,12 @@ def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
         with_hf.append(float(l.gather(-1, ids[0, 1:, None]).sum()))
     assert abs(float(lp[0]) - with_hf[0]) < 1e-3 and abs(float(lp[1]) - with_hf[1]) < 1e-3
     assert res.per_pair[2]["stereotypical"].endswith("evening after work.")
+    # one implementation: the report card's CrowS-Pairs gives the same score from the same per-pair scorer
+    from mechbias.eval.bench.crowspairs import crows_bench
+
+    card = crows_bench(tiny, csv, n_boot=100)
+    row = next(r for r in card.rows if r.subset == "all")
+    assert row.unmodified == pytest.approx(res.score, abs=1e-9)
     bad = tmp_path / "bad.csv"
     bad.write_text("sent_more,sent_less\na,b\n")
     with pytest.raises(ValueError, match="missing columns"):

@@ -16,11 +16,14 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from ..core.families import is_masked_lm
 from ..core.results import Result, make_meta
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_crows
 from .describe import bootstrap_mean
-from .loglik import sentence_logprob
+from .loglik import sentence_logprob, shared_token_pll
 
 REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
@@ -86,15 +89,24 @@ def stereo_and_other(rows: list[dict]) -> tuple[list[str], list[str]]:
     return stereo, other
 
 
+def pair_scores(model, stereo: list[str], other: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The one CrowS-Pairs scorer (``mechbias crows`` and the report card's benchmark both use it): per pair,
+    the stereotypical and the other sentence's score. Causal LM: the summed log P of the sentence after BOS;
+    masked LM: the paper's pseudo-log-likelihood of the tokens the two sentences share, each masked in turn."""
+    if is_masked_lm(model):
+        pairs = np.array([shared_token_pll(model, s, o) for s, o in zip(stereo, other, strict=True)])
+        return pairs[:, 0], pairs[:, 1]
+    return sentence_logprob(model, stereo).numpy(), sentence_logprob(model, other).numpy()
+
+
 def crows_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> CrowsResult:
     """Score a CrowS-Pairs CSV with ``model`` (optionally under an intervention)."""
     rows = read_pairs(path)
     stereo, anti = stereo_and_other(rows)
     with maybe_apply(intervention, model):
-        lp_s = sentence_logprob(model, stereo)
-        lp_a = sentence_logprob(model, anti)
-    win = (lp_s > lp_a).double().numpy() * 100
+        lp_s, lp_a = pair_scores(model, stereo, anti)
+    win = (lp_s > lp_a).astype(np.float64) * 100
     mean, lo, hi = bootstrap_mean(win, n_boot=n_boot, seed=seed)
     by_type = {}
     types = [r["bias_type"] for r in rows]

@@ -11,8 +11,7 @@ import numpy as np
 
 from ...core.families import is_masked_lm
 from ...interventions.base import Intervention
-from ..crows import read_pairs, stereo_and_other
-from ..loglik import sentence_logprob, shared_token_pll
+from ..crows import pair_scores, read_pairs, stereo_and_other
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
 
@@ -29,10 +28,8 @@ def crows_bench(model, path: str | Path, *, intervention: Intervention | None = 
     masked = is_masked_lm(model)
 
     def run(m) -> Outcomes:
-        if masked:  # the paper's score: pseudo-log-likelihood of the tokens the two sentences share
-            pairs = np.array([shared_token_pll(m, s, o) for s, o in zip(stereo, other, strict=True)])
-            return {"stereo": pairs[:, 0], "other": pairs[:, 1]}
-        return {"stereo": sentence_logprob(m, stereo).numpy(), "other": sentence_logprob(m, other).numpy()}
+        s, o = pair_scores(m, stereo, other)
+        return {"stereo": s, "other": o}
 
     base, after = score(model, intervention, run)
     types = np.array([r["bias_type"] for r in rows])
