@@ -9,6 +9,7 @@ from mechbias.data.prompts import tokenize
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.methods.pruning import (
     PruneConfig,
+    Pruning,
     candidates,
     generalization_levels,
     head_scores,
@@ -16,7 +17,6 @@ from mechbias.methods.pruning import (
     name_positions,
     neuron_scores,
     pruning_curve,
-    pruning_selector,
     set_difference,
 )
 from mechbias.methods.pruning.candidates import greedy_select
@@ -80,7 +80,7 @@ def test_scores_and_name_positions(tiny):
 
 def test_head_selection_and_random_control(tiny):
     cfg = PruneConfig(unit="head", k=3, common=None, head_mode="z")
-    iv = pruning_selector(cfg)(tiny, load_context("finance"), "race")
+    iv = Pruning(cfg)(tiny, load_context("finance"), "race")
     assert iv.n_components == 3 and iv.mode == "z"
     rnd = iv.random_like(tiny, seed=1)
     assert sorted(len(v) for v in rnd.heads.values()) == sorted(len(v) for v in iv.heads.values())
@@ -92,7 +92,7 @@ def test_selected_pruning_beats_random_on_a_planted_model(planted_tiny):
     pc = PruneConfig(unit="neuron", k=6, score="signed_attribution", select="difference")
     cand = candidates(model, load_context("finance"), "race", pc)
     assert len(set(cand.items[:6]) & truth) >= 3
-    tm = transfer_matrix(model, pruning_selector(pc), ["finance", "hiring"], "race", n_random=3, n_boot=300)
+    tm = transfer_matrix(model, Pruning(pc), ["finance", "hiring"], "race", n_random=3, n_boot=300)
     for c in tm.cells:
         assert c["reduction_ci_low"] > 0.3, c  # the planted gap is largely removed everywhere (shared neurons)
         assert abs(c["random_reduction"]) < 0.15, c

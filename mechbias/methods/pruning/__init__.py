@@ -1,7 +1,7 @@
 """Per-context pruning of neurons, weights and attention heads (Breaking Down Bias): scores, selection,
 generalization levels and curves, and the registered method."""
 
-from .candidates import Candidates, PruneConfig, candidates, pruning_selector
+from .candidates import Candidates, PruneConfig, candidates
 from .levels import LevelsResult, PruningCurve, generalization_levels, pruning_curve
 from .method import Pruning
 from .scores import (
@@ -20,5 +20,5 @@ from .scores import (
 
 __all__ = ["Candidates", "GroupStats", "LevelsResult", "PruneConfig", "Pruning", "PruningCurve", "candidates",
            "generalization_levels", "head_scores", "head_stats", "input_norms", "input_stats", "name_positions",
-           "neuron_scores", "neuron_stats", "pruning_curve", "pruning_selector", "set_difference", "split_norms",
+           "neuron_scores", "neuron_stats", "pruning_curve", "set_difference", "split_norms",
            "wanda_scores"]

@@ -308,14 +308,4 @@ def _head_patching_scores(model, ctx, ax, templates, names, seed) -> Tensor:
     return torch.stack([eff, torch.zeros_like(eff)])
 
 
-def pruning_selector(cfg: PruneConfig):
-    """A transfer-engine selector: prune on a context's selection split (L1 selection)."""
-
-    def select(model, ctx: Context, axis: str):
-        c = candidates(model, ctx, axis, cfg)
-        return c.intervention(cfg.k, cfg)
-
-    return select
-
-
 # ----------------------------------------------------------------------------
