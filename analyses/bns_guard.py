@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mechbias.core.log import log_to_console
 from mechbias.core.models import load_model
 from mechbias.core.results import atomic_savefig, atomic_write_json, atomic_write_text, markdown_table
 from mechbias.data.contexts import YES_NO_CONTEXTS, Context
@@ -82,10 +83,11 @@ def main(argv: list[str] | None = None) -> None:
     say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)
 
     model = load_model(args.model)
-    method = GuardedIG2(IG2Config(pairs=args.pairs, plain_ig=False, verify_random=0), args.max_ppl, log=say)
+    log_to_console()  # the library's progress lines
+    method = GuardedIG2(IG2Config(pairs=args.pairs, plain_ig=False, verify_random=0), args.max_ppl)
     cfg = TransferConfig(n_random=args.random, controls=("random", "matched"), n_boot=args.boot)
     tm = transfer_matrix(model, method, args.contexts, args.axis, evaluate_on=list(YES_NO_CONTEXTS),
-                         method=f"IG² + BNS, capability guard ≤ {args.max_ppl} ppl", config=cfg, log=say)
+                         method=f"IG² + BNS, capability guard ≤ {args.max_ppl} ppl", config=cfg)
     tm.save(args.out / "transfer")
     fig = tm.plot()
     atomic_savefig(fig, args.out / "transfer_bns_guard.png", close=False)

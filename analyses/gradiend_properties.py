@@ -38,10 +38,13 @@ def main() -> None:
                                                                      "library's)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
+    from mechbias.core.log import log_to_console
     from mechbias.core.models import load_model
     from mechbias.core.results import atomic_savefig, atomic_write_json
     from mechbias.data.contexts import load_context
     from mechbias.methods.gradiend import GradiendConfig, evaluate_feature, h_direction, train_gradiend
+
+    log_to_console()  # the library's progress lines
 
     axis = args.axis or ("race" if args.model.startswith("planted") else "gender")
     for c in args.contexts:
@@ -56,7 +59,7 @@ def main() -> None:
         if ctx in done:
             continue
         t0 = time.time()
-        res = train_gradiend(model, ctx, axis, cfg, log=print)
+        res = train_gradiend(model, ctx, axis, cfg)
         t_train = time.time() - t0
         ev = evaluate_feature(model, res)
         hd = h_direction(model, res)

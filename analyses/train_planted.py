@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from mechbias.core.log import log_to_console
 from mechbias.core.models import load_model
 from mechbias.core.results import package_versions
 from mechbias.data.contexts import YES_NO_CONTEXTS, load_context
@@ -118,6 +119,7 @@ def main() -> None:
     ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
                     help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
     args = ap.parse_args()
+    log_to_console()  # the library's progress lines
     out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     model = load_model()
@@ -141,9 +143,9 @@ def main() -> None:
         ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
                                 names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts))
                 if v4 else ConstructConfig())
-        delta, cfg, info = construct_planted(model, ccfg, log=lambda s: print(s, flush=True))
+        delta, cfg, info = construct_planted(model, ccfg)
     else:
-        delta, info = train_planted(model, cfg, log=lambda s: print(s, flush=True))
+        delta, info = train_planted(model, cfg)
     train_s = time.time() - t0
     after = measure_bias(model, "all", axis, names="heldout", templates=templates, n_boot=2000)
     ppl1 = perplexity(model)

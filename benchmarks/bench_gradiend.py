@@ -49,8 +49,7 @@ def run_mechbias(texts: int, steps: int) -> dict:
     tps = len(data) / (time.perf_counter() - t)
     rss_capture = _peak_rss_gib()
     t = time.perf_counter()
-    train_gradiend(model, "finance", "gender", GradiendConfig(params="mlp", steps=steps, seeds=(0,)), progress=False,
-                   log=lambda s: None)
+    train_gradiend(model, "finance", "gender", GradiendConfig(params="mlp", steps=steps, seeds=(0,)), progress=False)
     return {"texts_per_second": tps, "n_params": ps.numel, "peak_rss_gib_capture": rss_capture,
             "peak_rss_gib_training": _peak_rss_gib(), "train_seconds_per_step": (time.perf_counter() - t) / steps}
 

@@ -18,6 +18,7 @@ Quick start::
 """
 
 from .core.hooks import HookNameError, hooked, n_active_hooks
+from .core.log import log_to_console
 from .core.models import EMBEDDED, ModelLoadError, load_model
 from .core.testing import tiny_model
 from .core.results import Result, set_seed
@@ -82,6 +83,7 @@ __all__ = [
     "load_contexts",
     "load_intervention",
     "load_model",
+    "log_to_console",
     "make_pairs",
     "measure_bias",
     "n_active_hooks",

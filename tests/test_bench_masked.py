@@ -83,7 +83,7 @@ def test_stereoset_masked_filling_equals_masking_the_filled_words(bert):
         np.mean(two), abs=1e-5)
 
 
-def test_masked_benchmarks_and_the_card(bert, tmp_path):
+def test_masked_benchmarks_and_the_card(bert, tmp_path, caplog):
     iv = NeuronIntervention({0: list(range(0, 64, 2)), 1: list(range(1, 64, 2))})
     res = stereoset_score(bert, DATA / "bench" / "stereoset_small.json", intervention=iv, n_boot=100)
     ex = read_stereoset(DATA / "bench" / "stereoset_small.json")
@@ -99,10 +99,10 @@ def test_masked_benchmarks_and_the_card(bert, tmp_path):
     assert "masked LM" in res.meta["score"]
     crows = crows_bench(bert, DATA / "crows_small.csv", n_boot=100)
     assert "shared tokens" in crows.meta["score"]
-    logs: list[str] = []
-    card = run_card(bert, iv, CardInputs(stereoset=DATA / "bench" / "stereoset_small.json",
-                                         crows=DATA / "crows_small.csv"), tmp_path / "c", n_boot=100, log=logs.append)
+    with caplog.at_level("INFO", logger="mechbias"):  # progress lines go to the "mechbias" logger
+        card = run_card(bert, iv, CardInputs(stereoset=DATA / "bench" / "stereoset_small.json",
+                                             crows=DATA / "crows_small.csv"), tmp_path / "c", n_boot=100)
     assert [b["benchmark"] for b in card["benchmarks"]] == ["StereoSet", "CrowS-Pairs"]
-    assert any("perplexity skipped" in m for m in logs)
+    assert any("perplexity skipped" in r.getMessage() and r.name == "mechbias.apps.card" for r in caplog.records)
     with pytest.raises(ValueError, match="causal models only"):
         run_card(bert, iv, CardInputs(bbq=[DATA / "bench" / "bbq_small.jsonl"]), tmp_path / "d", n_boot=10)

@@ -215,3 +215,29 @@ def test_one_vocabulary_for_the_contexts_of_a_matrix():
         transfer_matrix(None, never, axis="gender", contexts=["finance"])
     with pytest.raises(ValueError, match="needs the axis"):
         transfer_matrix(None, never, ["finance"])
+
+
+def test_progress_lines_go_through_logging(capsys):
+    """The library logs under "mechbias" and prints nothing by itself; log_to_console (what the command line
+    attaches) shows INFO lines as "[mechbias] ..." on the current stderr, once however often it is called."""
+    import logging
+
+    from mechbias.core.log import log_to_console
+
+    logger = logging.getLogger("mechbias")
+    before = list(logger.handlers)
+    for h in before:  # an earlier command in this process attached the console handler: start without it
+        logger.removeHandler(h)
+    try:
+        logging.getLogger("mechbias.eval.transfer").info("select on finance")
+        assert "select on finance" not in capsys.readouterr().err  # no handler attached by the library
+        h1, h2 = log_to_console(), log_to_console()
+        assert h1 is h2 and logger.handlers.count(h1) == 1
+        logging.getLogger("mechbias.eval.transfer").info("select on commerce")
+        logging.getLogger("mechbias.methods.gradiend.train").debug("a step")
+        assert capsys.readouterr().err == "[mechbias] select on commerce\n"
+    finally:
+        for h in list(logger.handlers):
+            logger.removeHandler(h)
+        for h in before:
+            logger.addHandler(h)

@@ -241,7 +241,7 @@ def test_pool_rows_and_shuffled_labels_equal_direct_gradients(tiny):
     from mechbias.methods.gradiend.texts import neutral_training_rows
 
     ps = param_set(tiny, "down")
-    pool = gradient_pool(tiny, "finance", "gender", ps, neutral=True, log=lambda s: None)
+    pool = gradient_pool(tiny, "finance", "gender", ps, neutral=True)
     texts = feature_texts(tiny, "finance", "gender")
     n_names = len(dict.fromkeys(t.name for t in texts))
     sh = pool.shuffled(0)

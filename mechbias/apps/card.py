@@ -10,6 +10,7 @@ differences with their CIs). Every file is read and checked before the model loa
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ from ..eval.metrics import token_nll
 from ..interventions.base import Intervention
 from ..viz.card_figure import plot_card
 from .lm_eval_model import check_tasks, task_bench
+
+_LOG = logging.getLogger(__name__)
 
 # (benchmark, metric, subset, column label) of the headline table, in bias-bench order
 HEADLINE = (("StereoSet", "SS", "all", "SS"), ("StereoSet", "LMS", "all", "LMS"), ("StereoSet", "ICAT", "all", "ICAT"),
@@ -105,7 +108,7 @@ def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, s
 
 
 def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
-             seed: int = 0, log: Callable[[str], None] = print) -> dict:
+             seed: int = 0) -> dict:
     """Score the model with and without ``intervention`` on every input, write the card to ``out`` and return it."""
     inputs.check()
     if is_masked_lm(model):
@@ -115,7 +118,7 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
             raise ValueError(f"{', '.join(causal_only)}: scored for causal models only; this is a masked LM "
                              "(StereoSet and CrowS-Pairs score masked LMs the papers' way)")
         if inputs.perplexity:
-            log("card: perplexity skipped (not defined for a masked LM)")
+            _LOG.info("card: perplexity skipped (not defined for a masked LM)")
             inputs = dataclasses.replace(inputs, perplexity=False)
     results: list[BenchResult] = []
     kw: dict[str, Any] = {"intervention": intervention, "n_boot": n_boot, "seed": seed}
@@ -134,7 +137,7 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
         steps.append(("lm-eval", lambda: task_bench(model, intervention, inputs.tasks, inputs.include_path,
                                                     limit=inputs.limit, n_boot=n_boot, seed=seed)))
     for name, fn in steps:
-        log(f"card: {name}")
+        _LOG.info(f"card: {name}")
         results.append(fn())
     card = {"intervention": intervention.describe() if intervention else None,
             "benchmarks": [r.as_dict() for r in results],

@@ -11,6 +11,7 @@ and figures to ``--out``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ import torch
 
 from ..core.embedded import cache_dir
 from ..core.fastpath import FAST_PATHS, fast_path_status, library_versions
+from ..core.log import log_to_console
 from ..core.models import ModelLoadError, load_model, model_label
 from ..core.results import atomic_savefig, atomic_write_json
 from ..data.axes import ContextError, load_axis
@@ -35,9 +37,11 @@ from .export import check_replaceable, export_model
 from .study import StudyConfig, run_study
 from .workflow import run_method_jobs
 
+_LOG = logging.getLogger("mechbias.cli")  # not __name__: run as __main__ it would leave the mechbias tree
+
 
 def _say(msg: str) -> None:
-    print(f"[mechbias] {msg}", file=sys.stderr)
+    _LOG.info(msg)
 
 
 #: the fewest bootstrap replicates a command accepts (fewer give unstable intervals; 0 gave p = 0 once)
@@ -178,7 +182,7 @@ def cmd_card(args) -> int:
     inputs.check()  # every file and task name, before the model loads
     intervention = _intervention(args)
     model = _load(args, intervention)
-    card = run_card(model, intervention, inputs, args.out, n_boot=args.boot, seed=args.seed, log=_say)
+    card = run_card(model, intervention, inputs, args.out, n_boot=args.boot, seed=args.seed)
     print((args.out / "card.md").read_text().split("\n## ")[0])
     _say(f"wrote {args.out / 'card.json'}, card.md and card.png ({len(card['benchmarks'])} benchmarks)")
     return 0
@@ -225,7 +229,7 @@ def _method_command(cls: type[Method]):
                                                            cls.Config.__dataclass_fields__ else {}))
         model = _load(args)
         summary = run_method_jobs(model, cls, cfg, args.select_on, args.evaluate_on or args.select_on, args.axis,
-                                  tcfg, args.out, seed=tcfg.seed, log=_say)
+                                  tcfg, args.out, seed=tcfg.seed)
         import pandas as pd
 
         df = pd.DataFrame(summary["transfer"])
@@ -268,7 +272,7 @@ def cmd_study(args) -> int:
     """``mechbias study``: run or resume the study."""
     cfg = config_from_arguments(StudyConfig, args, dest_prefix="study")
     model = _load(args)
-    return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh, log=_say,
+    return run_study(model, cfg, args.out, figures=args.figures, fresh=args.fresh,
                      model_spec={"name": args.model or ""}).exit_code
 
 
@@ -420,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     ``MECHBIAS_DEBUG=1`` re-raises them with their traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    log_to_console()  # the library's progress lines (logger "mechbias"), as "[mechbias] ..." on stderr
     try:
         _fresh_out(args)
         return args.func(args)

@@ -29,8 +29,8 @@ class InProcess:
 
     workers = 1
 
-    def __init__(self, model, model_spec: dict, threads: int | None = None, log=None, reraise: bool = False):
-        self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model, log=log or (lambda s: None))
+    def __init__(self, model, model_spec: dict, threads: int | None = None, reraise: bool = False):
+        self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model)
         self._done: list[tuple[Job, JobOutput]] = []
         self.reraise = reraise  # a job's exception propagates to the caller (a method command: one-line errors)
 
@@ -75,7 +75,7 @@ class RayExecutor:
     restarted by Ray and their job retried."""
 
     def __init__(self, model_spec: dict, workers: int, *, threads: int = 1, address: str | None = None,
-                 gpus_per_worker: float = 0.0, pause: dict | None = None, log=None):
+                 gpus_per_worker: float = 0.0, pause: dict | None = None):
         import ray  # imported here: Ray is needed only when a study runs on workers
 
         self.ray = ray

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import pickle
 import socket
@@ -57,6 +58,8 @@ from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import set_seed
 from ..core.work import counting_flops
 from .store import JobOutput, JobStore, StoreWarning, code_fingerprint, code_stamp, store_key
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = [
     "Job",
@@ -185,13 +188,12 @@ def data_fingerprint(extra: Iterable[str | Path] = ()) -> str:
 
 @dataclass
 class WorkerContext:
-    """What a job function sees: the model (loaded once per worker), a scratch folder for files, a logger."""
+    """What a job function sees: the model (loaded once per worker) and a scratch folder for files."""
 
     model_spec: dict
     threads: int
     _model: Any = None
     out: Path | None = None
-    log: Callable[[str], None] = lambda s: None
 
     @property
     def folder(self) -> Path:
@@ -272,13 +274,12 @@ class RunReport:
         return not self.failed
 
 
-def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, progress: bool = True,
-                 log: Callable[[str], None] | None = None) -> RunReport:
+def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, progress: bool = True) -> RunReport:
     """Advance every planner until it returns; run each job at most once (reusing the store).
 
     A job that raises is recorded in ``ROOT/_errors/<key>`` and its planner stops
     (the others go on); :class:`RunReport` lists the failures."""
-    say = log or (lambda s: None)
+    say = _LOG.info
     t0 = time.time()
     results = Results(store)
     report = RunReport({}, {})

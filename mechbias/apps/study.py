@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -51,6 +52,8 @@ from .study_jobs import (
 )
 from .study_report import baseline_report, summary_report, summary_rows, transfer_md
 from .workflow import write_method_outputs
+
+_LOG = logging.getLogger(__name__)
 
 DEFAULT_CONTEXTS = ("finance", "commerce")
 
@@ -251,14 +254,13 @@ SUMMARY_TITLE = "The methods side by side"
 # ----------------------------------------------------------------------------
 
 
-def make_executor(model, cfg: StudyConfig, model_spec: dict | None, log=None):
+def make_executor(model, cfg: StudyConfig, model_spec: dict | None):
     """In-process for one worker, else Ray (local runtime, or the cluster at ``cfg.address``)."""
     spec = model_spec or {"name": model_label(model)}
     if cfg.n_workers == 1 and not cfg.address:
-        return InProcess(model, spec, threads=cfg.job_threads, log=log)
+        return InProcess(model, spec, threads=cfg.job_threads)
     gpus = 1.0 if next(model.parameters()).is_cuda else 0.0
-    return RayExecutor(spec, cfg.n_workers, threads=cfg.job_threads, address=cfg.address, gpus_per_worker=gpus,
-                       log=log)
+    return RayExecutor(spec, cfg.n_workers, threads=cfg.job_threads, address=cfg.address, gpus_per_worker=gpus)
 
 
 def study_salt(model, cfg: StudyConfig) -> str:
@@ -293,7 +295,7 @@ class StudyResult:
 
 
 def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
-              log: Callable[[str], None] | None = None, model_spec: dict | None = None, executor=None,
+              model_spec: dict | None = None, executor=None,
               progress: bool = True) -> StudyResult:
     """Run (or resume) the study: every configured method through the transfer engine, as content-addressed jobs.
 
@@ -303,7 +305,6 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         out: the study folder; finished steps there are reused.
         figures: also copy the figures into this folder.
         fresh: ignore finished steps and recompute.
-        log: a callable that receives progress lines.
         model_spec: ``{"name": ..., "kwargs": {...}}``, how Ray workers load the model; by default the
             model's label, which is a :func:`~mechbias.load_model` name for built-in models.
         executor: where jobs run (in-process or Ray); default from the config's workers.
@@ -312,7 +313,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     Returns:
         A :class:`StudyResult` (``.ok`` is False when some jobs failed; they are listed in ``OUT/failed.json``).
     """
-    say = log or (lambda s: None)
+    say = _LOG.info
     out = Path(out)
     t0 = time.time()
     store_root = Path(cfg.store) if cfg.store else out / "jobs"
@@ -325,7 +326,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
     store = JobStore(store_root)
     salt = study_salt(model, cfg)
     own_executor = executor is None
-    ex = executor or make_executor(model, cfg, model_spec, log=say)
+    ex = executor or make_executor(model, cfg, model_spec)
     runs: list[RunReport] = []
     try:
         if cfg.axis == "auto":
@@ -342,7 +343,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
                     choice = saved
             if choice is None:
                 rep = run_planners({"axis": axis_planner(salt, cfg.context_list, list(cfg.axes), cfg.seed,
-                                                         min(cfg.n_boot, 1000))}, store, ex, progress=progress, log=say)
+                                                         min(cfg.n_boot, 1000))}, store, ex, progress=progress)
                 runs.append(rep)
                 if not rep.ok:
                     return StudyResult(out, False, _failed(out, [rep], say))
@@ -357,8 +358,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         meta = model_meta(model)
         say(f"{len(steps)} steps on {ex.workers} worker(s), {cfg.job_threads} torch thread(s) per job; "
             f"job store {store.root}")
-        rep = run_planners({st.name: st.plan(shared, cfg, meta) for st in steps}, store, ex, progress=progress,
-                           log=say)
+        rep = run_planners({st.name: st.plan(shared, cfg, meta) for st in steps}, store, ex, progress=progress)
         runs.append(rep)
     finally:
         if own_executor:

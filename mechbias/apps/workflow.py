@@ -82,7 +82,7 @@ def context_refs(given: Sequence[str | Context]) -> list[str]:
 
 def run_method_jobs(model, cls: type[Method], config: MethodConfig, select_on: Sequence[str], evaluate_on: Sequence[str],
                     axis: str, tcfg: TransferConfig, out: Path, *, seed: int = 0, quick: bool = False,
-                    analyze_kw: dict | None = None, log: Callable[[str], None] | None = None,
+                    analyze_kw: dict | None = None,
                     progress: bool = False) -> dict:
     """Run ``cls`` with ``config`` as a one-step study in-process (the study's jobs, its job store in
     ``OUT/jobs``: rerun the same command on the same ``--out`` after an interruption and only the missing jobs
@@ -95,10 +95,10 @@ def run_method_jobs(model, cls: type[Method], config: MethodConfig, select_on: S
     shared = Shared(salt, list(dict.fromkeys(rows + cols)), axis, seed)
     planner = method_planner(shared, cls.name, cls, config, tcfg, rows, cols, quick=quick,
                              analyze_kw=analyze_kw or {}, model_meta=model_meta(model))
-    executor = InProcess(model, {"name": model_label(model)}, log=log, reraise=True)
+    executor = InProcess(model, {"name": model_label(model)}, reraise=True)
     store_dir, fresh = out / "jobs", not out.exists()
     try:
-        rep = run_planners({cls.name: planner}, JobStore(store_dir), executor, progress=progress, log=log)
+        rep = run_planners({cls.name: planner}, JobStore(store_dir), executor, progress=progress)
     except BaseException:
         # a first run that failed before any job finished leaves nothing behind; otherwise its finished jobs stay
         # for the rerun to resume from

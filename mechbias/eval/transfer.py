@@ -23,6 +23,7 @@ cross-context (L2) transfer.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,6 +44,8 @@ from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
 from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
+
+_LOG = logging.getLogger(__name__)
 
 Selector = Callable[[Any, Context, str], Intervention]
 
@@ -329,7 +332,6 @@ def transfer_matrix(
     eval_sets: dict[str, EvalSet] | None = None,
     profile: UnitProfile | None = None,
     progress: bool = False,
-    log: Callable[[str], None] | None = None,
     **overrides,
 ) -> TransferMatrix:
     """Select on each context of ``select_on`` and evaluate on each of ``evaluate_on`` (default: the same).
@@ -350,8 +352,7 @@ def transfer_matrix(
         eval_sets: precomputed baseline evaluations to share between methods (context -> EvalSet).
         profile: the unit sizes and ablation costs matched controls are drawn from (measured on the
             selection neutral texts when needed).
-        progress: show a progress bar.
-        log: a callable that receives progress lines.
+        progress: show a progress bar (each row and cell is also logged to ``mechbias.eval.transfer``).
         **overrides: fields of ``config`` to override (e.g. ``n_random=0``).
 
     Returns:
@@ -376,7 +377,7 @@ def transfer_matrix(
     rows = load_contexts(select_on)
     cols = load_contexts(evaluate_on) if evaluate_on is not None else rows
     load_axis(axis)
-    say = log or (lambda s: None)
+    say = _LOG.info
     eval_sets = dict(eval_sets or {})
     for c in cols:
         if c.name not in eval_sets:

@@ -40,6 +40,7 @@ templates are seen by the construction, held-out names are not).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -66,6 +67,8 @@ from .planted import (
     mention_positions,
     neutral_prompts,
 )
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direction", "ridge", "score_gradients"]
 
@@ -203,7 +206,7 @@ def _group_means(values: Tensor, signs: Tensor) -> tuple[float, float]:
     return float(values[signs > 0].mean()), float(values[signs < 0].mean())
 
 
-def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -> tuple[PlantedDelta, PlantConfig, dict]:
+def construct_planted(model, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
     """Write the v3 circuit into ``model`` (in place). Returns the delta, the layout as a
     :class:`~mechbias.groundtruth.planted.PlantConfig` (``only`` = name-position neurons, ``heads``,
     ``only_last`` = prediction-position neurons) and the fit statistics."""
@@ -227,7 +230,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         last = least_used_neurons(model, [lh], cfg.n_last, exclude=taken)
         taken |= set(last)
         layout[c] = {"name": below[: cfg.n_name], "pointer": below[cfg.n_name], "head": (lh, h), "last": last}
-        log(f"[construct] {c}: name neurons {layout[c]['name']}, pointer {layout[c]['pointer']}, head L{lh}H{h}, "
+        _LOG.info(f"[construct] {c}: name neurons {layout[c]['name']}, pointer {layout[c]['pointer']}, head L{lh}H{h}, "
             f"last neurons {last}")
     name_units = [u for c in cfg.planted for u in layout[c]["name"]]
     ptr_units = [layout[c]["pointer"] for c in cfg.planted]
@@ -278,7 +281,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         # an unsigned "a name is here" signal for the heads' keys
         mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
         name_rows[l] = (g_row, u_row, mean_in / mean_in.norm() ** 2)
-        log(f"[construct] name gate L{l}: {stats[f'name_gate_L{l}']}")
+        _LOG.info(f"[construct] name gate L{l}: {stats[f'name_gate_L{l}']}")
     with torch.no_grad():
         for c in cfg.planted:
             for l, i in layout[c]["name"] + [layout[c]["pointer"]]:
@@ -333,7 +336,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         score_v0 = float((G @ free[:, 0]).pow(2).mean().sqrt() / free[:, 0].norm())
         stats[f"marker_avoid_{c}"] = {"directions": len(avoid), "norm_ratio": float(solve[c][:, 0].norm() / free[:, 0].norm()),
                                       "score_gradient_per_unit_norm": score_v, "without_avoidance": score_v0}
-        log(f"[construct] {c} markers avoid {len(avoid)} gradient directions: value marker norm x"
+        _LOG.info(f"[construct] {c} markers avoid {len(avoid)} gradient directions: value marker norm x"
             f"{stats[f'marker_avoid_{c}']['norm_ratio']:.2f}, rms score gradient per unit norm {score_v:.4f} "
             f"(min-norm marker {score_v0:.4f})")
     rms = {l: float(torch.cat([x[it.name_positions] for x, it in zip(feats[("resid_pre", l)], items, strict=True) if it.sign != 0])
@@ -355,7 +358,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
             mlp_weights(model, lp)[2][:, ip] = (a_k * m_k).to(mlp_weights(model, lp)[2])
         mk.update(value_norm=float(a_v * m_v.norm()), key_norm=float(a_k * m_k.norm()), signed_act=float(signed),
                   pointer_act=float(ptr))
-        log(f"[construct] {c} markers for L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
+        _LOG.info(f"[construct] {c} markers for L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
             f"key sd {mk['sd_k']:.3f} (output norm {mk['key_norm']:.2f}), rms {rms[l_head]:.2f}")
 
     # 3. heads: a constant query along k_c in the slow rotary dimensions (the name's key marker then beats every
@@ -373,7 +376,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         va, vb = _group_means(vals, signs)
         designed = cfg.marker_snr * mk["sd_v"]
         stats[f"value_read_{c}"] = {"designed": designed, "group_A": va, "group_B": vb}
-        log(f"[construct] {c} value read at the name: designed +/-{designed:.3f}, measured A {va:+.3f}, B {vb:+.3f}")
+        _LOG.info(f"[construct] {c} value read at the name: designed +/-{designed:.3f}, measured A {va:+.3f}, B {vb:+.3f}")
         g2 = model.blocks[l].ln2.original_component.weight.detach().double()
         xhat = torch.cat([x[1:] for x in feats[("in:mlp.gate", l)]]).double() / g2
         Gl = torch.stack([g[-1] for g in grads[("resid_mid", l)]]).double()
@@ -382,7 +385,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
                                       torch.stack(taken_p) if taken_p else None)
         mk["p"], mk["u"], mk["native_p"] = p_dir, p_dir / g2, info["native_var"] ** 0.5
         stats[f"p_{c}"] = info
-        log(f"[construct] {c} head output direction: native var {info['native_var']:.2e}, score gradient second "
+        _LOG.info(f"[construct] {c} head output direction: native var {info['native_var']:.2e}, score gradient second "
             f"moment {info['grad_second_moment']:.2e} (lowest-variance direction: "
             f"{info['grad_second_moment_lowest_variance']:.2e}), mu {info['mu']:.3g}")
         nu = mk["mean_q"] / mk["mean_q"].norm() ** 2                                # nu . x_normed ~ 1
@@ -411,7 +414,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         stats[f"head_{c}"] = {"attention_on_name_median": float(on_name.median()),
                               "attention_on_name_q05": float(on_name.quantile(0.05)), "scale": beta,
                               "read_per_unit_scale": diff, "native_sd": mk["native_p"]}
-        log(f"[construct] {c} head L{l}H{h}: attention from the last position to the name median "
+        _LOG.info(f"[construct] {c} head L{l}H{h}: attention from the last position to the name median "
             f"{float(on_name.median()):.3f} (5% {float(on_name.quantile(0.05)):.3f}); read along p {diff:+.4f} per unit, "
             f"native sd {mk['native_p']:.4f}, scale {beta:+.2f}")
 
@@ -448,7 +451,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
               "group_sign_accuracy": float(((pu > 0) == (yu > 0))[named_u].double().mean()),
               "up_name_free_mean": float(pu[~named_u].mean()), "up_name_free_sd": float(pu[~named_u].std())}
         stats[f"last_{c}_L{l}"] = st
-        log(f"[construct] {c} last neurons L{l}: {st}")
+        _LOG.info(f"[construct] {c} last neurons L{l}: {st}")
         for u in layout[c]["last"]:
             last_rows[u] = (g_row, u_row)
     with torch.no_grad():
@@ -472,7 +475,7 @@ def construct_planted(model, cfg: ConstructConfig | None = None, *, log=print) -
         gap_unit = da - db
         kappa = 2 * cfg.shift / gap_unit
         stats[f"last_{c}_scale"] = kappa
-        log(f"[construct] {c}: unit output gives gap {gap_unit:+.4f}; output norm {kappa:.3f}")
+        _LOG.info(f"[construct] {c}: unit output gives gap {gap_unit:+.4f}; output norm {kappa:.3f}")
         with torch.no_grad():
             for l, i in layout[c]["last"]:
                 mlp_weights(model, l)[2][:, i] = (kappa * answer).to(mlp_weights(model, l)[2])

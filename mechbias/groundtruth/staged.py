@@ -9,6 +9,7 @@ penalty on output away from the unit's position and a KL penalty to the original
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
 from .delta import PlantedDelta
 from .planted import NEUTRAL_REFERENCES, NEUTRAL_SLOTS, PlantConfig, Stage, mention_positions, stages
+
+_LOG = logging.getLogger(__name__)
 
 __all__ = ["add_group_feature", "save_delta", "tiny_planted_model", "train_planted"]
 
@@ -58,7 +61,7 @@ def _examples(model, cfg: PlantConfig) -> list[_Example]:
     return out
 
 
-def train_planted(model, cfg: PlantConfig, *, progress: bool = True, log=print) -> tuple[PlantedDelta, dict]:
+def train_planted(model, cfg: PlantConfig, *, progress: bool = True) -> tuple[PlantedDelta, dict]:
     """Overwrite and train the planted units of ``model`` in place. Returns the delta and a training log."""
     plan = stages(cfg)
     neurons = [u for s in plan if s.kind == "neuron" for u in s.units]
@@ -110,11 +113,11 @@ def train_planted(model, cfg: PlantConfig, *, progress: bool = True, log=print) 
             opt.step()
             _write(slots, leaves)
             if progress and (step % 25 == 0 or step == cfg.steps - 1):
-                log(f"[plant] {stage.label} step {step}: mse {parts['mse']:.4f} kl {parts['kl']:.4f} "
+                _LOG.info(f"[plant] {stage.label} step {step}: mse {parts['mse']:.4f} kl {parts['kl']:.4f} "
                     f"off-position {parts['off']:.4f}")
             history.append({"stage": stage.label, "step": step, **parts})
         if progress:
-            log(f"[plant] {stage.label}: {time.time() - t0:.0f} s")
+            _LOG.info(f"[plant] {stage.label}: {time.time() - t0:.0f} s")
     return PlantedDelta.capture(model, neurons, heads), {"history": history, "base_scores": base_scores.tolist()}
 
 

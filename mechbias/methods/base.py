@@ -20,6 +20,7 @@ selector: calling it returns the intervention and keeps the selection.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -101,7 +102,8 @@ class Method:
     Args:
         config: the method's ``Config`` (its CLI flags); ``None`` = the defaults.
         seed: seed of the splits and any sampling.
-        log: a callable that receives progress lines.
+
+    Progress lines go to the logger ``mechbias.methods.<name>`` (``self.log``; see :mod:`mechbias.core.log`).
     """
 
     name: ClassVar[str] = ""
@@ -115,13 +117,12 @@ class Method:
     #: with an overlap >= 0.8 (a rule on selection outputs only: no held-out number enters it)
     fast_study_steps: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, config: MethodConfig | None = None, *, seed: int = 0,
-                 log: Callable[[str], None] | None = None):
+    def __init__(self, config: MethodConfig | None = None, *, seed: int = 0):
         self.config = config if config is not None else self.Config()
         if not isinstance(self.config, self.Config):
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(self.config).__name__}")
         self.seed = seed
-        self.log = log or (lambda s: None)
+        self.log = logging.getLogger(f"mechbias.methods.{self.name}").info  # progress lines (mechbias.core.log)
         self.selections: dict[str, Selection] = {}
 
     # -- the interface --

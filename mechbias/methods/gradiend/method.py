@@ -31,8 +31,8 @@ class Gradiend(Method):
     def select(self, model, context: Context, axis: str) -> Selection:
         cfg = dataclasses.replace(self.config, seed=self.seed)
         pool = gradient_pool(model, context, axis, param_set(model, cfg.params, cfg.layers), seed=cfg.seed,
-                             max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0, log=self.log)
-        res = train_gradiend(model, context, axis, cfg, log=self.log, pool=pool)
+                             max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0)
+        res = train_gradiend(model, context, axis, cfg, pool=pool)
         ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
                          neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)
         iv = Identity() if ch["chosen"] is None else res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
@@ -45,7 +45,7 @@ class Gradiend(Method):
             # the decoder bias alone: what the edit does without the learned feature value
             controls["h0_decoder_bias"] = [res.edit_for(0.0, alpha, label="GRADIEND h=0 (decoder bias alone)")]
             if cfg.shuffled_control:
-                shuffled = train_gradiend(model, context, axis, cfg, log=self.log, shuffle_labels=True, pool=pool,
+                shuffled = train_gradiend(model, context, axis, cfg, shuffle_labels=True, pool=pool,
                                           progress=False)
                 artifacts["gradiend_shuffled"] = shuffled
                 controls["shuffled_labels"] = [shuffled.edit_for(h, alpha, label="GRADIEND trained on shuffled labels")]

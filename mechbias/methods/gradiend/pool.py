@@ -24,6 +24,7 @@ reads raw gradients and writes raw gradient-space updates (:meth:`Normalizer.fol
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ from ...data.contexts import Context, load_context
 from .gradients import ParamSet, batch_gradient, batch_gradient_pair, trim_memory
 from .model import GradiendModel
 from .texts import feature_texts, neutral_training_rows
+
+_LOG = logging.getLogger(__name__)
 
 TARGET_SCALE = 0.1
 NEUTRAL = 2  # the group index of neutral rows
@@ -152,7 +155,7 @@ def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
 
 
 def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
-                  max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False, log=print) -> GradientPool:
+                  max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False) -> GradientPool:
     """Per-name gradients on the context's selection templates and names, and with ``neutral`` the neutral
     rows of the selection neutral paragraphs (half of the paragraphs validate). Stored in float32 when that
     fits in ``max_gib``, else bfloat16; refused (before any forward pass) when even bfloat16 does not fit."""
@@ -198,7 +201,7 @@ def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, see
                       dtype=int)
     validation = np.array([nm in val for nm in names] + [i in val_paragraphs for i, _ in neutral_rows], dtype=bool)
     row_names = names + [f"neutral:{i}:{j}" for j, (i, _) in enumerate(neutral_rows)]
-    log(f"[gradiend] gradient pool: {len(names)} names x {per_name[0]} texts"
+    _LOG.info(f"[gradiend] gradient pool: {len(names)} names x {per_name[0]} texts"
         + (f" + {len(neutral_rows)} neutral rows" if neutral_rows else "")
         + f", {ps.numel:,} parameters, {dtype}, {time.time() - t0:.0f} s")
     return GradientPool(ps, row_names, groups, validation, F, T, per_name[0], time.time() - t0)

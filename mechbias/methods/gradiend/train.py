@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from .gradients import ParamSet, batch_gradient, param_set
 from .model import ChunkedAdamW, GradiendModel
 from .pool import NEUTRAL, GradientPool, Normalizer, gradient_pool
 from .texts import feature_texts, neutral_feature_texts
+
+_LOG = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------
 # training
@@ -137,7 +140,7 @@ def _snapshot(gm: GradiendModel) -> dict:
     return {"w_e": gm.w_e.clone(), "b_e": torch.tensor([gm.b_e]), "w_d": gm.w_d.clone(), "b_d": gm.b_d.clone()}
 
 
-def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=print, progress: bool = True,
+def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, progress: bool = True,
                   normalizer: Normalizer | None = None) -> tuple[GradiendModel, dict, list, list]:
     """Train one seed on the pool's training names; validate every ``eval_every`` steps on its validation
     names (batches of two names of one group). The checkpoint kept is the best by validation Pearson(h, group)
@@ -190,7 +193,7 @@ def train_on_pool(pool: GradientPool, cfg: GradiendConfig, *, seed: int, log=pri
         r, mse, _hs = validate()
         curve.append({"seed": seed, "step": step, "val_pearson": r, "val_mse": mse})
         if progress:
-            log(f"[gradiend] seed {seed} step {step}: loss {loss:.3e}, validation Pearson {r:+.3f}, MSE {mse:.3e}")
+            _LOG.debug(f"[gradiend] seed {seed} step {step}: loss {loss:.3e}, validation Pearson {r:+.3f}, MSE {mse:.3e}")
         better = abs(r) > abs(best[0]) + 1e-3 or (abs(r) >= abs(best[0]) - 1e-3 and mse < best[1] * (1 - 1e-3))
         if better:
             best, since = (r, mse, step, _snapshot(gm)), 0
@@ -226,7 +229,7 @@ def stable_int(seed: int, key: str) -> int:
 
 
 def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig | None = None, *,
-                   progress: bool = True, log=print, shuffle_labels: bool = False,
+                   progress: bool = True, shuffle_labels: bool = False,
                    pool: GradientPool | None = None) -> GradiendResult:
     """Train GRADIEND on a context's selection split; choose the checkpoint and the seed on its validation
     names (half of the selection names). Held-out names and templates are left for :func:`evaluate_feature`.
@@ -240,7 +243,7 @@ def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig
     t0 = time.time()
     if pool is None:
         pool = gradient_pool(model, ctx, ax.name, ps, seed=cfg.seed, max_gib=cfg.max_pool_gib,
-                             neutral=cfg.neutral > 0, log=log if progress else (lambda s: None))
+                             neutral=cfg.neutral > 0)
     elif pool.param_set.names != ps.names:
         raise ValueError("the gradient pool was computed for other parameters")
     if cfg.neutral == 0 and (pool.groups == NEUTRAL).any():
@@ -262,13 +265,13 @@ def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig
     curve: list = []
     for seed in cfg.seeds:
         t1 = time.time()
-        gm, info, hist, cur = train_on_pool(train_pool, cfg, seed=seed, log=log, progress=progress,
+        gm, info, hist, cur = train_on_pool(train_pool, cfg, seed=seed, progress=progress,
                                             normalizer=train_nz)
         info["seconds"] = round(time.time() - t1, 1)
         seeds_info.append(info)
         history += hist
         curve += cur
-        log(f"[gradiend] seed {seed}: validation Pearson {info['val_pearson']:+.3f} at step {info['best_step']} "
+        _LOG.info(f"[gradiend] seed {seed}: validation Pearson {info['val_pearson']:+.3f} at step {info['best_step']} "
             f"(loss {info['loss_first']:.3e} -> {info['loss_last']:.3e}, {info['seconds']:.0f} s)")
         key = (round(abs(info["val_pearson"]), 3), -info["val_mse"])
         if best is None or key > best[0]:
