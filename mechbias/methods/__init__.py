@@ -5,12 +5,10 @@ the study read the registry. A new method is one module here plus one line
 below (see docs/architecture.md).
 """
 
-# registration: one line per method
-from . import (
-    gradiend,  # noqa: F401
-    ig2,  # noqa: F401
-    leace,  # noqa: F401
-    patching,  # noqa: F401
-    pruning,  # noqa: F401
-    steering,  # noqa: F401
-)
+# registration: one line per method, in the order the study runs them and reports list them
+from . import ig2  # noqa: F401
+from . import patching  # noqa: F401
+from . import pruning  # noqa: F401
+from . import gradiend  # noqa: F401
+from . import steering  # noqa: F401
+from . import leace  # noqa: F401
