@@ -197,7 +197,7 @@ def test_string_options_are_literal_types_checked_in_one_place():
     from mechbias.core.choices import literal_choices
     from mechbias.methods.base import registered_methods
     from mechbias.methods.patching.method import PatchingConfig
-    from mechbias.methods.pruning.candidates import PruneConfig
+    from mechbias.methods.pruning.ranking import PruneConfig
     from mechbias.methods.steering import SteeringConfig
 
     with pytest.raises(ValueError, match=r"^mode must be one of \('ablate', 'add'\), not 'erase'$"):

@@ -11,7 +11,7 @@ from mechbias.eval.cells import EvalSet
 from mechbias.eval.metrics import contrast_scores
 from mechbias.eval.transfer import transfer_matrix
 from mechbias.interventions.units import NeuronIntervention
-from mechbias.methods.pruning.candidates import PruneConfig
+from mechbias.methods.pruning.ranking import PruneConfig
 from mechbias.methods.steering import Steering, SteeringConfig
 
 

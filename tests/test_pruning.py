@@ -19,7 +19,7 @@ from mechbias.methods.pruning import (
     pruning_curve,
     set_difference,
 )
-from mechbias.methods.pruning.candidates import greedy_select
+from mechbias.methods.pruning.ranking import greedy_select
 
 
 def test_set_difference_logic():
@@ -122,7 +122,7 @@ def test_levels_and_curves(planted_tiny):
 def test_set_difference_union_and_common_voting_on_hand_made_scores(tiny, monkeypatch):
     """target="both" prunes Top_p(A) minus Top_q(B) together with Top_p(B) minus Top_q(A), ranked by |S_A - S_B|;
     with common=1.0 a unit must be chosen in every selection template. Scores are given by hand."""
-    from mechbias.methods.pruning import selection as sel_mod
+    from mechbias.methods.pruning import ranking as sel_mod
     from mechbias.methods.pruning.scores import GroupStats
 
     ctx = load_context("finance")

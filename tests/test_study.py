@@ -169,8 +169,8 @@ def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
     from mechbias.core.models import load_model
     from mechbias.eval.cells import TransferConfig
     from mechbias.eval.transfer import transfer_matrix
-    from mechbias.methods.pruning.candidates import PruneConfig
     from mechbias.methods.pruning.method import Pruning
+    from mechbias.methods.pruning.ranking import PruneConfig
 
     method = Pruning(PruneConfig(unit="neuron", k=None, score="activation", precision="fast"), seed=0)
     tm = transfer_matrix(load_model("tiny"), method, ["finance", "commerce"], "race",

@@ -1,9 +1,9 @@
 """Per-context pruning of neurons, weights and attention heads (Breaking Down Bias): scores, selection,
 generalization levels and curves, and the registered method."""
 
-from .candidates import Candidates, PruneConfig, candidates
 from .levels import LevelsResult, PruningCurve, generalization_levels, pruning_curve
 from .method import Pruning
+from .ranking import Candidates, PruneConfig, candidates
 from .scores import (
                      GroupStats,
                      head_scores,

@@ -14,7 +14,7 @@ from ...data.neutral import neutral_texts
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate, random_controls
 from ...eval.stats import benjamini_hochberg, crossed_estimate
 from ...viz.plotting import plot_curves, plot_levels
-from .candidates import PruneConfig, candidates
+from .ranking import PruneConfig, candidates
 
 
 @dataclass

@@ -12,8 +12,8 @@ from ...data.contexts import Context
 from ...viz.html import svg_curve
 from ...viz.plotting import plot_curves
 from ..base import Method, Selection, register_method
-from .candidates import PruneConfig, candidates
 from .levels import generalization_levels, pruning_curve
+from .ranking import PruneConfig, candidates
 
 
 @register_method
