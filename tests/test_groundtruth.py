@@ -183,3 +183,21 @@ def test_matrix_recovery_agrees_with_its_cells_and_detects_only_a_context_specif
     flat_rec, good_rec = matrix_recovery(shared, oracle, n_boot=400), matrix_recovery(good, oracle, n_boot=400)
     assert flat_rec["sensitivity_ci"][1] < 0.8 and flat_rec["leakage_ci"][0] > 0.1
     assert good_rec["sensitivity_ci"][0] < 1.0 < good_rec["sensitivity_ci"][1] and good_rec["leakage_ci"][0] < 0 < good_rec["leakage_ci"][1]
+
+
+def test_a_ground_truth_without_unit_recovery_plots_its_transfer_cells():
+    """A run with --no-recovery has transfer cells only: the figure has that one panel (it once raised and
+    stopped a 70-minute run after its first method)."""
+    from mechbias.groundtruth.recovery import GroundTruthResult
+
+    cells = [{"method": m, "selected_on": r, "evaluated_on": c, "gap_removed": g, "oracle_gap_removed": o}
+             for m, r, c, g, o in (("oracle", "finance", "finance", 0.06, 0.06), ("oracle", "finance", "commerce",
+                                   0.01, 0.01), ("m", "finance", "finance", 0.03, 0.06),
+                                   ("m", "finance", "commerce", 0.02, 0.01))]
+    fig = GroundTruthResult([], cells, {"matrices": []}).plot()
+    assert len(fig.axes) == 1 and fig.axes[0].get_ylabel() == "method: gap removed"
+    assert len(fig.axes[0].collections) == 2  # the method's filled (same context) and hollow (other) points
+    import pytest
+
+    with pytest.raises(ValueError, match="neither unit recovery nor transfer"):
+        GroundTruthResult([], [], {}).plot()

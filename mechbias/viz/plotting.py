@@ -192,15 +192,28 @@ def plot_curves(curves, title: str | None = None):
 
 def plot_ground_truth(gt):
     """Left: precision@k of the planted units per method and context (95% CIs; chance as a black tick).
-    Right: each method's transfer cells against the oracle's (gap removed, log-odds; filled = same context)."""
+    Right: each method's transfer cells against the oracle's (gap removed, log-odds; filled = same context).
+    A result without unit recovery (a run with ``--no-recovery``) or without transfer cells gets one panel."""
     plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame([r for r in gt.rows if "precision" in r])
-    has_tr = bool(gt.transfer)
-    fig, axes = plt.subplots(1, 2 if has_tr else 1, figsize=(13 if has_tr else 6.5, 4.6), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.5, 1]} if has_tr else None)
-    ax = axes[0, 0]
+    has_tr, has_rec = bool(gt.transfer), not df.empty
+    if not (has_tr or has_rec):
+        raise ValueError("the ground-truth result holds neither unit recovery nor transfer cells to plot")
+    both = has_tr and has_rec
+    fig, axes = plt.subplots(1, 2 if both else 1, figsize=(13 if both else 6.5, 4.6), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.5, 1]} if both else None)
+    if has_rec:
+        _plot_unit_recovery(axes[0, 0], df)
+    if has_tr:
+        _plot_transfer_vs_oracle(axes[0, 1 if both else 0], pd.DataFrame(gt.transfer), gt.meta)
+    fig.tight_layout()
+    return fig
+
+
+def _plot_unit_recovery(ax, df) -> None:
+    """Precision@k of planted units per method and context, with chance marks."""
     if "units" not in df:
         df["units"] = "neurons"
     df["label"] = [f"{m} [{u}]" if u == "heads" else m for m, u in zip(df["method"], df["units"], strict=True)]
@@ -224,28 +237,27 @@ def plot_ground_truth(gt):
     ax.set_ylabel("precision@k of planted units")
     ax.set_title("Unit recovery (k = planted units of that type in the context)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
-    if has_tr:
-        ax = axes[0, 1]
-        tr = pd.DataFrame(gt.transfer)
-        xk, yk = ("oracle_gap_removed", "gap_removed") if "oracle_gap_removed" in tr else ("oracle_reduction",
-                                                                                          "reduction")
-        stats = {m["method"]: m for m in gt.meta.get("matrices", [])}
-        for k, (name, sub) in enumerate(tr[tr["method"] != "oracle"].groupby("method", sort=False)):
-            st = stats.get(name)
-            lab = f"{name} (r {st['pearson']:+.2f}, MAE {st['mae']:.2f})" if st else name
-            diag = sub["selected_on"] == sub["evaluated_on"]
-            ax.scatter(sub[xk][diag], sub[yk][diag], color=f"C{k}", s=30, label=lab)
-            ax.scatter(sub[xk][~diag], sub[yk][~diag], facecolors="none", edgecolors=f"C{k}", s=30)
-        vals = tr[[xk, yk]].to_numpy(dtype=float)
-        lim = [min(-0.1, float(np.nanmin(vals))) - 0.05, float(np.nanmax(vals)) + 0.1]
-        ax.plot(lim, lim, color="k", lw=0.8, ls="--")
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.set_xlabel("oracle: gap removed by zeroing the row context's planted units")
-        ax.set_ylabel("method: gap removed")
-        ax.set_title("Transfer cells vs oracle (filled: same context, hollow: other context)", fontsize=9)
-        ax.legend(fontsize=6.5, frameon=False, loc="upper left")
-    fig.tight_layout()
-    return fig
+
+
+def _plot_transfer_vs_oracle(ax, tr, meta: dict) -> None:
+    """Each method's transfer cells against the oracle's (filled: same context, hollow: other context)."""
+    xk, yk = ("oracle_gap_removed", "gap_removed") if "oracle_gap_removed" in tr else ("oracle_reduction",
+                                                                                      "reduction")
+    stats = {m["method"]: m for m in meta.get("matrices", [])}
+    for k, (name, sub) in enumerate(tr[tr["method"] != "oracle"].groupby("method", sort=False)):
+        st = stats.get(name)
+        lab = f"{name} (r {st['pearson']:+.2f}, MAE {st['mae']:.2f})" if st else name
+        diag = sub["selected_on"] == sub["evaluated_on"]
+        ax.scatter(sub[xk][diag], sub[yk][diag], color=f"C{k}", s=30, label=lab)
+        ax.scatter(sub[xk][~diag], sub[yk][~diag], facecolors="none", edgecolors=f"C{k}", s=30)
+    vals = tr[[xk, yk]].to_numpy(dtype=float)
+    lim = [min(-0.1, float(np.nanmin(vals))) - 0.05, float(np.nanmax(vals)) + 0.1]
+    ax.plot(lim, lim, color="k", lw=0.8, ls="--")
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_xlabel("oracle: gap removed by zeroing the row context's planted units")
+    ax.set_ylabel("method: gap removed")
+    ax.set_title("Transfer cells vs oracle (filled: same context, hollow: other context)", fontsize=9)
+    ax.legend(fontsize=6.5, frameon=False, loc="upper left")
 
 
 def plot_methods_summary(rows, axis: str = ""):
