@@ -118,7 +118,8 @@ def test_atp_matches_a_finite_difference_and_ranks_like_exact_patching(tiny):
     assert float(atp.estimates["resid_pre"][i, l, p]) == pytest.approx(fd, rel=0.03)
     for comp in ("resid_pre", "heads"):
         agree = atp_agreement(atp, patch_sweep(tiny, pairs, comp), comp)
-        assert agree["spearman"] > 0.3
+        assert agree.spearman > 0.3 and agree.component == comp and 0 <= agree.recall[5] <= 1
+        assert agree.as_dict()["recall@5"] == agree.recall[5]
     verified = prefilter_and_verify(tiny, pairs, atp, "heads", k=3)
     assert len(verified) == 3 and all("exact_effect" in v for v in verified)
 

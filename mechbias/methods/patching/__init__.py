@@ -1,6 +1,6 @@
 """Activation patching (exact, batched), attribution patching, and the registered method."""
 
-from .atp import ATP_COMPONENTS, AtPResult, atp_agreement, attribution_patch, prefilter_and_verify
+from .atp import ATP_COMPONENTS, AtpAgreement, AtPResult, atp_agreement, attribution_patch, prefilter_and_verify
 from .engine import (
            SWEEPS,
            PatchResult,
@@ -17,6 +17,7 @@ __all__ = [
            "ATP_COMPONENTS",
            "SWEEPS",
            "AtPResult",
+           "AtpAgreement",
            "PatchResult",
            "Patching",
            "PatchingConfig",

@@ -132,20 +132,38 @@ def attribution_patch(model, pairs: PromptPairs, *, direction: str = "denoise",
     return AtPResult(direction, est, {c: axes[c] for c in components}, meta)
 
 
-def atp_agreement(atp: AtPResult, exact: PatchResult, component: str, ks: Sequence[int] = (5, 10, 20)) -> dict:
+@dataclass
+class AtpAgreement:
+    """How well attribution patching ranks what exact patching measures, for one component.
+
+    Args:
+        component: the swept component (``heads``, ``resid_pre``, ...).
+        spearman: Spearman correlation of the AtP estimates with the exact effects (means over pairs).
+        n_cells: cells patching can change (finite, non-zero exact effect).
+        recall: k -> the share of the exact top-k cells (by |effect|) in the AtP top-k.
+    """
+
+    component: str
+    spearman: float
+    n_cells: int
+    recall: dict[int, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        """The flat record the study summary and the report tables use (``recall@k`` keys)."""
+        return {"component": self.component, "spearman": self.spearman, "n_cells": self.n_cells,
+                **{f"recall@{k}": v for k, v in self.recall.items()}}
+
+
+def atp_agreement(atp: AtPResult, exact: PatchResult, component: str, ks: Sequence[int] = (5, 10, 20)
+                  ) -> AtpAgreement:
     """Spearman correlation of AtP with exact patching (mean over pairs), and recall of the exact top-k."""
     a = torch.nanmean(atp.estimates[component], 0).flatten().numpy()
     e = exact.mean_effect().flatten().numpy()
     ok = np.isfinite(a) & np.isfinite(e) & (e != 0)  # cells that patching can change
     a, e = a[ok], e[ok]
-    out = {"component": component, "spearman": spearman(a, e), "n_cells": int(ok.sum())}
-    for k in ks:
-        if k > len(e):
-            continue
-        top_e = set(np.argsort(-np.abs(e))[:k])
-        top_a = set(np.argsort(-np.abs(a))[:k])
-        out[f"recall@{k}"] = len(top_e & top_a) / k
-    return out
+    recall = {k: len(set(np.argsort(-np.abs(e))[:k]) & set(np.argsort(-np.abs(a))[:k])) / k for k in ks
+              if k <= len(e)}
+    return AtpAgreement(component, spearman(a, e), int(ok.sum()), recall)
 
 
 def prefilter_and_verify(model, pairs: PromptPairs, atp: AtPResult, component: str = "heads", k: int = 10,

@@ -68,7 +68,7 @@ class Patching(Method):
             atp_comps = [k for k in ("resid_pre", "attn_out", "mlp_out", "heads") if k in sweeps]
             atp = attribution_patch(model, pairs, direction=c.direction, components=tuple(atp_comps))
             artifacts["atp"] = atp
-            summary["atp_agreement"] = [atp_agreement(atp, sweeps[k], k) for k in atp_comps]
+            summary["atp_agreement"] = [atp_agreement(atp, sweeps[k], k).as_dict() for k in atp_comps]
         sets = []
         for d in DIRECTIONS:  # the chosen heads patched together, both directions
             r = patch_set(model, pairs, [Site(l, "z", (h,)) for l, h in heads], direction=d)
