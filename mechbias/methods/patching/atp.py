@@ -140,7 +140,7 @@ class AtpAgreement:
         component: the swept component (``heads``, ``resid_pre``, ...).
         spearman: Spearman correlation of the AtP estimates with the exact effects (means over pairs).
         n_cells: cells patching can change (finite, non-zero exact effect).
-        recall: k -> the share of the exact top-k cells (by |effect|) in the AtP top-k.
+        recall: k -> the share of the exact top-k cells (by absolute effect) in the AtP top-k.
     """
 
     component: str
