@@ -2,8 +2,8 @@
 
     python analyses/study_findings.py results/study_full [--figure figures/study_full/transfer_tests.png]
 
-Reads ``DIR/axis_choice.json``, ``DIR/steps/baseline`` and every ``DIR/steps/<step>/transfer_result`` (the
-score grids are saved with each matrix) and writes ``DIR/findings.md`` (and the figure, if asked):
+Reads ``DIR/axis_choice.json``, ``DIR/steps/baseline`` and every method step's run (``load_run``: the
+transfer matrix with its score grids) and writes ``DIR/findings.md`` (and the figure, if asked):
 
 1. **Axis choice** (selection split only) and **baseline gaps** (held-out and selection prompts together,
    as the baseline step measures them) with Benjamini-Hochberg over the family of baseline tests.
@@ -32,7 +32,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from mechbias.apps.study_report import summary_rows
-from mechbias.core.results import Result, atomic_savefig, atomic_write_text, markdown_table
+from mechbias.apps.workflow import load_run
+from mechbias.core.results import atomic_savefig, atomic_write_text, markdown_table
 from mechbias.eval.stats import benjamini_hochberg
 from mechbias.eval.transfer import TransferMatrix, transfer_estimate
 from mechbias.viz.plotting import plot_methods_summary
@@ -99,12 +100,11 @@ def findings(study: Path) -> tuple[str, list[dict]]:
     parts += ["## Baseline gaps", "", bt, ""]
     methods = []
     for step in sorted((study / "steps").iterdir()):
-        path = step / "transfer_result"
-        if (path / "result.json").exists():
-            tm = Result.load(path)
-            assert isinstance(tm, TransferMatrix)
-            title = json.loads((step / "summary.json").read_text()).get("title") or tm.method
-            methods.append({"step": step.name, **method_rows(tm), "method": title})
+        try:
+            run = load_run(step)  # either layout: transfer/ (current) or transfer_result/ (the committed study)
+        except FileNotFoundError:
+            continue  # the baseline and summary steps
+        methods.append({"step": step.name, **method_rows(run.transfer), "method": run.title or run.transfer.method})
     adj = benjamini_hochberg([m["test"]["p_value"] if m["test"].get("p_value") is not None else float("nan")
                               for m in methods])
     for m, a in zip(methods, adj, strict=True):

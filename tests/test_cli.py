@@ -3,6 +3,7 @@ import json
 import pytest
 
 from mechbias.apps.cli import main
+from mechbias.core.results import run_summary_json
 
 
 def test_bias_command_writes_json_and_figure(tmp_path, capsys):
@@ -31,16 +32,16 @@ def test_ig2_command(tmp_path):
     rc = main(["ig2", "--model", "tiny", "--select-on", "finance", "--axis", "race", "--pairs", "3",
                "--steps", "4", "--verify-random", "1", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "ig2.json").read_text())
+    data = json.loads((tmp_path / "summary.json").read_text())
     sel = data["selections"]["finance"]
     assert len(sel["completeness_error_per_layer"]) == 2
     assert {r["operation"] for r in data["analysis"]["verification"]} == {"suppress", "amplify"}
-    assert (tmp_path / "intervention" / "intervention.json").exists()
+    assert (tmp_path / "interventions" / "finance" / "intervention.json").exists()
     assert (tmp_path / "figures" / "ig2_attributions.png").exists()
     assert (tmp_path / "figures" / "transfer_ig2_race.png").exists()
     from mechbias.interventions.base import load_intervention
 
-    iv = load_intervention(tmp_path / "intervention")
+    iv = load_intervention(tmp_path / "interventions" / "finance")
     assert iv.n_components == len(sel["selected_neurons"])
 
 
@@ -48,7 +49,7 @@ def test_patch_command(tmp_path):
     rc = main(["patch", "--model", "tiny", "--select-on", "finance", "--axis", "gender", "--pairs", "3",
                "--components", "resid_pre", "heads", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "patch.json").read_text())
+    data = json.loads((tmp_path / "summary.json").read_text())
     sel = data["selections"]["finance"]
     assert sel["direction"] == "denoise" and set(sel["top"]) == {"resid_pre", "heads"}
     assert {a["component"] for a in sel["atp_agreement"]} == {"resid_pre", "heads"}
@@ -62,7 +63,7 @@ def test_prune_command(tmp_path):
                "commerce", "--axis", "race", "--k", "2", "--common", "none", "--random", "1", "--boot", "100",
                "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "transfer.json").read_text())
+    data = run_summary_json(tmp_path)  # summary.json with the cells of transfer/result.json
     assert [c["evaluated_on"] for c in data["cells"]] == ["finance", "commerce"]
     assert {"gap_change", "ci_low", "ci_high", "p_value", "p_adjusted", "min_detectable", "reduction",
             "random_reduction", "perplexity_change", "controls"} <= set(data["cells"][0])
@@ -70,13 +71,13 @@ def test_prune_command(tmp_path):
     # one selection row: no column holds two rows' cells, so there is no within - cross test (the earlier
     # diagonal - off-diagonal statistic compared finance's column with commerce's here)
     assert data["transfer_test"]["within_minus_cross"] is None and "note" in data["transfer_test"]
-    assert "hook_q" in json.loads((tmp_path / "prune.json").read_text())["selections"]["finance"]["head_ablation"]
+    assert "hook_q" in json.loads((tmp_path / "summary.json").read_text())["selections"]["finance"]["head_ablation"]
     assert data["config"]["common"] is None and data["config"]["k"] == 2
     from mechbias.interventions.base import load_intervention
 
-    assert load_intervention(tmp_path / "intervention").n_components == 2
+    assert load_intervention(tmp_path / "interventions" / "finance").n_components == 2
     rc = main(["bias", "--model", "tiny", "--contexts", "finance", "--axis", "race", "--boot", "100",
-               "--intervention", str(tmp_path / "intervention"), "--out", str(tmp_path / "b")])
+               "--intervention", str(tmp_path / "interventions" / "finance"), "--out", str(tmp_path / "b")])
     assert rc == 0 and "heads" in json.loads((tmp_path / "b" / "bias.json").read_text())["meta"]["intervention"]
 
 
@@ -99,7 +100,7 @@ def test_no_random_control_is_allowed(tmp_path):
     rc = main(["prune", "--model", "tiny", "--unit", "head", "--select-on", "finance", "--axis", "race", "--k", "2",
                "--random", "0", "--boot", "50", "--no-capability", "--out", str(tmp_path)])
     assert rc == 0
-    cell = json.loads((tmp_path / "transfer.json").read_text())["cells"][0]
+    cell = run_summary_json(tmp_path)["cells"][0]
     assert cell["controls"] == {} and "random_reduction" not in cell and cell["perplexity_change"] is None
 
 
@@ -124,14 +125,14 @@ def test_gradiend_command(tmp_path):
                "hiring", "--steps", "6", "--batch", "6", "--seeds", "0", "--lr", "1e-3", "--h", "-1", "1",
                "--alpha", "0.01", "--max-ppl-increase", "10", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "gradiend.json").read_text())
+    data = json.loads((tmp_path / "summary.json").read_text())
     feat = data["analysis"]["features"][0]
     assert {"sign_accuracy", "pearson", "auc"} <= set(feat)
-    assert data["selections"]["finance"]["chosen_edit"] is not None and len(data["transfer"]) == 2
+    assert data["selections"]["finance"]["chosen_edit"] is not None and len(run_summary_json(tmp_path)["cells"]) == 2
     assert (tmp_path / "selections" / "finance" / "gradiend" / "tensors.safetensors").exists()
     assert (tmp_path / "figures" / "gradiend_grid_finance.png").exists()
     assert (tmp_path / "figures" / "gradiend_training_finance.png").exists()
-    # the training curve's endpoints and held-out encoder statistics are in gradiend.json
+    # the training curve's endpoints and held-out encoder statistics are in summary.json
     assert feat["steps_run"] == 6 and feat["loss_first"] > 0 and {"male", "female", "neutral"} <= set(feat["stats"])
 
 
@@ -241,3 +242,41 @@ def test_progress_lines_go_through_logging(capsys):
             logger.removeHandler(h)
         for h in before:
             logger.addHandler(h)
+
+
+def test_a_method_run_saves_each_cell_and_intervention_once_and_old_folders_still_load(tmp_path):
+    """One run artifact (issue 37): the cells live in transfer/result.json alone, each intervention in
+    interventions/<context>/ alone; load_run reads that layout and the committed layout before it."""
+    from pathlib import Path
+
+    from mechbias.apps.workflow import load_run
+    from mechbias.interventions.base import load_intervention
+
+    rc = main(["prune", "--model", "tiny", "--unit", "head", "--select-on", "finance", "commerce", "--axis", "race",
+               "--k", "2", "--common", "none", "--random", "1", "--boot", "50", "--no-capability",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    written = [p for p in tmp_path.rglob("intervention.json") if "jobs" not in p.relative_to(tmp_path).parts]
+    assert sorted(str(p.parent.relative_to(tmp_path)) for p in written) == ["interventions/commerce",
+                                                                             "interventions/finance"]
+    holding_cells = [p.relative_to(tmp_path) for p in tmp_path.rglob("*.json") if "jobs" not in p.parts
+                     and '"gap_change"' in p.read_text()]
+    assert holding_cells == [Path("transfer/result.json")]
+    assert not (tmp_path / "transfer.json").exists() and not (tmp_path / "prune.json").exists()
+    run = load_run(tmp_path)
+    assert run.method == "prune" and run.transfer.rows == ["finance", "commerce"] and len(run.transfer.cells) == 4
+    assert set(run.transfer.interventions) == {"finance", "commerce"}
+    assert run.transfer.interventions["finance"].describe() == load_intervention(
+        tmp_path / "interventions" / "finance").describe() == run.selections["finance"]["intervention"]
+    assert [c["gap_change"] for c in run.cells()] == [c.gap_change for c in run.transfer.cells]
+    # the committed study of the layout before (transfer_result/, transfer.json): read, cells equal to its JSON
+    old = Path(__file__).resolve().parents[1] / "analyses/results/study_default/steps/prune_neuron_paper"
+    before = load_run(old)
+    saved = json.loads((old / "transfer.json").read_text())["cells"]
+    assert [c.gap_change for c in before.transfer.cells] == [c["gap_change"] for c in saved]
+    assert before.title and before.selections
+    with pytest.raises(FileNotFoundError, match=r"summary.json and transfer/result.json"):
+        load_run(tmp_path / "jobs")
+    # the old place of an intervention (OUT/intervention) is refused with the new one named
+    with pytest.raises(FileNotFoundError, match=r"interventions/<context> \(one of: commerce, finance\)"):
+        load_intervention(tmp_path / "intervention")

@@ -55,8 +55,9 @@ def _step(root, name: str, summary: dict) -> None:
     import json
 
     d = root / "steps" / name
-    d.mkdir(parents=True)
-    (d / "summary.json").write_text(json.dumps({"title": name, "transfer": CELLS, **summary}))
+    (d / "transfer").mkdir(parents=True)  # a method run's layout: the cells in transfer/, no cells in summary.json
+    (d / "transfer" / "result.json").write_text(json.dumps({"result_type": "transfer", "cells": CELLS}))
+    (d / "summary.json").write_text(json.dumps({"title": name, "selections": {}, **summary}))
 
 
 def test_methods_render_their_own_report_sections(tmp_path):

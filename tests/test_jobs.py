@@ -19,6 +19,7 @@ from mechbias.apps.executors import InProcess, RayExecutor
 from mechbias.apps.jobs import Job, JobStore, job_kind, run_planners
 from mechbias.apps.study import StudyConfig, run_study
 from mechbias.core.models import load_model
+from mechbias.core.results import run_summary_json
 
 calls: list[str] = []
 
@@ -370,10 +371,10 @@ def test_findings_summarise_the_study_matrices_they_read(reference):
     spec.loader.exec_module(mod)
     _, out, _ = reference
     text, methods = mod.findings(out)
-    assert {m["step"] for m in methods} == {p.parent.name for p in (out / "steps").glob("*/transfer_result")}
+    assert {m["step"] for m in methods} == {p.parent.name for p in (out / "steps").glob("*/transfer")}
     ps = []
     for m in methods:
-        saved = json.loads((out / "steps" / m["step"] / "transfer.json").read_text())
+        saved = run_summary_json(out / "steps" / m["step"])
         cells = saved["cells"]
         rows = {c["selected_on"] for c in cells}
         diag = [c["gap_removed"] for c in cells if c["selected_on"] == c["evaluated_on"]]

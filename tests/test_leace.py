@@ -10,6 +10,7 @@ import torch
 
 from mechbias.apps.cli import main
 from mechbias.core.hooks import n_active_hooks
+from mechbias.core.results import run_summary_json
 from mechbias.methods.base import registered_methods
 from mechbias.methods.leace import ErasureIntervention, Leace, LeaceConfig, fit_eraser
 
@@ -133,18 +134,18 @@ def test_erase_is_registered_and_runs_through_the_transfer_engine(tmp_path):
     rc = main(["erase", "--model", "tiny", "--select-on", "finance", "commerce", "--evaluate-on", "all",
                "--axis", "gender", "--random", "1", "--boot", "100", "--no-capability", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "transfer.json").read_text())
+    data = run_summary_json(tmp_path)  # summary.json with the cells and test of transfer/result.json
     assert len(data["cells"]) == 2 * 6  # two rows x the six built-in contexts
     assert {"random", "shuffled_labels"} <= set(data["cells"][0]["controls"])
     assert data["transfer_test"]["columns"] == ["finance", "commerce"]
     ov = data["transfer_test"]["overlap"]["finance|commerce"]
     assert ov["measure"] == "subspace_cos2" and 0.0 <= ov["value"] <= 1.0 + 1e-9 and ov["same_layer"]
     assert isinstance(data["transfer_test"]["gated"], bool)
-    summary = json.loads((tmp_path / "erase.json").read_text())
+    summary = json.loads((tmp_path / "summary.json").read_text())
     sel = summary["selections"]["finance"]
     assert sel["rank"] == 1 and sel["class_mean_distance_after"] < 1e-3 * sel["class_mean_distance"]
     from mechbias.interventions.base import load_intervention
 
-    iv = load_intervention(tmp_path / "intervention" / "finance")
+    iv = load_intervention(tmp_path / "interventions" / "finance")
     assert isinstance(iv, ErasureIntervention) and iv.n_components == 1
     assert np.isfinite(iv.proj_left.numpy()).all()

@@ -208,11 +208,11 @@ def test_cli_ig2_runs_end_to_end_on_a_tiny_bert_folder(tmp_path):
            "--neutral-texts", "2"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    transfer = json.loads((out / "transfer.json").read_text())
+    transfer = json.loads((out / "transfer" / "result.json").read_text())
     assert transfer["meta"]["model_class"] == "BertForMaskedLM" and "pseudo" in transfer["meta"]["readout"]
     cell = transfer["cells"][0]
     assert cell["gap_before"] != 0 and cell["ci_low"] <= cell["gap_change"] <= cell["ci_high"]
-    ig2 = json.loads((out / "ig2.json").read_text())
+    ig2 = json.loads((out / "summary.json").read_text())
     assert ig2["selections"]["finance"]["n_components"] > 0
 
 

@@ -1,7 +1,6 @@
 """Activation steering: the direction is the groups' mean difference, the intervention equals a plain hooked
 forward, restores the model bit for bit, owns its control, and the method reaches the CLI and the study."""
 
-import json
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch
 from mechbias.apps.cli import main
 from mechbias.apps.study import StudyConfig, study_steps
 from mechbias.core.hooks import n_active_hooks
+from mechbias.core.results import run_summary_json
 from mechbias.data.contexts import load_context
 from mechbias.eval.metrics import contrast_scores
 from mechbias.interventions.base import load_intervention
@@ -114,10 +114,10 @@ def test_steer_command_and_study_row(tmp_path):
     rc = main(["steer", "--model", "tiny", "--select-on", "finance", "--evaluate-on", "finance", "commerce",
                "--axis", "race", "--layer", "1", "--random", "1", "--boot", "100", "--out", str(tmp_path)])
     assert rc == 0
-    data = json.loads((tmp_path / "steer.json").read_text())
-    assert data["selections"]["finance"]["layer"] == 1 and len(data["transfer"]) == 2
-    assert isinstance(load_intervention(tmp_path / "intervention"), DirectionIntervention)
-    cell = json.loads((tmp_path / "transfer.json").read_text())["cells"][0]
+    data = run_summary_json(tmp_path)
+    assert data["selections"]["finance"]["layer"] == 1 and len(data["cells"]) == 2
+    assert isinstance(load_intervention(tmp_path / "interventions" / "finance"), DirectionIntervention)
+    cell = data["cells"][0]
     assert cell["controls"]["random"]["n_draws"] == 1
     assert "steering" in [s.name for s in study_steps(StudyConfig(quick=True, full=True))]
     assert "steering" not in [s.name for s in study_steps(StudyConfig(quick=True))]  # not one of the default four

@@ -7,6 +7,7 @@ import pytest
 
 from mechbias.apps.cli import main
 from mechbias.apps.study import StudyConfig, study_steps
+from mechbias.core.results import run_summary_json
 
 
 def test_study_writes_report_and_resumes(tmp_path):
@@ -38,18 +39,17 @@ def test_study_writes_report_and_resumes(tmp_path):
     from mechbias.viz.html import cell_tip, esc
 
     for st in steps[1:]:
-        for cell in json.loads((out / "steps" / st.name / "transfer.json").read_text())["cells"]:
+        for cell in run_summary_json(out / "steps" / st.name)["cells"]:
             assert f"data-tip='{esc(cell_tip(cell))}'" in page
             assert f"gap change   {cell['gap_change']:+.3f}" in cell_tip(cell)
     # an interrupted study continues: remove one finished job; only it is computed again
     sel = sorted((out / "jobs" / "select").iterdir())[0]
     shutil.rmtree(sel)
-    gradiend_summary = out / "steps" / "gradiend" / "summary.json"
-    before = json.loads(gradiend_summary.read_text())
+    before = run_summary_json(out / "steps" / "gradiend")
     assert main(args) == 0
     work = json.loads((out / "work.json").read_text())
     assert work["computed_now"] == 1 and work["reused"] == work["jobs"] - 1
-    assert json.loads(gradiend_summary.read_text())["transfer"] == before["transfer"]
+    assert run_summary_json(out / "steps" / "gradiend")["cells"] == before["cells"]
 
 
 def test_axis_choice_reads_only_the_selection_split_and_finds_the_planted_axis(planted_tiny):
@@ -95,14 +95,14 @@ def test_user_yaml_contexts_work_in_method_commands_and_the_study(tmp_path):
     yaml_file.write_text(finance.replace("name: finance", "name: mycredit"))
     assert main(["prune", "--model", "tiny", "--select-on", str(yaml_file), "--evaluate-on", str(yaml_file),
                  "finance", "--axis", "gender", "--k", "5", "--random", "1", "--boot", "100", "--out", str(tmp_path / "p")]) == 0
-    cells = json.loads((tmp_path / "p" / "transfer.json").read_text())["cells"]
+    cells = run_summary_json(tmp_path / "p")["cells"]
     assert {(c["selected_on"], c["evaluated_on"]) for c in cells} == {("mycredit", "mycredit"),
                                                                       ("mycredit", "finance")}
     argv = ["study", "--model", "tiny", "--quick", "--contexts", str(yaml_file), "finance", "--axis", "race",
             "--methods", "prune", "--workers", "1", "--out", str(tmp_path / "s")]
     assert main(argv) == 0
-    s = json.loads((tmp_path / "s" / "steps" / "prune_neuron_paper" / "summary.json").read_text())
-    assert {c["selected_on"] for c in s["transfer"]} == {"mycredit", "finance"}
+    s = run_summary_json(tmp_path / "s" / "steps" / "prune_neuron_paper")
+    assert {c["selected_on"] for c in s["cells"]} == {"mycredit", "finance"}
     cfg = StudyConfig(contexts=(str(yaml_file), "finance"))
     assert cfg.contexts == (str(yaml_file.resolve()), "finance")
     # the file's bytes are part of every job's key: an edit means recomputation, never a stale reuse
@@ -150,8 +150,7 @@ def test_a_method_command_and_the_study_compute_the_same_cells(tmp_path):
                  "commerce", "--axis", "race", "--unit", "neuron", "--k", "none", "--score", "activation",
                  "--random", "1", "--boot", "300", "--seed", "0", "--no-capability", "--precision", "fast",
                  "--out", str(cli)]) == 0
-    a = json.loads((study / "steps" / "prune_neuron_paper" / "transfer.json").read_text())
-    b = json.loads((cli / "transfer.json").read_text())
+    a, b = run_summary_json(study / "steps" / "prune_neuron_paper"), run_summary_json(cli)
     assert a["config"]["precision"] == b["config"]["precision"] == "fast"  # neuron pruning selects fast by default
     assert a["transfer_config"]["controls"] == b["transfer_config"]["controls"]
     key = lambda c: (c["selected_on"], c["evaluated_on"])
@@ -191,7 +190,7 @@ def test_an_interrupted_method_command_resumes_from_its_job_store(tmp_path):
     argv = ["prune", "--model", "tiny", "--select-on", "finance", "commerce", "--axis", "race", "--k", "5",
             "--random", "1", "--boot", "100", "--out", str(out)]
     assert main(argv) == 0
-    first = json.loads((out / "transfer.json").read_text())["cells"]
+    first = run_summary_json(out)["cells"]
     entries = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/*") if (p / "job.json").exists()}
     assert len(entries) >= 8
     for p in list(out.iterdir()):
@@ -200,7 +199,7 @@ def test_an_interrupted_method_command_resumes_from_its_job_store(tmp_path):
     gone = sorted(out.glob("jobs/scores/*"))[0]
     shutil.rmtree(gone)
     assert main(argv) == 0
-    assert json.loads((out / "transfer.json").read_text())["cells"] == first
+    assert run_summary_json(out)["cells"] == first
     redone = [p for p, t in entries.items() if p.stat().st_mtime_ns != t]
     assert redone == [gone] and gone.exists()
     assert main(argv) == 2  # now the folder holds a finished run: refused, never mixed

@@ -228,17 +228,17 @@ def _method_command(cls: type[Method]):
         cfg = config_from_arguments(cls.Config, args, **({"seed": tcfg.seed} if "seed" in
                                                            cls.Config.__dataclass_fields__ else {}))
         model = _load(args)
-        summary = run_method_jobs(model, cls, cfg, args.select_on, args.evaluate_on or args.select_on, args.axis,
-                                  tcfg, args.out, seed=tcfg.seed)
+        run = run_method_jobs(model, cls, cfg, args.select_on, args.evaluate_on or args.select_on, args.axis,
+                              tcfg, args.out, seed=tcfg.seed)
         import pandas as pd
 
-        df = pd.DataFrame(summary["transfer"])
+        df = pd.DataFrame(run.cells())
         cols_shown = [c for c in ("selected_on", "evaluated_on", "gap_before", "gap_change", "ci_low", "ci_high",
                                   "p_adjusted", "reduction", "random_gap_change", "perplexity_change")
                       if c in df and df[c].notna().any()]
         _print_table(df[cols_shown])
-        _say(f"wrote {args.out / 'transfer.json'} and {args.out / (cls.name + '.json')}; intervention(s) in "
-             f"{args.out / 'intervention'}")
+        _say(f"wrote {args.out / 'summary.json'} and the cells in {args.out / 'transfer'}; intervention(s) in "
+             f"{args.out / 'interventions'}/<context>")
         return 0
 
     return run

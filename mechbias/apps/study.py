@@ -30,7 +30,14 @@ from typing import Any
 
 from ..core.models import model_label
 from ..core.precision import PRECISIONS, Precision, check_precision
-from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text
+from ..core.results import (
+    RUN_TRANSFER,
+    RUN_TRANSFER_V1,
+    atomic_savefig,
+    atomic_write_json,
+    atomic_write_text,
+    run_summary_json,
+)
 from ..core.work import achieved_rate, matmul_peak, torch_threads
 from ..data.axes import load_axis
 from ..data.contexts import load_contexts
@@ -210,11 +217,10 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
 
     def write(value: dict, out: Path) -> dict:
         _copy_tree(value["files"], out)
-        summary = write_method_outputs(cls.name, cls.title, cls.summary, config.to_dict(), value["seed"],
-                                       value["transfer"], value["selections"], value["analysis"], out,
-                                       f"transfer_{name}.png")
-        summary["title"] = title
-        return summary
+        run = write_method_outputs(cls.name, title, cls.summary, config.to_dict(), value["seed"],
+                                   value["transfer"], value["selections"], value["analysis"], out,
+                                   f"transfer_{name}.png", jobs=len(value.get("jobs", [])))
+        return run.record()
 
     def report(summary: dict, fig) -> str:
         method = cls(config)
@@ -222,7 +228,7 @@ def _method_step(name: str, cls, config, extras: dict) -> Step:
         return "\n".join([text, "", "**Transfer** (intervention chosen on the row context's selection split; "
                           "evaluated on held-out names and templates of each column context; gap change = after - "
                           "before, 95% paired crossed-bootstrap CI; random control: the intervention's own random "
-                          "draw of the same size):", "", transfer_md(summary["transfer"], fig, summary["figures"][0])])
+                          "draw of the same size):", "", transfer_md(summary["cells"], fig, summary["figures"][0])])
 
     return Step(name, title, plan, write, report, config)
 
@@ -389,8 +395,7 @@ def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None
         value.setdefault("seed", cfg.seed)
         step_dir = out / "steps" / st.name
         summary = st.write(value, step_dir)
-        jobs = value.get("jobs", [])
-        summary["jobs"] = len(jobs)
+        summary["jobs"] = len(value.get("jobs", []))
         atomic_write_json(summary, step_dir / "summary.json")
     # the steps of this run: the report shows these alone, not a stale step an earlier configuration left
     atomic_write_json({"steps": [st.name for st in steps if st.name in rep.values] + ["summary"]},
@@ -452,6 +457,8 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
         if not done.exists():
             continue
         summary = json.loads(done.read_text())
+        if any((done.parent / sub / "result.json").exists() for sub in (RUN_TRANSFER, RUN_TRANSFER_V1)):
+            summary = run_summary_json(done.parent)  # a method step: its cells from its transfer matrix
         for f in summary.get("figures", []):
             src = out / "steps" / st.name / "figures" / f
             if src.exists():

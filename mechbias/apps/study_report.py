@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ..core.results import markdown_table
+from ..core.results import markdown_table, run_summary_json
 
 
 def baseline_report(summary: dict, fig: Callable[[str], str]) -> str:
@@ -66,11 +65,11 @@ def summary_rows(out: Path, steps: list, plot: list[dict] | None = None) -> list
     rows = []
     plot = plot if plot is not None else []
     for st in steps:
-        f = out / "steps" / st.name / "summary.json"
-        if not f.exists():
-            continue
-        s = json.loads(f.read_text())
-        cells = s.get("transfer")
+        try:
+            s = run_summary_json(out / "steps" / st.name)
+        except FileNotFoundError:
+            continue  # not a method step, or not finished
+        cells = s["cells"]
         if not cells:
             continue
         diag = [c for c in cells if c["selected_on"] == c["evaluated_on"]]

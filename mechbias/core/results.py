@@ -303,3 +303,41 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     out += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------
+# a method run's folder (written by ``apps.workflow.MethodRun``; read here by the lower layers' reports)
+# ----------------------------------------------------------------------------
+
+#: the files of one method run: ``summary.json`` (what ran and what it chose, no cells), ``transfer/`` (the
+#: transfer matrix: each cell once), ``interventions/<context>/`` (each intervention once), ``selections/<context>/``
+RUN_SUMMARY, RUN_TRANSFER, RUN_INTERVENTIONS, RUN_SELECTIONS = "summary.json", "transfer", "interventions", "selections"
+#: where the layout before issue 37 kept the transfer matrix (still read)
+RUN_TRANSFER_V1 = "transfer_result"
+
+
+def run_summary_json(folder: str | Path) -> dict[str, Any]:
+    """A method run folder's ``summary.json`` with its transfer matrix's ``cells`` (each with its controls),
+    ``transfer_test``, ``rows`` (row overlaps) and ``transfer_config`` merged in from ``transfer/result.json``, without loading
+    tensors. Reads the layout before issue 37 too (``transfer_result/``; a ``<method>.json`` summary).
+
+    Raises:
+        FileNotFoundError: the folder holds no method run.
+    """
+    folder = Path(folder)
+    for sub in (RUN_TRANSFER, RUN_TRANSFER_V1):
+        if (folder / sub / "result.json").exists():
+            tm = json.loads((folder / sub / "result.json").read_text())
+            break
+    else:
+        raise FileNotFoundError(f"{folder} holds no method run: no {RUN_TRANSFER}/result.json (the transfer "
+                                f"matrix) beside {RUN_SUMMARY}")
+    summary: dict[str, Any] = {}
+    for p in [folder / RUN_SUMMARY, *sorted(folder.glob("*.json"))]:
+        d = json.loads(p.read_text()) if p.exists() else None
+        if isinstance(d, dict) and "method" in d and "selections" in d:
+            summary = d
+            break
+    return {**{k: v for k, v in summary.items() if k != "transfer"}, "cells": tm.get("cells", []),
+            "transfer_test": tm.get("transfer_test") or {}, "rows": tm.get("row_info", []),
+            "transfer_config": tm.get("config", {})}

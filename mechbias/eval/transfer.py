@@ -260,9 +260,11 @@ class TransferMatrix(Result):
         hi = edge(ratio, ratio + span) if rejected(ratio + span) else float("inf")
         return {**out, "ratio": float(ratio), "ci_low": float(lo), "ci_high": float(hi), "method": "Fieller"}
 
-    def save(self, path) -> Path:
+    def save(self, path, *, interventions: bool = True) -> Path:
+        """Write the matrix to folder ``path`` and, with ``interventions``, each row's intervention under
+        ``path/interventions/<row>`` (a method run keeps them beside the matrix instead: ``MethodRun``)."""
         path = super().save(path)
-        for r, iv in self.interventions.items():
+        for r, iv in (self.interventions.items() if interventions else ()):
             iv.save(Path(path) / "interventions" / r)
         return path
 
@@ -309,7 +311,7 @@ class TransferMatrix(Result):
         return pd.DataFrame([{k: v for k, v in c.as_dict().items() if k != "controls"} for c in self.cells])
 
     def records(self) -> list[dict]:
-        """Every cell as a flat dict (what ``transfer.json`` holds)."""
+        """Every cell as a flat dict (what ``result.json`` holds under ``cells``)."""
         return [c.as_dict() for c in self.cells]
 
     def plot(self, title: str | None = None):

@@ -271,7 +271,10 @@ def load_intervention(path: str | Path) -> Intervention:
     path = Path(path)
     meta = path / "intervention.json"
     if not meta.is_file():
-        raise FileNotFoundError(f"{path} holds no saved intervention (missing intervention.json)")
+        runs = [d / "interventions" for d in (path, path.parent) if (d / "interventions").is_dir()]
+        hint = (f"; a method run keeps its interventions in {runs[0]}/<context> (one of: "
+                f"{', '.join(sorted(q.name for q in runs[0].iterdir()))})") if runs else ""
+        raise FileNotFoundError(f"{path} holds no saved intervention (missing intervention.json){hint}")
     try:
         d = json.loads(meta.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:

@@ -82,9 +82,12 @@ class Selection:
     summary: dict = field(default_factory=dict)
     controls: dict[str, list[Intervention]] = field(default_factory=dict)  # method-specific controls
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, intervention: bool = True) -> Path:
+        """Write the artifacts and ``selection.json`` under ``path`` and, with ``intervention``, the intervention
+        under ``path/intervention`` (a method run keeps it in ``interventions/<context>`` instead)."""
         path = Path(path)
-        self.intervention.save(path / "intervention")
+        if intervention:
+            self.intervention.save(path / "intervention")
         for name, res in self.artifacts.items():
             res.save(path / name)
         atomic_write_json({"context": self.context, "axis": self.axis, "intervention": self.intervention.describe(),

@@ -15,7 +15,6 @@ config, the selection and the registration. Nothing else in mechbias names it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, Literal, get_args
 import torch
 from torch import Tensor
 
+from ..core.results import run_summary_json
 from ..core.runner import capture
 from ..core.sites import Site
 from ..core.window import local_positions
@@ -192,8 +192,7 @@ class Steering(Method):
             return []
         rows = [{"selected on": ctx, "layer": s.get("layer"), "|direction|": s.get("direction_norm"),
                  "prompts": s.get("n_prompts"), "read at": s.get("position")} for ctx, s in sel.items()]
-        tfile = step / "transfer.json"
-        overlap = (json.loads(tfile.read_text()).get("transfer_test") or {}).get("overlap", {}) if tfile.exists() else {}
+        overlap = run_summary_json(step)["transfer_test"].get("overlap", {})
         cos = [{"rows": pair.replace("|", " vs "), "|cosine|": v.get("value")} for pair, v in overlap.items()
                if isinstance(v, dict) and v.get("measure") == "abs_cosine"]
         return ["<h3>Steering directions</h3>" + records_html(rows)

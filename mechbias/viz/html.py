@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.results import RUN_TRANSFER, RUN_TRANSFER_V1, run_summary_json
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1100px;
 color:#222;line-height:1.4}
@@ -257,17 +259,14 @@ def study_html(out: str | Path, sections: Sections | None = None) -> str:
                 s.get("rows", []), ["context", "axis", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value",
                                     "min_detectable", "significant"]))
             continue
-        if "transfer" not in s:
+        if not any((step / sub / "result.json").exists() for sub in (RUN_TRANSFER, RUN_TRANSFER_V1)):
             continue
+        s = run_summary_json(step)  # the cells, each with every control, from the step's transfer matrix
         body.append(f"<h2>{esc(s.get('title', step.name))}</h2><p class='note'>{esc(s.get('description', ''))}</p>")
-        cells = s["transfer"]
-        tfile = step / "transfer.json"
-        if tfile.exists():  # the full cells carry every control
-            cells = json.loads(tfile.read_text()).get("cells", cells)
         body += [f"<h3>{esc(name)}</h3>" + matrix_html(group, title=f"{step.name} {name}")
-                 for name, group in matrix_groups(cells)]
-        tt = s.get("transfer_test")
-        est = tt.get("within_minus_cross", tt.get("diagonal_minus_offdiagonal")) if isinstance(tt, dict) else None
+                 for name, group in matrix_groups(s["cells"])]
+        tt: dict = s["transfer_test"]
+        est = tt.get("within_minus_cross", tt.get("diagonal_minus_offdiagonal"))
         if est is not None:
             body.append(f"<p>Within minus cross-context bias removed (within columns): {fmt(est)} "
                         f"{_ci(tt.get('ci_low'), tt.get('ci_high'))}, p {fmt(tt.get('p_value'), signed=False)}, "
