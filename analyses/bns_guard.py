@@ -98,11 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     every = diag + off
 
     def mean_of(which: str, cells) -> dict:
-        return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells])
+        return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells]).as_dict()
 
     def minus(a: str, b: str, cells) -> dict:
         return tm.contrast([(a, r, c, 1.0 / len(cells)) for r, c in cells]
-                           + [(b, r, c, -1.0 / len(cells)) for r, c in cells])
+                           + [(b, r, c, -1.0 / len(cells)) for r, c in cells]).as_dict()
 
     info = {ri["context"]: ri for ri in tm.row_info}
     rows = []

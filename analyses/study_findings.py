@@ -52,7 +52,7 @@ def method_rows(tm: TransferMatrix) -> dict:
     controls = sorted(tm.cells[0].controls if tm.cells else [], key=lambda k: (k != "random", k))
 
     def mean_of(which: str, cells: list) -> dict:
-        return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells])
+        return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells]).as_dict()
 
     out: dict = {"method": tm.method, "rows": tm.rows, "cols": tm.cols,
                  "within": mean_of("after", diag), "cross": mean_of("after", off) if off else None,
@@ -63,7 +63,7 @@ def method_rows(tm: TransferMatrix) -> dict:
     for name in controls:
         which = f"control/{name}"
         beat = tm.contrast([("after", r, c, 1.0 / len(diag)) for r, c in diag]
-                           + [(which, r, c, -1.0 / len(diag)) for r, c in diag])
+                           + [(which, r, c, -1.0 / len(diag)) for r, c in diag]).as_dict()
         cppl = [tm.cell(r, r).controls[name].perplexity_change for r, _ in diag]
         out["controls"][name] = {"within": mean_of(which, diag), "selection_minus_control": beat,
                                  "with_draws": tm.test_against_control(name),

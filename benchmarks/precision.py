@@ -58,8 +58,9 @@ def main() -> None:
                 got[prec] = (iv, secs, cell)
             (ie, te, ce), (if_, tf, cf) = got["exact"], got["fast"]
             half = (ce.ci_high - ce.ci_low) / 2
+            ov = ie.overlap(if_)
             row = {"step": step, "method": cls.title, "seconds_exact": round(te, 1), "seconds_fast": round(tf, 1),
-                   "speedup": round(te / tf, 2) if tf > 0 else None, "overlap": ie.overlap(if_),
+                   "speedup": round(te / tf, 2) if tf > 0 else None, "overlap": ov.as_dict() if ov else None,
                    "exact": {"intervention": ie.describe(), "gap_removed": ce.gap_removed,
                              "ci": [ce.ci_low, ce.ci_high]},
                    "fast": {"intervention": if_.describe(), "gap_removed": cf.gap_removed,

@@ -261,7 +261,7 @@ def test_the_same_fix_on_every_row_gives_zero_whatever_the_column_gaps():
     assert t["pooled_diagonal_minus_offdiagonal"] > 0.3  # the old statistic: an artefact of the column gaps
     old = tm.contrast([("after", r, r, 0.5) for r in tm.rows]
                       + [("after", r, c, -1 / 6) for r in tm.rows for c in tm.cols if c != r])
-    assert old["ci_low"] > 0  # ... which the old test called significant
+    assert old.ci_low > 0  # ... which the old test called significant
 
 
 def test_non_square_matrix_with_unequal_gaps_detects_and_covers():
@@ -331,18 +331,18 @@ def test_contrast_of_the_diagonal_equals_its_cells_and_covers_the_planted_effect
     tm = _matrix(rng, 0.3, 0.1)
     diag = [("after", r, c, 1.0 / len(tm.rows)) for r, c in tm.diagonal_cells()]
     est = tm.contrast(diag)
-    assert est["estimate"] == pytest.approx(np.mean([tm.cell(r, r).gap_removed for r in tm.rows]), abs=1e-9)
-    assert est["estimate"] == pytest.approx(est["cells_estimate"], abs=1e-9)
+    assert est.estimate == pytest.approx(np.mean([tm.cell(r, r).gap_removed for r in tm.rows]), abs=1e-9)
+    assert est.estimate == pytest.approx(est.cells_estimate, abs=1e-9)
     t = tm.test_transfer()  # square: the column-wise test is the contrast of the two means
     off = [("after", r, c, -1.0 / len(tm.offdiagonal_cells())) for r, c in tm.offdiagonal_cells()]
-    assert tm.contrast(diag + off)["ci_low"] == pytest.approx(t["ci_low"], abs=1e-12)
+    assert tm.contrast(diag + off).ci_low == pytest.approx(t["ci_low"], abs=1e-12)
     with pytest.raises(KeyError, match="control/nope"):
         tm.contrast([("control/nope", tm.rows[0], tm.rows[0], 1.0)])
     hits = 0
     for i in range(200):  # the diagonal's mean removal is 0.3 by construction
         m = _matrix(rng, 0.3, 0.1)
         e = m.contrast([("after", r, c, 1.0 / len(m.rows)) for r, c in m.diagonal_cells()], seed=i)
-        hits += e["ci_low"] <= 0.3 <= e["ci_high"]
+        hits += e.ci_low <= 0.3 <= e.ci_high
     assert 0.91 <= hits / 200 <= 0.99, hits / 200
 
 
@@ -356,17 +356,17 @@ def test_selection_overlap_between_rows_is_what_it_says():
     a = NeuronIntervention({28: [1095, 3], 5: [7]})
     b = NeuronIntervention({28: [1095], 6: [7, 8]})
     o = a.overlap(b)
-    assert o["measure"] == "jaccard" and o["value"] == pytest.approx(1 / 5) and o["shared"] == 1
-    assert a.overlap(a)["value"] == 1.0 and a.overlap(HeadIntervention({0: [1]})) is None
-    assert HeadIntervention({18: [6, 7]}).overlap(HeadIntervention({18: [7]}))["value"] == pytest.approx(0.5)
+    assert o is not None and o.measure == "jaccard" and o.value == pytest.approx(1 / 5) and o.shared == 1
+    assert a.overlap(a).value == 1.0 and a.overlap(HeadIntervention({0: [1]})) is None
+    assert HeadIntervention({18: [6, 7]}).overlap(HeadIntervention({18: [7]})).value == pytest.approx(0.5)
     m1 = WeightMask({"w": torch.tensor([1, 2, 3])})
-    assert m1.overlap(WeightMask({"w": torch.tensor([3, 4])}))["value"] == pytest.approx(1 / 4)
+    assert m1.overlap(WeightMask({"w": torch.tensor([3, 4])})).value == pytest.approx(1 / 4)
     d = torch.tensor([1.0, 0.0, 1.0])
-    assert DirectionIntervention(3, d).overlap(DirectionIntervention(3, -2 * d))["value"] == pytest.approx(1.0)
-    assert DirectionIntervention(3, d).overlap(DirectionIntervention(3, torch.tensor([1.0, 1.0, -1.0])))[
-        "value"] == pytest.approx(0.0, abs=1e-12)
+    assert DirectionIntervention(3, d).overlap(DirectionIntervention(3, -2 * d)).value == pytest.approx(1.0)
+    same = DirectionIntervention(3, d).overlap(DirectionIntervention(3, torch.tensor([1.0, 1.0, -1.0])))
+    assert same.value == pytest.approx(0.0, abs=1e-12) and same.same_layer
     e1, e2 = WeightEdit({"w": torch.tensor([1.0, 2.0])}), WeightEdit({"w": torch.tensor([2.0, -1.0])})
-    assert e1.overlap(e2)["value"] == pytest.approx(0.0, abs=1e-12) and e1.overlap(e1)["value"] == pytest.approx(1)
+    assert e1.overlap(e2).value == pytest.approx(0.0, abs=1e-12) and e1.overlap(e1).value == pytest.approx(1)
 
 
 def test_gating_reads_the_within_context_effect():

@@ -186,6 +186,15 @@ def make_meta(model=None, **extra) -> dict:
     return meta
 
 
+class Record:
+    """Base of the typed records that public functions return (a dataclass: fields by attribute, documented;
+    :meth:`as_dict` for JSON). A record that is written into JSON and extended there (a transfer test, a
+    metadata block) is a ``TypedDict`` instead, checked by mypy all the same."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 # ----------------------------------------------------------------------------
 # base class
 # ----------------------------------------------------------------------------

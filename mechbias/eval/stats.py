@@ -30,6 +30,8 @@ import torch
 from scipy.stats import t as student_t
 from torch import Tensor
 
+from .records import Equivalence
+
 DEFAULT_BOOT = 2000
 #: power for which minimal detectable differences are stated
 POWER = 0.80
@@ -112,7 +114,7 @@ def interval_of(est: float, var: float, df: float, level: float, var_t: float, v
                     float(var_t), float(var_n), float(var_e))
 
 
-def tost(est: float, se: float, df: float, margin: float, alpha: float = 0.05) -> dict:
+def tost(est: float, se: float, df: float, margin: float, alpha: float = 0.05) -> Equivalence:
     """Two one-sided t tests (Schuirmann) of equivalence, ``|effect| < margin``: equivalent when both one-sided
     nulls (effect <= -margin, effect >= margin) are rejected at ``alpha``, i.e. when the ``1 - 2 alpha`` CI lies
     inside ``(-margin, margin)``. The margin must be fixed before the data are seen."""
@@ -127,8 +129,7 @@ def tost(est: float, se: float, df: float, margin: float, alpha: float = 0.05) -
         p = max(p_low, p_high)
         q = float(student_t.ppf(1 - alpha, df))
         lo, hi = float(est - q * se), float(est + q * se)
-    return {"margin": float(margin), "alpha": alpha, "p_value": p, "equivalent": bool(p < alpha),
-            "ci_low_90": lo, "ci_high_90": hi}
+    return Equivalence(float(margin), alpha, p, bool(p < alpha), lo, hi)
 
 
 def residual_variance(m: np.ndarray, g: np.ndarray) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
+from .records import Contrast, ControlTest, RatioTest, RowInfo, TransferTest
 from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
 
 _LOG = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class TransferMatrix(Result):
     rows: list[str]
     cols: list[str]
     cells: list[Cell]
-    row_info: list[dict] = field(default_factory=list)
+    row_info: list[RowInfo] = field(default_factory=list)
     baseline: list[dict] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
@@ -96,7 +97,7 @@ class TransferMatrix(Result):
         return cell.gap_removed if which == "after" else cell.controls[which.split("/", 1)[1]].gap_removed
 
     def contrast(self, terms: Sequence[tuple[str, str, str, float]], *, n_boot: int | None = None,
-                 seed: int | None = None) -> dict:
+                 seed: int | None = None) -> Contrast:
         """A linear combination of cells' ``gap_removed``, ``sum(coef * removed(which, row, col))``, with a t
         interval from one resampling of the whole matrix (names shared by every evaluation context, templates
         per context) and its minimal detectable difference (power 0.8).
@@ -121,8 +122,7 @@ class TransferMatrix(Result):
         cfg = self.config
         est = crossed_estimate(combined, g, n_boot=n_boot or int(cfg.get("n_boot", DEFAULT_BOOT)),
                                seed=int(cfg.get("seed", 0)) if seed is None else seed)
-        return {"estimate": est.estimate, "cells_estimate": estimate, "ci_low": est.ci_low, "ci_high": est.ci_high,
-                "p_value": est.p_value, "se": est.se, "df": est.df, "min_detectable": est.min_detectable}
+        return Contrast(est.estimate, estimate, est.ci_low, est.ci_high, est.p_value, est.se, est.df, est.min_detectable)
 
     def diagonal_cells(self) -> list[tuple[str, str]]:
         return [(r, r) for r in self.rows if r in self.cols]
@@ -136,7 +136,7 @@ class TransferMatrix(Result):
         return [c for c in self.cols if c in self.rows and len(self.rows) > 1]
 
     def test_transfer(self, which: str = "after", *, n_boot: int | None = None, seed: int | None = None,
-                      family_size: int = 1, margin: float | None = None) -> dict:
+                      family_size: int = 1, margin: float | None = None) -> TransferTest:
         """Within-context minus cross-context effect, compared **within columns**: for each evaluation context
         ``c`` that is also a selection row, ``removed(c, c)`` minus the mean over the other rows ``r`` of
         ``removed(r, c)``, averaged over those columns (:meth:`contrast`). Every comparison is between cells of
@@ -151,8 +151,8 @@ class TransferMatrix(Result):
         given, ``tost`` holds the two one-sided tests of ``|within - cross| < margin`` (equivalent when the 90% CI
         lies inside +-margin). ``which``: ``"after"`` or ``"control/<name>"``."""
         cols = self.within_columns()
-        out: dict = {"statistic": "mean over columns c (also rows) of removed(c, c) - mean_{r != c} removed(r, c)",
-                     "which": which, "columns": cols, "n_rows": len(self.rows)}
+        out: TransferTest = {"statistic": "mean over columns c (also rows) of removed(c, c) - mean_{r != c} "
+                                          "removed(r, c)", "which": which, "columns": cols, "n_rows": len(self.rows)}
         if not cols or "col_group" not in self.grids:
             return {**out, "within_minus_cross": None, "ci_low": None, "ci_high": None, "p_value": None,
                     "min_detectable": None, "note": "needs at least two rows and a column that is also a row"}
@@ -166,17 +166,17 @@ class TransferMatrix(Result):
         within = float(np.mean([self._removed(which, c, c) for c in cols]))
         cross = float(np.mean([np.mean([self._removed(which, r, c) for r in self.rows if r != c]) for c in cols]))
         alpha_bh = 0.05 / max(int(family_size), 1)
-        res = {**out, "within_mean": within, "cross_mean": cross, "within_minus_cross": est["estimate"],
-               "ci_low": est["ci_low"], "ci_high": est["ci_high"], "p_value": est["p_value"], "se": est["se"],
-               "df": est["df"], "min_detectable": est["min_detectable"], "family_size": int(family_size),
-               "alpha_bh": alpha_bh, "min_detectable_bh": mdd(est["se"], est["df"], alpha_bh)}
+        res: TransferTest = {**out, "within_mean": within, "cross_mean": cross, "within_minus_cross": est.estimate,
+                             "ci_low": est.ci_low, "ci_high": est.ci_high, "p_value": est.p_value, "se": est.se,
+                             "df": est.df, "min_detectable": est.min_detectable, "family_size": int(family_size),
+                             "alpha_bh": alpha_bh, "min_detectable_bh": mdd(est.se, est.df, alpha_bh)}
         if margin is not None:
-            res["tost"] = tost(est["estimate"], est["se"], est["df"], float(margin))
+            res["tost"] = tost(est.estimate, est.se, est.df, float(margin)).as_dict()
         res["ratio"] = self._ratio(which, cols, n_boot=n_boot, seed=seed)
         res["within_ci"] = res["ratio"]["within_ci"]
         cross_est = self.contrast([(which, r, c, 1.0 / (k * (len(self.rows) - 1))) for c in cols for r in self.rows
                                    if r != c], n_boot=n_boot, seed=seed)
-        res["cross_ci"] = [cross_est["ci_low"], cross_est["ci_high"]]
+        res["cross_ci"] = [cross_est.ci_low, cross_est.ci_high]
         # gatekeeping: transfer is a question only where the fix works in its own context. Here the within
         # effect's own p-value; a study replaces it by Benjamini-Hochberg over its methods
         res["within_p_value"] = res["ratio"]["within_p_value"]
@@ -190,7 +190,8 @@ class TransferMatrix(Result):
                 - np.mean([self._removed(which, r, c) for r, c in off]))
         return res
 
-    def test_against_control(self, name: str, *, n_boot: int | None = None, seed: int | None = None) -> dict:
+    def test_against_control(self, name: str, *, n_boot: int | None = None, seed: int | None = None
+                             ) -> ControlTest:
         """Is the selection better than its control ``name`` where it was selected? The mean over the diagonal
         cells of ``removed(selected) - removed(control)``, with a t interval whose variance adds the control's
         draw-to-draw variance (the sample variance over draws of their diagonal removal, / draws) to the
@@ -209,11 +210,12 @@ class TransferMatrix(Result):
         n_draws = min(len(d) for d in draws)
         per_draw = np.mean([d[:n_draws] for d in draws], axis=0)  # each draw's mean diagonal removal
         selected = float(np.mean([c.gap_removed for c in cells]))
-        out = {"control": name, "statistic": "mean over the diagonal of removed(selected) - removed(control)",
-               "difference": est["estimate"], "n_draws": n_draws, "selected_removed": selected,
+        out: ControlTest = {
+               "control": name, "statistic": "mean over the diagonal of removed(selected) - removed(control)",
+               "difference": est.estimate, "n_draws": n_draws, "selected_removed": selected,
                "draws_removed": [float(x) for x in per_draw],
                "rank_p": float((1 + np.sum(per_draw >= selected)) / (1 + n_draws))}
-        var_p, df_p = est["se"] ** 2, est["df"]
+        var_p, df_p = est.se ** 2, est.df
         var_d = float(np.var(per_draw, ddof=1)) / n_draws if n_draws > 1 else float("nan")
         if not np.isfinite(var_d):  # one draw: its variance is unknown, and so is the test's
             return {**out, "ci_low": None, "ci_high": None, "p_value": None, "se": None,
@@ -223,12 +225,12 @@ class TransferMatrix(Result):
         df = var ** 2 / denom if denom > 0 else float("inf")
         se = float(np.sqrt(var))
         q = float(student_t.ppf(0.975, df))
-        p = float(2 * student_t.sf(abs(est["estimate"]) / se, df)) if se > 0 else float("nan")
-        return {**out, "ci_low": est["estimate"] - q * se, "ci_high": est["estimate"] + q * se, "p_value": p,
-                "se": se, "df": df, "se_prompts": est["se"], "se_draws": float(np.sqrt(var_d)),
+        p = float(2 * student_t.sf(abs(est.estimate) / se, df)) if se > 0 else float("nan")
+        return {**out, "ci_low": est.estimate - q * se, "ci_high": est.estimate + q * se, "p_value": p,
+                "se": se, "df": df, "se_prompts": est.se, "se_draws": float(np.sqrt(var_d)),
                 "min_detectable": mdd(se, df, 0.05)}
 
-    def _ratio(self, which: str, cols: list[str], *, n_boot: int | None, seed: int | None) -> dict:
+    def _ratio(self, which: str, cols: list[str], *, n_boot: int | None, seed: int | None) -> RatioTest:
         """cross / within (the share of the within-context removal that transfers), with a Fieller 95% interval:
         the ratios R whose contrast cross - R * within is not rejected. Reported only where the within
         estimate's CI excludes 0 (a ratio of a denominator that may be 0 has no finite interval)."""
@@ -236,18 +238,18 @@ class TransferMatrix(Result):
         within_terms = [(which, c, c, 1.0 / k) for c in cols]
         cross_terms = [(which, r, c, 1.0 / (k * (len(self.rows) - 1))) for c in cols for r in self.rows if r != c]
         w = self.contrast(within_terms, n_boot=n_boot, seed=seed)
-        out: dict = {"statistic": "cross / within", "within": w["estimate"], "within_ci": [w["ci_low"], w["ci_high"]],
-                     "within_p_value": w["p_value"]}
-        if not (w["ci_low"] > 0 or w["ci_high"] < 0):
+        out: RatioTest = {"statistic": "cross / within", "within": w.estimate, "within_ci": [w.ci_low, w.ci_high],
+                          "within_p_value": w.p_value}
+        if not (w.ci_low > 0 or w.ci_high < 0):
             return {**out, "ratio": None, "ci_low": None, "ci_high": None,
                     "note": "not reported: the within-context removal's CI includes 0"}
         cross = sum(coef * self._removed(wh, r, c) for wh, r, c, coef in cross_terms)
-        ratio = cross / w["estimate"]
+        ratio = cross / w.estimate
 
         def rejected(r0: float) -> bool:
             e = self.contrast(cross_terms + [(wh, r, c, -r0 * coef) for wh, r, c, coef in within_terms],
                               n_boot=n_boot, seed=seed)
-            return not (e["ci_low"] <= 0 <= e["ci_high"])
+            return not (e.ci_low <= 0 <= e.ci_high)
 
         def edge(inside: float, outside: float) -> float:
             for _ in range(40):  # bisection to 1e-12 of the bracket
@@ -285,13 +287,6 @@ class TransferMatrix(Result):
 
     def matrix(self, key: str = "reduction") -> np.ndarray:
         return np.array([[_num(self.cell(r, c).get(key)) for c in self.cols] for r in self.rows], dtype=float)
-
-    def diagonal_vs_offdiagonal(self, key: str = "reduction") -> dict:
-        m = self.matrix(key)
-        diag = np.array([_num(self.cell(r, r).get(key)) for r in self.rows if r in self.cols])
-        off = np.array([_num(self.cell(r, c).get(key)) for r in self.rows for c in self.cols if r != c])
-        return {"diagonal_mean": float(np.nanmean(diag)) if len(diag) else float("nan"),
-                "offdiagonal_mean": float(np.nanmean(off)) if len(off) else float("nan"), "n_cells": int(m.size)}
 
     def _repr_html_(self) -> str:
         """The matrix in Jupyter: cells coloured by bias removed, hover for CIs, tests, controls and costs."""
@@ -431,36 +426,36 @@ def baseline_rows(eval_sets: Mapping[str, EvalSet], cols: Sequence[str], cfg: Tr
     return out
 
 
-def transfer_estimate(test: dict) -> float | None:
+def transfer_estimate(test: Mapping[str, Any]) -> float | None:
     """The within - cross estimate of a saved transfer test: the column-wise statistic, or, in a result saved
     before it existed, the superseded pooled diagonal - off-diagonal one (as saved)."""
-    if not isinstance(test, dict):
+    if not isinstance(test, Mapping):
         return None
     return test.get("within_minus_cross", test.get("diagonal_minus_offdiagonal"))
 
 
 def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequence[Intervention]],
                   perplexity_base: float | None, perplexity_change: float | None,
-                  control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> dict:
+                  control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> RowInfo:
     """What a transfer matrix records about one row's intervention and its controls."""
-    info: dict[str, Any] = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
+    info: RowInfo = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
                             "controls": {k: v[0].describe() for k, v in controls.items() if len(v)},
                             "n_draws": {k: len(v) for k, v in controls.items() if len(v)}}
     balance = {k: v[0].match_info for k, v in controls.items() if len(v) and getattr(v[0], "match_info", None)}
     if balance:  # caliper, achieved balance (standardised difference) and unmatched units of matched controls
         info["balance"] = balance
     if perplexity_base is not None:
-        info.update(perplexity_base=perplexity_base, perplexity_change=perplexity_change)
+        info["perplexity_base"], info["perplexity_change"] = perplexity_base, perplexity_change
         for name, pc in (control_ppl or {}).items():
             if len(pc):
-                info[f"{name}_perplexity_change"] = float(np.mean(pc))
+                cast(dict, info)[f"{name}_perplexity_change"] = float(np.mean(pc))  # a key per control
     if generation is not None:
         info["generation"] = generation
     return info
 
 
 def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval_sets: Mapping[str, EvalSet],
-                  cells: list[Cell], row_info: list[dict], baseline: list[dict], cfg: TransferConfig, meta: dict,
+                  cells: list[Cell], row_info: list[RowInfo], baseline: list[dict], cfg: TransferConfig, meta: dict,
                   grids: dict[str, Tensor], chosen: dict[str, Intervention]) -> TransferMatrix:
     """Benjamini-Hochberg over the cells, the within- vs cross-context tests, and the result object."""
     grids = {"col_group": next(iter(eval_sets.values())).col_group.clone(),
@@ -469,10 +464,11 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
     config_d = {**asdict(cfg), "templates": "heldout", "names": "heldout"}
     tm = TransferMatrix(method, axis, rows, cols, cells, row_info, baseline, config_d, meta, grids=grids,
                         interventions=dict(chosen))
-    tm.transfer_test = tm.test_transfer(margin=cfg.equivalence_margin)
+    tm.transfer_test = dict(tm.test_transfer(margin=cfg.equivalence_margin))
     # how alike the rows' selections are (identical interventions give within = cross by construction)
-    tm.transfer_test["overlap"] = {f"{a}|{b}": chosen[a].overlap(chosen[b]) for i, a in enumerate(rows)
-                                   for b in rows[i + 1:] if a in chosen and b in chosen}
+    overlaps = {f"{a}|{b}": chosen[a].overlap(chosen[b]) for i, a in enumerate(rows) for b in rows[i + 1:]
+                if a in chosen and b in chosen}
+    tm.transfer_test["overlap"] = {k: o.as_dict() if o is not None else None for k, o in overlaps.items()}
     for name in (cells[0].controls if cells else {}):
         tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
         tm.transfer_test[f"vs_{name}"] = tm.test_against_control(name)

@@ -20,12 +20,13 @@ CLI or by another tool.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -34,9 +35,10 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.models import model_label
 from ..core.params import named_params
-from ..core.results import atomic_save_tensors, atomic_write_json
+from ..core.results import Record, atomic_save_tensors, atomic_write_json
 from ..core.resume import layer_of_name
 from ..core.sites import Site
+from .profile import MatchInfo
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 
@@ -80,7 +82,37 @@ def check_positions(positions: Any, model) -> None:
         raise ValueError("positions is an empty list: the intervention would change nothing")
 
 
-def model_identity(model) -> dict:
+class ModelIdentity(TypedDict):
+    """The model an intervention was made on (saved in its folder; :func:`check_model` compares it)."""
+
+    label: str
+    shape: dict[str, int]
+    fingerprint: str
+
+
+@dataclass
+class Overlap(Record):
+    """How much two rows' interventions are the same change (:meth:`Intervention.overlap`).
+
+    Args:
+        measure: ``"jaccard"`` (units), ``"abs_cosine"`` (directions, edits) or ``"subspace_cos2"`` (erasures).
+        value: the measure, 1 for the same change.
+        shared: units in both (Jaccard only).
+        sizes: the two sets' sizes (Jaccard only).
+        same_layer: whether both act at one layer (directions and erasures).
+    """
+
+    measure: str
+    value: float
+    shared: int | None = None
+    sizes: list[int] | None = None
+    same_layer: bool | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def model_identity(model) -> ModelIdentity:
     """What an intervention folder records about the model it was made on: label, shape and a fingerprint of a
     sample of its weights (the first 4096 values of the first, middle and last parameters)."""
     cfg = model.cfg
@@ -111,18 +143,18 @@ def check_model(intervention: Intervention, model, *, force: bool = False) -> No
                          "--allow-other-model to apply it anyway")
 
 
-def jaccard(a: set, b: set) -> dict:
-    """``{"measure": "jaccard", "value": |a & b| / |a | b|}`` (1.0 for two empty sets)."""
+def jaccard(a: set, b: set) -> Overlap:
+    """The Jaccard overlap ``|a & b| / |a | b|`` of two unit sets (1.0 for two empty sets)."""
     union = a | b
-    return {"measure": "jaccard", "value": float(len(a & b) / len(union)) if union else 1.0,
-            "shared": len(a & b), "sizes": [len(a), len(b)]}
+    return Overlap("jaccard", float(len(a & b) / len(union)) if union else 1.0, shared=len(a & b),
+                   sizes=[len(a), len(b)])
 
 
-def abs_cosine(a: Tensor, b: Tensor) -> dict:
-    """``{"measure": "abs_cosine", "value": |cos(a, b)|}`` of two flattened tensors (NaN if one is 0)."""
+def abs_cosine(a: Tensor, b: Tensor, *, same_layer: bool | None = None) -> Overlap:
+    """``|cos(a, b)|`` of two flattened tensors (NaN if one is 0)."""
     a, b = a.double().flatten(), b.double().flatten()
     den = float(a.norm() * b.norm())
-    return {"measure": "abs_cosine", "value": float(abs(a @ b) / den) if den > 0 else float("nan")}
+    return Overlap("abs_cosine", float(abs(a @ b) / den) if den > 0 else float("nan"), same_layer=same_layer)
 
 
 def intervention_types() -> dict[str, type[Intervention]]:
@@ -142,7 +174,7 @@ class Intervention:
     #: an instance (not a dataclass field, so it never enters equality or the subclasses' constructors)
     origin: dict | None = None
     #: for a matched control draw: the caliper, the achieved balance and the unmatched units (set on instances)
-    match_info: dict | None = None
+    match_info: MatchInfo | None = None
 
     # -- behaviour --
     def hooks(self, model) -> list[tuple[Any, Callable]]:
@@ -208,9 +240,9 @@ class Intervention:
         names = [h.hook_name if isinstance(h, Site) else h for h, _ in self.hooks(model)]
         return min((layer_of_name(x, n) if isinstance(x, str) else 0 for x in names), default=n)
 
-    def overlap(self, other: Intervention) -> dict | None:
-        """How much this intervention and ``other`` (another row's selection) are the same change:
-        ``{"measure": ..., "value": ...}`` (Jaccard of units, absolute cosine of directions and edits), or None where the
+    def overlap(self, other: Intervention) -> Overlap | None:
+        """How much this intervention and ``other`` (another row's selection) are the same change
+        (Jaccard of units, absolute cosine of directions and edits), or None where the
         two are not comparable. Identical interventions give within = cross by construction, so transfer
         results are read beside this."""
         return None

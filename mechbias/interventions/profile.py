@@ -19,6 +19,7 @@ intervention type draw controls of the same size:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -143,20 +144,46 @@ def caliper_match(values: Tensor, selected: list[int], rng: np.random.Generator,
     return matches, unmatched, caliper
 
 
+class MatchInfo(TypedDict, total=False):
+    """What a matched control records (:func:`match_record`); ``matches_in_another_layer`` for heads, the
+    last three for cost-matched neurons."""
+
+    covariate: str
+    caliper_sd: float
+    caliper_log: Any
+    unmatched: list
+    n_matched_units: int
+    n_draws: int
+    balance_smd: float
+    balance_note: str
+    matches_in_another_layer: int
+    candidates: str
+    cost_sd: float
+    kept_for_want_of_a_free_match: int
+
+
 def match_record(covariate: str, caliper_log, unmatched: list, n_components: int, n_draws: int,
-                 sel_logs: list[float], ctl_logs: list[float], scale: str, **extra) -> dict:
+                 sel_logs: list[float], ctl_logs: list[float], scale: str, *,
+                 matches_in_another_layer: int | None = None, candidates: str | None = None,
+                 cost_sd: float | None = None, kept_for_want_of_a_free_match: int | None = None) -> MatchInfo:
     """What a matched control records (``match_info``): the covariate, the caliper, the unmatched units, and the
     balance: the mean covariate of the matched selected units minus their controls', in the SDs ``scale``
     names (at most the caliper by construction)."""
-    return {"covariate": covariate, "caliper_sd": CALIPER_SD, "caliper_log": caliper_log, "unmatched": unmatched,
-            "n_matched_units": n_components - len(unmatched), "n_draws": n_draws, **extra,
+    info: MatchInfo = {"covariate": covariate, "caliper_sd": CALIPER_SD, "caliper_log": caliper_log,
+                       "unmatched": unmatched, "n_matched_units": n_components - len(unmatched), "n_draws": n_draws}
+    if matches_in_another_layer is not None:
+        info["matches_in_another_layer"] = matches_in_another_layer
+    if candidates is not None:
+        info["candidates"], info["cost_sd"] = candidates, float(cost_sd or 0.0)
+        info["kept_for_want_of_a_free_match"] = int(kept_for_want_of_a_free_match or 0)
+    return {**info,
             "balance_smd": float(np.mean(sel_logs) - np.mean(ctl_logs)) if sel_logs else float("nan"),
             "balance_note": f"mean log covariate of the matched selected units minus their controls, in SDs of "
                             f"{scale} (|d| <= the caliper by construction)"}
 
 
 def cost_match(model, profile: UnitProfile, neurons: dict[int, list[int]], n_draws: int, seed: int, *,
-               k: int = 8, caliper_sd: float = CALIPER_SD) -> tuple[list[dict[int, list[int]]], dict]:
+               k: int = 8, caliper_sd: float = CALIPER_SD) -> tuple[list[dict[int, list[int]]], MatchInfo]:
     """Draws of neurons matched to ``neurons`` on **ablation cost**, within a caliper.
 
     Each selected neuron's candidates are the ``k`` unselected neurons of its layer closest in log magnitude;

@@ -12,7 +12,15 @@ from torch import Tensor
 from ..core.params import linear_slot
 from ..core.sites import Site
 from ..core.window import local_positions
-from .base import Intervention, NotFoldable, as_layer_dict, check_positions, jaccard, register_intervention
+from .base import (
+    Intervention,
+    NotFoldable,
+    Overlap,
+    as_layer_dict,
+    check_positions,
+    jaccard,
+    register_intervention,
+)
 from .profile import CALIPER_SD, UnitProfile, caliper_match, cost_match, match_record
 
 
@@ -110,7 +118,7 @@ class NeuronIntervention(Intervention):
         _check(self.neurons, model.cfg.n_layers, model.cfg.d_mlp, "neuron")
         check_positions(self.positions, model)
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, NeuronIntervention) else None
 
     def hooks(self, model):
@@ -246,7 +254,7 @@ class HeadIntervention(Intervention):
         _check(self.heads, model.cfg.n_layers, model.cfg.n_heads, "head")
         check_positions(self.positions, model)
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, HeadIntervention) else None
 
     def hooks(self, model):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..core.params import named_params
 from ..core.resume import layer_of_name
-from .base import Intervention, abs_cosine, jaccard, param, register_intervention, restoring
+from .base import Intervention, Overlap, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
 
 
@@ -45,7 +45,7 @@ class WeightMask(Intervention):
                 raise ValueError(f"weight mask of {n}: indices must lie in 0..{size - 1}, found "
                                  f"{int(idx.min())}..{int(idx.max())}")
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         if not isinstance(other, WeightMask):
             return None
         return jaccard({(n, int(i)) for n, idx in self.masks.items() for i in idx.tolist()},
@@ -140,7 +140,7 @@ class WeightEdit(Intervention):
     label: str = ""
     kind: ClassVar[str] = "weight_edit"
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         if not isinstance(other, WeightEdit) or sorted(self.deltas) != sorted(other.deltas):
             return None
         a = torch.cat([self.scale * self.deltas[n].flatten() for n in sorted(self.deltas)])

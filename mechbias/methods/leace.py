@@ -30,7 +30,7 @@ from ..core.sites import Site
 from ..core.window import local_positions
 from ..data.contexts import Context
 from ..data.prompts import tokenize
-from ..interventions.base import Intervention, NotFoldable, check_positions, register_intervention
+from ..interventions.base import Intervention, NotFoldable, Overlap, check_positions, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
 
 
@@ -64,7 +64,7 @@ class ErasureIntervention(Intervention):
             raise ValueError(f"the eraser acts on {self.proj_left.shape[0]} dimensions, the residual stream has {d}")
         check_positions(self.positions, model)
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         """Subspace overlap: the mean squared cosine of the principal angles between the erased directions
         (1 for the same subspace, 0 for orthogonal ones; the squared cosine for rank 1)."""
         if not isinstance(other, ErasureIntervention):
@@ -72,7 +72,7 @@ class ErasureIntervention(Intervention):
         qa, _ = torch.linalg.qr(self.proj_left.double())
         qb, _ = torch.linalg.qr(other.proj_left.double())
         sv = torch.linalg.svdvals(qa.T @ qb)
-        return {"measure": "subspace_cos2", "value": float((sv ** 2).mean()), "same_layer": self.layer == other.layer}
+        return Overlap("subspace_cos2", float((sv ** 2).mean()), same_layer=self.layer == other.layer)
 
     def apply_to(self, x: Tensor) -> Tensor:
         """The erased activations (any leading shape, last dimension ``d_model``)."""

@@ -28,7 +28,7 @@ from ..core.sites import Site
 from ..core.window import local_positions
 from ..data.contexts import Context
 from ..data.prompts import tokenize
-from ..interventions.base import Intervention, NotFoldable, abs_cosine, check_positions, register_intervention
+from ..interventions.base import Intervention, NotFoldable, Overlap, abs_cosine, check_positions, register_intervention
 from ..viz.html import records_html
 from .base import Method, MethodConfig, Selection, register_method
 
@@ -72,11 +72,10 @@ class DirectionIntervention(Intervention):
                              f"{model.cfg.d_model}")
         check_positions(self.positions, model)
 
-    def overlap(self, other: Intervention) -> dict | None:
+    def overlap(self, other: Intervention) -> Overlap | None:
         if not isinstance(other, DirectionIntervention):
             return None
-        out = abs_cosine(self.direction, other.direction)
-        return {**out, "same_layer": self.layer == other.layer}
+        return abs_cosine(self.direction, other.direction, same_layer=self.layer == other.layer)
 
     def hooks(self, model):
         self.validate(model)
