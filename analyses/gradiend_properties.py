@@ -71,7 +71,7 @@ def main() -> None:
                      "val_mse": chosen["val_mse"], "best_step": chosen["best_step"],
                      "loss_first": chosen["loss_first"], "loss_last": chosen["loss_last"],
                      "pool_seconds": res.meta["pool_seconds"], "pool_gib": res.meta["pool_gib"],
-                     "train_seconds": round(t_train, 1), "heldout": {k: ev[k] for k in ("stats", "pearson", "auc",
+                     "train_seconds": round(t_train, 1), "heldout": {k: ev.as_dict()[k] for k in ("stats", "pearson", "auc",
                                                                                        "sign_accuracy")},
                      "h_direction": hd, "neutral": cfg.neutral,
                      "neutral_rows": [res.meta.get("neutral_rows_train"), res.meta.get("neutral_rows_validation")],
@@ -81,11 +81,11 @@ def main() -> None:
         if args.figures:
             atomic_savefig(res.plot_training(), args.figures / f"gradiend_training_{args.model}_{ctx}.png")
             atomic_savefig(res.plot(), args.figures / f"gradiend_feature_{args.model}_{ctx}.png")
-        st = ev["stats"]
+        st = ev.stats
         print(f"{ctx}: " + ", ".join(f"{g} {v['mean']:+.2f} [{v['ci_low']:+.2f}, {v['ci_high']:+.2f}]"
-                                     for g, v in st.items()) + f"; Pearson {ev['pearson']:+.3f}")
-        for h, cell in hd["heldout"].items():
-            print(f"  alpha {hd['alpha']:g} h {h}: gap change {cell['gap_change']:+.3f} "
+                                     for g, v in st.items()) + f"; Pearson {ev.pearson:+.3f}")
+        for h, cell in hd.heldout.items():
+            print(f"  alpha {hd.alpha:g} h {h}: gap change {cell['gap_change']:+.3f} "
                   f"[{cell['ci_low']:+.3f}, {cell['ci_high']:+.3f}], ppl {cell['perplexity_change']:+.3f}")
 
 

@@ -88,11 +88,11 @@ def main() -> None:
     hd_ours = h_direction(model, ours)
 
     def row(name, ev, hd, seconds):
-        st = ev["stats"]
-        return {"trainer": name, "seconds": round(seconds, 1), "pearson": ev["pearson"], "auc": ev["auc"],
+        st = ev.stats
+        return {"trainer": name, "seconds": round(seconds, 1), "pearson": ev.pearson, "auc": ev.auc,
                 "male": st["male"]["mean"], "female": st["female"]["mean"], "neutral": st["neutral"]["mean"],
-                "neutral_ci": [st["neutral"]["ci_low"], st["neutral"]["ci_high"]], "alpha": hd["alpha"],
-                "h+1": hd["heldout"]["+1"], "h-1": hd["heldout"]["-1"], "h0": hd["heldout"]["+0"]}
+                "neutral_ci": [st["neutral"]["ci_low"], st["neutral"]["ci_high"]], "alpha": hd.alpha,
+                "h+1": hd.heldout["+1"], "h-1": hd.heldout["-1"], "h0": hd.heldout["+0"]}
 
     out = {"model": args.model, "package_lr": args.lr, "params": params, "n_params": ps.numel, "steps": args.steps,
            "package_encoder_eval": {k: v for k, v in enc.items() if isinstance(v, (int, float, str))},

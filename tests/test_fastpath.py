@@ -51,9 +51,9 @@ def test_the_installed_libraries_pass_the_self_check():
     """Under the installed transformers (5.25 included) the shared-prefix cache is filled and exact."""
     model = tiny_model(seed=3)
     st = fast_path_status(model)
-    assert st["kv_cache"]["path"] == "fast", st
-    assert st["unembed"]["path"] == "fast", st
-    for name, check in st["kv_cache"]["checks"].items():
+    assert st.kv_cache["path"] == "fast", st
+    assert st.unembed["path"] == "fast", st
+    for name, check in st.kv_cache["checks"].items():
         assert check["max_abs_diff"] < 1e-5, (name, check)
     ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
     cache = prefix_cache(model, ids)
@@ -105,7 +105,7 @@ def test_a_broken_partial_unembedding_falls_back_to_trimming_after_the_unembeddi
     with pytest.warns(RuntimeWarning, match="unembed"):
         st = fast_path_status(model)
     monkeypatch.setattr(fastpath, "hooked", real_hooked)
-    assert st["unembed"]["path"] == "exact"
+    assert st.unembed["path"] == "exact"
     assert fastpath._trim_point(model) == "unembed.hook_out"
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad(), fastpath.last_position_unembed(model, 1):

@@ -102,10 +102,10 @@ def trained(tiny):
 
 def test_feature_separates_groups_on_held_out_data(tiny, trained):
     ev = evaluate_feature(tiny, trained, n_neutral=4)
-    assert ev["sign_accuracy"] >= 0.9 and ev["pearson"] > 0.8
-    assert ev["stats"]["male"]["mean"] > 0 > ev["stats"]["female"]["mean"]  # normalized: group A positive
+    assert ev.sign_accuracy >= 0.9 and ev.pearson > 0.8
+    assert ev.stats["male"]["mean"] > 0 > ev.stats["female"]["mean"]  # normalized: group A positive
     # trained with neutral batches (label 0, target 0): held-out neutral text (reporting paragraphs) near 0
-    assert abs(ev["stats"]["neutral"]["mean"]) < 0.15 and trained.meta["neutral_rows_train"] > 0
+    assert abs(ev.stats["neutral"]["mean"]) < 0.15 and trained.meta["neutral_rows_train"] > 0
     assert trained.plot().axes
 
 
@@ -130,17 +130,17 @@ def test_choose_edit_grid(tiny, trained):
 
     ch = choose_edit(tiny, trained, hs=(-1.0, 1.0), alphas=(-0.01, 0.01, 3.0), neutral_max_texts=2, n_names=8,
                      max_ppl_increase=0.02)
-    assert len(ch["grid"]) == 6 and {"gap", "perplexity"} <= set(ch["grid"][0])
-    ok = [p for p in ch["grid"] if p["perplexity"] <= ch["perplexity_before"] * 1.02]
+    assert len(ch.grid) == 6 and {"gap", "perplexity"} <= set(ch.grid[0])
+    ok = [p for p in ch.grid if p["perplexity"] <= ch.perplexity_before * 1.02]
     assert ok  # alpha 0.01 moves the model little: within the limit
-    assert ch["chosen"] == min(ok, key=lambda p: abs(p["gap"]))  # the smallest |gap| among the allowed points
+    assert ch.chosen == min(ok, key=lambda p: abs(p["gap"]))  # the smallest |gap| among the allowed points
     none = choose_edit(tiny, trained, hs=(1.0,), alphas=(0.01,), neutral_max_texts=2, n_names=8, max_ppl_increase=-1.0)
-    assert none["chosen"] is None  # no point can lower perplexity to 0: nothing is chosen
+    assert none.chosen is None  # no point can lower perplexity to 0: nothing is chosen
     # each grid point's gap is the selection prompts' gap under that edit (brute force for one point)
     ps = load_context("finance").prompts("gender", templates="selection", names="selection")
     keep = set(ps.names[:: max(1, len(ps.names) // 8)])
     ps = ps.subset([i for i, p in enumerate(ps) if p.person.name in keep])
-    pt = ch["grid"][1]
+    pt = ch.grid[1]
     sc = contrast_scores(tiny, ps, intervention=trained.edit_for(pt["h"], pt["alpha"]), share_prefix=False)
     g = ps.groups
     assert pt["gap"] == pytest.approx(float(sc[g == 0].mean() - sc[g == 1].mean()), abs=1e-9)

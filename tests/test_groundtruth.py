@@ -75,10 +75,10 @@ def test_gradiend_feature_separates_planted_groups_and_its_decoder_share_is_exac
     from mechbias.methods.gradiend import h_direction
 
     hd = h_direction(model, res, n_boot=500, neutral_max_texts=None)
-    up, down = hd["heldout"]["+1"], hd["heldout"]["-1"]
-    assert hd["opposite_signs"] and up["gap_change"] * down["gap_change"] < 0
-    assert up["ci_low"] > 0 and down["ci_high"] < 0 and hd["both_exclude_zero"]
-    assert set(hd["heldout"]) == {"+1", "-1", "+0"}
+    up, down = hd.heldout["+1"], hd.heldout["-1"]
+    assert hd.opposite_signs and up["gap_change"] * down["gap_change"] < 0
+    assert up["ci_low"] > 0 and down["ci_high"] < 0 and hd.both_exclude_zero
+    assert set(hd.heldout) == {"+1", "-1", "+0"}
     # neutral text (trained with neutral batches) encodes near 0
     assert abs(st["neutral"]["mean"]) < 0.15
 

@@ -55,7 +55,7 @@ def _interventions(model) -> dict:
 
 
 def test_resumed_scores_equal_full_forward_for_every_kind(deep, evalset):
-    assert fastpath.fast_path_status(deep)["resume"]["path"] == "fast"
+    assert fastpath.fast_path_status(deep).resume["path"] == "fast"
     for name, (iv, first) in _interventions(deep).items():
         assert evalset.resume_layer(deep, iv) == first, name
         full = evalset.scores(deep, iv, resume=False)
@@ -118,7 +118,7 @@ def test_a_broken_skip_is_caught_and_the_full_forward_runs(monkeypatch, evalset)
     iv = NeuronIntervention({4: [0, 3]})
     es = EvalSet(evalset.context, evalset.prompts, evalset.before, evalset.col_group)
     with pytest.warns(RuntimeWarning, match="resume"):
-        assert fastpath.fast_path_status(model)["resume"]["path"] == "exact"
+        assert fastpath.fast_path_status(model).resume["path"] == "exact"
     assert es.resume_layer(model, iv) == 0
     assert fastpath.fast_path_report(model)["resume"] == "exact"
     ids = torch.tensor([[1, 5, 7, 9]])  # the broken skip does change the result: the check is not vacuous

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..core.embedded import cache_dir
-from ..core.fastpath import FAST_PATHS, fast_path_status, library_versions
+from ..core.fastpath import fast_path_status, library_versions
 from ..core.log import log_to_console
 from ..core.models import ModelLoadError, load_model, model_label
 from ..core.results import atomic_savefig, atomic_write_json
@@ -255,8 +255,7 @@ def cmd_doctor(args) -> int:
     model = load_model(args.model, device=args.device) if args.device else load_model(args.model)
     st = fast_path_status(model)
     print(f"model {model_label(model)} on {model.cfg.device}")
-    for name in FAST_PATHS:
-        entry = st[name]
+    for name, entry in st.checks().items():
         checks = entry.get("checks") or {name: entry}
         detail = "; ".join(f"{k}: " + (f"max |diff| {c['max_abs_diff']:.2g} (tolerance {c['tolerance']:.2g})"
                                        if "max_abs_diff" in c else c.get("error", c.get("reason", "")))
@@ -265,7 +264,7 @@ def cmd_doctor(args) -> int:
             detail = entry["reason"]
         print(f"fast path {name}: {entry['path']} ({'self-check passed' if entry['ok'] else 'SELF-CHECK FAILED'}; "
               f"{detail})")
-    return 0 if all(st[k]["ok"] for k in FAST_PATHS) else 1
+    return 0 if all(c["ok"] for c in st.checks().values()) else 1
 
 
 def cmd_study(args) -> int:

@@ -34,7 +34,8 @@ import copy
 import os
 import warnings
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 import torch
 from jaxtyping import Int
@@ -50,7 +51,7 @@ from .window import forward_window
 #: the largest max |fast - exact| logit difference accepted, as a fraction of (1 + max |exact logit|), by dtype
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
-_STATUS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+_STATUS: weakref.WeakKeyDictionary[Any, FastPathStatus] = weakref.WeakKeyDictionary()
 _STRICT: list[bool | None] = [None]
 _SHIM: dict[str, bool] = {}
 #: the fast paths the self-check covers
@@ -215,7 +216,7 @@ def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
 def _trim_point(model) -> str:
     """Where position trimming happens: before the unembedding (fast) or after it (exact fallback)."""
     st = _STATUS.get(model)
-    if st is not None and st.get("unembed", {}).get("path") == "exact":
+    if st is not None and st.unembed.get("path") == "exact":
         return hook_name("unembed_out")
     return hook_name("unembed_in")
 
@@ -267,7 +268,36 @@ def _tolerance(model, exact: Tensor) -> float:
     return TOLERANCE.get(dtype, 5e-2) * (1.0 + float(exact.abs().max()))
 
 
-def _compare(name: str, fast, exact: Tensor, tol: float) -> dict:
+class PathCheck(TypedDict, total=False):
+    """One fast path's self-check against the exact path on a model."""
+
+    path: str  # "fast" or "exact": which one runs
+    ok: bool  # the fast path agreed within the tolerance (or was not needed)
+    max_abs_diff: float
+    tolerance: float
+    error: str  # the fast path raised
+    reason: str  # why the exact path runs without a check
+    shim: bool  # the cache keyword shim was installed
+    checks: dict[str, PathCheck]  # the KV-cache path's three checks
+    layer: int  # where the resume check resumed
+
+
+@dataclass
+class FastPathStatus:
+    """:func:`fast_path_status`: each fast path's check (:data:`FAST_PATHS`) and the library versions it ran
+    under."""
+
+    versions: dict[str, str]
+    unembed: PathCheck
+    kv_cache: PathCheck
+    resume: PathCheck
+
+    def checks(self) -> dict[str, PathCheck]:
+        """Each fast path's check, by name."""
+        return {k: getattr(self, k) for k in FAST_PATHS}
+
+
+def _compare(name: str, fast, exact: Tensor, tol: float) -> PathCheck:
     if isinstance(fast, Exception):
         return {"path": "exact", "ok": False, "error": f"{type(fast).__name__}: {fast}", "tolerance": tol}
     diff = float((fast.float() - exact.float()).abs().max())
@@ -275,7 +305,7 @@ def _compare(name: str, fast, exact: Tensor, tol: float) -> dict:
     return {"path": "fast" if ok else "exact", "ok": ok, "max_abs_diff": diff, "tolerance": tol}
 
 
-def _kv_checks(model, ids: Tensor, exact: Tensor) -> dict:
+def _kv_checks(model, ids: Tensor, exact: Tensor) -> dict[str, PathCheck]:
     """Frozen prefix, sliced cache and growing cache, each against the full-sequence logits."""
     p, total = 5, ids.shape[1]
     tol = _tolerance(model, exact)
@@ -308,8 +338,8 @@ def _kv_checks(model, ids: Tensor, exact: Tensor) -> dict:
     return out
 
 
-def _run_checks(model) -> dict:
-    status: dict = {"versions": library_versions()}
+def _run_checks(model) -> FastPathStatus:
+    kv: PathCheck
     ids = _probe_ids(model)
     total = ids.shape[1]
     with torch.no_grad():
@@ -321,19 +351,19 @@ def _run_checks(model) -> dict:
                 fast: Any = model(ids)
         except Exception as e:
             fast = e
-        status["unembed"] = _compare("unembed", fast, exact[:, -2:], tol)
+        unembed = _compare("unembed", fast, exact[:, -2:], tol)
         if is_masked_lm(model) or not supports_kv_cache(model):
-            status["kv_cache"] = {"path": "exact", "ok": True, "reason": "the model has no usable KV cache"}
+            kv = {"path": "exact", "ok": True, "reason": "the model has no usable KV cache"}
         else:
             shim = _install_cache_kwarg_shim()
             parts = _kv_checks(model, ids, exact)
             ok = all(v["ok"] for v in parts.values())
-            status["kv_cache"] = {"path": "fast" if ok else "exact", "ok": ok, "shim": shim, "checks": parts}
-        status["resume"] = _resume_check(model, ids, tol)
-    return status
+            kv = {"path": "fast" if ok else "exact", "ok": ok, "shim": shim, "checks": parts}
+        resume = _resume_check(model, ids, tol)
+    return FastPathStatus(library_versions(), unembed, kv, resume)
 
 
-def _resume_check(model, ids: Tensor, tol: float) -> dict:
+def _resume_check(model, ids: Tensor, tol: float) -> PathCheck:
     """Resumed at the middle block with a hook there (it must fire on the kept residual), against the full
     forward with the same hook."""
     if not resumable(model):
@@ -354,7 +384,7 @@ def _resume_check(model, ids: Tensor, tol: float) -> dict:
     return out
 
 
-def fast_path_status(model) -> dict:
+def fast_path_status(model) -> FastPathStatus:
     """The self-check's verdict for ``model`` (run on first call, then cached): for ``"unembed"`` and
     ``"kv_cache"``, which path runs (``"fast"`` or ``"exact"``), whether the fast path agreed with the exact
     one, the largest difference seen and the tolerance (likewise ``"resume"``); plus the library versions.
@@ -367,7 +397,7 @@ def fast_path_status(model) -> dict:
         return st
     st = _run_checks(model)
     _STATUS[model] = st
-    failed = [k for k in FAST_PATHS if not st[k]["ok"]]
+    failed = [k for k, c in st.checks().items() if not c["ok"]]
     if failed:
         msg = (f"mechbias: the fast path(s) {', '.join(failed)} disagree with the exact path on this model "
                f"({_failure_text(st, failed)}; {_versions_text()}); using the exact path from now on. Results "
@@ -378,10 +408,10 @@ def fast_path_status(model) -> dict:
     return st
 
 
-def _failure_text(st: dict, failed: list[str]) -> str:
+def _failure_text(st: FastPathStatus, failed: list[str]) -> str:
     bits = []
     for k in failed:
-        entry = st[k]
+        entry = st.checks()[k]
         for name, c in ({k: entry} | entry.get("checks", {})).items():
             if c.get("ok") is False and ("max_abs_diff" in c or "error" in c):
                 bits.append(f"{name}: " + (c["error"] if "error" in c else
@@ -393,17 +423,17 @@ def use_resume(model) -> bool:
     """Whether forwards may resume at a layer on ``model`` (it can, and the self-check passed)."""
     if not resumable(model):
         return False
-    return fast_path_status(model)["resume"]["path"] == "fast"
+    return fast_path_status(model).resume["path"] == "fast"
 
 
 def use_kv_cache(model) -> bool:
     """Whether the KV-cache fast paths may run on ``model``: it has a cache and passed the self-check."""
     if is_masked_lm(model) or not supports_kv_cache(model):
         return False
-    return fast_path_status(model)["kv_cache"]["path"] == "fast"
+    return fast_path_status(model).kv_cache["path"] == "fast"
 
 
-def fast_path_report(model) -> dict:
+def fast_path_report(model) -> dict[str, str]:
     """Which path each fast path takes on ``model`` (``{"unembed": "fast", "kv_cache": "exact"}``), for a result's
     metadata. Runs the self-check if it has not run yet, so the record does not depend on what ran before in
     the process; the check's differences (which vary with thread counts) stay in :func:`fast_path_status`."""
@@ -413,7 +443,7 @@ def fast_path_report(model) -> dict:
         raise
     except Exception as e:
         return {"unchecked": f"{type(e).__name__}: {e}"}
-    return {k: st[k]["path"] for k in FAST_PATHS}
+    return {k: c["path"] for k, c in st.checks().items()}
 
 
 def forget(model) -> None:

@@ -276,9 +276,9 @@ def score_gradiend(model, cfg, res) -> dict:
     truth = truth_sets(cfg)
     neurons = sorted(set().union(*truth.values()))
     share = decoder_share(res, neurons)
-    return {"method": "GRADIEND decoder", "context": res.context, "share": share["share"],
-            "share_of_parameters": share["share_of_parameters"],
-            "enrichment": share["share"] / max(share["share_of_parameters"], 1e-12),
+    return {"method": "GRADIEND decoder", "context": res.context, "share": share.share,
+            "share_of_parameters": share.share_of_parameters,
+            "enrichment": share.share / max(share.share_of_parameters, 1e-12),
             "feature_sign_accuracy": res.evaluation.get("sign_accuracy"),
             "feature_auc": res.evaluation.get("auc"),
             "feature_pearson": res.evaluation.get("pearson")}

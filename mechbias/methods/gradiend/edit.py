@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TypedDict
 
+from ...core.results import Record
 from ...data.contexts import load_context
 from ...data.neutral import neutral_texts
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
@@ -24,9 +27,73 @@ ALPHA_GRID = tuple(s * a for a in (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5)
 DEFAULT_ALPHAS = (-1.0, -0.3, -0.1, -0.03, 0.03, 0.1, 0.3, 1.0)
 
 
+class GridPoint(TypedDict):
+    """One (h, alpha) edit scored on the selection prompts and neutral texts."""
+
+    h: float
+    alpha: float
+    gap: float
+    perplexity: float
+
+
+@dataclass
+class EditChoice(Record):
+    """The edit :func:`choose_edit` chose.
+
+    Args:
+        gap_before: the selection prompts' gap without an edit.
+        perplexity_before: the selection neutral texts' perplexity without an edit.
+        grid: every (h, alpha) scored.
+        chosen: the point with the smallest ``|gap|`` within the perplexity limit (None: no point is within it).
+        max_ppl_increase: that limit (relative).
+    """
+
+    gap_before: float
+    perplexity_before: float
+    grid: list[GridPoint]
+    chosen: GridPoint | None
+    max_ppl_increase: float
+
+
+@dataclass
+class DecoderShare(Record):
+    """How much of the decoder update falls on given neurons (:func:`decoder_share`).
+
+    Args:
+        share: their share of the update's squared norm.
+        share_of_parameters: their entries' share of all parameters (what a uniform update would give).
+        n_entries: the number of those entries.
+    """
+
+    share: float
+    share_of_parameters: float
+    n_entries: int
+
+
+@dataclass
+class HDirection(Record):
+    """Whether h sets the direction of the edit (:func:`h_direction`).
+
+    Args:
+        alpha: the alpha chosen on the selection split.
+        selection_scan: per alpha, the selection gap changes of h = +1 and -1 and the perplexity rise.
+        gap_before_heldout: the held-out gap without an edit.
+        heldout: per h (``"+1"``, ``"-1"``, ``"+0"``), the held-out gap change with its CI and perplexity change.
+        opposite_signs: h = +1 and h = -1 move the held-out gap in opposite directions.
+        both_exclude_zero: both of their CIs exclude 0.
+    """
+
+    alpha: float
+    selection_scan: list[dict[str, float]]
+    gap_before_heldout: float
+    heldout: dict[str, dict[str, float | None]]
+    opposite_signs: bool
+    both_exclude_zero: bool
+
+
 def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
                 alphas: Sequence[float] = DEFAULT_ALPHAS, max_ppl_increase: float = 0.05,
-                neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> dict:
+                neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> EditChoice:
     """Score every (h, α) on the training context's selection prompts (bias gap) and the neutral set
     (perplexity); choose the smallest absolute gap whose perplexity rises by at most ``max_ppl_increase``
     (relative). The paper's full grid is ``H_GRID`` x ``ALPHA_GRID``."""
@@ -40,7 +107,7 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
     es = EvalSet(ctx.name, prompts, before, col_group)
     cap = Capability(model, neutral_texts(neutral_max_texts, split="selection"))
     tc = TransferConfig(n_random=0, n_boot=100, seed=seed)
-    grid = []
+    grid: list[GridPoint] = []
     for h in hs:
         for a in alphas:
             cell = evaluate(model, res.edit_for(h, a), es, None, tc, capability=cap, selected_on=ctx.name)
@@ -48,13 +115,13 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
     ok = [p for p in grid if p["perplexity"] <= cap.base * (1 + max_ppl_increase)]
     chosen = min(ok, key=lambda p: abs(p["gap"])) if ok else None
     gap0 = float(before[:, col_group == 0].mean() - before[:, col_group == 1].mean())
-    out = {"gap_before": gap0, "perplexity_before": cap.base, "grid": grid, "chosen": chosen,
-           "max_ppl_increase": max_ppl_increase}
-    res.edit = out
+    out = EditChoice(gap0, cap.base, grid, chosen, max_ppl_increase)
+    res.edit = out.as_dict()  # saved with the result
     return out
 
 
-def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model=None, h: float = 1.0) -> dict:
+def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model=None, h: float = 1.0
+                  ) -> DecoderShare:
     """Share of the decoder update's squared norm that falls on the given MLP neurons
     (their gate/up rows and down column), against the share those entries have of all parameters."""
     dec = res.param_set.unflatten(res.model.decode(h))
@@ -77,8 +144,7 @@ def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model
             continue
         hit += float((sub.double() ** 2).sum())
         count += sub.numel()
-    return {"share": hit / total if total else float("nan"), "share_of_parameters": count / max(n_all, 1),
-            "n_entries": count}
+    return DecoderShare(hit / total if total else float("nan"), count / max(n_all, 1), count)
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +161,7 @@ def _selection_gap(model, prompts, intervention=None) -> float:
 
 
 def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHAS, n_boot: int = 1000,
-                neutral_max_texts: int | None = 6, max_ppl_increase: float = 0.05, seed: int = 0) -> dict:
+                neutral_max_texts: int | None = 6, max_ppl_increase: float = 0.05, seed: int = 0) -> HDirection:
     """The edits h = +1, h = -1 and h = 0 (the decoder bias alone) at one alpha, on held-out prompts.
 
     alpha is chosen on the training context's selection prompts and selection neutral texts: among the
@@ -133,7 +199,6 @@ def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHA
         cells[f"{h:+g}"] = {"gap_change": c.gap_change, "ci_low": c.ci_low, "ci_high": c.ci_high,
                             "perplexity_change": c.perplexity_change}
     up, down = cells["+1"], cells["-1"]
-    return {"alpha": a, "selection_scan": scan, "gap_before_heldout": float(before[:, col_group == 0].mean()
-                                                                           - before[:, col_group == 1].mean()),
-            "heldout": cells, "opposite_signs": bool(up["gap_change"] * down["gap_change"] < 0),
-            "both_exclude_zero": bool(up["ci_low"] * up["ci_high"] > 0 and down["ci_low"] * down["ci_high"] > 0)}
+    return HDirection(a, scan, float(before[:, col_group == 0].mean() - before[:, col_group == 1].mean()), cells,
+                      bool(up["gap_change"] * down["gap_change"] < 0),
+                      bool(up["ci_low"] * up["ci_high"] > 0 and down["ci_low"] * down["ci_high"] > 0))

@@ -35,13 +35,13 @@ class Gradiend(Method):
         res = train_gradiend(model, context, axis, cfg, pool=pool)
         ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
                          neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)
-        iv = Identity() if ch["chosen"] is None else res.edit_for(ch["chosen"]["h"], ch["chosen"]["alpha"])
-        summary = {"seeds": res.seeds, "chosen_edit": ch["chosen"], "gap_before": ch["gap_before"],
-                   "perplexity_before": ch["perplexity_before"], "n_params": res.param_set.numel}
+        iv = Identity() if ch.chosen is None else res.edit_for(ch.chosen["h"], ch.chosen["alpha"])
+        summary = {"seeds": res.seeds, "chosen_edit": ch.chosen, "gap_before": ch.gap_before,
+                   "perplexity_before": ch.perplexity_before, "n_params": res.param_set.numel}
         artifacts = {"gradiend": res}
         controls: dict = {}
-        if ch["chosen"] is not None:
-            h, alpha = ch["chosen"]["h"], ch["chosen"]["alpha"]
+        if ch.chosen is not None:
+            h, alpha = ch.chosen["h"], ch.chosen["alpha"]
             # the decoder bias alone: what the edit does without the learned feature value
             controls["h0_decoder_bias"] = [res.edit_for(0.0, alpha, label="GRADIEND h=0 (decoder bias alone)")]
             if cfg.shuffled_control:
@@ -72,8 +72,8 @@ class Gradiend(Method):
                           "val_pearson_start": abs(curve[0]["val_pearson"]) if curve else None,
                           "val_pearson": abs(chosen["val_pearson"]), "best_step": chosen["best_step"],
                           "steps_run": chosen["steps_run"], "loss_first": chosen["loss_first"],
-                          "loss_last": chosen["loss_last"], "auc": ev["auc"], "sign_accuracy": ev["sign_accuracy"],
-                          "pearson": ev["pearson"], "stats": ev["stats"], "chosen": res.edit.get("chosen"),
+                          "loss_last": chosen["loss_last"], "auc": ev.auc, "sign_accuracy": ev.sign_accuracy,
+                          "pearson": ev.pearson, "stats": ev.stats, "chosen": res.edit.get("chosen"),
                           "gap_before": res.edit.get("gap_before"), "pool_seconds": res.meta.get("pool_seconds"),
                           "train_seconds": res.meta.get("train_seconds"), "pool_gib": res.meta.get("pool_gib")})
         return {"params": cfg.params, "n_params": param_set(model, cfg.params, cfg.layers).numel, "steps": cfg.steps,

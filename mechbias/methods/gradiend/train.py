@@ -7,14 +7,14 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from scipy.stats import t as t_dist
 from torch import Tensor
 
-from ...core.results import Result, make_meta
+from ...core.results import Record, Result, make_meta
 from ...data.axes import load_axis, stable_hash
 from ...data.contexts import Context, load_context
 from ...interventions.weights import WeightEdit
@@ -301,8 +301,30 @@ def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig
 # evaluation of the feature
 # ----------------------------------------------------------------------------
 
+@dataclass
+class FeatureEvaluation(Record):
+    """The encoder's values on held-out names and templates (:func:`evaluate_feature`).
+
+    Args:
+        values: per held-out name (and neutral batch), its group, label (+1 group A, -1 group B, 0 neutral)
+            and encoder value ``h``.
+        stats: per group, the mean, SD, count and 95% t interval of ``h``.
+        sign_accuracy: the share of names whose ``h`` has their label's sign.
+        pearson: the correlation of ``h`` with the labels (names only).
+        auc: how often a group-A name encodes above a group-B name (ties half).
+        separates: ``auc > 0.5`` and ``pearson > 0``.
+    """
+
+    values: list[dict[str, Any]]
+    stats: dict[str, dict[str, float]]
+    sign_accuracy: float
+    pearson: float
+    auc: float
+    separates: bool
+
+
 def evaluate_feature(model, res: GradiendResult, *, n_names: int | None = None, n_neutral: int = 8,
-                     neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1) -> dict:
+                     neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1) -> FeatureEvaluation:
     """Encoder values on held-out names and templates: one value per held-out name (the mean gradient over
     its held-out templates, the unit GRADIEND trained on), and neutral batches (prefixes of the reporting
     neutral texts with their real next token, no names) of the same size."""
@@ -331,8 +353,8 @@ def evaluate_feature(model, res: GradiendResult, *, n_names: int | None = None, 
             break
         h = gm.encode(batch_gradient(model, ps, [t.text for t in b], [t.factual for t in b]))
         values.append({"group": "neutral", "label": 0, "h": h})
-    stats = {}
-    for name in dict.fromkeys(v["group"] for v in values):
+    stats: dict[str, dict[str, float]] = {}
+    for name in dict.fromkeys(str(v["group"]) for v in values):
         hs = np.array([v["h"] for v in values if v["group"] == name])
         sd = float(hs.std(ddof=1)) if len(hs) > 1 else 0.0
         half = float(t_dist.ppf(0.975, len(hs) - 1)) * sd / np.sqrt(len(hs)) if len(hs) > 1 else float("nan")
@@ -348,9 +370,8 @@ def evaluate_feature(model, res: GradiendResult, *, n_names: int | None = None, 
     ha, hb = hv[lab == 1], hv[lab == -1]
     diff = ha[:, None] - hb[None, :]
     auc = float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / max(diff.size, 1))
-    out = {"values": values, "stats": stats, "sign_accuracy": acc, "pearson": pear, "auc": auc,
-           "separates": bool(auc > 0.5 and pear > 0)}
-    res.evaluation = out
+    out = FeatureEvaluation(values, stats, acc, pear, auc, bool(auc > 0.5 and pear > 0))
+    res.evaluation = out.as_dict()  # saved with the result
     return out
 
 
