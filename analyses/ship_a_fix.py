@@ -82,7 +82,7 @@ def main() -> None:
     if args.reuse and (args.out / "card" / "card.json").exists():
         card = json.loads((args.out / "card" / "card.json").read_text())
     else:
-        card = run_card(model, iv, inputs, args.out / "card", n_boot=2000, seed=0)
+        card = run_card(model, iv, inputs, args.out / "card", n_boot=2000, seed=0).as_dict()
         report["seconds"]["card"] = round(time.time() - t, 1)
     report["card"] = card["benchmarks"]
     t = time.time()

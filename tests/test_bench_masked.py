@@ -102,7 +102,7 @@ def test_masked_benchmarks_and_the_card(bert, tmp_path, caplog):
     with caplog.at_level("INFO", logger="mechbias"):  # progress lines go to the "mechbias" logger
         card = run_card(bert, iv, CardInputs(stereoset=DATA / "bench" / "stereoset_small.json",
                                              crows=DATA / "crows_small.csv"), tmp_path / "c", n_boot=100)
-    assert [b["benchmark"] for b in card["benchmarks"]] == ["StereoSet", "CrowS-Pairs"]
+    assert [b.benchmark for b in card.benchmarks] == ["StereoSet", "CrowS-Pairs"]
     assert any("perplexity skipped" in r.getMessage() and r.name == "mechbias.apps.card" for r in caplog.records)
     with pytest.raises(ValueError, match="causal models only"):
         run_card(bert, iv, CardInputs(bbq=[DATA / "bench" / "bbq_small.jsonl"]), tmp_path / "d", n_boot=10)

@@ -184,7 +184,7 @@ def test_card_reports_lm_eval_tasks_paired(tiny, tmp_path):
     iv = NeuronIntervention({0: list(range(0, 128, 2)), 1: list(range(0, 128, 3))})
     card = run_card(tiny, iv, CardInputs(tasks=["mb_choice"], include_path=inc, perplexity=False), tmp_path / "c",
                     n_boot=100)
-    (row,) = card["benchmarks"][0]["rows"]
+    (row,) = card.as_dict()["benchmarks"][0]["rows"]
     for lm, key in ((MechbiasLM(tiny), "unmodified"), (MechbiasLM(tiny, iv), "intervention")):
         accs = [s["acc"] for s in run_tasks(lm, ["mb_choice"], inc)["samples"]["mb_choice"]]
         assert row[key] == pytest.approx(100 * np.mean(accs))

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..core.families import is_masked_lm
-from ..core.results import atomic_savefig, atomic_write_json, atomic_write_text, make_meta
+from ..core.results import Record, atomic_savefig, atomic_write_json, atomic_write_text, make_meta
 from ..data.neutral import neutral_texts
 from ..eval.bench import (
     BenchResult,
@@ -107,8 +107,31 @@ def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, s
     return BenchResult("Perplexity", rows, [], {"texts": f"{len(texts)} reporting neutral paragraphs"})
 
 
+@dataclass
+class Card(Record):
+    """A report card (:func:`run_card`): what ``card.json`` holds.
+
+    Args:
+        intervention: the intervention scored (None: the unmodified model only).
+        benchmarks: each benchmark's rows (unmodified, intervention, paired difference with CIs).
+        meta: versions, model, settings.
+    """
+
+    intervention: str | None
+    benchmarks: list[BenchResult]
+    meta: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"intervention": self.intervention, "benchmarks": [r.as_dict() for r in self.benchmarks],
+                "meta": self.meta}
+
+    def headline(self) -> list[dict]:
+        """The headline cells (:func:`headline`)."""
+        return headline(self.benchmarks)
+
+
 def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
-             seed: int = 0) -> dict:
+             seed: int = 0) -> Card:
     """Score the model with and without ``intervention`` on every input, write the card to ``out`` and return it."""
     inputs.check()
     if is_masked_lm(model):
@@ -139,12 +162,10 @@ def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: 
     for name, fn in steps:
         _LOG.info(f"card: {name}")
         results.append(fn())
-    card = {"intervention": intervention.describe() if intervention else None,
-            "benchmarks": [r.as_dict() for r in results],
-            "meta": make_meta(model, n_boot=n_boot, seed=seed, intervention=intervention.describe()
-                              if intervention else None)}
+    card = Card(intervention.describe() if intervention else None, results,
+                make_meta(model, n_boot=n_boot, seed=seed, intervention=intervention.describe() if intervention else None))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(card, out / "card.json")
+    atomic_write_json(card.as_dict(), out / "card.json")
     head = headline(results)
     atomic_write_text(card_markdown(card, head, results), out / "card.md")
     atomic_savefig(plot_card(head), out / "card.png")
@@ -174,10 +195,10 @@ def _fmt(v, ci=None) -> str:
     return s
 
 
-def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> str:
+def card_markdown(card: Card, head: list[dict], results: list[BenchResult]) -> str:
     """The report card as Markdown: the headline rows, then every benchmark's metrics with paired CIs."""
     lines = ["# Bias report card", "",
-             f"Intervention: {card['intervention'] or 'none (unmodified model only)'}", "",
+             f"Intervention: {card.intervention or 'none (unmodified model only)'}", "",
              "Point estimates with 95% cluster-bootstrap intervals; the difference row is intervention - "
              "unmodified, paired (the same resamples for both); per-benchmark tables add its bootstrap p and the "
              "Benjamini-Hochberg p (headline subsets one family, breakdowns by category or type another). SS 50, CrowS 50, BBQ bias 0 and WinoBias pro-anti "
@@ -186,7 +207,7 @@ def card_markdown(card: dict, head: list[dict], results: list[BenchResult]) -> s
     lines.append("| model | " + " | ".join(labels) + " |")
     lines.append("|---" * (len(labels) + 1) + "|")
     lines.append("| unmodified | " + " | ".join(_fmt(h["unmodified"], h["unmodified_ci"]) for h in head) + " |")
-    if card["intervention"]:
+    if card.intervention:
         lines.append("| intervention | " + " | ".join(_fmt(h["intervention"], h["intervention_ci"]) for h in head)
                      + " |")
         lines.append("| difference | " + " | ".join(_fmt(h["difference"], h["difference_ci"]) for h in head) + " |")

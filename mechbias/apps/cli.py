@@ -184,7 +184,7 @@ def cmd_card(args) -> int:
     model = _load(args, intervention)
     card = run_card(model, intervention, inputs, args.out, n_boot=args.boot, seed=args.seed)
     print((args.out / "card.md").read_text().split("\n## ")[0])
-    _say(f"wrote {args.out / 'card.json'}, card.md and card.png ({len(card['benchmarks'])} benchmarks)")
+    _say(f"wrote {args.out / 'card.json'}, card.md and card.png ({len(card.benchmarks)} benchmarks)")
     return 0
 
 

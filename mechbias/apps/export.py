@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 
@@ -121,8 +122,21 @@ def check_replaceable(out: str | Path) -> None:
                          f"(no {MARKER}); choose a new folder for --out")
 
 
+class ExportSummary(TypedDict):
+    """What :func:`export_model` wrote (also ``out/mechbias_export.json``)."""
+
+    source_model: str
+    architecture: str
+    intervention: str
+    intervention_spec: dict[str, Any] | None
+    dtype: str
+    check_texts: list[str]
+    max_abs_logit_diff: float
+    mechbias_version: str | None
+
+
 def export_model(model, intervention: Intervention | None, out: str | Path, *,
-                 check_texts: Sequence[str] = CHECK_TEXTS) -> dict:
+                 check_texts: Sequence[str] = CHECK_TEXTS) -> ExportSummary:
     """Write ``out`` as a ``transformers`` checkpoint of ``model`` with ``intervention`` folded in.
 
     Returns a summary (including the largest |logit difference| between the
@@ -152,7 +166,7 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
         auto = AutoModelForMaskedLM if is_masked_lm(model) else AutoModelForCausalLM
         reloaded = auto.from_pretrained(tmp, local_files_only=True).eval()
         diff = _max_logit_diff(model, reloaded, intervention, check_texts)
-        summary = {"source_model": model_label(model), "architecture": type(hf).__name__,
+        summary: ExportSummary = {"source_model": model_label(model), "architecture": type(hf).__name__,
                    "intervention": intervention.describe() if intervention else "none",
                    "intervention_spec": ({"kind": intervention.kind, **intervention.to_dict()} if intervention
                                          else None),

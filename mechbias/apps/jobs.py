@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -395,7 +395,30 @@ def _fail(job: Job, error: str, store, report: RunReport, owners, waiting, bar) 
     bar.update(1)
 
 
-def critical_path(store: JobStore, report: RunReport) -> dict:
+class KindWork(TypedDict):
+    """One job kind's share of a run's work."""
+
+    jobs: int
+    seconds: float
+    max: float
+    tflop: float
+
+
+class WorkSummary(TypedDict):
+    """Total work and critical path of a run's jobs (:func:`critical_path`)."""
+
+    total_work_seconds: float
+    total_tflop: float
+    jobs_without_flop_count: int
+    code: str
+    jobs_by_code: dict[str, int]
+    jobs_by_other_code: int
+    critical_path_seconds: float
+    jobs: int
+    by_kind: dict[str, KindWork]
+
+
+def critical_path(store: JobStore, report: RunReport) -> WorkSummary:
     """Total work and critical path (seconds as measured when each job was computed) of the jobs a run
     touched, with each planner's stages as dependencies: the wall time on 1 worker is about the total,
     on unlimited workers about the critical path."""

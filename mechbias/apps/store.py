@@ -21,10 +21,27 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from ..core.results import atomic_write_json
 
+
+class JobRecord(TypedDict, total=False):
+    """A finished job's ``job.json``: what it was, its parts and their MACs, and how it was computed."""
+
+    kind: str
+    label: str
+    params: dict[str, Any]
+    deps: dict[str, list[str]]  # dependency name -> [job key, part]
+    parts: list[str]
+    macs: dict[str, str]
+    seconds: float
+    flops: int
+    code: str
+    node: str | None
+    threads: int
+    host: str
+    pid: int
 
 class _Job(Protocol):
     """What the store reads of a :class:`~mechbias.apps.jobs.Job`."""
@@ -233,7 +250,8 @@ class JobStore:
                                f"this code {code_stamp()}) and no longer loads ({e}); delete {self.path(job)} to "
                                "recompute it") from e
 
-    def meta(self, job: _Job) -> dict:
+    def meta(self, job: _Job) -> JobRecord:
+        """The finished job's record (``job.json``)."""
         return json.loads((self.path(job) / "job.json").read_text())
 
     def files(self, job: _Job) -> Path:

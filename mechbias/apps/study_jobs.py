@@ -28,7 +28,7 @@ as :func:`~mechbias.eval.transfer.transfer_matrix`) -> the method's analyses.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -136,10 +136,27 @@ def _analyze(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": analysis}
 
 
-def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> dict:
+class AxisCandidate(TypedDict):
+    """One axis's selection-split evidence in :func:`choose_axis`."""
+
+    axis: str
+    significant_contexts: int
+    mean_abs_t: float
+    gaps: dict[str, list[float]]  # per context: gap, CI low, CI high
+
+
+class AxisChoice(TypedDict):
+    """The axis the study runs on (``axis_choice.json``), chosen on the selection split alone."""
+
+    axis: str
+    rule: str
+    candidates: list[AxisCandidate]
+
+
+def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> AxisChoice:
     """The axis with the most contexts whose gap on the **selection** split (selection templates x selection
     names) has a 95% CI excluding 0; ties broken by the larger mean |gap / se|. No held-out prompt is read."""
-    rows = []
+    rows: list[AxisCandidate] = []
     with selection_phase("axis choice"):
         for a in axes:
             res = measure_bias(model, list(contexts), a, templates="selection", names="selection", n_boot=n_boot,
@@ -280,7 +297,7 @@ def _jsonable_kw(kw: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
 
 
-def model_meta(model) -> dict:
+def model_meta(model) -> dict[str, Any]:
     """Result metadata without the creation time (a study's results do not depend on when they ran)."""
     meta = make_meta(model)
     meta.pop("created", None)

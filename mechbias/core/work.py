@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, TypedDict
 
 import torch
 
@@ -39,10 +40,27 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def matmul_peak(size: int = 1024, seconds: float = 0.5) -> dict:
+class MatmulPeak(TypedDict, total=False):
+    """GFLOP/s of a square matrix product at a thread count (:func:`matmul_peak`)."""
+
+    threads: int
+    size: int
+    float32_gflops: float
+    bfloat16_gflops: float
+
+
+class AchievedRate(TypedDict, total=False):
+    """A run's matrix-product rate against the measured peaks (:func:`achieved_rate`; empty without work)."""
+
+    achieved_gflops: float
+    fraction_of_fp32_peak: float | None
+    fraction_of_bf16_peak: float | None
+
+
+def matmul_peak(size: int = 1024, seconds: float = 0.5) -> MatmulPeak:
     """GFLOP/s of a ``size`` x ``size`` matrix product repeated for about ``seconds``, in float32 and bfloat16,
     at the current torch thread count."""
-    out: dict = {"threads": torch.get_num_threads(), "size": size}
+    out: MatmulPeak = {"threads": torch.get_num_threads(), "size": size}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(size, size).to(dtype)
         b = torch.randn(size, size).to(dtype)
@@ -52,11 +70,15 @@ def matmul_peak(size: int = 1024, seconds: float = 0.5) -> dict:
             a @ b
             n += 1
         dt = time.perf_counter() - t0
-        out[str(dtype).replace("torch.", "") + "_gflops"] = round(2 * size**3 * n / dt / 1e9, 1)
+        rate = round(2 * size**3 * n / dt / 1e9, 1)
+        if dtype == torch.float32:
+            out["float32_gflops"] = rate
+        else:
+            out["bfloat16_gflops"] = rate
     return out
 
 
-def achieved_rate(work: dict) -> dict:
+def achieved_rate(work: Mapping[str, Any]) -> AchievedRate:
     """Matrix-product GFLOP/s over the jobs' summed seconds, and as fractions of the measured peaks."""
     secs, peak = work.get("total_work_seconds") or 0.0, work.get("matmul_peak") or {}
     if secs <= 0 or not work.get("total_tflop"):
