@@ -143,7 +143,7 @@ def cmd_bias(args) -> int:
     keep = ("context", "axis", "roster", "group_a", "group_b", "gap", "ci_low", "ci_high", "p_value", "p_bh",
             "effect_size", "significant", "min_detectable", "min_detectable_family", "n_prompts", "n_templates",
             "n_names_a", "n_names_b")
-    atomic_write_json({"rows": [{k: r[k] for k in keep} for r in res.rows], "meta": res.meta},
+    atomic_write_json({"rows": [{k: dict(r)[k] for k in keep} for r in res.rows], "meta": res.meta},
                       args.out / "bias.json")
     atomic_savefig(res.plot(), args.out / "figures" / "baseline_bias.png")
     _print_table(res.to_dataframe()[["context", "axis", "roster", "gap", "ci_low", "ci_high", "p_value", "p_bh",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -56,6 +57,17 @@ def read_pairs(path: str | Path) -> list[dict]:
     return rows
 
 
+class CrowsSummary(TypedDict):
+    """:meth:`CrowsResult.summary`: the score with its CI, by bias type, and the metadata."""
+
+    score: float
+    ci_low: float
+    ci_high: float
+    n: int
+    bias_type: dict
+    meta: dict
+
+
 @dataclass
 class CrowsResult(Result):
     """CrowS-Pairs scores: the share of pairs where the stereotypical sentence is more likely."""
@@ -68,7 +80,7 @@ class CrowsResult(Result):
     meta: dict = field(default_factory=dict)
     result_type = "crows"
 
-    def summary(self) -> dict:
+    def summary(self) -> CrowsSummary:
         return {"score": self.score, "ci_low": self.ci_low, "ci_high": self.ci_high, "n": self.n,
                 "bias_type": self.by_type, "meta": self.meta}
 

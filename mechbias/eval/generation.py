@@ -36,6 +36,7 @@ from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
 from .describe import smd
+from .records import GenerationCost, GenerationSummary
 
 _NUM = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _SUFFIX = r"\s*(k|K|thousand|m|M|million|mil|bn|billion)?\b"
@@ -152,7 +153,7 @@ class GenerationResult(Result):
     prompts: list[dict]
     values: Tensor
     texts: list[list[str]] = field(default_factory=list)
-    summary: dict = field(default_factory=dict)
+    summary: GenerationSummary = field(default_factory=lambda: GenerationSummary())
     meta: dict = field(default_factory=dict)
     result_type = "generation"
 
@@ -210,7 +211,7 @@ def generation_bias(
 
 def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Sequence[str],
                          reference: Tensor | None = None, *, templates: Sequence[int] | None = None,
-                         names: Sequence[str] | None = None, n_perm: int = 2000, seed: int = 0) -> dict:
+                         names: Sequence[str] | None = None, n_perm: int = 2000, seed: int = 0) -> GenerationSummary:
     """SMD per numeric question, averaged (the paper), a permutation p-value over names, parse failures
     (and the inlier ratio against ``reference``).
 
@@ -226,7 +227,7 @@ def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Seq
     nm = np.asarray([str(i) for i in range(len(groups))] if names is None else list(names))
     per_q = [smd(v[(tpl == t) & ga].ravel(), v[(tpl == t) & ~ga].ravel()) for t in sorted(set(tpl.tolist()))]
     per_q = [x for x in per_q if np.isfinite(x)]
-    out = {
+    out: GenerationSummary = {
         "group_a": group_names[0], "group_b": group_names[1],
         "smd": float(np.mean(per_q)) if per_q else math.nan, "smd_per_question": per_q, "smd_pooled": smd(a, b),
         "p_value_names": _name_permutation_p(v, tpl, nm, ga, n_perm, seed),
@@ -288,7 +289,7 @@ def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 9
 
 
 def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,
-                    max_new_tokens: int = 8, temperature: float = 0.6, seed: int = 0) -> dict:
+                    max_new_tokens: int = 8, temperature: float = 0.6, seed: int = 0) -> GenerationCost:
     """Generation metric of an intervention on a context's numeric questions (held-out names)."""
     ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)
     keep = set()
@@ -302,4 +303,5 @@ def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_sampl
     after = generation_bias(model, ps, intervention=iv, reference=ref, **kw)
     return {"parse_failure_before": ref.summary["parse_failure"], "parse_failure_after": after.summary["parse_failure"],
             "inlier_ratio": after.summary.get("inlier_ratio"), "smd_before": ref.summary["smd"],
-            "smd_after": after.summary["smd"], "n_prompts": len(ps), **kw}
+            "smd_after": after.summary["smd"], "n_prompts": len(ps), "n_samples": n_samples,
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}

@@ -37,6 +37,7 @@ from ..data.neutral import neutral_texts
 from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_bias
+from .records import BiasRow
 from .stats import DEFAULT_BOOT, benjamini_hochberg, group_gap, mdd
 
 GAP_KINDS = ("prob", "abs_prob", "logprob", "logit")
@@ -206,7 +207,7 @@ class BiasResult(Result):
         meta: versions, seed and settings of the run.
     """
 
-    rows: list[dict]
+    rows: list[BiasRow]
     prompts: list[dict] = field(default_factory=list)
     scores: Tensor = field(default_factory=lambda: torch.zeros(0))
     meta: dict = field(default_factory=dict)
@@ -219,7 +220,7 @@ class BiasResult(Result):
         df["score"] = self.scores.numpy()
         return df
 
-    def get(self, context: str, axis: str) -> dict:
+    def get(self, context: str, axis: str) -> BiasRow:
         for r in self.rows:
             if r["context"] == context and r["axis"] == axis:
                 return r
@@ -299,12 +300,12 @@ def measure_bias(
     return BiasResult(rows, prompt_rows, torch.cat(all_scores), meta)
 
 
-def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> dict:
+def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> BiasRow:
     """One row of :class:`BiasResult` from a prompt set and its scores."""
     mat, t_ids, _names, col_group = ps.grid(scores)
     g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)
-    return {"context": ps.context, "axis": ps.axis.name, "roster": ps.axis.roster, "group_a": ps.axis.groups[0],
-            "group_b": ps.axis.groups[1], **g.as_dict(), "templates": t_ids}
+    return {"context": ps.context, "axis": ps.axis.name, "roster": ps.axis.roster,  # type: ignore[typeddict-item]
+            "group_a": ps.axis.groups[0], "group_b": ps.axis.groups[1], **g.as_dict(), "templates": t_ids}
 
 
 # ----------------------------------------------------------------------------

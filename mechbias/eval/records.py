@@ -128,6 +128,67 @@ class ControlTest(TypedDict, total=False):
     note: str
 
 
+class BiasRow(TypedDict, total=False):
+    """One context x axis of a :class:`~mechbias.eval.metrics.BiasResult`: the gap (``Gap`` fields) and what
+    it was measured on; ``p_bh`` is Benjamini-Hochberg over the result's rows."""
+
+    context: str
+    axis: str
+    roster: str | None
+    group_a: str
+    group_b: str
+    gap: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    p_bh: float
+    mean_a: float
+    mean_b: float
+    effect_size: float
+    n_templates: int
+    n_names_a: int
+    n_names_b: int
+    se: float
+    df: float
+    min_detectable: float
+    min_detectable_family: float
+    n_prompts: int
+    significant: bool
+    templates: list[int]
+
+
+class GenerationSummary(TypedDict, total=False):
+    """The generation metric of a prompt set (:func:`~mechbias.eval.generation.summarize_generation`)."""
+
+    group_a: str
+    group_b: str
+    smd: float
+    smd_per_question: list[float]
+    smd_pooled: float
+    p_value_names: float
+    mean_a: float
+    mean_b: float
+    parse_failure_a: float
+    parse_failure_b: float
+    parse_failure: float
+    inlier_ratio: float
+
+
+class GenerationCost(TypedDict):
+    """An intervention's generation metric before and after (:func:`~mechbias.eval.generation.generation_cost`)."""
+
+    parse_failure_before: float
+    parse_failure_after: float
+    inlier_ratio: float | None
+    smd_before: float
+    smd_after: float
+    n_prompts: int
+    n_samples: int
+    max_new_tokens: int
+    temperature: float
+    seed: int
+
+
 class RowInfo(TypedDict, total=False):
     """What a transfer matrix records about one row's intervention and its controls
     (:func:`~mechbias.eval.transfer.make_row_info`); ``<control>_perplexity_change`` keys are added per control."""
@@ -140,4 +201,4 @@ class RowInfo(TypedDict, total=False):
     balance: dict[str, Any]
     perplexity_base: float
     perplexity_change: float | None
-    generation: dict[str, Any]
+    generation: GenerationCost

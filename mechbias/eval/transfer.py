@@ -43,7 +43,7 @@ from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
-from .records import Contrast, ControlTest, RatioTest, RowInfo, TransferTest
+from .records import Contrast, ControlTest, GenerationCost, RatioTest, RowInfo, TransferTest
 from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
 
 _LOG = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ def transfer_estimate(test: Mapping[str, Any]) -> float | None:
 
 def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequence[Intervention]],
                   perplexity_base: float | None, perplexity_change: float | None,
-                  control_ppl: Mapping[str, Sequence[float]] | None, generation: dict | None) -> RowInfo:
+                  control_ppl: Mapping[str, Sequence[float]] | None, generation: GenerationCost | None) -> RowInfo:
     """What a transfer matrix records about one row's intervention and its controls."""
     info: RowInfo = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
                             "controls": {k: v[0].describe() for k, v in controls.items() if len(v)},

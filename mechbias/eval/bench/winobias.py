@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 
@@ -37,8 +38,18 @@ OCCUPATIONS = (
 _BRACKET = re.compile(r"\[([^\]]+)\]")
 
 
-def parse_line(line: str, where: str, occupations=OCCUPATIONS) -> dict:
-    """One WinoBias line as a dict (sentence, occupation, pronoun, referent); ``where`` names it in errors."""
+class WinoItem(TypedDict):
+    """One WinoBias sentence: the plain sentence, the occupation the pronoun refers to, the other one, and the
+    pronoun."""
+
+    sentence: str
+    referent: str
+    other: str
+    pronoun: str
+
+
+def parse_line(line: str, where: str, occupations=OCCUPATIONS) -> WinoItem:
+    """One WinoBias line (sentence, occupation, pronoun, referent); ``where`` names it in errors."""
     text = re.sub(r"^\s*\d+\s+", "", line.strip())
     spans = _BRACKET.findall(text)
     if len(spans) < 2:
@@ -57,7 +68,7 @@ def parse_line(line: str, where: str, occupations=OCCUPATIONS) -> dict:
     return {"sentence": plain, "referent": referent, "other": others[0], "pronoun": pronoun}
 
 
-def read_winobias(pro: str | Path, anti: str | Path) -> tuple[list[dict], list[dict]]:
+def read_winobias(pro: str | Path, anti: str | Path) -> tuple[list[WinoItem], list[WinoItem]]:
     """The pro- and anti-stereotypical WinoBias items."""
     out = []
     for path in (Path(pro), Path(anti)):
