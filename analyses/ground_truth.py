@@ -108,7 +108,7 @@ def main() -> None:
     def add(method, context, ranked, unit):
         kinds = NEURON_KINDS if unit == "neurons" else ("head@last",)
         t = {k: truth[context][k] for k in kinds}
-        r = rank_recovery(ranked, t, L * (D if unit == "neurons" else H))
+        r = rank_recovery(ranked, t, L * (D if unit == "neurons" else H)).as_dict()
         recovery.append({"method": method, "context": context, "units": unit, **r})
         say(f"{method} {context}: {r['hits']}/{r['k']} " + ", ".join(f"{k} {v:.2f}" for k, v in r.items()
                                                                       if k.startswith("recall ")))

@@ -103,10 +103,12 @@ def test_truth_units_by_kind_and_rank_recovery_by_hand():
     kinds = {k: t["finance"][k] for k in ("neuron@name", "neuron@last")}
     r = rank_recovery([(2, 3), (5, 5), (0, 1), (1, 2)], kinds, n_units=100)
     # k = 3 planted neurons; the top 3 hold (2, 3) and (0, 1)
-    assert (r["k"], r["hits"]) == (3, 2) and r["precision"] == pytest.approx(2 / 3)
-    assert r["recall neuron@name"] == 0.5 and r["recall neuron@last"] == 1.0
-    assert r["chance_precision"] == pytest.approx(0.03) and r["median_rank"] == 2.0  # ranks 0, 2, 3
-    lo, hi = r["precision_ci"]
+    assert (r.k, r.hits) == (3, 2) and r.precision == pytest.approx(2 / 3)
+    assert r.recall_by_kind == {"neuron@name": 0.5, "neuron@last": 1.0}
+    assert r.as_dict()["recall neuron@name"] == 0.5  # the tables' flat columns
+    assert r.chance_precision == pytest.approx(0.03) and r.median_rank == 2.0  # ranks 0, 2, 3
+    assert r.precision_ci is not None
+    lo, hi = r.precision_ci
     assert lo < 2 / 3 < hi and 0.05 < lo < 0.2 and hi > 0.95  # Clopper-Pearson for 2 of 3
 
 

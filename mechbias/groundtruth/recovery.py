@@ -18,14 +18,16 @@ heads: :func:`truth_units`). Each method is scored by
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from scipy.stats import binomtest
 
-from ..core.results import Result
+from ..core.results import Record, Result
 from ..data.contexts import load_context
 from ..data.pairs import make_pairs
 from ..eval.cells import EvalSet, TransferConfig, evaluate
@@ -78,7 +80,88 @@ def oracle_matrix(model, cfg, select_on: Sequence[str], axis: str, *, evaluate_o
                            config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=n_boot, seed=seed))
 
 
-def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: int = 1000, seed: int = 0) -> dict:
+class MatrixRecovery(TypedDict):
+    """How well a method's transfer matrix recovers the oracle's (:func:`matrix_recovery`)."""
+
+    method: str
+    cells: int
+    sensitivity: float
+    sensitivity_ci: list[float]
+    leakage: float
+    leakage_ci: list[float]
+    pearson: float
+    pearson_ci: list[float]
+    mae: float
+    mae_ci: list[float]
+    oracle_mean_removed: float
+    within_minus_cross: float | None
+    ci_low: float | None
+    ci_high: float | None
+    min_detectable: float | None
+    detects: bool
+
+
+@dataclass
+class RankRecovery(Record):
+    """Precision and recall at ``k`` of a ranking against the planted units (:func:`rank_recovery`).
+
+    Args:
+        k: how many of the top units were read.
+        hits: planted units among them.
+        precision, recall: hits / k and hits / planted units.
+        precision_ci: Clopper-Pearson 95% interval of the precision (None for k = 0).
+        chance_precision: planted units / all units.
+        recall_by_kind: per kind of planted unit, its recall (``"recall <kind>"`` in :meth:`as_dict`).
+        median_rank: the planted units' median rank (None without planted units).
+    """
+
+    k: int
+    hits: int
+    precision: float
+    recall: float
+    precision_ci: list[float] | None
+    chance_precision: float
+    recall_by_kind: dict[str, float]
+    median_rank: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat, as the ground-truth tables read it (``recall <kind>`` columns)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("recall_by_kind", "median_rank")}
+        return {**d, **{f"recall {kind}": v for kind, v in self.recall_by_kind.items()},
+                "median_rank": self.median_rank}
+
+
+class PrecisionRecall(TypedDict):
+    """Hits, precision and recall of the top ``k`` units (:func:`precision_recall`)."""
+
+    k: int
+    hits: int
+    precision: float
+    recall: float
+
+
+class ChanceLevel(TypedDict):
+    """Expected precision and recall of units drawn at random (:func:`random_baseline`)."""
+
+    precision: float
+    recall: float
+
+
+class GradiendRecovery(TypedDict):
+    """The GRADIEND decoder's update on the planted neurons (:func:`score_gradiend`)."""
+
+    method: str
+    context: str
+    share: float
+    share_of_parameters: float
+    enrichment: float
+    feature_sign_accuracy: float | None
+    feature_auc: float | None
+    feature_pearson: float | None
+
+
+def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: int = 1000, seed: int = 0
+                    ) -> MatrixRecovery:
     """How well a method's transfer matrix recovers the oracle's.
 
     Per cell the statistic is ``gap_removed`` (absolute, log-odds). Returns the
@@ -144,7 +227,7 @@ def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: i
 
 
 def rank_recovery(ranked: Sequence[tuple[int, int]], truth: dict[str, set], n_units: int, *,
-                  k: int | None = None) -> dict:
+                  k: int | None = None) -> RankRecovery:
     """Precision/recall at ``k`` (default: the number of true units) of a ranking, overall and per kind, with
     Clopper-Pearson intervals (binomial over the top ``k`` given the ranking), and the chance level k / n."""
     every = set().union(*truth.values())
@@ -152,17 +235,14 @@ def rank_recovery(ranked: Sequence[tuple[int, int]], truth: dict[str, set], n_un
     top = {tuple(x) for x in list(ranked)[:k]}
     hits = len(top & every)
     ci = binomtest(hits, k).proportion_ci() if k else None
-    out = {"k": k, "hits": hits, "precision": hits / max(k, 1), "recall": hits / max(len(every), 1),
-           "precision_ci": [float(ci.low), float(ci.high)] if ci else None, "chance_precision": len(every) / n_units}
-    for kind, units in truth.items():
-        if units:
-            out[f"recall {kind}"] = len(top & units) / len(units)
     rank = {tuple(x): i for i, x in enumerate(ranked)}
-    out["median_rank"] = float(np.median([rank.get(u, len(ranked)) for u in every])) if every else None
-    return out
+    return RankRecovery(k, hits, hits / max(k, 1), hits / max(len(every), 1),
+                        [float(ci.low), float(ci.high)] if ci else None, len(every) / n_units,
+                        {kind: len(top & units) / len(units) for kind, units in truth.items() if units},
+                        float(np.median([rank.get(u, len(ranked)) for u in every])) if every else None)
 
 
-def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | None = None) -> dict:
+def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | None = None) -> PrecisionRecall:
     """Hits, precision and recall of the top ``k`` ranked units against the planted ``truth``."""
     k = k or len(truth)
     top = {tuple(x) for x in list(ranked)[:k]}
@@ -170,7 +250,7 @@ def precision_recall(ranked: Sequence[tuple[int, int]], truth: set, k: int | Non
     return {"k": k, "hits": hit, "precision": hit / max(k, 1), "recall": hit / max(len(truth), 1)}
 
 
-def random_baseline(k: int, truth_size: int, n_neurons: int) -> dict:
+def random_baseline(k: int, truth_size: int, n_neurons: int) -> ChanceLevel:
     """The expected precision and recall of ``k`` units drawn at random."""
     p = truth_size / n_neurons
     return {"precision": p, "recall": k / n_neurons}
@@ -271,7 +351,7 @@ def score_pruning(model, cfg, contexts: Sequence[str], axis: str, prune_cfg) -> 
     return rows
 
 
-def score_gradiend(model, cfg, res) -> dict:
+def score_gradiend(model, cfg, res) -> GradiendRecovery:
     """Share of the GRADIEND decoder update on the planted neurons vs their share of the parameters."""
     truth = truth_sets(cfg)
     neurons = sorted(set().union(*truth.values()))
