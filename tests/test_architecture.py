@@ -219,3 +219,73 @@ def test_string_options_are_literal_types_checked_in_one_place():
                 assert literal_choices(hints[f.name]), f"{cls.Config.__name__}.{f.name} is not a Literal"
         src = inspect.getsource(cls.Config.validate)
         assert " not in (" not in src and "must be one of" not in src, cls.Config.__name__
+
+
+#: public functions that return an open JSON document (keys not fixed by mechbias), each with its reason;
+#: every other public function returns a dataclass, a ``TypedDict`` or a typed mapping ``dict[K, V]``
+OPEN_JSON = {
+    "make_meta": "a result's metadata block: standard keys plus the caller's settings",
+    "model_meta": "make_meta without the creation time",
+    "run_tasks": "lm-eval's own results document",
+    "planted_manifest": "the planted model's manifest file, read as written",
+    "run_summary_json": "a method run's summary.json, read as written",
+    "record": "MethodRun's summary.json (its serialisation)",
+    "analyze": "a method's own analyses: method-specific keys, written into summary.json",
+    "summary": "SetPatch without its per-pair lists (its serialisation)",
+    "as_dict": "a record's serialisation",
+    "to_dict": "a record's serialisation",
+}
+_BARE = {"dict", "Dict", "dict[str, Any]", "dict[str, object]", "Dict[str, Any]"}
+
+
+def bare_dict_returns(root: Path) -> list[str]:
+    """Public functions and methods (of public classes) that return a bare dict: annotated ``dict``,
+    ``dict | None`` or ``dict[str, Any]`` (outside :data:`OPEN_JSON`), or unannotated and returning a dict
+    display or comprehension."""
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        fns += [m for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
+                for m in c.body if isinstance(m, ast.FunctionDef)]
+        for fn in fns:
+            if fn.name.startswith("_"):
+                continue
+            where = f"{f.relative_to(root)}:{fn.lineno} {fn.name}"
+            if fn.name in OPEN_JSON:
+                continue
+            if fn.returns is None:
+                inner = {id(n) for d in ast.walk(fn) if isinstance(d, (ast.FunctionDef, ast.Lambda)) and d is not fn
+                         for n in ast.walk(d)}
+                if any(isinstance(n, ast.Return) and isinstance(n.value, (ast.Dict, ast.DictComp))
+                       and id(n) not in inner for n in ast.walk(fn)):
+                    bad.append(f"{where} -> (unannotated dict)")
+                continue
+            text = ast.unparse(fn.returns).removesuffix(" | None").removeprefix("None | ")
+            if text.startswith("Optional[") and text.endswith("]"):
+                text = text[len("Optional["):-1]
+            if text in _BARE:
+                bad.append(f"{where} -> {ast.unparse(fn.returns)}")
+    return bad
+
+
+def test_public_functions_return_typed_records_not_bare_dicts(tmp_path):
+    assert bare_dict_returns(ROOT) == []
+    # the check finds each form: annotated dict, dict | None, dict[str, Any], unannotated dict display; a typed
+    # mapping, a TypedDict, a private function, a nested helper and an open JSON document pass
+    (tmp_path / "m.py").write_text(
+        "from typing import Any, TypedDict\n"
+        "class Row(TypedDict):\n    a: int\n"
+        "def a() -> dict:\n    return {}\n"
+        "def b() -> dict | None:\n    return None\n"
+        "def c() -> dict[str, Any]:\n    return {}\n"
+        "def d():\n    return {'k': 1}\n"
+        "class K:\n    def e(self):\n        return {k: 1 for k in 'ab'}\n"
+        "def ok1() -> dict[str, int]:\n    return {}\n"
+        "def ok2() -> Row:\n    return {'a': 1}\n"
+        "def _ok3() -> dict:\n    return {}\n"
+        "def ok4() -> list:\n    def inner():\n        return {}\n    return [inner()]\n"
+        "def make_meta() -> dict[str, Any]:\n    return {}\n")
+    assert bare_dict_returns(tmp_path) == ["m.py:4 a -> dict", "m.py:6 b -> dict | None",
+                                           "m.py:8 c -> dict[str, Any]", "m.py:10 d -> (unannotated dict)",
+                                           "m.py:13 e -> (unannotated dict)"]

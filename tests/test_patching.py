@@ -59,9 +59,9 @@ def test_patching_the_whole_residual_restores_or_breaks_exactly(tiny):
     pairs = _equal_length_pairs(tiny)
     every = [Site(0, "resid_pre")]
     d = patch_set(tiny, pairs, every, direction="denoise")
-    assert np.allclose(d["values"], d["ld_clean"], atol=1e-5) and d["normalized"] == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(d.values, d.ld_clean, atol=1e-5) and d.normalized == pytest.approx(1.0, abs=1e-4)
     n = patch_set(tiny, pairs, every, direction="noise")
-    assert np.allclose(n["values"], n["ld_corrupt"], atol=1e-5) and n["normalized"] == pytest.approx(0.0, abs=1e-4)
+    assert np.allclose(n.values, n.ld_corrupt, atol=1e-5) and n.normalized == pytest.approx(0.0, abs=1e-4)
 
 
 def test_set_patching_equals_a_plain_hooked_forward(tiny):
@@ -85,7 +85,7 @@ def test_set_patching_equals_a_plain_hooked_forward(tiny):
         with torch.no_grad(), tiny.hooks(fwd_hooks=[("blocks.0.attn.hook_z", z), ("blocks.1.mlp.hook_post", post),
                                                     ("blocks.1.hook_resid_pre", resid)]):
             lg = tiny(corr)
-        assert res["values"][i] == pytest.approx(float(lg[0, -1, y] - lg[0, -1, n]), abs=1e-5)
+        assert res.values[i] == pytest.approx(float(lg[0, -1, y] - lg[0, -1, n]), abs=1e-5)
 
 
 def test_unequal_lengths_are_refused(tiny):

@@ -165,7 +165,7 @@ def check_tasks(tasks: list[str], include_path: str | Path | None = None) -> Non
 
 
 def run_tasks(lm: MechbiasLM, tasks: list[str], include_path: str | Path | None = None, *,
-              limit: int | None = None) -> dict:
+              limit: int | None = None) -> dict[str, Any]:
     """``lm_eval.simple_evaluate`` on ``lm`` with per-sample logs."""
     from lm_eval import simple_evaluate
 

@@ -44,7 +44,7 @@ from ..data.contexts import load_contexts
 from ..eval.cells import TransferConfig
 from ..eval.stats import benjamini_hochberg, mdd
 from ..eval.transfer import TransferMatrix
-from ..methods.base import registered_methods
+from ..methods.base import StudyExtras, registered_methods
 from ..viz.html import study_html
 from ..viz.plotting import plot_methods_summary
 from .executors import InProcess, RayExecutor
@@ -206,7 +206,7 @@ def _copy_tree(src: Path, dst: Path) -> None:
 # method steps
 # ----------------------------------------------------------------------------
 
-def _method_step(name: str, cls, config, extras: dict) -> Step:
+def _method_step(name: str, cls, config, extras: StudyExtras) -> Step:
     title = extras.get("title", cls.title)
 
     def plan(shared: Shared, cfg: StudyConfig, meta: dict):

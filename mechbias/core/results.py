@@ -165,7 +165,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def make_meta(model=None, **extra) -> dict:
+def make_meta(model=None, **extra: Any) -> dict[str, Any]:
     """Standard metadata block for a result."""
     meta: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

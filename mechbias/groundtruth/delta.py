@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,7 +128,7 @@ def set_planted_manifest(model, manifest: dict) -> None:
     model_info(model).planted = manifest
 
 
-def planted_manifest(model) -> dict:
+def planted_manifest(model) -> dict[str, Any]:
     """The manifest of a planted model (which neurons carry which context's bias)."""
     m = model_info(model).planted
     if m is None:

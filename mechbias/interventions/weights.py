@@ -116,7 +116,7 @@ class WeightMask(Intervention):
     def to_dict(self):
         return {"params": sorted(self.masks), "label": self.label}
 
-    def tensors(self):
+    def tensors(self) -> dict[str, Tensor]:
         return {n: m.long().contiguous() for n, m in self.masks.items()}
 
     @classmethod
@@ -197,7 +197,7 @@ class WeightEdit(Intervention):
     def to_dict(self):
         return {"params": sorted(self.deltas), "scale": self.scale, "label": self.label}
 
-    def tensors(self):
+    def tensors(self) -> dict[str, Tensor]:
         return {n: d.contiguous() for n, d in self.deltas.items()}
 
     @classmethod

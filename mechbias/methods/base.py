@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from ..core.choices import check_choices
 from ..core.precision import Precision, compute_precision
@@ -60,6 +60,16 @@ class MethodConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class StudyExtras(TypedDict, total=False):
+    """Per study variant (:meth:`Method.study_extras`): the step's title, keyword arguments for
+    :meth:`Method.analyze`, transfer-config overrides, and how many of the study's contexts are rows."""
+
+    title: str
+    analyze: dict[str, Any]
+    transfer: dict[str, Any]
+    rows: int
 
 
 @dataclass
@@ -133,7 +143,7 @@ class Method:
         raise NotImplementedError
 
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, transfer=None,
-                eval_sets: dict | None = None, n_boot: int = 1000, **extras) -> dict:
+                eval_sets: dict | None = None, n_boot: int = 1000, **extras) -> dict[str, Any]:
         """Extra analyses over the selections made so far; returns a JSON-able summary (may write figures
         under ``out / "figures"`` and list them in ``summary["figures"]``). ``transfer`` is the method's
         transfer matrix when one was computed; ``extras`` come from :meth:`study_extras`."""
@@ -157,7 +167,7 @@ class Method:
         return {cls.name: cls.Config()}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> dict:
+    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
         """Per study variant: ``title``, keyword arguments for :meth:`analyze` and transfer-config overrides."""
         return {"title": cls.title, "analyze": {}, "transfer": {}}
 

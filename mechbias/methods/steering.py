@@ -124,7 +124,7 @@ class DirectionIntervention(Intervention):
         return {"layer": self.layer, "mode": self.mode, "alpha": self.alpha, "positions": self.positions,
                 "label": self.label}
 
-    def tensors(self):
+    def tensors(self) -> dict[str, Tensor]:
         return {"direction": self.direction.contiguous()}
 
     @classmethod

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
 from ...interventions.base import Identity
 from ...viz.method_figures import plot_gradiend_grid
-from ..base import Method, Selection, register_method
+from ..base import Method, Selection, StudyExtras, register_method
 from .edit import choose_edit
 from .gradients import param_set
 from .pool import gradient_pool
@@ -52,7 +53,7 @@ class Gradiend(Method):
         del pool  # the per-name gradients are not kept with the selection
         return Selection(context.name, axis, iv, artifacts, summary, controls)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         """The feature on held-out names and templates (group A, group B, neutral texts)."""
         cfg = self.config
         feats: list[dict] = []
@@ -102,6 +103,6 @@ class Gradiend(Method):
                                            shuffled_control=not quick)}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> dict:
+    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
         return {"title": "GRADIEND feature and weight edit", "analyze": {}, "transfer": {},
                 "rows": 1 if quick else 2}

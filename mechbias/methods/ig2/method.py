@@ -15,7 +15,7 @@ from ...data.contexts import Context
 from ...eval.metrics import favoured_group
 from ...viz.html import esc, load_tensor, svg_bars
 from ...viz.method_figures import plot_overlap
-from ..base import Method, MethodConfig, Selection, register_method
+from ..base import Method, MethodConfig, Selection, StudyExtras, register_method
 from .attribution import Rule, run_ig2
 from .inputs import contrast_units, demographic_units
 from .thresholds import select_neurons, selection_overlap
@@ -93,7 +93,7 @@ class IG2(Method):
         iv = sel.intervention(0.0, c.positions, f"BNS {context.name}/{ax.name}")
         return Selection(context.name, ax.name, iv, artifacts, summary)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         """The paper's verification on held-out units, per context; overlap of selections between contexts."""
         c = self.config
         rows: list[dict] = []
@@ -170,7 +170,7 @@ class IG2(Method):
         return "\n".join(parts)
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> dict:
+    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
         # IG² selects few neurons, so their controls can be matched on single-unit ablation cost too
         return {"title": cls.title, "analyze": {}, "transfer": {"controls": ("random", "matched", "matched_cost")}}
 

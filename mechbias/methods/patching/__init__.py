@@ -4,6 +4,7 @@ from .atp import ATP_COMPONENTS, AtpAgreement, AtPResult, atp_agreement, attribu
 from .engine import (
            SWEEPS,
            PatchResult,
+           SetPatch,
            compare_contexts,
            ld_metric,
            patch_set,
@@ -21,6 +22,7 @@ __all__ = [
            "PatchResult",
            "Patching",
            "PatchingConfig",
+           "SetPatch",
            "atp_agreement",
            "attribution_patch",
            "compare_contexts",

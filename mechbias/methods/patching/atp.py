@@ -183,6 +183,6 @@ def prefilter_and_verify(model, pairs: PromptPairs, atp: AtPResult, component: s
             kind = {"resid_pre": "resid_pre", "attn_out": "attn_out", "mlp_out": "mlp_out"}[component]
             patch = Site(int(cell[0]), kind, positions=(int(cell[1]),))
         res = patch_set(model, pairs, [patch], direction=direction)
-        out.append({"cell": [int(c) for c in cell], "atp": float(m[cell]), "exact_effect": res["effect"],
-                    "ci_low": res["ci_low"], "ci_high": res["ci_high"]})
+        out.append({"cell": [int(c) for c in cell], "atp": float(m[cell]), "exact_effect": res.effect,
+                    "ci_low": res.ci_low, "ci_high": res.ci_high})
     return out

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from ...core.families import require_causal
 from ...core.fastpath import last_position_unembed, slice_cache, use_kv_cache
 from ...core.hooks import hooked, run_with_cache
 from ...core.params import frozen
-from ...core.results import Result, make_meta
+from ...core.results import Record, Result, make_meta
 from ...core.sites import Site, hook_name
 from ...core.window import forward_window
 from ...data.pairs import AlignmentError, PromptPairs
@@ -350,7 +350,37 @@ def pair_factors(infos: Sequence[dict]) -> dict[str, list[list]]:
             "name_b": [[i["corrupt"]] for i in infos]}
 
 
-def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: str = "denoise") -> dict:
+@dataclass
+class SetPatch(Record):
+    """Components patched together (:func:`patch_set`).
+
+    Args:
+        direction: ``"denoise"`` (clean activations into the corrupted run) or ``"noise"``.
+        n_patches, n_pairs: the components and prompt pairs.
+        effect: the mean change of the logit difference, with ``ci_low``/``ci_high`` (95%, templates and names
+            resampled).
+        normalized: the patched logit difference between the corrupted (0) and clean (1) runs' means.
+        values: per pair, the patched logit difference.
+        ld_clean, ld_corrupt: per pair, the clean and corrupted runs' logit differences.
+    """
+
+    direction: str
+    n_patches: int
+    n_pairs: int
+    effect: float
+    ci_low: float
+    ci_high: float
+    normalized: float
+    values: list[float]
+    ld_clean: list[float]
+    ld_corrupt: list[float]
+
+    def summary(self) -> dict[str, Any]:
+        """The fields without the per-pair lists."""
+        return {k: v for k, v in self.as_dict().items() if k not in ("values", "ld_clean", "ld_corrupt")}
+
+
+def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: str = "denoise") -> SetPatch:
     """Patch a set of components together (e.g. the top heads of a sweep, or IG² neurons).
 
     Returns the per-pair metric and the mean effect / normalized value with a 95% CI over the pairs'
@@ -373,9 +403,9 @@ def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: 
     eff, lo, hi = factor_mean(va - ba, pair_factors([{"template": c.template, "clean": c.person.name,
                                                      "corrupt": r.person.name} for c, r in zip(pairs.clean,
                                                                                                pairs.corrupt, strict=True)]))
-    return {"direction": direction, "n_patches": len(patches), "n_pairs": len(pairs), "effect": eff, "ci_low": lo,
-            "ci_high": hi, "normalized": float((va.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())),
-            "values": va.tolist(), "ld_clean": clean_ld.tolist(), "ld_corrupt": corr_ld.tolist()}
+    return SetPatch(direction, len(patches), len(pairs), eff, lo, hi,
+                    float((va.mean() - corr_ld.mean()) / (clean_ld.mean() - corr_ld.mean())), va.tolist(),
+                    clean_ld.tolist(), corr_ld.tolist())
 
 
 # ----------------------------------------------------------------------------

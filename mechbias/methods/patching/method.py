@@ -73,12 +73,12 @@ class Patching(Method):
         for d in DIRECTIONS:  # the chosen heads patched together, both directions
             r = patch_set(model, pairs, [Site(l, "z", (h,)) for l, h in heads], direction=d)
             sets.append({"set": f"top {c.top_heads} heads of the {c.direction} sweep", "heads": [list(h) for h in heads],
-                         **{k: v for k, v in r.items() if k not in ("values", "ld_clean", "ld_corrupt")}})
+                         **r.summary()})
         summary["set_patching"] = sets
         iv = HeadIntervention(heads, mode="z", label=f"patching-selected heads {context.name}/{axis}")
         return Selection(context.name, axis, iv, artifacts, summary)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict:
+    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         figures: list[str] = []
         rows: list[dict] = []
         first = next(iter(self.selections.values()), None)

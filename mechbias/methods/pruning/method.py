@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
 from ...viz.html import svg_curve
 from ...viz.plotting import plot_curves
-from ..base import Method, Selection, register_method
+from ..base import Method, Selection, StudyExtras, register_method
 from .levels import generalization_levels, pruning_curve
 from .ranking import PruneConfig, candidates
 
@@ -52,7 +52,8 @@ class Pruning(Method):
         return Selection(context.name, axis, iv, {}, summary)
 
     def analyze(self, model, axis: str, out: Path, *, quick: bool = False, levels: bool = False,
-                curve: tuple = (), transfer=None, eval_sets: dict | None = None, n_boot: int = 1000, **kw) -> dict:
+                curve: tuple = (), transfer=None, eval_sets: dict | None = None, n_boot: int = 1000, **kw
+                ) -> dict[str, Any]:
         cfg = self._cfg()
         summary: dict = {"config": cfg.to_dict(), "figures": []}
         contexts = list(self.selections)
@@ -100,7 +101,7 @@ class Pruning(Method):
         return {name: PruneConfig(**cls.VARIANTS[name][1]) for name in names}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> dict:
+    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
         """Extra analyses of a study variant (levels, curve) and its generation-metric setting."""
         extras = dict(cls.VARIANTS[step][2])
         gen = extras.pop("generation", False)
