@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from ..eval.metrics import token_nll
 from ..interventions.base import Intervention
 from ..viz.card_figure import plot_card
 from .lm_eval_model import check_tasks, task_bench
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -93,7 +96,7 @@ def _ppl(o: Outcomes, idx: np.ndarray) -> float:
     return float(np.exp(o["nll"][idx].sum() / o["n"][idx].sum()))
 
 
-def perplexity_bench(model, intervention: Intervention | None, *, n_boot: int, seed: int) -> BenchResult:
+def perplexity_bench(model: TransformerBridge, intervention: Intervention | None, *, n_boot: int, seed: int) -> BenchResult:
     """Perplexity on the reporting neutral texts; intervals resample paragraphs."""
     texts = neutral_texts(split="reporting")
 
@@ -130,7 +133,7 @@ class Card(Record):
         return headline(self.benchmarks)
 
 
-def run_card(model, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
+def run_card(model: TransformerBridge, intervention: Intervention | None, inputs: CardInputs, out: Path, *, n_boot: int = 2000,
              seed: int = 0) -> Card:
     """Score the model with and without ``intervention`` on every input, write the card to ``out`` and return it."""
     inputs.check()

@@ -17,11 +17,14 @@ import os
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .jobs import Job, JobOutput, WorkerContext, execute
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 class InProcess:
@@ -29,7 +32,7 @@ class InProcess:
 
     workers = 1
 
-    def __init__(self, model, model_spec: dict, threads: int | None = None, reraise: bool = False):
+    def __init__(self, model: TransformerBridge, model_spec: dict, threads: int | None = None, reraise: bool = False):
         self.ctx = WorkerContext(model_spec, threads or torch.get_num_threads(), model)
         self._done: list[tuple[Job, JobOutput]] = []
         self.reraise = reraise  # a job's exception propagates to the caller (a method command: one-line errors)

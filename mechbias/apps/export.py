@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 
@@ -33,18 +33,21 @@ from ..core.params import named_params
 from ..data.prompts import tokenize
 from ..interventions.base import Identity, Intervention, maybe_apply
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 CHECK_TEXTS = ("The bank approved the loan for Maria because her credit history was long.",
                "After the meeting, the manager thanked everyone and went home early.")
 
 
-def folded_weights(model, intervention: Intervention | None) -> dict[str, torch.Tensor]:
+def folded_weights(model: TransformerBridge, intervention: Intervention | None) -> dict[str, torch.Tensor]:
     """Detached copies of the model's weights (clean names) with the intervention folded in."""
     params = {n: p.detach().clone() for n, p in named_params(model).items()}
     (intervention or Identity()).fold(model, params)
     return params
 
 
-def _hf_state_dict(model, fresh, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _hf_state_dict(model: TransformerBridge, fresh, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The state dict of ``fresh`` (a new model of the same class) filled from the live model, with folded values.
 
     Tensors are matched by name, then by storage (tied embedding and unembedding share one, so a change to one
@@ -135,7 +138,7 @@ class ExportSummary(TypedDict):
     mechbias_version: str | None
 
 
-def export_model(model, intervention: Intervention | None, out: str | Path, *,
+def export_model(model: TransformerBridge, intervention: Intervention | None, out: str | Path, *,
                  check_texts: Sequence[str] = CHECK_TEXTS) -> ExportSummary:
     """Write ``out`` as a ``transformers`` checkpoint of ``model`` with ``intervention`` folded in.
 
@@ -184,7 +187,7 @@ def export_model(model, intervention: Intervention | None, out: str | Path, *,
 
 
 @torch.no_grad()
-def _max_logit_diff(model, hf_model, intervention, texts) -> float:
+def _max_logit_diff(model: TransformerBridge, hf_model, intervention, texts) -> float:
     worst = 0.0
     for ids in tokenize(model, list(texts)):
         ids = ids[None].to(model.cfg.device)

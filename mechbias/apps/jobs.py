@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ from ..core.models import DATA_FILES, load_model, model_label
 from ..core.results import set_seed
 from ..core.work import counting_flops
 from .store import JobOutput, JobStore, StoreWarning, code_fingerprint, code_stamp, store_key
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -162,7 +165,7 @@ class Job:
 # fingerprints
 # ----------------------------------------------------------------------------
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: TransformerBridge) -> str:
     """SHA-256 of the model's weights (names, dtypes, shapes, bytes) and its label."""
     h = hashlib.sha256(model_label(model).encode())
     for name, t in sorted(model.state_dict().items()):

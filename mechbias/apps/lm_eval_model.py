@@ -17,7 +17,7 @@ Requires the optional extra ``mechbias[eval]`` (``lm-eval``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from ..data.prompts import tokenize
 from ..eval.bench.common import BenchResult, cluster_ids, metric_rows
 from ..eval.loglik import continuation_logprob, token_logprobs
 from ..interventions.base import Intervention, load_intervention, maybe_apply
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 try:
     import lm_eval.models  # noqa: F401 - lm-eval registers its own model types only while its registry is empty
@@ -180,7 +183,7 @@ def _per_sample(results: dict, task: str) -> tuple[list, dict[str, np.ndarray]]:
     return [s["doc_id"] for s in samples], {m: np.array([float(s[m]) for s in samples]) for m in sorted(metrics)}
 
 
-def task_bench(model, intervention: Intervention | None, tasks: list[str], include_path=None, *,
+def task_bench(model: TransformerBridge, intervention: Intervention | None, tasks: list[str], include_path=None, *,
                limit: int | None = None, n_boot: int = 2000, seed: int = 0) -> BenchResult:
     """Accuracy-type metrics of lm-eval tasks (x 100), unmodified vs. under the intervention, with paired
     intervals that resample documents."""

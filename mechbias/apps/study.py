@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.models import model_label
 from ..core.precision import PRECISIONS, Precision, check_precision
@@ -59,6 +59,9 @@ from .study_jobs import (
 )
 from .study_report import baseline_report, summary_report, summary_rows, transfer_md
 from .workflow import write_method_outputs
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -260,7 +263,7 @@ SUMMARY_TITLE = "The methods side by side"
 # ----------------------------------------------------------------------------
 
 
-def make_executor(model, cfg: StudyConfig, model_spec: dict | None):
+def make_executor(model: TransformerBridge, cfg: StudyConfig, model_spec: dict | None):
     """In-process for one worker, else Ray (local runtime, or the cluster at ``cfg.address``)."""
     spec = model_spec or {"name": model_label(model)}
     if cfg.n_workers == 1 and not cfg.address:
@@ -269,7 +272,7 @@ def make_executor(model, cfg: StudyConfig, model_spec: dict | None):
     return RayExecutor(spec, cfg.n_workers, threads=cfg.job_threads, address=cfg.address, gpus_per_worker=gpus)
 
 
-def study_salt(model, cfg: StudyConfig) -> str:
+def study_salt(model: TransformerBridge, cfg: StudyConfig) -> str:
     """What every job depends on besides its parameters: the model's weights and the data files."""
     user_files = [c for c in cfg.context_list if Path(c).suffix in (".yaml", ".yml")]
     return hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint(user_files)}".encode()).hexdigest()
@@ -300,7 +303,7 @@ class StudyResult:
         return 0 if self.ok else 1
 
 
-def run_study(model, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
+def run_study(model: TransformerBridge, cfg: StudyConfig, out: Path, *, figures: Path | None = None, fresh: bool = False,
               model_spec: dict | None = None, executor=None,
               progress: bool = True) -> StudyResult:
     """Run (or resume) the study: every configured method through the transfer engine, as content-addressed jobs.

@@ -28,7 +28,7 @@ as :func:`~mechbias.eval.transfer.transfer_matrix`) -> the method's analyses.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from ..eval.transfer import baseline_rows, finish_matrix, make_row_info
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # ----------------------------------------------------------------------------
 # job kinds
@@ -153,7 +156,7 @@ class AxisChoice(TypedDict):
     candidates: list[AxisCandidate]
 
 
-def choose_axis(model, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> AxisChoice:
+def choose_axis(model: TransformerBridge, contexts, axes, *, seed: int = 0, n_boot: int = 1000) -> AxisChoice:
     """The axis with the most contexts whose gap on the **selection** split (selection templates x selection
     names) has a 95% CI excluding 0; ties broken by the larger mean |gap / se|. No held-out prompt is read."""
     rows: list[AxisCandidate] = []
@@ -297,7 +300,7 @@ def _jsonable_kw(kw: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
 
 
-def model_meta(model) -> dict[str, Any]:
+def model_meta(model: TransformerBridge) -> dict[str, Any]:
     """Result metadata without the creation time (a study's results do not depend on when they ran)."""
     meta = make_meta(model)
     meta.pop("created", None)

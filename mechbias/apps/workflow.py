@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..core.models import model_label
 from ..core.results import (
@@ -35,6 +35,9 @@ from ..methods.base import Method, MethodConfig
 from .executors import InProcess
 from .jobs import JobStore, data_fingerprint, model_fingerprint, run_planners
 from .study_jobs import Shared, method_planner, model_meta
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 #: the folder layout of one method run (a method command's ``--out``, each study step); see :class:`MethodRun`
 LAYOUT = 2
@@ -194,7 +197,7 @@ def context_refs(given: Sequence[str | Context]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def run_method_jobs(model, cls: type[Method], config: MethodConfig, select_on: Sequence[str], evaluate_on: Sequence[str],
+def run_method_jobs(model: TransformerBridge, cls: type[Method], config: MethodConfig, select_on: Sequence[str], evaluate_on: Sequence[str],
                     axis: str, tcfg: TransferConfig, out: Path, *, seed: int = 0, quick: bool = False,
                     analyze_kw: dict | None = None,
                     progress: bool = False) -> MethodRun:

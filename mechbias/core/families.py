@@ -14,12 +14,15 @@ exactly like a named model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .models import set_model_label
 from .testing import word_tokenizer
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def family_model(name: str, *, seed: int = 0, tokenizer=None, init_range: float 
     return model
 
 
-def family_of(model) -> Family | None:
+def family_of(model: TransformerBridge) -> Family | None:
     """The :data:`FAMILIES` entry whose model class the bridge wraps (None for an unlisted class)."""
     cls = type(getattr(model, "original_model", None)).__name__
     for fam in FAMILIES.values():
@@ -107,17 +110,17 @@ def family_of(model) -> Family | None:
     return None
 
 
-def model_class(model) -> str:
+def model_class(model: TransformerBridge) -> str:
     """The class name of the model under the bridge (e.g. ``LlamaForCausalLM``)."""
     return type(getattr(model, "original_model", model)).__name__
 
 
-def is_masked_lm(model) -> bool:
+def is_masked_lm(model: TransformerBridge) -> bool:
     """Whether the model is a masked LM (a ``...ForMaskedLM`` under the bridge)."""
     return model_class(model).endswith("ForMaskedLM")
 
 
-def require_causal(model, what: str) -> None:
+def require_causal(model: TransformerBridge, what: str) -> None:
     """Refuse a masked LM before a method that has no masked-LM form (patching, AtP, head scores) runs."""
     if is_masked_lm(model):
         raise ValueError(

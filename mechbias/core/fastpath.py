@@ -35,7 +35,7 @@ import os
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import torch
 from jaxtyping import Int
@@ -47,6 +47,9 @@ from .models import supports_kv_cache
 from .resume import capture_resid, resumable, resumed_logits
 from .sites import hook_name
 from .window import forward_window
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 #: the largest max |fast - exact| logit difference accepted, as a fraction of (1 + max |exact logit|), by dtype
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
@@ -195,7 +198,7 @@ def slice_cache(cache, s: int):
     return freeze_cache(new)
 
 
-def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
+def prefix_cache(model: TransformerBridge, prefix: Int[Tensor, "1 p"]):
     """Run ``prefix`` (batch 1) and return a frozen KV cache usable by any batch size.
 
     Hooks active in the caller's context fire during this prefix pass, inside a
@@ -213,7 +216,7 @@ def prefix_cache(model, prefix: Int[Tensor, "1 p"]):
 # partial unembedding
 # ----------------------------------------------------------------------------
 
-def _trim_point(model) -> str:
+def _trim_point(model: TransformerBridge) -> str:
     """Where position trimming happens: before the unembedding (fast) or after it (exact fallback)."""
     st = _STATUS.get(model)
     if st is not None and st.unembed.get("path") == "exact":
@@ -222,7 +225,7 @@ def _trim_point(model) -> str:
 
 
 @contextlib.contextmanager
-def position_unembed(model, position: int):
+def position_unembed(model: TransformerBridge, position: int):
     """Unembed only ``position`` (an index of the current forward call); the logits are ``[batch, 1, vocab]``."""
 
     def keep(x, hook):
@@ -233,7 +236,7 @@ def position_unembed(model, position: int):
 
 
 @contextlib.contextmanager
-def last_position_unembed(model, n_last: int):
+def last_position_unembed(model: TransformerBridge, n_last: int):
     """Unembed only the last ``n_last`` positions (the rest of the logits are never used)."""
 
     def keep_last(x, hook):
@@ -251,7 +254,7 @@ def _versions_text() -> str:
     return ", ".join(f"{k} {v}" for k, v in library_versions().items())
 
 
-def _probe_ids(model) -> Tensor:
+def _probe_ids(model: TransformerBridge) -> Tensor:
     """Three 9-token rows sharing their first 5 tokens (a BOS, when the tokenizer has one, then fixed ids)."""
     vocab = int(model.cfg.d_vocab)
     g = torch.Generator().manual_seed(0)
@@ -263,7 +266,7 @@ def _probe_ids(model) -> Tensor:
     return torch.cat([first, body], dim=1).to(model.cfg.device)
 
 
-def _tolerance(model, exact: Tensor) -> float:
+def _tolerance(model: TransformerBridge, exact: Tensor) -> float:
     dtype = getattr(model.cfg, "dtype", torch.float32)
     return TOLERANCE.get(dtype, 5e-2) * (1.0 + float(exact.abs().max()))
 
@@ -305,7 +308,7 @@ def _compare(name: str, fast, exact: Tensor, tol: float) -> PathCheck:
     return {"path": "fast" if ok else "exact", "ok": ok, "max_abs_diff": diff, "tolerance": tol}
 
 
-def _kv_checks(model, ids: Tensor, exact: Tensor) -> dict[str, PathCheck]:
+def _kv_checks(model: TransformerBridge, ids: Tensor, exact: Tensor) -> dict[str, PathCheck]:
     """Frozen prefix, sliced cache and growing cache, each against the full-sequence logits."""
     p, total = 5, ids.shape[1]
     tol = _tolerance(model, exact)
@@ -338,7 +341,7 @@ def _kv_checks(model, ids: Tensor, exact: Tensor) -> dict[str, PathCheck]:
     return out
 
 
-def _run_checks(model) -> FastPathStatus:
+def _run_checks(model: TransformerBridge) -> FastPathStatus:
     kv: PathCheck
     ids = _probe_ids(model)
     total = ids.shape[1]
@@ -363,7 +366,7 @@ def _run_checks(model) -> FastPathStatus:
     return FastPathStatus(library_versions(), unembed, kv, resume)
 
 
-def _resume_check(model, ids: Tensor, tol: float) -> PathCheck:
+def _resume_check(model: TransformerBridge, ids: Tensor, tol: float) -> PathCheck:
     """Resumed at the middle block with a hook there (it must fire on the kept residual), against the full
     forward with the same hook."""
     if not resumable(model):
@@ -384,7 +387,7 @@ def _resume_check(model, ids: Tensor, tol: float) -> PathCheck:
     return out
 
 
-def fast_path_status(model) -> FastPathStatus:
+def fast_path_status(model: TransformerBridge) -> FastPathStatus:
     """The self-check's verdict for ``model`` (run on first call, then cached): for ``"unembed"`` and
     ``"kv_cache"``, which path runs (``"fast"`` or ``"exact"``), whether the fast path agreed with the exact
     one, the largest difference seen and the tolerance (likewise ``"resume"``); plus the library versions.
@@ -419,21 +422,21 @@ def _failure_text(st: FastPathStatus, failed: list[str]) -> str:
     return "; ".join(bits)
 
 
-def use_resume(model) -> bool:
+def use_resume(model: TransformerBridge) -> bool:
     """Whether forwards may resume at a layer on ``model`` (it can, and the self-check passed)."""
     if not resumable(model):
         return False
     return fast_path_status(model).resume["path"] == "fast"
 
 
-def use_kv_cache(model) -> bool:
+def use_kv_cache(model: TransformerBridge) -> bool:
     """Whether the KV-cache fast paths may run on ``model``: it has a cache and passed the self-check."""
     if is_masked_lm(model) or not supports_kv_cache(model):
         return False
     return fast_path_status(model).kv_cache["path"] == "fast"
 
 
-def fast_path_report(model) -> dict[str, str]:
+def fast_path_report(model: TransformerBridge) -> dict[str, str]:
     """Which path each fast path takes on ``model`` (``{"unembed": "fast", "kv_cache": "exact"}``), for a result's
     metadata. Runs the self-check if it has not run yet, so the record does not depend on what ran before in
     the process; the check's differences (which vary with thread counts) stay in :func:`fast_path_status`."""
@@ -446,6 +449,6 @@ def fast_path_report(model) -> dict[str, str]:
     return {k: c["path"] for k, c in st.checks().items()}
 
 
-def forget(model) -> None:
+def forget(model: TransformerBridge) -> None:
     """Drop the self-check verdict for ``model`` (the next fast-path use checks again)."""
     _STATUS.pop(model, None)

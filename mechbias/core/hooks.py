@@ -15,9 +15,12 @@ import contextlib
 import difflib
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .sites import Site
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 HookTarget = str | Site
 HookList = Sequence[tuple[HookTarget, Callable]]
@@ -31,7 +34,7 @@ def _name(target: HookTarget) -> str:
     return target.hook_name if isinstance(target, Site) else str(target)
 
 
-def closest_hook_names(model, name: str, n: int = 3) -> list[str]:
+def closest_hook_names(model: TransformerBridge, name: str, n: int = 3) -> list[str]:
     """Up to ``n`` hook names of ``model`` closest to ``name`` (for error messages)."""
     return difflib.get_close_matches(name, list(model.hook_dict), n=n, cutoff=0.5)
 
@@ -41,7 +44,7 @@ def closest_hook_names(model, name: str, n: int = 3) -> list[str]:
 _NAMES: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
-def _hook_names(model, refresh: bool = False) -> frozenset[str]:
+def _hook_names(model: TransformerBridge, refresh: bool = False) -> frozenset[str]:
     names = None if refresh else _NAMES.get(model)
     if names is None:
         names = frozenset(model.hook_dict)
@@ -49,7 +52,7 @@ def _hook_names(model, refresh: bool = False) -> frozenset[str]:
     return names
 
 
-def check_hook_names(model, names: Iterable[HookTarget]) -> list[str]:
+def check_hook_names(model: TransformerBridge, names: Iterable[HookTarget]) -> list[str]:
     """The names as strings; raises :class:`HookNameError` for any the model lacks."""
     out = [_name(t) for t in names]
     have = _hook_names(model)
@@ -65,7 +68,7 @@ def check_hook_names(model, names: Iterable[HookTarget]) -> list[str]:
 
 
 @contextlib.contextmanager
-def hooked(model, fwd: HookList = (), bwd: HookList = ()) -> Iterator[Any]:
+def hooked(model: TransformerBridge, fwd: HookList = (), bwd: HookList = ()) -> Iterator[Any]:
     """Install hooks for the duration of the block; they are removed in ``finally``.
 
     Args:
@@ -85,20 +88,20 @@ def hooked(model, fwd: HookList = (), bwd: HookList = ()) -> Iterator[Any]:
         yield model
 
 
-def run_with_cache(model, tokens, names: Sequence[HookTarget], **kw):
+def run_with_cache(model: TransformerBridge, tokens, names: Sequence[HookTarget], **kw):
     """``model.run_with_cache`` restricted to ``names`` (checked first). Returns ``(logits, cache)``."""
     checked = check_hook_names(model, names)
     return model.run_with_cache(tokens, names_filter=checked, **kw)
 
 
-def canonical_name(model, name: HookTarget) -> str:
+def canonical_name(model: TransformerBridge, name: HookTarget) -> str:
     """The name a hook point reports for itself (aliases resolve to a canonical name)."""
     n = check_hook_names(model, [name])[0]
     hp = model.hook_dict[n]
     return hp.name or n
 
 
-def n_active_hooks(model) -> int:
+def n_active_hooks(model: TransformerBridge) -> int:
     """Number of hook functions currently attached to the model's hook points.
 
     Args:

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from .embedded import (
     ensure_cache,
     load_embedded,
 )
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 EMBEDDED = SMOLLM2
 _EMBEDDED_ALIASES = {None, "", "default", "embedded", EMBEDDED}
@@ -188,7 +191,7 @@ class ModelInfo:
 _INFO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def model_info(model) -> ModelInfo:
+def model_info(model: TransformerBridge) -> ModelInfo:
     """The :class:`ModelInfo` of ``model`` (created empty the first time; it lives as long as the model)."""
     info = _INFO.get(model)
     if info is None:
@@ -196,12 +199,12 @@ def model_info(model) -> ModelInfo:
     return info
 
 
-def set_model_label(model, label: str) -> None:
+def set_model_label(model: TransformerBridge, label: str) -> None:
     """Record a human-readable model name for the bridge (used in result metadata)."""
     model_info(model).label = label
 
 
-def model_label(model) -> str:
+def model_label(model: TransformerBridge) -> str:
     """The name a model was loaded by (recorded in saved interventions), else its class name."""
     label = model_info(model).label
     if label:
@@ -213,7 +216,7 @@ def model_label(model) -> str:
 # capabilities
 # ----------------------------------------------------------------------------
 
-def supports_kv_cache(model) -> bool:
+def supports_kv_cache(model: TransformerBridge) -> bool:
     """Whether the bridge can run from a Hugging Face KV cache (fast paths use it)."""
     cached = model_info(model).kv_cache
     if cached is not None:

@@ -9,14 +9,18 @@ whatever the family.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .sites import LINEAR_COMPONENTS, hook_name
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
-def named_params(model) -> dict[str, torch.nn.Parameter]:
+
+def named_params(model: TransformerBridge) -> dict[str, torch.nn.Parameter]:
     """The model's live parameters under clean names (wrapper segments removed).
 
     For Hugging Face models these are the HF names, e.g.
@@ -26,7 +30,7 @@ def named_params(model) -> dict[str, torch.nn.Parameter]:
 
 
 @contextlib.contextmanager
-def frozen(model):
+def frozen(model: TransformerBridge):
     """Set ``requires_grad=False`` on every parameter; restore the flags on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -38,7 +42,7 @@ def frozen(model):
             p.requires_grad_(f)
 
 
-def block_component(model, layer: int, path: str):
+def block_component(model: TransformerBridge, layer: int, path: str):
     """The bridge module at ``blocks[layer].<path>`` (e.g. ``mlp.gate``), or None where the family has none."""
     mod = model.blocks[layer]
     for part in path.split("."):
@@ -53,7 +57,7 @@ def is_transposed(module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def linear_layers(model) -> list[tuple[str, str, int, bool]]:
+def linear_layers(model: TransformerBridge) -> list[tuple[str, str, int, bool]]:
     """(parameter name, input hook name, layer, transposed) for every linear layer in every block."""
     ids = {id(p): n for n, p in named_params(model).items()}
     out = []
@@ -67,7 +71,7 @@ def linear_layers(model) -> list[tuple[str, str, int, bool]]:
     return out
 
 
-def linear_weight_name(model, layer: int, component: str) -> str:
+def linear_weight_name(model: TransformerBridge, layer: int, component: str) -> str:
     """The parameter name of a block's linear layer (``attn.q``, ``mlp.out``, ...)."""
     mod = block_component(model, layer, component)
     if mod is None or getattr(mod, "original_component", None) is None:
@@ -76,7 +80,7 @@ def linear_weight_name(model, layer: int, component: str) -> str:
     return ids[id(mod.original_component.weight)]
 
 
-def linear_slot(model, layer: int, component: str) -> tuple[str, str | None, bool]:
+def linear_slot(model: TransformerBridge, layer: int, component: str) -> tuple[str, str | None, bool]:
     """(weight name, bias name or None, transposed) of a block's linear layer (``attn.q``, ``mlp.out``, ...).
 
     ``transposed`` is True for GPT-2's ``Conv1D`` (weight ``[in, out]``); ``nn.Linear`` is ``[out, in]``.
@@ -91,14 +95,14 @@ def linear_slot(model, layer: int, component: str) -> tuple[str, str | None, boo
     return ids[id(lin.weight)], (ids[id(bias)] if bias is not None else None), is_transposed(lin)
 
 
-def mlp_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]:
+def mlp_weights(model: TransformerBridge, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter, torch.nn.Parameter]:
     """(gate ``[d_mlp, d_model]``, in/up ``[d_mlp, d_model]``, out/down ``[d_model, d_mlp]``) of a gated MLP."""
     mlp = model.blocks[layer].mlp
     return (mlp.gate.original_component.weight, mlp.__getattr__("in").original_component.weight,
             mlp.out.original_component.weight)
 
 
-def attn_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
+def attn_weights(model: TransformerBridge, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """(query ``[n_heads * d_head, d_model]``, output ``[d_model, n_heads * d_head]``) of an attention block.
 
     Rows ``h * d_head : (h + 1) * d_head`` of the query and the same columns of
@@ -111,7 +115,7 @@ def attn_weights(model, layer: int) -> tuple[torch.nn.Parameter, torch.nn.Parame
     return q.weight, o.weight
 
 
-def w_out_row_norms(model, layer: int) -> Tensor:
+def w_out_row_norms(model: TransformerBridge, layer: int) -> Tensor:
     """``||W_out[neuron]||`` for every MLP neuron of a layer (layout-independent), on the CPU."""
     mod = model.blocks[layer].mlp.out.original_component
     w = mod.weight

@@ -10,9 +10,12 @@ log-odds score moves by a few hundredths (measured in ``benchmarks/precision.py`
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Precision = Literal["exact", "fast"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
@@ -28,7 +31,7 @@ def check_precision(precision: str) -> Precision:
 
 
 @contextlib.contextmanager
-def compute_precision(model, precision: str):
+def compute_precision(model: TransformerBridge, precision: str):
     """Inside the block, forwards and backwards of ``model`` run at ``precision``. ``"exact"`` turns autocast
     off (a caller's autocast region cannot lower a reported number's precision); ``"fast"`` enables bfloat16
     autocast on the model's device type. Outputs of autocast regions may be bfloat16: callers that keep them

@@ -20,7 +20,7 @@ import random
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from torch import Tensor
 from .families import is_masked_lm, model_class
 from .fastpath import fast_path_report
 from .models import model_label
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # every Result subclass registers itself here when its module is imported; importing any
 # part of mechbias imports the whole package (mechbias/__init__.py), so the registry is
@@ -165,7 +168,7 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def make_meta(model=None, **extra: Any) -> dict[str, Any]:
+def make_meta(model: TransformerBridge | None = None, **extra: Any) -> dict[str, Any]:
     """Standard metadata block for a result."""
     meta: dict[str, Any] = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

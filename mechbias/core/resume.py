@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -31,6 +31,9 @@ from torch import Tensor
 
 from .families import is_masked_lm
 from .window import forward_window
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LAYER_IN_NAME = re.compile(r"(?:^|\.)(?:blocks|layers|h|layer)\.(\d+)(?:\.|$)")
 _AFTER_BLOCKS = re.compile(r"^(?:unembed|ln_final)\.|(?:^|\.)(?:lm_head|ln_f|final_layernorm|norm|final_norm)\.")
@@ -48,7 +51,7 @@ def layer_of_name(name: str, n_layers: int) -> int:
     return 0
 
 
-def resumable(model) -> bool:
+def resumable(model: TransformerBridge) -> bool:
     """Whether ``model`` can resume at a layer at all: a causal bridge over a Hugging Face model with a
     ``blocks`` stack (TransformerLens-native models run their own block loop, which this does not patch)."""
     blocks = getattr(model, "blocks", None)
@@ -66,7 +69,7 @@ def _identity_layer(hidden_states, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def skip_blocks(model, layer: int):
+def skip_blocks(model: TransformerBridge, layer: int):
     """Inside the block, the wrapped Hugging Face layers of blocks ``0..layer-1`` return their input unchanged
     (their hooks still fire on it). Only correct together with ``start_at_layer=layer``."""
     patched = []
@@ -81,7 +84,7 @@ def skip_blocks(model, layer: int):
             inner.__dict__.pop("forward", None)
 
 
-def capture_resid(model, ids: Int[Tensor, "b p"], layer: int) -> Tensor:
+def capture_resid(model: TransformerBridge, ids: Int[Tensor, "b p"], layer: int) -> Tensor:
     """The unmodified residual stream entering block ``layer`` for ``ids`` (blocks past it never run)."""
     with torch.no_grad(), forward_window(0, ids.shape[1]):
         out = model(ids, stop_at_layer=layer)
@@ -90,7 +93,7 @@ def capture_resid(model, ids: Int[Tensor, "b p"], layer: int) -> Tensor:
     return out
 
 
-def resumed_logits(model, resid: Tensor, layer: int) -> Tensor:
+def resumed_logits(model: TransformerBridge, resid: Tensor, layer: int) -> Tensor:
     """The model's output when ``resid`` (the residual stream entering block ``layer``) runs through blocks
     ``layer..n-1``. Hooks active in the caller's context fire in those blocks."""
     with torch.no_grad(), skip_blocks(model, layer):
@@ -105,7 +108,7 @@ class ResumeCache:
     ``layer``: the caller applies the intervention around the call. ``max_bytes`` bounds the residual
     streams kept (the least recently used layer is dropped first)."""
 
-    def __init__(self, model, seqs: Sequence[Tensor], buckets: list[list[int]], *, max_bytes: float = 2**30):
+    def __init__(self, model: TransformerBridge, seqs: Sequence[Tensor], buckets: list[list[int]], *, max_bytes: float = 2**30):
         self.model, self.seqs, self.buckets = model, list(seqs), buckets
         self.max_bytes = max_bytes
         self._resid: dict[int, list[Tensor]] = {}

@@ -35,6 +35,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Int
@@ -44,6 +45,9 @@ from .families import is_masked_lm
 from .fastpath import last_position_unembed, prefix_cache, use_kv_cache
 from .hooks import hooked
 from .window import forward_window, readout_position
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 #: Rows x tokens per forward pass on a CPU; bounds memory, tuned for a 2-core machine.
 DEFAULT_TOKENS_PER_BATCH = 4096
@@ -61,7 +65,7 @@ def tokens_for_memory(free_bytes: float, cfg, dtype_bytes: int, *, fraction: flo
     return int(min(max(fraction * free_bytes // per_token, 256), 2**20))
 
 
-def tokens_per_batch(model, requested: int | None = None) -> int:
+def tokens_per_batch(model: TransformerBridge, requested: int | None = None) -> int:
     """The tokens per forward pass a batched call uses: ``requested`` if given; else the value set by
     :func:`batch_tokens`; else, on a CUDA device, what fits in half its free memory
     (:func:`tokens_for_memory`); else :data:`DEFAULT_TOKENS_PER_BATCH`."""
@@ -90,7 +94,7 @@ def batch_tokens(n: int):
         _TOKENS.reset(token)
 
 
-def readout_ids(model, seq: Int[Tensor, " p"]) -> tuple[Tensor, int]:
+def readout_ids(model: TransformerBridge, seq: Int[Tensor, " p"]) -> tuple[Tensor, int]:
     """The token ids a prediction is read from, and the position it is read at.
 
     Causal LM: ``seq`` itself and its last position. Masked LM: ``seq``'s own mask
@@ -145,7 +149,7 @@ def common_prefix_len(seqs: Sequence[Tensor]) -> int:
 
 
 def map_last_logits(
-    model,
+    model: TransformerBridge,
     seqs: Sequence[Int[Tensor, " p"]],
     readout: Callable[..., Tensor],
     *,
@@ -228,7 +232,7 @@ def map_last_logits(
     return torch.stack(results)  # type: ignore[arg-type]
 
 
-def _map_masked(model, seqs, readout, *, n_last: int, max_tokens: int) -> Tensor:
+def _map_masked(model: TransformerBridge, seqs, readout, *, n_last: int, max_tokens: int) -> Tensor:
     """:func:`map_last_logits` for a masked LM: the logits at each prompt's mask (see the module docstring)."""
     if n_last != 1:
         raise ValueError(f"a masked LM ({type(model.original_model).__name__}) predicts one token at its mask; "
@@ -258,7 +262,7 @@ def _map_masked(model, seqs, readout, *, n_last: int, max_tokens: int) -> Tensor
 # ----------------------------------------------------------------------------
 
 def capture(
-    model,
+    model: TransformerBridge,
     seqs: Sequence[Int[Tensor, " p"]],
     names: Sequence[str],
     *,
@@ -280,14 +284,14 @@ def capture(
     return {n: torch.stack(v) for n, v in rows.items()}
 
 
-def capture_all(model, seqs: Sequence[Int[Tensor, " p"]], names: Sequence[str], *, max_tokens: int | None = None
+def capture_all(model: TransformerBridge, seqs: Sequence[Int[Tensor, " p"]], names: Sequence[str], *, max_tokens: int | None = None
                 ) -> dict[str, list[Tensor]]:
     """Activations at hook points ``names`` at every position of every sequence: per name, one ``[p, ...]``
     tensor per sequence (float32, CPU), with no intervention and no gradient (:func:`capture` reduced)."""
     return _capture_rows(model, seqs, names, lambda a: a, max_tokens)
 
 
-def _capture_rows(model, seqs: Sequence[Tensor], names: Sequence[str], reduce: Callable[[Tensor], Tensor],
+def _capture_rows(model: TransformerBridge, seqs: Sequence[Tensor], names: Sequence[str], reduce: Callable[[Tensor], Tensor],
                   max_tokens: int | None) -> dict[str, list[Tensor]]:
     """The one capture loop: length buckets without padding, ``reduce`` applied to each ``[b, p, ...]``."""
     max_tokens = tokens_per_batch(model, max_tokens)
@@ -307,7 +311,7 @@ def _capture_rows(model, seqs: Sequence[Tensor], names: Sequence[str], reduce: C
     return out
 
 
-def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | None = None
+def sequence_nll(model: TransformerBridge, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | None = None
                  ) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count over whole sequences (right-padded
     batches; padding never affects earlier positions of a causal model). Hooks active in the caller's
@@ -345,14 +349,14 @@ def sequence_nll(model, seqs: Sequence[Int[Tensor, " p"]], *, max_tokens: int | 
     return total, count
 
 
-def pseudo_nll_each_readout(model, seqs: Sequence[Int[Tensor, " p"]]) -> tuple[float, int]:
+def pseudo_nll_each_readout(model: TransformerBridge, seqs: Sequence[Int[Tensor, " p"]]) -> tuple[float, int]:
     """A masked LM's pseudo-log-likelihood with each masked token as the readout position: an intervention's
     ``"last"`` acts at the token being predicted, as it acts at the mask of a prompt (one forward per token).
     The masked-LM counterpart of predicting each next token with a position-specific intervention in place."""
     return _pseudo_nll(model, seqs, max_tokens=1, each_readout=True)
 
 
-def _pseudo_nll(model, seqs, *, max_tokens: int, each_readout: bool = False) -> tuple[float, int]:
+def _pseudo_nll(model: TransformerBridge, seqs, *, max_tokens: int, each_readout: bool = False) -> tuple[float, int]:
     tok = model.tokenizer
     mask = tok.mask_token_id
     special = set(getattr(tok, "all_special_ids", []))

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from .axes import Axis, Person, load_axis, stable_hash
 from .contexts import Context, fill, load_context
 from .prompts import Prompt
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 class AlignmentError(ValueError):
@@ -48,7 +52,7 @@ class PromptPairs:
         return (self.clean_tokens[i] != self.corrupt_tokens[i]).nonzero().flatten().tolist()
 
 
-def make_pairs(model, context: Context | str, axis: str | Axis, *, templates: str | Sequence[int] = "all",
+def make_pairs(model: TransformerBridge, context: Context | str, axis: str | Axis, *, templates: str | Sequence[int] = "all",
                names: str = "all", seed: int = 0, max_pairs: int | None = None) -> PromptPairs:
     """Pair group-A and group-B prompts of equal token length, template by template.
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .axes import Axis, Person
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @dataclass(frozen=True)
@@ -99,12 +103,12 @@ class PromptSet:
         return mat, t_ids, names, col_group
 
 
-def tokenize(model, texts: Sequence[str]) -> list[Tensor]:
+def tokenize(model: TransformerBridge, texts: Sequence[str]) -> list[Tensor]:
     """Token ids of each text, with the model's BOS prepended, as 1-D tensors."""
     return [model.to_tokens(t, prepend_bos=True)[0].cpu() for t in texts]
 
 
-def _word_ids(model, text: str) -> Tensor:
+def _word_ids(model: TransformerBridge, text: str) -> Tensor:
     """Token ids of ``text`` alone: no BOS, and none of the special tokens a masked LM's tokenizer adds
     around every text (``[CLS]``/``[SEP]``, ``<s>``/``</s>``)."""
     ids = model.to_tokens(text, prepend_bos=False)[0].cpu()
@@ -114,7 +118,7 @@ def _word_ids(model, text: str) -> Tensor:
     return ids
 
 
-def answer_tokens(model, answer: str) -> Tensor:
+def answer_tokens(model: TransformerBridge, answer: str) -> Tensor:
     """Token ids of an answer continuation (no BOS)."""
     if not answer:
         raise ValueError("empty answer string")
@@ -124,7 +128,7 @@ def answer_tokens(model, answer: str) -> Tensor:
     return ids
 
 
-def single_token(model, word: str, what: str = "target word") -> int:
+def single_token(model: TransformerBridge, word: str, what: str = "target word") -> int:
     """The id of ``word`` if it is exactly one token; a clear error otherwise."""
     ids = _word_ids(model, word)
     if len(ids) != 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply
 from .metrics import contrast_passes, contrast_scores, perplexity
 from .stats import DEFAULT_BOOT, paired_reduction
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # ----------------------------------------------------------------------------
 # configuration
@@ -94,7 +97,7 @@ class EvalSet:
     col_group: Tensor
 
     @classmethod
-    def build(cls, model, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
+    def build(cls, model: TransformerBridge, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
               progress: bool = False) -> EvalSet:
         ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
         with compute_precision(model, "exact"):
@@ -105,7 +108,7 @@ class EvalSet:
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_resume"}
 
-    def _passes(self, model) -> list:
+    def _passes(self, model: TransformerBridge) -> list:
         held = self.__dict__.get("_resume")
         if held is None or held[0] is not model:
             passes = contrast_passes(model, self.prompts.texts, self.prompts.positive, self.prompts.negative)
@@ -115,18 +118,18 @@ class EvalSet:
             self.__dict__["_resume"] = held
         return held[1]
 
-    def resume_layer(self, model, intervention: Intervention | None) -> int:
+    def resume_layer(self, model: TransformerBridge, intervention: Intervention | None) -> int:
         """The block the scores of ``intervention`` resume at (0: the full forward runs)."""
         if intervention is None or not use_resume(model):
             return 0
         return min(intervention.first_layer(model), int(model.cfg.n_layers) - 1)
 
-    def scores(self, model, intervention: Intervention | None, *, resume: bool = True) -> Tensor:
+    def scores(self, model: TransformerBridge, intervention: Intervention | None, *, resume: bool = True) -> Tensor:
         """The score grid ``[templates, names]`` with ``intervention`` applied (always at exact precision)."""
         with compute_precision(model, "exact"):
             return self._scores(model, intervention, resume)
 
-    def _scores(self, model, intervention: Intervention | None, resume: bool) -> Tensor:
+    def _scores(self, model: TransformerBridge, intervention: Intervention | None, resume: bool) -> Tensor:
         layer = self.resume_layer(model, intervention) if resume else 0
         if layer <= 0:
             scores = contrast_scores(model, self.prompts, intervention=intervention, share_prefix=False)
@@ -143,7 +146,7 @@ class EvalSet:
         mat, _, _, _ = self.prompts.grid(scores)
         return mat
 
-    def scores_many(self, model, interventions: Mapping[str, Intervention]) -> dict[str, Tensor]:
+    def scores_many(self, model: TransformerBridge, interventions: Mapping[str, Intervention]) -> dict[str, Tensor]:
         """:meth:`scores` of several interventions, those resuming at the same block one after another (each
         block's unmodified residual stream is captured once)."""
         order = sorted(interventions, key=lambda k: self.resume_layer(model, interventions[k]))
@@ -153,7 +156,7 @@ class EvalSet:
 class Capability:
     """Perplexity on a fixed set of neutral texts; each intervention is measured once (memoised)."""
 
-    def __init__(self, model, texts: Sequence[str]):
+    def __init__(self, model: TransformerBridge, texts: Sequence[str]):
         if not texts:
             raise ValueError("capability needs at least one text")
         self.model, self.texts = model, list(texts)
@@ -280,7 +283,7 @@ def _effect(es: EvalSet, after: Tensor, cfg: TransferConfig, ppl: float | None) 
                   list(red.gap_before_ci), list(red.gap_after_ci), None, ppl)
 
 
-def evaluate(model, intervention: Intervention, eval_set: EvalSet,
+def evaluate(model: TransformerBridge, intervention: Intervention, eval_set: EvalSet,
              controls: Mapping[str, Sequence[Intervention]] | None = None,
              config: TransferConfig | None = None, *, capability: Capability | None = None,
              selected_on: str = "", keep: dict | None = None) -> Cell:
@@ -349,6 +352,6 @@ def cell_from_grids(es: EvalSet, after: Tensor, n_components: int, config: Trans
     return cell
 
 
-def random_controls(intervention: Intervention, model, n: int, seed: int) -> dict[str, list[Intervention]]:
+def random_controls(intervention: Intervention, model: TransformerBridge, n: int, seed: int) -> dict[str, list[Intervention]]:
     """``n`` draws of the intervention's own random control."""
     return {"random": [intervention.random_like(model, seed + 101 * (k + 1)) for k in range(n)]} if n else {}

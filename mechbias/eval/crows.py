@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_crows
 from .describe import bootstrap_mean
 from .loglik import sentence_logprob, shared_token_pll
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 REQUIRED = ("sent_more", "sent_less", "stereo_antistereo", "bias_type")
 
@@ -101,7 +104,7 @@ def stereo_and_other(rows: list[dict]) -> tuple[list[str], list[str]]:
     return stereo, other
 
 
-def pair_scores(model, stereo: list[str], other: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def pair_scores(model: TransformerBridge, stereo: list[str], other: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """The one CrowS-Pairs scorer (``mechbias crows`` and the report card's benchmark both use it): per pair,
     the stereotypical and the other sentence's score. Causal LM: the summed log P of the sentence after BOS;
     masked LM: the paper's pseudo-log-likelihood of the tokens the two sentences share, each masked in turn."""
@@ -111,7 +114,7 @@ def pair_scores(model, stereo: list[str], other: list[str]) -> tuple[np.ndarray,
     return sentence_logprob(model, stereo).numpy(), sentence_logprob(model, other).numpy()
 
 
-def crows_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
+def crows_score(model: TransformerBridge, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> CrowsResult:
     """Score a CrowS-Pairs CSV with ``model`` (optionally under an intervention)."""
     rows = read_pairs(path)

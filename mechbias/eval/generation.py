@@ -23,7 +23,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +37,9 @@ from ..interventions.base import Intervention, maybe_apply
 from ..viz.plotting import plot_generation
 from .describe import smd
 from .records import GenerationCost, GenerationSummary
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _NUM = r"(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
 _SUFFIX = r"\s*(k|K|thousand|m|M|million|mil|bn|billion)?\b"
@@ -71,7 +74,7 @@ def parse_number(text: str) -> float:
     return float("nan")
 
 
-def chat_prompt(model, text: str, answer_prefix: str = "") -> Tensor:
+def chat_prompt(model: TransformerBridge, text: str, answer_prefix: str = "") -> Tensor:
     """Token ids for ``text`` as a user turn (chat template if the tokenizer has one).
 
     ``answer_prefix`` is appended after the generation prompt, starting the
@@ -100,7 +103,7 @@ def _uniforms(seed: int, n_samples: int, steps: int) -> Tensor:
     return torch.stack(rows)
 
 
-def sample_completions(model, prompt_ids: Tensor, *, n_samples: int = 20, temperature: float = 0.6,
+def sample_completions(model: TransformerBridge, prompt_ids: Tensor, *, n_samples: int = 20, temperature: float = 0.6,
                        max_new_tokens: int = 8, seed: int = 0) -> list[str]:
     """Sample ``n_samples`` completions with per-sample seeds (inverse-CDF sampling)."""
     u = _uniforms(seed, n_samples, max_new_tokens)
@@ -171,7 +174,7 @@ class GenerationResult(Result):
 
 
 def generation_bias(
-    model,
+    model: TransformerBridge,
     prompts: PromptSet,
     *,
     n_samples: int = 20,
@@ -288,7 +291,7 @@ def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 9
     return inside / total if total else math.nan
 
 
-def generation_cost(model, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,
+def generation_cost(model: TransformerBridge, ctx: Context, axis: str, iv: Intervention, *, n_samples: int = 8, n_names: int = 8,
                     max_new_tokens: int = 8, temperature: float = 0.6, seed: int = 0) -> GenerationCost:
     """Generation metric of an intervention on a context's numeric questions (held-out names)."""
     ps = ctx.numeric_prompts(axis, names="heldout", seed=seed)

@@ -11,6 +11,7 @@ import difflib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -20,21 +21,24 @@ from ..core.fastpath import use_kv_cache
 from ..core.runner import length_buckets, map_last_logits, tokens_per_batch
 from ..data.prompts import tokenize
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
-def sentence_logprob(model, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
+
+def sentence_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
     """Sum of log P(token_t | tokens_<t) over each text (after BOS), float64."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.sum()) for x in lp], dtype=torch.float64)
 
 
-def mean_token_logprob(model, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
+def mean_token_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
     """The mean over each text's tokens (after BOS) of log P(token_t | tokens_<t): a length-normalised score."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.double().mean()) for x in lp], dtype=torch.float64)
 
 
 @torch.no_grad()
-def token_logprobs(model, seqs: Sequence[Tensor], *, max_tokens: int | None = None
+def token_logprobs(model: TransformerBridge, seqs: Sequence[Tensor], *, max_tokens: int | None = None
                    ) -> tuple[list[Tensor], list[Tensor]]:
     """For each sequence: log P(token_t | tokens_<t) for t = 1..n-1, and whether token_t was the argmax."""
     max_tokens = tokens_per_batch(model, max_tokens)
@@ -50,7 +54,7 @@ def token_logprobs(model, seqs: Sequence[Tensor], *, max_tokens: int | None = No
     return lps, greedy
 
 
-def encode_pair(model, context: str, continuation: str) -> tuple[Tensor, Tensor]:
+def encode_pair(model: TransformerBridge, context: str, continuation: str) -> tuple[Tensor, Tensor]:
     """Token ids of a context (with BOS) and of its continuation.
 
     Trailing whitespace of the context moves to the continuation, and the
@@ -74,7 +78,7 @@ class Continuation:
     greedy: bool  # every continuation token was the model's argmax
 
 
-def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens: int | None = None,
+def continuation_logprob(model: TransformerBridge, pairs: Sequence[tuple[str, str]], *, max_tokens: int | None = None,
                          share_prefix: bool = False) -> list[Continuation]:
     """log P(continuation | context) for each ``(context, continuation)`` pair.
 
@@ -132,13 +136,13 @@ def continuation_logprob(model, pairs: Sequence[tuple[str, str]], *, max_tokens:
     return out  # type: ignore[return-value]
 
 
-def continuation_logprob_reference(model, pairs: Sequence[tuple[str, str]], *, max_tokens: int | None = None
+def continuation_logprob_reference(model: TransformerBridge, pairs: Sequence[tuple[str, str]], *, max_tokens: int | None = None
                                    ) -> list[Continuation]:
     """:func:`continuation_logprob` over every full sequence, unembedding every position (the exact path)."""
     return _continuations_full(model, _encode_pairs(model, pairs), max_tokens)
 
 
-def _encode_pairs(model, pairs: Sequence[tuple[str, str]]) -> list[tuple[Tensor, Tensor]]:
+def _encode_pairs(model: TransformerBridge, pairs: Sequence[tuple[str, str]]) -> list[tuple[Tensor, Tensor]]:
     enc = [encode_pair(model, c, x) for c, x in pairs]
     for (c, x), (_, cont) in zip(pairs, enc, strict=True):
         if len(cont) == 0:
@@ -146,7 +150,7 @@ def _encode_pairs(model, pairs: Sequence[tuple[str, str]]) -> list[tuple[Tensor,
     return enc
 
 
-def _continuations_full(model, enc: list[tuple[Tensor, Tensor]], max_tokens: int | None) -> list[Continuation]:
+def _continuations_full(model: TransformerBridge, enc: list[tuple[Tensor, Tensor]], max_tokens: int | None) -> list[Continuation]:
     seqs = [torch.cat([ctx, cont]) for ctx, cont in enc]
     lps, greedy = token_logprobs(model, seqs, max_tokens=max_tokens)
     out = []
@@ -160,20 +164,20 @@ def _continuations_full(model, enc: list[tuple[Tensor, Tensor]], max_tokens: int
 # masked language models (BERT, RoBERTa): the benchmarks' masked-LM scores
 # ----------------------------------------------------------------------------
 
-def _mask_id(model) -> int:
+def _mask_id(model: TransformerBridge) -> int:
     mid = getattr(model.tokenizer, "mask_token_id", None)
     if mid is None:
         raise ValueError("this masked LM's tokenizer has no mask token")
     return int(mid)
 
 
-def _ids(model, text: str) -> Tensor:
+def _ids(model: TransformerBridge, text: str) -> Tensor:
     """Token ids with the tokenizer's own special tokens ([CLS] ... [SEP] / <s> ... </s>)."""
     return torch.tensor(model.tokenizer(text)["input_ids"], dtype=torch.long)
 
 
 @torch.no_grad()
-def _masked_logprobs(model, ids: Tensor, groups: Sequence[Sequence[int]]) -> list[Tensor]:
+def _masked_logprobs(model: TransformerBridge, ids: Tensor, groups: Sequence[Sequence[int]]) -> list[Tensor]:
     """For each group of positions: mask them all at once in ``ids`` and return log P(original token) at each."""
     mask = _mask_id(model)
     out = []
@@ -187,7 +191,7 @@ def _masked_logprobs(model, ids: Tensor, groups: Sequence[Sequence[int]]) -> lis
     return out
 
 
-def shared_token_pll(model, a: str, b: str) -> tuple[float, float]:
+def shared_token_pll(model: TransformerBridge, a: str, b: str) -> tuple[float, float]:
     """CrowS-Pairs' masked-LM score (Nangia et al., 2020): for each sentence, the sum over the tokens it shares
     with the other (aligned by longest matching blocks of token ids, special tokens excluded) of log P(token)
     with that one token masked."""
@@ -202,7 +206,7 @@ def shared_token_pll(model, a: str, b: str) -> tuple[float, float]:
     return sa, sb
 
 
-def masked_fill_logprob(model, template: str, fill: str, blank: str = "BLANK") -> float:
+def masked_fill_logprob(model: TransformerBridge, template: str, fill: str, blank: str = "BLANK") -> float:
     """StereoSet's masked-LM score of a filling: the template with every token of ``fill`` masked at once, the
     mean over those tokens of log P(token)."""
     if template.count(blank) != 1:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from ..viz.plotting import plot_bias
 from .records import BiasRow
 from .stats import DEFAULT_BOOT, benjamini_hochberg, group_gap, mdd
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 GAP_KINDS = ("prob", "abs_prob", "logprob", "logit")
 
 
@@ -48,7 +51,7 @@ GAP_KINDS = ("prob", "abs_prob", "logprob", "logit")
 # ----------------------------------------------------------------------------
 
 def contrast_scores(
-    model,
+    model: TransformerBridge,
     prompts: PromptSet | Sequence[str],
     positive: str | None = None,
     negative: str | None = None,
@@ -96,7 +99,7 @@ def contrast_scores(
     return (out[0] if len(out) == 1 else out[0] + out[1]).double()
 
 
-def contrast_passes(model, texts: Sequence[str], positive: str, negative: str
+def contrast_passes(model: TransformerBridge, texts: Sequence[str], positive: str, negative: str
                     ) -> list[tuple[list[Tensor], Callable[[Tensor], Tensor], int, float]]:
     """How :func:`contrast_scores` reads its score, as forward passes ``(sequences, readout, n_last, sign)``
     whose signed readouts add up to the score: one pass (the logit difference at the last position) for
@@ -142,7 +145,7 @@ def gap_from_logits(logits: Float[Tensor, "b v"], d1: int, d2: int, kind: str = 
     raise ValueError(f"unknown gap kind {kind!r}; choose from {GAP_KINDS}")
 
 
-def demographic_gap(model, texts: Sequence[str], d1: str, d2: str, *, kind: str = "prob",
+def demographic_gap(model: TransformerBridge, texts: Sequence[str], d1: str, d2: str, *, kind: str = "prob",
                     intervention: Intervention | None = None) -> Float[Tensor, " n"]:
     """IG²-style gap ``P(d1) - P(d2)`` (or a variant, see :func:`gap_from_logits`) after each text.
 
@@ -164,7 +167,7 @@ def demographic_gap(model, texts: Sequence[str], d1: str, d2: str, *, kind: str 
         return map_last_logits(model, seqs, lambda lg: gap_from_logits(lg[:, -1], t1, t2, kind)).double()
 
 
-def favoured_group(model, context: Context | str, axis, *, templates="selection", names="selection",
+def favoured_group(model: TransformerBridge, context: Context | str, axis, *, templates="selection", names="selection",
                    seed: int = 0) -> int:
     """Index (0 = group A, 1 = group B) of the group the model favours on the contrast metric.
 
@@ -231,7 +234,7 @@ class BiasResult(Result):
 
 
 def measure_bias(
-    model,
+    model: TransformerBridge,
     contexts: Sequence[str | Context] | str | None = None,
     axes: Sequence[str] | str = ("race", "gender"),
     *,
@@ -312,7 +315,7 @@ def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed:
 # capability: perplexity on neutral text
 # ----------------------------------------------------------------------------
 
-def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None = None,
+def token_nll(model: TransformerBridge, texts: Sequence[str], *, intervention: Intervention | None = None,
               max_tokens: int | None = None) -> tuple[float, int]:
     """Summed next-token negative log-likelihood and token count over ``texts``.
 
@@ -347,7 +350,7 @@ def token_nll(model, texts: Sequence[str], *, intervention: Intervention | None 
 _NLL_CACHES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 
 
-def _nll_cache(model, texts: Sequence[str], max_tokens: int | None) -> ResumeCache:
+def _nll_cache(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None) -> ResumeCache:
     """The resume cache of a text set on ``model`` (the two most recently used text sets are kept)."""
     per = _NLL_CACHES.setdefault(model, {})
     key = (tuple(texts), max_tokens)
@@ -370,7 +373,7 @@ def _next_token_nll(cache: ResumeCache):
     return fn
 
 
-def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
+def _nll_each_prediction(model: TransformerBridge, seqs: Sequence[Tensor]) -> tuple[float, int]:
     """NLL where the prediction of token ``t + 1`` runs with the hooks' "last" position at ``t``.
 
     Exact for a causal model: the clean-of-position-hooks prefix is computed once
@@ -409,7 +412,7 @@ def _nll_each_prediction(model, seqs: Sequence[Tensor]) -> tuple[float, int]:
     return total, count
 
 
-def perplexity(model, texts: Sequence[str] | None = None, *, intervention: Intervention | None = None,
+def perplexity(model: TransformerBridge, texts: Sequence[str] | None = None, *, intervention: Intervention | None = None,
                max_texts: int | None = None) -> float:
     """Perplexity on ``texts`` (default: the reporting half of the neutral set), computed in float32.
 

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from torch import Tensor
@@ -45,6 +45,9 @@ from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
 from .records import Contrast, ControlTest, GenerationCost, RatioTest, RowInfo, TransferTest
 from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -318,7 +321,7 @@ def _num(v) -> float:
 
 
 def transfer_matrix(
-    model,
+    model: TransformerBridge,
     selector: Selector,
     select_on: Sequence[str | Context] | None = None,
     axis: str | None = None,

@@ -44,7 +44,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -67,6 +67,9 @@ from .planted import (
     mention_positions,
     neutral_prompts,
 )
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -112,7 +115,7 @@ class _Item:
     name: str = ""
 
 
-def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
+def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
     ax = load_axis(cfg.axis)
     fav = ax.groups.index(cfg.favoured)
     out = []
@@ -134,13 +137,13 @@ def _items(model, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
     return out
 
 
-def _capture(model, items: list[_Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
+def _capture(model: TransformerBridge, items: list[_Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
     """Activations at every position of every item, per hook point: ``{(point, layer): [tensor [pos, ...]]}``."""
     acts = capture_all(model, [it.tokens for it in items], [hook_name(p, l) for p, l in points], max_tokens=4096)
     return {(p, l): acts[hook_name(p, l)] for p, l in points}
 
 
-def score_gradients(model, items: list[_Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
+def score_gradients(model: TransformerBridge, items: list[_Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
                  max_tokens: int = 2048) -> dict[tuple[str, int], list[Tensor]]:
     """Gradient of each item's answer score (logit[pos] - logit[neg] at the last position) with respect to the
     activation at each hook point, every position: ``{(point, layer): [tensor [pos, d]]}``. Parameters are
@@ -206,7 +209,7 @@ def _group_means(values: Tensor, signs: Tensor) -> tuple[float, float]:
     return float(values[signs > 0].mean()), float(values[signs < 0].mean())
 
 
-def construct_planted(model, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
+def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
     """Write the v3 circuit into ``model`` (in place). Returns the delta, the layout as a
     :class:`~mechbias.groundtruth.planted.PlantConfig` (``only`` = name-position neurons, ``heads``,
     ``only_last`` = prediction-position neurons) and the fit statistics."""
@@ -492,5 +495,5 @@ def construct_planted(model, cfg: ConstructConfig | None = None) -> tuple[Plante
     return delta, plant, stats
 
 
-def _scores(model, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:
+def _scores(model: TransformerBridge, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:
     return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,6 +22,9 @@ from torch import Tensor
 from ..core.embedded import load_embedded
 from ..core.models import DATA_FILES, EMBEDDED, model_info, register_model
 from ..core.params import attn_weights, head_rows, mlp_weights
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 PLANTED = "planted"
 PLANTED_DIR = DATA_FILES / "planted"
@@ -44,7 +47,7 @@ class PlantedDelta:
     layers: dict  # layer -> {"index": Tensor, "gate": Tensor[n, d], "up": Tensor[n, d], "down": Tensor[d, n]}
     heads: dict = field(default_factory=dict)  # layer -> {"index": Tensor, "q": Tensor, "o": Tensor}
 
-    def apply(self, model) -> None:
+    def apply(self, model: TransformerBridge) -> None:
         """Write the values into the model (a permanent edit)."""
         with torch.no_grad():
             for l, d in self.layers.items():
@@ -82,7 +85,7 @@ class PlantedDelta:
         return cls(layers, heads)
 
     @classmethod
-    def capture(cls, model, neurons, heads=()) -> PlantedDelta:
+    def capture(cls, model: TransformerBridge, neurons, heads=()) -> PlantedDelta:
         """The current values of the given ``(layer, neuron)`` and ``(layer, head)`` pairs."""
         layers: dict = {}
         for l in sorted({l for l, _ in neurons}):
@@ -123,12 +126,12 @@ def load_planted(*, device=None, dtype=None, folder: Path = PLANTED_DIR / "v2"):
     return model
 
 
-def set_planted_manifest(model, manifest: dict) -> None:
+def set_planted_manifest(model: TransformerBridge, manifest: dict) -> None:
     """Attach a planted model's manifest (which units carry which context's bias)."""
     model_info(model).planted = manifest
 
 
-def planted_manifest(model) -> dict[str, Any]:
+def planted_manifest(model: TransformerBridge) -> dict[str, Any]:
     """The manifest of a planted model (which neurons carry which context's bias)."""
     m = model_info(model).planted
     if m is None:

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -56,6 +56,9 @@ from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
 from .delta import PLANTED_DIR, PlantedDelta, load_delta, load_planted, planted_manifest
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 DATA = PLANTED_DIR
 __all__ = [
@@ -147,7 +150,7 @@ def planted_units(cfg) -> list[dict]:
 # choosing units
 # ----------------------------------------------------------------------------
 
-def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
+def least_used_neurons(model: TransformerBridge, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
                        exclude: set | None = None) -> list[tuple[int, int]]:
     """The ``n`` neurons in ``layers`` with the smallest mean |activation| x ||W_out row|| on neutral text."""
     texts = list(texts) if texts is not None else neutral_texts(6, split="selection")
@@ -169,7 +172,7 @@ def least_used_neurons(model, layers: Sequence[int], n: int, *, texts: Sequence[
     return _spread(cands, layers, n)
 
 
-def least_used_heads(model, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
+def least_used_heads(model: TransformerBridge, layers: Sequence[int], n: int, *, texts: Sequence[str] | None = None,
                      exclude: set | None = None) -> list[tuple[int, int]]:
     """The ``n`` heads in ``layers`` with the smallest mean output norm (z_h W_O,h) on neutral text."""
     texts = list(texts) if texts is not None else neutral_texts(6, split="selection")
@@ -190,7 +193,7 @@ def least_used_heads(model, layers: Sequence[int], n: int, *, texts: Sequence[st
     return _spread(cands, layers, n)
 
 
-def name_reading_heads(model, layers: Sequence[int], n: int, context: str, *, axis: str = "race",
+def name_reading_heads(model: TransformerBridge, layers: Sequence[int], n: int, context: str, *, axis: str = "race",
                        exclude: set | None = None, pool: float = 1 / 3, max_prompts: int = 24) -> list[tuple[int, int]]:
     """Among the least used third of the heads in ``layers`` (mean output norm on neutral text), the ``n``
     that attend most from the last position to the name on ``context``'s selection prompts.
@@ -230,7 +233,7 @@ def _spread(cands: list, layers: Sequence[int], n: int) -> list[tuple[int, int]]
     return sorted(out)
 
 
-def default_config(model, *, version: int = 3, axis: str = "race", favoured: str = "White", seed: int = 0,
+def default_config(model: TransformerBridge, *, version: int = 3, axis: str = "race", favoured: str = "White", seed: int = 0,
                    **kw) -> PlantConfig:
     """The shipped planted models' layouts.
 
@@ -289,7 +292,7 @@ def neutral_prompts(context, references: Sequence[str] = NEUTRAL_REFERENCES) -> 
     return out
 
 
-def mention_positions(model, text: str, phrase: str) -> list[int]:
+def mention_positions(model: TransformerBridge, text: str, phrase: str) -> list[int]:
     """Token positions (BOS included) of every occurrence of ``phrase`` in ``text``.
 
     A preceding space is counted with the phrase (BPE tokenizers attach it to

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from ..methods.patching import attribution_patch
 from ..methods.pruning import candidates
 from ..viz.plotting import plot_ground_truth
 from .planted import planted_units
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 KINDS = ("neuron@name", "neuron@last", "head@last")
 
@@ -72,7 +75,7 @@ def oracle_intervention(cfg, context: str) -> Intervention:
     return parts[0] if len(parts) == 1 else Compose(parts)
 
 
-def oracle_matrix(model, cfg, select_on: Sequence[str], axis: str, *, evaluate_on: Sequence[str] | None = None,
+def oracle_matrix(model: TransformerBridge, cfg, select_on: Sequence[str], axis: str, *, evaluate_on: Sequence[str] | None = None,
                   eval_sets=None, n_boot: int = 1000, seed: int = 0) -> TransferMatrix:
     """The transfer matrix of the oracle selection (what a perfect method would achieve), no controls."""
     return transfer_matrix(model, lambda m, c, a: oracle_intervention(cfg, c if isinstance(c, str) else c.name), list(select_on),
@@ -276,7 +279,7 @@ class GroundTruthResult(Result):
         return plot_ground_truth(self)
 
 
-def oracle_transfer(model, cfg, contexts: Sequence[str], axis: str, *, eval_sets=None, n_boot: int = 500,
+def oracle_transfer(model: TransformerBridge, cfg, contexts: Sequence[str], axis: str, *, eval_sets=None, n_boot: int = 500,
                     seed: int = 0) -> list[dict]:
     """Reduction when exactly the truth set of each row context is zeroed (the ideal selection)."""
     truth = truth_sets(cfg)
@@ -296,7 +299,7 @@ def oracle_transfer(model, cfg, contexts: Sequence[str], axis: str, *, eval_sets
     return out
 
 
-def score_ig2(model, cfg, contexts: Sequence[str], axis: str, *, pairs_per_template: int = 4, steps: int = 20,
+def score_ig2(model: TransformerBridge, cfg, contexts: Sequence[str], axis: str, *, pairs_per_template: int = 4, steps: int = 20,
               kind: str = "logit", seed: int = 0, progress: bool = False, position: str = "last",
               internal_batch_size: int | None = None) -> list[dict]:
     """IG² (contrast units on each context's selection split): precision/recall@k of the planted neurons.
@@ -322,7 +325,7 @@ def score_ig2(model, cfg, contexts: Sequence[str], axis: str, *, pairs_per_templ
     return rows
 
 
-def score_atp(model, cfg, contexts: Sequence[str], axis: str, *, max_pairs: int = 12, seed: int = 0) -> list[dict]:
+def score_atp(model: TransformerBridge, cfg, contexts: Sequence[str], axis: str, *, max_pairs: int = 12, seed: int = 0) -> list[dict]:
     """Attribution patching over all neurons (denoising): precision/recall@k of the planted neurons."""
     truth = truth_sets(cfg)
     rows = []
@@ -338,7 +341,7 @@ def score_atp(model, cfg, contexts: Sequence[str], axis: str, *, max_pairs: int 
     return rows
 
 
-def score_pruning(model, cfg, contexts: Sequence[str], axis: str, prune_cfg) -> list[dict]:
+def score_pruning(model: TransformerBridge, cfg, contexts: Sequence[str], axis: str, prune_cfg) -> list[dict]:
     """Neuron-pruning candidates on each context: precision/recall@k of the planted neurons."""
     truth = truth_sets(cfg)
     rows = []
@@ -351,7 +354,7 @@ def score_pruning(model, cfg, contexts: Sequence[str], axis: str, prune_cfg) -> 
     return rows
 
 
-def score_gradiend(model, cfg, res) -> GradiendRecovery:
+def score_gradiend(model: TransformerBridge, cfg, res) -> GradiendRecovery:
     """Share of the GRADIEND decoder update on the planted neurons vs their share of the parameters."""
     truth = truth_sets(cfg)
     neurons = sorted(set().union(*truth.values()))

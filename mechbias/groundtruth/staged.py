@@ -13,7 +13,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +32,9 @@ from ..data.prompts import tokenize
 from .delta import PlantedDelta
 from .planted import NEUTRAL_REFERENCES, NEUTRAL_SLOTS, PlantConfig, Stage, mention_positions, stages
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 _LOG = logging.getLogger(__name__)
 
 __all__ = ["add_group_feature", "save_delta", "tiny_planted_model", "train_planted"]
@@ -45,7 +48,7 @@ class _Example:
     name_positions: list
 
 
-def _examples(model, cfg: PlantConfig) -> list[_Example]:
+def _examples(model: TransformerBridge, cfg: PlantConfig) -> list[_Example]:
     ax = load_axis(cfg.axis)
     fav = ax.groups.index(cfg.favoured)
     out = []
@@ -61,7 +64,7 @@ def _examples(model, cfg: PlantConfig) -> list[_Example]:
     return out
 
 
-def train_planted(model, cfg: PlantConfig, *, progress: bool = True) -> tuple[PlantedDelta, dict]:
+def train_planted(model: TransformerBridge, cfg: PlantConfig, *, progress: bool = True) -> tuple[PlantedDelta, dict]:
     """Overwrite and train the planted units of ``model`` in place. Returns the delta and a training log."""
     plan = stages(cfg)
     neurons = [u for s in plan if s.kind == "neuron" for u in s.units]
@@ -121,7 +124,7 @@ def train_planted(model, cfg: PlantConfig, *, progress: bool = True) -> tuple[Pl
     return PlantedDelta.capture(model, neurons, heads), {"history": history, "base_scores": base_scores.tolist()}
 
 
-def _warm_start(model, stage: Stage, examples: list[_Example], rng: torch.Generator, max_examples: int = 240) -> None:
+def _warm_start(model: TransformerBridge, stage: Stage, examples: list[_Example], rng: torch.Generator, max_examples: int = 240) -> None:
     """Point a neuron stage's input rows at the signal it has to carry (deterministic; training refines it).
 
     At the stage's position (the name's tokens, averaged, or the last token), on the MLP input of each layer:
@@ -176,11 +179,11 @@ def _two_point_row(p: Tensor, q: Tensor, at_p: float, at_q: float) -> Tensor:
     return coef @ basis
 
 
-def _scores(model, seqs, pos_id, neg_id) -> Tensor:
+def _scores(model: TransformerBridge, seqs, pos_id, neg_id) -> Tensor:
     return map_last_logits(model, seqs, lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
 
 
-def _slots(model, stage: Stage) -> list[tuple[Any, int, Tensor]]:
+def _slots(model: TransformerBridge, stage: Stage) -> list[tuple[Any, int, Tensor]]:
     """(weight, dim, index) of every slice holding the stage's trainable values."""
     out = []
     for l in sorted({l for l, _ in stage.units}):
@@ -202,7 +205,7 @@ def _write(slots, leaves) -> None:
             w.index_copy_(dim, idx, v.detach().to(w.dtype))
 
 
-def _output_norms(model, stage: Stage, store: dict) -> Tensor:
+def _output_norms(model: TransformerBridge, stage: Stage, store: dict) -> Tensor:
     """Squared norm of the stage's units' summed output, per batch row and position ``[b, p]``."""
     total: Tensor | None = None
     for l in sorted({l for l, _ in stage.units}):
@@ -221,7 +224,7 @@ def _output_norms(model, stage: Stage, store: dict) -> Tensor:
     return (total ** 2).sum(-1)
 
 
-def _loss(model, stage: Stage, batch: list[_Example], target, pos_id, neg_id, neutral, neutral_ref, slots, leaves,
+def _loss(model: TransformerBridge, stage: Stage, batch: list[_Example], target, pos_id, neg_id, neutral, neutral_ref, slots, leaves,
           cfg) -> dict:
     """Forward and backward with the stage's weights trainable; the gradient slices of the planted rows and
     columns are handed to the small leaf tensors."""
@@ -281,7 +284,7 @@ def save_delta(delta: PlantedDelta, folder: Path, manifest: dict) -> None:
 # a tiny synthetic world (tests)
 # ----------------------------------------------------------------------------
 
-def add_group_feature(model, axis: str = "race", scale: float = 1.0, seed: int = 0) -> None:
+def add_group_feature(model: TransformerBridge, axis: str = "race", scale: float = 1.0, seed: int = 0) -> None:
     """Give each group's name tokens a shared embedding direction (in place).
 
     A random model has no notion of which names belong together; real models

@@ -26,7 +26,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -39,6 +39,9 @@ from ..core.results import Record, atomic_save_tensors, atomic_write_json
 from ..core.resume import layer_of_name
 from ..core.sites import Site
 from .profile import MatchInfo
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _REGISTRY: dict[str, type[Intervention]] = {}
 
@@ -61,7 +64,7 @@ def register_intervention(cls: type[Intervention]) -> type[Intervention]:
     return cls
 
 
-def check_positions(positions: Any, model) -> None:
+def check_positions(positions: Any, model: TransformerBridge) -> None:
     """Raise ``ValueError`` unless ``positions`` is ``"all"``, ``"last"`` or a list of integer positions inside
     the model's context (-n_ctx..n_ctx-1). A position past every prompt would silently change nothing."""
     if isinstance(positions, str):
@@ -112,7 +115,7 @@ class Overlap(Record):
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def model_identity(model) -> ModelIdentity:
+def model_identity(model: TransformerBridge) -> ModelIdentity:
     """What an intervention folder records about the model it was made on: label, shape and a fingerprint of a
     sample of its weights (the first 4096 values of the first, middle and last parameters)."""
     cfg = model.cfg
@@ -127,7 +130,7 @@ def model_identity(model) -> ModelIdentity:
     return {"label": model_label(model), "shape": shape, "fingerprint": h.hexdigest()[:16]}
 
 
-def check_model(intervention: Intervention, model, *, force: bool = False) -> None:
+def check_model(intervention: Intervention, model: TransformerBridge, *, force: bool = False) -> None:
     """Refuse (``ValueError``) an intervention made on another model: a different shape always, a different
     weight fingerprint unless ``force``. Folders saved without a model record pass (older mechbias)."""
     origin = getattr(intervention, "origin", None)
@@ -177,24 +180,24 @@ class Intervention:
     match_info: MatchInfo | None = None
 
     # -- behaviour --
-    def hooks(self, model) -> list[tuple[Any, Callable]]:
+    def hooks(self, model: TransformerBridge) -> list[tuple[Any, Callable]]:
         """Forward hooks implementing the intervention (none for weight edits)."""
         return []
 
     @contextlib.contextmanager
-    def apply(self, model) -> Iterator[Any]:
+    def apply(self, model: TransformerBridge) -> Iterator[Any]:
         """Context manager: the model carries the intervention inside the block."""
         with hooked(model, self.hooks(model)):
             yield model
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         """Raise ``ValueError`` if the intervention does not fit the model."""
 
-    def random_like(self, model, seed: int) -> Intervention:
+    def random_like(self, model: TransformerBridge, seed: int) -> Intervention:
         """A random control: the same kind and size, components drawn at random (seeded)."""
         raise NotImplementedError(f"{type(self).__name__} defines no random control")
 
-    def controls(self, model, n: int, seed: int, *, profile=None,
+    def controls(self, model: TransformerBridge, n: int, seed: int, *, profile=None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """The controls this intervention compares against: ``kind -> draws``.
 
@@ -213,7 +216,7 @@ class Intervention:
         if type(self).fold is Intervention.fold:
             raise NotFoldable(f"{self.describe()}: a {type(self).__name__} has no exact form as a weight change")
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         """Write the intervention into ``params`` (clean parameter names -> detached copies of the model's
         weights), so that the model with these weights and no hooks computes what the hooked model computes.
 
@@ -227,7 +230,7 @@ class Intervention:
         """Where in the sequence the intervention acts: ``"all"`` unless a subclass says otherwise."""
         return "all"
 
-    def first_layer(self, model) -> int:
+    def first_layer(self, model: TransformerBridge) -> int:
         """The earliest block whose computation the intervention can change: blocks before it compute what the
         unmodified model computes, so a forward may resume there (:mod:`mechbias.core.resume`).
 
@@ -335,7 +338,7 @@ def load_intervention(path: str | Path) -> Intervention:
 
 
 @contextlib.contextmanager
-def maybe_apply(intervention: Intervention | None, model):
+def maybe_apply(intervention: Intervention | None, model: TransformerBridge):
     """``intervention.apply(model)``, or nothing when ``intervention`` is None."""
     if intervention is None:
         yield model
@@ -356,7 +359,7 @@ def as_layer_dict(items) -> dict[int, list[int]]:
     return {l: sorted(v) for l, v in sorted(out.items())}
 
 
-def param(model, name: str) -> torch.nn.Parameter:
+def param(model: TransformerBridge, name: str) -> torch.nn.Parameter:
     """The parameter ``name`` of ``model`` (a :func:`~mechbias.core.params.named_params` name)."""
     params = named_params(model)
     if name not in params:
@@ -390,10 +393,10 @@ class Identity(Intervention):
     def from_dict(cls, d, tensors):
         return cls()
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         pass
 
-    def random_like(self, model, seed: int) -> Identity:
+    def random_like(self, model: TransformerBridge, seed: int) -> Identity:
         return Identity()
 
     def describe(self) -> str:
@@ -422,16 +425,16 @@ class Compose(Intervention):
         return self.parts[0].positions if len(pos) == 1 and self.parts else "all"
 
     @contextlib.contextmanager
-    def apply(self, model):
+    def apply(self, model: TransformerBridge):
         with contextlib.ExitStack() as stack:
             for p in self.parts:
                 stack.enter_context(p.apply(model))
             yield model
 
-    def first_layer(self, model) -> int:
+    def first_layer(self, model: TransformerBridge) -> int:
         return min((p.first_layer(model) for p in self.parts), default=int(model.cfg.n_layers))
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         """Each part in turn (all parts are checked before any is written)."""
         self.check_foldable()
         trial = {n: t.clone() for n, t in params.items()}
@@ -443,10 +446,10 @@ class Compose(Intervention):
         for p in self.parts:
             p.check_foldable()
 
-    def random_like(self, model, seed: int) -> Compose:
+    def random_like(self, model: TransformerBridge, seed: int) -> Compose:
         return Compose([p.random_like(model, seed + 7919 * i) for i, p in enumerate(self.parts)])
 
-    def controls(self, model, n: int, seed: int, *, profile=None,
+    def controls(self, model: TransformerBridge, n: int, seed: int, *, profile=None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """Each kind that every part can draw, composed part by part."""
         per_part = [p.controls(model, n, seed + 7919 * i, profile=profile, kinds=kinds) for i, p in enumerate(self.parts)]

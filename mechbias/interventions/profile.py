@@ -19,7 +19,7 @@ intervention type draw controls of the same size:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from ..core.runner import length_buckets, sequence_nll
 from ..core.sites import hook_name
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 class NoMatchedControl(ValueError):
@@ -48,7 +51,7 @@ class UnitProfile:
     n_tokens: int = 0
     neuron_costs: dict = field(default_factory=dict)  # (layer, neuron) -> perplexity change
 
-    def neuron_cost(self, model, layer: int, neuron: int) -> float:
+    def neuron_cost(self, model: TransformerBridge, layer: int, neuron: int) -> float:
         """Perplexity change when this neuron alone is zeroed at every position (measured once, cached)."""
         key = (int(layer), int(neuron))
         if key not in self.neuron_costs:
@@ -65,7 +68,7 @@ class UnitProfile:
         return self.neuron_costs[key]
 
 
-def unit_profile(model, texts: list[str] | None = None, *, max_tokens: int = 2048) -> UnitProfile:
+def unit_profile(model: TransformerBridge, texts: list[str] | None = None, *, max_tokens: int = 2048) -> UnitProfile:
     """Measure a model's units on ``texts`` (default: the selection half of the neutral texts)."""
     texts = list(texts) if texts is not None else neutral_texts(split="selection")
     seqs = tokenize(model, texts)
@@ -182,7 +185,7 @@ def match_record(covariate: str, caliper_log, unmatched: list, n_components: int
                             f"{scale} (|d| <= the caliper by construction)"}
 
 
-def cost_match(model, profile: UnitProfile, neurons: dict[int, list[int]], n_draws: int, seed: int, *,
+def cost_match(model: TransformerBridge, profile: UnitProfile, neurons: dict[int, list[int]], n_draws: int, seed: int, *,
                k: int = 8, caliper_sd: float = CALIPER_SD) -> tuple[list[dict[int, list[int]]], MatchInfo]:
     """Draws of neurons matched to ``neurons`` on **ablation cost**, within a caliper.
 

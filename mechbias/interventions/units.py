@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from .base import (
     register_intervention,
 )
 from .profile import CALIPER_SD, UnitProfile, caliper_match, cost_match, match_record
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
@@ -45,7 +48,7 @@ def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
     return hook
 
 
-def _fold_scale(model, params: dict[str, Tensor], layer: int, component: str, index: Tensor, factor: float,
+def _fold_scale(model: TransformerBridge, params: dict[str, Tensor], layer: int, component: str, index: Tensor, factor: float,
                 side: str) -> None:
     """Multiply the ``index`` inputs (``side="in"``) or outputs (``side="out"``, with the bias) of a linear layer
     by ``factor``: a hook scaling that layer's input (or output) units at every position, written as weights."""
@@ -114,19 +117,19 @@ class NeuronIntervention(Intervention):
     def sites(self) -> list[Site]:
         return [Site(l, "post", tuple(idx), self.positions) for l, idx in self.neurons.items()]
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         _check(self.neurons, model.cfg.n_layers, model.cfg.d_mlp, "neuron")
         check_positions(self.positions, model)
 
     def overlap(self, other: Intervention) -> Overlap | None:
         return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, NeuronIntervention) else None
 
-    def hooks(self, model):
+    def hooks(self, model: TransformerBridge):
         self.validate(model)
         return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=False))
                 for s in self.sites]
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         """Scale (zero) the neurons' columns of the down-projection: ``W_out (f * a) = (f * W_out[:, i]) a``."""
         self.validate(model)
         self.check_foldable()
@@ -136,12 +139,12 @@ class NeuronIntervention(Intervention):
     def check_foldable(self) -> None:
         _need_all_positions(self)
 
-    def random_like(self, model, seed: int) -> NeuronIntervention:
+    def random_like(self, model: TransformerBridge, seed: int) -> NeuronIntervention:
         """The same number of neurons in each layer, drawn uniformly from the unselected ones."""
         out = random_per_layer(self.neurons, model.cfg.d_mlp, np.random.default_rng(seed))
         return NeuronIntervention(out, self.factor, self.positions, label="random neurons")
 
-    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+    def controls(self, model: TransformerBridge, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per layer), ``matched`` (per layer, among the 5 unselected neurons closest in
         mean ``|activation| x ||W_out row||``, within a caliper) and ``matched_cost`` (:func:`cost_match`: per
@@ -250,19 +253,19 @@ class HeadIntervention(Intervention):
     def sites(self) -> list[Site]:
         return [Site(l, self.mode, tuple(idx), self.positions) for l, idx in self.heads.items()]
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         _check(self.heads, model.cfg.n_layers, model.cfg.n_heads, "head")
         check_positions(self.positions, model)
 
     def overlap(self, other: Intervention) -> Overlap | None:
         return jaccard(set(self.as_pairs()), set(other.as_pairs())) if isinstance(other, HeadIntervention) else None
 
-    def hooks(self, model):
+    def hooks(self, model: TransformerBridge):
         self.validate(model)
         return [(s, scale_hook(torch.tensor(s.index, dtype=torch.long), self.factor, self.positions, head_axis=True))
                 for s in self.sites]
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         """``z``: scale the head's input columns of the output projection; ``q``: scale its query rows and query
         bias (the rotary embedding is linear, so a zero query stays zero)."""
         self.validate(model)
@@ -278,12 +281,12 @@ class HeadIntervention(Intervention):
     def check_foldable(self) -> None:
         _need_all_positions(self)
 
-    def random_like(self, model, seed: int) -> HeadIntervention:
+    def random_like(self, model: TransformerBridge, seed: int) -> HeadIntervention:
         """The same number of heads in each layer, drawn uniformly from the unselected ones."""
         out = random_per_layer(self.heads, model.cfg.n_heads, np.random.default_rng(seed))
         return HeadIntervention(out, self.mode, self.factor, self.positions, label="random heads")
 
-    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+    def controls(self, model: TransformerBridge, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per layer) and ``matched``: each selected head replaced by an unselected head of
         similar mean output norm ``||z_h W_O,h||``, within a caliper of 0.2 SD of the log norms of all heads:

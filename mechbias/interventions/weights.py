@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -14,6 +14,9 @@ from ..core.params import named_params
 from ..core.resume import layer_of_name
 from .base import Intervention, Overlap, abs_cosine, jaccard, param, register_intervention, restoring
 from .profile import UnitProfile
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @register_intervention
@@ -35,7 +38,7 @@ class WeightMask(Intervention):
     def n_components(self) -> int:
         return int(sum(m.numel() for m in self.masks.values()))
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         """Every index must address an entry of its parameter: no negative index (it would count from the end)
         and none past the last entry."""
         for n, idx in self.masks.items():
@@ -52,7 +55,7 @@ class WeightMask(Intervention):
                        {(n, int(i)) for n, idx in other.masks.items() for i in idx.tolist()})
 
     @contextlib.contextmanager
-    def apply(self, model):
+    def apply(self, model: TransformerBridge):
         self.validate(model)
         params = {n: param(model, n) for n in self.masks}
         with restoring(params), torch.no_grad():
@@ -60,18 +63,18 @@ class WeightMask(Intervention):
                 p.view(-1)[self.masks[n].to(p.device).long()] = 0.0
             yield model
 
-    def first_layer(self, model) -> int:
+    def first_layer(self, model: TransformerBridge) -> int:
         """The earliest block holding a changed parameter (0 for an embedding, which may be tied)."""
         return min((layer_of_name(n, int(model.cfg.n_layers)) for n in self.masks), default=int(model.cfg.n_layers))
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         self.validate(model)
         for n, idx in self.masks.items():
             if n not in params:
                 raise ValueError(f"model has no parameter named {n!r}")
             params[n].view(-1)[idx.to(params[n].device).long()] = 0.0
 
-    def random_like(self, model, seed: int) -> WeightMask:
+    def random_like(self, model: TransformerBridge, seed: int) -> WeightMask:
         """The same number of entries in each matrix, drawn uniformly."""
         rng = np.random.default_rng(seed)
         params = named_params(model)
@@ -79,7 +82,7 @@ class WeightMask(Intervention):
                  for n, idx in self.masks.items()}
         return WeightMask(masks, label="random weights")
 
-    def controls(self, model, n: int, seed: int, *, profile: UnitProfile | None = None,
+    def controls(self, model: TransformerBridge, n: int, seed: int, *, profile: UnitProfile | None = None,
                  kinds: tuple[str, ...] = ("random",)) -> dict[str, list[Intervention]]:
         """``random`` (uniform per matrix) and ``matched`` (per matrix, the same number of unselected entries
         in each of 20 quantile bins of the Wanda score ``|W_ij| ||X_j||``, ``||X||`` from the selection neutral texts)."""
@@ -152,7 +155,7 @@ class WeightEdit(Intervention):
         return int(sum(d.numel() for d in self.deltas.values()))
 
     @contextlib.contextmanager
-    def apply(self, model):
+    def apply(self, model: TransformerBridge):
         params = {n: param(model, n) for n in self.deltas}
         for n, p in params.items():
             if p.shape != self.deltas[n].shape:
@@ -162,11 +165,11 @@ class WeightEdit(Intervention):
                 p.add_(self.deltas[n].to(p.device, p.dtype), alpha=self.scale)
             yield model
 
-    def first_layer(self, model) -> int:
+    def first_layer(self, model: TransformerBridge) -> int:
         """The earliest block holding an edited parameter (0 for an embedding, which may be tied)."""
         return min((layer_of_name(n, int(model.cfg.n_layers)) for n in self.deltas), default=int(model.cfg.n_layers))
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         for n, d in self.deltas.items():
             if n not in params:
                 raise ValueError(f"model has no parameter named {n!r}")
@@ -174,7 +177,7 @@ class WeightEdit(Intervention):
                 raise ValueError(f"delta for {n} has shape {tuple(d.shape)}, parameter {tuple(params[n].shape)}")
             params[n].add_(d.to(params[n].device, params[n].dtype), alpha=self.scale)
 
-    def random_like(self, model, seed: int) -> WeightEdit:
+    def random_like(self, model: TransformerBridge, seed: int) -> WeightEdit:
         """A random direction with the same norm in each matrix."""
         g = torch.Generator().manual_seed(int(seed))
         deltas = {}
@@ -183,7 +186,7 @@ class WeightEdit(Intervention):
             deltas[n] = (r * (d.float().norm() / r.norm().clamp_min(1e-12))).to(d.dtype)
         return WeightEdit(deltas, self.scale, label="random direction, same norm")
 
-    def commit(self, model) -> None:
+    def commit(self, model: TransformerBridge) -> None:
         """Apply the edit permanently (the caller asked for a changed model)."""
         with torch.no_grad():
             for n, d in self.deltas.items():

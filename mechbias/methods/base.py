@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 from ..core.choices import check_choices
 from ..core.precision import Precision, compute_precision
@@ -33,6 +33,9 @@ from ..data.axes import load_axis
 from ..data.contexts import Context, load_context
 from ..data.leakage import selection_phase
 from ..interventions.base import Intervention
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -139,10 +142,10 @@ class Method:
         self.selections: dict[str, Selection] = {}
 
     # -- the interface --
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         raise NotImplementedError
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, transfer=None,
+    def analyze(self, model: TransformerBridge, axis: str, out: Path, *, quick: bool = False, transfer=None,
                 eval_sets: dict | None = None, n_boot: int = 1000, **extras) -> dict[str, Any]:
         """Extra analyses over the selections made so far; returns a JSON-able summary (may write figures
         under ``out / "figures"`` and list them in ``summary["figures"]``). ``transfer`` is the method's
@@ -172,7 +175,7 @@ class Method:
         return {"title": cls.title, "analyze": {}, "transfer": {}}
 
     # -- the selector protocol of the transfer engine --
-    def __call__(self, model, context: Context | str, axis: str) -> Intervention:
+    def __call__(self, model: TransformerBridge, context: Context | str, axis: str) -> Intervention:
         ctx = load_context(context)
         precision = getattr(self.config, "precision", "exact")
         with selection_phase(f"{self.name}.select"), compute_precision(model, precision):
@@ -186,7 +189,7 @@ class Method:
 
     # -- helpers shared by methods that read one layer's residual stream on the selection split --
     @staticmethod
-    def resolve_layer(model, layer: int | None, what: str) -> int:
+    def resolve_layer(model: TransformerBridge, layer: int | None, what: str) -> int:
         """``layer``, or the middle layer when None; ``ValueError`` naming ``what`` if it is past the model."""
         out = model.cfg.n_layers // 2 if layer is None else layer
         if out >= model.cfg.n_layers:

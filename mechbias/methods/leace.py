@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from ..data.contexts import Context
 from ..data.prompts import tokenize
 from ..interventions.base import Intervention, NotFoldable, Overlap, check_positions, register_intervention
 from .base import Method, MethodConfig, Selection, register_method
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @register_intervention
@@ -56,7 +59,7 @@ class ErasureIntervention(Intervention):
     def site(self) -> Site:
         return Site(self.layer, "resid_pre", positions=self.positions)
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         if not 0 <= self.layer < model.cfg.n_layers:
             raise ValueError(f"erasure layer {self.layer} is outside 0..{model.cfg.n_layers - 1}")
         d = model.cfg.d_model
@@ -80,7 +83,7 @@ class ErasureIntervention(Intervention):
         delta = x - self.bias.to(x) if self.bias is not None else x
         return x - (delta @ right.T) @ left.T
 
-    def hooks(self, model):
+    def hooks(self, model: TransformerBridge):
         self.validate(model)
 
         def erase(x, hook):
@@ -93,11 +96,11 @@ class ErasureIntervention(Intervention):
 
         return [(self.site, erase)]
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         raise NotFoldable(f"{self.describe()}: an affine map of the residual stream has no exact form as a change "
                           "of the weights (the normalisation that follows reads the stream itself)")
 
-    def random_like(self, model, seed: int) -> ErasureIntervention:
+    def random_like(self, model: TransformerBridge, seed: int) -> ErasureIntervention:
         """A random orthogonal projection of the same rank, through the same mean."""
         g = torch.Generator().manual_seed(int(seed))
         q, _ = torch.linalg.qr(torch.randn(self.proj_left.shape[0], self.n_components, generator=g,
@@ -168,7 +171,7 @@ class Leace(Method):
     config: LeaceConfig
     fast_study_steps = ("leace",)  # benchmarks/precision.py: 1.6x faster, subspace overlap 0.96
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         c = self.config
         layer = self.resolve_layer(model, c.layer, "erasure")
         ps = self.selection_prompts(context, axis)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from ..data.prompts import tokenize
 from ..interventions.base import Intervention, NotFoldable, Overlap, abs_cosine, check_positions, register_intervention
 from ..viz.html import records_html
 from .base import Method, MethodConfig, Selection, register_method
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Mode = Literal["ablate", "add"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -64,7 +67,7 @@ class DirectionIntervention(Intervention):
     def site(self) -> Site:
         return Site(self.layer, "resid_pre", positions=self.positions)
 
-    def validate(self, model) -> None:
+    def validate(self, model: TransformerBridge) -> None:
         if not 0 <= self.layer < model.cfg.n_layers:
             raise ValueError(f"steering layer {self.layer} is outside 0..{model.cfg.n_layers - 1}")
         if self.direction.numel() != model.cfg.d_model:
@@ -77,7 +80,7 @@ class DirectionIntervention(Intervention):
             return None
         return abs_cosine(self.direction, other.direction, same_layer=self.layer == other.layer)
 
-    def hooks(self, model):
+    def hooks(self, model: TransformerBridge):
         self.validate(model)
         d = self.direction
         u = d / d.norm()
@@ -98,7 +101,7 @@ class DirectionIntervention(Intervention):
 
         return [(self.site, steer)]
 
-    def fold(self, model, params: dict[str, Tensor]) -> None:
+    def fold(self, model: TransformerBridge, params: dict[str, Tensor]) -> None:
         self.check_foldable()
 
     def check_foldable(self) -> None:
@@ -108,7 +111,7 @@ class DirectionIntervention(Intervention):
                "does not write biases into a model")
         raise NotFoldable(f"{self.describe()}: {why}")
 
-    def random_like(self, model, seed: int) -> DirectionIntervention:
+    def random_like(self, model: TransformerBridge, seed: int) -> DirectionIntervention:
         """A random direction with the same norm, in the same layer, with the same mode and positions."""
         g = torch.Generator().manual_seed(int(seed))
         r = torch.randn(self.direction.shape, generator=g)
@@ -150,7 +153,7 @@ class SteeringConfig(MethodConfig):
             raise ValueError(f"layer must be >= 0, not {self.layer}")
 
 
-def group_mean_difference(model, prompts, layer: int, position: str = "last") -> Tensor:
+def group_mean_difference(model: TransformerBridge, prompts, layer: int, position: str = "last") -> Tensor:
     """Mean residual stream before ``layer`` of group-A prompts minus group-B prompts, ``[d_model]``."""
     name = Site(layer, "resid_pre").hook_name
     acts = capture(model, tokenize(model, prompts.texts), [name], position=position)[name].double()
@@ -170,7 +173,7 @@ class Steering(Method):
     Config = SteeringConfig
     config: SteeringConfig
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         c = self.config
         layer = self.resolve_layer(model, c.layer, "steering")
         ps = self.selection_prompts(context, axis)

@@ -23,12 +23,16 @@ Intervals resample templates (``category`` x ``question_index``), paired between
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...interventions.base import Intervention
 from ..loglik import continuation_logprob
 from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 REQUIRED = ("context", "question", "ans0", "ans1", "ans2", "label", "question_polarity", "context_condition",
             "category", "answer_info")
@@ -150,7 +154,7 @@ def _bias_amb(o: Outcomes, idx: np.ndarray) -> float:
     return (1.0 - o["correct"][idx].mean()) * 100.0 * _raw_bias(o, idx)
 
 
-def bbq_score(model, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0,
+def bbq_score(model: TransformerBridge, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0,
               skip_unresolved: bool = False) -> BenchResult:
     """BBQ accuracy and bias scores (ambiguous and disambiguated), with and without ``intervention``."""
     rows, skipped = _read_bbq(paths, skip_unresolved)

@@ -19,12 +19,15 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ...interventions.base import Intervention, maybe_apply
 from ..stats import benjamini_hochberg, bootstrap_p, check_boot, percentile_ci
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, dict]]:
@@ -146,7 +149,7 @@ def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base:
     return rows
 
 
-def score(model, intervention: Intervention | None, fn: Callable[[Any], Outcomes]) -> tuple[Outcomes, Outcomes | None]:
+def score(model: TransformerBridge, intervention: Intervention | None, fn: Callable[[Any], Outcomes]) -> tuple[Outcomes, Outcomes | None]:
     """``fn(model)`` as the model is, then under ``intervention`` (None when there is none)."""
     base = fn(model)
     if intervention is None:

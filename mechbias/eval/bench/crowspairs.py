@@ -6,6 +6,7 @@ for the unmodified model and under an intervention, with paired intervals that r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,12 +15,15 @@ from ...interventions.base import Intervention
 from ..crows import pair_scores, read_pairs, stereo_and_other
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 
 def _score(o: Outcomes, idx: np.ndarray) -> float:
     return share(o["stereo"] > o["other"], idx)
 
 
-def crows_bench(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
+def crows_bench(model: TransformerBridge, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                 seed: int = 0) -> BenchResult:
     """CrowS-Pairs metric rows (stereotype score per bias type), with and without ``intervention``."""
     rows = read_pairs(path)

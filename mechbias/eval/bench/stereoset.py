@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from ...core.families import is_masked_lm
 from ...interventions.base import Intervention
 from ..loglik import masked_fill_logprob, mean_token_logprob
 from .common import BenchResult, Outcomes, cluster_ids, jsonl_objects, metric_rows, score, share
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
@@ -117,7 +121,7 @@ def _icat(o: Outcomes, idx: np.ndarray) -> float:
 METRICS = {"SS": (_ss, "%"), "LMS": (_lms, "%"), "ICAT": (_icat, "")}
 
 
-def stereoset_score(model, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
+def stereoset_score(model: TransformerBridge, path: str | Path, *, intervention: Intervention | None = None, n_boot: int = 2000,
                     seed: int = 0) -> BenchResult:
     """StereoSet intrasentence SS, LM score and ICAT, with and without ``intervention``."""
     examples = read_stereoset(path)

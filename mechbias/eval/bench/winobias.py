@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
 from ...interventions.base import Intervention
 from ..loglik import continuation_logprob
 from .common import BenchResult, Outcomes, cluster_ids, metric_rows, score, share
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # The occupations of WinoBias (Zhao et al., 2018, Table 1, from the US Labor statistics).
 OCCUPATIONS = (
@@ -102,7 +105,7 @@ def _gap(o: Outcomes, idx: np.ndarray) -> float:
 METRICS = {"accuracy pro": (_acc_pro, "%"), "accuracy anti": (_acc_anti, "%"), "pro - anti": (_gap, "pp")}
 
 
-def winobias_score(model, pro: str | Path, anti: str | Path, *, intervention: Intervention | None = None,
+def winobias_score(model: TransformerBridge, pro: str | Path, anti: str | Path, *, intervention: Intervention | None = None,
                    n_boot: int = 2000, seed: int = 0) -> BenchResult:
     """WinoBias accuracy on pro and anti items and their gap, with and without ``intervention``."""
     pro_items, anti_items = read_winobias(pro, anti)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 from ...core.results import Record
 from ...data.contexts import load_context
@@ -12,6 +12,9 @@ from ...data.neutral import neutral_texts
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
 from ...eval.metrics import contrast_scores
 from .train import GradiendResult
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # ----------------------------------------------------------------------------
 # choosing the edit
@@ -91,7 +94,7 @@ class HDirection(Record):
     both_exclude_zero: bool
 
 
-def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
+def choose_edit(model: TransformerBridge, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
                 alphas: Sequence[float] = DEFAULT_ALPHAS, max_ppl_increase: float = 0.05,
                 neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> EditChoice:
     """Score every (h, α) on the training context's selection prompts (bias gap) and the neutral set
@@ -120,7 +123,7 @@ def choose_edit(model, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0,
     return out
 
 
-def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model=None, h: float = 1.0
+def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model: TransformerBridge | None = None, h: float = 1.0
                   ) -> DecoderShare:
     """Share of the decoder update's squared norm that falls on the given MLP neurons
     (their gate/up rows and down column), against the share those entries have of all parameters."""
@@ -154,13 +157,13 @@ def decoder_share(res: GradiendResult, neurons: Sequence[tuple[int, int]], model
 H_ALPHAS = (0.003, 0.01, 0.03, 0.1, 0.3)
 
 
-def _selection_gap(model, prompts, intervention=None) -> float:
+def _selection_gap(model: TransformerBridge, prompts, intervention=None) -> float:
     sc = contrast_scores(model, prompts, intervention=intervention)
     g = prompts.groups
     return float(sc[g == 0].mean() - sc[g == 1].mean())
 
 
-def h_direction(model, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHAS, n_boot: int = 1000,
+def h_direction(model: TransformerBridge, res: GradiendResult, *, alphas: Sequence[float] = H_ALPHAS, n_boot: int = 1000,
                 neutral_max_texts: int | None = 6, max_ppl_increase: float = 0.05, seed: int = 0) -> HDirection:
     """The edits h = +1, h = -1 and h = 0 (the decoder bias alone) at one alpha, on held-out prompts.
 

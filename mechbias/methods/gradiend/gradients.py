@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -15,11 +16,14 @@ from ...core.runner import length_buckets, readout_ids
 from ...core.window import readout_position
 from ...data.prompts import tokenize
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 # ----------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------
 
-def _readout_batches(model, texts: Sequence[str], max_tokens: int):
+def _readout_batches(model: TransformerBridge, texts: Sequence[str], max_tokens: int):
     """``(row indices, ids [rows, n], position)`` batches of equal length and prediction position: a causal
     LM predicts after the text's last token; a masked LM at a mask token after the text (the target word
     masked, as the gradiend package trains encoders; our texts end where the target word stands)."""
@@ -56,7 +60,7 @@ class ParamSet:
         return {n: flat[a:b].view(s) for (n, a, b), s in zip(self.offsets(), self.shapes, strict=True)}
 
 
-def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
+def param_set(model: TransformerBridge, which: str | Sequence[str] = "mlp", layers: Sequence[int] | None = None) -> ParamSet:
     """Parameters for GRADIEND: ``mlp`` (gate, up and down matrices; no gate where the family's MLP has
     none), ``down`` (W_out only), ``down-late`` (W_out of the last quarter of the layers, unless ``layers``
     says otherwise), ``attn`` (q, k, v, o), ``mlp+attn``, or an explicit list of names; optionally
@@ -86,7 +90,7 @@ def param_set(model, which: str | Sequence[str] = "mlp", layers: Sequence[int] |
     return ParamSet(names, [tuple(params[n].shape) for n in names])
 
 
-def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[int], *,
+def batch_gradient(model: TransformerBridge, ps: ParamSet, texts: Sequence[str], targets: Sequence[int], *,
                    max_tokens: int = 2048, out: Tensor | None = None) -> Tensor:
     """Flattened float32 gradient of the mean next-token loss of ``targets`` after ``texts`` (a masked LM:
     the loss of ``targets`` at a mask after each text).
@@ -128,7 +132,7 @@ def batch_gradient(model, ps: ParamSet, texts: Sequence[str], targets: Sequence[
     return flat
 
 
-def batch_gradient_pair(model, ps: ParamSet, texts: Sequence[str], factual: Sequence[int],
+def batch_gradient_pair(model: TransformerBridge, ps: ParamSet, texts: Sequence[str], factual: Sequence[int],
                         counterfactual: Sequence[int], *, out_f: Tensor, out_t: Tensor,
                         max_tokens: int = 160) -> tuple[Tensor, Tensor]:
     """The factual gradient and the target (factual - counterfactual gradient) from one forward.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
@@ -16,6 +16,9 @@ from .edit import choose_edit
 from .gradients import param_set
 from .pool import gradient_pool
 from .train import GradiendConfig, evaluate_feature, train_gradiend
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @register_method
@@ -29,7 +32,7 @@ class Gradiend(Method):
     Config = GradiendConfig
     config: GradiendConfig
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         cfg = dataclasses.replace(self.config, seed=self.seed)
         pool = gradient_pool(model, context, axis, param_set(model, cfg.params, cfg.layers), seed=cfg.seed,
                              max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0)
@@ -53,7 +56,7 @@ class Gradiend(Method):
         del pool  # the per-name gradients are not kept with the selection
         return Selection(context.name, axis, iv, artifacts, summary, controls)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
+    def analyze(self, model: TransformerBridge, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         """The feature on held-out names and templates (group A, group B, neutral texts)."""
         cfg = self.config
         feats: list[dict] = []

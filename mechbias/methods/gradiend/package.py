@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -29,11 +29,14 @@ from .pool import validation_names
 from .texts import feature_texts
 from .train import GradiendResult
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 FILLER = " ."
 PAD_TO = 48
 
 
-def package_frame(model, context: str, axis: str, *, seed: int = 0, filler: str = FILLER) -> pd.DataFrame:
+def package_frame(model: TransformerBridge, context: str, axis: str, *, seed: int = 0, filler: str = FILLER) -> pd.DataFrame:
     """The package's merged training table for one context and axis, on mechbias' splits.
 
     Selection templates with training names -> ``train``, with validation names -> ``validation``
@@ -93,7 +96,7 @@ def from_package(gradiend_model: Any, ps: ParamSet, context: str, axis: str, *,
                           w_d[pick].clone(), b_d[pick].clone(), meta={"source": "gradiend package"})
 
 
-def selection_sign(model, res: GradiendResult, frame: pd.DataFrame, n: int = 16) -> float:
+def selection_sign(model: TransformerBridge, res: GradiendResult, frame: pd.DataFrame, n: int = 16) -> float:
     """+1 if ``res`` encodes group A above group B on the frame's validation rows (selection templates,
     validation names), else -1: the orientation is decided without the held-out split."""
     rows = frame[frame["split"] == "validation"]

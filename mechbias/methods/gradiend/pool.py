@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from ...data.contexts import Context, load_context
 from .gradients import ParamSet, batch_gradient, batch_gradient_pair, trim_memory
 from .model import GradiendModel
 from .texts import feature_texts, neutral_training_rows
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -154,7 +158,7 @@ def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
     return 2 * n_names * ps.numel * torch.empty(0, dtype=dtype).element_size()
 
 
-def gradient_pool(model, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
+def gradient_pool(model: TransformerBridge, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
                   max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False) -> GradientPool:
     """Per-name gradients on the context's selection templates and names, and with ``neutral`` the neutral
     rows of the selection neutral paragraphs (half of the paragraphs validate). Stored in float32 when that

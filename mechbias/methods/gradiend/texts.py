@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ...data.axes import load_axis
 from ...data.contexts import Context, fill, load_context
 from ...data.neutral import neutral_texts
 from ...data.prompts import single_token
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 FEATURE_SUFFIX = {
     "gender": (" Afterwards, {name} said that", None),
@@ -31,7 +35,7 @@ class FeatureText:
     name: str = ""
 
 
-def feature_texts(model, context: Context | str, axis: str, *, templates: str | Sequence[int] = "selection",
+def feature_texts(model: TransformerBridge, context: Context | str, axis: str, *, templates: str | Sequence[int] = "selection",
                   names: str = "selection", seed: int = 0) -> list[FeatureText]:
     """Factual/counterfactual texts for one context and axis (see the module docstring)."""
     ctx = load_context(context)
@@ -50,7 +54,7 @@ def feature_texts(model, context: Context | str, axis: str, *, templates: str | 
     return out
 
 
-def neutral_feature_texts(model, n: int = 24, length: int = 18, *, split: str = "reporting") -> list[FeatureText]:
+def neutral_feature_texts(model: TransformerBridge, n: int = 24, length: int = 18, *, split: str = "reporting") -> list[FeatureText]:
     """Prefixes of the neutral paragraphs; the target is the real next token."""
     out = []
     for para in neutral_texts(split=split):
@@ -62,12 +66,12 @@ def neutral_feature_texts(model, n: int = 24, length: int = 18, *, split: str = 
     return out
 
 
-def _prefix_texts(model, ids, ends) -> list[FeatureText]:
+def _prefix_texts(model: TransformerBridge, ids, ends) -> list[FeatureText]:
     """Prefixes ``ids[1:end]`` (BOS dropped) of one tokenized paragraph, each with its real next token."""
     return [FeatureText(model.to_string(ids[1:end]), -1, int(ids[end]), int(ids[end])) for end in ends]
 
 
-def neutral_training_rows(model, per_row: int, *, split: str = "selection", first: int = 12,
+def neutral_training_rows(model: TransformerBridge, per_row: int, *, split: str = "selection", first: int = 12,
                           step: int = 6) -> list[tuple[int, list[FeatureText]]]:
     """Neutral rows for GRADIEND training (the gradiend code's neutral-data option): prefixes of each
     neutral paragraph ending every ``step`` tokens from token ``first`` on, each with its real next token

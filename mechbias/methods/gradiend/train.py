@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from .gradients import ParamSet, batch_gradient, param_set
 from .model import ChunkedAdamW, GradiendModel
 from .pool import NEUTRAL, GradientPool, Normalizer, gradient_pool
 from .texts import feature_texts, neutral_feature_texts
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ def stable_int(seed: int, key: str) -> int:
     return int(stable_hash(seed, key)[:8], 16)
 
 
-def train_gradiend(model, context: Context | str, axis: str, cfg: GradiendConfig | None = None, *,
+def train_gradiend(model: TransformerBridge, context: Context | str, axis: str, cfg: GradiendConfig | None = None, *,
                    progress: bool = True, shuffle_labels: bool = False,
                    pool: GradientPool | None = None) -> GradiendResult:
     """Train GRADIEND on a context's selection split; choose the checkpoint and the seed on its validation
@@ -323,7 +326,7 @@ class FeatureEvaluation(Record):
     separates: bool
 
 
-def evaluate_feature(model, res: GradiendResult, *, n_names: int | None = None, n_neutral: int = 8,
+def evaluate_feature(model: TransformerBridge, res: GradiendResult, *, n_names: int | None = None, n_neutral: int = 8,
                      neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1) -> FeatureEvaluation:
     """Encoder values on held-out names and templates: one value per held-out name (the mean gradient over
     its held-out templates, the unit GRADIEND trained on), and neutral batches (prefixes of the reporting

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -64,6 +64,9 @@ from ...core.window import forward_window, readout_position
 from ...data.prompts import single_token, tokenize
 from ...viz.method_figures import plot_attribution
 from .inputs import Unit
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Rule = Literal["left", "right", "middle", "trapezoid"]
 RULES: tuple[str, ...] = get_args(Rule)
@@ -158,7 +161,7 @@ def gap_fn(d1: int, d2: int, kind: str):
 
 
 def ig2_prompt(
-    model,
+    model: TransformerBridge,
     tokens: Int[Tensor, " p"],
     d1: int,
     d2: int,
@@ -210,7 +213,7 @@ def ig2_prompt(
     raise ValueError(f"method must be 'fast' or 'reference', not {method!r}")
 
 
-def _reference(model, tokens, gap, layers, alphas, weights, zero_idx, position="last", at=-1) -> PromptIG:
+def _reference(model: TransformerBridge, tokens, gap, layers, alphas, weights, zero_idx, position="last", at=-1) -> PromptIG:
     """Plain loop: one full forward and backward per (layer, step)."""
     at = at % len(tokens)
     sl = slice(at, at + 1) if position == "last" else slice(None)
@@ -261,7 +264,7 @@ def _chunks(layers, m: int, cap: int | None) -> list[list[tuple[int, int, int]]]
     return [sorted(ch) for ch in chunks]
 
 
-def _fast(model, tokens, gap, layers, alphas, weights, zero_idx, cap, position="last", at=-1) -> PromptIG:
+def _fast(model: TransformerBridge, tokens, gap, layers, alphas, weights, zero_idx, cap, position="last", at=-1) -> PromptIG:
     L, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
     device = model.cfg.device
     ids = tokens.to(device)[None]
@@ -383,7 +386,7 @@ class IG2Result(Result):
 
 
 def run_ig2(
-    model,
+    model: TransformerBridge,
     units: Sequence[Unit],
     *,
     kind: str = "prob",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .attribution import Rule, run_ig2
 from .inputs import contrast_units, demographic_units
 from .thresholds import select_neurons, selection_overlap
 from .verify import verify
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Mode = Literal["contrast", "demographic", "demographic-single"]
 Kind = Literal["prob", "abs_prob", "logprob", "logit"]
@@ -72,7 +75,7 @@ class IG2(Method):
         return demographic_units(ctx, axis, favoured=fav, outcomes=split, paired=c.mode == "demographic",
                                  seed=self.seed)
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         c = self.config
         ax = load_axis(axis)
         fav = favoured_group(model, context, ax, seed=self.seed)
@@ -93,7 +96,7 @@ class IG2(Method):
         iv = sel.intervention(0.0, c.positions, f"BNS {context.name}/{ax.name}")
         return Selection(context.name, ax.name, iv, artifacts, summary)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
+    def analyze(self, model: TransformerBridge, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         """The paper's verification on held-out units, per context; overlap of selections between contexts."""
         c = self.config
         rows: list[dict] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
@@ -16,6 +17,9 @@ from ...interventions.base import as_layer_dict
 from ...interventions.units import NeuronIntervention, random_per_layer
 from ...viz.method_figures import plot_layer_histogram
 from .attribution import IG2Result
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 # ----------------------------------------------------------------------------
 # selection (the paper's three stages)
@@ -74,7 +78,7 @@ def _prompt_sets(attrs: Tensor, frac: float) -> list[set[int]]:
     return out
 
 
-def neuron_costs(model, selection: NeuronSelection | Sequence[tuple[int, int]], *,
+def neuron_costs(model: TransformerBridge, selection: NeuronSelection | Sequence[tuple[int, int]], *,
                  texts: Sequence[str] | None = None, max_texts: int | None = None) -> dict[tuple[int, int], float]:
     """Perplexity change on the neutral texts when each neuron alone is zeroed (all positions).
 
@@ -87,7 +91,7 @@ def neuron_costs(model, selection: NeuronSelection | Sequence[tuple[int, int]], 
     return {n: perplexity(model, texts, intervention=NeuronIntervention([n])) - base for n in pairs}
 
 
-def capability_guard(model, selection: NeuronSelection, max_ppl_increase: float = 0.5, *,
+def capability_guard(model: TransformerBridge, selection: NeuronSelection, max_ppl_increase: float = 0.5, *,
                      costs: dict[tuple[int, int], float] | None = None, **kw) -> NeuronSelection:
     """Drop selected neurons whose own ablation raises neutral-text perplexity by more than
     ``max_ppl_increase`` (absolute). Not in the IG² paper; a cheap guard (one forward set per neuron).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,11 +21,14 @@ from .attribution import gap_fn
 from .inputs import Unit
 from .thresholds import NeuronSelection
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 # ----------------------------------------------------------------------------
 # verification: suppress / amplify vs random and plain-IG neurons
 # ----------------------------------------------------------------------------
 
-def unit_values(model, units: Sequence[Unit], *, kind: str = "prob", intervention=None) -> Tensor:
+def unit_values(model: TransformerBridge, units: Sequence[Unit], *, kind: str = "prob", intervention=None) -> Tensor:
     """The attributed quantity ``Σ_j w_j G(text_j)`` of every unit."""
     out = torch.zeros(len(units), dtype=torch.float64)
     by_target: dict[tuple[str, str], list[int]] = {}
@@ -65,7 +69,7 @@ def unit_factors(units: Sequence[Unit]) -> dict[str, list[list]]:
 
 
 def verify(
-    model,
+    model: TransformerBridge,
     selection: NeuronSelection,
     units: Sequence[Unit],
     *,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,6 +25,9 @@ from ...data.pairs import PromptPairs
 from ...eval.describe import spearman
 from ...viz.method_figures import plot_grid
 from .engine import PatchResult, ld_metric, patch_set
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @dataclass
@@ -61,7 +65,7 @@ class AtPResult(Result):
 ATP_COMPONENTS = ("resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "neurons")
 
 
-def attribution_patch(model, pairs: PromptPairs, *, direction: str = "denoise",
+def attribution_patch(model: TransformerBridge, pairs: PromptPairs, *, direction: str = "denoise",
                       components: Sequence[str] = ATP_COMPONENTS) -> AtPResult:
     """AtP estimates for every component at once (two forwards and one backward per length bucket)."""
     if direction not in ("denoise", "noise"):
@@ -166,7 +170,7 @@ def atp_agreement(atp: AtPResult, exact: PatchResult, component: str, ks: Sequen
     return AtpAgreement(component, spearman(a, e), int(ok.sum()), recall)
 
 
-def prefilter_and_verify(model, pairs: PromptPairs, atp: AtPResult, component: str = "heads", k: int = 10,
+def prefilter_and_verify(model: TransformerBridge, pairs: PromptPairs, atp: AtPResult, component: str = "heads", k: int = 10,
                          direction: str | None = None) -> list[dict]:
     """AtP to prefilter, exact patching to verify: patch the AtP top-k cells exactly, one at a time."""
     direction = direction or atp.direction

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ from ...data.prompts import single_token
 from ...eval.describe import spearman
 from ...eval.factors import factor_mean
 from ...viz.method_figures import plot_patching
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Sweep = Literal["resid_pre", "attn_out", "mlp_out", "heads", "heads_by_pos", "k_heads", "v_heads"]
 SWEEPS: tuple[str, ...] = get_args(Sweep)
@@ -85,7 +88,7 @@ def _differs(p: Site, src: Tensor, base: Tensor) -> list[int]:
 
 
 def run_variants(
-    model,
+    model: TransformerBridge,
     base_tokens: Tensor,
     src_tokens: Tensor,
     variants: Sequence[Variant],
@@ -140,7 +143,7 @@ def run_variants(
     return values, base_value
 
 
-def _run_chunk(model, inp, cache, s, variants, src, metric) -> Tensor:
+def _run_chunk(model: TransformerBridge, inp, cache, s, variants, src, metric) -> Tensor:
     """One forward: row 0 unpatched, row k the k-th variant (sorted by first layer)."""
     first_layer = [min(p.layer for p in v) for v in variants]
     rows_at: dict[int, int] = {}
@@ -192,7 +195,7 @@ def _run_chunk(model, inp, cache, s, variants, src, metric) -> Tensor:
 # sweeps
 # ----------------------------------------------------------------------------
 
-def sweep_variants(model, component: str, seq_len: int, neurons: Sequence[tuple[int, int]] | None = None
+def sweep_variants(model: TransformerBridge, component: str, seq_len: int, neurons: Sequence[tuple[int, int]] | None = None
                    ) -> tuple[list, tuple, list[str]]:
     """Variants of a sweep, the grid shape they fill, and the axis names."""
     L, H = model.cfg.n_layers, model.cfg.n_heads
@@ -215,7 +218,7 @@ def sweep_variants(model, component: str, seq_len: int, neurons: Sequence[tuple[
     raise ValueError(f"unknown component {component!r}; choose from {(*SWEEPS, 'neurons')}")
 
 
-def ld_metric(model, pairs: PromptPairs):
+def ld_metric(model: TransformerBridge, pairs: PromptPairs):
     """The logit difference of the pairs' answers, as a function of the final logits."""
     pos = single_token(model, pairs.positive, "positive answer (patching needs single-token answers)")
     neg = single_token(model, pairs.negative, "negative answer (patching needs single-token answers)")
@@ -297,7 +300,7 @@ class PatchResult(Result):
 
 
 def patch_sweep(
-    model,
+    model: TransformerBridge,
     pairs: PromptPairs,
     component: str = "resid_pre",
     *,
@@ -380,7 +383,7 @@ class SetPatch(Record):
         return {k: v for k, v in self.as_dict().items() if k not in ("values", "ld_clean", "ld_corrupt")}
 
 
-def patch_set(model, pairs: PromptPairs, patches: Sequence[Site], *, direction: str = "denoise") -> SetPatch:
+def patch_set(model: TransformerBridge, pairs: PromptPairs, patches: Sequence[Site], *, direction: str = "denoise") -> SetPatch:
     """Patch a set of components together (e.g. the top heads of a sweep, or IG² neurons).
 
     Returns the per-pair metric and the mean effect / normalized value with a 95% CI over the pairs'

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from ...viz.method_figures import plot_correlation_matrix, plot_layer_profiles
 from ..base import Method, MethodConfig, Selection, register_method
 from .atp import atp_agreement, attribution_patch
 from .engine import Sweep, compare_contexts, patch_set, patch_sweep
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 Direction = Literal["denoise", "noise"]
 DIRECTIONS: tuple[str, ...] = get_args(Direction)
@@ -50,7 +53,7 @@ class Patching(Method):
     Config = PatchingConfig
     config: PatchingConfig
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         c = self.config
         pairs = make_pairs(model, context, axis, templates="selection", names="selection", max_pairs=c.pairs,
                            seed=self.seed)
@@ -78,7 +81,7 @@ class Patching(Method):
         iv = HeadIntervention(heads, mode="z", label=f"patching-selected heads {context.name}/{axis}")
         return Selection(context.name, axis, iv, artifacts, summary)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
+    def analyze(self, model: TransformerBridge, axis: str, out: Path, *, quick: bool = False, **kw) -> dict[str, Any]:
         figures: list[str] = []
         rows: list[dict] = []
         first = next(iter(self.selections.values()), None)

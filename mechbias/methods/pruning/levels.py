@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate, random_
 from ...eval.stats import benjamini_hochberg, crossed_estimate
 from ...viz.plotting import plot_curves, plot_levels
 from .ranking import PruneConfig, candidates
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @dataclass
@@ -45,7 +49,7 @@ def _row(cell, **extra) -> dict:
 
 
 def generalization_levels(
-    model,
+    model: TransformerBridge,
     contexts: Sequence[str],
     axis: str,
     cfg: PruneConfig,
@@ -131,7 +135,7 @@ class PruningCurve(Result):
         return plot_curves([self])
 
 
-def pruning_curve(model, context: str, axis: str, cfg: PruneConfig, ks: Sequence[int], *, n_random: int = 1,
+def pruning_curve(model: TransformerBridge, context: str, axis: str, cfg: PruneConfig, ks: Sequence[int], *, n_random: int = 1,
                   neutral_max_texts: int | None = None, n_boot: int = 1000, eval_set=None) -> PruningCurve:
     """Held-out bias reduction and perplexity change for the top-k candidates, for each k."""
     ctx = load_context(context)

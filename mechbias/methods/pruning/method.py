@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ...core.results import atomic_savefig, markdown_table
 from ...data.contexts import Context
@@ -14,6 +14,9 @@ from ...viz.plotting import plot_curves
 from ..base import Method, Selection, StudyExtras, register_method
 from .levels import generalization_levels, pruning_curve
 from .ranking import PruneConfig, candidates
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
 
 
 @register_method
@@ -42,7 +45,7 @@ class Pruning(Method):
     def _cfg(self) -> PruneConfig:
         return dataclasses.replace(self.config, seed=self.seed)
 
-    def select(self, model, context: Context, axis: str) -> Selection:
+    def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         cfg = self._cfg()
         cand = candidates(model, context, axis, cfg)
         iv = cand.intervention(cfg.k, cfg)
@@ -51,7 +54,7 @@ class Pruning(Method):
                                      else "hook_z zeroing (output ablation)") if cfg.unit == "head" else None}
         return Selection(context.name, axis, iv, {}, summary)
 
-    def analyze(self, model, axis: str, out: Path, *, quick: bool = False, levels: bool = False,
+    def analyze(self, model: TransformerBridge, axis: str, out: Path, *, quick: bool = False, levels: bool = False,
                 curve: tuple = (), transfer=None, eval_sets: dict | None = None, n_boot: int = 1000, **kw
                 ) -> dict[str, Any]:
         cfg = self._cfg()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from ..base import MethodConfig
 from ..patching.engine import patch_sweep
 from .scores import Calibration, calibration_mode, head_stats, input_stats, neuron_stats, set_difference, split_norms
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 Unit = Literal["neuron", "weight", "head"]
 Score = Literal["activation", "attribution", "signed_attribution", "attention", "patching"]
 Select = Literal["setdiff", "difference", "sum", "greedy"]
@@ -34,7 +37,7 @@ SELECTS: tuple[str, ...] = get_args(Select)
 DEFAULT_PQ = {"neuron": (0.40, 0.35), "weight": (0.15, 0.15), "head": (0.30, 0.10)}
 
 
-def _target_index(model, ctx: Context, axis: str, target: str, seed: int) -> int:
+def _target_index(model: TransformerBridge, ctx: Context, axis: str, target: str, seed: int) -> int:
     ax = load_axis(axis)
     if target == "both":
         return 0
@@ -139,7 +142,7 @@ def _rank(mask: Tensor, diff: Tensor) -> list[tuple[int, int]]:
     return [(int(idx[o, 0]), int(idx[o, 1])) for o in order]
 
 
-def candidates(model, ctx: Context, axis: str, cfg: PruneConfig, *, templates: Sequence[int] | str = "selection",
+def candidates(model: TransformerBridge, ctx: Context, axis: str, cfg: PruneConfig, *, templates: Sequence[int] | str = "selection",
                names: str = "selection") -> Candidates:
     """Score on the given templates and names, apply the set difference (and the common-across-templates
     rule for several templates), and rank candidates."""
@@ -267,7 +270,7 @@ def greedy_select(score, k: int) -> tuple[list[tuple[int, int]], list[float]]:
     return chosen, got
 
 
-def _greedy_candidates(model, ctx, ax, cfg: PruneConfig, t_idx, names, info) -> Candidates:
+def _greedy_candidates(model: TransformerBridge, ctx, ax, cfg: PruneConfig, t_idx, names, info) -> Candidates:
     """The Breaking Down Bias code's head selection: greedy rounds, each re-scored (attention of the last
     position to the name, both groups' prompts summed) with the heads chosen so far pruned; with several
     templates, one greedy list per template and the heads found in the most lists (ties: pooled one-shot
@@ -302,7 +305,7 @@ def _greedy_candidates(model, ctx, ax, cfg: PruneConfig, t_idx, names, info) -> 
                       {**info, "rounds": cfg.k, "lists": [[list(h) for h in lst] for lst in lists]})
 
 
-def _head_patching_scores(model, ctx, ax, templates, names, seed) -> Tensor:
+def _head_patching_scores(model: TransformerBridge, ctx, ax, templates, names, seed) -> Tensor:
     pairs = make_pairs(model, ctx, ax, templates=templates, names=names, seed=seed, max_pairs=12)
     eff = patch_sweep(model, pairs, "heads").mean_effect().abs().float()
     return torch.stack([eff, torch.zeros_like(eff)])

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -53,18 +53,21 @@ from ...data.contexts import load_context
 from ...data.prompts import PromptSet, tokenize
 from ...eval.generation import chat_prompt, sample_completions
 
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
 # ----------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------
 
-def _batches(model, prompts: PromptSet, max_tokens: int = 2048, seqs=None):
+def _batches(model: TransformerBridge, prompts: PromptSet, max_tokens: int = 2048, seqs=None):
     seqs = tokenize(model, prompts.texts) if seqs is None else seqs
     groups = prompts.groups
     for bucket in length_buckets([len(s) for s in seqs], max_tokens):
         yield torch.stack([seqs[i] for i in bucket]).to(model.cfg.device), groups[bucket], bucket
 
 
-def name_positions(model, prompt, template: str) -> list[int]:
+def name_positions(model: TransformerBridge, prompt, template: str) -> list[int]:
     """Token positions (BOS included) covering the name in a filled template (every occurrence)."""
     pron = pronouns(prompt.person.gender)
     spans, pos = [], 0
@@ -122,7 +125,7 @@ class GroupStats:
         return sorted({k[0] for k in self.sums})
 
 
-def _accumulate(model, prompts: PromptSet, per_row, *, grad: bool = False, seqs=None) -> GroupStats:
+def _accumulate(model: TransformerBridge, prompts: PromptSet, per_row, *, grad: bool = False, seqs=None) -> GroupStats:
     """Run every prompt once; ``per_row(ids) -> ([b, ...] stats, [b] counts)`` is added per (template, group).
     ``seqs`` replaces the prompts' token ids (one sequence per prompt)."""
     stats = GroupStats()
@@ -134,7 +137,7 @@ def _accumulate(model, prompts: PromptSet, per_row, *, grad: bool = False, seqs=
     return stats
 
 
-def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> GroupStats:
+def neuron_stats(model: TransformerBridge, prompts: PromptSet, *, method: str = "activation") -> GroupStats:
     """Per (template, group): sums of neuron scores ``[n_layers, d_mlp]`` over prompts.
 
     ``activation``: mean ``|activation|`` over positions x ``||W_out row||``;
@@ -185,12 +188,12 @@ def neuron_stats(model, prompts: PromptSet, *, method: str = "activation") -> Gr
                      f"not {method!r}")
 
 
-def neuron_scores(model, prompts: PromptSet, *, method: str = "activation") -> Tensor:
+def neuron_scores(model: TransformerBridge, prompts: PromptSet, *, method: str = "activation") -> Tensor:
     """Per-group neuron scores ``[2, n_layers, d_mlp]`` (group A, group B), pooled over templates."""
     return neuron_stats(model, prompts, method=method).mean().float()
 
 
-def head_stats(model, prompts: PromptSet, *, reduce: str = "mean") -> GroupStats:
+def head_stats(model: TransformerBridge, prompts: PromptSet, *, reduce: str = "mean") -> GroupStats:
     """Per (template, group): sums over prompts of the attention from the last position to the name tokens,
     ``[L, H]``, averaged over the name's tokens (``reduce="mean"``, the paper's code) or summed (``"sum"``).
     Interventions active in the caller's context apply (greedy selection re-scores under the heads pruned
@@ -226,7 +229,7 @@ def head_stats(model, prompts: PromptSet, *, reduce: str = "mean") -> GroupStats
     return stats
 
 
-def head_scores(model, prompts: PromptSet, *, reduce: str = "mean") -> Tensor:
+def head_scores(model: TransformerBridge, prompts: PromptSet, *, reduce: str = "mean") -> Tensor:
     """Per-group attention from the last position to the name tokens, ``[2, n_layers, n_heads]``."""
     return head_stats(model, prompts, reduce=reduce).mean().float()
 
@@ -235,7 +238,7 @@ Calibration = Literal["auto", "prompt", "chat"]
 CALIBRATIONS: tuple[str, ...] = get_args(Calibration)
 
 
-def calibration_mode(model, calibration: str) -> str:
+def calibration_mode(model: TransformerBridge, calibration: str) -> str:
     """``auto``: ``chat`` when the tokenizer has a chat template (the Wanda pruning code of Breaking Down
     Bias calibrates on the chat-formatted prompt and a sampled response), else ``prompt``."""
     if calibration not in CALIBRATIONS:
@@ -247,7 +250,7 @@ def calibration_mode(model, calibration: str) -> str:
     return ("chat" if has_chat else "prompt") if calibration == "auto" else calibration
 
 
-def calibration_seqs(model, prompts: PromptSet, *, response_tokens: int = 16, seed: int = 0) -> list[Tensor]:
+def calibration_seqs(model: TransformerBridge, prompts: PromptSet, *, response_tokens: int = 16, seed: int = 0) -> list[Tensor]:
     """Each prompt as a user turn in the chat template followed by a response sampled from the model
     (temperature 0.6, ``response_tokens`` tokens, one seed per prompt)."""
     out = []
@@ -260,7 +263,7 @@ def calibration_seqs(model, prompts: PromptSet, *, response_tokens: int = 16, se
     return out
 
 
-def input_stats(model, prompts: PromptSet, *, calibration: str = "prompt", response_tokens: int = 16,
+def input_stats(model: TransformerBridge, prompts: PromptSet, *, calibration: str = "prompt", response_tokens: int = 16,
                 seed: int = 0) -> GroupStats:
     """Per (template, group): sums over tokens of x_j^2 for the true input of every linear layer,
     concatenated in the order of :func:`linear_layers` (counts are tokens). ``calibration``: the prompt
@@ -282,7 +285,7 @@ def input_stats(model, prompts: PromptSet, *, calibration: str = "prompt", respo
     return _accumulate(model, prompts, per_row, seqs=seqs)
 
 
-def split_norms(model, flat: Tensor) -> dict[str, Tensor]:
+def split_norms(model: TransformerBridge, flat: Tensor) -> dict[str, Tensor]:
     """Cut a concatenated vector of mean squares back into per-layer ``||X_j||`` (sqrt of the mean)."""
     out, i = {}, 0
     params = named_params(model)
@@ -293,14 +296,14 @@ def split_norms(model, flat: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def input_norms(model, prompts: PromptSet, **calibration) -> list[dict[str, Tensor]]:
+def input_norms(model: TransformerBridge, prompts: PromptSet, **calibration) -> list[dict[str, Tensor]]:
     """Per group: for each linear layer, ``sqrt(mean over tokens of x_j^2)`` of its true input
     (``calibration``: the keywords of :func:`input_stats`)."""
     m = input_stats(model, prompts, **calibration).mean()
     return [split_norms(model, m[g]) for g in (0, 1)]
 
 
-def wanda_scores(model, norms: dict[str, Tensor]) -> dict[str, Tensor]:
+def wanda_scores(model: TransformerBridge, norms: dict[str, Tensor]) -> dict[str, Tensor]:
     """``|W| * ||X||`` per weight, for every linear layer (computed on demand; large)."""
     params = named_params(model)
     out = {}
