@@ -289,3 +289,40 @@ def test_public_functions_return_typed_records_not_bare_dicts(tmp_path):
     assert bare_dict_returns(tmp_path) == ["m.py:4 a -> dict", "m.py:6 b -> dict | None",
                                            "m.py:8 c -> dict[str, Any]", "m.py:10 d -> (unannotated dict)",
                                            "m.py:13 e -> (unannotated dict)"]
+
+
+def untyped_signatures(root: Path) -> list[str]:
+    """A ``model`` parameter without the ``TransformerBridge`` annotation, anywhere; and a public function whose
+    signature holds a bare ``Tensor`` or ``np.ndarray`` (no jaxtyping shape)."""
+    bad = []
+    for f in sorted(root.rglob("*.py")):
+        tree = ast.parse(f.read_text(), str(f))
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs:
+                    if a.arg == "model" and (a.annotation is None
+                                             or "TransformerBridge" not in ast.unparse(a.annotation)):
+                        bad.append(f"{f.relative_to(root)}:{fn.lineno} {fn.name}(model)")
+        fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+        fns += [m for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
+                for m in c.body if isinstance(m, ast.FunctionDef)]
+        for fn in fns:
+            if fn.name.startswith("_"):
+                continue
+            anns = [a.annotation for a in fn.args.args + fn.args.kwonlyargs if a.annotation is not None]
+            for ann in [*anns, *([fn.returns] if fn.returns else [])]:
+                for part in ast.unparse(ann).split(" | "):
+                    if part in ("Tensor", "torch.Tensor", "np.ndarray"):
+                        bad.append(f"{f.relative_to(root)}:{fn.lineno} {fn.name}: {part}")
+    return bad
+
+
+def test_models_are_typed_and_tensors_carry_their_shapes(tmp_path):
+    assert untyped_signatures(ROOT) == []
+    (tmp_path / "m.py").write_text(
+        "from torch import Tensor\n"
+        "def a(model, x: Tensor) -> int:\n    return 0\n"
+        "def b(model: 'TransformerBridge', x: 'Float[Tensor, \"n\"]') -> 'Tensor | None':\n    return None\n"
+        "def _c(model: 'TransformerBridge', y: Tensor) -> Tensor:\n    return y\n"
+        "def d(m: int) -> dict[str, Tensor]:\n    return {}\n")
+    assert untyped_signatures(tmp_path) == ["m.py:2 a(model)", "m.py:2 a: Tensor", "m.py:4 b: Tensor"]

@@ -66,7 +66,7 @@ class MechbiasLM(LM):
         max_gen_toks: default generation length for ``generate_until``.
     """
 
-    def __init__(self, model: Any = None, intervention: Any = None, max_length: int | None = None,
+    def __init__(self, model: TransformerBridge | str | None = None, intervention: Any = None, max_length: int | None = None,
                  max_gen_toks: int = 256, batch_size: Any = None, device: Any = None, **unused: Any) -> None:
         _need_lm_eval()
         super().__init__()

@@ -415,7 +415,7 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: Path, *, figures:
         work["matmul_peak"] = matmul_peak()  # the chip's rate at a job's thread count, measured in this run
     work.update(achieved_rate(work))
     atomic_write_json(work, out / "work.json")
-    write_report(out, cfg, steps, work, figures=figures, model=model_label(model))
+    write_report(out, cfg, steps, work, figures=figures, model_name=model_label(model))
     atomic_write_text(study_html(out, sections=method_sections), out / "report.html")
     say(f"jobs: {rep.computed} computed, {rep.reused} reused; report: {out / 'report.md'} and report.html "
         f"(total {time.time() - t0:.0f} s)")
@@ -444,12 +444,12 @@ def _failed(out: Path, runs: list[RunReport], say) -> dict[str, list[str]]:
 
 
 def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, figures: Path | None = None,
-                 model: str = "smollm2-135m-instruct") -> Path:
+                 model_name: str = "smollm2-135m-instruct") -> Path:
     """Assemble ``report.md`` from the finished steps; copy figures next to it (and to ``figures``)."""
     fig_dir = out / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     parts = ["# mechbias study report", "",
-             f"Model: {model}. Contexts: {', '.join(cfg.context_list)}. Baseline axes: {', '.join(cfg.axes)}; methods and "
+             f"Model: {model_name}. Contexts: {', '.join(cfg.context_list)}. Baseline axes: {', '.join(cfg.axes)}; methods and "
              f"transfer matrices on the {cfg.axis} axis. Seed {cfg.seed}, {cfg.n_boot} bootstrap replicates, "
              f"{cfg.n_random} draws per control and cell"
              f"{' (full study)' if cfg.full else ' (default study; --full for every context and variant)'}"

@@ -12,6 +12,7 @@ import contextlib
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .sites import LINEAR_COMPONENTS, hook_name
@@ -115,7 +116,7 @@ def attn_weights(model: TransformerBridge, layer: int) -> tuple[torch.nn.Paramet
     return q.weight, o.weight
 
 
-def w_out_row_norms(model: TransformerBridge, layer: int) -> Tensor:
+def w_out_row_norms(model: TransformerBridge, layer: int) -> Float[Tensor, " d_mlp"]:
     """``||W_out[neuron]||`` for every MLP neuron of a layer (layout-independent), on the CPU."""
     mod = model.blocks[layer].mlp.out.original_component
     w = mod.weight
@@ -124,6 +125,6 @@ def w_out_row_norms(model: TransformerBridge, layer: int) -> Tensor:
     return w.detach().norm(dim=0).cpu()
 
 
-def head_rows(heads: Tensor, d_head: int) -> Tensor:
+def head_rows(heads: Int[Tensor, " h"], d_head: int) -> Int[Tensor, " rows"]:
     """The query rows (= output columns) of ``heads``: ``h * d_head ... (h + 1) * d_head - 1`` for each."""
     return (heads.long()[:, None] * d_head + torch.arange(d_head)[None]).flatten()

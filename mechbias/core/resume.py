@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .families import is_masked_lm
@@ -84,7 +84,7 @@ def skip_blocks(model: TransformerBridge, layer: int):
             inner.__dict__.pop("forward", None)
 
 
-def capture_resid(model: TransformerBridge, ids: Int[Tensor, "b p"], layer: int) -> Tensor:
+def capture_resid(model: TransformerBridge, ids: Int[Tensor, "b p"], layer: int) -> Float[Tensor, "b p d_model"]:
     """The unmodified residual stream entering block ``layer`` for ``ids`` (blocks past it never run)."""
     with torch.no_grad(), forward_window(0, ids.shape[1]):
         out = model(ids, stop_at_layer=layer)
@@ -93,7 +93,8 @@ def capture_resid(model: TransformerBridge, ids: Int[Tensor, "b p"], layer: int)
     return out
 
 
-def resumed_logits(model: TransformerBridge, resid: Tensor, layer: int) -> Tensor:
+def resumed_logits(model: TransformerBridge, resid: Float[Tensor, "b p d_model"], layer: int
+                   ) -> Float[Tensor, "b p d_vocab"]:
     """The model's output when ``resid`` (the residual stream entering block ``layer``) runs through blocks
     ``layer..n-1``. Hooks active in the caller's context fire in those blocks."""
     with torch.no_grad(), skip_blocks(model, layer):
@@ -129,7 +130,7 @@ class ResumeCache:
         return hit
 
     def map_logits(self, fn: Callable[[Tensor, list[int]], Tensor], layer: int, *,
-                   trim: Callable[[], Any] | None = None) -> Tensor:
+                   trim: Callable[[], Any] | None = None) -> Float[Tensor, "seqs ..."]:
         """``fn(logits, bucket)`` for every bucket, stacked in the order of the sequences: ``fn`` maps the float32
         logits ``[rows, positions, vocab]`` of a bucket to one tensor row per sequence. ``layer`` 0 runs the
         plain forward (nothing captured); ``layer >= 1`` resumes there. ``trim()``: a context manager active
@@ -151,7 +152,7 @@ class ResumeCache:
         return torch.stack(results)  # type: ignore[arg-type]
 
     def map_last_logits(self, readout: Callable[[Tensor], Tensor], layer: int, *, n_last: int = 1,
-                        unembed: Callable[[int], Any] | None = None) -> Tensor:
+                        unembed: Callable[[int], Any] | None = None) -> Float[Tensor, "seqs ..."]:
         """``readout`` of the last ``n_last`` positions' logits, every sequence resumed at ``layer``.
         ``unembed(n_last)``: a context manager trimming positions before the unembedding."""
         return self.map_logits(lambda lg, bucket: readout(lg[:, -n_last:]), layer,

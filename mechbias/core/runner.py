@@ -38,7 +38,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .families import is_masked_lm
@@ -158,7 +158,7 @@ def map_last_logits(
     max_tokens: int | None = None,
     progress: bool = False,
     readout_rows: bool = False,
-) -> Tensor:
+) -> Float[Tensor, "seqs ..."]:
     """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
 
     Args:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .axes import Axis, Person
@@ -57,7 +58,7 @@ class PromptSet:
         return [p.text for p in self.items]
 
     @property
-    def groups(self) -> Tensor:
+    def groups(self) -> Int[Tensor, " n"]:
         return torch.tensor([p.group for p in self.items])
 
     @property
@@ -82,7 +83,8 @@ class PromptSet:
         return PromptSet(self.context, self.axis, self.positive, self.negative, [self.items[i] for i in keep],
                          self.answer_prefix, self.blocks)
 
-    def grid(self, values: Tensor) -> tuple[Tensor, list[int], list[str], Tensor]:
+    def grid(self, values: Float[Tensor, " n"]
+             ) -> tuple[Float[Tensor, "templates names"], list[int], list[str], Int[Tensor, " names"]]:
         """Arrange per-prompt ``values`` as a matrix ``[templates, names]``.
 
         Returns the matrix, the template ids (rows), the names (columns) and
@@ -118,7 +120,7 @@ def _word_ids(model: TransformerBridge, text: str) -> Tensor:
     return ids
 
 
-def answer_tokens(model: TransformerBridge, answer: str) -> Tensor:
+def answer_tokens(model: TransformerBridge, answer: str) -> Int[Tensor, " t"]:
     """Token ids of an answer continuation (no BOS)."""
     if not answer:
         raise ValueError("empty answer string")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.choices import check_choices
@@ -124,7 +125,8 @@ class EvalSet:
             return 0
         return min(intervention.first_layer(model), int(model.cfg.n_layers) - 1)
 
-    def scores(self, model: TransformerBridge, intervention: Intervention | None, *, resume: bool = True) -> Tensor:
+    def scores(self, model: TransformerBridge, intervention: Intervention | None, *, resume: bool = True
+               ) -> Float[Tensor, "templates names"]:
         """The score grid ``[templates, names]`` with ``intervention`` applied (always at exact precision)."""
         with compute_precision(model, "exact"):
             return self._scores(model, intervention, resume)
@@ -323,7 +325,7 @@ def evaluate(model: TransformerBridge, intervention: Intervention, eval_set: Eva
                            control_grids=grids, control_ppl=ppls, keep=keep)
 
 
-def cell_from_grids(es: EvalSet, after: Tensor, n_components: int, config: TransferConfig, *, selected_on: str = "",
+def cell_from_grids(es: EvalSet, after: Float[Tensor, "templates names"], n_components: int, config: TransferConfig, *, selected_on: str = "",
                     ppl: float | None = None, control_grids: Mapping[str, Sequence[Tensor]] | None = None,
                     control_ppl: Mapping[str, Sequence[float]] | None = None, keep: dict | None = None) -> Cell:
     """The statistics of one cell from its score grids (what :func:`evaluate` measures; the study's jobs

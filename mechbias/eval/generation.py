@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.fastpath import use_kv_cache
@@ -74,7 +75,7 @@ def parse_number(text: str) -> float:
     return float("nan")
 
 
-def chat_prompt(model: TransformerBridge, text: str, answer_prefix: str = "") -> Tensor:
+def chat_prompt(model: TransformerBridge, text: str, answer_prefix: str = "") -> Int[Tensor, " p"]:
     """Token ids for ``text`` as a user turn (chat template if the tokenizer has one).
 
     ``answer_prefix`` is appended after the generation prompt, starting the
@@ -103,7 +104,7 @@ def _uniforms(seed: int, n_samples: int, steps: int) -> Tensor:
     return torch.stack(rows)
 
 
-def sample_completions(model: TransformerBridge, prompt_ids: Tensor, *, n_samples: int = 20, temperature: float = 0.6,
+def sample_completions(model: TransformerBridge, prompt_ids: Int[Tensor, " p"], *, n_samples: int = 20, temperature: float = 0.6,
                        max_new_tokens: int = 8, seed: int = 0) -> list[str]:
     """Sample ``n_samples`` completions with per-sample seeds (inverse-CDF sampling)."""
     u = _uniforms(seed, n_samples, max_new_tokens)
@@ -212,8 +213,8 @@ def generation_bias(
     return GenerationResult(rows, vals, texts, summary, meta)
 
 
-def summarize_generation(values: Tensor, groups: Sequence[str], group_names: Sequence[str],
-                         reference: Tensor | None = None, *, templates: Sequence[int] | None = None,
+def summarize_generation(values: Float[Tensor, "prompts samples"], groups: Sequence[str], group_names: Sequence[str],
+                         reference: Float[Tensor, "prompts samples"] | None = None, *, templates: Sequence[int] | None = None,
                          names: Sequence[str] | None = None, n_perm: int = 2000, seed: int = 0) -> GenerationSummary:
     """SMD per numeric question, averaged (the paper), a permutation p-value over names, parse failures
     (and the inlier ratio against ``reference``).
@@ -277,7 +278,8 @@ def _name_permutation_p(v: np.ndarray, tpl: np.ndarray, names: np.ndarray, ga: n
     return float((1 + (np.abs(perm) >= abs(obs) - 1e-12).sum()) / (1 + len(perm)))
 
 
-def inlier_ratio(values: Tensor, reference: Tensor, lo: float = 5, hi: float = 95) -> float:
+def inlier_ratio(values: Float[Tensor, "prompts samples"], reference: Float[Tensor, "prompts samples"],
+                 lo: float = 5, hi: float = 95) -> float:
     """Share of parsed values inside the reference's [lo, hi] percentile band of the same prompt."""
     inside, total = 0, 0
     for row, ref in zip(values.numpy(), reference.numpy(), strict=True):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.families import is_masked_lm
@@ -25,13 +26,15 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
     from transformer_lens import TransformerBridge
 
 
-def sentence_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
+def sentence_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None
+                     ) -> Float[Tensor, " n"]:
     """Sum of log P(token_t | tokens_<t) over each text (after BOS), float64."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.sum()) for x in lp], dtype=torch.float64)
 
 
-def mean_token_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None) -> Tensor:
+def mean_token_logprob(model: TransformerBridge, texts: Sequence[str], max_tokens: int | None = None
+                       ) -> Float[Tensor, " n"]:
     """The mean over each text's tokens (after BOS) of log P(token_t | tokens_<t): a length-normalised score."""
     lp, _ = token_logprobs(model, tokenize(model, texts), max_tokens=max_tokens)
     return torch.tensor([float(x.double().mean()) for x in lp], dtype=torch.float64)

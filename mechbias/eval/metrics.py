@@ -303,7 +303,7 @@ def measure_bias(
     return BiasResult(rows, prompt_rows, torch.cat(all_scores), meta)
 
 
-def bias_row(ps: PromptSet, scores: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> BiasRow:
+def bias_row(ps: PromptSet, scores: Float[Tensor, " n"], *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> BiasRow:
     """One row of :class:`BiasResult` from a prompt set and its scores."""
     mat, t_ids, _names, col_group = ps.grid(scores)
     g = group_gap(mat, col_group, n_boot=n_boot, seed=seed)

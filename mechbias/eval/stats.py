@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from scipy.stats import t as student_t
 from torch import Tensor
 
@@ -48,7 +49,7 @@ def check_boot(n_boot: int) -> int:
     return int(n_boot)
 
 
-def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+def resample_counts(rng: np.random.Generator, n: int, n_boot: int) -> Int[np.ndarray, "n_boot n"]:
     """Bootstrap resampling counts ``[n_boot, n]`` (multinomial, each row sums to n): the one resampler of the
     package's bootstraps."""
     check_boot(n_boot)
@@ -132,7 +133,7 @@ def tost(est: float, se: float, df: float, margin: float, alpha: float = 0.05) -
     return Equivalence(float(margin), alpha, p, bool(p < alpha), lo, hi)
 
 
-def residual_variance(m: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+def residual_variance(m: Float[np.ndarray, "templates names"], g: Int[np.ndarray, " names"]) -> tuple[float, float]:
     """The residual variance of a ``[templates, names]`` grid after template x group and name effects (the
     two-way additive fit within each group), and its degrees of freedom: ``sum_g (T - 1)(n_g - 1)`` for a full
     grid, ``observed - T - n_g + parts`` per group for an incomplete one (NaN = the name did not meet the
@@ -355,7 +356,7 @@ class CrossedBootstrap:
         self.wb = resample_counts(rng, len(self.b_cols), n_boot)
         self.n_boot = n_boot
 
-    def gaps(self, mat: np.ndarray) -> np.ndarray:
+    def gaps(self, mat: Float[np.ndarray, "templates names"]) -> Float[np.ndarray, " n_boot"]:
         """Bootstrap replicates of mean(A) - mean(B) for matrix ``[templates, names]``."""
         sa = mat[:, self.a_cols]
         sb = mat[:, self.b_cols]
@@ -364,7 +365,7 @@ class CrossedBootstrap:
         return ma - mb
 
 
-def percentile_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+def percentile_ci(x: Float[np.ndarray, " n_boot"], level: float = 0.95) -> tuple[float, float]:
     """The percentile interval of bootstrap replicates (those not finite left out; NaN when none is)."""
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -374,7 +375,7 @@ def percentile_ci(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_p(boots: np.ndarray) -> float:
+def bootstrap_p(boots: Float[np.ndarray, " n_boot"]) -> float:
     """Two-sided bootstrap p-value of "the statistic is 0" from its replicates: the smaller tail's count at 0,
     as the Monte-Carlo p-value ``(1 + count) / (B + 1)`` (Davison & Hinkley 1997, eq. 4.11), doubled and capped
     at 1. The ``+1`` keeps a finite number of replicates from ever reporting p = 0 (the smallest value is
@@ -389,7 +390,8 @@ def bootstrap_p(boots: np.ndarray) -> float:
     return float(min(1.0, 2.0 * (1 + count) / (len(b) + 1)))
 
 
-def group_gap(mat: Tensor | np.ndarray, col_group: Tensor, *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Gap:
+def group_gap(mat: Float[Tensor, "templates names"] | Float[np.ndarray, "templates names"],
+              col_group: Int[Tensor, " names"], *, n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Gap:
     """Mean(group A) - mean(group B) over a ``[templates, names]`` score matrix, with the design-respecting
     t interval of :func:`crossed_estimate`."""
     m = np.asarray(mat, dtype=np.float64)
@@ -439,7 +441,9 @@ class Reduction:
         return dict(self.__dict__)
 
 
-def paired_reduction(before: Tensor | np.ndarray, after: Tensor | np.ndarray, col_group: Tensor, *,
+def paired_reduction(before: Float[Tensor, "templates names"] | Float[np.ndarray, "templates names"],
+                     after: Float[Tensor, "templates names"] | Float[np.ndarray, "templates names"],
+                     col_group: Int[Tensor, " names"], *,
                      n_boot: int = DEFAULT_BOOT, seed: int = 0) -> Reduction:
     """Absolute and relative change of the group gap between two score matrices on the same grid."""
     mb, ma = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)

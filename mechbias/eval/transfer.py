@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.results import Result, make_meta
@@ -288,7 +289,8 @@ class TransferMatrix(Result):
                 return c
         raise KeyError((row, col))
 
-    def matrix(self, key: str = "reduction") -> np.ndarray:
+    def matrix(self, key: str = "reduction") -> Float[np.ndarray, "rows cols"]:
+        """One cell statistic as a ``[rows, cols]`` array (NaN where a cell has none)."""
         return np.array([[_num(self.cell(r, c).get(key)) for c in self.cols] for r in self.rows], dtype=float)
 
     def _repr_html_(self) -> str:

@@ -8,10 +8,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
-def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Tensor:
+def ridge(X: Float[Tensor, "n d"], y: Float[Tensor, " n"], lam: float, weight: Float[Tensor, " n"] | None = None
+          ) -> Float[Tensor, " d"]:
     """Weighted ridge regression through the origin: ``argmin_w sum_i weight_i (X_i w - y_i)^2 + lam' |w|^2``
     with ``lam' = lam * n * mean feature variance`` (scale-free). Solved in float64."""
     X, y = X.double(), y.double()
@@ -22,7 +24,8 @@ def ridge(X: Tensor, y: Tensor, lam: float, weight: Tensor | None = None) -> Ten
     return torch.linalg.solve(A, Xw.T @ y)
 
 
-def cv_ridge(X: Tensor, y: Tensor, fold: Tensor, grid: Sequence[float]) -> tuple[float, float]:
+def cv_ridge(X: Float[Tensor, "n d"], y: Float[Tensor, " n"], fold: Int[Tensor, " n"], grid: Sequence[float]
+             ) -> tuple[float, float]:
     """The penalty in ``grid`` with the best 2-fold sign accuracy, folds given per row (whole names held out;
     ties: the larger penalty); returns it and its accuracy."""
     best = (-1.0, 0.0)
@@ -37,7 +40,7 @@ def cv_ridge(X: Tensor, y: Tensor, fold: Tensor, grid: Sequence[float]) -> tuple
     return best[1], best[0]
 
 
-def balanced_weights(y: Tensor) -> Tensor:
+def balanced_weights(y: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     """Weights that give each distinct target value the same total weight."""
     w = torch.zeros_like(y)
     for v in y.unique():
@@ -46,7 +49,7 @@ def balanced_weights(y: Tensor) -> Tensor:
     return w * len(y) / w.sum()
 
 
-def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
+def energy_basis(G: Float[Tensor, "n d"], share: float, cap: int = 64) -> Float[Tensor, "k d"]:
     """Orthonormal directions (rows) carrying ``share`` of the second moment of the rows of ``G``."""
     ev, evec = torch.linalg.eigh(G.double().T @ G.double())
     ev, evec = ev.flip(0), evec.flip(1)
@@ -54,7 +57,8 @@ def energy_basis(G: Tensor, share: float, cap: int = 64) -> Tensor:
     return evec[:, :r].T
 
 
-def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 32) -> tuple[Tensor, dict]:
+def quiet_direction(C: Float[Tensor, "d d"], G: Float[Tensor, "d d"], avoid: Float[Tensor, "m d"] | None = None,
+                    k: int = 32) -> tuple[Float[Tensor, " d"], dict]:
     """A unit direction p with little native variance at the reader (``C``) and little effect on the answer
     score downstream (``G``, second moment of score gradients): within the span of the ``k`` lowest-variance
     directions of ``C`` (so the write that reaches a given signal-to-noise ratio stays small), the minimiser of
@@ -80,7 +84,7 @@ def quiet_direction(C: Tensor, G: Tensor, avoid: Tensor | None = None, k: int = 
                "grad_second_moment_lowest_variance": float(low @ G @ low), "lowest_native_var": float(low @ C @ low)}
 
 
-def slow_rotary_dims(d_head: int, keep: int = 12) -> Tensor:
+def slow_rotary_dims(d_head: int, keep: int = 12) -> Int[Tensor, " dims"]:
     """The head dimensions that rotary embeddings turn least (the last ``keep`` frequency pairs, in the
     rotate-half layout: dimensions i and i + d_head / 2 share frequency i, which falls with i)."""
     half = d_head // 2

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from scipy.stats import binomtest
 
 from ..core.results import Record, Result
@@ -259,7 +260,7 @@ def random_baseline(k: int, truth_size: int, n_neurons: int) -> ChanceLevel:
     return {"precision": p, "recall": k / n_neurons}
 
 
-def ranked_units(scores: torch.Tensor) -> list[tuple[int, int]]:
+def ranked_units(scores: Float[torch.Tensor, "layers units"]) -> list[tuple[int, int]]:
     """Units of a ``[layers, units]`` score tensor (neurons or heads), best first."""
     d = scores.shape[1]
     order = scores.flatten().argsort(descending=True)

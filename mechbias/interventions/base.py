@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.hooks import hooked
@@ -153,7 +154,7 @@ def jaccard(a: set, b: set) -> Overlap:
                    sizes=[len(a), len(b)])
 
 
-def abs_cosine(a: Tensor, b: Tensor, *, same_layer: bool | None = None) -> Overlap:
+def abs_cosine(a: Float[Tensor, ...], b: Float[Tensor, ...], *, same_layer: bool | None = None) -> Overlap:
     """``|cos(a, b)|`` of two flattened tensors (NaN if one is 0)."""
     a, b = a.double().flatten(), b.double().flatten()
     den = float(a.norm() * b.norm())

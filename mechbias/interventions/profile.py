@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.hooks import hooked
@@ -116,7 +117,7 @@ def unit_profile(model: TransformerBridge, texts: list[str] | None = None, *, ma
 CALIPER_SD = 0.2
 
 
-def caliper_match(values: Tensor, selected: list[int], rng: np.random.Generator, *, k: int = 5,
+def caliper_match(values: Float[Tensor, " units"], selected: list[int], rng: np.random.Generator, *, k: int = 5,
                   caliper_sd: float = CALIPER_SD) -> tuple[dict[int, int], list[int], float]:
     """For each selected index, one of the ``k`` unselected indices closest in log value **within a caliper**
     of ``caliper_sd`` standard deviations of the log values (drawn at random among them, without reuse).

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from ..core.params import linear_slot
@@ -27,7 +28,7 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
     from transformer_lens import TransformerBridge
 
 
-def scale_hook(index: Tensor, factor: float, positions, head_axis: bool):
+def scale_hook(index: Int[Tensor, " k"], factor: float, positions, head_axis: bool):
     """Hook multiplying ``act[:, pos, index]`` (``act[:, pos, head, :]`` for heads) by ``factor``."""
 
     def hook(act, hook):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 from concept_erasure import LeaceFitter
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..core.runner import capture
@@ -77,7 +78,7 @@ class ErasureIntervention(Intervention):
         sv = torch.linalg.svdvals(qa.T @ qb)
         return Overlap("subspace_cos2", float((sv ** 2).mean()), same_layer=self.layer == other.layer)
 
-    def apply_to(self, x: Tensor) -> Tensor:
+    def apply_to(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
         """The erased activations (any leading shape, last dimension ``d_model``)."""
         left, right = self.proj_left.to(x), self.proj_right.to(x)
         delta = x - self.bias.to(x) if self.bias is not None else x
@@ -130,7 +131,8 @@ class ErasureIntervention(Intervention):
                    d.get("label", ""))
 
 
-def fit_eraser(x: Tensor, z: Tensor, **kwargs) -> tuple[Tensor, Tensor, Tensor | None]:
+def fit_eraser(x: Float[Tensor, "n d"], z: Int[Tensor, " n"], **kwargs
+               ) -> tuple[Float[Tensor, "d k"], Float[Tensor, "d k"], Float[Tensor, " d"] | None]:
     """``(proj_left, proj_right, bias)`` of the LEACE eraser of concept labels ``z`` (``[n]`` integers) from
     activations ``x`` (``[n, d]``), fitted in float64 by ``concept_erasure.LeaceFitter`` (``kwargs`` go to
     it: ``shrinkage``, ``constrain_cov_trace``, ``svd_tol``)."""

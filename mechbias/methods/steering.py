@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ..core.results import run_summary_json
@@ -153,7 +154,8 @@ class SteeringConfig(MethodConfig):
             raise ValueError(f"layer must be >= 0, not {self.layer}")
 
 
-def group_mean_difference(model: TransformerBridge, prompts, layer: int, position: str = "last") -> Tensor:
+def group_mean_difference(model: TransformerBridge, prompts, layer: int, position: str = "last"
+                          ) -> Float[Tensor, " d_model"]:
     """Mean residual stream before ``layer`` of group-A prompts minus group-B prompts, ``[d_model]``."""
     name = Site(layer, "resid_pre").hook_name
     acts = capture(model, tokenize(model, prompts.texts), [name], position=position)[name].double()

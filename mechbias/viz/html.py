@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from jaxtyping import Float
 
 from ..core.results import RUN_TRANSFER, RUN_TRANSFER_V1, run_summary_json
 
@@ -144,7 +145,8 @@ def svg_bars(values: Sequence[float], labels: Sequence[str], tips: Sequence[str]
     return "".join(parts)
 
 
-def svg_heatmap(mat: np.ndarray, row_label: str, col_label: str, tip_of, *, cell: int = 14) -> str:
+def svg_heatmap(mat: Float[np.ndarray, "rows cols"], row_label: str, col_label: str, tip_of, *, cell: int = 14
+                ) -> str:
     """A heatmap of ``mat`` [rows, cols] (diverging colours around 0), each cell with ``tip_of(i, j)``."""
     nr, nc = mat.shape
     vmax = float(np.nanmax(np.abs(mat))) if mat.size else 1.0
@@ -210,7 +212,7 @@ def records_html(rows: Sequence[dict], columns: Sequence[str] | None = None, max
     return "".join(out) + "</table>"
 
 
-def load_tensor(folder: Path, key: str) -> np.ndarray | None:
+def load_tensor(folder: Path, key: str) -> Float[np.ndarray, ...] | None:
     """Tensor ``key`` of a saved result folder (``tensors.safetensors``) as float64 numpy, or None if absent."""
     f = folder / "tensors.safetensors"
     if not f.exists():

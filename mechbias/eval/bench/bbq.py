@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from jaxtyping import Int
 
 from ...interventions.base import Intervention
 from ..loglik import continuation_logprob
@@ -125,7 +126,7 @@ def bbq_prompt(row: dict) -> str:
     return f"{row['context']} {row['question']}\nAnswer:"
 
 
-def bbq_outcomes(rows: list[dict], choice: np.ndarray) -> Outcomes:
+def bbq_outcomes(rows: list[dict], choice: Int[np.ndarray, " items"]) -> Outcomes:
     """Per-row flags from the chosen answer indices."""
     label = np.array([r["label"] for r in rows])
     target = np.array([r["target"] for r in rows])

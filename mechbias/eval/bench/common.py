@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from jaxtyping import Bool, Int
 
 from ...interventions.base import Intervention, maybe_apply
 from ..stats import benjamini_hochberg, bootstrap_p, check_boot, percentile_ci
@@ -94,7 +95,7 @@ class BenchResult:
         return {"benchmark": self.benchmark, "rows": [r.as_dict() for r in self.rows], "meta": self.meta}
 
 
-def cluster_ids(keys: Sequence[Any]) -> np.ndarray:
+def cluster_ids(keys: Sequence[Any]) -> Int[np.ndarray, " items"]:
     """Integer cluster ids (in order of first appearance) for per-item cluster keys."""
     seen: dict[Any, int] = {}
     return np.array([seen.setdefault(k, len(seen)) for k in keys], dtype=np.int64)
@@ -116,7 +117,7 @@ def _resampled_items(clusters: np.ndarray, subset: np.ndarray, rng: np.random.Ge
 
 
 def metric_rows(benchmark: str, metrics: Mapping[str, tuple[Metric, str]], base: Outcomes, after: Outcomes | None,
-                clusters: np.ndarray, subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0,
+                clusters: Int[np.ndarray, " items"], subsets: dict[str, np.ndarray], *, n_boot: int = 2000, seed: int = 0,
                 primary: tuple[str, ...] = ("all",)) -> list[MetricRow]:
     """Each metric on each subset: unmodified, under the intervention, and the paired difference, with
     percentile intervals from one cluster bootstrap per subset (the same resamples for all three).
@@ -158,6 +159,6 @@ def score(model: TransformerBridge, intervention: Intervention | None, fn: Calla
         return base, fn(model)
 
 
-def share(mask: np.ndarray, idx: np.ndarray) -> float:
+def share(mask: Bool[np.ndarray, " items"], idx: Int[np.ndarray, " k"]) -> float:
     """100 x the share of ``mask`` that is true over ``idx`` (percent)."""
     return float(100.0 * mask[idx].mean()) if len(idx) else float("nan")

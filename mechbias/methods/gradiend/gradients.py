@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ...core.fastpath import position_unembed
@@ -56,7 +57,8 @@ class ParamSet:
             i += k
         return out
 
-    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+    def unflatten(self, flat: Float[Tensor, " params"]) -> dict[str, Tensor]:
+        """The flat vector as one tensor per parameter, in the parameters' shapes."""
         return {n: flat[a:b].view(s) for (n, a, b), s in zip(self.offsets(), self.shapes, strict=True)}
 
 
@@ -91,7 +93,7 @@ def param_set(model: TransformerBridge, which: str | Sequence[str] = "mlp", laye
 
 
 def batch_gradient(model: TransformerBridge, ps: ParamSet, texts: Sequence[str], targets: Sequence[int], *,
-                   max_tokens: int = 2048, out: Tensor | None = None) -> Tensor:
+                   max_tokens: int = 2048, out: Float[Tensor, " params"] | None = None) -> Float[Tensor, " params"]:
     """Flattened float32 gradient of the mean next-token loss of ``targets`` after ``texts`` (a masked LM:
     the loss of ``targets`` at a mask after each text).
 
@@ -133,8 +135,9 @@ def batch_gradient(model: TransformerBridge, ps: ParamSet, texts: Sequence[str],
 
 
 def batch_gradient_pair(model: TransformerBridge, ps: ParamSet, texts: Sequence[str], factual: Sequence[int],
-                        counterfactual: Sequence[int], *, out_f: Tensor, out_t: Tensor,
-                        max_tokens: int = 160) -> tuple[Tensor, Tensor]:
+                        counterfactual: Sequence[int], *, out_f: Float[Tensor, " params"],
+                        out_t: Float[Tensor, " params"], max_tokens: int = 160
+                        ) -> tuple[Float[Tensor, " params"], Float[Tensor, " params"]]:
     """The factual gradient and the target (factual - counterfactual gradient) from one forward.
 
     ``CE(factual) - CE(counterfactual) = logit(counterfactual) - logit(factual)``

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 # ----------------------------------------------------------------------------
@@ -24,14 +25,16 @@ class GradiendModel:
         self.b_d = torch.empty(n).uniform_(-x, x, generator=g)
         self.n = n
 
-    def encode(self, g: Tensor, chunk: int = 1 << 22) -> float:
+    def encode(self, g: Float[Tensor, " params"], chunk: int = 1 << 22) -> float:
+        """The feature value h of a gradient (the encoder, a tanh of a weighted sum)."""
         if g.dtype == torch.float32:
             z = float(torch.dot(self.w_e, g))
         else:  # e.g. float16 gradients streamed from disk: convert chunk by chunk
             z = sum(float(torch.dot(self.w_e[a:a + chunk], g[a:a + chunk].float())) for a in range(0, self.n, chunk))
         return math.tanh(z + self.b_e)
 
-    def decode(self, h: float) -> Tensor:
+    def decode(self, h: float) -> Float[Tensor, " params"]:
+        """The decoder's gradient-space update for feature value ``h``."""
         return self.w_d * h + self.b_d
 
     def state(self) -> dict[str, Tensor]:
@@ -54,11 +57,11 @@ class GradiendModel:
 class ChunkedAdamW:
     """AdamW on the GRADIEND model with closed-form gradients, chunked; moments in bfloat16."""
 
-    def __init__(self, model: GradiendModel, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999),
+    def __init__(self, net: GradiendModel, lr: float, weight_decay: float = 1e-2, betas=(0.9, 0.999),
                  eps: float = 1e-8, chunk: int = 1 << 20, moment_dtype: torch.dtype = torch.bfloat16):
-        self.m, self.lr, self.wd, self.eps, self.chunk = model, float(lr), float(weight_decay), float(eps), int(chunk)
+        self.m, self.lr, self.wd, self.eps, self.chunk = net, float(lr), float(weight_decay), float(eps), int(chunk)
         self.b1, self.b2 = float(betas[0]), float(betas[1])
-        n = model.n
+        n = net.n
         self.dtype = moment_dtype
         self.state = {k: (torch.zeros(n, dtype=moment_dtype), torch.zeros(n, dtype=moment_dtype))
                       for k in ("w_e", "w_d", "b_d")}
@@ -77,7 +80,7 @@ class ChunkedAdamW:
         p.mul_(1 - self.lr * self.wd)
         p.addcdiv_(mc / bc1, (vc / bc2).sqrt_().add_(self.eps), value=-self.lr)
 
-    def step(self, g: Tensor, target: Tensor) -> float:
+    def step(self, g: Float[Tensor, " params"], target: Float[Tensor, " params"]) -> float:
         """One step on (input ``g``, target ``target``); returns the MSE before the step."""
         M, n = self.m, self.m.n
         self.t += 1

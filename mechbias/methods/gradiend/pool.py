@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ...data.axes import load_axis, stable_hash
@@ -59,7 +60,8 @@ class Normalizer:
     sizes: list[int] = field(default_factory=list)
 
     @classmethod
-    def fit(cls, inputs: Tensor, targets: Tensor, sizes: list[int], target_scale: float = TARGET_SCALE) -> Normalizer:
+    def fit(cls, inputs: Float[Tensor, "n params"], targets: Float[Tensor, "n params"], sizes: list[int],
+            target_scale: float = TARGET_SCALE) -> Normalizer:
         """From training inputs and targets (rows: one gradient each)."""
         n = inputs.shape[1]
         mean = inputs.float().mean(0)
@@ -77,10 +79,12 @@ class Normalizer:
     def _per_entry(self, scales: Tensor) -> Tensor:
         return torch.repeat_interleave(scales.float(), torch.tensor(self.sizes))
 
-    def inputs(self, g: Tensor) -> Tensor:
+    def inputs(self, g: Float[Tensor, " params"]) -> Float[Tensor, " params"]:
+        """An input gradient, normalised as in training."""
         return (g.float() - self.mean) * self._per_entry(self.in_scale)
 
-    def targets(self, t: Tensor) -> Tensor:
+    def targets(self, t: Float[Tensor, " params"]) -> Float[Tensor, " params"]:
+        """A target gradient, normalised as in training."""
         return t.float() * self._per_entry(self.out_scale)
 
     def fold(self, gm: GradiendModel) -> GradiendModel:

@@ -354,7 +354,7 @@ class IG2Result(Result):
     def n_layers(self) -> int:
         return self.attributions.shape[1]
 
-    def aggregate(self) -> Tensor:
+    def aggregate(self) -> Float[Tensor, "layer d_mlp"]:
         """Mean attribution over units, ``[n_layers, d_mlp]``."""
         return self.attributions.mean(0)
 
@@ -365,7 +365,7 @@ class IG2Result(Result):
         d = agg.shape[1]
         return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(vals, idx, strict=True)]
 
-    def completeness_error(self) -> Tensor:
+    def completeness_error(self) -> Float[Tensor, " layer"]:
         """Per layer: ``mean |sum(attr) - ΔG| / mean |ΔG|`` over units (relative error)."""
         c = self.completeness.double()
         err = (c[..., 0] - c[..., 1]).abs().mean(0)

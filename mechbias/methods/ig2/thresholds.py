@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+from jaxtyping import Int
 from torch import Tensor
 
 from ...core.results import Result
@@ -54,7 +55,8 @@ class NeuronSelection(Result):
         th = {**self.thresholds, reason: sorted([list(n) for n in drop & set(self.as_pairs())])}
         return NeuronSelection(kept, dict(self.per_bag), th, self.n_layers, self.d_mlp, dict(self.meta))
 
-    def layer_histogram(self) -> np.ndarray:
+    def layer_histogram(self) -> Int[np.ndarray, " layer"]:
+        """How many selected neurons each layer holds."""
         h = np.zeros(self.n_layers, dtype=int)
         for l, _ in self.neurons:
             h[l] += 1

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ...core.results import Result, make_meta
@@ -28,7 +29,8 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
 # verification: suppress / amplify vs random and plain-IG neurons
 # ----------------------------------------------------------------------------
 
-def unit_values(model: TransformerBridge, units: Sequence[Unit], *, kind: str = "prob", intervention=None) -> Tensor:
+def unit_values(model: TransformerBridge, units: Sequence[Unit], *, kind: str = "prob", intervention=None
+                ) -> Float[Tensor, " units"]:
     """The attributed quantity ``Σ_j w_j G(text_j)`` of every unit."""
     out = torch.zeros(len(units), dtype=torch.float64)
     by_target: dict[tuple[str, str], list[int]] = {}

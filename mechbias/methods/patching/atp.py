@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from ...core.families import require_causal
@@ -43,7 +44,8 @@ class AtPResult(Result):
     meta: dict = field(default_factory=dict)
     result_type = "atp"
 
-    def mean(self, component: str) -> Tensor:
+    def mean(self, component: str) -> Float[Tensor, ...]:
+        """The estimate of ``component``'s cells averaged over pairs (NaN-aware)."""
         return torch.nanmean(self.estimates[component], 0)
 
     def to_dataframe(self):

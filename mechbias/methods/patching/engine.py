@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ...core.families import require_causal
@@ -89,14 +90,14 @@ def _differs(p: Site, src: Tensor, base: Tensor) -> list[int]:
 
 def run_variants(
     model: TransformerBridge,
-    base_tokens: Tensor,
-    src_tokens: Tensor,
+    base_tokens: Int[Tensor, " p"],
+    src_tokens: Int[Tensor, " p"],
     variants: Sequence[Variant],
     metric: Callable[[Tensor], Tensor],
     *,
     max_rows: int = 96,
     use_kv: bool | None = None,
-) -> tuple[Tensor, float]:
+) -> tuple[Float[Tensor, " variants"], float]:
     """Metric of the base run with each variant's patches applied (one value per variant).
 
     Returns the values and the unpatched base metric. ``metric`` maps
@@ -245,20 +246,22 @@ class PatchResult(Result):
     result_type = "patching"
 
     @property
-    def ld_base(self) -> Tensor:
+    def ld_base(self) -> Float[Tensor, " pairs"]:
+        """The unpatched run's logit difference, per pair."""
         return self.ld_corrupt if self.direction == "denoise" else self.ld_clean
 
-    def effect(self) -> Tensor:
+    def effect(self) -> Float[Tensor, "pairs ..."]:
         """Patched minus unpatched metric, per pair and cell (log-odds units)."""
         shape = (-1,) + (1,) * (self.values.dim() - 1)
         return self.values - self.ld_base.view(shape)
 
-    def normalized(self) -> Tensor:
+    def normalized(self) -> Float[Tensor, ...]:
         """Mean over pairs, normalized: 0 = corrupted, 1 = clean."""
         denom = float(self.ld_clean.mean() - self.ld_corrupt.mean())
         return (torch.nanmean(self.values, 0) - float(self.ld_corrupt.mean())) / denom
 
-    def mean_effect(self) -> Tensor:
+    def mean_effect(self) -> Float[Tensor, ...]:
+        """The mean over pairs of :meth:`effect`, per cell."""
         return torch.nanmean(self.effect(), 0)
 
     def top(self, k: int = 10, n_boot: int = 1000, seed: int = 0) -> list[dict]:
@@ -277,7 +280,7 @@ class PatchResult(Result):
                         "ci_high": hi, "normalized": float(norm[i])})
         return out
 
-    def layer_profile(self) -> Tensor:
+    def layer_profile(self) -> Float[Tensor, " layer"]:
         """Per layer: the largest absolute mean effect over the other axes (signed)."""
         m = self.mean_effect().nan_to_num(0.0)
         flat = m.reshape(m.shape[0], -1)

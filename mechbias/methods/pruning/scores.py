@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ...core.families import require_causal
@@ -80,7 +81,8 @@ def name_positions(model: TransformerBridge, prompt, template: str) -> list[int]
     return [i + shift for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
 
 
-def set_difference(target: Tensor, other: Tensor, p: float, q: float) -> Tensor:
+def set_difference(target: Float[Tensor, ...], other: Float[Tensor, ...], p: float, q: float
+                   ) -> Bool[Tensor, ...]:
     """Boolean mask: in the top ``p`` fraction of ``target`` and not in the top ``q`` fraction of ``other``."""
     if target.shape != other.shape:
         raise ValueError("score tensors differ in shape")
@@ -106,11 +108,11 @@ class GroupStats:
     sums: dict = field(default_factory=dict)    # (template, group) -> Tensor
     counts: dict = field(default_factory=dict)  # (template, group) -> float
 
-    def add(self, key, value: Tensor, count: float) -> None:
+    def add(self, key, value: Float[Tensor, ...], count: float) -> None:
         self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
         self.counts[key] = self.counts.get(key, 0.0) + count
 
-    def mean(self, templates: Sequence[int] | None = None) -> Tensor:
+    def mean(self, templates: Sequence[int] | None = None) -> Float[Tensor, "2 ..."]:
         """``[2, ...]``: the statistic's mean for group A and B over the given templates."""
         out = []
         for g in (0, 1):
@@ -188,7 +190,8 @@ def neuron_stats(model: TransformerBridge, prompts: PromptSet, *, method: str = 
                      f"not {method!r}")
 
 
-def neuron_scores(model: TransformerBridge, prompts: PromptSet, *, method: str = "activation") -> Tensor:
+def neuron_scores(model: TransformerBridge, prompts: PromptSet, *, method: str = "activation"
+                  ) -> Float[Tensor, "2 layer d_mlp"]:
     """Per-group neuron scores ``[2, n_layers, d_mlp]`` (group A, group B), pooled over templates."""
     return neuron_stats(model, prompts, method=method).mean().float()
 
@@ -229,7 +232,8 @@ def head_stats(model: TransformerBridge, prompts: PromptSet, *, reduce: str = "m
     return stats
 
 
-def head_scores(model: TransformerBridge, prompts: PromptSet, *, reduce: str = "mean") -> Tensor:
+def head_scores(model: TransformerBridge, prompts: PromptSet, *, reduce: str = "mean"
+                ) -> Float[Tensor, "2 layer n_heads"]:
     """Per-group attention from the last position to the name tokens, ``[2, n_layers, n_heads]``."""
     return head_stats(model, prompts, reduce=reduce).mean().float()
 
@@ -285,7 +289,7 @@ def input_stats(model: TransformerBridge, prompts: PromptSet, *, calibration: st
     return _accumulate(model, prompts, per_row, seqs=seqs)
 
 
-def split_norms(model: TransformerBridge, flat: Tensor) -> dict[str, Tensor]:
+def split_norms(model: TransformerBridge, flat: Float[Tensor, " total"]) -> dict[str, Tensor]:
     """Cut a concatenated vector of mean squares back into per-layer ``||X_j||`` (sqrt of the mean)."""
     out, i = {}, 0
     params = named_params(model)
