@@ -322,7 +322,7 @@ def test_models_are_typed_and_tensors_carry_their_shapes(tmp_path):
     (tmp_path / "m.py").write_text(
         "from torch import Tensor\n"
         "def a(model, x: Tensor) -> int:\n    return 0\n"
-        "def b(model: 'TransformerBridge', x: 'Float[Tensor, \"n\"]') -> 'Tensor | None':\n    return None\n"
-        "def _c(model: 'TransformerBridge', y: Tensor) -> Tensor:\n    return y\n"
+        "def b(model: TransformerBridge, x: Float[Tensor, ' n']) -> Tensor | None:\n    return None\n"
+        "def _c(model: TransformerBridge, y: Tensor) -> Tensor:\n    return y\n"
         "def d(m: int) -> dict[str, Tensor]:\n    return {}\n")
     assert untyped_signatures(tmp_path) == ["m.py:2 a(model)", "m.py:2 a: Tensor", "m.py:4 b: Tensor"]
