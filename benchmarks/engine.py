@@ -10,14 +10,17 @@ passes: a forward of T tokens through B blocks is B x T) and the time of
   intervention that starts there);
 
 and checks that both give the same scores. Then 20 control draws of a late-layer intervention scored
-together (:meth:`EvalSet.scores_many`, the capture included) against one full-model evaluation.
+together (:meth:`EvalSet.scores_many`, the capture included) against one full-model evaluation. Then draw
+stacking: the same 20 draws with each bucket's forward carrying every draw's copy of the batch, against one
+forward per draw, in the same run (``--stacking`` runs this part alone and adds it to the saved file).
 Results go to ``benchmarks/engine.json``.
 
-    python benchmarks/engine.py
+    python benchmarks/engine.py [--stacking]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -52,8 +55,40 @@ def kinds(model, layer: int) -> dict:
     }
 
 
+def stacking(model, es: EvalSet, layer: int, n_draws: int = 20) -> dict:
+    """``n_draws`` neuron draws at ``layer``: one forward per draw and bucket, against all draws stacked in each
+    bucket's forward; both from a fresh evaluation set (the residual capture counted in both)."""
+    iv = kinds(model, layer)["neurons"]
+    draws = {f"random/{k}": iv.random_like(model, 101 * (k + 1)) for k in range(n_draws)}
+    one = EvalSet(es.context, es.prompts, es.before, es.col_group)
+    separate, t_sep = timed(lambda: one.scores_many(model, draws, stack=False))
+    two = EvalSet(es.context, es.prompts, es.before, es.col_group)
+    stacked, t_stk = timed(lambda: two.scores_many(model, draws))
+    cache = two._passes(model)[0][0]
+    diff = max(float((separate[k] - stacked[k]).abs().max()) for k in draws)
+    out = {"layer": layer, "draws": n_draws, "buckets": len(cache.buckets),
+           "mean_rows_per_bucket": sum(len(b) for b in cache.buckets) / len(cache.buckets),
+           "seconds_one_forward_per_draw": t_sep, "seconds_stacked": t_stk, "time_ratio": t_sep / t_stk,
+           "max_abs_diff": diff}
+    print(f"{n_draws} draws at layer {layer}, {len(cache.buckets)} length buckets ({out['mean_rows_per_bucket']:.1f} "
+          f"rows each): one forward per draw {t_sep:.1f} s, stacked {t_stk:.1f} s ({out['time_ratio']:.2f}x), "
+          f"max |diff| {diff:.1e}")
+    return out
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stacking", action="store_true", help="only the draw-stacking comparison")
+    args = ap.parse_args()
     model = load_model()
+    out = Path(__file__).parent / "engine.json"
+    if args.stacking:
+        es = EvalSet.build(model, load_context("finance"), "gender")
+        saved = json.loads(out.read_text()) if out.exists() else {}
+        saved["stacking"] = stacking(model, es, (2 * model.cfg.n_layers) // 3 + 1)
+        out.write_text(json.dumps(saved, indent=1) + "\n")
+        print(f"wrote {out}")
+        return
     n = model.cfg.n_layers
     es = EvalSet.build(model, load_context("finance"), "gender")
     tokens = sum(len(s) for s in tokenize(model, es.prompts.texts))
@@ -86,10 +121,11 @@ def main() -> None:
                "time_ratio": t_draws / t_one, "work_ratio": work_draws / (n * tokens)}
     print(f"20 draws at layer {layer} together: {t_draws:.1f} s = {summary['time_ratio']:.2f}x one full-model "
           f"evaluation ({t_one:.1f} s); work {summary['work_ratio']:.2f}x")
-    out = Path(__file__).parent / "engine.json"
+    stacked = stacking(model, es, layer)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"prompts": len(es.prompts), "tokens": tokens, "n_layers": n,
-                               "threads": torch.get_num_threads(), "rows": rows, "draws": summary}, indent=1) + "\n")
+                               "threads": torch.get_num_threads(), "rows": rows, "draws": summary,
+                               "stacking": stacked}, indent=1) + "\n")
     print(f"wrote {out}")
 
 

@@ -68,7 +68,7 @@ def test_resumed_scores_equal_full_forward_for_every_kind(deep, evalset):
 def test_scores_many_equals_one_by_one(deep, evalset):
     ivs = {k: v for k, (v, _) in _interventions(deep).items()}
     many = evalset.scores_many(deep, ivs)
-    assert list(many) != list(ivs) or len(set(evalset.resume_layer(deep, v) for v in ivs.values())) == 1
+    assert list(many) == list(ivs)  # in the caller's order, whatever order they were computed in
     for k, iv in ivs.items():
         assert torch.allclose(many[k], evalset.scores(deep, iv, resume=False), atol=1e-5), k
 
@@ -165,3 +165,50 @@ def test_resumed_perplexity_equals_the_padded_full_forward(deep):
         assert n == base_n and abs(want - base_nll) > 1e-5 * base_nll, name  # moves 10x the tolerance below
         assert got == pytest.approx(want, rel=1e-6), name
     assert token_nll(deep, texts, intervention=Identity()) == (base_nll, base_n)  # exactly: the same buckets
+
+
+def test_stacked_draws_equal_separate_forwards_and_share_them(deep, evalset, monkeypatch):
+    """Draw stacking (issue 32, 2b): interventions that resume at one block and act through hooks alone share
+    each forward, every intervention on its own copy of the batch. Each grid equals its own forward's (and the
+    full forward's) to float rounding; a token budget that holds only some copies splits them into chunks;
+    weight changes and custom ``apply`` run on their own."""
+    from mechbias.core.runner import batch_tokens
+    from mechbias.interventions.base import stackable_hooks
+
+    up = _param(deep, 3, "up_proj")
+    draws = {f"random/{i}": NeuronIntervention.random_like(NeuronIntervention({3: [1, 5, 9]}), deep, i)
+             for i in range(5)}
+    ivs = {"after": NeuronIntervention({3: [1, 5, 9], 4: [2]}), **draws,
+           "heads": HeadIntervention({3: [0, 2]}), "steer": DirectionIntervention(3, torch.ones(deep.cfg.d_model)),
+           "both": Compose([NeuronIntervention({3: [4]}), HeadIntervention({5: [1]})]),
+           "mask": WeightMask({up: torch.tensor([0, 17, 300])})}
+    assert stackable_hooks(ivs["mask"], deep) is None and stackable_hooks(ivs["both"], deep) is not None
+    assert stackable_hooks(Compose([ivs["after"], ivs["mask"]]), deep) is None
+    assert {evalset.resume_layer(deep, v) for v in ivs.values()} == {3}
+    calls = {"n": 0}
+    real = resume.resumed_logits
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(resume, "resumed_logits", counting)
+    one_by_one = {k: evalset.scores(deep, v) for k, v in ivs.items()}
+    separate = calls["n"]
+    cache = evalset._passes(deep)[0][0]
+    largest = max(len(b) * len(cache.seqs[b[0]]) for b in cache.buckets)
+    per_iv = separate // len(ivs)  # forwards of one intervention: one per length bucket and readout pass
+    for budget in (10**6, 2 * largest):  # all nine stackable copies per forward; two in the largest bucket's
+        calls["n"] = 0
+        with batch_tokens(budget):
+            many = evalset.scores_many(deep, ivs)
+        assert list(many) == list(ivs)
+        for k in ivs:
+            moved = float((one_by_one[k] - evalset.before).abs().max())
+            assert moved > 1e-3, k  # each intervention changes the scores
+            assert float((many[k] - one_by_one[k]).abs().max()) <= 1e-5 * (1 + moved), (k, budget)
+        if budget == 10**6:  # the weight mask on its own, the nine others in one forward per bucket
+            assert calls["n"] == 2 * per_iv, (calls["n"], per_iv)
+        else:  # chunks of the stack, still fewer forwards than one per intervention
+            assert 2 * per_iv < calls["n"] < separate, (calls["n"], per_iv)
+    assert torch.allclose(many["after"], evalset.scores(deep, ivs["after"], resume=False), atol=1e-5)

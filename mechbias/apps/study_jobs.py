@@ -113,7 +113,7 @@ def _controls(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return parts
 
 
-@job_kind("scores", version=2)
+@job_kind("scores", version=3)  # 3: draws stacked in shared forwards
 def _scores(ctx: WorkerContext, p: dict, d: dict) -> dict:
     """The score grids of one row's intervention and all its control draws on one evaluation set (parts
     ``after``, ``random/0``, ...): one job, so the draws share the unmodified residual stream they resume from."""

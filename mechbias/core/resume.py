@@ -151,6 +151,34 @@ class ResumeCache:
                 results[i] = out[k].detach().cpu()
         return torch.stack(results)  # type: ignore[arg-type]
 
+    def stacked_last_logits(self, readout: Callable[[Tensor], Tensor], layer: int, copies: int, *,
+                            on_chunk: Callable[[range, int], Any], n_last: int = 1,
+                            unembed: Callable[[int], Any] | None = None,
+                            max_tokens: int = 4096) -> Float[Tensor, "copies seqs ..."]:
+        """:meth:`map_last_logits` for ``copies`` versions of every sequence, several per forward: each bucket's
+        kept residual stream is repeated for a chunk of copies (as many as keep the forward within
+        ``max_tokens``, at least one) and resumed once. ``on_chunk(copy_range, rows)`` gives the context manager
+        entered around that forward, which tells the caller's hooks that rows ``j * rows ... (j + 1) * rows - 1``
+        belong to copy ``copy_range[j]``. Rows of a batch never interact in a transformer, so each copy's
+        values equal a separate forward's (to float rounding of the larger matrix products)."""
+        if layer < 1:
+            raise ValueError("stacked copies resume from a kept residual stream: layer must be >= 1")
+        resid = self.resid(layer)
+        results: list[list[Tensor | None]] = [[None] * len(self.seqs) for _ in range(copies)]
+        for bucket, r in zip(self.buckets, resid, strict=True):
+            total = len(self.seqs[bucket[0]])
+            per = max(1, int(max_tokens) // max(1, r.shape[0] * total))
+            for start in range(0, copies, per):
+                chunk = range(start, min(copies, start + per))
+                with forward_window(0, total), (unembed(n_last) if unembed is not None else contextlib.nullcontext()), \
+                        on_chunk(chunk, r.shape[0]):
+                    logits = resumed_logits(self.model, r.repeat(len(chunk), 1, 1), layer)
+                out = readout(logits.float()[:, -n_last:]).detach().cpu()
+                for j, c in enumerate(chunk):
+                    for k, i in enumerate(bucket):
+                        results[c][i] = out[j * r.shape[0] + k]
+        return torch.stack([torch.stack(rows) for rows in results])  # type: ignore[arg-type]
+
     def map_last_logits(self, readout: Callable[[Tensor], Tensor], layer: int, *, n_last: int = 1,
                         unembed: Callable[[int], Any] | None = None) -> Float[Tensor, "seqs ..."]:
         """``readout`` of the last ``n_last`` positions' logits, every sequence resumed at ``layer``.

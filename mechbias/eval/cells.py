@@ -10,9 +10,10 @@ matrices of cells.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -21,12 +22,13 @@ from torch import Tensor
 
 from ..core.choices import check_choices
 from ..core.fastpath import last_position_unembed, use_resume
+from ..core.hooks import hooked
 from ..core.precision import compute_precision
 from ..core.resume import ResumeCache
 from ..core.runner import length_buckets, tokens_per_batch
 from ..data.contexts import Context
 from ..data.prompts import PromptSet
-from ..interventions.base import Intervention, maybe_apply
+from ..interventions.base import Intervention, maybe_apply, stackable_hooks
 from .metrics import contrast_passes, contrast_scores, perplexity
 from .stats import DEFAULT_BOOT, paired_reduction
 
@@ -148,11 +150,70 @@ class EvalSet:
         mat, _, _, _ = self.prompts.grid(scores)
         return mat
 
-    def scores_many(self, model: TransformerBridge, interventions: Mapping[str, Intervention]) -> dict[str, Tensor]:
-        """:meth:`scores` of several interventions, those resuming at the same block one after another (each
-        block's unmodified residual stream is captured once)."""
-        order = sorted(interventions, key=lambda k: self.resume_layer(model, interventions[k]))
-        return {k: self.scores(model, interventions[k]) for k in order}
+    def scores_many(self, model: TransformerBridge, interventions: Mapping[str, Intervention], *,
+                    stack: bool = True) -> dict[str, Tensor]:
+        """:meth:`scores` of several interventions (a selection and its control draws). Each block's unmodified
+        residual stream is captured once. With ``stack``, the interventions that resume at the same block and
+        act through forward hooks alone (:func:`~mechbias.interventions.base.stackable_hooks`) run **stacked**:
+        copies of each batch go through one forward, each intervention's hooks acting on its own copy's rows
+        (:meth:`~mechbias.core.resume.ResumeCache.stacked_last_logits`); the others run one after another."""
+        # by first block, then by name: a stack's members and their order depend on the keys alone, so two
+        # callers with the same interventions under the same keys get the same numbers to the last bit
+        order = sorted(interventions, key=lambda k: (self.resume_layer(model, interventions[k]), k))
+        out: dict[str, Tensor] = {}
+        groups: dict[int, list[str]] = {}
+        for k in order:
+            layer = self.resume_layer(model, interventions[k])
+            if stack and layer >= 1 and stackable_hooks(interventions[k], model) is not None:
+                groups.setdefault(layer, []).append(k)
+            else:
+                out[k] = self.scores(model, interventions[k])
+        for layer, keys in groups.items():
+            if len(keys) == 1:
+                out[keys[0]] = self.scores(model, interventions[keys[0]])
+                continue
+            with compute_precision(model, "exact"):
+                grids = self._stacked_scores(model, [interventions[k] for k in keys], layer)
+            out.update(zip(keys, grids, strict=True))
+        return {k: out[k] for k in interventions}
+
+    def _stacked_scores(self, model: TransformerBridge, ivs: list[Intervention], layer: int) -> list[Tensor]:
+        """The score grids of ``ivs`` (all stackable, all resuming at ``layer``), stacked in each forward."""
+        state: dict[str, Any] = {"slot": {}, "rows": 0}
+
+        def sliced(k: int, fn: Callable) -> Callable:
+            def hook(x: Tensor, hook: Any = None) -> Tensor:
+                j = state["slot"].get(k)
+                if j is None:
+                    return x  # intervention k has no copy in this forward
+                lo, hi = j * state["rows"], (j + 1) * state["rows"]
+                part = x[lo:hi]
+                new = fn(part, hook=hook)
+                if new is None or new is part:
+                    return x  # changed in place, in x's own rows
+                y = x.clone()
+                y[lo:hi] = new
+                return y
+            return hook
+
+        @contextlib.contextmanager
+        def chunk(copies: range, rows: int) -> Iterator[None]:
+            state["slot"], state["rows"] = {c: j for j, c in enumerate(copies)}, rows
+            try:
+                yield
+            finally:
+                state["slot"] = {}
+
+        hooks = [(site, sliced(k, fn)) for k, iv in enumerate(ivs) for site, fn in stackable_hooks(iv, model) or []]
+        out = []
+        passes = self._passes(model)
+        with hooked(model, hooks):
+            for cache, readout, n_last, sign in passes:
+                out.append(sign * cache.stacked_last_logits(
+                    readout, layer, len(ivs), on_chunk=chunk, n_last=n_last,
+                    unembed=lambda n: last_position_unembed(model, n), max_tokens=tokens_per_batch(model)))
+        scores = (out[0] if len(out) == 1 else out[0] + out[1]).double()
+        return [self.prompts.grid(scores[j])[0] for j in range(len(ivs))]
 
 
 class Capability:
@@ -312,14 +373,20 @@ def evaluate(model: TransformerBridge, intervention: Intervention, eval_set: Eva
     cfg = config or TransferConfig()
     es = eval_set
     ppl = capability.change(intervention) if capability is not None else None
-    after = es.scores(model, intervention)
+    # every score grid through one call (the study's score job makes the same call with the same keys), so
+    # the draws that can share forwards do
+    todo: dict[str, Intervention] = {"after": intervention}
+    for name, draws in (controls or {}).items():
+        todo.update({f"{name}/{i}": d for i, d in enumerate(draws)})
+    got = es.scores_many(model, todo)
+    after = got["after"]
     grids: dict[str, list[Tensor]] = {}
     ppls: dict[str, list[float]] = {}
     for name, draws in (controls or {}).items():
         draws = list(draws)
         if not draws:
             continue
-        grids[name] = [es.scores(model, d) for d in draws]
+        grids[name] = [got[f"{name}/{i}"] for i in range(len(draws))]
         ppls[name] = [capability.change(d) for d in draws] if capability is not None else []
     return cell_from_grids(es, after, intervention.n_components, cfg, selected_on=selected_on, ppl=ppl,
                            control_grids=grids, control_ppl=ppls, keep=keep)

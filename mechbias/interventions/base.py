@@ -338,6 +338,18 @@ def load_intervention(path: str | Path) -> Intervention:
     return iv
 
 
+def stackable_hooks(intervention: Intervention, model: TransformerBridge) -> list[tuple[Any, Callable]] | None:
+    """The forward hooks that are the whole of ``intervention`` (it changes no weight and has no ``apply`` of its
+    own; a composition whose parts all are), or None. Such interventions can share one forward, each acting on
+    its own rows of the batch (:meth:`~mechbias.eval.cells.EvalSet.scores_many`)."""
+    if isinstance(intervention, Compose):
+        parts = [stackable_hooks(p, model) for p in intervention.parts]
+        return None if any(h is None for h in parts) else [h for hs in parts for h in hs or []]
+    if type(intervention).apply is not Intervention.apply:
+        return None
+    return list(intervention.hooks(model))
+
+
 @contextlib.contextmanager
 def maybe_apply(intervention: Intervention | None, model: TransformerBridge):
     """``intervention.apply(model)``, or nothing when ``intervention`` is None."""
