@@ -39,6 +39,7 @@ from . import methods as _methods  # noqa: F401  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
 from .groundtruth import delta as _delta, planted as _planted, recovery as _recovery  # noqa: F401  (registers the planted models; result types)
 from .apps.study import StudyConfig, StudyResult, run_study
+from .apps.workflow import MethodRun, load_run
 
 __version__ = "0.2.0"
 
@@ -58,6 +59,7 @@ __all__ = [
     "Intervention",
     "Method",
     "MethodConfig",
+    "MethodRun",
     "ModelLoadError",
     "NeuronIntervention",
     "Person",
@@ -83,6 +85,7 @@ __all__ = [
     "load_contexts",
     "load_intervention",
     "load_model",
+    "load_run",
     "log_to_console",
     "make_pairs",
     "measure_bias",

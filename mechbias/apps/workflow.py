@@ -129,6 +129,12 @@ def load_run(folder: str | Path) -> MethodRun:
     """Read a method run's folder: the current layout (:class:`MethodRun`) or the one before it
     (``transfer_result/``, ``<method>.json`` or ``summary.json``, ``intervention/``).
 
+    Args:
+        folder: a method command's ``--out`` or a study step (``OUT/steps/<step>``).
+
+    Returns:
+        The run: what ran and chose, and the transfer matrix with its interventions by row.
+
     Raises:
         FileNotFoundError: ``folder`` holds no finished method run (the message names the layout looked for).
     """
