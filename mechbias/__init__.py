@@ -34,6 +34,7 @@ from .interventions.weights import WeightEdit, WeightMask
 from .eval.metrics import BiasResult, contrast_scores, demographic_gap, favoured_group, measure_bias, perplexity
 from .eval.cells import Cell, EvalSet, TransferConfig, evaluate
 from .eval.transfer import TransferMatrix, transfer_matrix
+from .eval.crossfit import CrossFit, crossfit_matrix
 from .methods.base import Method, MethodConfig, Selection, get_method, register_method, registered_methods
 from . import methods as _methods  # noqa: F401  (registers every method)
 from . import groundtruth as _groundtruth  # noqa: F401
@@ -52,6 +53,7 @@ __all__ = [
     "Compose",
     "Context",
     "ContextError",
+    "CrossFit",
     "EvalSet",
     "HeadIntervention",
     "HookNameError",
@@ -74,6 +76,7 @@ __all__ = [
     "WeightEdit",
     "WeightMask",
     "contrast_scores",
+    "crossfit_matrix",
     "demographic_gap",
     "evaluate",
     "favoured_group",

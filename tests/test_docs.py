@@ -102,7 +102,8 @@ PUBLIC_CALLABLES = ["load_model", "measure_bias", "transfer_matrix", "evaluate",
                     "demographic_gap", "favoured_group", "perplexity", "make_pairs", "load_context",
                     "load_contexts", "list_contexts", "load_axis", "load_intervention", "get_method",
                     "register_method", "registered_methods", "register_intervention", "hooked", "run_study",
-                    "tiny_model", "neutral_texts", "set_seed", "n_active_hooks", "log_to_console", "load_run"]
+                    "tiny_model", "neutral_texts", "set_seed", "n_active_hooks", "log_to_console", "load_run",
+                    "crossfit_matrix"]
 
 
 @pytest.mark.parametrize("name", PUBLIC_CALLABLES)

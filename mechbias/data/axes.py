@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from ..core.models import DATA_FILES
-from .leakage import check_not_reporting
+from .leakage import check_not_reporting, resolve_split, split_salt
 
 DATA = DATA_FILES
 
@@ -97,12 +97,13 @@ class Axis:
             return list(self.people)
         if split not in ("selection", "heldout"):
             raise ValueError(f"split must be 'selection', 'heldout' or 'all', not {split!r}")
+        split, salt = resolve_split(split), split_salt()  # cross-fitting folds and repeated splits
         out = []
         cells: dict[tuple[str, str], list[Person]] = {}
         for p in self.people:
             cells.setdefault((p.race, p.gender), []).append(p)
         for key in sorted(cells):
-            ordered = sorted(cells[key], key=lambda p: stable_hash(seed, p.name))
+            ordered = sorted(cells[key], key=lambda p: stable_hash(seed, p.name + salt))
             half = (len(ordered) + 1) // 2
             out.extend(ordered[:half] if split == "selection" else ordered[half:])
         return sorted(out, key=lambda p: self.people.index(p))

@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from .axes import DATA, Axis, ContextError, Person, list_axes, load_axis, pronouns, stable_hash
-from .leakage import check_not_reporting
+from .leakage import check_not_reporting, resolve_split, split_salt
 from .prompts import Prompt, PromptSet
 
 SLOTS = {"name", "pronoun", "Pronoun", "possessive", "object"}
@@ -77,7 +77,8 @@ class Context:
             return idx
         if split not in ("selection", "heldout"):
             raise ValueError(f"split must be 'selection', 'heldout' or 'all', not {split!r}")
-        ordered = sorted(idx, key=lambda i: stable_hash(seed, f"{self.name}:{i}"))
+        split, salt = resolve_split(split), split_salt()  # cross-fitting folds and repeated splits
+        ordered = sorted(idx, key=lambda i: stable_hash(seed, f"{self.name}:{i}{salt}"))
         half = (len(ordered) + 1) // 2
         return sorted(ordered[:half] if split == "selection" else ordered[half:])
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from ..core.models import DATA_FILES
-from .leakage import check_not_reporting
+from .leakage import check_not_reporting, resolve_split, split_salt
 
 CAPABILITY_SPLITS = ("selection", "reporting", "all")
 
@@ -41,7 +41,8 @@ def neutral_texts(max_texts: int | None = None, *, split: str) -> list[str]:
     check_not_reporting("neutral texts", split)
     paras = _paragraphs()
     if split != "all":
-        order = sorted(range(len(paras)), key=lambda i: hashlib.sha256(f"neutral:{i}".encode()).hexdigest())
+        split, salt = resolve_split(split, "reporting"), split_salt()  # cross-fitting folds and repeated splits
+        order = sorted(range(len(paras)), key=lambda i: hashlib.sha256(f"neutral:{i}{salt}".encode()).hexdigest())
         half = set(order[: len(order) // 2])
         paras = [p for i, p in enumerate(paras) if (i in half) == (split == "selection")]
     return paras[:max_texts] if max_texts else paras
