@@ -121,6 +121,9 @@ class _GridSet:
     def scores(self, model, iv):
         return self.afters[iv.row]
 
+    def scores_many(self, model, ivs):
+        return {k: self.scores(model, iv) for k, iv in ivs.items()}
+
 
 def _synthetic_matrix(removed: dict, seed: int, noise: float = 0.3):
     """A transfer matrix over simulated [templates x names] grids where the selection of row r removes
