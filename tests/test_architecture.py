@@ -238,19 +238,21 @@ OPEN_JSON = {
 _BARE = {"dict", "Dict", "dict[str, Any]", "dict[str, object]", "Dict[str, Any]"}
 
 
+def public_functions(tree: ast.Module) -> list[ast.FunctionDef]:
+    """A module's public functions and the public methods of its public classes."""
+    fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    fns += [m for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
+            for m in c.body if isinstance(m, ast.FunctionDef)]
+    return [fn for fn in fns if not fn.name.startswith("_")]
+
+
 def bare_dict_returns(root: Path) -> list[str]:
     """Public functions and methods (of public classes) that return a bare dict: annotated ``dict``,
     ``dict | None`` or ``dict[str, Any]`` (outside :data:`OPEN_JSON`), or unannotated and returning a dict
     display or comprehension."""
     bad = []
     for f in sorted(root.rglob("*.py")):
-        tree = ast.parse(f.read_text(), str(f))
-        fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-        fns += [m for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
-                for m in c.body if isinstance(m, ast.FunctionDef)]
-        for fn in fns:
-            if fn.name.startswith("_"):
-                continue
+        for fn in public_functions(ast.parse(f.read_text(), str(f))):
             where = f"{f.relative_to(root)}:{fn.lineno} {fn.name}"
             if fn.name in OPEN_JSON:
                 continue
@@ -303,12 +305,7 @@ def untyped_signatures(root: Path) -> list[str]:
                     if a.arg == "model" and (a.annotation is None
                                              or "TransformerBridge" not in ast.unparse(a.annotation)):
                         bad.append(f"{f.relative_to(root)}:{fn.lineno} {fn.name}(model)")
-        fns = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-        fns += [m for c in tree.body if isinstance(c, ast.ClassDef) and not c.name.startswith("_")
-                for m in c.body if isinstance(m, ast.FunctionDef)]
-        for fn in fns:
-            if fn.name.startswith("_"):
-                continue
+        for fn in public_functions(tree):
             anns = [a.annotation for a in fn.args.args + fn.args.kwonlyargs if a.annotation is not None]
             for ann in [*anns, *([fn.returns] if fn.returns else [])]:
                 for part in ast.unparse(ann).split(" | "):
