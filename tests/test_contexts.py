@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,9 +24,49 @@ def test_builtin_contexts_load_and_are_well_formed():
                    "healthcare": "choice", "education": "rating"}
     for n, answers in (("healthcare", (" A", " B")), ("education", (" excellent", " poor"))):
         c = load_context(n)
-        assert (c.positive, c.negative) == answers and len(c.templates) == 30
+        assert (c.positive, c.negative) == answers
+    for n in BUILTIN_CONTEXTS:  # 30 templates each, halved into selection and held-out
+        c = load_context(n)
+        assert len(c.templates) == 30
         assert len(c.template_split("selection")) == len(c.template_split("heldout")) == 15
     assert BUILTIN_CONTEXTS[:4] == YES_NO_CONTEXTS
+
+
+#: seed 0's selection templates as the code gave them before templates 10-29 were added to the yes/no contexts
+#: (and for the two contexts written with 30): results committed before then, and planted v4, were built on these
+SELECTION_BEFORE = {"finance": [0, 2, 4, 7, 9], "commerce": [1, 2, 3, 5, 7], "hiring": [1, 3, 6, 7, 9],
+                    "housing": [1, 5, 6, 8, 9],
+                    "healthcare": [0, 2, 4, 7, 8, 9, 11, 12, 18, 20, 22, 23, 26, 28, 29],
+                    "education": [1, 2, 5, 9, 10, 11, 14, 15, 16, 18, 22, 26, 27, 28, 29]}
+
+
+def test_added_templates_moved_no_earlier_template_across_the_split():
+    for n, before in SELECTION_BEFORE.items():
+        c = load_context(n)
+        sel = c.template_split("selection")
+        assert [t for t in sel if t < 10 or n in ("healthcare", "education")] == before
+        if n in YES_NO_CONTEXTS:  # split_blocks [10, 20]: 5 of the first ten and 10 of the twenty added
+            assert c.split_blocks == (10, 20) and sum(t >= 10 for t in sel) == 10
+    # without split_blocks the same 30 templates would be ranked together and the first ten would move
+    moved = {n: [t for t in replace(load_context(n), split_blocks=()).template_split("selection") if t < 10]
+             for n in YES_NO_CONTEXTS}
+    assert moved["hiring"] == [1, 3, 4, 6, 7, 8, 9] and moved["housing"] == [1, 5, 6, 7, 8, 9]
+
+
+def test_split_blocks_are_validated(tmp_path):
+    import yaml
+
+    base = {"name": "x", "templates": ["{name} a. Answer:", "{name} b. Answer:", "{name} c. Answer:",
+                                       "{name} d. Answer:"], "answers": {"positive": " Yes", "negative": " No"}}
+    for bad in ([3], [2, 1, 1], "2,2", [True, 3]):
+        p = tmp_path / "x.yaml"
+        p.write_text(yaml.safe_dump({**base, "split_blocks": bad}))
+        with pytest.raises(ContextError, match="split_blocks"):
+            load_context(p)
+    p.write_text(yaml.safe_dump({**base, "split_blocks": [2, 2]}))
+    c = load_context(p)
+    sel = c.template_split("selection")
+    assert len([t for t in sel if t < 2]) == 1 and len([t for t in sel if t >= 2]) == 1
 
 
 def test_tiny_vocabulary_is_frozen_and_the_data_vocabulary_covers_everything(tiny):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mechbias.core.params import named_params
+from mechbias.data.contexts import load_context
 from mechbias.methods.gradiend import (
     ChunkedAdamW,
     GradiendConfig,
@@ -242,8 +243,13 @@ def test_pool_rows_and_shuffled_labels_equal_direct_gradients(tiny):
 
     ps = param_set(tiny, "down")
     pool = gradient_pool(tiny, "finance", "gender", ps, neutral=True)
-    texts = feature_texts(tiny, "finance", "gender")
+    texts = feature_texts(tiny, "finance", "gender", templates_per_name=5)  # the pool's default design
     n_names = len(dict.fromkeys(t.name for t in texts))
+    # the incomplete crossed design: each name meets 5 of the 15 selection templates, every template both groups
+    per = {nm: sorted(t.template for t in texts if t.name == nm) for nm in dict.fromkeys(t.name for t in texts)}
+    assert {len(v) for v in per.values()} == {5} and pool.texts_per_name == 5
+    assert sorted({t.template for t in texts}) == load_context("finance").template_split("selection")
+    assert all({t.group for t in texts if t.template == k} == {0, 1} for k in {t.template for t in texts})
     sh = pool.shuffled(0)
     flipped = [i for i in range(len(pool.names)) if sh.groups[i] != pool.groups[i]]
     kept = [i for i in range(n_names) if sh.groups[i] == pool.groups[i]]

@@ -75,7 +75,7 @@ def test_measure_bias_result_roundtrip(tiny, tmp_path):
     assert [r["axis"] for r in res.rows] == ["race", "gender"]
     row = res.get("finance", "race")
     assert row["ci_low"] <= row["gap"] <= row["ci_high"]
-    assert row["n_prompts"] == len(load_context("finance").template_split("selection")) * 64
+    assert row["n_prompts"] == len(load_context("finance").template_split("selection")) * 64 == 15 * 64
     res.save(tmp_path / "r")
     back = type(res).load(tmp_path / "r")
     assert back.rows[0]["gap"] == pytest.approx(row["gap"])
@@ -87,10 +87,11 @@ def test_measure_bias_result_roundtrip(tiny, tmp_path):
 
 def test_measure_bias_rosters_and_family(tiny):
     res = measure_bias(tiny, ["finance"], ["race", "gender@extended"], templates="heldout", names="heldout",
-                       n_boot=200)
+                       n_boot=200, templates_per_name=5)
     race, gender = res.get("finance", "race"), res.get("finance", "gender")
     assert (race["roster"], gender["roster"]) == ("audit", "extended")
-    assert race["n_prompts"] == 5 * 32 and gender["n_prompts"] == 5 * 200  # half of each roster held out
+    # half of each roster held out; each name meets 5 of the 15 held-out templates (3 blocks)
+    assert race["n_prompts"] == 5 * 32 and gender["n_prompts"] == 5 * 200 and race["n_templates"] == 15
     assert gender["n_names_a"] == gender["n_names_b"] == 100
     # two tests in the family: BH with m = 2 by hand, and the detectable gap at 0.025 is larger than at 0.05
     p = sorted([race["p_value"], gender["p_value"]])

@@ -26,7 +26,7 @@ def deep():
 
 @pytest.fixture(scope="module")
 def evalset(deep):
-    return EvalSet.build(deep, load_context("finance"), "gender")
+    return EvalSet.build(deep, load_context("finance"), "gender", templates_per_name=0)  # the full grid
 
 
 def _param(model, layer: int, part: str) -> str:

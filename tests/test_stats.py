@@ -6,7 +6,14 @@ import torch
 
 from mechbias.eval.cells import Cell, Effect
 from mechbias.eval.factors import factor_estimate, factor_mean, weighted_mean
-from mechbias.eval.stats import benjamini_hochberg, crossed_estimate, group_gap, paired_reduction
+from mechbias.eval.stats import (
+    CrossedBootstrap,
+    benjamini_hochberg,
+    crossed_estimate,
+    grid_gap,
+    group_gap,
+    paired_reduction,
+)
 from mechbias.eval.transfer import TransferMatrix
 
 
@@ -505,3 +512,37 @@ def test_a_full_grid_gives_the_same_interval_as_before_the_incomplete_design():
     s2, _ = residual_variance(m, g)
     assert e.estimate == pytest.approx(m[:, g == 0].mean() - m[:, g == 1].mean(), abs=1e-12)
     assert e.var_residual == pytest.approx(s2 / m.shape[0] * (1 / 16 + 1 / 16), rel=1e-12)
+
+
+def test_incomplete_grids_give_the_name_mean_gap_everywhere():
+    """On a grid with unmet cells (the incomplete crossed design of every evaluation set), the cell's gaps, the
+    draws' gaps and the bootstrap replicates are the per-name means over the templates each name met, checked
+    against sums written out by hand; a full grid gives the plain group means."""
+    rng = np.random.default_rng(3)
+    T, n = 6, 12
+    g = np.array([0, 1] * (n // 2))
+    seen = np.array([[t % 3 == (j // 2) % 3 for j in range(n)] for t in range(T)])  # 3 blocks: 2 templates per name
+    before = np.where(seen, rng.normal(size=(T, n)), np.nan)
+    after = np.where(seen, before + rng.normal(0.1, 0.2, size=(T, n)), np.nan)
+
+    def by_hand(m):
+        means = [sum(m[t, j] for t in range(T) if seen[t, j]) / seen[:, j].sum() for j in range(n)]
+        return (np.mean([means[j] for j in range(n) if g[j] == 0]) - np.mean([means[j] for j in range(n) if g[j] == 1]))
+
+    assert grid_gap(before, g) == pytest.approx(by_hand(before), abs=1e-12)
+    red = paired_reduction(before, after, torch.as_tensor(g), n_boot=200)
+    assert red.gap_before == pytest.approx(by_hand(before), abs=1e-12)
+    assert red.gap_change == pytest.approx(by_hand(after) - by_hand(before), abs=1e-12)
+    assert np.isfinite(red.ci_low) and np.isfinite(red.gap_change_ci[0])
+    boot = CrossedBootstrap(T, torch.as_tensor(g), 50, seed=1)
+    reps = boot.gaps(before)
+    assert np.isfinite(reps).all()
+    a, b = np.flatnonzero(g == 0), np.flatnonzero(g == 1)
+    for k in (0, 17):  # replicate k by hand: weighted mean over the observed cells of each group
+        num = {grp: sum(boot.wt[k, t] * w[k, i] * before[t, c] for i, c in enumerate(cols) for t in range(T)
+                        if seen[t, c]) for grp, cols, w in ((0, a, boot.wa), (1, b, boot.wb))}
+        den = {grp: sum(boot.wt[k, t] * w[k, i] for i, c in enumerate(cols) for t in range(T) if seen[t, c])
+               for grp, cols, w in ((0, a, boot.wa), (1, b, boot.wb))}
+        assert reps[k] == pytest.approx(num[0] / den[0] - num[1] / den[1], abs=1e-12)
+    full = rng.normal(size=(T, n))
+    assert grid_gap(full, g) == pytest.approx(full[:, g == 0].mean() - full[:, g == 1].mean(), abs=1e-12)

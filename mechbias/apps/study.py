@@ -252,7 +252,7 @@ def study_steps(cfg: StudyConfig) -> list[Step]:
             auto: Precision = "fast" if step_name in cls.fast_study_steps else "exact"
             chosen: Precision = auto if cfg.precision == "auto" else check_precision(cfg.precision)
             config = dataclasses.replace(config, precision=chosen)
-            steps.append(_method_step(step_name, cls, config, cls.study_extras(step_name, cfg.quick)))
+            steps.append(_method_step(step_name, cls, config, cls.study_extras(step_name, cfg.quick, full=cfg.full)))
     return [s for s in steps if s.name not in cfg.skip]
 
 

@@ -36,7 +36,7 @@ from ..core.results import make_meta
 from ..data.contexts import load_context
 from ..data.leakage import selection_phase
 from ..data.neutral import neutral_texts
-from ..eval.cells import EvalSet, TransferConfig, cell_from_grids
+from ..eval.cells import DEFAULT_TEMPLATES_PER_NAME, EvalSet, TransferConfig, cell_from_grids
 from ..eval.generation import generation_cost
 from ..eval.metrics import measure_bias, perplexity
 from ..eval.transfer import baseline_rows, finish_matrix, make_row_info
@@ -51,14 +51,20 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
 # job kinds
 # ----------------------------------------------------------------------------
 
-@job_kind("axis_choice")
+@job_kind("axis_choice", version=2)
 def _axis_choice(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": choose_axis(ctx.model, p["contexts"], p["axes"], seed=p["seed"], n_boot=p["n_boot"])}
 
 
-@job_kind("baseline")
+#: the baseline scores every template and name; each name meets 10 of the 30 templates (640 prompts per context
+#: and axis, as many as the full grid of 10 templates did)
+BASELINE_TEMPLATES_PER_NAME = 10
+
+
+@job_kind("baseline", version=2)
 def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
-    res = measure_bias(ctx.model, list(p["contexts"]), list(p["axes"]), n_boot=p["n_boot"], seed=p["seed"])
+    res = measure_bias(ctx.model, list(p["contexts"]), list(p["axes"]), n_boot=p["n_boot"], seed=p["seed"],
+                       templates_per_name=BASELINE_TEMPLATES_PER_NAME)
     res.save(ctx.folder / "result")
     fig = res.plot()
     (ctx.folder / "figures").mkdir()
@@ -66,9 +72,10 @@ def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": res.rows}
 
 
-@job_kind("evalset", version=2)
+@job_kind("evalset", version=3)
 def _evalset(ctx: WorkerContext, p: dict, d: dict) -> dict:
-    return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"])}
+    return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"],
+                                   templates_per_name=p["templates_per_name"])}
 
 
 @job_kind("perplexity", version=2)
@@ -163,7 +170,7 @@ def choose_axis(model: TransformerBridge, contexts, axes, *, seed: int = 0, n_bo
     with selection_phase("axis choice"):
         for a in axes:
             res = measure_bias(model, list(contexts), a, templates="selection", names="selection", n_boot=n_boot,
-                               seed=seed)
+                               seed=seed, templates_per_name=DEFAULT_TEMPLATES_PER_NAME)
             sig = sum(1 for r in res.rows if r["ci_low"] > 0 or r["ci_high"] < 0)
             t = float(np.mean([abs(r["gap"]) / max((r["ci_high"] - r["ci_low"]) / 3.92, 1e-12) for r in res.rows]))
             rows.append({"axis": a, "significant_contexts": sig, "mean_abs_t": t,
@@ -180,9 +187,12 @@ def choose_axis(model: TransformerBridge, contexts, axes, *, seed: int = 0, n_bo
 class Shared:
     """The jobs every method step reads (one per study, so they are computed once)."""
 
-    def __init__(self, salt: str, contexts: list[str], axis: str, seed: int):
+    def __init__(self, salt: str, contexts: list[str], axis: str, seed: int,
+                 templates_per_name: int = DEFAULT_TEMPLATES_PER_NAME):
         self.salt, self.axis, self.seed = salt, axis, seed
-        self.evalsets = {c: Job("evalset", {"context": c, "axis": axis, "seed": seed}, salt=salt,
+        self.templates_per_name = templates_per_name
+        self.evalsets = {c: Job("evalset", {"context": c, "axis": axis, "seed": seed,
+                                            "templates_per_name": templates_per_name}, salt=salt,
                                 label=f"evalset {c}") for c in contexts}
         self._ppl: dict[Any, Job] = {}
         self.profile = Job("profile", {}, salt=salt, label="profile")
@@ -216,6 +226,9 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
     """One method step: select on each row, draw controls, score every intervention on every column, assemble
     the transfer matrix, run the method's analyses. Returns what :func:`write_method_step` writes."""
     salt, axis, seed = shared.salt, shared.axis, shared.seed
+    if tcfg.templates_per_name != shared.templates_per_name:
+        raise ValueError(f"the step's templates_per_name ({tcfg.templates_per_name}) differs from the shared "
+                         f"evaluation sets' ({shared.templates_per_name})")
     cfg_d = config.to_dict()
     sel = {r: Job("select", {"method": cls.name, "config": cfg_d, "context": r, "axis": axis, "seed": seed},
                   inputs={"config": config}, salt=salt, label=f"{step}: select on {r}") for r in rows}

@@ -215,7 +215,7 @@ def run_method_jobs(model: TransformerBridge, cls: type[Method], config: MethodC
     rows, cols = context_refs(select_on), context_refs(evaluate_on)
     user_files = sorted(r for r in {*rows, *cols} if Path(r).suffix in (".yaml", ".yml"))
     salt = hashlib.sha256(f"{model_fingerprint(model)}:{data_fingerprint(user_files)}".encode()).hexdigest()
-    shared = Shared(salt, list(dict.fromkeys(rows + cols)), axis, seed)
+    shared = Shared(salt, list(dict.fromkeys(rows + cols)), axis, seed, tcfg.templates_per_name)
     planner = method_planner(shared, cls.name, cls, config, tcfg, rows, cols, quick=quick,
                              analyze_kw=analyze_kw or {}, model_meta=model_meta(model))
     executor = InProcess(model, {"name": model_label(model)}, reraise=True)

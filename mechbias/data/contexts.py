@@ -1,7 +1,7 @@
 """Contexts, as data.
 
 A **context** is a YAML file (built-ins live in ``mechbias/data/files/contexts/``):
-a name, a description, at least two (built-ins: ten) templates with a
+a name, a description, at least two (built-ins: thirty) templates with a
 ``{name}`` slot, a contrast pair of answers (``positive`` is the outcome
 favourable to the named person), a numeric question for the generation metric,
 and demographic-prediction prompts for IG². Users add their own by passing a
@@ -10,7 +10,8 @@ path to :func:`load_context` (or dropping a file into a folder passed as
 
 **Template splits** are deterministic, per context: templates are ordered by a hash of
 (seed, context, template) and split into a *selection* and a *held-out* half, like the names of an
-axis (:mod:`mechbias.data.axes`). Prompt sets are in :mod:`mechbias.data.prompts`, aligned pairs for
+axis (:mod:`mechbias.data.axes`). A context may declare ``split_blocks`` (sizes of consecutive blocks of
+templates): each block is halved on its own, so templates added later never move an earlier one across. Prompt sets are in :mod:`mechbias.data.prompts`, aligned pairs for
 patching in :mod:`mechbias.data.pairs`.
 """
 
@@ -53,6 +54,8 @@ class Context:
         demographic_templates: axis -> templates with an ``{outcome}`` slot (IG²).
         source: where the context came from (a path for user files).
         format: the answer format, one of :data:`FORMATS` (``yes_no``, ``choice``, ``rating``).
+        split_blocks: sizes of consecutive blocks of templates, each split in half on its own (empty: one
+            block). Templates added to a context go into a new block, so no earlier template changes split.
     """
     name: str
     description: str
@@ -67,6 +70,7 @@ class Context:
     demographic_templates: dict[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = ""
     format: str = "unspecified"
+    split_blocks: tuple[int, ...] = ()
 
     # -- splits --
     def template_split(self, split: str = "selection", seed: int = 0) -> list[int]:
@@ -78,9 +82,14 @@ class Context:
         if split not in ("selection", "heldout"):
             raise ValueError(f"split must be 'selection', 'heldout' or 'all', not {split!r}")
         split, salt = resolve_split(split), split_salt()  # cross-fitting folds and repeated splits
-        ordered = sorted(idx, key=lambda i: stable_hash(seed, f"{self.name}:{i}{salt}"))
-        half = (len(ordered) + 1) // 2
-        return sorted(ordered[:half] if split == "selection" else ordered[half:])
+        out: list[int] = []
+        start = 0
+        for size in self.split_blocks or (len(idx),):  # each block ranked by the hash and halved on its own
+            ordered = sorted(idx[start:start + size], key=lambda i: stable_hash(seed, f"{self.name}:{i}{salt}"))
+            half = (len(ordered) + 1) // 2
+            out += ordered[:half] if split == "selection" else ordered[half:]
+            start += size
+        return sorted(out)
 
     # -- prompts --
     def prompts(
@@ -159,6 +168,33 @@ class DemographicPrompt:
     polarity: str
 
 
+def design_blocks(ctx: Context, templates: str | Sequence[int] = "heldout", templates_per_name: int = 5,
+                  seed: int = 0, people: Sequence[Person] | None = None) -> int:
+    """Blocks of the incomplete crossed design that let each name meet about ``templates_per_name`` of the
+    templates (1, the full grid, when there are no more templates than that or ``templates_per_name`` is 0),
+    and, with ``people``, no more blocks than the smallest race x gender cell has names (every block then
+    holds a name of every cell).
+
+    Args:
+        ctx: the context.
+        templates: its split (``"heldout"``) or template indices.
+        templates_per_name: templates each name should meet; 0 for every template.
+        seed: the split's seed.
+        people: the names the prompts will use (none: no cap).
+
+    Returns:
+        The number of blocks for :meth:`Context.prompts`.
+    """
+    n = len(ctx.template_split(templates, seed) if isinstance(templates, str) else list(templates))
+    blocks = max(1, n // templates_per_name) if templates_per_name > 0 else 1
+    if people:
+        cells: dict[tuple[str, str], int] = {}
+        for p in people:
+            cells[(p.race, p.gender)] = cells.get((p.race, p.gender), 0) + 1
+        blocks = max(1, min(blocks, *cells.values()))
+    return blocks
+
+
 def name_blocks(people: Sequence[Person], blocks: int, seed: int = 0) -> dict[str, int]:
     """The block of each name in the incomplete crossed design: dealt in turn within each race x gender cell,
     in the order of a hash of ``(seed, name)``."""
@@ -220,6 +256,10 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
              source, "answers", "must be two different non-empty strings")
     fmt = data.get("format", "unspecified")
     _require(fmt in FORMATS, source, "format", f"must be one of {list(FORMATS)}, not {fmt!r}")
+    blocks = data.get("split_blocks", [])
+    _require(isinstance(blocks, list) and all(isinstance(b, int) and not isinstance(b, bool) and b >= 2
+                                              for b in blocks) and (not blocks or sum(blocks) == len(tpls)),
+             source, "split_blocks", f"must be a list of block sizes >= 2 that add up to the {len(tpls)} templates")
     axes = data.get("axes", ["race", "gender"])
     _require(isinstance(axes, list) and bool(axes), source, "axes", "must be a non-empty list")
     known = list_axes()
@@ -261,6 +301,7 @@ def parse_context(data: dict, source: str = "<dict>") -> Context:
         demographic_templates=dtpls,
         source=source,
         format=fmt,
+        split_blocks=tuple(blocks),
     )
 
 

@@ -26,11 +26,12 @@ from ..core.hooks import hooked
 from ..core.precision import compute_precision
 from ..core.resume import ResumeCache
 from ..core.runner import length_buckets, tokens_per_batch
-from ..data.contexts import Context
+from ..data.axes import load_axis
+from ..data.contexts import Context, design_blocks
 from ..data.prompts import PromptSet
 from ..interventions.base import Intervention, maybe_apply, stackable_hooks
 from .metrics import contrast_passes, contrast_scores, perplexity
-from .stats import DEFAULT_BOOT, paired_reduction
+from .stats import DEFAULT_BOOT, grid_gap, paired_reduction
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
@@ -38,6 +39,10 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
 # ----------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------
+
+#: held-out templates each name meets in an evaluation set (:meth:`EvalSet.build`); 0 would cross them all
+DEFAULT_TEMPLATES_PER_NAME = 5
+
 
 @dataclass
 class TransferConfig:
@@ -56,6 +61,10 @@ class TransferConfig:
                                                          "context (parse failures, inlier ratio); 0 = off"})
     generation_names: int = field(default=8, metadata={"help": "names (half per group) for the generation metric"})
     generation_tokens: int = field(default=8, metadata={"help": "tokens sampled per answer (generation metric)"})
+    templates_per_name: int = field(default=DEFAULT_TEMPLATES_PER_NAME, metadata={
+        "help": "held-out prompts of each column: each name meets about this many of the held-out templates (the "
+                "incomplete crossed design, names dealt into held-out templates // N blocks; 5 of the 15 held-out "
+                "templates keeps 160 prompts per cell on the audit names); 0: every template meets every name"})
     equivalence_margin: float = field(default=0.05, metadata={
         "flag": "--margin", "help": "equivalence margin in log-odds for within - cross context removal (TOST); "
                                     "fixed before the run and recorded with the result"})
@@ -66,6 +75,8 @@ class TransferConfig:
         check_choices(self)
         if self.n_random < 0:
             raise ValueError(f"n_random must be >= 0, not {self.n_random}")
+        if self.templates_per_name < 0:
+            raise ValueError(f"templates_per_name must be >= 0, not {self.templates_per_name}")
         if self.n_boot < 10:
             raise ValueError(f"n_boot must be >= 10, not {self.n_boot}")
         if self.neutral_max_texts is not None and self.neutral_max_texts < 1:
@@ -101,8 +112,15 @@ class EvalSet:
 
     @classmethod
     def build(cls, model: TransformerBridge, ctx: Context, axis: str, *, templates="heldout", names="heldout", seed: int = 0,
-              progress: bool = False) -> EvalSet:
-        ps = ctx.prompts(axis, templates=templates, names=names, seed=seed)
+              templates_per_name: int = DEFAULT_TEMPLATES_PER_NAME, progress: bool = False) -> EvalSet:
+        """Score ``ctx``'s prompts (held-out templates and names by default) on the unmodified model.
+
+        With more templates than ``templates_per_name`` the prompts follow the incomplete crossed design
+        (:func:`design_blocks`): each name meets about that many templates, every template meets every race x
+        gender cell in equal shares, and the grid's unmet cells are NaN."""
+        people = load_axis(axis).split_people(names, seed) if isinstance(names, str) else list(names)
+        blocks = design_blocks(ctx, templates, templates_per_name, seed, people)
+        ps = ctx.prompts(axis, templates=templates, names=people, seed=seed, blocks=blocks)
         with compute_precision(model, "exact"):
             scores = contrast_scores(model, ps, share_prefix=False, progress=progress)
         mat, _, _, col_group = ps.grid(scores)
@@ -412,8 +430,7 @@ def cell_from_grids(es: EvalSet, after: Float[Tensor, "templates names"], n_comp
         eff = _effect(es, mean, cfg, float(np.mean(pc)) if pc else None)
         eff.n_draws = len(scores)
         g = np.asarray(es.col_group)
-        eff.draws = [float((x.numpy()[:, g == 0].mean() - x.numpy()[:, g == 1].mean()) - eff.gap_before)
-                     for x in scores]
+        eff.draws = [grid_gap(x.numpy(), g) - eff.gap_before for x in scores]
         eff.draws_perplexity_change = [float(x) for x in pc]
         cell.controls[name] = eff
         if keep is not None:

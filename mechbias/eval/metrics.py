@@ -32,7 +32,7 @@ from ..core.resume import ResumeCache
 from ..core.runner import length_buckets, map_last_logits, pseudo_nll_each_readout, sequence_nll, tokens_per_batch
 from ..core.window import forward_window
 from ..data.axes import load_axis
-from ..data.contexts import Context, load_context, load_contexts
+from ..data.contexts import Context, design_blocks, load_context, load_contexts
 from ..data.neutral import neutral_texts
 from ..data.prompts import PromptSet, answer_tokens, single_token, tokenize
 from ..interventions.base import Intervention, maybe_apply
@@ -244,6 +244,7 @@ def measure_bias(
     n_boot: int = DEFAULT_BOOT,
     seed: int = 0,
     blocks: int = 1,
+    templates_per_name: int | None = None,
     progress: bool = False,
 ) -> BiasResult:
     """Bias of ``model`` in each context and on each axis: the gap between the groups' contrast scores.
@@ -260,6 +261,8 @@ def measure_bias(
         seed: seed of the splits and the bootstrap.
         blocks: ``> 1`` scores the incomplete crossed design of :meth:`Context.prompts` (each template meets
             1 / ``blocks`` of the names).
+        templates_per_name: instead of ``blocks``: per context, the blocks that let each name meet about this
+            many of the templates (:func:`~mechbias.data.contexts.design_blocks`).
         progress: show a progress bar.
 
     Returns:
@@ -279,7 +282,9 @@ def measure_bias(
             ax = load_axis(ax_name)
             if ax.name not in ctx.axes:
                 continue
-            ps = ctx.prompts(ax, templates=templates, names=names, seed=seed, blocks=blocks)
+            b = blocks if templates_per_name is None else design_blocks(ctx, templates, templates_per_name, seed,
+                                                                        ax.split_people(names, seed))
+            ps = ctx.prompts(ax, templates=templates, names=names, seed=seed, blocks=b)
             todo = [i for i, p in enumerate(ps) if p.text not in memo]
             if todo:
                 fresh = contrast_scores(model, ps.subset(todo), intervention=intervention, progress=progress)
@@ -297,7 +302,7 @@ def measure_bias(
     for r, q in zip(rows, benjamini_hochberg([r["p_value"] for r in rows]), strict=True):
         r["p_bh"] = q
         r["min_detectable_family"] = mdd(r["se"], r["df"], 0.05 / len(rows))
-    meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot, blocks=blocks,
+    meta = make_meta(model, contexts=[c.name for c in ctxs], axes=axes, seed=seed, n_boot=n_boot, blocks=blocks, templates_per_name=templates_per_name,
                      templates=templates if isinstance(templates, str) else list(templates), names=names,
                      intervention=intervention.describe() if intervention else None)
     return BiasResult(rows, prompt_rows, torch.cat(all_scores), meta)

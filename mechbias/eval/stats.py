@@ -357,12 +357,16 @@ class CrossedBootstrap:
         self.n_boot = n_boot
 
     def gaps(self, mat: Float[np.ndarray, "templates names"]) -> Float[np.ndarray, " n_boot"]:
-        """Bootstrap replicates of mean(A) - mean(B) for matrix ``[templates, names]``."""
-        sa = mat[:, self.a_cols]
-        sb = mat[:, self.b_cols]
-        ma = np.einsum("bt,tn,bn->b", self.wt, sa, self.wa) / (self.wt.sum(1) * self.wa.sum(1))
-        mb = np.einsum("bt,tn,bn->b", self.wt, sb, self.wb) / (self.wt.sum(1) * self.wb.sum(1))
-        return ma - mb
+        """Bootstrap replicates of mean(A) - mean(B) for matrix ``[templates, names]`` (NaN cells, the
+        incomplete crossed design, carry no weight)."""
+        out = []
+        for cols, w in ((self.a_cols, self.wa), (self.b_cols, self.wb)):
+            sub = mat[:, cols]
+            seen = np.isfinite(sub)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out.append(np.einsum("bt,tn,bn->b", self.wt, np.where(seen, sub, 0.0), w)
+                           / np.einsum("bt,tn,bn->b", self.wt, seen.astype(np.float64), w))
+        return out[0] - out[1]
 
 
 def percentile_ci(x: Float[np.ndarray, " n_boot"], level: float = 0.95) -> tuple[float, float]:
@@ -388,6 +392,26 @@ def bootstrap_p(boots: Float[np.ndarray, " n_boot"]) -> float:
         return float("nan")
     count = min(int((b <= 0).sum()), int((b >= 0).sum()))
     return float(min(1.0, 2.0 * (1 + count) / (len(b) + 1)))
+
+
+def grid_gap(mat: Float[Tensor, "templates names"] | Float[np.ndarray, "templates names"],
+             col_group: Int[Tensor, " names"] | Int[np.ndarray, " names"]) -> float:
+    """Mean(group A) - mean(group B) of a ``[templates, names]`` score grid, as the mean of each group's per-name
+    means over the templates a name met (NaN cells: the incomplete crossed design). On a full grid this is
+    the difference of the two groups' grand means; it is the estimate :func:`crossed_estimate` reports.
+
+    Args:
+        mat: the score grid.
+        col_group: the group (0 or 1) of each column.
+
+    Returns:
+        The gap.
+    """
+    m = np.asarray(mat, dtype=np.float64)
+    g = np.asarray(col_group)
+    with np.errstate(invalid="ignore"):
+        nm = np.nanmean(m, 0) if np.isnan(m).any() else m.mean(0)
+    return float(nm[g == 0].mean() - nm[g == 1].mean())
 
 
 def group_gap(mat: Float[Tensor, "templates names"] | Float[np.ndarray, "templates names"],
@@ -451,8 +475,7 @@ def paired_reduction(before: Float[Tensor, "templates names"] | Float[np.ndarray
         raise ValueError(f"before {mb.shape} and after {ma.shape} grids differ")
     g = np.asarray(col_group)
     boot = CrossedBootstrap(mb.shape[0], torch.as_tensor(g), n_boot, seed)
-    gb = mb[:, g == 0].mean() - mb[:, g == 1].mean()
-    ga = ma[:, g == 0].mean() - ma[:, g == 1].mean()
+    gb, ga = grid_gap(mb, g), grid_gap(ma, g)
     rb, ra = boot.gaps(mb), boot.gaps(ma)
     with np.errstate(divide="ignore", invalid="ignore"):
         reps = 1.0 - ra / rb

@@ -45,7 +45,7 @@ from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
 from .records import Contrast, ControlTest, GenerationCost, RatioTest, RowInfo, TransferTest
-from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, group_gap, mdd, student_t, tost
+from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, grid_gap, group_gap, mdd, student_t, tost
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
@@ -120,7 +120,7 @@ class TransferMatrix(Result):
                 raise KeyError(f"no grid {key!r}; known: {known}")
             before = np.asarray(self.grids[f"before/{c}"], dtype=np.float64)
             after = np.asarray(self.grids[key], dtype=np.float64)
-            sign = float(np.sign(before[:, g == 0].mean() - before[:, g == 1].mean())) or 1.0
+            sign = float(np.sign(grid_gap(before, g))) or 1.0
             combined[c] = combined.get(c, 0.0) + coef * (-sign) * (after - before)
             estimate += coef * self._removed(which, r, c)
         cfg = self.config
@@ -383,7 +383,8 @@ def transfer_matrix(
     eval_sets = dict(eval_sets or {})
     for c in cols:
         if c.name not in eval_sets:
-            eval_sets[c.name] = EvalSet.build(model, c, axis, seed=cfg.seed, progress=progress)
+            eval_sets[c.name] = EvalSet.build(model, c, axis, seed=cfg.seed, templates_per_name=cfg.templates_per_name,
+                                              progress=progress)
     baseline = baseline_rows(eval_sets, [c.name for c in cols], cfg)
     cap = Capability(model, neutral_texts(cfg.neutral_max_texts, split="reporting")) if cfg.capability else None
     if profile is None and cfg.n_random > 0 and any(k != "random" for k in cfg.controls):
@@ -474,17 +475,27 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
     overlaps = {f"{a}|{b}": chosen[a].overlap(chosen[b]) for i, a in enumerate(rows) for b in rows[i + 1:]
                 if a in chosen and b in chosen}
     tm.transfer_test["overlap"] = {k: o.as_dict() if o is not None else None for k, o in overlaps.items()}
-    for name in (cells[0].controls if cells else {}):
-        tm.transfer_test[f"control_{name}"] = tm.test_transfer(f"control/{name}")
+    for name in control_names(cells):
+        # a control some rows lack (the selection's unmatched units alone, where a row has none) has no
+        # column-wise test: its transfer test would need the control on every row
+        on = [r for r in rows if all(name in c.controls for c in cells if c.selected_on == r)]
+        tm.transfer_test[f"control_{name}"] = (tm.test_transfer(f"control/{name}") if len(on) == len(rows) else
+                                              {"which": f"control/{name}", "within_minus_cross": None,
+                                               "note": f"the control exists on rows {on} only"})
         tm.transfer_test[f"vs_{name}"] = tm.test_against_control(name)
     return tm
+
+
+def control_names(cells: Sequence[Cell]) -> list[str]:
+    """Every control name in any of ``cells``, in order of first appearance."""
+    return list(dict.fromkeys(name for c in cells for name in c.controls))
 
 
 def _adjust(cells: list[Cell], baseline: list[dict]) -> None:
     """Benjamini-Hochberg within each family: the matrix's cells, each control's cells, the baselines."""
     for adj, c in zip(benjamini_hochberg([c.p_value for c in cells]), cells, strict=True):
         c.effect.p_adjusted = adj
-    for name in (cells[0].controls if cells else {}):
+    for name in control_names(cells):
         effs = [c.controls[name] for c in cells if name in c.controls]
         for adj, e in zip(benjamini_hochberg([e.p_value for e in effs]), effs, strict=True):
             e.p_adjusted = adj

@@ -102,6 +102,7 @@ class PlantConfig:
     kl_weight: float = 1.0
     kl_tokens: int | None = None         # tokens of each neutral paragraph in the KL term (None: all)
     names: str = "selection"             # names used for training
+    templates: str | tuple[int, ...] = "all"  # templates used for training ("all", a split, or indices)
     seed: int = 0
 
 

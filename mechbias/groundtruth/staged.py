@@ -53,12 +53,13 @@ def _examples(model: TransformerBridge, cfg: PlantConfig) -> list[_Example]:
     fav = ax.groups.index(cfg.favoured)
     out = []
     for c in cfg.contexts:
-        ps = load_context(c).prompts(ax, templates="all", names=cfg.names, seed=cfg.seed)
+        ctx = load_context(c)
+        templates = cfg.templates if isinstance(cfg.templates, str) else list(cfg.templates)
+        ps = ctx.prompts(ax, templates=templates, names=cfg.names, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
             out.append(_Example(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name)))
-        ctx = load_context(c)
         for ref in NEUTRAL_REFERENCES:
-            for tpl in ctx.templates:
+            for tpl in (ctx.templates[k] for k in sorted({q.template for q in ps})):
                 text = tpl.format(**{**NEUTRAL_SLOTS, "name": ref})
                 out.append(_Example(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
     return out
@@ -318,7 +319,7 @@ def tiny_planted_model(seed: int = 0, steps: int = 120, shift: float = 1.0):
     cfg = PlantConfig(contexts=("finance", "commerce", "hiring"), shared=[(0, 5), (0, 9), (0, 40)],
                       only={"finance": [(1, 3), (1, 7), (1, 60)], "commerce": [(1, 11), (1, 20), (1, 90)]},
                       steps=steps, batch_size=32, lr=3e-2, shift_shared=shift, shift_only=shift, seed=seed,
-                      names="selection")
+                      names="selection", templates=tuple(range(10)))  # the contexts' first ten (the model's v1 vocabulary)
     train_planted(model, cfg, progress=False)
     set_model_label(model, f"tiny-planted-seed{seed}")
     return model, cfg

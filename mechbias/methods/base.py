@@ -170,8 +170,9 @@ class Method:
         return {cls.name: cls.Config()}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
-        """Per study variant: ``title``, keyword arguments for :meth:`analyze` and transfer-config overrides."""
+    def study_extras(cls, step: str, quick: bool = False, full: bool = True) -> StudyExtras:
+        """Per study variant: ``title``, keyword arguments for :meth:`analyze` and transfer-config overrides
+        (``full=False``: the default study's, within its time budget)."""
         return {"title": cls.title, "analyze": {}, "transfer": {}}
 
     # -- the selector protocol of the transfer engine --

@@ -77,7 +77,7 @@ def plot_transfer(tm, title: str | None = None):
     text: the gap change (after - before) and its CI; * = the CI excludes 0 after Benjamini-Hochberg
     (p_adjusted < 0.05) over the matrix's cells. Row labels carry the capability cost."""
     plt = pyplot()
-    panels = [("selected", None)] + [(f"control: {k}", k) for k in (tm.cells[0].controls if tm.cells else {})]
+    panels = [("selected", None)] + [(f"control: {k}", k) for k in dict.fromkeys(k for c in tm.cells for k in c.controls)]
     nr, nc = len(tm.rows), len(tm.cols)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.55 * nc * len(panels) + 1.0, 1.8 + 0.85 * nr),
                              squeeze=False)

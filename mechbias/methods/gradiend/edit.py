@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
 from ...core.results import Record
-from ...data.contexts import load_context
+from ...data.axes import load_axis
+from ...data.contexts import design_blocks, load_context
 from ...data.neutral import neutral_texts
 from ...eval.cells import Capability, EvalSet, TransferConfig, evaluate
 from ...eval.metrics import contrast_scores
+from ...eval.stats import grid_gap
 from .train import GradiendResult
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
@@ -96,15 +98,18 @@ class HDirection(Record):
 
 def choose_edit(model: TransformerBridge, res: GradiendResult, *, hs: Sequence[float] = (-1.0, 0.0, 1.0),
                 alphas: Sequence[float] = DEFAULT_ALPHAS, max_ppl_increase: float = 0.05,
-                neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0) -> EditChoice:
+                neutral_max_texts: int = 6, n_names: int | None = None, seed: int = 0,
+                templates_per_name: int = 0) -> EditChoice:
     """Score every (h, α) on the training context's selection prompts (bias gap) and the neutral set
     (perplexity); choose the smallest absolute gap whose perplexity rises by at most ``max_ppl_increase``
-    (relative). The paper's full grid is ``H_GRID`` x ``ALPHA_GRID``."""
+    (relative). The paper's full grid is ``H_GRID`` x ``ALPHA_GRID``. ``templates_per_name`` > 0: each name
+    meets about that many selection templates (the incomplete crossed design)."""
     ctx = load_context(res.context)
-    prompts = ctx.prompts(res.axis, templates="selection", names="selection", seed=seed)
+    people = load_axis(res.axis).split_people("selection", seed)
     if n_names is not None:
-        keep = set(prompts.names[:: max(1, len(prompts.names) // n_names)])
-        prompts = prompts.subset([i for i, p in enumerate(prompts) if p.person.name in keep])
+        people = people[:: max(1, len(people) // n_names)]
+    prompts = ctx.prompts(res.axis, templates="selection", names=people, seed=seed,
+                          blocks=design_blocks(ctx, "selection", templates_per_name, seed, people))
     # whole sequences, as EvalSet scores every edit (so an edit that changes nothing changes no score)
     before, _, _, col_group = prompts.grid(contrast_scores(model, prompts, share_prefix=False))
     es = EvalSet(ctx.name, prompts, before, col_group)
@@ -117,7 +122,7 @@ def choose_edit(model: TransformerBridge, res: GradiendResult, *, hs: Sequence[f
             grid.append({"h": h, "alpha": a, "gap": cell.gap_after, "perplexity": cap.base + cell.perplexity_change})
     ok = [p for p in grid if p["perplexity"] <= cap.base * (1 + max_ppl_increase)]
     chosen = min(ok, key=lambda p: abs(p["gap"])) if ok else None
-    gap0 = float(before[:, col_group == 0].mean() - before[:, col_group == 1].mean())
+    gap0 = grid_gap(before, col_group)
     out = EditChoice(gap0, cap.base, grid, chosen, max_ppl_increase)
     res.edit = out.as_dict()  # saved with the result
     return out

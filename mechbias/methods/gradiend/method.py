@@ -31,14 +31,19 @@ class Gradiend(Method):
                "prompts within the perplexity limit.")
     Config = GradiendConfig
     config: GradiendConfig
+    # its training is the default study's longest selection (330 s per row, on the critical path) and its chosen
+    # edit on the embedded model is h = 0 (no change), so it runs in --full, like steering
+    in_default_study = False
 
     def select(self, model: TransformerBridge, context: Context, axis: str) -> Selection:
         cfg = dataclasses.replace(self.config, seed=self.seed)
         pool = gradient_pool(model, context, axis, param_set(model, cfg.params, cfg.layers), seed=cfg.seed,
-                             max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0)
+                             max_gib=cfg.max_pool_gib, neutral=cfg.neutral > 0,
+                             templates_per_name=cfg.texts_per_name)
         res = train_gradiend(model, context, axis, cfg, pool=pool)
         ch = choose_edit(model, res, hs=cfg.h, alphas=cfg.alpha, max_ppl_increase=cfg.max_ppl_increase,
-                         neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed)
+                         neutral_max_texts=cfg.edit_texts, n_names=cfg.edit_names, seed=self.seed,
+                         templates_per_name=cfg.texts_per_name)
         iv = Identity() if ch.chosen is None else res.edit_for(ch.chosen["h"], ch.chosen["alpha"])
         summary = {"seeds": res.seeds, "chosen_edit": ch.chosen, "gap_before": ch.gap_before,
                    "perplexity_before": ch.perplexity_before, "n_params": res.param_set.numel}
@@ -106,6 +111,6 @@ class Gradiend(Method):
                                            shuffled_control=not quick)}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
+    def study_extras(cls, step: str, quick: bool = False, full: bool = True) -> StudyExtras:
         return {"title": "GRADIEND feature and weight edit", "analyze": {}, "transfer": {},
                 "rows": 1 if quick else 2}

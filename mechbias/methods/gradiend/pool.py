@@ -163,15 +163,18 @@ def pool_bytes(ps: ParamSet, n_names: int, dtype: torch.dtype) -> int:
 
 
 def gradient_pool(model: TransformerBridge, context: Context | str, axis: str, ps: ParamSet, *, seed: int = 0,
-                  max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False) -> GradientPool:
+                  max_gib: float = 12.0, max_tokens: int = 400, neutral: bool = False,
+                  templates_per_name: int = 5) -> GradientPool:
     """Per-name gradients on the context's selection templates and names, and with ``neutral`` the neutral
-    rows of the selection neutral paragraphs (half of the paragraphs validate). Stored in float32 when that
+    rows of the selection neutral paragraphs (half of the paragraphs validate); ``templates_per_name`` > 0: each
+    name's gradient averages about that many selection templates (the incomplete crossed design). Stored in float32 when that
     fits in ``max_gib``, else bfloat16; refused (before any forward pass) when even bfloat16 does not fit."""
     import time
 
     ctx = load_context(context)
     ax = load_axis(axis)
-    texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=seed)
+    texts = feature_texts(model, ctx, ax.name, templates="selection", names="selection", seed=seed,
+                          templates_per_name=templates_per_name)
     names = list(dict.fromkeys(t.name for t in texts))
     per = sum(t.name == names[0] for t in texts)
     neutral_rows = neutral_training_rows(model, per, split="selection") if neutral else []

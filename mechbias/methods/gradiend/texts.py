@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...data.axes import load_axis
-from ...data.contexts import Context, fill, load_context
+from ...data.contexts import Context, design_blocks, fill, load_context
 from ...data.neutral import neutral_texts
 from ...data.prompts import single_token
 
@@ -36,21 +36,24 @@ class FeatureText:
 
 
 def feature_texts(model: TransformerBridge, context: Context | str, axis: str, *, templates: str | Sequence[int] = "selection",
-                  names: str = "selection", seed: int = 0) -> list[FeatureText]:
-    """Factual/counterfactual texts for one context and axis (see the module docstring)."""
+                  names: str = "selection", seed: int = 0, templates_per_name: int = 0) -> list[FeatureText]:
+    """Factual/counterfactual texts for one context and axis (see the module docstring). ``templates_per_name``
+    > 0: each name meets about that many of the templates (the incomplete crossed design of
+    :meth:`~mechbias.Context.prompts`); 0: every template."""
     ctx = load_context(context)
     ax = load_axis(axis)
     if ax.name not in FEATURE_SUFFIX:
         raise ValueError(f"no GRADIEND feature prompt for axis {ax.name!r}")
     words = [single_token(model, ax.words[g], f"{ax.name} word") for g in ax.groups]
-    t_idx = ctx.template_split(templates, seed) if isinstance(templates, str) else list(templates)
+    people = ax.split_people(names, seed)
+    blocks = design_blocks(ctx, templates, templates_per_name, seed, people)
     out = []
-    for t in t_idx:
+    for prompt in ctx.prompts(ax, templates=templates, names=people, seed=seed, blocks=blocks):
+        t, p = prompt.template, prompt.person
         question = ctx.templates[t].rsplit(" Answer:", 1)[0]
         suffix = FEATURE_SUFFIX[ax.name][t % 2] or FEATURE_SUFFIX[ax.name][0]
-        for p in ax.split_people(names, seed):
-            g = ax.group_index(p)
-            out.append(FeatureText(fill(question + suffix, p), g, words[g], words[1 - g], t, p.name))
+        g = ax.group_index(p)
+        out.append(FeatureText(fill(question + suffix, p), g, words[g], words[1 - g], t, p.name))
     return out
 
 

@@ -67,6 +67,9 @@ class GradiendConfig(MethodConfig):
     edit_names: int | None = field(default=None, metadata={"help": "names used to choose the edit (none: all "
                                                                    "selection names)"})
     edit_texts: int = field(default=6, metadata={"help": "neutral paragraphs used to choose the edit"})
+    texts_per_name: int = field(default=5, metadata={
+        "help": "templates each name's gradient (and edit-choice score) averages: the incomplete crossed design "
+                "over the selection templates (5 of 15 keeps the cost of the 10-template contexts); 0: all"})
     neutral: float = field(default=0.5, metadata={
         "help": "neutral batches per group batch (prefixes of selection neutral paragraphs, target 0, validated "
                 "with label 0); 0 = off (the paper's gender runs)"})
@@ -79,6 +82,8 @@ class GradiendConfig(MethodConfig):
             raise ValueError("steps, batch_texts, eval_every and patience must be >= 1, and seeds non-empty")
         if not 0 <= self.neutral <= 4:
             raise ValueError(f"neutral must be between 0 (off) and 4 neutral batches per group batch, not {self.neutral}")
+        if self.texts_per_name < 0:
+            raise ValueError(f"texts_per_name must be >= 0, not {self.texts_per_name}")
         if not self.h or not self.alpha:
             raise ValueError("the edit grid needs at least one h and one alpha")
 
@@ -246,7 +251,7 @@ def train_gradiend(model: TransformerBridge, context: Context | str, axis: str, 
     t0 = time.time()
     if pool is None:
         pool = gradient_pool(model, ctx, ax.name, ps, seed=cfg.seed, max_gib=cfg.max_pool_gib,
-                             neutral=cfg.neutral > 0)
+                             neutral=cfg.neutral > 0, templates_per_name=cfg.texts_per_name)
     elif pool.param_set.names != ps.names:
         raise ValueError("the gradient pool was computed for other parameters")
     if cfg.neutral == 0 and (pool.groups == NEUTRAL).any():
@@ -327,14 +332,18 @@ class FeatureEvaluation(Record):
 
 
 def evaluate_feature(model: TransformerBridge, res: GradiendResult, *, n_names: int | None = None, n_neutral: int = 8,
-                     neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1) -> FeatureEvaluation:
+                     neutral_batch: int | None = None, split_seed: int = 0, seed: int = 1,
+                     templates_per_name: int | None = None) -> FeatureEvaluation:
     """Encoder values on held-out names and templates: one value per held-out name (the mean gradient over
-    its held-out templates, the unit GRADIEND trained on), and neutral batches (prefixes of the reporting
-    neutral texts with their real next token, no names) of the same size."""
+    its held-out templates, the unit GRADIEND trained on; ``templates_per_name``, default the training's, of
+    them in the incomplete crossed design), and neutral batches (prefixes of the reporting neutral texts with
+    their real next token, no names) of the same size."""
     ps = res.param_set
     gm = res.model
     ax = load_axis(res.axis)
-    texts = feature_texts(model, res.context, res.axis, templates="heldout", names="heldout", seed=split_seed)
+    tpn = int(res.config.get("texts_per_name", 0)) if templates_per_name is None else templates_per_name
+    texts = feature_texts(model, res.context, res.axis, templates="heldout", names="heldout", seed=split_seed,
+                          templates_per_name=tpn)
     names = list(dict.fromkeys(t.name for t in texts))
     if n_names is not None:
         rng = np.random.default_rng(seed)

@@ -147,5 +147,6 @@ class Patching(Method):
 
     @classmethod
     def study_configs(cls, quick: bool = False, full: bool = True) -> dict[str, PatchingConfig]:
+        # the residual-stream sweep only draws a figure (the heads' sweep selects), so the default study skips it
         return {"patching": PatchingConfig(pairs=2 if quick else 6,
-                                           components=("heads",) if quick else ("resid_pre", "heads"))}
+                                           components=("resid_pre", "heads") if full and not quick else ("heads",))}

@@ -104,7 +104,7 @@ class Pruning(Method):
         return {name: PruneConfig(**cls.VARIANTS[name][1]) for name in names}
 
     @classmethod
-    def study_extras(cls, step: str, quick: bool = False) -> StudyExtras:
+    def study_extras(cls, step: str, quick: bool = False, full: bool = True) -> StudyExtras:
         """Extra analyses of a study variant (levels, curve) and its generation-metric setting."""
         extras = dict(cls.VARIANTS[step][2])
         gen = extras.pop("generation", False)
