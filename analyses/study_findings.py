@@ -49,7 +49,9 @@ def method_rows(tm: TransferMatrix) -> dict:
     cols = tm.within_columns()
     diag = [(c, c) for c in cols]
     off = [(r, c) for c in cols for r in tm.rows if r != c]
-    controls = sorted(tm.cells[0].controls if tm.cells else [], key=lambda k: (k != "random", k))
+    # the controls every diagonal cell has (the selection's unmatched units alone exist only on rows with some)
+    controls = sorted({k for r, c in diag for k in tm.cell(r, c).controls
+                       if all(k in tm.cell(q, q).controls for q, _ in diag)}, key=lambda k: (k != "random", k))
 
     def mean_of(which: str, cells: list) -> dict:
         return tm.contrast([(which, r, c, 1.0 / len(cells)) for r, c in cells]).as_dict()

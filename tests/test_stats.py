@@ -546,3 +546,35 @@ def test_incomplete_grids_give_the_name_mean_gap_everywhere():
         assert reps[k] == pytest.approx(num[0] / den[0] - num[1] / den[1], abs=1e-12)
     full = rng.normal(size=(T, n))
     assert grid_gap(full, g) == pytest.approx(full[:, g == 0].mean() - full[:, g == 1].mean(), abs=1e-12)
+
+
+def test_a_control_on_some_rows_only_is_reported_not_tested():
+    """The selection's unmatched units alone are a control only on rows that have unmatched units. The matrix
+    still finishes: that control's column-wise test says on which rows it exists instead of failing, a control on
+    every row is tested, and Benjamini-Hochberg covers the partial control's cells too."""
+    from mechbias.eval.cells import EvalSet, TransferConfig
+    from mechbias.eval.transfer import finish_matrix
+
+    rng = np.random.default_rng(8)
+    tm0 = _matrix(rng, 0.3, 0.1, ctxs=("a", "b"))
+    g = tm0.grids["col_group"]
+    eval_sets = {c: EvalSet(c, None, tm0.grids[f"before/{c}"], g) for c in tm0.cols}
+    grids = {k: v for k, v in tm0.grids.items() if k.startswith("after/")}
+    for cell in tm0.cells:
+        r, c = cell.selected_on, cell.evaluated_on
+        kinds = ("random", "unmatched_only") if r == "a" else ("random",)
+        for k in kinds:
+            before = tm0.grids[f"before/{c}"].numpy()
+            after = before + rng.normal(0, 0.05, before.shape)
+            grids[f"control/{k}/{r}/{c}"] = torch.tensor(after)
+            red = paired_reduction(before, after, g, n_boot=200)
+            cell.controls[k] = Effect(red.gap_before, red.gap_after, red.gap_change, red.gap_change_ci[0],
+                                      red.gap_change_ci[1], red.gap_change_p, red.min_detectable, -red.gap_change,
+                                      None, None, None)
+    tm = finish_matrix("sim", "race", ["a", "b"], ["a", "b"], eval_sets, tm0.cells, [], [],
+                       TransferConfig(n_boot=200), {}, grids, {})
+    part = tm.transfer_test["control_unmatched_only"]
+    assert part["within_minus_cross"] is None and "['a']" in part["note"]
+    assert isinstance(tm.transfer_test["control_random"]["within_minus_cross"], float)
+    assert tm.transfer_test["vs_unmatched_only"]["difference"] is None
+    assert all(c.controls["unmatched_only"].p_adjusted is not None for c in tm.cells if c.selected_on == "a")
