@@ -59,7 +59,7 @@ def method_rows(tm: TransferMatrix) -> dict:
     out: dict = {"method": tm.method, "rows": tm.rows, "cols": tm.cols,
                  "within": mean_of("after", diag), "cross": mean_of("after", off) if off else None,
                  "test": tm.transfer_test if "within_minus_cross" in (tm.transfer_test or {}) else tm.test_transfer(),
-                 "controls": {}}
+                 "controls": {}, "units": {i["context"]: i["n_components"] for i in tm.row_info}}
     ppl = [tm.cell(r, r).perplexity_change for r, _ in diag]
     out["ppl"] = float(np.mean(ppl)) if all(p is not None for p in ppl) else None
     for name in controls:
@@ -111,6 +111,10 @@ def findings(study: Path) -> tuple[str, list[dict]]:
                               for m in methods])
     for m, a in zip(methods, adj, strict=True):
         m["test_p_adjusted"] = a
+    # the gate: a method's transfer is read only where its within-context removal survives BH over the methods
+    within_adj = benjamini_hochberg([m["test"].get("within_p_value", float("nan")) for m in methods])
+    for m, a in zip(methods, within_adj, strict=True):
+        m["within_p_adjusted"] = a
     effects, beats, tests = [], [], []
     for m in methods:
         effects.append({"method (step)": f"{m['method']} (`{m['step']}`)",
@@ -135,7 +139,11 @@ def findings(study: Path) -> tuple[str, list[dict]]:
                       "p": f"{t['p_value']:.3f}" if t.get("p_value") is not None else "-",
                       "p (BH over methods)": f"{m['test_p_adjusted']:.3f}" if np.isfinite(m["test_p_adjusted"])
                       else "-",
-                      "detectable at 80% power": f"{t['min_detectable']:.3f}" if t.get("min_detectable") else "-"})
+                      "detectable at 80% power": f"{t['min_detectable']:.3f}" if t.get("min_detectable") else "-",
+                      "units per row": ", ".join(f"{c} {n}" for c, n in m["units"].items()),
+                      "within p (BH)": f"{m['within_p_adjusted']:.3f}" if np.isfinite(m["within_p_adjusted"]) else "-",
+                      "TOST p": f"{t['tost']['p_value']:.3f}" if t.get("tost") else "-",
+                      "reading": reading(m)})
     parts += ["## Absolute effects per method (mean over cells)", "", markdown_table(effects), "",
               "## Does the selection beat its controls? (diagonal cells)", "", markdown_table(beats), "",
               "## The transfer question: within-context minus cross-context removal", "", markdown_table(tests), ""]
@@ -158,6 +166,22 @@ def findings(study: Path) -> tuple[str, list[dict]]:
                   markdown_table([{"job kind": k, "jobs": v["jobs"], "seconds (sum)": f"{v['seconds']:.0f}",
                                    "seconds (longest)": f"{v['max']:.0f}"} for k, v in w["by_kind"].items()]), ""]
     return "\n".join(parts), methods
+
+
+def reading(m: dict) -> str:
+    """What a method's transfer test allows one to say, in the order the checks apply."""
+    t = m["test"]
+    empty = [c for c, n in m["units"].items() if n == 0]
+    if empty:
+        return f"selected no unit on {', '.join(empty)}: nothing to compare"
+    if not np.isfinite(m["within_p_adjusted"]) or m["within_p_adjusted"] >= 0.05:
+        return "no within-context effect after BH: no transfer question"
+    margin = t["tost"]["margin"] if t.get("tost") else None
+    if t.get("tost", {}).get("equivalent"):
+        return f"transfers: equivalent within ±{margin:g}"
+    if t.get("ci_low") is not None and (t["ci_low"] > 0 or t["ci_high"] < 0):
+        return "context-specific: within - cross excludes 0"
+    return f"cannot tell (detectable {t['min_detectable']:.3f})"
 
 
 def plot_tests(methods: list[dict]):

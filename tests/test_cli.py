@@ -269,8 +269,9 @@ def test_a_method_run_saves_each_cell_and_intervention_once_and_old_folders_stil
     assert run.transfer.interventions["finance"].describe() == load_intervention(
         tmp_path / "interventions" / "finance").describe() == run.selections["finance"]["intervention"]
     assert [c["gap_change"] for c in run.cells()] == [c.gap_change for c in run.transfer.cells]
-    # the committed study of the layout before (transfer_result/, transfer.json): read, cells equal to its JSON
-    old = Path(__file__).resolve().parents[1] / "analyses/results/study_default/steps/prune_neuron_paper"
+    # a study step of the layout before (transfer_result/, transfer.json; the default study committed until
+    # 2026-12-06, kept under tests/data): read, cells equal to its JSON
+    old = Path(__file__).resolve().parent / "data" / "run_layout1_prune"
     before = load_run(old)
     saved = json.loads((old / "transfer.json").read_text())["cells"]
     assert [c.gap_change for c in before.transfer.cells] == [c["gap_change"] for c in saved]

@@ -578,3 +578,18 @@ def test_a_control_on_some_rows_only_is_reported_not_tested():
     assert isinstance(tm.transfer_test["control_random"]["within_minus_cross"], float)
     assert tm.transfer_test["vs_unmatched_only"]["difference"] is None
     assert all(c.controls["unmatched_only"].p_adjusted is not None for c in tm.cells if c.selected_on == "a")
+
+
+def test_a_row_that_selected_nothing_says_so(caplog):
+    """A selection rule may choose no unit (neuron pruning's paper rule on 15 selection templates does): the row
+    records it and a warning is logged, so a row of exact zeros is never read as a measured null effect."""
+    import logging
+
+    from mechbias.eval.transfer import EMPTY_ROW, make_row_info
+    from mechbias.interventions.units import NeuronIntervention
+
+    with caplog.at_level(logging.WARNING, logger="mechbias"):
+        info = make_row_info("finance", NeuronIntervention({}), {}, None, None, None, None)
+    assert info["note"] == EMPTY_ROW and info["n_components"] == 0
+    assert any("chose no unit" in r.getMessage() for r in caplog.records)
+    assert "note" not in make_row_info("finance", NeuronIntervention({3: [1]}), {}, None, None, None, None)

@@ -102,6 +102,8 @@ class TransferTest(TypedDict, total=False):
     within_p_adjusted: float
     gated: bool
     gate_note: str
+    empty_rows: list[str]
+    empty_note: str
     pooled_diagonal_minus_offdiagonal: float
     note: str
 
@@ -202,3 +204,4 @@ class RowInfo(TypedDict, total=False):
     perplexity_base: float
     perplexity_change: float | None
     generation: GenerationCost
+    note: str

@@ -457,7 +457,14 @@ def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequenc
                 cast(dict, info)[f"{name}_perplexity_change"] = float(np.mean(pc))  # a key per control
     if generation is not None:
         info["generation"] = generation
+    if iv.n_components == 0:  # a legitimate outcome of a selection rule, never a silent one
+        info["note"] = EMPTY_ROW
+        _LOG.warning(f"the selection on {context} chose no unit ({iv.describe()}): {EMPTY_ROW}")
     return info
+
+
+#: what a row whose selection chose no unit records (and the transfer test repeats)
+EMPTY_ROW = "selected no unit: every cell of this row is unchanged (0) by construction"
 
 
 def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval_sets: Mapping[str, EvalSet],
@@ -471,6 +478,10 @@ def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval
     tm = TransferMatrix(method, axis, rows, cols, cells, row_info, baseline, config_d, meta, grids=grids,
                         interventions=dict(chosen))
     tm.transfer_test = dict(tm.test_transfer(margin=cfg.equivalence_margin))
+    empty = [i["context"] for i in row_info if i.get("note") == EMPTY_ROW]
+    if empty:  # within = cross = 0 on such rows says nothing about transfer
+        tm.transfer_test["empty_rows"] = empty
+        tm.transfer_test["empty_note"] = f"{EMPTY_ROW} (rows {empty})"
     # how alike the rows' selections are (identical interventions give within = cross by construction)
     overlaps = {f"{a}|{b}": chosen[a].overlap(chosen[b]) for i, a in enumerate(rows) for b in rows[i + 1:]
                 if a in chosen and b in chosen}
