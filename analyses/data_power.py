@@ -15,6 +15,10 @@ Each folder under ``analyses/results/`` named below holds the ``bias.json`` of o
     mechbias bias [--model gemma-3-270m] --contexts finance commerce hiring housing \\
         --axis gender race gender@extended race@extended --templates heldout --names heldout \\
         --out analyses/results/bias_rosters[_gemma]
+    # after the yes/no contexts grew to 30 templates (2026-12-06; the runs above used their 5 held-out of 10):
+    mechbias bias [--model gemma-3-270m] --contexts finance commerce hiring housing \\
+        --axis gender@extended race@extended --templates heldout --names heldout --blocks 6 \\
+        --out analyses/results/bias_blocks_yes_no30[_gemma]
     python analyses/data_power.py
 """
 
@@ -28,6 +32,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"SmolLM2-135M-Instruct": "", "Gemma 3 270M": "_gemma"}
 FULL = ("bias_rosters", "bias_new_contexts")
 BLOCKS = ("bias_blocks_yes_no", "bias_blocks_new")
+THIRTY = ("bias_blocks_yes_no30", "bias_blocks_new")  # every context with 30 templates (15 held out)
 CONTEXTS = ("finance", "commerce", "hiring", "housing", "healthcare", "education")
 
 
@@ -50,21 +55,22 @@ def fmt(r: dict | None) -> str:
 
 
 def table(suffix: str) -> str:
-    full, blocks = rows_of(FULL, suffix), rows_of(BLOCKS, suffix)
+    full, blocks, thirty = rows_of(FULL, suffix), rows_of(BLOCKS, suffix), rows_of(THIRTY, suffix)
 
     def get(rows, c, a, roster):
         return next((r for r in rows if r["context"] == c and r["axis"] == a and r["roster"] == roster), None)
 
-    lines = ["| context (format) | axis | audit roster, full grid | extended, full grid | extended, incomplete design |",
-             "|---|---|---|---|---|"]
+    lines = ["| context (format) | axis | audit roster, full grid | extended, full grid | extended, incomplete design "
+             "| extended, incomplete design, 30 templates |", "|---|---|---|---|---|---|"]
     fmt_of = {"finance": "yes/no", "commerce": "yes/no", "hiring": "yes/no", "housing": "yes/no",
               "healthcare": "A/B choice", "education": "rating"}
     for c in CONTEXTS:
         for a in ("gender", "race"):
-            inc = get(blocks, c, a, "extended")
+            inc, new = get(blocks, c, a, "extended"), get(thirty, c, a, "extended")
             lines.append(f"| {c} ({fmt_of[c]}) | {a} | {fmt(get(full, c, a, 'audit'))} | "
                          f"{fmt(get(full, c, a, 'extended'))} | {fmt(inc)}"
-                         + (f", {inc['blocks']} blocks" if inc else "") + " |")
+                         + (f", {inc['blocks']} blocks" if inc else "") + f" | {fmt(new)}"
+                         + (f", {new['blocks']} blocks" if new else "") + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """The study's findings as the documentation states them: one table per question, from a finished study folder.
 
     python analyses/study_findings.py results/study_full [--figure figures/study_full/transfer_tests.png]
+    python analyses/study_findings.py A --beside B --labels "model A" "model B" --table both.md   # side by side
 
 Reads ``DIR/axis_choice.json``, ``DIR/steps/baseline`` and every method step's run (``load_run``: the
 transfer matrix with its score grids) and writes ``DIR/findings.md`` (and the figure, if asked):
@@ -235,9 +236,41 @@ def summary_figure(study: Path, methods: list[dict]):
     return plot_methods_summary(numbers, axis)
 
 
+def side_by_side(studies: dict[str, list[dict]]) -> str:
+    """One row per method and model: the same columns for every model, and whether the readings agree."""
+    rows = []
+    titles = list(dict.fromkeys(m["method"] for ms in studies.values() for m in ms))
+    agree = []
+    for title in titles:
+        readings = []
+        for label, ms in studies.items():
+            m = next((x for x in ms if x["method"] == title), None)
+            if m is None:
+                rows.append({"method": title, "model": label, "reading": "not run"})
+                continue
+            t = m["test"]
+            readings.append(reading(m))
+            rows.append({"method": title, "model": label,
+                         "units per row": ", ".join(f"{c} {n}" for c, n in m["units"].items()),
+                         "within [95% CI]": _ci(m["within"]), "cross [95% CI]": _ci(m["cross"]) if m["cross"] else "-",
+                         "within - cross [95% CI]": (f"{transfer_estimate(t):+.3f} [{t['ci_low']:+.3f}, "
+                                                     f"{t['ci_high']:+.3f}]") if t.get("ci_low") is not None else "-",
+                         "detectable": f"{t['min_detectable']:.3f}" if t.get("min_detectable") else "-",
+                         "within p (BH)": f"{m['within_p_adjusted']:.3f}",
+                         "TOST p": f"{t['tost']['p_value']:.3f}" if t.get("tost") else "-",
+                         "Δppl": f"{m['ppl']:+.2f}" if m["ppl"] is not None else "-", "reading": reading(m)})
+        agree.append(f"{title}: {'the same reading' if len(set(readings)) == 1 and len(readings) == len(studies) else 'different readings'}")
+    return markdown_table(rows) + "\n\n" + "; ".join(agree) + ".\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("study", type=Path)
+    ap.add_argument("--beside", type=Path, nargs="*", default=[],
+                    help="other finished studies (e.g. the same study on another model): with --labels and --table, "
+                         "one table with every study's methods side by side")
+    ap.add_argument("--labels", nargs="*", default=[], help="a label per study, the first study's first")
+    ap.add_argument("--table", type=Path, default=None, help="where the side-by-side table goes (Markdown)")
     ap.add_argument("--figure", type=Path, default=None)
     ap.add_argument("--summary-figure", type=Path, default=None,
                     help="also redraw the study's methods summary (gap removed within and across contexts with 95%% "
@@ -253,6 +286,13 @@ def main() -> None:
     if args.summary_figure:
         atomic_savefig(summary_figure(args.study, methods), args.summary_figure)
     print(text)
+    if args.beside:
+        if len(args.labels) != 1 + len(args.beside) or args.table is None:
+            raise SystemExit("--beside needs one --labels entry per study (the first study's first) and --table")
+        studies = {args.labels[0]: methods}
+        for label, other in zip(args.labels[1:], args.beside, strict=True):
+            studies[label] = findings(other)[1]
+        atomic_write_text(side_by_side(studies), args.table)
 
 
 if __name__ == "__main__":
