@@ -585,7 +585,7 @@ def test_a_row_that_selected_nothing_says_so(caplog):
     records it and a warning is logged, so a row of exact zeros is never read as a measured null effect."""
     import logging
 
-    from mechbias.eval.transfer import EMPTY_ROW, make_row_info
+    from mechbias.eval.rows import EMPTY_ROW, make_row_info
     from mechbias.interventions.units import NeuronIntervention
 
     with caplog.at_level(logging.WARNING, logger="mechbias"):

@@ -39,7 +39,8 @@ from ..data.neutral import neutral_texts
 from ..eval.cells import DEFAULT_TEMPLATES_PER_NAME, EvalSet, TransferConfig, cell_from_grids
 from ..eval.generation import generation_cost
 from ..eval.metrics import measure_bias, perplexity
-from ..eval.transfer import baseline_rows, finish_matrix, make_row_info
+from ..eval.rows import baseline_rows, make_row_info
+from ..eval.transfer import finish_matrix
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind

@@ -44,8 +44,9 @@ from ..viz.html import fmt, matrix_groups, matrix_html
 from ..viz.plotting import plot_transfer
 from .cells import Capability, Cell, EvalSet, TransferConfig, evaluate
 from .generation import generation_cost
-from .records import Contrast, ControlTest, GenerationCost, RatioTest, RowInfo, TransferTest
-from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, grid_gap, group_gap, mdd, student_t, tost
+from .records import Contrast, ControlTest, RatioTest, RowInfo, TransferTest
+from .rows import EMPTY_ROW, baseline_rows, make_row_info
+from .stats import DEFAULT_BOOT, benjamini_hochberg, crossed_estimate, grid_gap, mdd, student_t, tost
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
@@ -423,48 +424,12 @@ def transfer_matrix(
                          baseline, cfg, meta, grids, chosen)
 
 
-def baseline_rows(eval_sets: Mapping[str, EvalSet], cols: Sequence[str], cfg: TransferConfig) -> list[dict]:
-    """The unmodified gap of each evaluation context (held-out prompts) with its CI."""
-    out = []
-    for c in cols:
-        g = group_gap(eval_sets[c].before, eval_sets[c].col_group, n_boot=cfg.n_boot, seed=cfg.seed)
-        out.append({"context": c, **g.as_dict()})
-    return out
-
-
 def transfer_estimate(test: Mapping[str, Any]) -> float | None:
     """The within - cross estimate of a saved transfer test: the column-wise statistic, or, in a result saved
     before it existed, the superseded pooled diagonal - off-diagonal one (as saved)."""
     if not isinstance(test, Mapping):
         return None
     return test.get("within_minus_cross", test.get("diagonal_minus_offdiagonal"))
-
-
-def make_row_info(context: str, iv: Intervention, controls: Mapping[str, Sequence[Intervention]],
-                  perplexity_base: float | None, perplexity_change: float | None,
-                  control_ppl: Mapping[str, Sequence[float]] | None, generation: GenerationCost | None) -> RowInfo:
-    """What a transfer matrix records about one row's intervention and its controls."""
-    info: RowInfo = {"context": context, "intervention": iv.describe(), "n_components": iv.n_components,
-                            "controls": {k: v[0].describe() for k, v in controls.items() if len(v)},
-                            "n_draws": {k: len(v) for k, v in controls.items() if len(v)}}
-    balance = {k: v[0].match_info for k, v in controls.items() if len(v) and getattr(v[0], "match_info", None)}
-    if balance:  # caliper, achieved balance (standardised difference) and unmatched units of matched controls
-        info["balance"] = balance
-    if perplexity_base is not None:
-        info["perplexity_base"], info["perplexity_change"] = perplexity_base, perplexity_change
-        for name, pc in (control_ppl or {}).items():
-            if len(pc):
-                cast(dict, info)[f"{name}_perplexity_change"] = float(np.mean(pc))  # a key per control
-    if generation is not None:
-        info["generation"] = generation
-    if iv.n_components == 0:  # a legitimate outcome of a selection rule, never a silent one
-        info["note"] = EMPTY_ROW
-        _LOG.warning(f"the selection on {context} chose no unit ({iv.describe()}): {EMPTY_ROW}")
-    return info
-
-
-#: what a row whose selection chose no unit records (and the transfer test repeats)
-EMPTY_ROW = "selected no unit: every cell of this row is unchanged (0) by construction"
 
 
 def finish_matrix(method: str, axis: str, rows: list[str], cols: list[str], eval_sets: Mapping[str, EvalSet],
