@@ -80,7 +80,7 @@ def table() -> str:
         for m in MODELS:
             r = data[m].get(step)
             if r is None:
-                cells.append("not run")
+                cells.append("not run by this script")
             elif r["status"] != "ok":
                 cells.append(f"{r['status']}" + (f": {r['error']}" if r.get("error") else ""))
             else:
