@@ -299,3 +299,54 @@ def test_shared_prefix_bbq_continuations_equal_full_sequences_on_the_real_model(
         fast = continuation_logprob(real, pairs, share_prefix=share)
         assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, ref, strict=True)) < 1e-3
         assert [c.greedy for c in fast] == [c.greedy for c in ref]
+
+
+def test_bbq_sample_takes_whole_scenarios_stratified_by_question():
+    from collections import Counter
+
+    from mechbias.eval.bench.bbq import _scenario, sample_bbq
+    rows = read_bbq(packaged_file("bbq"), skip_unresolved=True)
+    got = sample_bbq(rows, 400, seed=0)
+    assert 400 <= len(got) <= 404  # 100 scenarios; one scenario of the file is written twice (8 rows)
+    ids = [id(r) for r in got]
+    assert ids == sorted(ids, key=[id(r) for r in rows].index)  # file order kept
+    # whole scenarios: every chosen scenario's rows are all in, with the four condition x polarity variants
+    chosen = {_scenario(r) for r in got}
+    assert len(chosen) == 100
+    assert Counter(_scenario(r) for r in got) == Counter(_scenario(r) for r in rows if _scenario(r) in chosen)
+    for s in chosen:
+        assert {(r["context_condition"], r["question_polarity"]) for r in got if _scenario(r) == s} == \
+            {("ambig", "neg"), ("ambig", "nonneg"), ("disambig", "neg"), ("disambig", "nonneg")}
+    # stratified: each question's scenarios within one of its proportional share of the 100
+    per_q = Counter(s[1] for s in {_scenario(r) for r in rows})
+    took = Counter(s[1] for s in chosen)
+    total = sum(per_q.values())
+    assert all(abs(took[q] - 100 * per_q[q] / total) < 1 for q in per_q)
+    assert sample_bbq(rows, 400, seed=0) == got and sample_bbq(rows, 400, seed=1) != got
+    with pytest.raises(ValueError, match="at least 4"):
+        sample_bbq(rows, 3)
+    with pytest.raises(ValueError, match="not smaller"):
+        sample_bbq(rows, len(rows))
+
+
+def test_bbq_score_on_a_sample_scores_exactly_the_sampled_rows(tiny, tmp_path):
+    from mechbias.eval.bench.bbq import sample_bbq
+    lines = (DATA / "bbq_small.jsonl").read_text().splitlines()
+    rows = read_bbq(DATA / "bbq_small.jsonl")
+    part = sample_bbq(rows, 4, seed=0)
+    keep = [lines[i] for i, r in enumerate(rows) if r in part]
+    (tmp_path / "part.jsonl").write_text("\n".join(keep) + "\n")
+    res = bbq_score(tiny, DATA / "bbq_small.jsonl", intervention=IV, n_boot=100, sample=4)
+    ref = bbq_score(tiny, tmp_path / "part.jsonl", intervention=IV, n_boot=100)
+    assert res.meta["sample"] == {"rows": len(part), "of": len(rows), "seed": 0,
+                                  "unit": "whole scenarios (4 rows each), stratified by category x question_index"}
+    assert [r.as_dict() for r in res.rows] == [r.as_dict() for r in ref.rows]
+    assert res.per_item == ref.per_item
+
+
+@pytest.mark.parametrize("extra, message", [(["--bbq", str(DATA / "bbq_small.jsonl"), "--bbq-sample", "3"], "at least 4"),
+                                            (["--bbq-sample", "40"], "without BBQ files")])
+def test_card_refuses_a_bad_bbq_sample_before_loading(extra, message, tmp_path, capsys):
+    assert main(["card", "--model", "tiny", "--out", str(tmp_path / "c"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

@@ -31,6 +31,7 @@ from ..eval.bench import (
     stereoset_score,
     winobias_score,
 )
+from ..eval.bench.bbq import sample_bbq
 from ..eval.bench.common import Outcomes, metric_rows, score
 from ..eval.bench.packaged import REGISTRY, resolve
 from ..eval.crows import read_pairs
@@ -66,6 +67,9 @@ class CardInputs:
     perplexity: bool = True
     #: BBQ rows whose bias target cannot be told are left out (and counted), not an error: set for the packaged file
     bbq_skip_unresolved: bool = False
+    #: score a seeded subsample of about this many BBQ rows, whole scenarios, stratified (None: every row)
+    bbq_sample: int | None = None
+    bbq_sample_seed: int = 0
 
     def __post_init__(self) -> None:
         # the word "registry" names the file shipped in a registry package (mechbias.eval.bench.packaged)
@@ -81,7 +85,11 @@ class CardInputs:
         if self.stereoset:
             read_stereoset(self.stereoset)
         if self.bbq:
-            read_bbq(self.bbq, skip_unresolved=self.bbq_skip_unresolved)
+            rows = read_bbq(self.bbq, skip_unresolved=self.bbq_skip_unresolved)
+            if self.bbq_sample is not None:
+                sample_bbq(rows, self.bbq_sample, self.bbq_sample_seed)
+        elif self.bbq_sample is not None:
+            raise ValueError("a BBQ sample size was given without BBQ files (--bbq)")
         if (self.winobias_pro is None) != (self.winobias_anti is None):
             raise ValueError("WinoBias needs both --winobias-pro and --winobias-anti (aligned files)")
         if self.winobias_pro and self.winobias_anti:
@@ -154,7 +162,9 @@ def run_card(model: TransformerBridge, intervention: Intervention | None, inputs
     if (crows := inputs.crows) is not None:
         steps.append(("CrowS-Pairs", lambda: crows_bench(model, crows, **kw)))
     if inputs.bbq:
-        steps.append(("BBQ", lambda: bbq_score(model, inputs.bbq, skip_unresolved=inputs.bbq_skip_unresolved, **kw)))
+        steps.append(("BBQ", lambda: bbq_score(model, inputs.bbq, skip_unresolved=inputs.bbq_skip_unresolved,
+                                                    sample=inputs.bbq_sample, sample_seed=inputs.bbq_sample_seed,
+                                                    **kw)))
     if (pro := inputs.winobias_pro) is not None and (anti := inputs.winobias_anti) is not None:
         steps.append(("WinoBias", lambda: winobias_score(model, pro, anti, **kw)))
     if inputs.perplexity:
@@ -215,7 +225,11 @@ def card_markdown(card: Card, head: list[dict], results: list[BenchResult]) -> s
                      + " |")
         lines.append("| difference | " + " | ".join(_fmt(h["difference"], h["difference_ci"]) for h in head) + " |")
     for res in results:
-        lines += ["", f"## {res.benchmark}", "", "| metric | subset | items (clusters) | unmodified | intervention "
+        lines += ["", f"## {res.benchmark}", ""]
+        if smp := res.meta.get("sample"):
+            lines += [f"A seeded sample: {smp['rows']:,} of {smp['of']:,} rows ({smp['unit']}; seed {smp['seed']}).",
+                      ""]
+        lines += ["| metric | subset | items (clusters) | unmodified | intervention "
                   "| difference | p (BH) |", "|---|---|---|---|---|---|---|"]
         for r in res.rows:
             p = "-" if r.difference_p is None else f"{r.difference_p:.3f} ({r.difference_p_adjusted:.3f})"

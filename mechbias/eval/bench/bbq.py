@@ -121,6 +121,40 @@ def _read_bbq(paths, skip_unresolved: bool) -> tuple[list[dict], int]:
     return rows, skipped
 
 
+def _scenario(row: dict) -> tuple:
+    """The scenario a row belongs to: BBQ writes each one as four rows (ambiguous / disambiguated context x
+    negative / non-negative question) that share the question index, the answers and the context's first sentence."""
+    return (row["category"], str(row.get("question_index")), tuple(sorted(str(row[f"ans{k}"]) for k in range(3))),
+            row["context"].split(".")[0])
+
+
+def sample_bbq(rows: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """A seeded subsample of about ``n`` BBQ rows made of whole scenarios (all four variants of each, so the
+    ambiguous and disambiguated conditions stay paired), stratified by ``category`` x ``question_index``: each
+    stratum gets its share of ``n // 4`` scenarios by largest remainder. Rows keep their file order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(_scenario(r), []).append(i)
+    if n < 4:
+        raise ValueError(f"a BBQ sample needs at least 4 rows (one scenario), not {n}")
+    if n >= len(rows):
+        raise ValueError(f"a BBQ sample of {n} rows is not smaller than the {len(rows)} rows read; leave the sample out")
+    strata: dict[tuple, list[tuple]] = {}
+    for g in groups:
+        strata.setdefault(g[:2], []).append(g)
+    want = n // 4
+    share = {k: want * len(v) / len(groups) for k, v in strata.items()}
+    take = {k: int(np.floor(x)) for k, x in share.items()}
+    for k in sorted(share, key=lambda k: (take[k] - share[k], k))[:want - sum(take.values())]:
+        take[k] += 1
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    for k in sorted(strata):
+        chosen = rng.permutation(len(strata[k]))[:take[k]]
+        keep += [i for c in chosen for i in groups[strata[k][c]]]
+    return [rows[i] for i in sorted(keep)]
+
+
 def bbq_prompt(row: dict) -> str:
     """The multiple-choice prompt of one BBQ item (context, question, three answers)."""
     return f"{row['context']} {row['question']}\nAnswer:"
@@ -156,9 +190,13 @@ def _bias_amb(o: Outcomes, idx: np.ndarray) -> float:
 
 
 def bbq_score(model: TransformerBridge, paths, *, intervention: Intervention | None = None, n_boot: int = 2000, seed: int = 0,
-              skip_unresolved: bool = False) -> BenchResult:
-    """BBQ accuracy and bias scores (ambiguous and disambiguated), with and without ``intervention``."""
+              skip_unresolved: bool = False, sample: int | None = None, sample_seed: int = 0) -> BenchResult:
+    """BBQ accuracy and bias scores (ambiguous and disambiguated), with and without ``intervention``;
+    ``sample``: score a seeded subsample of about that many rows (:func:`sample_bbq`; recorded in the result)."""
     rows, skipped = _read_bbq(paths, skip_unresolved)
+    n_read = len(rows)
+    if sample is not None:
+        rows = sample_bbq(rows, sample, sample_seed)
 
     def run(m) -> Outcomes:
         pairs = [(bbq_prompt(r), " " + r[f"ans{k}"]) for r in rows for k in range(3)]
@@ -183,4 +221,8 @@ def bbq_score(model: TransformerBridge, paths, *, intervention: Intervention | N
                 for i, r in enumerate(rows)]
     return BenchResult("BBQ", result, per_item, {"files": [str(p) for p in ([paths] if isinstance(paths, (str, Path))
                                                                          else paths)], "n_rows": len(rows),
-                                             "n_skipped_unresolved_target": skipped})
+                                             "n_skipped_unresolved_target": skipped,
+                                             "sample": None if sample is None else {
+                                                 "rows": len(rows), "of": n_read, "seed": sample_seed,
+                                                 "unit": "whole scenarios (4 rows each), stratified by category "
+                                                         "x question_index"}})
