@@ -204,3 +204,39 @@ def test_an_interrupted_method_command_resumes_from_its_job_store(tmp_path):
     redone = [p for p, t in entries.items() if p.stat().st_mtime_ns != t]
     assert redone == [gone] and gone.exists()
     assert main(argv) == 2  # now the folder holds a finished run: refused, never mixed
+
+
+def test_the_study_cross_fits_as_crossfit_matrix_does(tmp_path):
+    """--crossfit N plans each split and fold as jobs (selections and evaluation sets inside the fold, the fixed
+    split's fold 0 shared with the step's own); its cross-fitted cells and test equal the in-process
+    crossfit_matrix's for the same settings, and both folds of a split select on different data."""
+    out = tmp_path / "s"
+    assert main(["study", "--model", "tiny", "--quick", "--contexts", "finance", "commerce", "--axis", "race",
+                 "--methods", "erase", "--crossfit", "2", "--workers", "1", "--out", str(out)]) == 0
+    got = json.loads((out / "steps" / "leace" / "crossfit" / "result.json").read_text())
+    summary = run_summary_json(out / "steps" / "leace")
+    assert summary["crossfit"]["splits"] == 2 and "Cross-fitted" in (out / "report.md").read_text()
+    work = json.loads((out / "work.json").read_text())
+    # one extra selection per row and fit beyond the step's own (fit (0, 0) is reused): 2 rows x 3 fits
+    assert work["by_kind"]["select"]["jobs"] == 2 + 2 * 3
+    from mechbias.core.models import load_model
+    from mechbias.eval.cells import TransferConfig
+    from mechbias.eval.crossfit import crossfit_matrix
+    from mechbias.methods.base import get_method
+
+    config = next(s.config for s in study_steps(StudyConfig(quick=True, methods=("erase",))) if s.name == "leace")
+    cls = get_method("erase")
+    ref = crossfit_matrix(load_model("tiny"), lambda: cls(config, seed=0), ["finance", "commerce"], "race", splits=2,
+                          config=TransferConfig(n_random=0, controls=(), capability=False, n_boot=300, seed=0))
+    assert len(got["cells"]) == 4
+    for c in got["cells"]:
+        r = ref.cell(c["selected_on"], c["evaluated_on"])
+        for k in ("gap_removed", "se", "ci_low", "ci_high", "p_value", "between_split_sd"):
+            assert c[k] == pytest.approx(r[k], abs=1e-9), (c["selected_on"], c["evaluated_on"], k)
+        assert [x for f in c["folds"] for x in f] == pytest.approx([x for f in r["folds"] for x in f], abs=1e-9)
+        assert all(a != b for a, b in c["folds"])  # the folds select and evaluate on different halves
+    for k in ("within_minus_cross", "ci_low", "ci_high", "between_split_sd"):
+        assert got["test"][k] == pytest.approx(ref.test[k], abs=1e-9)
+    assert StudyConfig(full=True).crossfit == 5 and StudyConfig().crossfit == 0
+    with pytest.raises(ValueError, match="--crossfit"):
+        StudyConfig(crossfit=-1)

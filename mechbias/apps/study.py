@@ -57,7 +57,7 @@ from .study_jobs import (
     method_planner,
     model_meta,
 )
-from .study_report import baseline_report, summary_report, summary_rows, transfer_md
+from .study_report import baseline_report, crossfit_md, summary_report, summary_rows, transfer_md
 from .workflow import write_method_outputs
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
@@ -86,6 +86,9 @@ class StudyConfig:
     n_boot: int = field(default=2000, metadata={"flag": "--boot", "help": "bootstrap replicates"})
     n_random: int | None = field(default=None, metadata={
         "flag": "--random", "help": "draws per control and cell (none: 2; 50 with --full; 1 with --quick)"})
+    crossfit: int | None = field(default=None, metadata={
+        "help": "cross-fit every method's transfer matrix over this many random splits of templates and names, "
+                "each in both folds (selection and held-out halves swapped); 0: none (none: 5 with --full, else 0)"})
     full: bool = field(default=False, metadata={
         "help": "every context, method variant and control (the complete study); default: finance vs. commerce, "
                 "one variant per method"})
@@ -130,6 +133,10 @@ class StudyConfig:
             self.n_boot = 300
         if self.n_random is None:
             self.n_random = 1 if self.quick else 50 if self.full else 2
+        if self.crossfit is None:
+            self.crossfit = 5 if self.full else 0
+        if self.crossfit < 0:
+            raise ValueError(f"--crossfit must be >= 0, not {self.crossfit}")
         if self.n_random < 0:
             raise ValueError(f"--random must be >= 0, not {self.n_random}")
         if self.workers is not None and self.workers < 1:
@@ -216,14 +223,19 @@ def _method_step(name: str, cls, config, extras: StudyExtras) -> Step:
         tcfg = TransferConfig(n_random=cfg.draws, n_boot=cfg.n_boot, seed=cfg.seed, **extras.get("transfer", {}))
         rows = cfg.context_list[: extras.get("rows")] if extras.get("rows") else cfg.context_list
         return method_planner(shared, name, cls, config, tcfg, rows, cfg.context_list, quick=cfg.quick,
-                              analyze_kw=extras.get("analyze") or {}, model_meta=meta)
+                              analyze_kw=extras.get("analyze") or {}, model_meta=meta,
+                              crossfit_splits=cfg.crossfit or 0)
 
     def write(value: dict, out: Path) -> dict:
         _copy_tree(value["files"], out)
         run = write_method_outputs(cls.name, title, cls.summary, config.to_dict(), value["seed"],
                                    value["transfer"], value["selections"], value["analysis"], out,
                                    f"transfer_{name}.png", jobs=len(value.get("jobs", [])))
-        return run.record()
+        record = run.record()
+        if (cf := value.get("crossfit")) is not None:
+            cf.save(out / "crossfit")
+            record["crossfit"] = {"splits": cf.splits, "test": cf.test}
+        return record
 
     def report(summary: dict, fig) -> str:
         method = cls(config)
@@ -231,7 +243,8 @@ def _method_step(name: str, cls, config, extras: StudyExtras) -> Step:
         return "\n".join([text, "", "**Transfer** (intervention chosen on the row context's selection split; "
                           "evaluated on held-out names and templates of each column context; gap change = after - "
                           "before, 95% paired crossed-bootstrap CI; random control: the intervention's own random "
-                          "draw of the same size):", "", transfer_md(summary["cells"], fig, summary["figures"][0])])
+                          "draw of the same size):", "", transfer_md(summary["cells"], fig, summary["figures"][0]),
+                          *crossfit_md(summary.get("crossfit"))])
 
     return Step(name, title, plan, write, report, config)
 

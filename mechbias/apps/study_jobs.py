@@ -28,15 +28,17 @@ as :func:`~mechbias.eval.transfer.transfer_matrix`) -> the method's analyses.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
 from ..core.results import make_meta
 from ..data.contexts import load_context
-from ..data.leakage import selection_phase
+from ..data.leakage import selection_phase, split_fold
 from ..data.neutral import neutral_texts
 from ..eval.cells import DEFAULT_TEMPLATES_PER_NAME, EvalSet, TransferConfig, cell_from_grids
+from ..eval.crossfit import crossfit_from_fits
 from ..eval.generation import generation_cost
 from ..eval.metrics import measure_bias, perplexity
 from ..eval.rows import baseline_rows, make_row_info
@@ -73,10 +75,17 @@ def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
     return {"value": res.rows}
 
 
+def _fold(p: dict):
+    """The split and fold a job of a cross-fit runs in (absent: the fixed split, fold 0, whose jobs' keys stay
+    those of the study's own)."""
+    return split_fold(p.get("fold", 0), p.get("split", 0))
+
+
 @job_kind("evalset", version=3)
 def _evalset(ctx: WorkerContext, p: dict, d: dict) -> dict:
-    return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"],
-                                   templates_per_name=p["templates_per_name"])}
+    with _fold(p):
+        return {"value": EvalSet.build(ctx.model, load_context(p["context"]), p["axis"], seed=p["seed"],
+                                       templates_per_name=p["templates_per_name"])}
 
 
 @job_kind("perplexity", version=2)
@@ -103,7 +112,8 @@ def _profile(ctx: WorkerContext, p: dict, d: dict) -> dict:
 @job_kind("select")
 def _select(ctx: WorkerContext, p: dict, d: dict) -> dict:
     method = get_method(p["method"])(d["config"], seed=p["seed"])
-    iv = method(ctx.model, p["context"], p["axis"])
+    with _fold(p):
+        iv = method(ctx.model, p["context"], p["axis"])
     sel = method.selections[load_context(p["context"]).name]
     return {"selection": sel, "intervention": iv, "own_controls": dict(sel.controls)}
 
@@ -196,7 +206,21 @@ class Shared:
                                             "templates_per_name": templates_per_name}, salt=salt,
                                 label=f"evalset {c}") for c in contexts}
         self._ppl: dict[Any, Job] = {}
+        self._folds: dict[tuple[str, int, int], Job] = {}
         self.profile = Job("profile", {}, salt=salt, label="profile")
+
+    def evalset(self, context: str, split: int = 0, fold: int = 0) -> Job:
+        """A context's evaluation set in one split and fold of a cross-fit (the fixed split's fold 0 is the
+        study's own)."""
+        if (split, fold) == (0, 0):
+            return self.evalsets[context]
+        key = (context, split, fold)
+        if key not in self._folds:
+            self._folds[key] = Job("evalset", {"context": context, "axis": self.axis, "seed": self.seed,
+                                               "templates_per_name": self.templates_per_name, "split": split,
+                                               "fold": fold}, salt=self.salt,
+                                   label=f"evalset {context} (split {split}, fold {fold})")
+        return self._folds[key]
 
     def perplexity(self, max_texts: int | None, iv: tuple[Job, str] | None = None, label: str = "") -> Job:
         key = (max_texts, iv[0].key if iv else None, iv[1] if iv else None)
@@ -223,7 +247,8 @@ def baseline_planner(salt: str, contexts: list[str], axes: list[str], seed: int,
 
 
 def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodConfig, tcfg: TransferConfig,
-                   rows: list[str], cols: list[str], *, quick: bool, analyze_kw: dict, model_meta: dict) -> Planner:
+                   rows: list[str], cols: list[str], *, quick: bool, analyze_kw: dict, model_meta: dict,
+                   crossfit_splits: int = 0) -> Planner:
     """One method step: select on each row, draw controls, score every intervention on every column, assemble
     the transfer matrix, run the method's analyses. Returns what :func:`write_method_step` writes."""
     salt, axis, seed = shared.salt, shared.axis, shared.seed
@@ -295,6 +320,9 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
     tm = finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
                        baseline_rows(eval_sets, names_c, tcfg), tcfg, meta, grids, chosen)
 
+    cf = (yield from crossfit_planner(shared, step, cls, config, tcfg, rows, cols, crossfit_splits, model_meta)) \
+        if crossfit_splits else None
+
     n_boot = min(tcfg.n_boot, 1000)
     an = Job("analyze", {"method": cls.name, "config": cfg_d, "seed": seed, "axis": axis, "rows": rows, "cols": cols,
                          "quick": quick, "n_boot": n_boot, "analyze_kw": _jsonable_kw(analyze_kw),
@@ -307,7 +335,57 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
     selections: dict[str, Selection] = {nm[r]: res(sel[r], "selection") for r in rows}
     all_jobs = [*first, *ctl.values(), *score.values(), *ppl.values(), *gen.values(), an]
     return {"transfer": tm, "selections": selections, "analysis": res(an), "files": res.files(an),
-            "jobs": all_jobs}
+            "jobs": all_jobs, "crossfit": cf}
+
+
+def crossfit_planner(shared: Shared, step: str, cls: type[Method], config: MethodConfig, tcfg: TransferConfig,
+                     rows: list[str], cols: list[str], splits: int, model_meta: dict) -> Planner:
+    """The step's transfer matrix cross-fitted (:func:`mechbias.eval.crossfit.crossfit_from_fits`): per split and
+    fold a selection on that fold's selection half and the cells on its held-out half. The fits carry no
+    controls and no capability texts (their cells' bias removed and intervals do not depend on them); the
+    fixed split's fold 0 reuses the study's own selections and evaluation sets. Returns the :class:`CrossFit`."""
+    salt, axis, seed = shared.salt, shared.axis, shared.seed
+    cfg_d = config.to_dict()
+    fits = [(s, f) for s in range(splits) for f in (0, 1)]
+
+    def fold_params(s: int, f: int) -> dict:
+        return {} if (s, f) == (0, 0) else {"split": s, "fold": f}
+
+    sel = {(s, f, r): Job("select", {"method": cls.name, "config": cfg_d, "context": r, "axis": axis, "seed": seed,
+                                     **fold_params(s, f)}, inputs={"config": config}, salt=salt,
+                          label=f"{step}: select on {r}" + (f" (split {s}, fold {f})" if (s, f) != (0, 0) else ""))
+           for s, f in fits for r in rows}
+    ev = {(s, f, c): shared.evalset(c, s, f) for s, f in fits for c in cols}
+    # the fixed split's fold 0 was computed by the step's first stage: yielding it again would make it its own
+    # successor in the run's graph (a planner's stages are its jobs' dependencies)
+    res: Results = yield [j for (s, f, _), j in [*sel.items(), *ev.items()] if (s, f) != (0, 0)]
+    score = {(s, f, r, c): Job("scores", {"which": ["after"]},
+                               deps={"iv/after": (sel[(s, f, r)], "intervention"),
+                                     "evalset": (ev[(s, f, c)], "value")},
+                               salt=salt, label=f"{step}: cross-fit split {s} fold {f}: {r} on {c}")
+             for s, f in fits for r in rows for c in cols}
+    res = yield list(score.values())
+    cf_cfg = dataclasses.replace(tcfg, n_random=0, controls=(), capability=False, generation=0)
+    nm = {x: load_context(x).name for x in {*rows, *cols}}
+    matrices = []
+    for s, f in fits:
+        eval_sets = {nm[c]: res(ev[(s, f, c)]) for c in cols}
+        chosen, cells, row_info, grids = {}, [], [], {}
+        for r in rows:
+            iv = res(sel[(s, f, r)], "intervention")
+            chosen[nm[r]] = iv
+            row_info.append(make_row_info(nm[r], iv, {}, None, None, None, None))
+            for c in cols:
+                kept: dict = {}
+                cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(s, f, r, c)], "after"), iv.n_components,
+                                             cf_cfg, selected_on=nm[r], keep=kept))
+                grids.update({f"{k}/{nm[r]}/{nm[c]}": v for k, v in kept.items()})
+        names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
+        meta = {**model_meta, "method": cls.title, "axis": axis, "split": s, "fold": f}
+        matrices.append((s, f, finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
+                                             baseline_rows(eval_sets, names_c, cf_cfg), cf_cfg, meta, grids, chosen)))
+    return crossfit_from_fits(matrices, [nm[r] for r in rows], [nm[c] for c in cols], splits, cls.title, axis,
+                              dict(model_meta))
 
 
 def _jsonable_kw(kw: dict) -> dict:

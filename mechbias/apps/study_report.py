@@ -97,3 +97,18 @@ def summary_rows(out: Path, steps: list, plot: list[dict] | None = None) -> list
                      "random_within": mean(diag, "random_gap_removed"), "random_cross": mean(off, "random_gap_removed"),
                      "ppl": mean(cells, "perplexity_change"), "ppl_random": mean(cells, "random_perplexity_change")})
     return rows
+
+
+def crossfit_md(cf: dict | None) -> list[str]:
+    """The cross-fitted within - cross test of a step (``crossfit/`` holds every cell and fit), as report lines."""
+    if not cf:
+        return []
+    t = cf["test"]
+    if "within_minus_cross" not in t:
+        return ["", f"**Cross-fitted** over {cf['splits']} split(s) x 2 folds: {t.get('note', '')}"]
+    sd = t.get("between_split_sd")
+    return ["", f"**Cross-fitted** over {cf['splits']} split(s) x 2 folds (selection and held-out halves swapped): "
+                f"within - cross {t['within_minus_cross']:+.3f} [{t['ci_low']:+.3f}, {t['ci_high']:+.3f}], "
+                f"p {t['p_value']:.3f}; SD between splits " + ("-" if sd is None else f"{sd:.3f}")
+                + " (beside the interval, not in it). Every cell: `crossfit/result.json`."]
+

@@ -152,6 +152,17 @@ def crossfit_matrix(model: TransformerBridge, make_selector: Callable[[], Select
                 tm = transfer_matrix(model, make_selector(), select_on, axis, evaluate_on=evaluate_on,
                                      config=config, method=method)
             fits.append((s, fold, tm))
+    return crossfit_from_fits(fits, rows, cols, splits, method or fits[0][2].method, axis, make_meta(model))
+
+
+def crossfit_from_fits(fits: Sequence[tuple[int, int, TransferMatrix]], rows: Sequence[str], cols: Sequence[str],
+                       splits: int, method: str, axis: str, meta: dict) -> CrossFit:
+    """The cross-fitted matrix from its fits ``(split, fold, matrix)``, one per split and fold (the study plans
+    the fits as jobs; :func:`crossfit_matrix` runs them in-process)."""
+    have = sorted((s, f) for s, f, _ in fits)
+    if have != [(s, f) for s in range(splits) for f in (0, 1)]:
+        raise ValueError(f"cross-fitting needs both folds of splits 0..{splits - 1}, got {have}")
+    fits = sorted(fits, key=lambda x: (x[0], x[1]))  # fold 0 before fold 1 in every split
     cells: list[CrossFitCell] = []
     for r in rows:
         for c in cols:
@@ -177,6 +188,6 @@ def crossfit_matrix(model: TransformerBridge, make_selector: Callable[[], Select
          "ci_low": tm.transfer_test.get("ci_low"), "ci_high": tm.transfer_test.get("ci_high"),
          "removed": {f"{r}|{c}": float(tm.cell(r, c).gap_removed) for r in rows for c in cols}}
         for s, f, tm in fits]
-    meta = make_meta(model, method=method, axis=axis, splits=splits, folds=2,
-                     se="sqrt(se_fold0^2 + se_fold1^2) / 2, averaged over splits; normal 95% interval")
-    return CrossFit(method or fits[0][2].method, axis, rows, cols, splits, cells, test, summaries, meta)
+    meta = {**meta, "method": method, "axis": axis, "splits": splits, "folds": 2,
+            "se": "sqrt(se_fold0^2 + se_fold1^2) / 2, averaged over splits; normal 95% interval"}
+    return CrossFit(method, axis, list(rows), list(cols), splits, cells, test, summaries, meta)
