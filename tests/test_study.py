@@ -32,7 +32,10 @@ def test_study_writes_report_and_resumes(tmp_path):
     assert len(summary["rows"]) == len(steps) - 1  # every method step
     work = json.loads((out / "work.json").read_text())
     assert work["computed_now"] == work["jobs"] > 0 and work["reused"] == 0
-    assert set(work["by_kind"]) >= {"select", "scores", "controls", "evalset", "baseline", "analyze"}
+    assert set(work["by_kind"]) >= {"select", "scores", "controls", "evalset", "baseline", "analyze", "axis_choice"}
+    # the baseline ran beside the axis choice (before the method steps) and is counted once
+    assert work["by_kind"]["baseline"]["jobs"] == 1 and work["by_kind"]["axis_choice"]["jobs"] == 1
+    assert 0 < work["jobs_span_seconds"] and "the workers were busy" in report
     # the interactive report: one matrix per method, every cell's hover text holds that cell's numbers, no network
     page = (out / "report.html").read_text()
     assert page.count("data-matrix=") == len(steps) - 1

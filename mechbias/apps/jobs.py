@@ -219,7 +219,7 @@ def execute(ctx: WorkerContext, kind: str, params: dict, deps: dict, inputs: dic
     torch.set_num_threads(ctx.threads)
     set_seed(0)
     t0 = time.time()
-    meta = {"threads": ctx.threads, "host": socket.gethostname(), "pid": os.getpid(),
+    meta = {"threads": ctx.threads, "started": round(t0, 3), "host": socket.gethostname(), "pid": os.getpid(),
             "node": _node_id(), "code": code_stamp()}
     with tempfile.TemporaryDirectory(prefix="mechbias-job-") as tmp:
         ctx.out = Path(tmp)
@@ -275,6 +275,14 @@ class RunReport:
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    def merged(self, later: RunReport) -> RunReport:
+        """This run followed by ``later`` as one run (values, failures, counts, seconds and the job graph)."""
+        kinds = {*self.job_seconds, *later.job_seconds}
+        return RunReport({**self.values, **later.values}, {**self.failed, **later.failed},
+                         self.computed + later.computed, self.reused + later.reused, self.seconds + later.seconds,
+                         {k: self.job_seconds.get(k, 0.0) + later.job_seconds.get(k, 0.0) for k in kinds},
+                         {**self.graph, **later.graph})
 
 
 def run_planners(planners: dict[str, Planner], store: JobStore, executor, *, progress: bool = True) -> RunReport:
@@ -411,6 +419,7 @@ class WorkSummary(TypedDict):
     """Total work and critical path of a run's jobs (:func:`critical_path`)."""
 
     total_work_seconds: float
+    jobs_span_seconds: float  # from the first computed job's start to the last one's finish
     total_tflop: float
     jobs_without_flop_count: int
     code: str
@@ -447,7 +456,12 @@ def critical_path(store: JobStore, report: RunReport) -> WorkSummary:
     for m in metas.values():
         c = str(m.get("code", "unknown"))
         codes[c] = codes.get(c, 0) + 1
+    # how busy the workers were: the jobs computed in this run, between the first start and the last finish
+    spans = [(float(m["started"]), float(m["started"]) + float(m.get("seconds", 0.0))) for m in metas.values()
+             if "started" in m]
+    span = (max(e for _, e in spans) - min(b for b, _ in spans)) if spans else 0.0
     return {"total_work_seconds": round(sum(secs.values()), 1),
+            "jobs_span_seconds": round(span, 1),
             "total_tflop": round(sum(flops.values()) / 1e12, 3),
             "jobs_without_flop_count": sum(1 for k in report.graph if k in metas and "flops" not in metas[k]),
             "code": code_stamp(), "jobs_by_code": codes,

@@ -36,6 +36,7 @@ class JobRecord(TypedDict, total=False):
     parts: list[str]
     macs: dict[str, str]
     seconds: float
+    started: float  # when the job started (seconds since the epoch)
     flops: int
     code: str
     node: str | None

@@ -238,6 +238,7 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: Path, *, figures:
     own_executor = executor is None
     ex = executor or make_executor(model, cfg, model_spec)
     runs: list[RunReport] = []
+    early = RunReport({}, {})  # what ran before the method steps (the axis choice and the baseline beside it)
     try:
         if cfg.axis == "auto":
             path = out / "axis_choice.json"
@@ -252,11 +253,16 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: Path, *, figures:
                 if isinstance(saved, dict) and saved.get("key") == choice_key:
                     choice = saved
             if choice is None:
-                rep = run_planners({"axis": axis_planner(salt, cfg.context_list, list(cfg.axes), cfg.seed,
-                                                         min(cfg.n_boot, 1000))}, store, ex, progress=progress)
+                # the baseline does not depend on the axis: it runs beside the axis choice, on the worker the
+                # choice leaves free
+                first = {"axis": axis_planner(salt, cfg.context_list, list(cfg.axes), cfg.seed, min(cfg.n_boot, 1000))}
+                if "baseline" not in cfg.skip:
+                    first["baseline"] = _baseline_step().plan(Shared(salt, cfg.context_list, "", cfg.seed), cfg, {})
+                rep = run_planners(first, store, ex, progress=progress)
                 runs.append(rep)
                 if not rep.ok:
                     return StudyResult(out, False, _failed(out, [rep], say))
+                early = rep
                 choice = {**rep.values["axis"], "key": choice_key}
                 atomic_write_json(choice, path)
             cfg.axis = choice["axis"]
@@ -268,8 +274,10 @@ def run_study(model: TransformerBridge, cfg: StudyConfig, out: Path, *, figures:
         meta = model_meta(model)
         say(f"{len(steps)} steps on {ex.workers} worker(s), {cfg.job_threads} torch thread(s) per job; "
             f"job store {store.root}")
-        rep = run_planners({st.name: st.plan(shared, cfg, meta) for st in steps}, store, ex, progress=progress)
+        rep = run_planners({st.name: st.plan(shared, cfg, meta) for st in steps if st.name not in early.values},
+                           store, ex, progress=progress)
         runs.append(rep)
+        rep = early.merged(rep)
     finally:
         if own_executor:
             ex.close()
@@ -377,6 +385,10 @@ def write_report(out: Path, cfg: StudyConfig, steps: list[Step], work: dict, fig
               f"{work['wall_seconds']:.0f} s (including model loading). Total work of the study "
               f"{work['total_work_seconds']:.0f} s; critical path {work['critical_path_seconds']:.0f} s "
               "(the least wall time on unlimited workers)."
+              + (f" The jobs computed now ran from the first start to the last finish in "
+                 f"{work['jobs_span_seconds']:.0f} s: the workers were busy "
+                 f"{100 * work['total_work_seconds'] / (work['workers'] * work['jobs_span_seconds']):.0f}% of it."
+                 if work.get("jobs_span_seconds") and not work.get("reused") else "")
               + (f" **{work['jobs_by_other_code']} of the {work['jobs']} jobs were computed by other versions of "
                  "mechbias's code** (code fingerprints and counts: "
                  + ", ".join(f"{k}: {v}" for k, v in work["jobs_by_code"].items())
