@@ -66,9 +66,9 @@ def contrast_scores(
     Multi-token answers are scored by teacher forcing (sum of the answer tokens' log-probabilities). With
     single-token answers this equals the logit difference. With ``share_prefix`` the prompts of one template
     share their prefix computation; it is off by default because on the CPU it was slower than full sequences
-    batched by length (the axis choice's 640 prompts: 27.9 s against 13.7 s on one thread, scores equal to
-    2e-7): each template meets few names in the incomplete design, and names of other token lengths need
-    their own prefix, so its forwards run as many small batches.
+    batched by length (the axis choice's 640 prompts: 27.9 s against 13.7 s on one thread, gaps equal to
+    2e-7): each template meets few names in the incomplete design, and names of other token lengths need their
+    own prefix, so its forwards run as many small batches.
 
     Args:
         model: the model.
