@@ -222,8 +222,9 @@ def test_critical_path_and_total_work_match_a_hand_computed_graph(tmp_path):
     from mechbias.apps.jobs import code_fingerprint
 
     codes = {a.key: code_fingerprint(), b.key: "0123456789abcdef", c.key: code_fingerprint()}  # d: unstamped
+    started = {a.key: 100.0, b.key: 102.0, c.key: 100.5, d.key: 104.5}  # b ends last, at 107
     for j in (a, b, c, d):
-        store.write(j, JobOutput({}, {}, {"seconds": secs[j.key], "flops": flops[j.key],
+        store.write(j, JobOutput({}, {}, {"seconds": secs[j.key], "flops": flops[j.key], "started": started[j.key],
                                           **({"code": codes[j.key]} if j.key in codes else {})}))
     rep = RunReport({}, {}, graph={a.key: {"job": a, "preds": set()}, b.key: {"job": b, "preds": {a.key}},
                                    c.key: {"job": c, "preds": set()}, d.key: {"job": d, "preds": {c.key}}})
@@ -232,6 +233,13 @@ def test_critical_path_and_total_work_match_a_hand_computed_graph(tmp_path):
     assert cp["critical_path_seconds"] == 7.0  # a -> b (2 + 5) is longer than c -> d (4 + 1.5)
     assert cp["by_kind"]["test_add"] == {"jobs": 4, "seconds": 12.5, "max": 5.0, "tflop": 4.5}
     assert cp["total_tflop"] == 4.5 and cp["jobs_without_flop_count"] == 0
+    assert cp["jobs_span_seconds"] == 7.0  # the first start (a, 100) to the last finish (b, 107)
+    # two runs read as one: counts add, graphs and values join
+    both = RunReport({"x": 1}, {}, computed=1, reused=0, job_seconds={"k": 2.0}, graph={a.key: rep.graph[a.key]}) \
+        .merged(RunReport({"y": 2}, {}, computed=2, reused=3, job_seconds={"k": 1.0, "m": 4.0},
+                          graph={b.key: rep.graph[b.key]}))
+    assert (both.values, both.computed, both.reused) == ({"x": 1, "y": 2}, 3, 3)
+    assert both.job_seconds == {"k": 3.0, "m": 4.0} and set(both.graph) == {a.key, b.key}
     # jobs computed by other code (or before jobs were stamped) are counted, never silently mixed in
     assert cp["jobs_by_code"] == {code_fingerprint(): 2, "0123456789abcdef": 1, "unknown": 1}
     assert cp["jobs_by_other_code"] == 2 and cp["code"] == code_fingerprint()

@@ -35,7 +35,8 @@ def test_study_writes_report_and_resumes(tmp_path):
     assert set(work["by_kind"]) >= {"select", "scores", "controls", "evalset", "baseline", "analyze", "axis_choice"}
     # the baseline ran beside the axis choice (before the method steps) and is counted once
     assert work["by_kind"]["baseline"]["jobs"] == 1 and work["by_kind"]["axis_choice"]["jobs"] == 1
-    assert work["jobs_span_seconds"] > 0 and "the workers were busy" in report
+    busy = 100 * work["total_work_seconds"] / (work["workers"] * work["jobs_span_seconds"])
+    assert f"the workers were busy {busy:.0f}% of it" in report  # the report's line is work.json's numbers
     # the interactive report: one matrix per method, every cell's hover text holds that cell's numbers, no network
     page = (out / "report.html").read_text()
     assert page.count("data-matrix=") == len(steps) - 1
