@@ -23,7 +23,7 @@ def _ids(m):
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_native"])
-@pytest.mark.parametrize("rule", ["left", "middle", "trapezoid"])
+@pytest.mark.parametrize("rule", ["left", "middle", "trapezoid", "gauss"])
 def test_fast_path_matches_the_plain_loop(fixture, rule, request):
     m = request.getfixturevalue(fixture)
     toks, d1, d2 = _ids(m)
@@ -68,13 +68,36 @@ def test_completeness_error_shrinks_with_steps(tiny):
 
 
 def test_integration_rules_weights_sum_to_one():
-    for rule in ("left", "right", "middle", "trapezoid"):
+    for rule in ("left", "right", "middle", "trapezoid", "gauss"):
         a, w = integration_points(10, rule)
         assert float(w.sum()) == pytest.approx(1.0) and len(a) == 10
     a, _ = integration_points(20, "left")
     assert a[0] == 0 and a[-1] == pytest.approx(0.95)  # the authors' left Riemann sum
     with pytest.raises(ValueError):
         integration_points(5, "simpson")
+
+
+def test_gauss_legendre_is_exact_to_degree_2n_minus_1_where_the_authors_rule_is_not():
+    a, w = integration_points(5, "gauss")
+    assert bool(((a > 0) & (a < 1)).all())
+    for deg in range(10):  # the integral of a^deg over [0, 1] is 1 / (deg + 1)
+        assert float((w * a**deg).sum()) == pytest.approx(1 / (deg + 1), abs=1e-12), deg
+    assert float((w * a**10).sum()) != pytest.approx(1 / 11, abs=1e-6)  # degree 2n is no longer exact
+    a, w = integration_points(20, "left")
+    assert abs(float((w * a**2).sum()) - 1 / 3) > 0.02  # the left sum's O(1/m) error on a^2
+
+
+def test_gauss_legendre_makes_ig2_complete_with_fewer_points(tiny):
+    toks, d1, d2 = _ids(tiny)
+
+    def worst(rule, m):
+        r = ig2_prompt(tiny, toks, d1, d2, steps=m, rule=rule, kind="logit")
+        delta = r.g1 - r.g0
+        return float(((r.attr.sum(1) - delta).abs() / delta.abs()).max())
+
+    left20, gauss6 = worst("left", 20), worst("gauss", 6)
+    assert gauss6 < left20 / 10, (gauss6, left20)
+    assert gauss6 < 1e-3
 
 
 def test_units_and_run_ig2(tiny, tmp_path):

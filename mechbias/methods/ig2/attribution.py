@@ -49,6 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -68,12 +69,16 @@ from .inputs import Unit
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-Rule = Literal["left", "right", "middle", "trapezoid"]
+Rule = Literal["left", "right", "middle", "trapezoid", "gauss"]
 RULES: tuple[str, ...] = get_args(Rule)
 
 
 def integration_points(steps: int, rule: str = "left") -> tuple[Tensor, Tensor]:
-    """Points ``α_k`` and weights ``c_k`` of a rule on [0, 1] (weights sum to 1)."""
+    """Points ``α_k`` and weights ``c_k`` of a rule on [0, 1] (weights sum to 1).
+
+    ``left`` is the authors' rule. ``gauss`` is Gauss–Legendre (numpy's nodes mapped from [-1, 1]): exact for
+    polynomials of degree ``2·steps - 1``, so a smooth path integral needs far fewer points; its nodes are
+    interior, so α = 0 is added by the caller only to read ``G(0)``, with weight 0."""
     if steps < 1:
         raise ValueError("steps must be >= 1")
     k = torch.arange(steps, dtype=torch.float64)
@@ -89,6 +94,9 @@ def integration_points(steps: int, rule: str = "left") -> tuple[Tensor, Tensor]:
         w = torch.full((steps,), 1.0 / (steps - 1), dtype=torch.float64)
         w[0] = w[-1] = 0.5 / (steps - 1)
         return k / (steps - 1), w
+    if rule == "gauss":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
     raise ValueError(f"unknown integration rule {rule!r}; choose from {RULES}")
 
 
@@ -184,7 +192,7 @@ def ig2_prompt(
         d2: token id of the second prediction.
         kind: the gap (:func:`gap_fn`): ``"prob"`` is the paper's probability difference.
         steps: Riemann steps of the path integral (the paper: 20).
-        rule: the Riemann rule: ``"left"`` (the authors' code), ``"right"``, ``"middle"``, ``"trapezoid"``.
+        rule: the Riemann rule: ``"left"`` (the authors' code), ``"right"``, ``"middle"``, ``"trapezoid"``, ``"gauss"`` (Gauss–Legendre).
         layers: the layers attributed (default all).
         method: ``"fast"`` (all layers and steps in batched passes) or ``"reference"`` (the slow obvious loop over layers and steps).
         internal_batch_size: maximum rows per forward pass of the fast path
