@@ -29,11 +29,12 @@ as :func:`~mechbias.eval.transfer.transfer_matrix`) -> the method's analyses.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from ..core.results import make_meta
+from ..core.results import atomic_savefig, make_meta
 from ..data.contexts import load_context
 from ..data.leakage import selection_phase, split_fold
 from ..data.neutral import neutral_texts
@@ -41,8 +42,10 @@ from ..eval.cells import DEFAULT_TEMPLATES_PER_NAME, EvalSet, TransferConfig, ce
 from ..eval.crossfit import crossfit_from_fits
 from ..eval.generation import generation_cost
 from ..eval.metrics import measure_bias, perplexity
+from ..eval.records import RowInfo
 from ..eval.rows import baseline_rows, make_row_info
-from ..eval.transfer import finish_matrix
+from ..eval.transfer import TransferMatrix, finish_matrix
+from ..interventions.base import Intervention
 from ..interventions.profile import unit_profile
 from ..methods.base import Method, MethodConfig, Selection, get_method
 from .jobs import Job, Planner, Results, WorkerContext, job_kind
@@ -69,9 +72,8 @@ def _baseline(ctx: WorkerContext, p: dict, d: dict) -> dict:
     res = measure_bias(ctx.model, list(p["contexts"]), list(p["axes"]), n_boot=p["n_boot"], seed=p["seed"],
                        templates_per_name=BASELINE_TEMPLATES_PER_NAME)
     res.save(ctx.folder / "result")
-    fig = res.plot()
     (ctx.folder / "figures").mkdir()
-    fig.savefig(ctx.folder / "figures" / "baseline_bias.png", dpi=110, bbox_inches="tight")
+    atomic_savefig(res.plot(), ctx.folder / "figures" / "baseline_bias.png", dpi=110, bbox_inches="tight")
     return {"value": res.rows}
 
 
@@ -295,30 +297,25 @@ def method_planner(shared: Shared, step: str, cls: type[Method], config: MethodC
     # the transfer matrix, from the grids (the same statistics as transfer_matrix)
     # rows and columns are context references (a name, or a user file's path); results use the contexts' names
     nm = {x: load_context(x).name for x in {*rows, *cols}}
-    eval_sets = {nm[c]: res(shared.evalsets[c]) for c in cols}
     base_ppl = res(base) if base else None
-    chosen, cells, row_info, grids = {}, [], [], {}
-    for r in rows:
-        iv = res(sel[r], "intervention")
-        chosen[nm[r]] = iv
+    ivs_r = {r: res(sel[r], "intervention") for r in rows}
+    pcs = {r: ({name: [res(ppl[r], f"{name}/{i}") - base_ppl for i in range(n)] for name, n in draws[r].items()}
+               if base else None) for r in rows}
+    after_ppls = {r: res(ppl[r], "after") - base_ppl if base else None for r in rows}
+
+    def row_info_of(r: str) -> RowInfo:
         controls = {name: [res(ctl[r], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
-        pc = ({name: [res(ppl[r], f"{name}/{i}") - base_ppl for i in range(n)] for name, n in draws[r].items()}
-              if base else None)
-        after_ppl = res(ppl[r], "after") - base_ppl if base else None
-        row_info.append(make_row_info(nm[r], iv, controls, base_ppl, after_ppl, pc, res(gen[r]) if gen else None))
-        for c in cols:
-            kept: dict = {}
-            cg = {name: [res(score[(r, c)], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
-            cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(r, c)], "after"), iv.n_components, tcfg,
-                                         selected_on=nm[r], ppl=after_ppl, control_grids=cg,
-                                         control_ppl=pc, keep=kept))
-            for k, v in kept.items():
-                grids[f"{k}/{nm[r]}/{nm[c]}"] = v
-    names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
-    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": names_r,
+        return make_row_info(nm[r], ivs_r[r], controls, base_ppl, after_ppls[r], pcs[r],
+                             res(gen[r]) if gen else None)
+
+    def cell_kw_of(r: str, c: str) -> dict:
+        cg = {name: [res(score[(r, c)], f"{name}/{i}") for i in range(n)] for name, n in draws[r].items()}
+        return {"ppl": after_ppls[r], "control_grids": cg, "control_ppl": pcs[r]}
+
+    meta = {**model_meta, "method": cls.title, "axis": axis, "contexts": [nm[r] for r in rows],
             "precision": {"selection": config.precision, "evaluation": "exact"}}
-    tm = finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
-                       baseline_rows(eval_sets, names_c, tcfg), tcfg, meta, grids, chosen)
+    tm = assemble_matrix(cls.title, axis, rows, cols, nm, {nm[c]: res(shared.evalsets[c]) for c in cols}, ivs_r,
+                         lambda r, c: res(score[(r, c)], "after"), tcfg, meta, row_info_of, cell_kw_of)
 
     cf = (yield from crossfit_planner(shared, step, cls, config, tcfg, rows, cols, crossfit_splits, model_meta)) \
         if crossfit_splits else None
@@ -369,23 +366,41 @@ def crossfit_planner(shared: Shared, step: str, cls: type[Method], config: Metho
     nm = {x: load_context(x).name for x in {*rows, *cols}}
     matrices = []
     for s, f in fits:
-        eval_sets = {nm[c]: res(ev[(s, f, c)]) for c in cols}
-        chosen, cells, row_info, grids = {}, [], [], {}
-        for r in rows:
-            iv = res(sel[(s, f, r)], "intervention")
-            chosen[nm[r]] = iv
-            row_info.append(make_row_info(nm[r], iv, {}, None, None, None, None))
-            for c in cols:
-                kept: dict = {}
-                cells.append(cell_from_grids(eval_sets[nm[c]], res(score[(s, f, r, c)], "after"), iv.n_components,
-                                             cf_cfg, selected_on=nm[r], keep=kept))
-                grids.update({f"{k}/{nm[r]}/{nm[c]}": v for k, v in kept.items()})
-        names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
+        ivs_r = {r: res(sel[(s, f, r)], "intervention") for r in rows}
+
+        def after(r: str, c: str, s: int = s, f: int = f) -> Any:
+            return res(score[(s, f, r, c)], "after")
+
+        def row_info_of(r: str, ivs_r: dict = ivs_r) -> RowInfo:  # no controls, perplexity or generation
+            return make_row_info(nm[r], ivs_r[r], {}, None, None, None, None)
+
         meta = {**model_meta, "method": cls.title, "axis": axis, "split": s, "fold": f}
-        matrices.append((s, f, finish_matrix(cls.title, axis, names_r, names_c, eval_sets, cells, row_info,
-                                             baseline_rows(eval_sets, names_c, cf_cfg), cf_cfg, meta, grids, chosen)))
+        matrices.append((s, f, assemble_matrix(cls.title, axis, rows, cols, nm,
+                                               {nm[c]: res(ev[(s, f, c)]) for c in cols}, ivs_r, after, cf_cfg,
+                                               meta, row_info_of, lambda r, c: {})))
     return crossfit_from_fits(matrices, [nm[r] for r in rows], [nm[c] for c in cols], splits, cls.title, axis,
                               dict(model_meta))
+
+
+def assemble_matrix(title: str, axis: str, rows: list[str], cols: list[str], nm: dict[str, str],
+                    eval_sets: dict[str, EvalSet], ivs: dict[str, Intervention],
+                    after: Callable[[str, str], Any], tcfg: TransferConfig, meta: dict,
+                    row_info_of: Callable[[str], RowInfo], cell_kw_of: Callable[[str, str], dict]) -> TransferMatrix:
+    """A transfer matrix from finished score grids (the statistics of :func:`~mechbias.eval.transfer.transfer_matrix`):
+    one cell per row and column from ``after(r, c)`` (the grid of row r's intervention on column c) and
+    ``cell_kw_of(r, c)`` (controls and perplexity, where the caller has them), one row record per row.
+    ``rows``/``cols`` are context references and ``nm`` their names (results use the names)."""
+    cells, row_info, grids = [], [], {}
+    for r in rows:
+        row_info.append(row_info_of(r))
+        for c in cols:
+            kept: dict = {}
+            cells.append(cell_from_grids(eval_sets[nm[c]], after(r, c), ivs[r].n_components, tcfg,
+                                         selected_on=nm[r], keep=kept, **cell_kw_of(r, c)))
+            grids.update({f"{k}/{nm[r]}/{nm[c]}": v for k, v in kept.items()})
+    names_r, names_c = [nm[r] for r in rows], [nm[c] for c in cols]
+    return finish_matrix(title, axis, names_r, names_c, eval_sets, cells, row_info,
+                         baseline_rows(eval_sets, names_c, tcfg), tcfg, meta, grids, {nm[r]: ivs[r] for r in rows})
 
 
 def _jsonable_kw(kw: dict) -> dict:
