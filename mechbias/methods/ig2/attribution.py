@@ -95,8 +95,8 @@ def integration_points(steps: int, rule: str = "left") -> tuple[Tensor, Tensor]:
         w[0] = w[-1] = 0.5 / (steps - 1)
         return k / (steps - 1), w
     if rule == "gauss":
-        x, w = np.polynomial.legendre.leggauss(steps)
-        return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+        nodes, wts = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy((nodes + 1) / 2), torch.from_numpy(wts / 2)
     raise ValueError(f"unknown integration rule {rule!r}; choose from {RULES}")
 
 
