@@ -301,3 +301,25 @@ def test_pooled_verification_rebuilds_the_method_units_and_pools_them(tiny, tmp_
         changes.append(ref["change"]), sizes.append(row["units"])
     pooled = out["pooled"]["IG² suppress: change"]["estimate"]
     assert pooled == pytest.approx(sum(c * n for c, n in zip(changes, sizes, strict=True)) / sum(sizes), abs=1e-9)
+
+
+@pytest.mark.parametrize("df", [4.0, 17.5, 240.0])
+def test_verification_table_restates_the_detectable_change_at_the_bh_level(df):
+    """analyses/ig2_verification_table.py recovers df from a stored interval and its 0.05-level detectable
+    change, and restates the latter at a smaller α exactly as mechbias.eval.stats.mdd computes it."""
+    import importlib.util
+    from pathlib import Path
+
+    from scipy.stats import t as student_t
+
+    from mechbias.eval.stats import mdd
+
+    spec = importlib.util.spec_from_file_location(
+        "verification_table", Path(__file__).parents[1] / "analyses" / "ig2_verification_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    se = 0.0031
+    half = float(student_t.ppf(0.975, df)) * se
+    got = mod.mdd_at(half, mdd(se, df), 0.05 / 8)
+    assert got == pytest.approx(mdd(se, df, 0.05 / 8), rel=1e-6)
+    assert got > 1.2 * mdd(se, df)

@@ -103,7 +103,7 @@ def plot_overlap(df, title: str = "Overlap of selected neurons between contexts"
     for _, r in df.iterrows():
         i, j = names.index(r["a"]), names.index(r["b"])
         txt = f"n={r['n_a']}" if i == j else f"{r['jaccard']:.2f}\n{r['shared']} shared\nchance {r['chance']:.3f}"
-        ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="w" if mat[i, j] < 0.6 * np.nanmax(mat) else "k")
+        ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="k" if im.norm(mat[i, j]) >= 0.6 else "w")  # dark text on the bright end of the scale
     ax.set_xticks(range(n))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_yticks(range(n))
