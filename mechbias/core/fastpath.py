@@ -17,6 +17,10 @@ TransformerLens and transformers that a new release can change without an error:
 * **Resuming at a layer** (:mod:`mechbias.core.resume`): blocks before an
   intervention's first layer are skipped and the kept residual stream enters
   there. It turns TransformerLens' wrapped layers into identities for the call.
+* **Prefix attention** (:mod:`mechbias.core.prefix_attention`): one new token
+  per row attends over a frozen batch-1 prefix without copying it per row and
+  per head (IG²'s scaled rows). It reimplements the bridge's attention for that
+  case and reads its attributes.
 
 The first time a model uses a fast path in a process, :func:`fast_path_status`
 compares it with the exact path (full sequences, full unembedding) on a small
@@ -44,6 +48,8 @@ from torch import Tensor
 from .families import is_masked_lm
 from .hooks import hooked
 from .models import supports_kv_cache
+from .prefix_attention import calls as prefix_attention_calls
+from .prefix_attention import prefix_attention
 from .resume import capture_resid, resumable, resumed_logits
 from .sites import hook_name
 from .window import forward_window
@@ -58,7 +64,7 @@ _STATUS: weakref.WeakKeyDictionary[Any, FastPathStatus] = weakref.WeakKeyDiction
 _STRICT: list[bool | None] = [None]
 _SHIM: dict[str, bool] = {}
 #: the fast paths the self-check covers
-FAST_PATHS = ("unembed", "kv_cache", "resume")
+FAST_PATHS = ("unembed", "kv_cache", "resume", "prefix_attention")
 
 
 class FastPathError(RuntimeError):
@@ -294,6 +300,7 @@ class FastPathStatus:
     unembed: PathCheck
     kv_cache: PathCheck
     resume: PathCheck
+    prefix_attention: PathCheck
 
     def checks(self) -> dict[str, PathCheck]:
         """Each fast path's check, by name."""
@@ -363,7 +370,33 @@ def _run_checks(model: TransformerBridge) -> FastPathStatus:
             ok = all(v["ok"] for v in parts.values())
             kv = {"path": "fast" if ok else "exact", "ok": ok, "shim": shim, "checks": parts}
         resume = _resume_check(model, ids, tol)
-    return FastPathStatus(library_versions(), unembed, kv, resume)
+        prefix = _prefix_attention_check(model, ids, exact, tol, kv)
+    return FastPathStatus(library_versions(), unembed, kv, resume, prefix)
+
+
+def _prefix_attention_check(model: TransformerBridge, ids: Tensor, exact: Tensor, tol: float, kv: PathCheck) -> PathCheck:
+    """Three rows of one new token, then of four, over a frozen 5-token prefix, through :func:`prefix_attention`,
+    against the full-sequence logits at those positions; the path must have been taken in every layer."""
+    if kv["path"] != "fast":
+        return {"path": "exact", "ok": True, "reason": "the KV-cache fast path is off on this model"}
+    p, total = 5, ids.shape[1]
+    out: PathCheck = {}
+    for n in (1, total - p):
+        try:
+            with forward_window(0, p + n):
+                cache = prefix_cache(model, ids[:1, :p])
+            before = prefix_attention_calls()
+            with prefix_attention(), forward_window(p, p + n):
+                fast: Any = model(ids[:, p : p + n], past_key_values=cache)
+            if prefix_attention_calls() - before != model.cfg.n_layers:
+                return {"path": "exact", "ok": True, "reason": "an attention layer of this model does not take the "
+                                                              "prefix path"}
+        except Exception as e:
+            fast = e
+        out = _compare("prefix_attention", fast, exact[:, p : p + n], tol)
+        if not out["ok"]:
+            break
+    return out
 
 
 def _resume_check(model: TransformerBridge, ids: Tensor, tol: float) -> PathCheck:
@@ -427,6 +460,12 @@ def use_resume(model: TransformerBridge) -> bool:
     if not resumable(model):
         return False
     return fast_path_status(model).resume["path"] == "fast"
+
+
+def use_prefix_attention(model: TransformerBridge) -> bool:
+    """Whether IG²'s scaled rows may attend over a frozen prefix through :func:`prefix_attention` on ``model``
+    (the KV-cache path is on and this path passed its self-check)."""
+    return use_kv_cache(model) and fast_path_status(model).prefix_attention["path"] == "fast"
 
 
 def use_kv_cache(model: TransformerBridge) -> bool:

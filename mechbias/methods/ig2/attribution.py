@@ -36,7 +36,8 @@ neuron there changes only the last position's residual stream. So the prefix
 runs once into a frozen KV cache, and the m scaled copies of layer ``l`` are
 created *inside* the forward pass, at ``blocks.{l}.hook_resid_pre`` of the last
 token, so they only run through layers ≥ l. All layers and steps share one
-forward and one backward. Models without KV-cache support (TransformerLens
+forward and one backward. The rows attend over the frozen prefix without a copy
+of it per row and head (:mod:`mechbias.core.prefix_attention`, self-checked). Models without KV-cache support (TransformerLens
 native) use the same batch growth over the full sequence. ``method="reference"``
 is the slow obvious loop over layers and steps, kept for tests and benchmarks.
 Units live in :mod:`.units`, selection in :mod:`.selection`, the paper's
@@ -55,9 +56,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ...core.families import is_masked_lm
-from ...core.fastpath import position_unembed, prefix_cache, use_kv_cache
+from ...core.fastpath import position_unembed, prefix_cache, use_kv_cache, use_prefix_attention
 from ...core.hooks import hooked, run_with_cache
 from ...core.params import frozen
+from ...core.prefix_attention import prefix_attention
 from ...core.results import Result, make_meta
 from ...core.runner import readout_ids
 from ...core.sites import hook_name
@@ -317,7 +319,7 @@ def _fast(model: TransformerBridge, tokens, gap, layers, alphas, weights, zero_i
 
             hooks += [(hook_name("resid_pre", l), grow), (hook_name("post", l), scale)]
         with hooked(model, hooks), position_unembed(model, at - start), forward_window(start, total), \
-                readout_position(at):
+                readout_position(at), prefix_attention(use_kv and use_prefix_attention(model)):
             logits = model(inp, past_key_values=cache) if use_kv else model(inp)
         # only the prediction position was unembedded: [rows, 1, vocab] -> [rows, vocab] as a view
         # (indexing would cost a dense zero-filled gradient buffer in the backward)
