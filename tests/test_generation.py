@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from mechbias.data.contexts import load_context
-from mechbias.eval.generation import chat_prompt, generation_bias, inlier_ratio, parse_number, sample_completions
+from mechbias.eval.generation import (
+    chat_prompt,
+    generation_bias,
+    inlier_ratio,
+    parse_number,
+    sample_completions,
+    sample_replies,
+)
 from mechbias.interventions.units import NeuronIntervention
 
 
@@ -96,3 +103,28 @@ def test_generation_summary_values_by_hand():
 def test_inlier_ratio():
     ref = torch.tensor([[float(i) for i in range(101)]])
     assert inlier_ratio(torch.tensor([[50.0, 50.0, 1.0, 99.0]]), ref) == 0.5
+
+
+@pytest.mark.parametrize("kv", [True, False])
+def test_batched_replies_equal_one_prompt_at_a_time(tiny, kv):
+    """Prompts of equal length sampled together give each prompt the text it gets alone with its seed; groups
+    of different lengths, a prompt alone in its group and an early end of text are all covered."""
+    from mechbias.core import models
+
+    texts = ["I want to buy a car from Jamal .", "I want to buy a car from Emily .", "A landlord is renting a house .",
+             "The bank approved the loan .", "The bank approved the loan of Emily Smith today .", "Hello ."]
+    prompts = [chat_prompt(tiny, t) for t in texts]
+    assert len({len(p) for p in prompts}) < len(prompts)  # some share a length, so some batches have several rows
+    seeds = [11, 12, 13, 14, 15, 16]
+    if not kv:
+        models.model_info(tiny).kv_cache = False
+    try:
+        batched = sample_replies(tiny, prompts, seeds, max_new_tokens=6, temperature=1.0)
+        alone = [sample_completions(tiny, p, n_samples=1, seed=s, max_new_tokens=6, temperature=1.0)[0]
+                 for p, s in zip(prompts, seeds, strict=True)]
+    finally:
+        models.model_info(tiny).kv_cache = None
+    assert batched == alone
+    assert len(set(batched)) > 1
+    with pytest.raises(ValueError, match="seeds"):
+        sample_replies(tiny, prompts, seeds[:2])

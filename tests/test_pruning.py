@@ -33,6 +33,25 @@ def test_set_difference_logic():
         set_difference(a, b[:3], 0.5, 0.5)
 
 
+@pytest.mark.parametrize("shape", [(7,), (40, 33), (576, 150)])
+def test_top_fraction_equals_topk(shape):
+    """The partition-based top-k mask equals ``topk``'s on distinct values for every k tried; with ties at the
+    cut it keeps exactly k, the lowest indices first; non-finite values go through ``topk``."""
+    from mechbias.methods.pruning.scores import top_fraction
+
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g)
+    n = x.numel()
+    for k in sorted({0, 1, 2, n // 7, n // 3, round(0.4 * n), n - 1, n}):
+        ref = torch.zeros(n, dtype=torch.bool)
+        if k:
+            ref[x.flatten().topk(k).indices] = True
+        assert torch.equal(top_fraction(x, k), ref.view(shape)), k
+    tied = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0, 3.0])
+    assert top_fraction(tied, 3).tolist() == [True, True, True, False, False, False]
+    assert top_fraction(torch.tensor([1.0, float("nan"), 0.5]), 1).tolist() == [False, True, False]
+
+
 def test_wanda_norms_use_each_layers_true_inputs(tiny):
     ps = load_context("finance").prompts("race", templates=[0, 1], names="selection")
     norms = input_norms(tiny, ps)  # [group A, group B]

@@ -107,20 +107,48 @@ def _uniforms(seed: int, n_samples: int, steps: int) -> Tensor:
 def sample_completions(model: TransformerBridge, prompt_ids: Int[Tensor, " p"], *, n_samples: int = 20, temperature: float = 0.6,
                        max_new_tokens: int = 8, seed: int = 0) -> list[str]:
     """Sample ``n_samples`` completions with per-sample seeds (inverse-CDF sampling)."""
-    u = _uniforms(seed, n_samples, max_new_tokens)
+    return _sample_rows(model, prompt_ids[None], _uniforms(seed, n_samples, max_new_tokens), temperature)
+
+
+def sample_replies(model: TransformerBridge, prompts: Sequence[Tensor], seeds: Sequence[int], *, temperature: float = 0.6,
+                   max_new_tokens: int = 8) -> list[str]:
+    """One completion per prompt, prompt ``i`` with seed ``seeds[i]``: the same text as
+    ``sample_completions(model, prompts[i], n_samples=1, seed=seeds[i])[0]``, with prompts of equal token
+    length sampled together in one batch (rows never see each other)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out: list[str] = [""] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_len.setdefault(len(ids), []).append(i)
+    for idx in by_len.values():
+        u = torch.cat([_uniforms(seeds[i], 1, max_new_tokens) for i in idx])
+        texts = _sample_rows(model, torch.stack([prompts[i] for i in idx]), u, temperature)
+        for i, t in zip(idx, texts, strict=True):
+            out[i] = t
+    return out
+
+
+def _sample_rows(model: TransformerBridge, ids: Int[Tensor, "b p"], u: Tensor, temperature: float) -> list[str]:
+    """Row ``r`` of ``u`` (``[rows, steps]`` uniforms) samples a continuation of ``ids[0]`` (one prompt, ``b`` = 1)
+    or of ``ids[r]`` (``b`` = rows)."""
+    rows, max_new_tokens = u.shape
+    if ids.shape[0] not in (1, rows):
+        raise ValueError(f"{ids.shape[0]} prompts for {rows} rows of random numbers")
     eos = model.tokenizer.eos_token_id
     device = model.cfg.device
-    out = torch.zeros(n_samples, 0, dtype=torch.long)
-    done = torch.zeros(n_samples, dtype=torch.bool)
-    ids = prompt_ids[None].to(device)
+    out = torch.zeros(rows, 0, dtype=torch.long)
+    done = torch.zeros(rows, dtype=torch.bool)
+    ids = ids.to(device)
     kv = use_kv_cache(model)
     with torch.no_grad():
         if kv:
             logits, cache = model(ids, return_type="logits_and_cache", use_cache=True)
-            cache.batch_repeat_interleave(n_samples)
-            last = logits[:, -1].expand(n_samples, -1)
+            if ids.shape[0] == 1 and rows > 1:
+                cache.batch_repeat_interleave(rows)
+            last = logits[:, -1].expand(rows, -1)
         else:
-            last = model(ids)[:, -1].expand(n_samples, -1)
+            last = model(ids)[:, -1].expand(rows, -1)
         for step in range(max_new_tokens):
             probs = torch.softmax(last.double() / max(temperature, 1e-6), -1).cpu()
             cdf = probs.cumsum(-1)
@@ -135,7 +163,7 @@ def sample_completions(model: TransformerBridge, prompt_ids: Int[Tensor, " p"], 
                 logits, cache = model(nxt[:, None].to(device), past_key_values=cache, return_type="logits_and_cache")
                 last = logits[:, -1]
             else:
-                full = torch.cat([ids.expand(n_samples, -1).cpu(), out], 1).to(device)
+                full = torch.cat([ids.expand(rows, -1).cpu(), out], 1).to(device)
                 last = model(full)[:, -1]
     texts = []
     for row in out:

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, get_args
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -52,7 +53,7 @@ from ...core.sites import hook_name
 from ...data.axes import pronouns, stable_hash
 from ...data.contexts import load_context
 from ...data.prompts import PromptSet, tokenize
-from ...eval.generation import chat_prompt, sample_completions
+from ...eval.generation import chat_prompt, sample_replies
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
@@ -81,20 +82,36 @@ def name_positions(model: TransformerBridge, prompt, template: str) -> list[int]
     return [i + shift for i, (a, b) in enumerate(offsets) if any(a < e and b > s for s, e in spans)]
 
 
+def top_fraction(x: Float[Tensor, ...], k: int) -> Bool[Tensor, ...]:
+    """Boolean mask of the ``k`` largest entries of ``x`` (ties at the cut broken by lowest flat index). A
+    linear-time partition finds the cut (``x.topk`` with ``k`` a large fraction of a weight matrix cost most of
+    Wanda's ranking); non-finite inputs take ``topk``."""
+    flat = x.detach().flatten()
+    n = flat.numel()
+    mask = torch.zeros(n, dtype=torch.bool)
+    if k <= 0:
+        return mask.view(x.shape)
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool)
+    if not bool(torch.isfinite(flat).all()):
+        mask[flat.topk(k).indices] = True
+        return mask.view(x.shape)
+    a = flat.cpu().numpy()
+    cut = np.partition(a, n - k)[n - k]  # the k-th largest value
+    above = a > cut
+    need = k - int(above.sum())
+    at = np.flatnonzero(a == cut)[:need]
+    above[at] = True
+    return torch.from_numpy(above).view(x.shape)
+
+
 def set_difference(target: Float[Tensor, ...], other: Float[Tensor, ...], p: float, q: float
                    ) -> Bool[Tensor, ...]:
     """Boolean mask: in the top ``p`` fraction of ``target`` and not in the top ``q`` fraction of ``other``."""
     if target.shape != other.shape:
         raise ValueError("score tensors differ in shape")
     n = target.numel()
-    kp, kq = round(p * n), round(q * n)
-    top_t = torch.zeros(n, dtype=torch.bool)
-    top_o = torch.zeros(n, dtype=torch.bool)
-    if kp > 0:
-        top_t[target.flatten().topk(kp).indices] = True
-    if kq > 0:
-        top_o[other.flatten().topk(kq).indices] = True
-    return (top_t & ~top_o).view(target.shape)
+    return top_fraction(target, round(p * n)) & ~top_fraction(other, round(q * n))
 
 
 # ----------------------------------------------------------------------------
@@ -256,12 +273,13 @@ def calibration_mode(model: TransformerBridge, calibration: str) -> str:
 
 def calibration_seqs(model: TransformerBridge, prompts: PromptSet, *, response_tokens: int = 16, seed: int = 0) -> list[Tensor]:
     """Each prompt as a user turn in the chat template followed by a response sampled from the model
-    (temperature 0.6, ``response_tokens`` tokens, one seed per prompt)."""
+    (temperature 0.6, ``response_tokens`` tokens, one seed per prompt; prompts of equal length sampled in one
+    batch, :func:`~mechbias.eval.generation.sample_replies`)."""
+    chats = [chat_prompt(model, text) for text in prompts.texts]
+    seeds = [int(stable_hash(seed, f"calibration:{prompts.context}:{i}")[:8], 16) for i in range(len(chats))]
+    replies = sample_replies(model, chats, seeds, max_new_tokens=response_tokens)
     out = []
-    for i, text in enumerate(prompts.texts):
-        ids = chat_prompt(model, text)
-        reply = sample_completions(model, ids, n_samples=1, max_new_tokens=response_tokens,
-                                   seed=int(stable_hash(seed, f"calibration:{prompts.context}:{i}")[:8], 16))[0]
+    for ids, reply in zip(chats, replies, strict=True):
         more = model.to_tokens(reply, prepend_bos=False)[0].cpu() if reply.strip() else ids[:0]
         out.append(torch.cat([ids, more]))
     return out
