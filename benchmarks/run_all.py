@@ -31,6 +31,7 @@ def main() -> None:
     run("bench_ig2.py", *(["--reference-layers", "3"] if args.quick else []))
     run("bench_patching.py")
     run("bench_pruning.py")
+    run("bench_wanda.py", *(["--prompts", "16", "--no-selection"] if args.quick else []))
     run("bench_gradiend.py")
     run("bench_study_workers.py")
     for folder in (Path("results/study"), Path("results/study_run1")):

@@ -174,7 +174,10 @@ def test_verification_values_equal_a_brute_force_recomputation(tiny):
     mean unit value recomputed by hand with the same interventions; "minus random" is the difference of the
     two; the relative change is reported exactly when the gap before has a CI excluding 0; the factors are
     the units' templates and names."""
+    from scipy.stats import t as t_dist
+
     from mechbias.eval.factors import factor_estimate, weighted_mean
+    from mechbias.eval.stats import mdd
     from mechbias.interventions.units import NeuronIntervention
     from mechbias.methods.ig2 import unit_factors, unit_values
 
@@ -194,6 +197,9 @@ def test_verification_values_equal_a_brute_force_recomputation(tiny):
         row = next(r for r in v.rows if r["neurons"] == "IG2" and r["operation"] == op)
         assert row["change"] == pytest.approx(float(mine.mean() - base.mean()), abs=1e-9)
         assert row["ci_low"] < row["change"] < row["ci_high"]
+        # the interval's se and df are recorded, so a detectable change at another alpha needs no recovery
+        assert row["min_detectable"] == pytest.approx(mdd(row["se"], row["df"], 0.05), rel=1e-9)
+        assert row["ci_high"] - row["change"] == pytest.approx(t_dist.ppf(0.975, row["df"]) * row["se"], rel=1e-9)
         assert row["gap_before_ci"] == pytest.approx([before.ci_low, before.ci_high])
         if before.ci_low > 0 or before.ci_high < 0:
             assert row["relative_change"] == pytest.approx(float((mine.mean() - base.mean()) / abs(base.mean())),

@@ -117,15 +117,15 @@ def verify(
         out = {"neurons": name, "operation": op, "n_neurons": n_neurons, "gap_before": float(b0.mean()),
                "gap_before_ci": [before.ci_low, before.ci_high], "gap_after": float(v.mean()),
                "change": ch.estimate, "ci_low": ch.ci_low, "ci_high": ch.ci_high, "p_value": ch.p_value,
-               "min_detectable": ch.min_detectable, "relative_change": None, "relative_ci_low": None,
-               "relative_ci_high": None}
+               "min_detectable": ch.min_detectable, "se": ch.se, "df": ch.df, "relative_change": None,
+               "relative_ci_low": None, "relative_ci_high": None}
         if estimable:
             rel = est(ratio(v))
             out.update(relative_change=rel.estimate, relative_ci_low=rel.ci_low, relative_ci_high=rel.ci_high)
         if rnd is not None:
             d = est(weighted_mean(v - rnd))
             out["minus_random"] = {"estimate": d.estimate, "ci_low": d.ci_low, "ci_high": d.ci_high,
-                                   "p_value": d.p_value, "min_detectable": d.min_detectable}
+                                   "p_value": d.p_value, "min_detectable": d.min_detectable, "se": d.se, "df": d.df}
         return out
 
     rows = []
