@@ -28,6 +28,7 @@ Writes ``OUT/ground_truth.json`` (a GroundTruthResult), ``OUT/ground_truth.md``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -77,6 +78,30 @@ def selected_units(iv) -> dict[str, set]:
     return out
 
 
+def first_templates(n: int) -> None:
+    """Every context loaded from now on in this process keeps its first ``n`` templates (and the split blocks
+    inside them; a context's blocks are split on their own, so these templates keep their split)."""
+    from mechbias.data import contexts as C
+
+    parse = C.parse_context
+
+    def parse_first(data: dict, source: str = "<dict>"):
+        ctx = parse(data, source)
+        if len(ctx.templates) <= n:
+            return ctx
+        blocks, total = [], 0
+        for b in ctx.split_blocks:
+            if total + b > n:
+                break
+            blocks.append(b)
+            total += b
+        if ctx.split_blocks and total != n:
+            raise SystemExit(f"--first-templates {n} cuts a split block of {ctx.name} ({ctx.split_blocks})")
+        return dataclasses.replace(ctx, templates=ctx.templates[:n], split_blocks=tuple(blocks))
+
+    C.parse_context = parse_first
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("results/ground_truth"))
@@ -89,10 +114,15 @@ def main() -> None:
     ap.add_argument("--no-recovery", action="store_true", help="skip the unit recovery (part 1)")
     ap.add_argument("--draws", type=int, default=1,
                     help="random-control draws per cell (0: none; sensitivity and leakage do not read them)")
+    ap.add_argument("--first-templates", type=int, default=None,
+                    help="use only each context's first N templates (planted v3 and v4 were built when every "
+                         "context had 10, and their committed results use those 10: pass 10 to extend them)")
     ap.add_argument("--merge", type=Path, default=None,
                     help="a previous run's OUT: keep its unit recovery and the matrices of methods not rerun "
                          "(its oracle must equal this run's)")
     args = ap.parse_args()
+    if args.first_templates is not None:
+        first_templates(args.first_templates)
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
     say = lambda s: print(f"[{time.time() - t0:6.0f} s] {s}", flush=True)
@@ -141,6 +171,19 @@ def main() -> None:
     oracle = oracle_matrix(model, cfg, rows_ctx, axis, evaluate_on=list(YES_NO_CONTEXTS), eval_sets=eval_sets)
     say(f"oracle: test {oracle.transfer_test['within_minus_cross']:+.3f} "
         f"[{oracle.transfer_test['ci_low']:+.3f}, {oracle.transfer_test['ci_high']:+.3f}]")
+
+    def mergeable() -> GroundTruthResult:
+        """The run to merge into, if its model and oracle equal this run's (checked before any method runs)."""
+        old = GroundTruthResult.load(args.merge)
+        if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
+                "within_minus_cross", float("nan")) - oracle.transfer_test["within_minus_cross"]) > 1e-5:
+            raise SystemExit(f"--merge {args.merge}: another model or oracle (this run's oracle test "
+                             f"{oracle.transfer_test['within_minus_cross']:+.4f}; its evaluation templates may "
+                             f"differ, see --first-templates); not merged")
+        return old
+
+    if args.merge is not None:
+        mergeable()
     n_truth = len(truth["finance"]["neuron@name"] | truth["finance"]["neuron@last"])
     every = {
         "ig2": ("IG² + BNS", lambda: IG2(IG2Config(plain_ig=False, verify_random=0, pairs=pairs_per))),
@@ -175,16 +218,14 @@ def main() -> None:
         """Save every method finished so far (after each one: a stopped run keeps what it measured)."""
         mats, trans, secs, rec_rows = list(matrices), transfer + oracle_rows, round(time.time() - t0), recovery
         if args.merge is not None:
-            old = GroundTruthResult.load(args.merge)
-            if old.meta.get("model") != args.model or abs(old.meta.get("oracle_test", {}).get(
-                    "within_minus_cross", float("nan")) - oracle.transfer_test["within_minus_cross"]) > 1e-5:
-                raise SystemExit(f"--merge {args.merge}: another model or oracle; not merged")
+            old = mergeable()
             rerun = {m["method"] for m in mats}
             rec_rows = old.rows + recovery
             mats = [m for m in old.meta.get("matrices", []) if m["method"] not in rerun] + mats
             trans = [t for t in old.transfer if t["method"] not in rerun and t["method"] != "oracle"] + trans
             secs += int(old.meta.get("seconds", 0))
-        gt = GroundTruthResult(rec_rows, trans, {"model": args.model, "rows": rows_ctx,
+        gt = GroundTruthResult(rec_rows, trans, {"model": args.model, "first_templates": args.first_templates,
+                                                 "rows": rows_ctx,
                                                  "columns": list(YES_NO_CONTEXTS), "seconds": secs,
                                                  "oracle_test": oracle.transfer_test, "matrices": mats})
         gt.save(args.out)

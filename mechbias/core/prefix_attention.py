@@ -46,7 +46,7 @@ def _hooked(point) -> bool:
 
 
 def _frozen_layer(kwargs: dict, layer_idx) -> Any:
-    cache = kwargs.get("past_key_values") or kwargs.get("layer_past") or kwargs.get("cache")
+    cache = next((kwargs[k] for k in ("past_key_values", "layer_past", "cache") if kwargs.get(k) is not None), None)
     layers = getattr(cache, "layers", None)
     if layer_idx is None or not layers or layer_idx >= len(layers):
         return None
