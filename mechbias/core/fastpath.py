@@ -17,10 +17,10 @@ TransformerLens and transformers that a new release can change without an error:
 * **Resuming at a layer** (:mod:`mechbias.core.resume`): blocks before an
   intervention's first layer are skipped and the kept residual stream enters
   there. It turns TransformerLens' wrapped layers into identities for the call.
-* **Prefix attention** (:mod:`mechbias.core.prefix_attention`): one new token
-  per row attends over a frozen batch-1 prefix without copying it per row and
-  per head (IG²'s scaled rows). It reimplements the bridge's attention for that
-  case and reads its attributes.
+* **Prefix attention** (:mod:`mechbias.core.prefix_attention`): new tokens
+  attend over a frozen batch-1 prefix without a copy of it per row and per
+  head (IG²'s scaled rows, one token each). It reimplements the bridge's
+  attention for that case and reads its attributes.
 
 The first time a model uses a fast path in a process, :func:`fast_path_status`
 compares it with the exact path (full sequences, full unembedding) on a small
