@@ -50,6 +50,9 @@ def test_top_fraction_equals_topk(shape):
     tied = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0, 3.0])
     assert top_fraction(tied, 3).tolist() == [True, True, True, False, False, False]
     assert top_fraction(torch.tensor([1.0, float("nan"), 0.5]), 1).tolist() == [False, True, False]
+    half = x.bfloat16().flatten()  # a bfloat16 model's scores (numpy has no bfloat16): exactly k, none kept below one left
+    got = top_fraction(half, n // 3)
+    assert int(got.sum()) == n // 3 and bool(half[got].min() >= half[~got].max())
 
 
 def test_wanda_norms_use_each_layers_true_inputs(tiny):

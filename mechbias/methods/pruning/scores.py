@@ -96,7 +96,7 @@ def top_fraction(x: Float[Tensor, ...], k: int) -> Bool[Tensor, ...]:
     if not bool(torch.isfinite(flat).all()):
         mask[flat.topk(k).indices] = True
         return mask.view(x.shape)
-    a = flat.cpu().numpy()
+    a = flat.cpu().numpy() if flat.dtype in (torch.float32, torch.float64) else flat.float().cpu().numpy()  # bf16/fp16: exact in fp32
     cut = np.partition(a, n - k)[n - k]  # the k-th largest value
     above = a > cut
     need = k - int(above.sum())
