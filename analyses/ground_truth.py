@@ -122,6 +122,8 @@ def main() -> None:
                          "(its oracle must equal this run's)")
     args = ap.parse_args()
     if args.first_templates is not None:
+        if args.first_templates < 2:
+            ap.error(f"--first-templates must be at least 2 (a selection and a held-out template), not {args.first_templates}")
         first_templates(args.first_templates)
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
