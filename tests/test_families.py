@@ -13,7 +13,9 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
+from mechbias.core.answer_columns import calls as answer_calls
 from mechbias.core.families import FAMILIES, family_hf_model, family_model, family_of, is_masked_lm
+from mechbias.core.fastpath import fast_path_status
 from mechbias.core.hooks import n_active_hooks
 from mechbias.core.models import supports_kv_cache
 from mechbias.core.params import block_component, linear_layers, named_params
@@ -102,6 +104,11 @@ def test_bias_metric_equals_the_hf_forward(fam, support):
     ref = torch.stack([(lambda lg: lg[p] - lg[n])(_hf_last_logits(hf, model, t)) for t in ps.texts[:24]])
     assert float((mine[:24] - ref).abs().max()) < 1e-4
     assert float(ref.std()) > 0
+    # the score reads two answer columns, and only those were unembedded on every causal family
+    assert fast_path_status(model).answer_columns["path"] == "fast", fast_path_status(model).answer_columns
+    before = answer_calls()
+    contrast_scores(model, ps)
+    assert answer_calls() > before
     support(name, "bias metric", "fast (shared KV prefix)" if supports_kv_cache(model) else "exact (full sequences)")
 
 

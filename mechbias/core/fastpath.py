@@ -21,6 +21,8 @@ TransformerLens and transformers that a new release can change without an error:
   attend over a frozen batch-1 prefix without a copy of it per row and per
   head (IG²'s scaled rows, one token each). It reimplements the bridge's
   attention for that case and reads its attributes.
+* **Answer columns** (:mod:`mechbias.core.answer_columns`): the unembedding
+  computes only the vocabulary columns a metric reads (:func:`answer_unembed`).
 
 The first time a model uses a fast path in a process, :func:`fast_path_status`
 compares it with the exact path (full sequences, full unembedding) on a small
@@ -38,33 +40,33 @@ import copy
 import os
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from .answer_columns import check_columns, columns_only
 from .families import is_masked_lm
 from .hooks import hooked
 from .models import supports_kv_cache
+from .pathcheck import PathCheck, compare, tolerance
 from .prefix_attention import calls as prefix_attention_calls
 from .prefix_attention import prefix_attention
-from .resume import capture_resid, resumable, resumed_logits
+from .resume import resumable, resume_check
 from .sites import hook_name
 from .window import forward_window
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-#: the largest max |fast - exact| logit difference accepted, as a fraction of (1 + max |exact logit|), by dtype
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
-
 _STATUS: weakref.WeakKeyDictionary[Any, FastPathStatus] = weakref.WeakKeyDictionary()
 _STRICT: list[bool | None] = [None]
 _SHIM: dict[str, bool] = {}
 #: the fast paths the self-check covers
-FAST_PATHS = ("unembed", "kv_cache", "resume", "prefix_attention")
+FAST_PATHS = ("unembed", "kv_cache", "resume", "prefix_attention", "answer_columns")
 
 
 class FastPathError(RuntimeError):
@@ -252,6 +254,20 @@ def last_position_unembed(model: TransformerBridge, n_last: int):
         yield
 
 
+@contextlib.contextmanager
+def answer_unembed(model: TransformerBridge, n_last: int, columns: Sequence[int] | None):
+    """:func:`last_position_unembed`, and with ``columns`` (the vocabulary ids a readout reads) only those
+    columns are computed where the self-check passed (the others are NaN; see
+    :mod:`mechbias.core.answer_columns`). ``columns=None`` unembeds every column."""
+    cut = columns is not None and use_answer_columns(model)  # the self-check runs before any hook is in place
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(last_position_unembed(model, n_last))
+        if cut:
+            assert columns is not None
+            stack.enter_context(columns_only(model, columns))
+        yield
+
+
 # ----------------------------------------------------------------------------
 # the self-check
 # ----------------------------------------------------------------------------
@@ -272,25 +288,6 @@ def _probe_ids(model: TransformerBridge) -> Tensor:
     return torch.cat([first, body], dim=1).to(model.cfg.device)
 
 
-def _tolerance(model: TransformerBridge, exact: Tensor) -> float:
-    dtype = getattr(model.cfg, "dtype", torch.float32)
-    return TOLERANCE.get(dtype, 5e-2) * (1.0 + float(exact.abs().max()))
-
-
-class PathCheck(TypedDict, total=False):
-    """One fast path's self-check against the exact path on a model."""
-
-    path: str  # "fast" or "exact": which one runs
-    ok: bool  # the fast path agreed within the tolerance (or was not needed)
-    max_abs_diff: float
-    tolerance: float
-    error: str  # the fast path raised
-    reason: str  # why the exact path runs without a check
-    shim: bool  # the cache keyword shim was installed
-    checks: dict[str, PathCheck]  # the KV-cache path's three checks
-    layer: int  # where the resume check resumed
-
-
 @dataclass
 class FastPathStatus:
     """:func:`fast_path_status`: each fast path's check (:data:`FAST_PATHS`) and the library versions it ran
@@ -301,24 +298,17 @@ class FastPathStatus:
     kv_cache: PathCheck
     resume: PathCheck
     prefix_attention: PathCheck
+    answer_columns: PathCheck
 
     def checks(self) -> dict[str, PathCheck]:
         """Each fast path's check, by name."""
         return {k: getattr(self, k) for k in FAST_PATHS}
 
 
-def _compare(name: str, fast, exact: Tensor, tol: float) -> PathCheck:
-    if isinstance(fast, Exception):
-        return {"path": "exact", "ok": False, "error": f"{type(fast).__name__}: {fast}", "tolerance": tol}
-    diff = float((fast.float() - exact.float()).abs().max())
-    ok = diff <= tol
-    return {"path": "fast" if ok else "exact", "ok": ok, "max_abs_diff": diff, "tolerance": tol}
-
-
 def _kv_checks(model: TransformerBridge, ids: Tensor, exact: Tensor) -> dict[str, PathCheck]:
     """Frozen prefix, sliced cache and growing cache, each against the full-sequence logits."""
     p, total = 5, ids.shape[1]
-    tol = _tolerance(model, exact)
+    tol = tolerance(model, exact)
     out = {}
     try:
         with forward_window(0, total):
@@ -327,7 +317,7 @@ def _kv_checks(model: TransformerBridge, ids: Tensor, exact: Tensor) -> dict[str
             fast: Any = model(ids[:, p:], past_key_values=cache)[:, -1]
     except Exception as e:
         fast = e
-    out["frozen_prefix"] = _compare("frozen_prefix", fast, exact[:, -1], tol)
+    out["frozen_prefix"] = compare("frozen_prefix", fast, exact[:, -1], tol)
     try:
         with forward_window(0, total):
             _, full_cache = model(ids[:1], return_type="logits_and_cache", use_cache=True)
@@ -335,7 +325,7 @@ def _kv_checks(model: TransformerBridge, ids: Tensor, exact: Tensor) -> dict[str
             fast = model(ids[:, p:], past_key_values=slice_cache(full_cache, p))[:, -1]
     except Exception as e:
         fast = e
-    out["sliced_cache"] = _compare("sliced_cache", fast, exact[:, -1], tol)
+    out["sliced_cache"] = compare("sliced_cache", fast, exact[:, -1], tol)
     try:
         with forward_window(0, total):
             _, grow = model(ids[:, :p], return_type="logits_and_cache", use_cache=True)
@@ -344,7 +334,7 @@ def _kv_checks(model: TransformerBridge, ids: Tensor, exact: Tensor) -> dict[str
             fast = model(ids[:, p : p + 1], past_key_values=grow, return_type="logits_and_cache")[0][:, -1]
     except Exception as e:
         fast = e
-    out["growing_cache"] = _compare("growing_cache", fast, exact[:, p], tol)
+    out["growing_cache"] = compare("growing_cache", fast, exact[:, p], tol)
     return out
 
 
@@ -355,13 +345,13 @@ def _run_checks(model: TransformerBridge) -> FastPathStatus:
     with torch.no_grad():
         with forward_window(0, total):
             exact = model(ids)
-        tol = _tolerance(model, exact)
+        tol = tolerance(model, exact)
         try:
             with hooked(model, [(hook_name("unembed_in"), lambda x, hook: x[:, -2:])]), forward_window(0, total):
                 fast: Any = model(ids)
         except Exception as e:
             fast = e
-        unembed = _compare("unembed", fast, exact[:, -2:], tol)
+        unembed = compare("unembed", fast, exact[:, -2:], tol)
         if is_masked_lm(model) or not supports_kv_cache(model):
             kv = {"path": "exact", "ok": True, "reason": "the model has no usable KV cache"}
         else:
@@ -369,9 +359,16 @@ def _run_checks(model: TransformerBridge) -> FastPathStatus:
             parts = _kv_checks(model, ids, exact)
             ok = all(v["ok"] for v in parts.values())
             kv = {"path": "fast" if ok else "exact", "ok": ok, "shim": shim, "checks": parts}
-        resume = _resume_check(model, ids, tol)
+        resume = resume_check(model, ids, tol)
         prefix = _prefix_attention_check(model, ids, exact, tol, kv)
-    return FastPathStatus(library_versions(), unembed, kv, resume, prefix)
+        vocab = int(model.cfg.d_vocab)
+
+        def plain() -> Tensor:
+            with forward_window(0, total):
+                return model(ids)
+
+        columns = check_columns(model, plain, exact, (0, vocab // 2, vocab - 1), tol)
+    return FastPathStatus(library_versions(), unembed, kv, resume, prefix, columns)  # type: ignore[arg-type]
 
 
 def _prefix_attention_check(model: TransformerBridge, ids: Tensor, exact: Tensor, tol: float, kv: PathCheck) -> PathCheck:
@@ -393,30 +390,9 @@ def _prefix_attention_check(model: TransformerBridge, ids: Tensor, exact: Tensor
                                                               "prefix path"}
         except Exception as e:
             fast = e
-        out = _compare("prefix_attention", fast, exact[:, p : p + n], tol)
+        out = compare("prefix_attention", fast, exact[:, p : p + n], tol)
         if not out["ok"]:
             break
-    return out
-
-
-def _resume_check(model: TransformerBridge, ids: Tensor, tol: float) -> PathCheck:
-    """Resumed at the middle block with a hook there (it must fire on the kept residual), against the full
-    forward with the same hook."""
-    if not resumable(model):
-        return {"path": "exact", "ok": True, "reason": "the model cannot resume at a layer"}
-    layer = max(1, model.cfg.n_layers // 2)
-    shift = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(1)).to(model.cfg.device)
-    bump = [(hook_name("resid_pre", layer), lambda x, hook: x + shift.to(x.dtype))]
-    try:
-        with hooked(model, bump), forward_window(0, ids.shape[1]):
-            exact = model(ids)
-        resid = capture_resid(model, ids, layer)
-        with hooked(model, bump), forward_window(0, ids.shape[1]):
-            fast: Any = resumed_logits(model, resid, layer)
-        out = _compare("resume", fast, exact, tol)
-    except Exception as e:
-        out = _compare("resume", e, torch.zeros(1), tol)
-    out["layer"] = layer
     return out
 
 
@@ -466,6 +442,11 @@ def use_prefix_attention(model: TransformerBridge) -> bool:
     """Whether IG²'s scaled rows may attend over a frozen prefix through :func:`prefix_attention` on ``model``
     (the KV-cache path is on and this path passed its self-check)."""
     return use_kv_cache(model) and fast_path_status(model).prefix_attention["path"] == "fast"
+
+
+def use_answer_columns(model: TransformerBridge) -> bool:
+    """Whether the unembedding may compute only the columns a readout reads on ``model`` (self-checked)."""
+    return fast_path_status(model).answer_columns["path"] == "fast"
 
 
 def use_kv_cache(model: TransformerBridge) -> bool:

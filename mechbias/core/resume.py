@@ -30,6 +30,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .families import is_masked_lm
+from .hooks import hooked
+from .pathcheck import PathCheck, compare
+from .sites import hook_name
 from .window import forward_window
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
@@ -99,6 +102,27 @@ def resumed_logits(model: TransformerBridge, resid: Float[Tensor, "b p d_model"]
     ``layer..n-1``. Hooks active in the caller's context fire in those blocks."""
     with torch.no_grad(), skip_blocks(model, layer):
         return model(resid, start_at_layer=layer)
+
+
+def resume_check(model: TransformerBridge, ids: Int[Tensor, "b p"], tol: float) -> PathCheck:
+    """The self-check's part for this path: resumed at the middle block with a hook there (it must fire on the
+    kept residual), against the full forward with the same hook."""
+    if not resumable(model):
+        return {"path": "exact", "ok": True, "reason": "the model cannot resume at a layer"}
+    layer = max(1, model.cfg.n_layers // 2)
+    shift = torch.randn(int(model.cfg.d_model), generator=torch.Generator().manual_seed(1)).to(model.cfg.device)
+    bump = [(hook_name("resid_pre", layer), lambda x, hook: x + shift.to(x.dtype))]
+    try:
+        with hooked(model, bump), forward_window(0, ids.shape[1]):
+            exact = model(ids)
+        resid = capture_resid(model, ids, layer)
+        with hooked(model, bump), forward_window(0, ids.shape[1]):
+            fast: Any = resumed_logits(model, resid, layer)
+        out = compare("resume", fast, exact, tol)
+    except Exception as e:
+        out = compare("resume", e, torch.zeros(1), tol)
+    out["layer"] = layer
+    return out
 
 
 class ResumeCache:

@@ -41,8 +41,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .answer_columns import check_read
 from .families import is_masked_lm
-from .fastpath import last_position_unembed, prefix_cache, use_kv_cache
+from .fastpath import answer_unembed, last_position_unembed, prefix_cache, use_kv_cache
 from .hooks import hooked
 from .window import forward_window, readout_position
 
@@ -158,6 +159,7 @@ def map_last_logits(
     max_tokens: int | None = None,
     progress: bool = False,
     readout_rows: bool = False,
+    columns: Sequence[int] | None = None,
 ) -> Float[Tensor, "seqs ..."]:
     """Apply ``readout`` to the logits of the last ``n_last`` positions of every sequence.
 
@@ -174,6 +176,9 @@ def map_last_logits(
         progress: show a progress bar.
         readout_rows: call ``readout(logits, rows)``, where ``rows`` are the indices into ``seqs`` of the
             batch's sequences (for a readout that needs per-sequence targets).
+        columns: the vocabulary ids ``readout`` reads (e.g. the two answer tokens of a logit difference):
+            only those columns are unembedded (self-checked; the others are NaN, and a readout that reads
+            one raises). ``None``: every column.
 
     Returns:
         ``readout`` results stacked in the order of ``seqs``.
@@ -215,13 +220,13 @@ def map_last_logits(
                     if total not in cache_by_total:
                         with forward_window(0, total):
                             cache_by_total[total] = prefix_cache(model, batch[:1, :p])
-                    with forward_window(p, total), last_position_unembed(model, n_last):
+                    with forward_window(p, total), answer_unembed(model, n_last, columns):
                         logits = model(batch[:, p:], past_key_values=cache_by_total[total])
                 else:
-                    with forward_window(0, total), last_position_unembed(model, n_last):
+                    with forward_window(0, total), answer_unembed(model, n_last, columns):
                         logits = model(batch)
                 last = logits[:, -n_last:].float()
-                out = readout(last, rows) if readout_rows else readout(last)
+                out = check_read(readout(last, rows) if readout_rows else readout(last), columns)
                 for k, i in enumerate(rows):
                     results[i] = out[k].detach().cpu()
                 done += len(rows)

@@ -20,8 +20,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..core.answer_columns import check_read
 from ..core.choices import check_choices
-from ..core.fastpath import last_position_unembed, use_resume
+from ..core.fastpath import answer_unembed, use_resume
 from ..core.hooks import hooked
 from ..core.precision import compute_precision
 from ..core.resume import ResumeCache
@@ -135,7 +136,7 @@ class EvalSet:
             passes = contrast_passes(model, self.prompts.texts, self.prompts.positive, self.prompts.negative)
             max_tokens = tokens_per_batch(model)
             held = (model, [(ResumeCache(model, seqs, length_buckets([len(q) for q in seqs], max_tokens)), readout,
-                             k, sign) for seqs, readout, k, sign in passes])
+                             k, sign, cols) for seqs, readout, k, sign, cols in passes])
             self.__dict__["_resume"] = held
         return held[1]
 
@@ -145,25 +146,31 @@ class EvalSet:
             return 0
         return min(intervention.first_layer(model), int(model.cfg.n_layers) - 1)
 
-    def scores(self, model: TransformerBridge, intervention: Intervention | None, *, resume: bool = True
-               ) -> Float[Tensor, "templates names"]:
-        """The score grid ``[templates, names]`` with ``intervention`` applied (always at exact precision)."""
+    def scores(self, model: TransformerBridge, intervention: Intervention | None, *, resume: bool = True,
+               answer_columns: bool = True) -> Float[Tensor, "templates names"]:
+        """The score grid ``[templates, names]`` with ``intervention`` applied (always at exact precision).
+        ``resume``: start at the intervention's first block (:mod:`mechbias.core.resume`); ``answer_columns``:
+        unembed only the answer tokens' columns (:mod:`mechbias.core.answer_columns`). Both are exact and
+        self-checked; ``False`` runs the full forward or the full unembedding."""
         with compute_precision(model, "exact"):
-            return self._scores(model, intervention, resume)
+            return self._scores(model, intervention, resume, answer_columns)
 
-    def _scores(self, model: TransformerBridge, intervention: Intervention | None, resume: bool) -> Tensor:
+    def _scores(self, model: TransformerBridge, intervention: Intervention | None, resume: bool,
+                answer_columns: bool) -> Tensor:
         layer = self.resume_layer(model, intervention) if resume else 0
         if layer <= 0:
-            scores = contrast_scores(model, self.prompts, intervention=intervention, share_prefix=False)
+            scores = contrast_scores(model, self.prompts, intervention=intervention, share_prefix=False,
+                                     answer_columns=answer_columns)
         else:
             out = []
             passes = self._passes(model)
-            for cache, _, _, _ in passes:  # the unmodified residual stream, captured before the intervention applies
+            for cache, _, _, _, _ in passes:  # the unmodified residual stream, captured before the intervention applies
                 cache.resid(layer)
             with maybe_apply(intervention, model):
-                for cache, readout, k, sign in passes:
-                    out.append(sign * cache.map_last_logits(
-                        readout, layer, n_last=k, unembed=lambda n: last_position_unembed(model, n)))
+                for cache, readout, k, sign, cols in passes:
+                    cols = cols if answer_columns else None
+                    out.append(sign * check_read(cache.map_last_logits(
+                        readout, layer, n_last=k, unembed=lambda n, cols=cols: answer_unembed(model, n, cols)), cols))
             scores = (out[0] if len(out) == 1 else out[0] + out[1]).double()
         mat, _, _, _ = self.prompts.grid(scores)
         return mat
@@ -226,10 +233,11 @@ class EvalSet:
         out = []
         passes = self._passes(model)
         with hooked(model, hooks):
-            for cache, readout, n_last, sign in passes:
-                out.append(sign * cache.stacked_last_logits(
+            for cache, readout, n_last, sign, cols in passes:
+                out.append(sign * check_read(cache.stacked_last_logits(
                     readout, layer, len(ivs), on_chunk=chunk, n_last=n_last,
-                    unembed=lambda n: last_position_unembed(model, n), max_tokens=tokens_per_batch(model)))
+                    unembed=lambda n, cols=cols: answer_unembed(model, n, cols), max_tokens=tokens_per_batch(model)),
+                    cols))
         scores = (out[0] if len(out) == 1 else out[0] + out[1]).double()
         return [self.prompts.grid(scores[j])[0] for j in range(len(ivs))]
 

@@ -60,6 +60,7 @@ def contrast_scores(
     share_prefix: bool = False,
     max_tokens: int | None = None,
     progress: bool = False,
+    answer_columns: bool = True,
 ) -> Float[Tensor, " n"]:
     """``log P(positive | prompt) - log P(negative | prompt)`` for every prompt.
 
@@ -80,6 +81,8 @@ def contrast_scores(
             CPU for this package's prompts, see above).
         max_tokens: refuse prompts longer than this.
         progress: show a progress bar.
+        answer_columns: with single-token answers, unembed only the two answer columns (exact; self-checked;
+            :mod:`mechbias.core.answer_columns`); ``False`` unembeds the whole vocabulary.
 
     Returns:
         A float tensor with one score per prompt, in the prompts' order.
@@ -98,23 +101,24 @@ def contrast_scores(
         raise ValueError("contrast_scores got no prompts")
     with maybe_apply(intervention, model):
         out = [sign * map_last_logits(model, seqs, readout, n_last=k, prefix_groups=groups, max_tokens=max_tokens,
-                                      progress=progress)
-               for seqs, readout, k, sign in contrast_passes(model, texts, positive, negative)]
+                                      progress=progress, columns=cols if answer_columns else None)
+               for seqs, readout, k, sign, cols in contrast_passes(model, texts, positive, negative)]
     return (out[0] if len(out) == 1 else out[0] + out[1]).double()
 
 
 def contrast_passes(model: TransformerBridge, texts: Sequence[str], positive: str, negative: str
-                    ) -> list[tuple[list[Tensor], Callable[[Tensor], Tensor], int, float]]:
-    """How :func:`contrast_scores` reads its score, as forward passes ``(sequences, readout, n_last, sign)``
-    whose signed readouts add up to the score: one pass (the logit difference at the last position) for
-    single-token answers; for multi-token answers one teacher-forced pass per answer (the sum of the answer
-    tokens' log-probabilities, the negative answer's with sign -1)."""
+                    ) -> list[tuple[list[Tensor], Callable[[Tensor], Tensor], int, float, tuple[int, ...] | None]]:
+    """How :func:`contrast_scores` reads its score, as forward passes ``(sequences, readout, n_last, sign,
+    columns)`` whose signed readouts add up to the score: one pass (the logit difference at the last
+    position, which reads the two answer columns only) for single-token answers; for multi-token answers one
+    teacher-forced pass per answer (the sum of the answer tokens' log-probabilities, the negative answer's with
+    sign -1; a log-softmax reads every column: ``columns`` is ``None``)."""
     seqs = tokenize(model, texts)
     pos, neg = answer_tokens(model, positive), answer_tokens(model, negative)
     if len(pos) == 1 and len(neg) == 1:
         p, n = int(pos[0]), int(neg[0])
-        return [(seqs, lambda lg: lg[:, -1, p] - lg[:, -1, n], 1, 1.0)]
-    return [(*_teacher_forced(seqs, pos), 1.0), (*_teacher_forced(seqs, neg), -1.0)]
+        return [(seqs, lambda lg: lg[:, -1, p] - lg[:, -1, n], 1, 1.0, (p, n))]
+    return [(*_teacher_forced(seqs, pos), 1.0, None), (*_teacher_forced(seqs, neg), -1.0, None)]
 
 
 def _teacher_forced(seqs, answer: Tensor) -> tuple[list[Tensor], Callable[[Tensor], Tensor], int]:
