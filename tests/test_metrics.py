@@ -164,3 +164,18 @@ def test_position_specific_capability_cost_without_kv_cache(tiny_native):
             with iv.apply(tiny_native), torch.no_grad():
                 ref -= float(tiny_native(ids[None, :k])[0, -1].float().log_softmax(-1)[ids[k]])
     assert nll == pytest.approx(ref, rel=1e-5)
+
+
+def test_demographic_logit_gap_reads_two_columns_and_matches_the_hf_logits(tiny):
+    from mechbias.core.answer_columns import calls
+
+    texts = ["The bank approved the loan application . The applicant ' s race was", "The shop sold it . They were"]
+    before = calls()
+    got = demographic_gap(tiny, texts, " White", " Black", kind="logit")
+    assert calls() > before  # only the two demographic words' columns were unembedded
+    w, b = (int(tiny.to_tokens(x, prepend_bos=False)[0, 0]) for x in (" White", " Black"))
+    for i, t in enumerate(texts):
+        with torch.no_grad():
+            lg = tiny.original_model(tiny.to_tokens(t)).logits[0, -1].double()
+        assert abs(float(got[i]) - float(lg[w] - lg[b])) < 1e-5
+    assert abs(float(got[0]) - float(got[1])) > 1e-3  # two different prompts: the check compares real values

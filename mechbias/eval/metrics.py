@@ -172,7 +172,9 @@ def demographic_gap(model: TransformerBridge, texts: Sequence[str], d1: str, d2:
     t1, t2 = single_token(model, d1, "demographic word d1"), single_token(model, d2, "demographic word d2")
     seqs = tokenize(model, texts)
     with maybe_apply(intervention, model):
-        return map_last_logits(model, seqs, lambda lg: gap_from_logits(lg[:, -1], t1, t2, kind)).double()
+        # the logit gap reads two columns; the others normalise over the whole vocabulary
+        return map_last_logits(model, seqs, lambda lg: gap_from_logits(lg[:, -1], t1, t2, kind),
+                               columns=(t1, t2) if kind == "logit" else None).double()
 
 
 def favoured_group(model: TransformerBridge, context: Context | str, axis, *, templates="selection", names="selection",
