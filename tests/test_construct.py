@@ -145,3 +145,35 @@ def test_v4_construction_reads_selection_templates_and_names_only(tiny):
     assert {it.sign for it in named} == {1.0, -1.0}
     fav = {it.name for it in named if it.sign > 0}
     assert all(p.gender == "female" for p in ax.people if p.name in fav)
+
+
+def test_output_scale_calibration_reaches_the_target_where_extrapolation_from_unit_output_does_not():
+    """v3's and v4's planted gap was set by extrapolating the effect of unit output linearly; the later layers do
+    not respond linearly (in the 2026-12-07 v4 attempt the extrapolation fell 7-15%
+    short on the fitting prompts). The calibration measures at
+    the scale it sets."""
+    from mechbias.groundtruth.linalg import calibrate_scales
+
+    curve = {"finance": (1.0, 1.3), "commerce": (0.6, 2.0)}          # effect(s) = a s + b s^3: convex
+
+    def effect(c: str, s: float) -> float:
+        a, b = curve[c]
+        return a * s + b * s ** 3
+
+    calls = []
+
+    def measure(scales):
+        calls.append(scales)
+        return {c: effect(c, s) for c, s in scales.items()}
+
+    target = 0.2
+    one_shot = {c: target / effect(c, 1.0) for c in curve}            # the v3 rule: unit output, then linear
+    assert all(effect(c, s) < 0.7 * target for c, s in one_shot.items())
+    scales, history = calibrate_scales(measure, one_shot, target, rounds=8, tol=0.01)
+    for c, s in scales.items():
+        assert abs(effect(c, s) - target) <= 0.01 * target, c
+    assert history[-1]["scales"] == scales                            # converged: the last round measured these
+    assert len(history) == len(calls) < 8
+    # no usable sign: a loud error, not a scale that flips the planted direction
+    with pytest.raises(RuntimeError, match="no usable sign"):
+        calibrate_scales(lambda s: {"finance": -0.1}, {"finance": 1.0}, target, rounds=3, tol=0.01)

@@ -5,7 +5,7 @@ functions, each tested against a brute-force reference in ``tests/test_construct
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -91,3 +91,25 @@ def slow_rotary_dims(d_head: int, keep: int = 12) -> Int[Tensor, " dims"]:
     keep = min(keep, half // 2)
     idx = list(range(half - keep, half)) + list(range(d_head - keep, d_head))
     return torch.tensor(idx)
+
+
+def calibrate_scales(measure: Callable[[dict[str, float]], dict[str, float]], scales: dict[str, float],
+                     target: float, rounds: int, tol: float) -> tuple[dict[str, float], list[dict]]:
+    """Rescale per-key output scales until ``measure(scales)[key]`` is within ``tol`` (relative) of ``target``.
+
+    The measured effect is 0 at scale 0 (no output, no effect), so each round takes the secant through the
+    origin: ``scale *= target / measured``. A response that is linear at the final scale converges in one
+    round; a curved one converges where the one-shot extrapolation from another scale does not. Stops after
+    ``rounds`` measurements, or once every key is within ``tol``; returns the scales and one record per round
+    (``scales`` measured, ``measured``), the last record measured at the returned scales when it converged."""
+    scales, history = dict(scales), []
+    for _ in range(rounds):
+        got = measure(dict(scales))
+        history.append({"scales": dict(scales), "measured": dict(got)})
+        if all(abs(got[k] - target) <= tol * abs(target) for k in scales):
+            break
+        for k in scales:
+            if got[k] == 0 or (got[k] > 0) != (target > 0):
+                raise RuntimeError(f"{k}: the measured effect {got[k]:+.3g} has no usable sign (target {target:+.3g})")
+            scales[k] *= target / got[k]
+    return scales, history
