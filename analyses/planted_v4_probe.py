@@ -28,9 +28,9 @@ from mechbias.core.results import atomic_write_json
 from mechbias.data.axes import load_axis, stable_hash
 from mechbias.data.contexts import load_context
 from mechbias.data.prompts import tokenize
-from mechbias.groundtruth.construct import _capture, _Item, _name_fold, _rows
 from mechbias.groundtruth.linalg import ridge
 from mechbias.groundtruth.planted import mention_positions
+from mechbias.groundtruth.reads import Item, capture, name_fold, stack_rows
 
 GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 
@@ -54,21 +54,21 @@ def main() -> None:
         tpl = sorted({q.template for q in ctx.prompts(ax, templates="selection", names=people[:1], seed=0)})
         ps = ctx.prompts(ax, templates=tpl[: args.templates], names=people, seed=0)
         for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
-            items.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
+            items.append(Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
                                p.person.name))
-    feats = _capture(model, items, [("in:mlp.gate", args.layer)])[("in:mlp.gate", args.layer)]
-    X, y = _rows(feats, items, lambda it, p: it.sign if p in it.name_positions else None)
+    feats = capture(model, items, [("in:mlp.gate", args.layer)])[("in:mlp.gate", args.layer)]
+    X, y = stack_rows(feats, items, lambda it, p: it.sign if p in it.name_positions else None)
     names = [it.name for it in items for p in range(1, len(it.tokens)) if p in it.name_positions]
     cell = {p.name: (p.race, p.gender) for p in people}
-    fold = torch.tensor([_name_fold(n) for n in names])
+    fold = torch.tensor([name_fold(n) for n in names])
     rank: dict[str, int] = {}
     for key in set(cell.values()):
-        members = sorted((n for n in cell if cell[n] == key and _name_fold(n) == 0), key=lambda n: stable_hash(0, n))
+        members = sorted((n for n in cell if cell[n] == key and name_fold(n) == 0), key=lambda n: stable_hash(0, n))
         rank.update({n: i for i, n in enumerate(members)})
     test = fold == 1
     rows = []
     for m in (8, 16, 25):
-        train = torch.tensor([_name_fold(n) == 0 and rank[n] < m for n in names])
+        train = torch.tensor([name_fold(n) == 0 and rank[n] < m for n in names])
         Xt, yt = X[train].double(), y[train]
         fits = {f"ridge {lam:g}": ridge(Xt, yt, lam) for lam in GRID}
         fits["difference of means"] = Xt[yt > 0].mean(0) - Xt[yt < 0].mean(0)

@@ -41,7 +41,7 @@ def test_score_gradients_match_finite_differences():
     of the same score with a perturbation added at one position."""
     from mechbias.core.hooks import hooked
     from mechbias.core.sites import hook_name
-    from mechbias.groundtruth.construct import score_gradients
+    from mechbias.groundtruth.reads import score_gradients
 
     model = tiny_model(arch="llama", n_layers=2, d_model=64, d_mlp=128)
     g = torch.Generator().manual_seed(1)
@@ -174,6 +174,14 @@ def test_output_scale_calibration_reaches_the_target_where_extrapolation_from_un
         assert abs(effect(c, s) - target) <= 0.01 * target, c
     assert history[-1]["scales"] == scales                            # converged: the last round measured these
     assert len(history) == len(calls) < 8
+    # an effect that does not vanish at scale 0 (the other chain acting on this context's prompts): the secant
+    # through the origin alone oscillates (commerce: 10.2, -0.03, -0.20, 0.10, 0.37, ...); through the last two
+    # measurements it converges
+    offset = {"finance": 0.12, "commerce": -0.05}
+    scales, history = calibrate_scales(lambda sc: {c: offset[c] + effect(c, s) for c, s in sc.items()},
+                                       {"finance": 0.1, "commerce": 0.1}, target, rounds=10, tol=0.01)
+    assert all(abs(offset[c] + effect(c, s) - target) <= 0.01 * target for c, s in scales.items())
+    assert len(history) < 10
     # no usable sign: a loud error, not a scale that flips the planted direction
     with pytest.raises(RuntimeError, match="no usable sign"):
         calibrate_scales(lambda s: {"finance": -0.1}, {"finance": 1.0}, target, rounds=3, tol=0.01)

@@ -41,18 +41,14 @@ templates are seen by the construction, held-out names are not).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
 
-from ..core.hooks import hooked
 from ..core.params import attn_weights, head_rows, mlp_weights
-from ..core.runner import capture_all, length_buckets, map_last_logits
-from ..core.sites import hook_name
 from ..data.axes import load_axis, stable_hash
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
@@ -67,13 +63,24 @@ from .planted import (
     mention_positions,
     neutral_prompts,
 )
+from .reads import (
+    Item,
+    answer_scores,
+    at_last,
+    capture,
+    gate_target,
+    group_means,
+    name_fold,
+    score_gradients,
+    stack_rows,
+)
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["ConstructConfig", "construct_planted", "energy_basis", "quiet_direction", "ridge", "score_gradients"]
+__all__ = ["ConstructConfig", "construct_planted"]
 
 
 @dataclass
@@ -109,16 +116,7 @@ class ConstructConfig:
     seed: int = 0
 
 
-@dataclass
-class _Item:
-    tokens: Tensor
-    context: str          # a context name, or "neutral" for neutral text
-    sign: float           # +1 group A, -1 group B, 0 no name
-    name_positions: list
-    name: str = ""
-
-
-def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[str]) -> list[_Item]:
+def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[str]) -> list[Item]:
     ax = load_axis(cfg.axis)
     fav = ax.groups.index(cfg.favoured)
     out = []
@@ -130,86 +128,14 @@ def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[st
     for c in contexts:
         ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
-            out.append(_Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
+            out.append(Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
                              p.person.name))
         for ref in NEUTRAL_REFERENCES:
             for text in neutral_prompts(c, (ref,)):
-                out.append(_Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
+                out.append(Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
     for t in tokenize(model, neutral_texts(8, split="selection")):
-        out.append(_Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
+        out.append(Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
     return out
-
-
-def _capture(model: TransformerBridge, items: list[_Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
-    """Activations at every position of every item, per hook point: ``{(point, layer): [tensor [pos, ...]]}``."""
-    acts = capture_all(model, [it.tokens for it in items], [hook_name(p, l) for p, l in points], max_tokens=4096)
-    return {(p, l): acts[hook_name(p, l)] for p, l in points}
-
-
-def score_gradients(model: TransformerBridge, items: list[_Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
-                 max_tokens: int = 2048) -> dict[tuple[str, int], list[Tensor]]:
-    """Gradient of each item's answer score (logit[pos] - logit[neg] at the last position) with respect to the
-    activation at each hook point, every position: ``{(point, layer): [tensor [pos, d]]}``. Parameters are
-    frozen for the call (their ``requires_grad`` is restored)."""
-    out: dict = {pl: [None] * len(items) for pl in points}
-    params = list(model.parameters())
-    req = [q.requires_grad for q in params]
-    for q in params:
-        q.requires_grad_(False)
-    try:
-        for bucket in length_buckets([len(it.tokens) for it in items], max_tokens):
-            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
-            deltas: dict = {}
-
-            def add(a, hook, key, deltas=deltas):
-                deltas[key] = torch.zeros_like(a, requires_grad=True)
-                return a + deltas[key]
-            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): add(a, hook, key)) for p, l in points]
-            with torch.enable_grad(), hooked(model, fwd):
-                logits = model(ids)
-                score = (logits[:, -1, pos_id] - logits[:, -1, neg_id]).sum()
-                grads = torch.autograd.grad(score, [deltas[pl] for pl in points])
-            for r, i in enumerate(bucket):
-                for pl, g in zip(points, grads, strict=True):
-                    out[pl][i] = g[r].detach().float().cpu()
-    finally:
-        for q, r_ in zip(params, req, strict=True):
-            q.requires_grad_(r_)
-    return out
-
-
-def _at_last(it: _Item, p: int) -> bool:
-    """Whether position ``p`` is the prediction position of a prompt that names a person's context."""
-    return p == len(it.tokens) - 1 and it.context != "neutral"
-
-
-def _gate_target(c: str, it: _Item, p: int) -> float | None:
-    """Target of context ``c``'s gate: +1 at the prediction position of ``c``'s prompts, -1 at the others' and
-    at neutral or every third position, else not fitted."""
-    if _at_last(it, p):
-        return 1.0 if it.context == c else -1.0
-    return -1.0 if it.context == "neutral" or p % 3 == 0 else None
-
-
-def _rows(feats: list[Tensor], items: list[_Item], select: Callable[[_Item, int], float | None]):
-    """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
-    X, y = [], []
-    for f, it in zip(feats, items, strict=True):
-        for p in range(1, len(it.tokens)):
-            t = select(it, p)
-            if t is not None:
-                X.append(f[p])
-                y.append(t)
-    return torch.stack(X), torch.tensor(y, dtype=torch.float64)
-
-
-def _name_fold(name: str) -> int:
-    """A fixed fold (0 or 1) per name, from a hash of its letters (no dependence on the order of prompts)."""
-    return sum(map(ord, name)) % 2
-
-
-def _group_means(values: Tensor, signs: Tensor) -> tuple[float, float]:
-    return float(values[signs > 0].mean()), float(values[signs < 0].mean())
 
 
 def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
@@ -263,16 +189,16 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
 
     # 1. name-position neurons: gate = "is a name token", up = the name's group; output written in step 2
     name_layers = sorted({layout[c]["head"][0] - 1 for c in cfg.planted})
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in name_layers])
+    feats = capture(model, items, [("in:mlp.gate", l) for l in name_layers])
     name_rows = {}
     for l in name_layers:
         f = feats[("in:mlp.gate", l)]
-        Xg, yg = _rows(f, items, lambda it, p: 1.0 if p in it.name_positions and it.sign != 0 else -1.0)
+        Xg, yg = stack_rows(f, items, lambda it, p: 1.0 if p in it.name_positions and it.sign != 0 else -1.0)
         g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         on = Xg[yg > 0].double() @ g_row
         g_row = g_row * cfg.gate_on / float(on.median())
-        Xu, yu = _rows(f, items, lambda it, p: it.sign if p in it.name_positions and it.sign != 0 else None)
-        _, fold = _rows(f, items, lambda it, p: float(_name_fold(it.name)) if p in it.name_positions and it.sign != 0
+        Xu, yu = stack_rows(f, items, lambda it, p: it.sign if p in it.name_positions and it.sign != 0 else None)
+        _, fold = stack_rows(f, items, lambda it, p: float(name_fold(it.name)) if p in it.name_positions and it.sign != 0
                         else None)
         lam, cv = cv_ridge(Xu, yu, fold, cfg.ridge_grid)
         u_row = ridge(Xu, yu, lam)
@@ -300,7 +226,7 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     #    key projections map onto e_c (value marker, written by the group neurons one layer below) and onto k_c
     #    (key marker, written by the pointer neuron), each solved with every other context's reads held at 0
     head_layers = sorted({layout[c]["head"][0] for c in cfg.planted})
-    feats = _capture(model, items, [("in:attn.v", l) for l in head_layers] + [("resid_pre", l) for l in head_layers]
+    feats = capture(model, items, [("in:attn.v", l) for l in head_layers] + [("resid_pre", l) for l in head_layers]
                      + [("post", l) for l in name_layers])
     slow = slow_rotary_dims(dh)
     marker: dict = {}
@@ -373,13 +299,13 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     #    of the same layer read it there (u_c = p_c / gamma_ln2 reads p_c . x / rms), so nothing between the
     #    writer and the reader can transform it; scaled so the group difference along p_c at the last position
     #    is marker_snr native standard deviations
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("in:attn.v", l) for l in head_layers])
+    feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("in:attn.v", l) for l in head_layers])
     for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
         vals = torch.tensor([float((x[it.name_positions].double() @ mk["w_v"].T @ mk["e"]).mean())
                              for x, it in zip(feats[("in:attn.v", l)], items, strict=True) if it.sign != 0])
-        va, vb = _group_means(vals, signs)
+        va, vb = group_means(vals, signs)
         designed = cfg.marker_snr * mk["sd_v"]
         stats[f"value_read_{c}"] = {"designed": designed, "group_A": va, "group_B": vb}
         _LOG.info(f"[construct] {c} value read at the name: designed +/-{designed:.3f}, measured A {va:+.3f}, B {vb:+.3f}")
@@ -403,14 +329,14 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
             new_q[slow] = torch.outer(s_q * mk["k"], nu)
             q_w[rows] = new_q.to(q_w)
             o[:, rows] = torch.outer(mk["p"], mk["e"]).to(o)
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("pattern", l) for l in head_layers])
+    feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("pattern", l) for l in head_layers])
     for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
         on_name = torch.tensor([float(x[h, -1, it.name_positions].sum()) for x, it in zip(feats[("pattern", l)], items, strict=True)
                                 if it.sign != 0])
         proj = torch.tensor([float(x[-1].double() @ mk["u"]) for x in feats[("in:mlp.gate", l)]])
-        pa, pb = _group_means(proj[[k for k, it in enumerate(items) if it.sign != 0]], signs)
+        pa, pb = group_means(proj[[k for k, it in enumerate(items) if it.sign != 0]], signs)
         diff = (pa - pb) / 2                                                      # per unit output scale
         if abs(diff) < 1e-4:
             raise RuntimeError(f"{c}'s head carries no group signal to the last position (read {diff:.2e})")
@@ -431,7 +357,7 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     gamma_f = model.ln_final.original_component.weight.detach().float()
     answer = gamma_f * (w_u[:, pos_id] - w_u[:, neg_id])
     answer = answer / answer.norm()
-    feats = _capture(model, items, [("in:mlp.gate", l) for l in head_layers])
+    feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers])
     last_rows: dict = {}
     for c in cfg.planted:
         mk = marker[c]
@@ -441,11 +367,11 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         # up = a * u_c + b * (a row that reads ~1): +1 / -1 for the groups' names, 0 for name-free prompts
         mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
         ones_row = mean_in / mean_in.norm() ** 2
-        Xu, yu = _rows(f, items, lambda it, p: it.sign if _at_last(it, p) else None)
+        Xu, yu = stack_rows(f, items, lambda it, p: it.sign if at_last(it, p) else None)
         ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, balanced_weights(yu))
         u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
         pu = Xu.double() @ u_row
-        Xg, yg = _rows(f, items, partial(_gate_target, c))
+        Xg, yg = stack_rows(f, items, partial(gate_target, c))
         g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         v = g_row * g2                                                            # the gate's read of x / rms
         g_row = (v - (v @ mk["p"]) * mk["p"]) / g2                                # blind to p_c
@@ -468,16 +394,16 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                 u[i] = last_rows[(l, i)][1].to(u)
                 o[:, i] = answer.to(o)
     # calibrate the output scale: the planted gap on the fitting prompts of c is 2 * shift
-    scores_on = _scores(model, named, pos_id, neg_id)
+    scores_on = answer_scores(model, named, pos_id, neg_id)
     with torch.no_grad():
         for c in cfg.planted:
             for l, i in layout[c]["last"]:
                 mlp_weights(model, l)[2][:, i] = 0.0
-    scores_off = _scores(model, named, pos_id, neg_id)
+    scores_off = answer_scores(model, named, pos_id, neg_id)
     for c in cfg.planted:
         idx = [k for k, it in enumerate(named) if it.context == c]
         d = scores_on[idx] - scores_off[idx]
-        da, db = _group_means(d, signs[idx])
+        da, db = group_means(d, signs[idx])
         gap_unit = da - db
         kappa = 2 * cfg.shift / gap_unit
         stats[f"last_{c}_scale"] = kappa
@@ -501,11 +427,11 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
 
         def measure(scales: dict[str, float]) -> dict[str, float]:
             write(scales)
-            d = _scores(model, sub_items, pos_id, neg_id) - off
+            d = answer_scores(model, sub_items, pos_id, neg_id) - off
             out = {}
             for c in cfg.planted:
                 rows = [sub_idx.index(k) for k in on_idx[c]]
-                da, db = _group_means(d[rows], signs[on_idx[c]])
+                da, db = group_means(d[rows], signs[on_idx[c]])
                 out[c] = da - db
             return out
 
@@ -531,7 +457,3 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",
                                                 "kv", "native_p")} for c, mk in marker.items()}
     return delta, plant, stats
-
-
-def _scores(model: TransformerBridge, items: list[_Item], pos_id: int, neg_id: int) -> Tensor:
-    return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()

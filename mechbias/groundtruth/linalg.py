@@ -97,11 +97,12 @@ def calibrate_scales(measure: Callable[[dict[str, float]], dict[str, float]], sc
                      target: float, rounds: int, tol: float) -> tuple[dict[str, float], list[dict]]:
     """Rescale per-key output scales until ``measure(scales)[key]`` is within ``tol`` (relative) of ``target``.
 
-    The measured effect is 0 at scale 0 (no output, no effect), so each round takes the secant through the
-    origin: ``scale *= target / measured``. A response that is linear at the final scale converges in one
-    round; a curved one converges where the one-shot extrapolation from another scale does not. Stops after
-    ``rounds`` measurements, or once every key is within ``tol``; returns the scales and one record per round
-    (``scales`` measured, ``measured``), the last record measured at the returned scales when it converged."""
+    The first step is the secant through the origin (``scale *= target / measured``: no output, no effect);
+    later steps are the secant through the last two measurements of each key, which also handles an effect that
+    does not vanish at scale 0 (another key's output acting on this key's prompts) and converges on a curved
+    response where a one-shot extrapolation from another scale does not. Stops after ``rounds`` measurements,
+    or once every key is within ``tol``; returns the scales and one record per round (``scales`` measured,
+    ``measured``), the last record measured at the returned scales when it converged."""
     scales, history = dict(scales), []
     for _ in range(rounds):
         got = measure(dict(scales))
@@ -109,6 +110,11 @@ def calibrate_scales(measure: Callable[[dict[str, float]], dict[str, float]], sc
         if all(abs(got[k] - target) <= tol * abs(target) for k in scales):
             break
         for k in scales:
+            if len(history) > 1:
+                s0, f0 = history[-2]["scales"][k], history[-2]["measured"][k]
+                if f0 != got[k] and s0 != scales[k]:
+                    scales[k] += (target - got[k]) * (scales[k] - s0) / (got[k] - f0)
+                    continue
             if got[k] == 0 or (got[k] > 0) != (target > 0):
                 raise RuntimeError(f"{k}: the measured effect {got[k]:+.3g} has no usable sign (target {target:+.3g})")
             scales[k] *= target / got[k]

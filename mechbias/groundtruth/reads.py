@@ -1,0 +1,111 @@
+"""What the planted-model construction (:mod:`mechbias.groundtruth.construct`) reads from the native model: its
+prompts as items, activations and answer-score gradients at every position, the rows its probes are fitted
+on, and the answer scores it calibrates with."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..core.hooks import hooked
+from ..core.runner import capture_all, length_buckets, map_last_logits
+from ..core.sites import hook_name
+
+if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
+    from transformer_lens import TransformerBridge
+
+__all__ = ["Item", "answer_scores", "at_last", "capture", "gate_target", "group_means", "name_fold", "score_gradients",
+           "stack_rows"]
+
+
+@dataclass
+class Item:
+    """One prompt (or neutral text) the construction reads, with its group sign and the name's token positions."""
+    tokens: Tensor
+    context: str          # a context name, or "neutral" for neutral text
+    sign: float           # +1 group A, -1 group B, 0 no name
+    name_positions: list
+    name: str = ""
+
+
+def capture(model: TransformerBridge, items: list[Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
+    """Activations at every position of every item, per hook point: ``{(point, layer): [tensor [pos, ...]]}``."""
+    acts = capture_all(model, [it.tokens for it in items], [hook_name(p, l) for p, l in points], max_tokens=4096)
+    return {(p, l): acts[hook_name(p, l)] for p, l in points}
+
+
+def score_gradients(model: TransformerBridge, items: list[Item], points: Sequence[tuple[str, int]], pos_id: int, neg_id: int,
+                 max_tokens: int = 2048) -> dict[tuple[str, int], list[Tensor]]:
+    """Gradient of each item's answer score (logit[pos] - logit[neg] at the last position) with respect to the
+    activation at each hook point, every position: ``{(point, layer): [tensor [pos, d]]}``. Parameters are
+    frozen for the call (their ``requires_grad`` is restored)."""
+    out: dict = {pl: [None] * len(items) for pl in points}
+    params = list(model.parameters())
+    req = [q.requires_grad for q in params]
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        for bucket in length_buckets([len(it.tokens) for it in items], max_tokens):
+            ids = torch.stack([items[i].tokens for i in bucket]).to(model.cfg.device)
+            deltas: dict = {}
+
+            def add(a, hook, key, deltas=deltas):
+                deltas[key] = torch.zeros_like(a, requires_grad=True)
+                return a + deltas[key]
+            fwd = [(hook_name(p, l), lambda a, hook, key=(p, l): add(a, hook, key)) for p, l in points]
+            with torch.enable_grad(), hooked(model, fwd):
+                logits = model(ids)
+                score = (logits[:, -1, pos_id] - logits[:, -1, neg_id]).sum()
+                grads = torch.autograd.grad(score, [deltas[pl] for pl in points])
+            for r, i in enumerate(bucket):
+                for pl, g in zip(points, grads, strict=True):
+                    out[pl][i] = g[r].detach().float().cpu()
+    finally:
+        for q, r_ in zip(params, req, strict=True):
+            q.requires_grad_(r_)
+    return out
+
+
+def at_last(it: Item, p: int) -> bool:
+    """Whether position ``p`` is the prediction position of a prompt that names a person's context."""
+    return p == len(it.tokens) - 1 and it.context != "neutral"
+
+
+def gate_target(c: str, it: Item, p: int) -> float | None:
+    """Target of context ``c``'s gate: +1 at the prediction position of ``c``'s prompts, -1 at the others' and
+    at neutral or every third position, else not fitted."""
+    if at_last(it, p):
+        return 1.0 if it.context == c else -1.0
+    return -1.0 if it.context == "neutral" or p % 3 == 0 else None
+
+
+def stack_rows(feats: list[Tensor], items: list[Item], select: Callable[[Item, int], float | None]):
+    """Stack per-position features where ``select(item, position)`` gives a target (None: skip)."""
+    X, y = [], []
+    for f, it in zip(feats, items, strict=True):
+        for p in range(1, len(it.tokens)):
+            t = select(it, p)
+            if t is not None:
+                X.append(f[p])
+                y.append(t)
+    return torch.stack(X), torch.tensor(y, dtype=torch.float64)
+
+
+def name_fold(name: str) -> int:
+    """A fixed fold (0 or 1) per name, from a hash of its letters (no dependence on the order of prompts)."""
+    return sum(map(ord, name)) % 2
+
+
+def group_means(values: Float[Tensor, " n"], signs: Float[Tensor, " n"]) -> tuple[float, float]:
+    """Mean of ``values`` over group A rows (sign > 0) and over group B rows (sign < 0)."""
+    return float(values[signs > 0].mean()), float(values[signs < 0].mean())
+
+
+def answer_scores(model: TransformerBridge, items: list[Item], pos_id: int, neg_id: int) -> Float[Tensor, " n"]:
+    """Each item's answer score, logit[pos] - logit[neg] at the last position, in float64."""
+    return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
