@@ -27,10 +27,11 @@ def main() -> None:
     args = ap.parse_args()
     first_templates(10)  # before any context loads
     from mechbias.core.models import load_model
-    from mechbias.data.axes import load_axis, stable_hash
+    from mechbias.data.axes import load_axis
     from mechbias.data.contexts import load_context
     from mechbias.eval.cells import EvalSet, TransferConfig, evaluate
     from mechbias.groundtruth.delta import planted_manifest
+    from mechbias.groundtruth.reads import first_per_cell
     from mechbias.groundtruth.recovery import oracle_intervention
 
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
@@ -39,10 +40,7 @@ def main() -> None:
     manifest = planted_manifest(model)
     sel = load_axis("gender@extended").split_people("selection", 0)
 
-    def rank(p):
-        return sorted((q for q in sel if (q.race, q.gender) == (p.race, p.gender)), key=lambda q: stable_hash(0, q.name)).index(p)
-
-    fitting = [p for p in sel if rank(p) < 16]
+    fitting = first_per_cell(sel, 16, 0)  # the names the construction read
     tc = TransferConfig(n_random=0, controls=(), capability=False, n_boot=1000)
     rows = []
     for c in ("finance", "commerce"):

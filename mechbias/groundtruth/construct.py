@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.params import attn_weights, head_rows, mlp_weights
-from ..data.axes import load_axis, stable_hash
+from ..data.axes import load_axis
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
@@ -68,6 +68,7 @@ from .reads import (
     answer_scores,
     at_last,
     capture,
+    first_per_cell,
     gate_target,
     group_means,
     name_fold,
@@ -122,9 +123,7 @@ def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[st
     out = []
     people = ax.split_people(cfg.names, cfg.seed)
     if cfg.names_per_cell is not None:
-        people = [p for p in people
-                  if sorted((q for q in people if (q.race, q.gender) == (p.race, p.gender)),
-                            key=lambda q: stable_hash(cfg.seed, q.name)).index(p) < cfg.names_per_cell]
+        people = first_per_cell(people, cfg.names_per_cell, cfg.seed)
     for c in contexts:
         ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts), strict=True):

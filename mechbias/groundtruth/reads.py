@@ -15,12 +15,23 @@ from torch import Tensor
 from ..core.hooks import hooked
 from ..core.runner import capture_all, length_buckets, map_last_logits
 from ..core.sites import hook_name
+from ..data.axes import stable_hash
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-__all__ = ["Item", "answer_scores", "at_last", "capture", "gate_target", "group_means", "name_fold", "score_gradients",
-           "stack_rows"]
+__all__ = ["Item", "answer_scores", "at_last", "capture", "first_per_cell", "gate_target", "group_means", "name_fold",
+           "score_gradients", "stack_rows"]
+
+
+def first_per_cell(people: Sequence, n: int, seed: int = 0) -> list:
+    """The first ``n`` people of each race x gender cell, ordered by the hash of their name (the construction's
+    ``names_per_cell``), in their original order."""
+    cells: dict = {}
+    for p in people:
+        cells.setdefault((p.race, p.gender), []).append(p)
+    keep = {id(q) for members in cells.values() for q in sorted(members, key=lambda q: stable_hash(seed, q.name))[:n]}
+    return [p for p in people if id(p) in keep]
 
 
 @dataclass
