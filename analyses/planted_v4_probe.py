@@ -42,9 +42,18 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=17)
     ap.add_argument("--out", type=Path, default=Path("analyses/results/planted_v4_probe.json"))
     args = ap.parse_args()
+    if args.templates < 1:
+        ap.error(f"--templates must be at least 1, not {args.templates}")
+    for c in args.contexts:
+        try:
+            load_context(c)
+        except (KeyError, ValueError, FileNotFoundError) as e:
+            ap.error(f"--contexts: {e}")
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", 1)))
     t0 = time.time()
     model = load_model()
+    if not 0 <= args.layer < model.cfg.n_layers:
+        ap.error(f"--layer must lie in 0..{model.cfg.n_layers - 1}, not {args.layer}")
     ax = load_axis("gender@extended")
     fav = ax.groups.index("female")
     people = ax.split_people("selection", 0)
