@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--names-per-cell", type=int, default=16, help="v4: selection names per race x gender cell")
     ap.add_argument("--calibrate-rounds", type=int, default=0,
                     help="v4: measure the planted gap at the output scale used, up to N times (0: extrapolate from unit output)")
+    ap.add_argument("--context-pool", action="store_true",
+                    help="v4: gate the chains by a pooled read of the prompt (a context neuron and a uniformly "
+                         "attending head per chain; mechbias.groundtruth.context_pool)")
     ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
                     help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
     args = ap.parse_args()
@@ -146,7 +149,7 @@ def main() -> None:
     if built:
         ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
                                 names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts),
-                                calibrate_rounds=args.calibrate_rounds)
+                                calibrate_rounds=args.calibrate_rounds, context_pool=args.context_pool)
                 if v4 else ConstructConfig())
         delta, cfg, info = construct_planted(model, ccfg)
     else:
@@ -158,7 +161,7 @@ def main() -> None:
     keep = ("context", "gap", "ci_low", "ci_high", "p_value", "significant", "n_prompts")
     manifest = {
         "version": args.version,
-        "description": ("SmolLM2-135M-Instruct (embedded) with planted gender bias (female favoured, 0.2 log-odds; "
+        "description": (f"SmolLM2-135M-Instruct (embedded) with planted gender bias (female favoured, {2 * args.shift:g} log-odds; "
                         "built on selection templates and names): context-specific units dominate" if v4 else
                         "SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
                         + ("context-specific units dominate" if args.version == 3 else "shared neurons dominate")),

@@ -143,6 +143,12 @@ def test_v4_construction_reads_selection_templates_and_names_only(tiny):
         n_sel = len(load_context(c).template_split("selection"))
         assert sum(it.context == c for it in named) == n_sel * 12
     assert {it.sign for it in named} == {1.0, -1.0}
+    # every prompt, the neutral-reference ones (no name) included, is of a selection template
+    for c in ("finance", "hiring"):
+        sel = set(load_context(c).template_split("selection"))
+        refs = [it for it in items if it.context == c and it.sign == 0]
+        assert refs and {it.template for it in refs} == sel
+        assert {it.template for it in named if it.context == c} == sel
     fav = {it.name for it in named if it.sign > 0}
     assert all(p.gender == "female" for p in ax.people if p.name in fav)
 

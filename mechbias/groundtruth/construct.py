@@ -53,6 +53,7 @@ from ..data.axes import load_axis
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
+from .context_pool import and_gate, fit_context_neuron
 from .delta import PlantedDelta
 from .linalg import balanced_weights, calibrate_scales, cv_ridge, energy_basis, quiet_direction, ridge, slow_rotary_dims
 from .planted import (
@@ -114,6 +115,9 @@ class ConstructConfig:
     calibrate_rounds: int = 0         # re-measure the output scale at the scale it is used. 0 = v3's and v4's one-shot
                                       # extrapolation from unit output (7-15% low in the 2026-12-07 v4 attempt)
     calibrate_tol: float = 0.03       # relative tolerance of the measured planted gap
+    context_pool: bool = False        # gate by a pooled read of the prompt (a context neuron and a uniformly
+                                      # attending head per chain; mechbias.groundtruth.context_pool). False: v3/v4
+    pool_ridge_grid: tuple[float, ...] = (0.1, 1.0, 10.0)   # the context read's penalty: 2-fold CV over templates
     seed: int = 0
 
 
@@ -128,13 +132,36 @@ def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[st
         ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
         for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
             out.append(Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
-                             p.person.name))
+                             p.person.name, p.template))
+        ctx = load_context(c)
+        # the neutral-reference prompts (no name) of the same templates only: before 2026-12-07 they were read
+        # for every template, held-out ones included (the shipped v4 was built so; docs/groundtruth.md)
+        keep = (ctx.template_split(cfg.templates) if isinstance(cfg.templates, str) else list(cfg.templates))
         for ref in NEUTRAL_REFERENCES:
-            for text in neutral_prompts(c, (ref,)):
-                out.append(Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref)))
+            for k, text in enumerate(neutral_prompts(c, (ref,))):
+                if k in keep:
+                    out.append(Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref), "", k))
     for t in tokenize(model, neutral_texts(8, split="selection")):
         out.append(Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
     return out
+
+
+def _pooled_gate(marker: dict, cfg: ConstructConfig, c: str, f: list, items: list[Item], Xg, yg, g2, ones_row,
+                 stats: dict):
+    """The prediction-position gate of ``context_pool``: a context-free read of the prediction position (blind to
+    every chain's p and r), the pooling head's r_c and a constant, combined so the gate opens where both are on."""
+    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
+                                                                          else None))
+    lr = ridge(Xl, yl, cfg.ridge, balanced_weights(yl)) * g2
+    Q, _ = torch.linalg.qr(torch.stack([marker[o]["p"] for o in cfg.planted]
+                                       + [marker[o]["pool"]["r"] for o in cfg.planted]).T)
+    lr = (lr - Q @ (Q.T @ lr)) / g2
+    u_r = marker[c]["pool"]["u"]
+    reads = torch.stack([Xg.double() @ u_r, Xg.double() @ lr, Xg.double() @ ones_row], 1)
+    coef, st = and_gate(reads, yg, yg > 0, cfg.last_gate_on)
+    stats[f"last_gate_{c}"] = st
+    _LOG.info(f"[construct] {c} pooled gate (context, position, constant): {st}")
+    return float(coef[0]) * u_r + float(coef[1]) * lr + float(coef[2]) * ones_row
 
 
 def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
@@ -153,31 +180,36 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     # one head per planted context: the least used heads of the head layers (their query and output are
     # overwritten, so what they did before is lost)
     heads = least_used_heads(model, cfg.head_layers, len(cfg.planted))
+    pool_heads = (least_used_heads(model, cfg.head_layers, len(cfg.planted), exclude=set(heads)) if cfg.context_pool
+                  else [None] * len(cfg.planted))
     layout: dict[str, dict[str, Any]] = {}
     taken: set = set()
-    for c, (lh, h) in zip(cfg.planted, heads, strict=True):
-        below = least_used_neurons(model, [lh - 1], cfg.n_name + 1, exclude=taken)
+    for c, (lh, h), ph in zip(cfg.planted, heads, pool_heads, strict=True):
+        below = least_used_neurons(model, [lh - 1], cfg.n_name + 1 + cfg.context_pool, exclude=taken)
         taken |= set(below)
         last = least_used_neurons(model, [lh], cfg.n_last, exclude=taken)
         taken |= set(last)
         layout[c] = {"name": below[: cfg.n_name], "pointer": below[cfg.n_name], "head": (lh, h), "last": last}
+        if cfg.context_pool:
+            layout[c] |= {"ctx": below[cfg.n_name + 1], "pool": ph}
         _LOG.info(f"[construct] {c}: name neurons {layout[c]['name']}, pointer {layout[c]['pointer']}, head L{lh}H{h}, "
             f"last neurons {last}")
     name_units = [u for c in cfg.planted for u in layout[c]["name"]]
     ptr_units = [layout[c]["pointer"] for c in cfg.planted]
     last_units = [u for c in cfg.planted for u in layout[c]["last"]]
+    ctx_units = [layout[c]["ctx"] for c in cfg.planted if cfg.context_pool]
     dh = model.cfg.d_head
     group_size = model.cfg.n_heads // model.cfg.n_key_value_heads if getattr(model.cfg, "n_key_value_heads", None) else 1
     # silence every planted unit: what the readers see before their writers are in place is the native model
     with torch.no_grad():
-        for l, i in name_units + ptr_units + last_units:
+        for l, i in name_units + ptr_units + last_units + ctx_units:
             g, u, o = mlp_weights(model, l)
             g[i] = 0.0
             u[i] = 0.0
             o[:, i] = 0.0
         for c in cfg.planted:
-            l, h = layout[c]["head"]
-            attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] = 0.0
+            for l, h in [layout[c]["head"]] + ([layout[c]["pool"]] if cfg.context_pool else []):
+                attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] = 0.0
     items = _items(model, cfg, cfg.fit_contexts)
     named = [it for it in items if it.sign != 0]
     ctx0 = load_context(cfg.planted[0])
@@ -219,6 +251,14 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                 g, u, _ = mlp_weights(model, l)
                 g[i] = name_rows[l][0].to(g)
                 u[i] = (name_rows[l][1] if (l, i) != layout[c]["pointer"] else name_rows[l][2]).to(u)
+    if cfg.context_pool:  # 1b. context neurons: a constant gate, up = a read of the context from the prompt's mean
+        pooled = {}
+        for c in cfg.planted:
+            l, i = layout[c]["ctx"]
+            pooled[c] = fit_context_neuron(model, (l, i), feats[("in:mlp.gate", l)], items, c, cfg.fit_contexts,
+                                           name_rows[l][2], cfg.gate_on, cfg.pool_ridge_grid)
+            stats[f"context_read_{c}"] = pooled[c]["stats"]
+            _LOG.info(f"[construct] {c} context neuron L{l}N{i}: {pooled[c]['stats']}")
 
     # 2. markers. Per context, at its head's layer: the value direction e_c and the key direction k_c (in the
     #    slow rotary dimensions) with the least native variance; the residual directions that the value and
@@ -248,6 +288,20 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                      "sd_v": float(ev[k_used].clamp(min=1e-12).sqrt()),
                      "sd_k": float(ek[k_used].clamp(min=1e-12).sqrt()), "mean_q": Xn[1:].mean(0)}
         reads += [(e @ w_v) * gamma, (kd @ w_k) * gamma]
+    for c in cfg.planted if cfg.context_pool else ():    # the pooling heads' value directions (uniform attention)
+        l, h = layout[c]["pool"]
+        kv = h // group_size
+        w_v = model.blocks[l].attn.v.original_component.weight.detach().double()[kv * dh:(kv + 1) * dh]
+        gamma = model.blocks[l].ln1.original_component.weight.detach().double()
+        Xn = torch.cat(feats[("in:attn.v", l)]).double()
+        _, evec = torch.linalg.eigh(torch.cov((Xn @ w_v.T).T))
+        k_used = used.setdefault((l, kv), 0)
+        used[(l, kv)] = k_used + 1
+        e = evec[:, k_used]
+        native = torch.stack([(x.double() @ w_v.T @ e).mean() for x in feats[("in:attn.v", l)]])
+        fit_rows = pooled[c]["own"] | pooled[c]["other"]
+        marker[c]["pool"] = {"e": e, "sd": float(native[fit_rows].std())}
+        reads.append((e @ w_v) * gamma)
     # where a write would move the answer score (native model, planted units silent): the score's gradient
     # at the name positions (markers) and at the last position after attention (p_c), on selection prompts
     sub = named[:: cfg.grad_every]
@@ -291,6 +345,23 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                   pointer_act=float(ptr))
         _LOG.info(f"[construct] {c} markers for L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
             f"key sd {mk['sd_k']:.3f} (output norm {mk['key_norm']:.2f}), rms {rms[l_head]:.2f}")
+    for j, c in enumerate(cfg.planted if cfg.context_pool else ()):
+        # context markers: written at every position, read 1 by the pooling head's value, 0 by every other planted
+        # read, and away from the score's gradient energy at every position; sized so the pooled separation of
+        # the context from the others is marker_snr native standard deviations of the pooled value
+        l = layout[c]["pool"][0]
+        G = torch.cat([g[1:] for g in grads[("resid_pre", l)]]).double()
+        m = torch.linalg.pinv(torch.cat([reads_m, energy_basis(G, cfg.side_effect)]))[:, 2 * len(cfg.planted) + j]
+        rms_all = float(torch.cat([x[1:] for x in feats[("resid_pre", l)]]).pow(2).mean(-1).sqrt().median())
+        pc = pooled[c]
+        sep = float(pc["read"][pc["own"]].mean() - pc["read"][pc["other"]].mean())
+        a = cfg.marker_snr * marker[c]["pool"]["sd"] * rms_all / sep
+        lc, ic = layout[c]["ctx"]
+        with torch.no_grad():
+            mlp_weights(model, lc)[2][:, ic] = (a * m).to(mlp_weights(model, lc)[2])
+        marker[c]["pool"]["marker_norm"] = float(a * m.norm())
+        _LOG.info(f"[construct] {c} context marker: pooled native sd {marker[c]['pool']['sd']:.4f}, output norm "
+                  f"{a * float(m.norm()):.2f}")
 
     # 3. heads: a constant query along k_c in the slow rotary dimensions (the name's key marker then beats every
     #    other key by attend_logit), output columns reading e_c and writing p_c: the direction of the normalised
@@ -328,7 +399,37 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
             new_q[slow] = torch.outer(s_q * mk["k"], nu)
             q_w[rows] = new_q.to(q_w)
             o[:, rows] = torch.outer(mk["p"], mk["e"]).to(o)
+    for c in cfg.planted if cfg.context_pool else ():
+        # pooling heads: query 0 (uniform attention), output reading the context marker's value direction and
+        # writing r_c, a quiet direction beside every chain's p and the earlier r's
+        pk, (l, h) = marker[c]["pool"], layout[c]["pool"]
+        g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+        xhat = torch.cat([x[1:] for x in feats[("in:mlp.gate", l)]]).double() / g2
+        Gl = torch.stack([g[-1] for g in grads[("resid_mid", l)]]).double()
+        taken_r = [marker[o]["p"] for o in cfg.planted] + [marker[o]["pool"]["r"] for o in cfg.planted
+                                                             if "r" in marker[o]["pool"]]
+        r_dir, info = quiet_direction(torch.cov(xhat.T), Gl.T @ Gl / len(Gl), torch.stack(taken_r))
+        pk |= {"r": r_dir, "u": r_dir / g2, "native_r": info["native_var"] ** 0.5}
+        with torch.no_grad():
+            q_w, o = attn_weights(model, l)
+            rows = head_rows(torch.tensor([h]), dh)
+            q_w[rows] = 0.0
+            o[:, rows] = torch.outer(r_dir, pk["e"]).to(o)
     feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("pattern", l) for l in head_layers])
+    for c in cfg.planted if cfg.context_pool else ():
+        pk, (l, h), pc = marker[c]["pool"], layout[c]["pool"], pooled[c]
+        proj = torch.tensor([float(x[-1].double() @ pk["u"]) for x in feats[("in:mlp.gate", l)]], dtype=torch.float64)
+        diff = float(proj[pc["own"]].mean() - proj[pc["other"]].mean()) / 2
+        if diff < 1e-4:
+            raise RuntimeError(f"{c}'s pooling head carries no context signal to the last position (read {diff:.2e})")
+        beta = cfg.marker_snr * pk["native_r"] / diff
+        with torch.no_grad():
+            attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] *= beta
+        dev = max(float((x[h, -1, : len(it.tokens)] - 1 / len(it.tokens)).abs().max())
+                  for x, it in zip(feats[("pattern", l)], items, strict=True))
+        stats[f"pool_{c}"] = {"scale": beta, "read_per_unit_scale": diff, "native_sd": pk["native_r"],
+                              "uniform_attention_max_deviation": dev}
+        _LOG.info(f"[construct] {c} pooling head L{l}H{h}: {stats[f'pool_{c}']}")
     for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
@@ -371,7 +472,10 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
         pu = Xu.double() @ u_row
         Xg, yg = stack_rows(f, items, partial(gate_target, c))
-        g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
+        if cfg.context_pool:
+            g_row = _pooled_gate(marker, cfg, c, f, items, Xg, yg, g2, ones_row, stats)
+        else:
+            g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         v = g_row * g2                                                            # the gate's read of x / rms
         g_row = (v - (v @ mk["p"]) * mk["p"]) / g2                                # blind to p_c
         pg = Xg.double() @ g_row
@@ -445,12 +549,15 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         last = rounds[-1]["measured"]
         if any(abs(last[c] - 2 * cfg.shift) > cfg.calibrate_tol * 2 * cfg.shift for c in cfg.planted):
             _LOG.warning(f"[construct] the output scale did not converge in {cfg.calibrate_rounds} rounds: {last}")
-    neurons = name_units + ptr_units + last_units
-    head_units = [layout[c]["head"] for c in cfg.planted]
+    neurons = name_units + ptr_units + last_units + ctx_units
+    pool_units = [layout[c]["pool"] for c in cfg.planted if cfg.context_pool]
+    head_units = [layout[c]["head"] for c in cfg.planted] + pool_units
     delta = PlantedDelta.capture(model, neurons, head_units)
     plant = PlantConfig(axis=cfg.axis, favoured=cfg.favoured, contexts=tuple(cfg.fit_contexts),
-                        only={c: layout[c]["name"] + [layout[c]["pointer"]] for c in cfg.planted},
-                        heads={c: [layout[c]["head"]] for c in cfg.planted},
+                        only={c: layout[c]["name"] + [layout[c]["pointer"]] + ([layout[c]["ctx"]] if cfg.context_pool
+                                                                               else []) for c in cfg.planted},
+                        heads={c: [layout[c]["head"]] + ([layout[c]["pool"]] if cfg.context_pool else [])
+                               for c in cfg.planted},
                         only_last={c: layout[c]["last"] for c in cfg.planted},
                         shift_only=cfg.shift, shift_head=cfg.shift, shift_last=cfg.shift, names=cfg.names, seed=cfg.seed)
     stats["markers"] = {c: {k: mk[k] for k in ("sd_v", "sd_k", "value_norm", "key_norm", "signed_act", "pointer_act",

@@ -24,6 +24,23 @@ def ridge(X: Float[Tensor, "n d"], y: Float[Tensor, " n"], lam: float, weight: F
     return torch.linalg.solve(A, Xw.T @ y)
 
 
+def centered_ridge(X: Float[Tensor, "n d"], y: Float[Tensor, " n"], lam: float) -> tuple[Float[Tensor, " d"], float]:
+    """Class-balanced ridge regression with an intercept: each distinct target gets the same total weight, the
+    features and target are centred by their balanced means, and the penalty is ``lam`` times the mean balanced
+    feature variance. Returns the weights and the threshold halfway between the two classes' mean reads (for
+    targets of +1 and -1). Solved in float64."""
+    X, y = X.double(), y.double()
+    wt = balanced_weights(y)
+    wt = wt / wt.sum()
+    Xc = X - (X * wt[:, None]).sum(0)
+    cov = Xc.T @ (Xc * wt[:, None])
+    reg = lam * float(torch.diagonal(cov).mean())
+    w = torch.linalg.solve(cov + reg * torch.eye(X.shape[1], dtype=torch.float64),
+                           (Xc * wt[:, None]).T @ (y - float((y * wt).sum())))
+    r = X @ w
+    return w, float((r[y > 0].mean() + r[y <= 0].mean()) / 2)
+
+
 def cv_ridge(X: Float[Tensor, "n d"], y: Float[Tensor, " n"], fold: Int[Tensor, " n"], grid: Sequence[float]
              ) -> tuple[float, float]:
     """The penalty in ``grid`` with the best 2-fold sign accuracy, folds given per row (whole names held out;

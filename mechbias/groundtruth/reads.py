@@ -42,6 +42,7 @@ class Item:
     sign: float           # +1 group A, -1 group B, 0 no name
     name_positions: list
     name: str = ""
+    template: int = -1    # the template index of a prompt (-1: a neutral-reference prompt or neutral text)
 
 
 def capture(model: TransformerBridge, items: list[Item], points: Sequence[tuple[str, int]]) -> dict[tuple[str, int], list[Tensor]]:
