@@ -53,9 +53,16 @@ from ..data.axes import load_axis
 from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
-from .context_pool import and_gate, fit_context_neuron
+from .context_pool import (
+    fit_context_neuron,
+    pool_value_read,
+    pooled_gate,
+    scale_pooling_head,
+    write_context_marker,
+    write_pooling_head,
+)
 from .delta import PlantedDelta
-from .linalg import balanced_weights, calibrate_scales, cv_ridge, energy_basis, quiet_direction, ridge, slow_rotary_dims
+from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge, slow_rotary_dims
 from .planted import (
     NEUTRAL_REFERENCES,
     PlantConfig,
@@ -68,6 +75,7 @@ from .reads import (
     Item,
     answer_scores,
     at_last,
+    calibrate_output,
     capture,
     first_per_cell,
     gate_target,
@@ -144,24 +152,6 @@ def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[st
     for t in tokenize(model, neutral_texts(8, split="selection")):
         out.append(Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
     return out
-
-
-def _pooled_gate(marker: dict, cfg: ConstructConfig, c: str, f: list, items: list[Item], Xg, yg, g2, ones_row,
-                 stats: dict):
-    """The prediction-position gate of ``context_pool``: a context-free read of the prediction position (blind to
-    every chain's p and r), the pooling head's r_c and a constant, combined so the gate opens where both are on."""
-    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
-                                                                          else None))
-    lr = ridge(Xl, yl, cfg.ridge, balanced_weights(yl)) * g2
-    Q, _ = torch.linalg.qr(torch.stack([marker[o]["p"] for o in cfg.planted]
-                                       + [marker[o]["pool"]["r"] for o in cfg.planted]).T)
-    lr = (lr - Q @ (Q.T @ lr)) / g2
-    u_r = marker[c]["pool"]["u"]
-    reads = torch.stack([Xg.double() @ u_r, Xg.double() @ lr, Xg.double() @ ones_row], 1)
-    coef, st = and_gate(reads, yg, yg > 0, cfg.last_gate_on)
-    stats[f"last_gate_{c}"] = st
-    _LOG.info(f"[construct] {c} pooled gate (context, position, constant): {st}")
-    return float(coef[0]) * u_r + float(coef[1]) * lr + float(coef[2]) * ones_row
 
 
 def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
@@ -289,19 +279,9 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                      "sd_k": float(ek[k_used].clamp(min=1e-12).sqrt()), "mean_q": Xn[1:].mean(0)}
         reads += [(e @ w_v) * gamma, (kd @ w_k) * gamma]
     for c in cfg.planted if cfg.context_pool else ():    # the pooling heads' value directions (uniform attention)
-        l, h = layout[c]["pool"]
-        kv = h // group_size
-        w_v = model.blocks[l].attn.v.original_component.weight.detach().double()[kv * dh:(kv + 1) * dh]
-        gamma = model.blocks[l].ln1.original_component.weight.detach().double()
-        Xn = torch.cat(feats[("in:attn.v", l)]).double()
-        _, evec = torch.linalg.eigh(torch.cov((Xn @ w_v.T).T))
-        k_used = used.setdefault((l, kv), 0)
-        used[(l, kv)] = k_used + 1
-        e = evec[:, k_used]
-        native = torch.stack([(x.double() @ w_v.T @ e).mean() for x in feats[("in:attn.v", l)]])
-        fit_rows = pooled[c]["own"] | pooled[c]["other"]
-        marker[c]["pool"] = {"e": e, "sd": float(native[fit_rows].std())}
-        reads.append((e @ w_v) * gamma)
+        marker[c]["pool"], row = pool_value_read(model, layout[c]["pool"], feats[("in:attn.v", layout[c]["pool"][0])],
+                                                 used, group_size, pooled[c]["own"] | pooled[c]["other"])
+        reads.append(row)
     # where a write would move the answer score (native model, planted units silent): the score's gradient
     # at the name positions (markers) and at the last position after attention (p_c), on selection prompts
     sub = named[:: cfg.grad_every]
@@ -346,22 +326,11 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         _LOG.info(f"[construct] {c} markers for L{l_head}: value sd {mk['sd_v']:.3f} (output norm {mk['value_norm']:.2f}), "
             f"key sd {mk['sd_k']:.3f} (output norm {mk['key_norm']:.2f}), rms {rms[l_head]:.2f}")
     for j, c in enumerate(cfg.planted if cfg.context_pool else ()):
-        # context markers: written at every position, read 1 by the pooling head's value, 0 by every other planted
-        # read, and away from the score's gradient energy at every position; sized so the pooled separation of
-        # the context from the others is marker_snr native standard deviations of the pooled value
         l = layout[c]["pool"][0]
-        G = torch.cat([g[1:] for g in grads[("resid_pre", l)]]).double()
-        m = torch.linalg.pinv(torch.cat([reads_m, energy_basis(G, cfg.side_effect)]))[:, 2 * len(cfg.planted) + j]
-        rms_all = float(torch.cat([x[1:] for x in feats[("resid_pre", l)]]).pow(2).mean(-1).sqrt().median())
-        pc = pooled[c]
-        sep = float(pc["read"][pc["own"]].mean() - pc["read"][pc["other"]].mean())
-        a = cfg.marker_snr * marker[c]["pool"]["sd"] * rms_all / sep
-        lc, ic = layout[c]["ctx"]
-        with torch.no_grad():
-            mlp_weights(model, lc)[2][:, ic] = (a * m).to(mlp_weights(model, lc)[2])
-        marker[c]["pool"]["marker_norm"] = float(a * m.norm())
+        write_context_marker(model, layout[c]["ctx"], grads[("resid_pre", l)], feats[("resid_pre", l)], reads_m,
+                             2 * len(cfg.planted) + j, pooled[c], marker[c]["pool"], cfg.marker_snr, cfg.side_effect)
         _LOG.info(f"[construct] {c} context marker: pooled native sd {marker[c]['pool']['sd']:.4f}, output norm "
-                  f"{a * float(m.norm()):.2f}")
+                  f"{marker[c]['pool']['marker_norm']:.2f}")
 
     # 3. heads: a constant query along k_c in the slow rotary dimensions (the name's key marker then beats every
     #    other key by attend_logit), output columns reading e_c and writing p_c: the direction of the normalised
@@ -400,36 +369,17 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
             q_w[rows] = new_q.to(q_w)
             o[:, rows] = torch.outer(mk["p"], mk["e"]).to(o)
     for c in cfg.planted if cfg.context_pool else ():
-        # pooling heads: query 0 (uniform attention), output reading the context marker's value direction and
-        # writing r_c, a quiet direction beside every chain's p and the earlier r's
-        pk, (l, h) = marker[c]["pool"], layout[c]["pool"]
-        g2 = model.blocks[l].ln2.original_component.weight.detach().double()
-        xhat = torch.cat([x[1:] for x in feats[("in:mlp.gate", l)]]).double() / g2
-        Gl = torch.stack([g[-1] for g in grads[("resid_mid", l)]]).double()
-        taken_r = [marker[o]["p"] for o in cfg.planted] + [marker[o]["pool"]["r"] for o in cfg.planted
-                                                             if "r" in marker[o]["pool"]]
-        r_dir, info = quiet_direction(torch.cov(xhat.T), Gl.T @ Gl / len(Gl), torch.stack(taken_r))
-        pk |= {"r": r_dir, "u": r_dir / g2, "native_r": info["native_var"] ** 0.5}
-        with torch.no_grad():
-            q_w, o = attn_weights(model, l)
-            rows = head_rows(torch.tensor([h]), dh)
-            q_w[rows] = 0.0
-            o[:, rows] = torch.outer(r_dir, pk["e"]).to(o)
+        l = layout[c]["pool"][0]
+        write_pooling_head(model, layout[c]["pool"], feats[("in:mlp.gate", l)], grads[("resid_mid", l)],
+                           [marker[o]["p"] for o in cfg.planted]
+                           + [marker[o]["pool"]["r"] for o in cfg.planted if "r" in marker[o]["pool"]], marker[c]["pool"])
     feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("pattern", l) for l in head_layers])
     for c in cfg.planted if cfg.context_pool else ():
-        pk, (l, h), pc = marker[c]["pool"], layout[c]["pool"], pooled[c]
-        proj = torch.tensor([float(x[-1].double() @ pk["u"]) for x in feats[("in:mlp.gate", l)]], dtype=torch.float64)
-        diff = float(proj[pc["own"]].mean() - proj[pc["other"]].mean()) / 2
-        if diff < 1e-4:
-            raise RuntimeError(f"{c}'s pooling head carries no context signal to the last position (read {diff:.2e})")
-        beta = cfg.marker_snr * pk["native_r"] / diff
-        with torch.no_grad():
-            attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] *= beta
-        dev = max(float((x[h, -1, : len(it.tokens)] - 1 / len(it.tokens)).abs().max())
-                  for x, it in zip(feats[("pattern", l)], items, strict=True))
-        stats[f"pool_{c}"] = {"scale": beta, "read_per_unit_scale": diff, "native_sd": pk["native_r"],
-                              "uniform_attention_max_deviation": dev}
-        _LOG.info(f"[construct] {c} pooling head L{l}H{h}: {stats[f'pool_{c}']}")
+        l = layout[c]["pool"][0]
+        stats[f"pool_{c}"] = scale_pooling_head(model, layout[c]["pool"], feats[("in:mlp.gate", l)],
+                                                feats[("pattern", l)], items, marker[c]["pool"], pooled[c],
+                                                cfg.marker_snr)
+        _LOG.info(f"[construct] {c} pooling head L{l}H{layout[c]['pool'][1]}: {stats[f'pool_{c}']}")
     for c in cfg.planted:
         mk = marker[c]
         l, h = mk["head"]
@@ -473,7 +423,10 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         pu = Xu.double() @ u_row
         Xg, yg = stack_rows(f, items, partial(gate_target, c))
         if cfg.context_pool:
-            g_row = _pooled_gate(marker, cfg, c, f, items, Xg, yg, g2, ones_row, stats)
+            g_row, stats[f"last_gate_{c}"] = pooled_gate([marker[o]["p"] for o in cfg.planted],
+                                                        {o: marker[o]["pool"] for o in cfg.planted}, c, f, items, Xg, yg,
+                                                        g2, ones_row, cfg.ridge, cfg.last_gate_on)
+            _LOG.info(f"[construct] {c} pooled gate (context, position, constant): {stats[f'last_gate_{c}']}")
         else:
             g_row = ridge(Xg, yg, cfg.ridge, balanced_weights(yg))
         v = g_row * g2                                                            # the gate's read of x / rms
@@ -516,39 +469,10 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                 mlp_weights(model, l)[2][:, i] = (kappa * answer).to(mlp_weights(model, l)[2])
     if cfg.calibrate_rounds:
         # the later layers respond non-linearly: the extrapolation from unit output fell 7-15% short of the target
-        # on the fitting prompts of the 2026-12-07 attempt (docs/groundtruth.md), so the scale is measured where it is used (planted contexts' fitting prompts)
-        on_idx = {c: [k for k, it in enumerate(named) if it.context == c] for c in cfg.planted}
-        sub_idx = sorted(k for v in on_idx.values() for k in v)
-        sub_items = [named[k] for k in sub_idx]
-        off = scores_off[sub_idx]
-
-        def write(scales: dict[str, float]) -> None:
-            with torch.no_grad():
-                for c, kap in scales.items():
-                    for l, i in layout[c]["last"]:
-                        mlp_weights(model, l)[2][:, i] = (kap * answer).to(mlp_weights(model, l)[2])
-
-        def measure(scales: dict[str, float]) -> dict[str, float]:
-            write(scales)
-            d = answer_scores(model, sub_items, pos_id, neg_id) - off
-            out = {}
-            for c in cfg.planted:
-                rows = [sub_idx.index(k) for k in on_idx[c]]
-                da, db = group_means(d[rows], signs[on_idx[c]])
-                out[c] = da - db
-            return out
-
-        kappas, rounds = calibrate_scales(measure, {c: stats[f"last_{c}_scale"] for c in cfg.planted}, 2 * cfg.shift,
-                                          cfg.calibrate_rounds, cfg.calibrate_tol)
-        write(kappas)
-        stats["calibration"] = rounds
-        for c in cfg.planted:
-            stats[f"last_{c}_scale"] = kappas[c]
-            _LOG.info(f"[construct] {c}: planted gap on the fitting prompts per round "
-                      + ", ".join(f"{r['measured'][c]:+.4f}" for r in rounds) + f"; output norm {kappas[c]:.3f}")
-        last = rounds[-1]["measured"]
-        if any(abs(last[c] - 2 * cfg.shift) > cfg.calibrate_tol * 2 * cfg.shift for c in cfg.planted):
-            _LOG.warning(f"[construct] the output scale did not converge in {cfg.calibrate_rounds} rounds: {last}")
+        # on the fitting prompts of the 2026-12-07 attempt (docs/groundtruth.md), so the scale is measured where it
+        # is used (planted contexts' fitting prompts)
+        calibrate_output(model, {c: layout[c]["last"] for c in cfg.planted}, answer, named, signs, scores_off,
+                         pos_id, neg_id, 2 * cfg.shift, cfg.calibrate_rounds, cfg.calibrate_tol, stats)
     neurons = name_units + ptr_units + last_units + ctx_units
     pool_units = [layout[c]["pool"] for c in cfg.planted if cfg.context_pool]
     head_units = [layout[c]["head"] for c in cfg.planted] + pool_units

@@ -28,14 +28,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..core.params import mlp_weights
-from .linalg import centered_ridge
-from .reads import Item
+from ..core.params import attn_weights, head_rows, mlp_weights
+from .linalg import balanced_weights, centered_ridge, energy_basis, quiet_direction, ridge
+from .reads import Item, at_last, stack_rows
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-__all__ = ["and_gate", "fit_context_neuron", "pooled_inputs", "template_cv_read", "template_halves"]
+__all__ = ["and_gate", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs", "scale_pooling_head",
+           "template_cv_read", "template_halves", "write_context_marker", "write_pooling_head"]
 
 
 def pooled_inputs(feats: Sequence[Tensor], gate_row: Float[Tensor, " d"]) -> Float[Tensor, "n d"]:
@@ -81,8 +82,6 @@ def and_gate(reads: Float[Tensor, "n k"], y: Float[Tensor, " n"], on: Float[Tens
     """Coefficients of a gate that combines ``k`` scalar reads (the last one a constant 1): a balanced least
     squares fit of ``y`` (+1 where the gate must open, -1 elsewhere), scaled so that the rows ``on`` have a
     median pre-activation of ``level``."""
-    from .linalg import balanced_weights
-
     X, yd = reads.double(), y.double()
     wt = balanced_weights(yd)
     coef = torch.linalg.lstsq(X * wt.sqrt()[:, None], yd * wt.sqrt()).solution
@@ -139,3 +138,94 @@ def fit_context_neuron(model: TransformerBridge, unit: tuple[int, int], feats: S
     stats = {**cv, "separation": float(on.mean() - off.mean()), "own_q05": float(on.quantile(0.05)),
              "others_q95": float(off.quantile(0.95))}
     return {"w": w, "t": t, "read": read, "own": own, "other": other, "stats": stats}
+
+
+def pool_value_read(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], used: dict, group_size: int,
+                    fit_rows: Tensor) -> tuple[dict, Tensor]:
+    """The pooling head's value direction ``e`` (the next lowest-variance one of its key-value head, counted in
+    ``used``) and its read of the residual stream (a constraint row of the markers). ``feats``: the head's
+    normalised input per item; ``sd``: the native standard deviation of the uniformly pooled value along ``e``
+    over the fitting prompts ``fit_rows``."""
+    l, h = unit
+    dh = model.cfg.d_head
+    kv = h // group_size
+    w_v = model.blocks[l].attn.v.original_component.weight.detach().double()[kv * dh:(kv + 1) * dh]
+    gamma = model.blocks[l].ln1.original_component.weight.detach().double()
+    Xn = torch.cat(list(feats)).double()
+    _, evec = torch.linalg.eigh(torch.cov((Xn @ w_v.T).T))
+    k_used = used.setdefault((l, kv), 0)
+    used[(l, kv)] = k_used + 1
+    e = evec[:, k_used]
+    native = torch.stack([(x.double() @ w_v.T @ e).mean() for x in feats])
+    return {"e": e, "sd": float(native[fit_rows].std())}, (e @ w_v) * gamma
+
+
+def write_context_marker(model: TransformerBridge, unit: tuple[int, int], grads: Sequence[Tensor], resid: Sequence[Tensor],
+                         reads: Tensor, col: int, pooled: dict, pk: dict, marker_snr: float, side_effect: float) -> None:
+    """The context neuron's output column: a marker written at every position, read 1 by the pooling head's value
+    (constraint row ``col`` of ``reads``), 0 by every other planted read, and away from the directions that carry
+    ``side_effect`` of the answer score's gradient energy at every position (``grads``); sized so the pooled
+    separation of the context from the others is ``marker_snr`` native standard deviations of the pooled value.
+    ``resid``: the residual stream at the pooling head's layer per item (for its typical norm)."""
+    G = torch.cat([g[1:] for g in grads]).double()
+    m = torch.linalg.pinv(torch.cat([reads, energy_basis(G, side_effect)]))[:, col]
+    rms_all = float(torch.cat([x[1:] for x in resid]).pow(2).mean(-1).sqrt().median())
+    sep = float(pooled["read"][pooled["own"]].mean() - pooled["read"][pooled["other"]].mean())
+    a = marker_snr * pk["sd"] * rms_all / sep
+    lc, ic = unit
+    with torch.no_grad():
+        mlp_weights(model, lc)[2][:, ic] = (a * m).to(mlp_weights(model, lc)[2])
+    pk["marker_norm"] = float(a * m.norm())
+
+
+def write_pooling_head(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], grads: Sequence[Tensor],
+                       taken: list[Tensor], pk: dict) -> None:
+    """The pooling head at unit scale: query 0 (uniform attention), output reading its value direction ``pk["e"]``
+    and writing ``r``, the direction of the normalised MLP input (``feats``) with little native variance and little
+    effect on the score (``grads``: its gradient at the last position after attention), beside ``taken``."""
+    l, h = unit
+    g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+    xhat = torch.cat([x[1:] for x in feats]).double() / g2
+    Gl = torch.stack([g[-1] for g in grads]).double()
+    r_dir, info = quiet_direction(torch.cov(xhat.T), Gl.T @ Gl / len(Gl), torch.stack(taken))
+    pk |= {"r": r_dir, "u": r_dir / g2, "native_r": info["native_var"] ** 0.5}
+    with torch.no_grad():
+        q_w, o = attn_weights(model, l)
+        rows = head_rows(torch.tensor([h]), model.cfg.d_head)
+        q_w[rows] = 0.0
+        o[:, rows] = torch.outer(r_dir, pk["e"]).to(o)
+
+
+def scale_pooling_head(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], patterns: Sequence[Tensor],
+                       items: Sequence[Item], pk: dict, pooled: dict, marker_snr: float) -> dict:
+    """Scale the pooling head's output so that the context's prompts and the other fitting contexts' differ by
+    ``2 * marker_snr`` native standard deviations along ``r`` at the last position (``feats``: the MLP input of
+    its layer at unit scale). Returns the statistics, with the largest deviation of its attention from uniform."""
+    l, h = unit
+    proj = torch.tensor([float(x[-1].double() @ pk["u"]) for x in feats], dtype=torch.float64)
+    diff = float(proj[pooled["own"]].mean() - proj[pooled["other"]].mean()) / 2
+    if diff < 1e-4:
+        raise RuntimeError(f"the pooling head L{l}H{h} carries no context signal to the last position (read {diff:.2e})")
+    beta = marker_snr * pk["native_r"] / diff
+    with torch.no_grad():
+        attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), model.cfg.d_head)] *= beta
+    dev = max(float((x[h, -1, : len(it.tokens)] - 1 / len(it.tokens)).abs().max())
+              for x, it in zip(patterns, items, strict=True))
+    return {"scale": beta, "read_per_unit_scale": diff, "native_sd": pk["native_r"], "uniform_attention_max_deviation": dev}
+
+
+def pooled_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item], Xg: Tensor, yg: Tensor, g2: Tensor,
+                ones_row: Tensor, penalty: float, level: float) -> tuple[Tensor, dict]:
+    """The prediction-position gate row of context ``c``: a context-free read of the prediction position (blind to
+    every chain's p (``ps``) and r (``pools``)), the pooling head's r_c and a constant, combined by
+    :func:`and_gate` on the gate's rows ``Xg``, ``yg`` so it opens where both are on. Returns the row (of the
+    MLP input) and the gate's statistics."""
+    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
+                                                                          else None))
+    lr = ridge(Xl, yl, penalty, balanced_weights(yl)) * g2
+    Q, _ = torch.linalg.qr(torch.stack(ps + [pools[o]["r"] for o in pools]).T)
+    lr = (lr - Q @ (Q.T @ lr)) / g2
+    u_r = pools[c]["u"]
+    reads = torch.stack([Xg.double() @ u_r, Xg.double() @ lr, Xg.double() @ ones_row], 1)
+    coef, st = and_gate(reads, yg, yg > 0, level)
+    return float(coef[0]) * u_r + float(coef[1]) * lr + float(coef[2]) * ones_row, st

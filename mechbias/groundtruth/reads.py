@@ -4,6 +4,7 @@ on, and the answer scores it calibrates with."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -13,14 +14,18 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..core.hooks import hooked
+from ..core.params import mlp_weights
 from ..core.runner import capture_all, length_buckets, map_last_logits
 from ..core.sites import hook_name
 from ..data.axes import stable_hash
+from .linalg import calibrate_scales
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-__all__ = ["Item", "answer_scores", "at_last", "capture", "first_per_cell", "gate_target", "group_means", "name_fold",
+_LOG = logging.getLogger(__name__)
+
+__all__ = ["Item", "answer_scores", "at_last", "calibrate_output", "capture", "first_per_cell", "gate_target", "group_means", "name_fold",
            "score_gradients", "stack_rows"]
 
 
@@ -121,3 +126,43 @@ def group_means(values: Float[Tensor, " n"], signs: Float[Tensor, " n"]) -> tupl
 def answer_scores(model: TransformerBridge, items: list[Item], pos_id: int, neg_id: int) -> Float[Tensor, " n"]:
     """Each item's answer score, logit[pos] - logit[neg] at the last position, in float64."""
     return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
+
+
+def calibrate_output(model: TransformerBridge, last: dict[str, list], answer: Tensor, named: list[Item], signs: Tensor,
+                     scores_off: Tensor, pos_id: int, neg_id: int, target: float, rounds: int, tol: float,
+                     stats: dict) -> None:
+    """Set each planted context's output scale (its prediction neurons ``last[c]`` write ``scale * answer``) so that
+    the planted gap measured on its fitting prompts (``named``; ``scores_off``: their scores with the output at 0)
+    is ``target`` (:func:`~mechbias.groundtruth.linalg.calibrate_scales`, from ``stats["last_{c}_scale"]``).
+    Writes the scales into the model and ``stats``."""
+    on_idx = {c: [k for k, it in enumerate(named) if it.context == c] for c in last}
+    sub_idx = sorted(k for v in on_idx.values() for k in v)
+    sub_items = [named[k] for k in sub_idx]
+    off = scores_off[sub_idx]
+
+    def write(scales: dict[str, float]) -> None:
+        with torch.no_grad():
+            for c, kap in scales.items():
+                for l, i in last[c]:
+                    mlp_weights(model, l)[2][:, i] = (kap * answer).to(mlp_weights(model, l)[2])
+
+    def measure(scales: dict[str, float]) -> dict[str, float]:
+        write(scales)
+        d = answer_scores(model, sub_items, pos_id, neg_id) - off
+        out = {}
+        for c in last:
+            rows = [sub_idx.index(k) for k in on_idx[c]]
+            da, db = group_means(d[rows], signs[on_idx[c]])
+            out[c] = da - db
+        return out
+
+    kappas, history = calibrate_scales(measure, {c: stats[f"last_{c}_scale"] for c in last}, target, rounds, tol)
+    write(kappas)
+    stats["calibration"] = history
+    for c in last:
+        stats[f"last_{c}_scale"] = kappas[c]
+        _LOG.info(f"[construct] {c}: planted gap on the fitting prompts per round "
+                  + ", ".join(f"{r['measured'][c]:+.4f}" for r in history) + f"; output norm {kappas[c]:.3f}")
+    final = history[-1]["measured"]
+    if any(abs(final[c] - target) > tol * target for c in last):
+        _LOG.warning(f"[construct] the output scale did not converge in {rounds} rounds: {final}")
