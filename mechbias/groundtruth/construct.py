@@ -247,8 +247,8 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
             l, i = layout[c]["ctx"]
             pooled[c] = fit_context_neuron(model, (l, i), feats[("in:mlp.gate", l)], items, c, cfg.fit_contexts,
                                            name_rows[l][2], cfg.gate_on, cfg.pool_ridge_grid)
-            stats[f"context_read_{c}"] = pooled[c]["stats"]
-            _LOG.info(f"[construct] {c} context neuron L{l}N{i}: {pooled[c]['stats']}")
+            stats[f"context_read_{c}"] = pooled[c].stats
+            _LOG.info(f"[construct] {c} context neuron L{l}N{i}: {pooled[c].stats}")
 
     # 2. markers. Per context, at its head's layer: the value direction e_c and the key direction k_c (in the
     #    slow rotary dimensions) with the least native variance; the residual directions that the value and
@@ -280,7 +280,7 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         reads += [(e @ w_v) * gamma, (kd @ w_k) * gamma]
     for c in cfg.planted if cfg.context_pool else ():    # the pooling heads' value directions (uniform attention)
         marker[c]["pool"], row = pool_value_read(model, layout[c]["pool"], feats[("in:attn.v", layout[c]["pool"][0])],
-                                                 used, group_size, pooled[c]["own"] | pooled[c]["other"])
+                                                 used, group_size, pooled[c].own | pooled[c].other)
         reads.append(row)
     # where a write would move the answer score (native model, planted units silent): the score's gradient
     # at the name positions (markers) and at the last position after attention (p_c), on selection prompts

@@ -22,10 +22,11 @@ Everything here reads selection templates and names only, like the rest of the c
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..core.params import attn_weights, head_rows, mlp_weights
@@ -35,7 +36,7 @@ from .reads import Item, at_last, stack_rows
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-__all__ = ["and_gate", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs", "scale_pooling_head",
+__all__ = ["ContextRead", "and_gate", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs", "scale_pooling_head",
            "template_cv_read", "template_halves", "write_context_marker", "write_pooling_head"]
 
 
@@ -52,7 +53,7 @@ def pooled_inputs(feats: Sequence[Tensor], gate_row: Float[Tensor, " d"]) -> Flo
     return torch.stack(out)
 
 
-def template_cv_read(F: Float[Tensor, "n d"], y: Float[Tensor, " n"], half: Tensor, grid: Sequence[float],
+def template_cv_read(F: Float[Tensor, "n d"], y: Float[Tensor, " n"], half: Int[Tensor, " n"], grid: Sequence[float],
                      blind: Float[Tensor, " d"] | None = None) -> tuple[Float[Tensor, " d"], float, dict]:
     """A centred ridge read of ``y`` (+1 / -1) from ``F``, its penalty chosen by 2-fold cross-validation over
     ``half`` (0 / 1 per row: whole templates), by balanced sign accuracy at the midpoint threshold (ties: the
@@ -77,6 +78,19 @@ def template_cv_read(F: Float[Tensor, "n d"], y: Float[Tensor, " n"], half: Tens
     return w, t, {"penalty": lam, "cv_balanced_accuracy": cv}
 
 
+@dataclass
+class ContextRead:
+    """A context neuron's read (:func:`fit_context_neuron`): weights ``w`` and threshold ``t``, the pooled read of
+    every item (``read``; NaN for neutral text), which items are the context's own and which another fitting
+    context's, and the fit's statistics."""
+    w: Float[Tensor, " d"]
+    t: float
+    read: Float[Tensor, " n"]
+    own: Bool[Tensor, " n"]
+    other: Bool[Tensor, " n"]
+    stats: dict[str, Any]
+
+
 def and_gate(reads: Float[Tensor, "n k"], y: Float[Tensor, " n"], on: Float[Tensor, " n"], level: float
              ) -> tuple[Float[Tensor, " k"], dict]:
     """Coefficients of a gate that combines ``k`` scalar reads (the last one a constant 1): a balanced least
@@ -93,7 +107,7 @@ def and_gate(reads: Float[Tensor, "n k"], y: Float[Tensor, " n"], on: Float[Tens
     return coef, stats
 
 
-def template_halves(items: Sequence[Item]) -> Tensor:
+def template_halves(items: Sequence[Item]) -> Int[Tensor, " n"]:
     """0 / 1 per item: the parity of its template's rank among its context's templates (-1: no template)."""
     ranks: dict[str, list] = {}
     for it in items:
@@ -105,7 +119,7 @@ def template_halves(items: Sequence[Item]) -> Tensor:
 
 def fit_context_neuron(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], items: Sequence[Item],
                        context: str, fit_contexts: Sequence[str], ones_row: Float[Tensor, " d"], gate_on: float,
-                       grid: Sequence[float]) -> dict:
+                       grid: Sequence[float]) -> ContextRead:
     """Write context ``context``'s context neuron's gate and up rows (its output column is the marker, written
     later): gate = ``gate_on * ones_row`` (about ``gate_on`` on every token), up = :func:`template_cv_read` of
     the context from :func:`pooled_inputs` of the fitting contexts' prompts (named and neutral-reference;
@@ -137,11 +151,11 @@ def fit_context_neuron(model: TransformerBridge, unit: tuple[int, int], feats: S
     off = r[(other[own | other])]
     stats = {**cv, "separation": float(on.mean() - off.mean()), "own_q05": float(on.quantile(0.05)),
              "others_q95": float(off.quantile(0.95))}
-    return {"w": w, "t": t, "read": read, "own": own, "other": other, "stats": stats}
+    return ContextRead(w, t, read, own, other, stats)
 
 
 def pool_value_read(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], used: dict, group_size: int,
-                    fit_rows: Tensor) -> tuple[dict, Tensor]:
+                    fit_rows: Bool[Tensor, " n"]) -> tuple[dict, Float[Tensor, " d"]]:
     """The pooling head's value direction ``e`` (the next lowest-variance one of its key-value head, counted in
     ``used``) and its read of the residual stream (a constraint row of the markers). ``feats``: the head's
     normalised input per item; ``sd``: the native standard deviation of the uniformly pooled value along ``e``
@@ -161,7 +175,8 @@ def pool_value_read(model: TransformerBridge, unit: tuple[int, int], feats: Sequ
 
 
 def write_context_marker(model: TransformerBridge, unit: tuple[int, int], grads: Sequence[Tensor], resid: Sequence[Tensor],
-                         reads: Tensor, col: int, pooled: dict, pk: dict, marker_snr: float, side_effect: float) -> None:
+                         reads: Float[Tensor, "k d"], col: int, pooled: ContextRead, pk: dict, marker_snr: float,
+                         side_effect: float) -> None:
     """The context neuron's output column: a marker written at every position, read 1 by the pooling head's value
     (constraint row ``col`` of ``reads``), 0 by every other planted read, and away from the directions that carry
     ``side_effect`` of the answer score's gradient energy at every position (``grads``); sized so the pooled
@@ -170,7 +185,7 @@ def write_context_marker(model: TransformerBridge, unit: tuple[int, int], grads:
     G = torch.cat([g[1:] for g in grads]).double()
     m = torch.linalg.pinv(torch.cat([reads, energy_basis(G, side_effect)]))[:, col]
     rms_all = float(torch.cat([x[1:] for x in resid]).pow(2).mean(-1).sqrt().median())
-    sep = float(pooled["read"][pooled["own"]].mean() - pooled["read"][pooled["other"]].mean())
+    sep = float(pooled.read[pooled.own].mean() - pooled.read[pooled.other].mean())
     a = marker_snr * pk["sd"] * rms_all / sep
     lc, ic = unit
     with torch.no_grad():
@@ -197,13 +212,13 @@ def write_pooling_head(model: TransformerBridge, unit: tuple[int, int], feats: S
 
 
 def scale_pooling_head(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], patterns: Sequence[Tensor],
-                       items: Sequence[Item], pk: dict, pooled: dict, marker_snr: float) -> dict:
+                       items: Sequence[Item], pk: dict, pooled: ContextRead, marker_snr: float) -> dict[str, float]:
     """Scale the pooling head's output so that the context's prompts and the other fitting contexts' differ by
     ``2 * marker_snr`` native standard deviations along ``r`` at the last position (``feats``: the MLP input of
     its layer at unit scale). Returns the statistics, with the largest deviation of its attention from uniform."""
     l, h = unit
     proj = torch.tensor([float(x[-1].double() @ pk["u"]) for x in feats], dtype=torch.float64)
-    diff = float(proj[pooled["own"]].mean() - proj[pooled["other"]].mean()) / 2
+    diff = float(proj[pooled.own].mean() - proj[pooled.other].mean()) / 2
     if diff < 1e-4:
         raise RuntimeError(f"the pooling head L{l}H{h} carries no context signal to the last position (read {diff:.2e})")
     beta = marker_snr * pk["native_r"] / diff
@@ -214,8 +229,9 @@ def scale_pooling_head(model: TransformerBridge, unit: tuple[int, int], feats: S
     return {"scale": beta, "read_per_unit_scale": diff, "native_sd": pk["native_r"], "uniform_attention_max_deviation": dev}
 
 
-def pooled_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item], Xg: Tensor, yg: Tensor, g2: Tensor,
-                ones_row: Tensor, penalty: float, level: float) -> tuple[Tensor, dict]:
+def pooled_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item], Xg: Float[Tensor, "n d"],
+                yg: Float[Tensor, " n"], g2: Float[Tensor, " d"], ones_row: Float[Tensor, " d"], penalty: float,
+                level: float) -> tuple[Float[Tensor, " d"], dict]:
     """The prediction-position gate row of context ``c``: a context-free read of the prediction position (blind to
     every chain's p (``ps``) and r (``pools``)), the pooling head's r_c and a constant, combined by
     :func:`and_gate` on the gate's rows ``Xg``, ``yg`` so it opens where both are on. Returns the row (of the

@@ -128,9 +128,9 @@ def answer_scores(model: TransformerBridge, items: list[Item], pos_id: int, neg_
     return map_last_logits(model, [it.tokens for it in items], lambda lg: lg[:, -1, pos_id] - lg[:, -1, neg_id]).double()
 
 
-def calibrate_output(model: TransformerBridge, last: dict[str, list], answer: Tensor, named: list[Item], signs: Tensor,
-                     scores_off: Tensor, pos_id: int, neg_id: int, target: float, rounds: int, tol: float,
-                     stats: dict) -> None:
+def calibrate_output(model: TransformerBridge, last: dict[str, list], answer: Float[Tensor, " d"], named: list[Item],
+                     signs: Float[Tensor, " n"], scores_off: Float[Tensor, " n"], pos_id: int, neg_id: int, target: float,
+                     rounds: int, tol: float, stats: dict) -> None:
     """Set each planted context's output scale (its prediction neurons ``last[c]`` write ``scale * answer``) so that
     the planted gap measured on its fitting prompts (``named``; ``scores_off``: their scores with the output at 0)
     is ``target`` (:func:`~mechbias.groundtruth.linalg.calibrate_scales`, from ``stats["last_{c}_scale"]``).
