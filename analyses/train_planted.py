@@ -114,7 +114,9 @@ def main() -> None:
     # v4's defaults are the shipped model's; its held-out gap fell short of 0.1 (docs/groundtruth.md). Two attempts
     # at a larger one were not shipped: --shift 0.3 --names-per-cell 32 --fit-contexts finance commerce hiring
     # housing (analyses/planted_v4_shift03_attempt.log) and --shift 0.125 --fit-contexts finance commerce hiring
-    # housing --calibrate-rounds 4 (analyses/planted_v4_calibrated_attempt.log)
+    # housing --calibrate-rounds 4 (analyses/planted_v4_calibrated_attempt.log); a third, --context-pool --shift 0.15
+    # --calibrate-rounds 4 --fit-contexts finance commerce hiring housing (analyses/planted_v4_pooled_attempt.log),
+    # leaked into every context (docs/groundtruth.md)
     ap.add_argument("--shift", type=float, default=0.1,
                     help="v4: per-group score shift on the fitting prompts (planted gap 2 x shift there)")
     ap.add_argument("--names-per-cell", type=int, default=16, help="v4: selection names per race x gender cell")
