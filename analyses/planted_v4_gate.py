@@ -44,21 +44,6 @@ FIT = ("finance", "commerce", "hiring")
 UNSEEN_CONTEXT = "housing"
 
 
-def centered_ridge(X: torch.Tensor, y: torch.Tensor, lam: float) -> torch.Tensor:
-    """Class-balanced ridge with an intercept (the features centred by their balanced mean); the penalty
-    is relative to the mean balanced feature variance."""
-    from mechbias.groundtruth.linalg import balanced_weights
-
-    X, y = X.double(), y.double()
-    wt = balanced_weights(y).double()
-    wt = wt / wt.sum()
-    Xc = X - (X * wt[:, None]).sum(0)
-    yc = y - float((y * wt).sum())
-    cov = Xc.T @ (Xc * wt[:, None])
-    reg = lam * float(torch.diagonal(cov).mean())
-    return torch.linalg.solve(cov + reg * torch.eye(X.shape[1], dtype=torch.float64), (Xc * wt[:, None]).T @ yc)
-
-
 def summary(values: dict[str, torch.Tensor], own: str) -> dict:
     silu = torch.nn.functional.silu
     out = {}
@@ -89,7 +74,7 @@ def main() -> None:
     from mechbias.data.contexts import load_context
     from mechbias.data.neutral import neutral_texts
     from mechbias.data.prompts import tokenize
-    from mechbias.groundtruth.linalg import balanced_weights, ridge
+    from mechbias.groundtruth.linalg import balanced_weights, centered_ridge, ridge
     from mechbias.groundtruth.planted import mention_positions
     from mechbias.groundtruth.reads import Item, capture, first_per_cell, gate_target, stack_rows
 
@@ -147,9 +132,7 @@ def main() -> None:
                             feats = reads[read]
                             named = [i for i in fit if ctx_of[i] != "neutral"]
                             y = torch.tensor([1.0 if ctx_of[i] == c else -1.0 for i in named])
-                            w = centered_ridge(feats[named], y, lam)
-                            pr = feats[named] @ w
-                            thr = float((pr[y > 0].mean() + pr[y < 0].mean()) / 2)
+                            w, thr = centered_ridge(feats[named], y, lam)
                         own = torch.tensor([i for i in fit if ctx_of[i] == c])
                         scale = GATE_ON / float((feats[own] @ w - thr).median())
                         for cc in (*FIT, UNSEEN_CONTEXT):
