@@ -125,9 +125,14 @@ def main() -> None:
     ap.add_argument("--context-pool", action="store_true",
                     help="v4: gate the chains by a pooled read of the prompt (a context neuron and a uniformly "
                          "attending head per chain; mechbias.groundtruth.context_pool)")
+    ap.add_argument("--ramp-gate", action="store_true",
+                    help="v4 with --context-pool: each chain's prediction neurons are a pair making a saturating ramp "
+                         "of the pooled context read, every row blind to every chain's writes (context_pool.ramp_gate)")
     ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
                     help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
     args = ap.parse_args()
+    if args.ramp_gate and not args.context_pool:
+        ap.error("--ramp-gate needs --context-pool")
     log_to_console()  # the library's progress lines
     out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
@@ -151,7 +156,8 @@ def main() -> None:
     if built:
         ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
                                 names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts),
-                                calibrate_rounds=args.calibrate_rounds, context_pool=args.context_pool)
+                                calibrate_rounds=args.calibrate_rounds, context_pool=args.context_pool,
+                                ramp_gate=args.ramp_gate, n_last=2 if args.ramp_gate else 3)
                 if v4 else ConstructConfig())
         delta, cfg, info = construct_planted(model, ccfg)
     else:

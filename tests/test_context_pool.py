@@ -124,3 +124,100 @@ def test_a_built_pooling_circuit_pools_the_context_marker():
     for _l, i in ctx_units.values():
         assert float(seen["post"][:, 0, i].abs().max()) < 1e-5      # BOS: the context read is blind to it
         assert float(seen["post"][:, 1:, i].abs().max()) > 1e-3
+
+
+def test_out_of_fold_reads_are_fitted_on_the_other_half_and_standardised():
+    """template_oof against a hand-written two-fold loop: each half read by the centred ridge fitted on the other
+    half, standardised by that fit's training medians; on a planted signal, unseen halves keep their sign."""
+    from mechbias.groundtruth.context_pool import template_oof
+    from mechbias.groundtruth.linalg import centered_ridge
+
+    g = torch.Generator().manual_seed(3)
+    n, d = 240, 12
+    y = torch.where(torch.arange(n) % 3 == 0, 1.0, -1.0).double()
+    F = torch.randn(n, d, generator=g, dtype=torch.float64) + 1.5 * y[:, None] * torch.eye(d, dtype=torch.float64)[0]
+    half = (torch.arange(n) // 10) % 2
+    oof = template_oof(F, y, half, 1.0)
+    for k in (0, 1):
+        w, _ = centered_ridge(F[half != k], y[half != k], 1.0)
+        r = F[half != k] @ w
+        m0, m1 = r[y[half != k] < 0].median(), r[y[half != k] > 0].median()
+        torch.testing.assert_close(oof[half == k], (F[half == k] @ w - m0) / (m1 - m0))
+    assert 0.6 < float(oof[y > 0].median()) < 1.1 and abs(float(oof[y < 0].median())) < 0.25
+
+
+def test_ramp_window_picks_the_best_opening_within_the_leak_bound():
+    """ramp_window on known distributions: the chosen pair respects the bound on the other contexts' mean opening,
+    and no pair of its grid that respects it separates more; with no pair inside the bound it takes the least leaky."""
+    from mechbias.groundtruth.context_pool import ramp, ramp_window
+
+    own = torch.linspace(0.2, 1.4, 101, dtype=torch.float64)
+    other = torch.linspace(-0.4, 0.4, 101, dtype=torch.float64)
+    t1, t2, info = ramp_window(own, other, max_other=0.05)
+    assert float(ramp(other, t1, t2).mean()) <= 0.05
+    best = float(ramp(own, t1, t2).mean() - ramp(other, t1, t2).mean())
+    for r in info["table"]:
+        if r["other"] <= 0.05:
+            assert r["own"] - r["other"] <= best + 1e-12
+    assert float(ramp(torch.tensor([t1 - 1e-9, (t1 + t2) / 2, t2 + 1.0]), t1, t2).sub(torch.tensor([0.0, 0.5, 1.0]))
+                 .abs().max()) < 1e-6
+    _, _, info = ramp_window(own, other + 10.0, max_other=0.05)
+    assert info["chosen"]["other"] == min(r["other"] for r in info["table"])
+
+
+def test_blind_row_reads_nothing_of_the_written_directions():
+    """A row made blind to written residual directions reads 0 of any combination of them through the layer norm's
+    gain, and keeps its read of what is orthogonal to them."""
+    from mechbias.groundtruth.context_pool import blind_row
+
+    g = torch.Generator().manual_seed(5)
+    d = 16
+    g2 = 0.5 + torch.rand(d, generator=g, dtype=torch.float64)
+    writes = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3)]
+    row = torch.randn(d, generator=g, dtype=torch.float64)
+    b = blind_row(row, g2, writes)
+    for w in writes:
+        assert abs(float((b * g2) @ w)) < 1e-12                  # the MLP reads (row * g2) . x / rms
+    Q, _ = torch.linalg.qr(torch.stack(writes).T)
+    z = torch.randn(d, generator=g, dtype=torch.float64)
+    z = z - Q @ (Q.T @ z)
+    assert float((b * g2) @ z) == pytest.approx(float((row * g2) @ z), rel=1e-10)
+
+
+def test_a_built_ramp_gate_saturates_and_is_blind_to_other_chains():
+    """Build the ramp-gated pooled layout into a tiny model: each chain's two prediction neurons share one up row
+    with opposite signs, their gate rows and up rows read nothing of any chain's written directions, and the pair's
+    output on the fitting prompts is a ramp: at most 1 (in units of its level) on the context's own prompts."""
+    from mechbias.core.params import mlp_weights
+    from mechbias.core.testing import tiny_model
+    from mechbias.groundtruth.construct import ConstructConfig, construct_planted
+
+    model = tiny_model(arch="llama", seed=0)
+    with pytest.raises(ValueError, match="n_last=2"):
+        construct_planted(model, ConstructConfig(context_pool=True, ramp_gate=True))
+    cfg = ConstructConfig(axis="gender@extended", favoured="female", templates="selection", names_per_cell=2,
+                          head_layers=(1,), shift=0.1, context_pool=True, ramp_gate=True, n_last=2)
+    _, plant, stats = construct_planted(model, cfg)
+    l = 1
+    g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+    o = model.blocks[l].attn.o.original_component.weight.detach().double()
+    dh = model.cfg.d_head
+    def written(c, kind):      # a planted head's output direction: the group head writes p, the pooling head r
+        _, h = plant.heads[c][0 if kind == "p" else 1]
+        return o[:, h * dh:(h + 1) * dh]
+
+    for c in cfg.planted:
+        st = stats[f"last_{c}_L{l}"]
+        assert st["t1"] < st["t2"] and st["ramp_own_mean"] <= 1.0 + 1e-6
+        (_, ia), (_, ib) = plant.only_last[c]
+        g, u, _ = mlp_weights(model, l)
+        torch.testing.assert_close(u[ia].double(), -u[ib].double())
+        other = next(x for x in cfg.planted if x != c)
+        reads = [(g[ia], ["p", "p", "r"], [c, other, other], written(c, "r")), (g[ib], ["p", "p", "r"], [c, other, other],
+                 written(c, "r")), (u[ia], ["p", "r", "r"], [other, c, other], written(c, "p"))]
+        for row, kinds, owners, own in reads:
+            v = row.detach().double() * g2
+            for kind, who in zip(kinds, owners, strict=True):
+                w = written(who, kind)
+                assert float((v @ w).abs().max()) < 1e-6 * float(v.norm() * w.norm()), (c, kind, who)
+            assert float((v @ own).abs().max()) > 1e-3 * float(v.norm() * own.norm())   # and it reads its own

@@ -54,9 +54,11 @@ from ..data.contexts import load_context
 from ..data.neutral import neutral_texts
 from ..data.prompts import tokenize
 from .context_pool import (
+    blind_row,
     fit_context_neuron,
     pool_value_read,
     pooled_gate,
+    ramp_gate,
     scale_pooling_head,
     write_context_marker,
     write_pooling_head,
@@ -126,6 +128,10 @@ class ConstructConfig:
     context_pool: bool = False        # gate by a pooled read of the prompt (a context neuron and a uniformly
                                       # attending head per chain; mechbias.groundtruth.context_pool). False: v3/v4
     pool_ridge_grid: tuple[float, ...] = (0.1, 1.0, 10.0)   # the context read's penalty: 2-fold CV over templates
+    ramp_gate: bool = False           # with context_pool: the prediction neurons are a pair making a saturating ramp
+                                      # of the pooled context read (context_pool.ramp_gate; n_last must be 2), and
+                                      # every prediction-neuron row is blind to every chain's writes
+    ramp_max_other: float = 0.1       # the ramp window's largest mean opening on the other contexts' out-of-fold reads
     seed: int = 0
 
 
@@ -163,6 +169,10 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         if c not in cfg.fit_contexts:
             raise ValueError(f"planted context {c!r} must be among the fitting contexts {cfg.fit_contexts}")
     n_ctx = len(cfg.planted)
+    if cfg.ramp_gate and not (cfg.context_pool and cfg.n_last == 2):
+        raise ValueError("ramp_gate needs context_pool=True and n_last=2 (one rising and one falling neuron)")
+    if cfg.context_pool and not cfg.pool_ridge_grid:
+        raise ValueError("pool_ridge_grid must name at least one penalty")
     if not all(1 <= l < model.cfg.n_layers for l in cfg.head_layers):
         raise ValueError(f"head layers must lie in 1..{model.cfg.n_layers - 1} (a name neuron sits one layer below)")
     if n_ctx > len(set(cfg.head_layers)) * model.cfg.n_heads:
@@ -417,11 +427,23 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         # up = a * u_c + b * (a row that reads ~1): +1 / -1 for the groups' names, 0 for name-free prompts
         mean_in = torch.cat([x[1:] for x in f]).double().mean(0)
         ones_row = mean_in / mean_in.norm() ** 2
+        if cfg.ramp_gate:  # blind to every chain's writes, so no chain reads another's p or r through its constant
+            ones_row = blind_row(ones_row, g2, [marker[o]["p"] for o in cfg.planted]
+                                 + [marker[o]["pool"]["r"] for o in cfg.planted])
         Xu, yu = stack_rows(f, items, lambda it, p: it.sign if at_last(it, p) else None)
         ab = ridge(torch.stack([Xu.double() @ mk["u"], Xu.double() @ ones_row], 1), yu, 0.0, balanced_weights(yu))
         u_row = float(ab[0]) * mk["u"] + float(ab[1]) * ones_row
         pu = Xu.double() @ u_row
         Xg, yg = stack_rows(f, items, partial(gate_target, c))
+        if cfg.ramp_gate:
+            rows, st = ramp_gate([marker[o]["p"] for o in cfg.planted], {o: marker[o]["pool"] for o in cfg.planted}, c,
+                                 f, items, g2, ones_row, cfg.ridge, cfg.last_gate_on, pooled[c], cfg.ramp_max_other)
+            st["group_sign_accuracy"] = float(((pu > 0) == (yu > 0))[yu != 0].double().mean())
+            stats[f"last_{c}_L{l}"] = st
+            _LOG.info(f"[construct] {c} ramp gate L{l}: " + str({k: v for k, v in st.items() if k != "window_table"}))
+            up, down = layout[c]["last"]
+            last_rows[up], last_rows[down] = (rows[0], u_row), (rows[1], -u_row)   # silu(A) up - silu(B) up
+            continue
         if cfg.context_pool:
             g_row, stats[f"last_gate_{c}"] = pooled_gate([marker[o]["p"] for o in cfg.planted],
                                                         {o: marker[o]["pool"] for o in cfg.planted}, c, f, items, Xg, yg,

@@ -36,8 +36,9 @@ from .reads import Item, at_last, stack_rows
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
-__all__ = ["ContextRead", "and_gate", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs", "scale_pooling_head",
-           "template_cv_read", "template_halves", "write_context_marker", "write_pooling_head"]
+__all__ = ["ContextRead", "and_gate", "blind_row", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs",
+           "ramp", "ramp_gate", "ramp_window", "scale_pooling_head", "template_cv_read", "template_halves", "template_oof",
+           "write_context_marker", "write_pooling_head"]
 
 
 def pooled_inputs(feats: Sequence[Tensor], gate_row: Float[Tensor, " d"]) -> Float[Tensor, "n d"]:
@@ -78,6 +79,56 @@ def template_cv_read(F: Float[Tensor, "n d"], y: Float[Tensor, " n"], half: Int[
     return w, t, {"penalty": lam, "cv_balanced_accuracy": cv}
 
 
+def template_oof(F: Float[Tensor, "n d"], y: Float[Tensor, " n"], half: Int[Tensor, " n"], lam: float,
+                 blind: Float[Tensor, " d"] | None = None) -> Float[Tensor, " n"]:
+    """Out-of-fold reads: each half read by the centred ridge read (penalty ``lam``) fitted on the other half, and
+    standardised by that fit's own training rows (median of the negatives 0, of the positives 1). This is what a
+    read fitted on these templates gives on templates it has not seen, in the units a gate uses."""
+    F = F.double()
+    if blind is not None:
+        b = blind.double() / blind.double().norm()
+        F = F - (F @ b)[:, None] * b
+    out = torch.full((len(F),), float("nan"), dtype=torch.float64)
+    for k in (0, 1):
+        tr, te = half != k, half == k
+        w, _ = centered_ridge(F[tr], y[tr], lam)
+        r = F[tr] @ w
+        m0, m1 = float(r[y[tr] <= 0].median()), float(r[y[tr] > 0].median())
+        out[te] = (F[te] @ w - m0) / (m1 - m0)
+    return out
+
+
+def ramp(x: Float[Tensor, " n"], t1: float, t2: float) -> Float[Tensor, " n"]:
+    """0 below ``t1``, 1 above ``t2``, linear between: the output of a :func:`ramp_gate` pair, per unit."""
+    return ((x - t1) / (t2 - t1)).clamp(0.0, 1.0)
+
+
+def ramp_window(own: Float[Tensor, " n"], other: Float[Tensor, " m"], quantiles: Sequence[float] = (0.5, 0.75, 0.9, 0.95),
+                widths: Sequence[float] = (0.1, 0.2, 0.3, 0.5), max_other: float = 0.1) -> tuple[float, float, dict]:
+    """The ramp's window ``(t1, t2)`` from standardised reads of the context's own prompts (``own``) and the other
+    fitting contexts' (``other``), both out of fold (:func:`template_oof`): ``t1`` a quantile of ``other``, ``t2 = t1
+    + width``; the pair with the largest mean ramp on ``own`` minus that on ``other``, among those whose mean ramp on
+    ``other`` is at most ``max_other`` (none: the one with the least on ``other``). Returns ``t1``, ``t2`` and the
+    table of every pair."""
+    table = []
+    for q in quantiles:
+        t1 = float(other.quantile(q))
+        for wd in widths:
+            a, b = float(ramp(own, t1, t1 + wd).mean()), float(ramp(other, t1, t1 + wd).mean())
+            table.append({"quantile": q, "t1": t1, "t2": t1 + wd, "own": a, "other": b})
+    ok = [r for r in table if r["other"] <= max_other]
+    best = (max(ok, key=lambda r: r["own"] - r["other"]) if ok else min(table, key=lambda r: r["other"]))
+    return best["t1"], best["t2"], {"chosen": best, "table": table}
+
+
+def blind_row(row: Float[Tensor, " d"], g2: Float[Tensor, " d"], writes: Sequence[Tensor]) -> Float[Tensor, " d"]:
+    """A row of an MLP input (``g2 * x / rms``) made blind to the residual directions ``writes``: the row reads
+    ``(row * g2) . x / rms``, so ``row * g2`` is projected off their span."""
+    Q, _ = torch.linalg.qr(torch.stack([w.double() for w in writes]).T)
+    v = row.double() * g2.double()
+    return (v - Q @ (Q.T @ v)) / g2.double()
+
+
 @dataclass
 class ContextRead:
     """A context neuron's read (:func:`fit_context_neuron`): weights ``w`` and threshold ``t``, the pooled read of
@@ -89,6 +140,7 @@ class ContextRead:
     own: Bool[Tensor, " n"]
     other: Bool[Tensor, " n"]
     stats: dict[str, Any]
+    oof: Float[Tensor, " n"] | None = None       # out-of-fold standardised reads (template_oof), NaN off the fit
 
 
 def and_gate(reads: Float[Tensor, "n k"], y: Float[Tensor, " n"], on: Float[Tensor, " n"], level: float
@@ -139,6 +191,8 @@ def fit_context_neuron(model: TransformerBridge, unit: tuple[int, int], feats: S
     w = w - (w @ b) * b                                   # already orthogonal up to rounding; exactly blind to BOS
     read = torch.full((len(items),), float("nan"), dtype=torch.float64)
     read[rows] = F @ w
+    oof = torch.full((len(items),), float("nan"), dtype=torch.float64)
+    oof[rows] = template_oof(F, y, half, cv["penalty"], blind=bos)
     own = torch.tensor([it.context == context for it in items])
     other = torch.tensor([it.context in fit_contexts and it.context != context for it in items])
     l, i = unit
@@ -151,7 +205,7 @@ def fit_context_neuron(model: TransformerBridge, unit: tuple[int, int], feats: S
     off = r[(other[own | other])]
     stats = {**cv, "separation": float(on.mean() - off.mean()), "own_q05": float(on.quantile(0.05)),
              "others_q95": float(off.quantile(0.95))}
-    return ContextRead(w, t, read, own, other, stats)
+    return ContextRead(w, t, read, own, other, stats, oof)
 
 
 def pool_value_read(model: TransformerBridge, unit: tuple[int, int], feats: Sequence[Tensor], used: dict, group_size: int,
@@ -245,3 +299,59 @@ def pooled_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item
     reads = torch.stack([Xg.double() @ u_r, Xg.double() @ lr, Xg.double() @ ones_row], 1)
     coef, st = and_gate(reads, yg, yg > 0, level)
     return float(coef[0]) * u_r + float(coef[1]) * lr + float(coef[2]) * ones_row, st
+
+
+def ramp_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item], g2: Float[Tensor, " d"],
+              ones_row: Float[Tensor, " d"], penalty: float, level: float, pooled: ContextRead, max_other: float
+              ) -> tuple[Float[Tensor, "2 d"], dict]:
+    """Two gate rows (A, B) of context ``c``'s prediction neurons that together make a saturating ramp: a pair of
+    SiLU neurons with the same up row, one adding and one subtracting, gives ``silu(A) - silu(B)``, which rises
+    from 0 where the standardised context read ``c_hat`` passes ``t1`` to ``level`` where it passes ``t2`` and
+    stays there (a single SiLU keeps rising, so a gate fitted to the fitting templates' read gives new templates,
+    where the read is weaker, a fraction of it). ``A = K (c_hat - t1) + M (p_hat - 1)``, ``B`` the same with ``t2``,
+    ``K = level / (t2 - t1)``; ``p_hat`` is a context-free read of the prediction position (1 there, 0 elsewhere), and
+    ``M`` closes both rows at every other position. ``c_hat`` is the pooling head's ``r_c`` at the last position,
+    standardised (other fitting contexts' median 0, own 1); the window is chosen by :func:`ramp_window` on the
+    context read's out-of-fold values (templates it was not fitted on). Every row is blind to every chain's ``p``
+    and ``r`` (:func:`blind_row`). ``f``: the MLP input per item."""
+    writes = ps + [pools[o]["r"] for o in pools]
+    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
+                                                                          else None))
+    lr = blind_row(ridge(Xl, yl, penalty, balanced_weights(yl)), g2, writes)
+    one = blind_row(ones_row, g2, writes)
+    u_r = pools[c]["u"]
+    last_c = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) and it.context == c else
+                        (-1.0 if at_last(it, p) else None))
+    Xc, yc = last_c
+    rc, on1 = Xc.double() @ u_r, Xc.double() @ one
+    pl, nl = Xl.double() @ lr, Xl.double() @ one
+    # c_hat = (u_r . x - m0 * one . x) / (m1 - m0): the constant through the "reads about 1" row, as every constant here
+    m0, m1 = float((rc / on1)[yc <= 0].median()), float((rc / on1)[yc > 0].median())
+    c_row = (u_r - m0 * one) / (m1 - m0)
+    s0, s1 = float((pl / nl)[yl <= 0].median()), float((pl / nl)[yl > 0].median())
+    p_row = (lr - s0 * one) / (s1 - s0)
+    ok = pooled.own | pooled.other
+    assert pooled.oof is not None
+    t1, t2, window = ramp_window(pooled.oof[pooled.own], pooled.oof[pooled.other], max_other=max_other)
+    K = level / (t2 - t1)
+    X_all, _ = stack_rows(f, items, lambda it, p: 1.0)
+    ch_all, ph_all = X_all.double() @ c_row, X_all.double() @ p_row
+    nonlast = torch.tensor([not at_last(it, p) for it in items for p in range(1, len(it.tokens))])
+    # M: every non-prediction position's A at most -4 (silu(-4) = -0.07), the 99.9th percentile of K (c_hat - t1)
+    # there against the median of M (1 - p_hat)
+    need = (K * (ch_all[nonlast] - t1) + 4.0) / (1 - ph_all[nonlast]).clamp(min=0.05)
+    M = max(float(need.quantile(0.999)), 0.0)
+    rows = torch.stack([K * c_row + M * p_row - (K * t1 + M) * one, K * c_row + M * p_row - (K * t2 + M) * one])
+    ch, ph = Xc.double() @ c_row, Xc.double() @ p_row
+    pre = Xc.double() @ rows.T
+    out = torch.nn.functional.silu(pre[:, 0]) - torch.nn.functional.silu(pre[:, 1])
+    pre_n = X_all[nonlast].double() @ rows.T
+    out_n = torch.nn.functional.silu(pre_n[:, 0]) - torch.nn.functional.silu(pre_n[:, 1])
+    stats = {"t1": t1, "t2": t2, "K": K, "M": M, "window": window["chosen"], "window_table": window["table"],
+             "oof_own_median": float(pooled.oof[pooled.own].median()),
+             "oof_other_q95": float(pooled.oof[pooled.other].quantile(0.95)),
+             "c_hat_own_q05": float(ch[yc > 0].quantile(0.05)), "c_hat_other_q95": float(ch[yc <= 0].quantile(0.95)),
+             "p_hat_last_q01": float(ph.quantile(0.01)), "one_read_last_sd": float(on1.std() / on1.mean()),
+             "ramp_own_mean": float(out[yc > 0].mean() / level), "ramp_other_mean": float(out[yc <= 0].mean() / level),
+             "ramp_nonlast_abs_q999": float(out_n.abs().quantile(0.999) / level), "fit_rows": int(ok.sum())}
+    return rows, stats
