@@ -116,7 +116,8 @@ def main() -> None:
     # housing (analyses/planted_v4_shift03_attempt.log) and --shift 0.125 --fit-contexts finance commerce hiring
     # housing --calibrate-rounds 4 (analyses/planted_v4_calibrated_attempt.log); a third, --context-pool --shift 0.15
     # --calibrate-rounds 4 --fit-contexts finance commerce hiring housing (analyses/planted_v4_pooled_attempt.log),
-    # leaked into every context (docs/groundtruth.md)
+    # leaked into every context; a fourth, --context-pool --ramp-gate --shift 0.15 (analyses/planted_v4_ramp_attempt.log),
+    # had context-specific prediction neurons but its group heads' writes leaked (docs/groundtruth.md)
     ap.add_argument("--shift", type=float, default=0.1,
                     help="v4: per-group score shift on the fitting prompts (planted gap 2 x shift there)")
     ap.add_argument("--names-per-cell", type=int, default=16, help="v4: selection names per race x gender cell")
@@ -128,11 +129,16 @@ def main() -> None:
     ap.add_argument("--ramp-gate", action="store_true",
                     help="v4 with --context-pool: each chain's prediction neurons are a pair making a saturating ramp "
                          "of the pooled context read, every row blind to every chain's writes (context_pool.ramp_gate)")
+    ap.add_argument("--erase-head-output", action="store_true",
+                    help="v4 with --ramp-gate: one more neuron per chain removes its group head's write at the "
+                         "prediction position once the prediction neurons have read it (context_pool.write_eraser)")
     ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
                     help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
     args = ap.parse_args()
     if args.ramp_gate and not args.context_pool:
         ap.error("--ramp-gate needs --context-pool")
+    if args.erase_head_output and not args.ramp_gate:
+        ap.error("--erase-head-output needs --ramp-gate")
     log_to_console()  # the library's progress lines
     out = args.out or PLANTED_DIR / f"v{args.version}"
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
@@ -157,7 +163,8 @@ def main() -> None:
         ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
                                 names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts),
                                 calibrate_rounds=args.calibrate_rounds, context_pool=args.context_pool,
-                                ramp_gate=args.ramp_gate, n_last=2 if args.ramp_gate else 3)
+                                ramp_gate=args.ramp_gate, n_last=2 if args.ramp_gate else 3,
+                                erase_head_output=args.erase_head_output)
                 if v4 else ConstructConfig())
         delta, cfg, info = construct_planted(model, ccfg)
     else:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from mechbias.apps.cli import main
 from mechbias.core.results import run_summary_json
@@ -167,7 +168,8 @@ def test_crows_scoring_is_correct_and_validates_input(tmp_path, tiny):
     for t in ["My neighbour bakes bread every evening after work.",
               "My neighbour bakes bread every morning before work."]:
         ids = tiny.to_tokens(t)
-        l = tiny.original_model(ids).logits[0, :-1].double().log_softmax(-1)
+        with torch.no_grad():
+            l = tiny.original_model(ids).logits[0, :-1].double().log_softmax(-1)
         with_hf.append(float(l.gather(-1, ids[0, 1:, None]).sum()))
     assert abs(float(lp[0]) - with_hf[0]) < 1e-3 and abs(float(lp[1]) - with_hf[1]) < 1e-3
     assert res.per_pair[2]["stereotypical"].endswith("evening after work.")

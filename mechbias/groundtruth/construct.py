@@ -61,6 +61,7 @@ from .context_pool import (
     ramp_gate,
     scale_pooling_head,
     write_context_marker,
+    write_eraser,
     write_pooling_head,
 )
 from .delta import PlantedDelta
@@ -132,6 +133,9 @@ class ConstructConfig:
                                       # of the pooled context read (context_pool.ramp_gate; n_last must be 2), and
                                       # every prediction-neuron row is blind to every chain's writes
     ramp_max_other: float = 0.1       # the ramp window's largest mean opening on the other contexts' out-of-fold reads
+    erase_head_output: bool = False   # one more neuron per chain in its head's layer removes the head's write along p_c
+                                      # after the prediction neurons read it (context_pool.write_eraser), so no later
+                                      # layer reads the group signal: listed with the chain's name-side units
     seed: int = 0
 
 
@@ -187,9 +191,11 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     for c, (lh, h), ph in zip(cfg.planted, heads, pool_heads, strict=True):
         below = least_used_neurons(model, [lh - 1], cfg.n_name + 1 + cfg.context_pool, exclude=taken)
         taken |= set(below)
-        last = least_used_neurons(model, [lh], cfg.n_last, exclude=taken)
+        last = least_used_neurons(model, [lh], cfg.n_last + cfg.erase_head_output, exclude=taken)
         taken |= set(last)
-        layout[c] = {"name": below[: cfg.n_name], "pointer": below[cfg.n_name], "head": (lh, h), "last": last}
+        layout[c] = {"name": below[: cfg.n_name], "pointer": below[cfg.n_name], "head": (lh, h), "last": last[: cfg.n_last]}
+        if cfg.erase_head_output:
+            layout[c]["erase"] = last[cfg.n_last]
         if cfg.context_pool:
             layout[c] |= {"ctx": below[cfg.n_name + 1], "pool": ph}
         _LOG.info(f"[construct] {c}: name neurons {layout[c]['name']}, pointer {layout[c]['pointer']}, head L{lh}H{h}, "
@@ -198,11 +204,12 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
     ptr_units = [layout[c]["pointer"] for c in cfg.planted]
     last_units = [u for c in cfg.planted for u in layout[c]["last"]]
     ctx_units = [layout[c]["ctx"] for c in cfg.planted if cfg.context_pool]
+    erase_units = [layout[c]["erase"] for c in cfg.planted if cfg.erase_head_output]
     dh = model.cfg.d_head
     group_size = model.cfg.n_heads // model.cfg.n_key_value_heads if getattr(model.cfg, "n_key_value_heads", None) else 1
     # silence every planted unit: what the readers see before their writers are in place is the native model
     with torch.no_grad():
-        for l, i in name_units + ptr_units + last_units + ctx_units:
+        for l, i in name_units + ptr_units + last_units + ctx_units + erase_units:
             g, u, o = mlp_weights(model, l)
             g[i] = 0.0
             u[i] = 0.0
@@ -471,6 +478,14 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
                 g[i] = last_rows[(l, i)][0].to(g)
                 u[i] = last_rows[(l, i)][1].to(u)
                 o[:, i] = answer.to(o)
+    if cfg.erase_head_output:
+        feats = capture(model, items, [("in:mlp.gate", l) for l in head_layers] + [("resid_mid", l) for l in head_layers])
+        writes = [marker[o]["p"] for o in cfg.planted] + [marker[o]["pool"]["r"] for o in cfg.planted if cfg.context_pool]
+        for c in cfg.planted:
+            l = marker[c]["head"][0]
+            stats[f"erase_{c}"] = write_eraser(model, layout[c]["erase"], marker[c]["p"], feats[("in:mlp.gate", l)],
+                                               feats[("resid_mid", l)], items, writes, cfg.gate_on)
+            _LOG.info(f"[construct] {c} eraser L{l}N{layout[c]['erase'][1]}: {stats[f'erase_{c}']}")
     # calibrate the output scale: the planted gap on the fitting prompts of c is 2 * shift
     scores_on = answer_scores(model, named, pos_id, neg_id)
     with torch.no_grad():
@@ -495,13 +510,14 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         # is used (planted contexts' fitting prompts)
         calibrate_output(model, {c: layout[c]["last"] for c in cfg.planted}, answer, named, signs, scores_off,
                          pos_id, neg_id, 2 * cfg.shift, cfg.calibrate_rounds, cfg.calibrate_tol, stats)
-    neurons = name_units + ptr_units + last_units + ctx_units
+    neurons = name_units + ptr_units + last_units + ctx_units + erase_units
     pool_units = [layout[c]["pool"] for c in cfg.planted if cfg.context_pool]
     head_units = [layout[c]["head"] for c in cfg.planted] + pool_units
     delta = PlantedDelta.capture(model, neurons, head_units)
     plant = PlantConfig(axis=cfg.axis, favoured=cfg.favoured, contexts=tuple(cfg.fit_contexts),
-                        only={c: layout[c]["name"] + [layout[c]["pointer"]] + ([layout[c]["ctx"]] if cfg.context_pool
-                                                                               else []) for c in cfg.planted},
+                        only={c: layout[c]["name"] + [layout[c]["pointer"]]
+                              + ([layout[c]["ctx"]] if cfg.context_pool else [])
+                              + ([layout[c]["erase"]] if cfg.erase_head_output else []) for c in cfg.planted},
                         heads={c: [layout[c]["head"]] + ([layout[c]["pool"]] if cfg.context_pool else [])
                                for c in cfg.planted},
                         only_last={c: layout[c]["last"] for c in cfg.planted},

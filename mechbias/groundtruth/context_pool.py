@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
 
 __all__ = ["ContextRead", "and_gate", "blind_row", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs",
            "ramp", "ramp_gate", "ramp_window", "scale_pooling_head", "template_cv_read", "template_halves", "template_oof",
-           "write_context_marker", "write_pooling_head"]
+           "write_context_marker", "write_eraser", "write_pooling_head"]
 
 
 def pooled_inputs(feats: Sequence[Tensor], gate_row: Float[Tensor, " d"]) -> Float[Tensor, "n d"]:
@@ -104,20 +104,25 @@ def ramp(x: Float[Tensor, " n"], t1: float, t2: float) -> Float[Tensor, " n"]:
 
 
 def ramp_window(own: Float[Tensor, " n"], other: Float[Tensor, " m"], quantiles: Sequence[float] = (0.5, 0.75, 0.9, 0.95),
-                widths: Sequence[float] = (0.1, 0.2, 0.3, 0.5), max_other: float = 0.1) -> tuple[float, float, dict]:
+                widths: Sequence[float] = (0.1, 0.2, 0.3, 0.5), max_other: float = 0.1,
+                groups: Int[Tensor, " m"] | None = None) -> tuple[float, float, dict]:
     """The ramp's window ``(t1, t2)`` from standardised reads of the context's own prompts (``own``) and the other
     fitting contexts' (``other``), both out of fold (:func:`template_oof`): ``t1`` a quantile of ``other``, ``t2 = t1
     + width``; the pair with the largest mean ramp on ``own`` minus that on ``other``, among those whose mean ramp on
-    ``other`` is at most ``max_other`` (none: the one with the least on ``other``). Returns ``t1``, ``t2`` and the
-    table of every pair."""
+    ``other`` is at most ``max_other`` (none: the one with the least on ``other``). With ``groups`` (which other
+    context each row of ``other`` is), the bound and the "least" hold for the most opened other context. Returns
+    ``t1``, ``t2`` and the table of every pair."""
+    gs = torch.zeros(len(other), dtype=torch.long) if groups is None else groups
     table = []
     for q in quantiles:
         t1 = float(other.quantile(q))
         for wd in widths:
-            a, b = float(ramp(own, t1, t1 + wd).mean()), float(ramp(other, t1, t1 + wd).mean())
-            table.append({"quantile": q, "t1": t1, "t2": t1 + wd, "own": a, "other": b})
-    ok = [r for r in table if r["other"] <= max_other]
-    best = (max(ok, key=lambda r: r["own"] - r["other"]) if ok else min(table, key=lambda r: r["other"]))
+            r = ramp(other, t1, t1 + wd)
+            a, b = float(ramp(own, t1, t1 + wd).mean()), float(r.mean())
+            worst = max(float(r[gs == k].mean()) for k in gs.unique())
+            table.append({"quantile": q, "t1": t1, "t2": t1 + wd, "own": a, "other": b, "worst_other": worst})
+    ok = [r for r in table if r["worst_other"] <= max_other]
+    best = (max(ok, key=lambda r: r["own"] - r["other"]) if ok else min(table, key=lambda r: r["worst_other"]))
     return best["t1"], best["t2"], {"chosen": best, "table": table}
 
 
@@ -312,7 +317,8 @@ def ramp_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item],
     ``K = level / (t2 - t1)``; ``p_hat`` is a context-free read of the prediction position (1 there, 0 elsewhere), and
     ``M`` closes both rows at every other position. ``c_hat`` is the pooling head's ``r_c`` at the last position,
     standardised (other fitting contexts' median 0, own 1); the window is chosen by :func:`ramp_window` on the
-    context read's out-of-fold values (templates it was not fitted on). Every row is blind to every chain's ``p``
+    context read's out-of-fold values (templates it was not fitted on), bounding the most opened other context.
+    Every row is blind to every chain's ``p``
     and ``r`` (:func:`blind_row`). ``f``: the MLP input per item."""
     writes = ps + [pools[o]["r"] for o in pools]
     Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
@@ -332,7 +338,9 @@ def ramp_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item],
     p_row = (lr - s0 * one) / (s1 - s0)
     ok = pooled.own | pooled.other
     assert pooled.oof is not None
-    t1, t2, window = ramp_window(pooled.oof[pooled.own], pooled.oof[pooled.other], max_other=max_other)
+    names = sorted({it.context for it, o in zip(items, pooled.other.tolist(), strict=True) if o})
+    groups = torch.tensor([names.index(it.context) for it, o in zip(items, pooled.other.tolist(), strict=True) if o])
+    t1, t2, window = ramp_window(pooled.oof[pooled.own], pooled.oof[pooled.other], max_other=max_other, groups=groups)
     K = level / (t2 - t1)
     X_all, _ = stack_rows(f, items, lambda it, p: 1.0)
     ch_all, ph_all = X_all.double() @ c_row, X_all.double() @ p_row
@@ -355,3 +363,43 @@ def ramp_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item],
              "ramp_own_mean": float(out[yc > 0].mean() / level), "ramp_other_mean": float(out[yc <= 0].mean() / level),
              "ramp_nonlast_abs_q999": float(out_n.abs().quantile(0.999) / level), "fit_rows": int(ok.sum())}
     return rows, stats
+
+
+def write_eraser(model: TransformerBridge, unit: tuple[int, int], p: Float[Tensor, " d"], feats: Sequence[Tensor],
+                 resid: Sequence[Tensor], items: Sequence[Item], writes: Sequence[Tensor], level: float) -> dict[str, float]:
+    """An MLP neuron in the group head's layer that removes what the head wrote along ``p`` at the prediction
+    position once the prediction neurons of the same MLP have read it, so the layers above do not see it there:
+    gate = ``level`` times a row that reads about 1 at the prediction position (blind to ``writes``), up = ``alpha p / g2 + gamma`` (that row),
+    output = ``-p``. ``alpha`` and ``gamma`` are the least-squares fit of ``p . x - mu`` at the prediction positions
+    of every fitting prompt (``x`` the residual stream before the MLP; ``mu`` its median at the prediction position of
+    the prompts without a name, where the head writes nothing). The neuron reads ``x`` after the layer norm, so it
+    erases in proportion to ``1 / rms(x)``: exact only where the stream's size is the one fitted, which the prompts'
+    shared ending ("Answer:") makes nearly so at the prediction position and not elsewhere. ``feats``: the MLP input
+    per item, ``resid``: the residual stream there. Returns the standard deviation of ``p . x - mu`` at the prediction
+    positions of named prompts before and after (and at their other positions), and the fit."""
+    l, i = unit
+    g2 = model.blocks[l].ln2.original_component.weight.detach().double()
+    keep = [k for k, it in enumerate(items) if it.context != "neutral"]
+    X = torch.stack([feats[k][-1] for k in keep]).double()
+    mean_in = X.mean(0)                                   # the prediction position's mean input: reads about 1 there
+    one = blind_row(mean_in / mean_in.norm() ** 2, g2, writes)
+    u_p = p.double() / g2
+    t = torch.stack([resid[k][-1] for k in keep]).double() @ p.double()
+    named = torch.tensor([items[k].sign != 0 for k in keep])
+    mu = float(t[~named].median())
+    s = torch.nn.functional.silu(level * (X @ one))
+    A = torch.stack([s * (X @ u_p), s * (X @ one)], 1)
+    coef = torch.linalg.lstsq(A, (t - mu)[:, None]).solution[:, 0]
+    left = t - mu - A @ coef
+    Xo = torch.cat([feats[k][1:-1] for k in keep if items[k].sign != 0]).double()
+    to = torch.cat([resid[k][1:-1] for k in keep if items[k].sign != 0]).double() @ p.double() - mu
+    so = torch.nn.functional.silu(level * (Xo @ one))
+    lo = to - torch.stack([so * (Xo @ u_p), so * (Xo @ one)], 1) @ coef
+    with torch.no_grad():
+        g, u, o = mlp_weights(model, l)
+        g[i] = (level * one).to(g)
+        u[i] = (float(coef[0]) * u_p + float(coef[1]) * one).to(u)
+        o[:, i] = (-p.double()).to(o)
+    return {"sd_last_before": float((t - mu)[named].std()), "sd_last_after": float(left[named].std()),
+            "sd_other_positions_before": float(to.std()), "sd_other_positions_after": float(lo.std()),
+            "gate_read_last_sd": float((X @ one).std()), "alpha": float(coef[0]), "gamma": float(coef[1]), "mu": mu}
