@@ -208,12 +208,16 @@ def main() -> None:
         return {c: {"gap_before": x.gap_before, "gap_change": x.gap_change, "ci_low": x.ci_low, "ci_high": x.ci_high,
                     "reduction": x.reduction} for c, x in cells.items()}
 
+    # the delta and the manifest so far are written now and rewritten as each part of the verification ends, so a
+    # stopped run keeps the model and what was measured of it
+    save_delta(delta, out, manifest)
     manifest["verification"] = []
     for s in stages(cfg):
         row = {"set": s.label, "role": s.role, "kind": s.kind, "position": s.position,
                "zeroed_everywhere": effects(stage_intervention(s), s.label),
                "zeroed_at_last_position": effects(stage_intervention(s, "last"), s.label)}
         manifest["verification"].append(row)
+        save_delta(delta, out, manifest)
         print(s.label, {c: round(v["gap_change"], 3) for c, v in row["zeroed_everywhere"].items()},
               "last only:", {c: round(v["gap_change"], 3) for c, v in row["zeroed_at_last_position"].items()},
               flush=True)
@@ -221,6 +225,9 @@ def main() -> None:
     for r, row in manifest["oracle"].items():
         print(f"oracle {r}: " + ", ".join(f"{c} {v['reduction'] if v['reduction'] is None else round(v['reduction'], 3)}"
                                            for c, v in row.items()), flush=True)
+        print(f"oracle {r}, gap change: " + ", ".join(f"{c} {v['gap_change']:+.3f} [{v['ci_low']:+.3f}, {v['ci_high']:+.3f}]"
+                                                      for c, v in row.items()), flush=True)
+    save_delta(delta, out, manifest)
     if v4:
         manifest["transfer_test_validation"] = validate_transfer_test(model, manifest, axis, sets)
     save_delta(delta, out, manifest)
