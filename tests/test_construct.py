@@ -126,10 +126,11 @@ def test_v4_construction_reads_selection_templates_and_names_only(tiny):
     name reaches the construction (issue 33)."""
     from mechbias.data.axes import load_axis
     from mechbias.data.contexts import load_context
-    from mechbias.groundtruth.construct import _items
+    from mechbias.groundtruth.reads import construction_items
 
     cfg = ConstructConfig(axis="gender@extended", favoured="female", templates="selection", names_per_cell=3)
-    items = _items(tiny, cfg, ("finance", "hiring"))
+    items = construction_items(tiny, cfg.axis, cfg.favoured, ("finance", "hiring"), templates=cfg.templates,
+                               names_per_cell=cfg.names_per_cell)
     named = [it for it in items if it.sign != 0]
     ax = load_axis("gender@extended")
     selection = {p.name for p in ax.split_people("selection")}

@@ -41,7 +41,6 @@ templates are seen by the construction, held-out names are not).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -49,10 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..core.params import attn_weights, head_rows, mlp_weights
-from ..data.axes import load_axis
 from ..data.contexts import load_context
-from ..data.neutral import neutral_texts
-from ..data.prompts import tokenize
 from .context_pool import (
     blind_row,
     fit_context_neuron,
@@ -67,20 +63,16 @@ from .context_pool import (
 from .delta import PlantedDelta
 from .linalg import balanced_weights, cv_ridge, energy_basis, quiet_direction, ridge, slow_rotary_dims
 from .planted import (
-    NEUTRAL_REFERENCES,
     PlantConfig,
     least_used_heads,
     least_used_neurons,
-    mention_positions,
-    neutral_prompts,
 )
 from .reads import (
-    Item,
     answer_scores,
     at_last,
     calibrate_output,
     capture,
-    first_per_cell,
+    construction_items,
     gate_target,
     group_means,
     name_fold,
@@ -139,31 +131,6 @@ class ConstructConfig:
     seed: int = 0
 
 
-def _items(model: TransformerBridge, cfg: ConstructConfig, contexts: Sequence[str]) -> list[Item]:
-    ax = load_axis(cfg.axis)
-    fav = ax.groups.index(cfg.favoured)
-    out = []
-    people = ax.split_people(cfg.names, cfg.seed)
-    if cfg.names_per_cell is not None:
-        people = first_per_cell(people, cfg.names_per_cell, cfg.seed)
-    for c in contexts:
-        ps = load_context(c).prompts(ax, templates=cfg.templates, names=people, seed=cfg.seed)
-        for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
-            out.append(Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
-                             p.person.name, p.template))
-        ctx = load_context(c)
-        # the neutral-reference prompts (no name) of the same templates only: before 2026-12-07 they were read
-        # for every template, held-out ones included (the shipped v4 was built so; docs/groundtruth.md)
-        keep = (ctx.template_split(cfg.templates) if isinstance(cfg.templates, str) else list(cfg.templates))
-        for ref in NEUTRAL_REFERENCES:
-            for k, text in enumerate(neutral_prompts(c, (ref,))):
-                if k in keep:
-                    out.append(Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref), "", k))
-    for t in tokenize(model, neutral_texts(8, split="selection")):
-        out.append(Item(t[: cfg.neutral_tokens], "neutral", 0.0, []))
-    return out
-
-
 def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = None) -> tuple[PlantedDelta, PlantConfig, dict]:
     """Write the v3 circuit into ``model`` (in place). Returns the delta, the layout as a
     :class:`~mechbias.groundtruth.planted.PlantConfig` (``only`` = name-position neurons, ``heads``,
@@ -217,7 +184,9 @@ def construct_planted(model: TransformerBridge, cfg: ConstructConfig | None = No
         for c in cfg.planted:
             for l, h in [layout[c]["head"]] + ([layout[c]["pool"]] if cfg.context_pool else []):
                 attn_weights(model, l)[1][:, head_rows(torch.tensor([h]), dh)] = 0.0
-    items = _items(model, cfg, cfg.fit_contexts)
+    items = construction_items(model, cfg.axis, cfg.favoured, cfg.fit_contexts, names=cfg.names,
+                               templates=cfg.templates, names_per_cell=cfg.names_per_cell,
+                               neutral_tokens=cfg.neutral_tokens, seed=cfg.seed)
     named = [it for it in items if it.sign != 0]
     ctx0 = load_context(cfg.planted[0])
     pos_id, neg_id = model.to_single_token(ctx0.positive), model.to_single_token(ctx0.negative)

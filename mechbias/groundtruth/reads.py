@@ -17,16 +17,20 @@ from ..core.hooks import hooked
 from ..core.params import mlp_weights
 from ..core.runner import capture_all, length_buckets, map_last_logits
 from ..core.sites import hook_name
-from ..data.axes import stable_hash
+from ..data.axes import load_axis, stable_hash
+from ..data.contexts import load_context
+from ..data.neutral import neutral_texts
+from ..data.prompts import tokenize
 from .linalg import calibrate_scales
+from .planted import NEUTRAL_REFERENCES, mention_positions, neutral_prompts
 
 if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import transformer_lens
     from transformer_lens import TransformerBridge
 
 _LOG = logging.getLogger(__name__)
 
-__all__ = ["Item", "answer_scores", "at_last", "calibrate_output", "capture", "first_per_cell", "gate_target", "group_means", "name_fold",
-           "score_gradients", "stack_rows"]
+__all__ = ["Item", "answer_scores", "at_last", "calibrate_output", "capture", "construction_items", "first_per_cell",
+           "gate_target", "group_means", "name_fold", "score_gradients", "stack_rows"]
 
 
 def first_per_cell(people: Sequence, n: int, seed: int = 0) -> list:
@@ -166,3 +170,34 @@ def calibrate_output(model: TransformerBridge, last: dict[str, list], answer: Fl
     final = history[-1]["measured"]
     if any(abs(final[c] - target) > tol * target for c in last):
         _LOG.warning(f"[construct] the output scale did not converge in {rounds} rounds: {final}")
+
+
+def construction_items(model: TransformerBridge, axis: str, favoured: str, contexts: Sequence[str], *, names: str = "selection",
+                       templates: str | Sequence[int] = "all", names_per_cell: int | None = None, neutral_tokens: int = 96,
+                       seed: int = 0) -> list[Item]:
+    """The prompts the construction reads, as items: every ``templates`` x ``names`` prompt of ``contexts`` (at most
+    ``names_per_cell`` names per cell; sign +1 for the ``favoured`` group, -1 otherwise), the same templates with a
+    neutral reference instead of a name (sign 0), and the first ``neutral_tokens`` tokens of 8 neutral paragraphs
+    (context ``"neutral"``)."""
+    ax = load_axis(axis)
+    fav = ax.groups.index(favoured)
+    out = []
+    people = ax.split_people(names, seed)
+    if names_per_cell is not None:
+        people = first_per_cell(people, names_per_cell, seed)
+    for c in contexts:
+        ctx = load_context(c)
+        ps = ctx.prompts(ax, templates=templates, names=people, seed=seed)
+        for p, t in zip(ps, tokenize(model, ps.texts), strict=True):
+            out.append(Item(t, c, 1.0 if p.group == fav else -1.0, mention_positions(model, p.text, p.person.name),
+                            p.person.name, p.template))
+        # the neutral-reference prompts (no name) of the same templates only: before 2026-12-07 they were read
+        # for every template, held-out ones included (the shipped v4 was built so; docs/groundtruth.md)
+        keep = ctx.template_split(templates) if isinstance(templates, str) else list(templates)
+        for ref in NEUTRAL_REFERENCES:
+            for k, text in enumerate(neutral_prompts(c, (ref,))):
+                if k in keep:
+                    out.append(Item(tokenize(model, [text])[0], c, 0.0, mention_positions(model, text, ref), "", k))
+    for t in tokenize(model, neutral_texts(8, split="selection")):
+        out.append(Item(t[:neutral_tokens], "neutral", 0.0, []))
+    return out
