@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
     from transformer_lens import TransformerBridge
 
 __all__ = ["ContextRead", "and_gate", "blind_row", "fit_context_neuron", "pool_value_read", "pooled_gate", "pooled_inputs",
-           "ramp", "ramp_gate", "ramp_window", "scale_pooling_head", "template_cv_read", "template_halves", "template_oof",
+           "position_read", "ramp", "ramp_gate", "ramp_window", "scale_pooling_head", "template_cv_read", "template_halves", "template_oof",
            "write_context_marker", "write_eraser", "write_pooling_head"]
 
 
@@ -132,6 +132,16 @@ def blind_row(row: Float[Tensor, " d"], g2: Float[Tensor, " d"], writes: Sequenc
     Q, _ = torch.linalg.qr(torch.stack([w.double() for w in writes]).T)
     v = row.double() * g2.double()
     return (v - Q @ (Q.T @ v)) / g2.double()
+
+
+def position_read(f: list, items: list[Item], penalty: float, g2: Float[Tensor, " d"], writes: Sequence[Tensor]
+                  ) -> tuple[Float[Tensor, "n d"], Float[Tensor, " n"], Float[Tensor, " d"]]:
+    """A context-free read of the prediction position (+1 there, -1 at neutral text and every third other position;
+    a balanced ridge fit, penalty ``penalty``), made blind to ``writes`` (:func:`blind_row`). Returns its fitting
+    rows, their targets and the read."""
+    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
+                                                                          else None))
+    return Xl, yl, blind_row(ridge(Xl, yl, penalty, balanced_weights(yl)), g2, writes)
 
 
 @dataclass
@@ -295,11 +305,7 @@ def pooled_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item
     every chain's p (``ps``) and r (``pools``)), the pooling head's r_c and a constant, combined by
     :func:`and_gate` on the gate's rows ``Xg``, ``yg`` so it opens where both are on. Returns the row (of the
     MLP input) and the gate's statistics."""
-    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
-                                                                          else None))
-    lr = ridge(Xl, yl, penalty, balanced_weights(yl)) * g2
-    Q, _ = torch.linalg.qr(torch.stack(ps + [pools[o]["r"] for o in pools]).T)
-    lr = (lr - Q @ (Q.T @ lr)) / g2
+    _, _, lr = position_read(f, items, penalty, g2, ps + [pools[o]["r"] for o in pools])
     u_r = pools[c]["u"]
     reads = torch.stack([Xg.double() @ u_r, Xg.double() @ lr, Xg.double() @ ones_row], 1)
     coef, st = and_gate(reads, yg, yg > 0, level)
@@ -321,9 +327,7 @@ def ramp_gate(ps: list[Tensor], pools: dict, c: str, f: list, items: list[Item],
     Every row is blind to every chain's ``p``
     and ``r`` (:func:`blind_row`). ``f``: the MLP input per item."""
     writes = ps + [pools[o]["r"] for o in pools]
-    Xl, yl = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) else (-1.0 if it.context == "neutral" or p % 3 == 0
-                                                                          else None))
-    lr = blind_row(ridge(Xl, yl, penalty, balanced_weights(yl)), g2, writes)
+    Xl, yl, lr = position_read(f, items, penalty, g2, writes)
     one = blind_row(ones_row, g2, writes)
     u_r = pools[c]["u"]
     last_c = stack_rows(f, items, lambda it, p: 1.0 if at_last(it, p) and it.context == c else
