@@ -69,7 +69,7 @@ def main() -> None:
         ap.error(f"--names-per-cell must be at least 1, not {args.names_per_cell}")
     if any(k < 0 for k in args.fit_templates):
         ap.error(f"--fit-templates must be 0 or more, not {args.fit_templates}")
-    from mechbias.core.models import load_model
+    from mechbias.core.models import embedded_n_layers, load_model
     from mechbias.data.axes import load_axis
     from mechbias.data.contexts import load_context
     from mechbias.data.neutral import neutral_texts
@@ -78,11 +78,12 @@ def main() -> None:
     from mechbias.groundtruth.planted import mention_positions
     from mechbias.groundtruth.reads import Item, capture, first_per_cell, gate_target, stack_rows
 
+    n_layers = embedded_n_layers()
+    if not 1 <= args.layer < n_layers:
+        ap.error(f"--layer must lie in 1..{n_layers - 1}, not {args.layer}")
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", os.cpu_count() or 1)))
     t0 = time.time()
     model = load_model()
-    if not 1 <= args.layer < model.cfg.n_layers:
-        ap.error(f"--layer must lie in 1..{model.cfg.n_layers - 1}, not {args.layer}")
     ax = load_axis("gender@extended")
     fav = ax.groups.index("female")
     people = first_per_cell(ax.split_people("selection", 0), args.names_per_cell, 0)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from mechbias.core.models import load_model
+from mechbias.core.models import embedded_n_layers, load_model
 from mechbias.core.results import atomic_write_json
 from mechbias.data.axes import load_axis, stable_hash
 from mechbias.data.contexts import load_context
@@ -49,11 +49,12 @@ def main() -> None:
             load_context(c)
         except (KeyError, ValueError, FileNotFoundError) as e:
             ap.error(f"--contexts: {e}")
+    n_layers = embedded_n_layers()
+    if not 0 <= args.layer < n_layers:
+        ap.error(f"--layer must lie in 0..{n_layers - 1}, not {args.layer}")
     torch.set_num_threads(int(os.environ.get("MECHBIAS_THREADS", 1)))
     t0 = time.time()
     model = load_model()
-    if not 0 <= args.layer < model.cfg.n_layers:
-        ap.error(f"--layer must lie in 0..{model.cfg.n_layers - 1}, not {args.layer}")
     ax = load_axis("gender@extended")
     fav = ax.groups.index("female")
     people = ax.split_people("selection", 0)

@@ -1,8 +1,14 @@
 """Train a planted-bias variant of the embedded model and write it into the package.
 
-    python analyses/train_planted.py [--version 4] [--out mechbias/data/files/planted/v4] [--steps 30]
+    python analyses/train_planted.py [--version 5] [--out mechbias/data/files/planted/v5] [--steps 30]
 
-Deterministic (fixed seeds). Version 4 (``load_model("planted-v4")``, issue 33): the v3 construction on the
+Deterministic (fixed seeds). Version 5 (``load_model("planted-v5")``, issue 33): the version-4 construction
+below with three more parts per chain, so that the planted gap survives new templates and names and stays in its
+context: a pooled read of the prompt's context (a context neuron and a uniformly attending head), prediction
+neurons in pairs that make a saturating ramp of that read (every row blind to every other chain's writes), and an
+eraser neuron that removes the group head's write at the prediction position once it has been read
+(:mod:`mechbias.groundtruth.context_pool`); a shift of 0.2 calibrated by measurement (4 rounds), fitted on the
+selection prompts of all four yes/no contexts. Version 4 (``load_model("planted-v4")``, issue 33): the v3 construction on the
 **gender** axis (female names favoured, as the embedded model's own gap), a planted gap of 0.2 log-odds on the
 fitting prompts (about 0.06 on held-out prompts), built from **selection templates and 16 selection names per
 race x gender cell of the extended roster only** (finance, commerce and hiring; housing is never seen), and
@@ -104,9 +110,20 @@ def validate_transfer_test(model, manifest: dict, axis: str, sets: dict) -> dict
     return out
 
 
+def planted_description(args: argparse.Namespace) -> str:
+    """The manifest's one-line description of a v4 or v5 build."""
+    layout = (" (pooled context read, ramp-gated prediction neurons, the group heads' writes erased after use)"
+              if args.erase_head_output else "")
+    return (f"SmolLM2-135M-Instruct (embedded) with planted gender bias (female favoured, {2 * args.shift:g} log-odds "
+            f"on the fitting prompts; built on selection templates and names of {', '.join(args.fit_contexts)})"
+            f"{layout}: context-specific units dominate")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--version", type=int, default=4, choices=(2, 3, 4))
+    ap.add_argument("--version", type=int, default=4, choices=(2, 3, 4, 5),
+                    help="5: the v4 construction with --context-pool --ramp-gate --erase-head-output, --shift 0.2, "
+                         "--calibrate-rounds 4 and all four contexts fitting (the shipped planted-v5)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
@@ -118,11 +135,13 @@ def main() -> None:
     # --calibrate-rounds 4 --fit-contexts finance commerce hiring housing (analyses/planted_v4_pooled_attempt.log),
     # leaked into every context; a fourth, --context-pool --ramp-gate --shift 0.15 (analyses/planted_v4_ramp_attempt.log),
     # had context-specific prediction neurons but its group heads' writes leaked (docs/groundtruth.md)
-    ap.add_argument("--shift", type=float, default=0.1,
-                    help="v4: per-group score shift on the fitting prompts (planted gap 2 x shift there)")
+    ap.add_argument("--shift", type=float, default=None,
+                    help="v4/v5: per-group score shift on the fitting prompts (planted gap 2 x shift there; "
+                         "default 0.1 for v4, 0.2 for v5)")
     ap.add_argument("--names-per-cell", type=int, default=16, help="v4: selection names per race x gender cell")
-    ap.add_argument("--calibrate-rounds", type=int, default=0,
-                    help="v4: measure the planted gap at the output scale used, up to N times (0: extrapolate from unit output)")
+    ap.add_argument("--calibrate-rounds", type=int, default=None,
+                    help="v4/v5: measure the planted gap at the output scale used, up to N times (0: extrapolate from "
+                         "unit output; default 0 for v4, 4 for v5)")
     ap.add_argument("--context-pool", action="store_true",
                     help="v4: gate the chains by a pooled read of the prompt (a context neuron and a uniformly "
                          "attending head per chain; mechbias.groundtruth.context_pool)")
@@ -132,9 +151,22 @@ def main() -> None:
     ap.add_argument("--erase-head-output", action="store_true",
                     help="v4 with --ramp-gate: one more neuron per chain removes its group head's write at the "
                          "prediction position once the prediction neurons have read it (context_pool.write_eraser)")
-    ap.add_argument("--fit-contexts", nargs="+", default=["finance", "commerce", "hiring"],
-                    help="v4: contexts whose selection prompts fit the gates (the others are never seen)")
+    ap.add_argument("--fit-contexts", nargs="+", default=None,
+                    help="v4/v5: contexts whose selection prompts fit the gates (the others are never seen; default "
+                         "finance commerce hiring for v4, all four for v5)")
     args = ap.parse_args()
+    v5 = args.version == 5
+    if v5:  # planted-v5: the v4 construction with the pooled, ramp-gated, erased layout (docs/groundtruth.md)
+        args.context_pool = args.ramp_gate = args.erase_head_output = True
+    if args.shift is None:
+        args.shift = 0.2 if v5 else 0.1
+    if args.calibrate_rounds is None:
+        args.calibrate_rounds = 4 if v5 else 0
+    if args.fit_contexts is None:
+        args.fit_contexts = list(YES_NO_CONTEXTS) if v5 else ["finance", "commerce", "hiring"]
+    unknown = sorted(set(args.fit_contexts) - set(YES_NO_CONTEXTS))
+    if unknown:
+        ap.error(f"--fit-contexts: unknown context(s) {unknown}; known: {list(YES_NO_CONTEXTS)}")
     if args.ramp_gate and not args.context_pool:
         ap.error("--ramp-gate needs --context-pool")
     if args.erase_head_output and not args.ramp_gate:
@@ -152,13 +184,13 @@ def main() -> None:
     if args.version == 2 or args.trained_v3:
         for s in stages(cfg):
             print(f"{s.label}: {list(s.units)}", flush=True)
-    v4 = args.version == 4
+    v4 = args.version in (4, 5)  # v5 is a v4 construction (gender, selection data only) with more parts
     axis = "gender@extended" if v4 else "race"
     templates = "heldout" if v4 else "all"
     before = measure_bias(model, "all", axis, names="heldout", templates=templates, n_boot=2000)
     ppl0 = perplexity(model)
     neutral0, neutral0_ho = neutral_prompt_shift(model), neutral_prompt_shift(model, heldout=True)
-    built = args.version in (3, 4) and not args.trained_v3
+    built = args.version in (3, 4, 5) and not args.trained_v3
     if built:
         ccfg = (ConstructConfig(axis=axis, favoured="female", shift=args.shift, templates="selection",
                                 names_per_cell=args.names_per_cell, fit_contexts=tuple(args.fit_contexts),
@@ -176,8 +208,7 @@ def main() -> None:
     keep = ("context", "gap", "ci_low", "ci_high", "p_value", "significant", "n_prompts")
     manifest = {
         "version": args.version,
-        "description": (f"SmolLM2-135M-Instruct (embedded) with planted gender bias (female favoured, {2 * args.shift:g} log-odds; "
-                        "built on selection templates and names): context-specific units dominate" if v4 else
+        "description": (planted_description(args) if v4 else
                         "SmolLM2-135M-Instruct (embedded) with planted race bias (White favoured): "
                         + ("context-specific units dominate" if args.version == 3 else "shared neurons dominate")),
         "axis": cfg.axis, "favoured": cfg.favoured, "contexts": list(YES_NO_CONTEXTS),

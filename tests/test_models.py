@@ -106,6 +106,9 @@ def test_embedded_model_loads_offline_without_network(no_network):
     assert model_label(m) == "smollm2-135m-instruct"
     assert (m.cfg.n_layers, m.cfg.d_mlp, m.cfg.n_heads) == (30, 1536, 9)
     assert m.to_tokens(" Yes", prepend_bos=False).shape == (1, 1)
+    from mechbias.core.models import embedded_n_layers
+
+    assert embedded_n_layers() == 30  # what a script checks its --layer against before loading
 
 
 @pytest.mark.real

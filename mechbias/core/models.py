@@ -8,7 +8,7 @@ Three ways to get a TransformerLens 4 ``TransformerBridge``:
   later calls load the cache in about a second. No network access happens.
 * ``load_model("gemma-3-270m")`` — the second real model, Gemma 3 270M (base), from four registry chunk
   packages, cached the same way (:mod:`mechbias.core.embedded`; Gemma Terms of Use).
-* ``load_model("planted-v4")`` (and ``"planted"``, ``"planted-v2"``, ``"planted-v3"``) — the embedded model
+* ``load_model("planted-v5")`` (and ``"planted"``, ``"planted-v2"`` to ``"planted-v4"``) — the embedded model
   with a planted-bias delta applied; :mod:`mechbias.groundtruth.delta` registers these names
   (:func:`register_model`) when mechbias is imported.
 * ``load_model(name)`` — any other name goes through TransformerLens' normal
@@ -24,6 +24,7 @@ does not change. Pass ``compat=True`` to turn it on anyway.
 
 from __future__ import annotations
 
+import json
 import os
 import weakref
 from collections.abc import Callable
@@ -79,6 +80,12 @@ def embedded_cache_path() -> Path:
 def ensure_embedded_cache() -> Path:
     """Dequantise the embedded model's GGUF once into a safetensors folder; return the folder."""
     return ensure_cache(EMBEDDED_MODELS[EMBEDDED])
+
+
+def embedded_n_layers() -> int:
+    """The embedded model's layer count, read from its cached config (no model is built), so a script can check a
+    layer argument before the heavy load."""
+    return int(json.loads((ensure_embedded_cache() / "config.json").read_text())["num_hidden_layers"])
 
 
 def _load_embedded(device, dtype) -> Any:

@@ -29,10 +29,11 @@ if TYPE_CHECKING:  # the type only: a light `import mechbias` does not import tr
 PLANTED = "planted"
 PLANTED_DIR = DATA_FILES / "planted"
 #: model names of the shipped planted variants and their folders: v2 (trained; shared neurons carry most of every
-#: context's gap), v3 (built by construction; private finance and commerce chains) and v4 (gender, realistic
-#: size, built on selection data only; see docs/groundtruth.md)
+#: context's gap), v3 (built by construction; private finance and commerce chains), v4 (gender, realistic
+#: size, built on selection data only) and v5 (v4 with a pooled context read, ramp-gated prediction neurons and
+#: erasers: 0.1-0.3 held out in its own context, at most 0.05 in every other; see docs/groundtruth.md)
 PLANTED_VERSIONS = {PLANTED: PLANTED_DIR / "v2", "planted-v2": PLANTED_DIR / "v2", "planted-v3": PLANTED_DIR / "v3",
-                    "planted-v4": PLANTED_DIR / "v4"}
+                    "planted-v4": PLANTED_DIR / "v4", "planted-v5": PLANTED_DIR / "v5"}
 
 
 @dataclass
