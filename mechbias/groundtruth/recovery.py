@@ -32,7 +32,7 @@ from ..core.results import Record, Result
 from ..data.contexts import load_context
 from ..data.pairs import make_pairs
 from ..eval.cells import EvalSet, TransferConfig, evaluate
-from ..eval.stats import percentile_ci, resample_counts
+from ..eval.stats import grid_gap, percentile_ci, resample_counts
 from ..eval.transfer import TransferMatrix, transfer_estimate, transfer_matrix
 from ..interventions.base import Compose, Intervention
 from ..interventions.units import HeadIntervention, NeuronIntervention
@@ -183,14 +183,41 @@ def matrix_recovery(method: TransferMatrix, oracle: TransferMatrix, *, n_boot: i
     g = np.asarray(method.grids["col_group"])
     a, b = np.flatnonzero(g == 0), np.flatnonzero(g == 1)
     rng = np.random.default_rng(seed)
-    wa, wb = resample_counts(rng, len(a), n_boot), resample_counts(rng, len(b), n_boot)
+    # names are drawn jointly for every evaluation context; in an incomplete crossed design (NaN cells: names
+    # that did not meet a template) within strata of the templates they met, as crossed_estimate draws them, so
+    # every replicate keeps each block's share of each group. A full grid has one stratum per group.
+    pattern = np.concatenate([np.isfinite(np.asarray(method.grids[f"before/{c}"], dtype=np.float64))
+                              for c in method.cols], 0).T  # [names, every context's templates]
+    strata: dict[bytes, list[int]] = {}
+    for j in range(len(g)):
+        strata.setdefault(pattern[j].tobytes(), []).append(j)
+    wa, wb = np.zeros((n_boot, len(a))), np.zeros((n_boot, len(b)))
+    pos_a, pos_b = {int(j): i for i, j in enumerate(a)}, {int(j): i for i, j in enumerate(b)}
+    for cols in strata.values():
+        for grp, w, pos in (([j for j in cols if g[j] == 0], wa, pos_a), ([j for j in cols if g[j] == 1], wb, pos_b)):
+            if grp:
+                w[:, [pos[j] for j in grp]] = resample_counts(rng, len(grp), n_boot)
     wt = {c: resample_counts(rng, np.asarray(method.grids[f"before/{c}"]).shape[0], n_boot) for c in method.cols}
 
     def gaps(mat, c):  # [n_boot] replicates and the point estimate of mean(A) - mean(B)
         m = np.asarray(mat, dtype=np.float64)
-        ra = np.einsum("bt,tn,bn->b", wt[c], m[:, a], wa) / (wt[c].sum(1) * wa.sum(1))
-        rb = np.einsum("bt,tn,bn->b", wt[c], m[:, b], wb) / (wt[c].sum(1) * wb.sum(1))
-        return ra - rb, float(m[:, a].mean() - m[:, b].mean())
+        mask = np.isfinite(m)
+        if mask.all():
+            ra = np.einsum("bt,tn,bn->b", wt[c], m[:, a], wa) / (wt[c].sum(1) * wa.sum(1))
+            rb = np.einsum("bt,tn,bn->b", wt[c], m[:, b], wb) / (wt[c].sum(1) * wb.sum(1))
+            return ra - rb, float(m[:, a].mean() - m[:, b].mean())
+        # per-name means over the templates each name met (drawn), then the groups' weighted means of those:
+        # grid_gap's estimate, which the cells report
+        z = np.where(mask, m, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            nm = (wt[c] @ z) / (wt[c] @ mask)  # [n_boot, names]; NaN where none of a name's templates was drawn
+
+        def group_mean(cols, w):
+            x = nm[:, cols]
+            w = np.where(np.isfinite(x), w, 0.0)
+            return (np.nan_to_num(x) * w).sum(1) / w.sum(1)
+
+        return group_mean(a, wa) - group_mean(b, wb), grid_gap(m, g)
 
     def removed(tm):
         reps, point = [], []
