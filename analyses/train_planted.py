@@ -121,7 +121,7 @@ def planted_description(args: argparse.Namespace) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--version", type=int, default=4, choices=(2, 3, 4, 5),
+    ap.add_argument("--version", type=int, default=5, choices=(2, 3, 4, 5),
                     help="5: the v4 construction with --context-pool --ramp-gate --erase-head-output, --shift 0.2, "
                          "--calibrate-rounds 4 and all four contexts fitting (the shipped planted-v5)")
     ap.add_argument("--out", type=Path, default=None)
